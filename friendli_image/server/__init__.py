@@ -1,0 +1,24 @@
+"""A Friendli-Container-compatible image server for tests, demos and development.
+
+Start one with `LocalServer` (``async with`` on the current loop, or ``with`` on a thread),
+or blocking with `run_server` (what ``friendli-image serve`` runs). It speaks
+``POST /v1/images/generations`` and ``POST /v1/images/edits`` like the real container,
+draws deterministic pictures with Pillow, and can inject faults (`Action`, `FaultRates`).
+"""
+
+from __future__ import annotations
+
+from ._app import create_app
+from ._config import Action, FaultRates, ServerConfig
+from ._local import LocalServer, run_server
+from ._state import RequestRecord
+
+__all__ = [
+    "Action",
+    "FaultRates",
+    "LocalServer",
+    "RequestRecord",
+    "ServerConfig",
+    "create_app",
+    "run_server",
+]

@@ -1,0 +1,222 @@
+"""Configuration value objects of the bundled server: settings, fault rates, scripted actions."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any, Literal
+
+import attrs
+import orjson
+
+ActionKind = Literal[
+    "ok",
+    "status",
+    "delay",
+    "drop_before_read",
+    "drop_after_read",
+    "truncate",
+    "malformed_json",
+    "invalid_base64",
+    "trickle",
+]
+
+_MiB = 1024 * 1024
+
+
+def _non_negative(_inst: object, attribute: attrs.Attribute[Any], value: float) -> None:
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+        raise ValueError(f"{attribute.name} must be a finite number >= 0, got {value!r}")
+
+
+def _positive_int(_inst: object, attribute: attrs.Attribute[Any], value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{attribute.name} must be an int >= 1, got {value!r}")
+
+
+def _probability(_inst: object, attribute: attrs.Attribute[Any], value: float) -> None:
+    if not (isinstance(value, (int, float)) and 0.0 <= value <= 1.0):
+        raise ValueError(f"{attribute.name} must be within [0, 1], got {value!r}")
+
+
+def _delay_range(
+    _inst: object, attribute: attrs.Attribute[Any], value: tuple[float, float]
+) -> None:
+    low, high = value
+    if not (0 <= low <= high and math.isfinite(high)):
+        raise ValueError(
+            f"{attribute.name} must be (low, high) with 0 <= low <= high, got {value!r}"
+        )
+
+
+def _pair(value: tuple[float, float] | list[float]) -> tuple[float, float]:
+    low, high = value
+    return (float(low), float(high))
+
+
+@attrs.frozen(kw_only=True)
+class FaultRates:
+    """Random faults applied to every image request that no script handles.
+
+    Each request first sleeps a uniform random time within ``delay_ms`` (milliseconds), then
+    with probability ``p_503`` answers 503, with ``p_429`` answers 429 with
+    ``Retry-After: retry_after_s``, with ``p_drop_after_read`` reads the body and closes the
+    connection without a reply; otherwise it is served normally. ``seed`` makes the sequence
+    reproducible.
+    """
+
+    p_503: float = attrs.field(default=0.0, validator=_probability)
+    p_429: float = attrs.field(default=0.0, validator=_probability)
+    retry_after_s: float = attrs.field(default=1.0, validator=_non_negative)
+    p_drop_after_read: float = attrs.field(default=0.0, validator=_probability)
+    delay_ms: tuple[float, float] = attrs.field(
+        default=(0.0, 0.0), converter=_pair, validator=_delay_range
+    )
+    seed: int | None = None
+
+    def __attrs_post_init__(self) -> None:
+        if self.p_503 + self.p_429 + self.p_drop_after_read > 1.0:
+            raise ValueError("p_503 + p_429 + p_drop_after_read must not exceed 1")
+
+
+@attrs.frozen(kw_only=True)
+class ServerConfig:
+    """Settings of the bundled Friendli Container image server.
+
+    ``token``: when set, image requests must carry ``Authorization: Bearer <token>`` (else 401).
+    ``image_size``: width and height of generated images. ``step_latency_ms``: simulated GPU
+    time per inference step. ``max_concurrency``: GPU slots; further requests queue.
+    ``client_max_size``: larger request bodies get 413. ``fetch_timeout_s`` /
+    ``fetch_max_bytes``: limits for image inputs given as URLs. ``static_image``: encoded
+    image bytes returned for every valid request without rendering (benchmark mode).
+    ``faults``: random fault rates. ``echo_prompt_hash``: send ``x-prompt-sha256``.
+    ``record_requests``: keep a bounded list of `RequestRecord`.
+    """
+
+    token: str | None = attrs.field(default=None, repr=False)
+    image_size: int = attrs.field(default=512, validator=_positive_int)
+    step_latency_ms: float = attrs.field(default=0, validator=_non_negative)
+    max_concurrency: int = attrs.field(default=4, validator=_positive_int)
+    client_max_size: int = attrs.field(default=80 * _MiB, validator=_positive_int)
+    fetch_timeout_s: float = attrs.field(default=10, validator=_non_negative)
+    fetch_max_bytes: int = attrs.field(default=50 * _MiB, validator=_positive_int)
+    static_image: bytes | None = attrs.field(default=None, repr=False)
+    faults: FaultRates | None = None
+    echo_prompt_hash: bool = True
+    record_requests: bool = True
+    max_records: int = attrs.field(default=100_000, validator=_positive_int)
+
+    def __attrs_post_init__(self) -> None:
+        if self.image_size > 4096:
+            raise ValueError(f"image_size must be <= 4096, got {self.image_size}")
+
+
+def _body_bytes(body: bytes | str | Mapping[str, Any] | None, code: int) -> bytes:
+    if body is None:
+        return orjson.dumps({"detail": f"Injected fault: HTTP {code}"})
+    if isinstance(body, bytes):
+        return body
+    if isinstance(body, str):
+        return body.encode()
+    return orjson.dumps(dict(body))
+
+
+@attrs.frozen(kw_only=True)
+class Action:
+    """One scripted server behaviour, consumed by one request (see ``LocalServer.script``).
+
+    Build actions with the class methods: `status`, `delay`, `drop_before_read`,
+    `drop_after_read`, `truncate`, `malformed_json`, `invalid_base64`, `trickle`, `ok`.
+    Every action may first sleep ``delay_s`` seconds before doing what it names.
+    """
+
+    kind: ActionKind
+    delay_s: float = attrs.field(default=0.0, validator=_non_negative)
+    status_code: int = 200
+    headers: tuple[tuple[str, str], ...] = ()
+    body: bytes = b""
+    content_type: str = "application/json"
+    chunk_size: int = 1024
+    interval_s: float = 0.0
+    total_chunks: int = 1
+
+    @classmethod
+    def ok(cls, *, delay: float = 0.0) -> Action:
+        """Serve the request normally (after an optional delay)."""
+        return cls(kind="ok", delay_s=delay)
+
+    @classmethod
+    def status(
+        cls,
+        code: int,
+        headers: Mapping[str, str] | None = None,
+        body: bytes | str | Mapping[str, Any] | None = None,
+        content_type: str = "application/json",
+        *,
+        delay: float = 0.0,
+    ) -> Action:
+        """Read the body, then answer ``code`` with ``headers`` and ``body``.
+
+        ``body`` may be bytes, text or a JSON-able mapping; by default a JSON
+        ``{"detail": "..."}``.
+        """
+        if not 100 <= code <= 599:
+            raise ValueError(f"status code must be within [100, 599], got {code}")
+        return cls(
+            kind="status",
+            delay_s=delay,
+            status_code=code,
+            headers=tuple((headers or {}).items()),
+            body=_body_bytes(body, code),
+            content_type=content_type,
+        )
+
+    @classmethod
+    def delay(cls, seconds: float) -> Action:
+        """Sleep ``seconds`` before handling the request, then answer normally."""
+        return cls(kind="delay", delay_s=seconds)
+
+    @classmethod
+    def drop_before_read(cls, *, delay: float = 0.0) -> Action:
+        """Close the connection without reading the body or replying."""
+        return cls(kind="drop_before_read", delay_s=delay)
+
+    @classmethod
+    def drop_after_read(cls, *, delay: float = 0.0) -> Action:
+        """Read the whole body, then close the connection without replying (maybe processed)."""
+        return cls(kind="drop_after_read", delay_s=delay)
+
+    @classmethod
+    def truncate(cls, *, delay: float = 0.0) -> Action:
+        """Send the normal response's headers with its full Content-Length, half its body, close."""
+        return cls(kind="truncate", delay_s=delay)
+
+    @classmethod
+    def malformed_json(cls, *, delay: float = 0.0) -> Action:
+        """Answer 200 with a body that is not JSON."""
+        return cls(kind="malformed_json", delay_s=delay)
+
+    @classmethod
+    def invalid_base64(cls, *, delay: float = 0.0) -> Action:
+        """Answer 200 ``{"image": "@@@"}``."""
+        return cls(kind="invalid_base64", delay_s=delay)
+
+    @classmethod
+    def trickle(
+        cls, chunk_size: int = 1024, interval_s: float = 0.1, total_chunks: int = 10
+    ) -> Action:
+        """Trickle a valid JSON response: ``total_chunks`` writes, ``interval_s`` apart.
+
+        The first ``total_chunks - 1`` writes carry ``chunk_size`` bytes each (the body is
+        padded with JSON whitespace when shorter), the last write carries the rest.
+        """
+        if chunk_size < 1 or total_chunks < 1:
+            raise ValueError("chunk_size and total_chunks must be >= 1")
+        if not (math.isfinite(interval_s) and interval_s >= 0):
+            raise ValueError("interval_s must be a finite number >= 0")
+        return cls(
+            kind="trickle",
+            chunk_size=chunk_size,
+            interval_s=interval_s,
+            total_chunks=total_chunks,
+        )
