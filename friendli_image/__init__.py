@@ -1,0 +1,67 @@
+"""friendli_image: an async-first SDK for the Friendli Container image API.
+
+>>> from friendli_image import AsyncFriendli
+>>> async with AsyncFriendli() as client:  # doctest: +SKIP
+...     result = await client.container.image.generate(prompt="a lighthouse at dawn", seed=7)
+...     result.save("lighthouse")
+"""
+
+from ._client import AsyncFriendli
+from ._config import RetryConfig, Timeout
+from ._exceptions import (
+    FriendliAPIError,
+    FriendliAPIStatusError,
+    FriendliAuthenticationError,
+    FriendliBadRequestError,
+    FriendliConnectionError,
+    FriendliError,
+    FriendliNotFoundError,
+    FriendliPayloadTooLargeError,
+    FriendliPermissionDeniedError,
+    FriendliRateLimitError,
+    FriendliResponseError,
+    FriendliResponseTooLarge,
+    FriendliServerError,
+    FriendliTimeoutError,
+    FriendliUnprocessableEntityError,
+    FriendliUsageError,
+    FriendliValidationError,
+)
+from ._models import ContainerImageGenerateSuccess, ImageInput, ImageResult
+from ._version import __version__
+
+APIConnectionError = FriendliConnectionError
+APITimeoutError = FriendliTimeoutError
+APIStatusError = FriendliAPIStatusError
+ResponseError = FriendliResponseError
+
+__all__ = [
+    "APIConnectionError",
+    "APIStatusError",
+    "APITimeoutError",
+    "AsyncFriendli",
+    "ContainerImageGenerateSuccess",
+    "FriendliAPIError",
+    "FriendliAPIStatusError",
+    "FriendliAuthenticationError",
+    "FriendliBadRequestError",
+    "FriendliConnectionError",
+    "FriendliError",
+    "FriendliNotFoundError",
+    "FriendliPayloadTooLargeError",
+    "FriendliPermissionDeniedError",
+    "FriendliRateLimitError",
+    "FriendliResponseError",
+    "FriendliResponseTooLarge",
+    "FriendliServerError",
+    "FriendliTimeoutError",
+    "FriendliUnprocessableEntityError",
+    "FriendliUsageError",
+    "FriendliValidationError",
+    "ImageInput",
+    "ImageResult",
+    "ResponseError",
+    "RetryConfig",
+    "Timeout",
+    "__version__",
+]

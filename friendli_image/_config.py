@@ -1,0 +1,155 @@
+"""Configuration values and defaults: timeouts, retry policy, environment lookup."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import attrs
+
+from ._exceptions import FriendliValidationError
+
+__all__ = [
+    "DEFAULT_MAX_CONNECTIONS",
+    "DEFAULT_MAX_RESPONSE_BYTES",
+    "DEFAULT_SERVER_URL",
+    "ENV_LOG",
+    "ENV_SERVER_URL",
+    "ENV_TOKEN",
+    "MAX_IMAGE_BYTES",
+    "RetryConfig",
+    "Timeout",
+    "env_server_url",
+    "env_token",
+]
+
+DEFAULT_SERVER_URL = "http://localhost:8000"
+ENV_TOKEN = "FRIENDLI_TOKEN"  # noqa: S105  (the variable name, not a secret)
+ENV_SERVER_URL = "FRIENDLI_SERVER_URL"
+ENV_LOG = "FRIENDLI_LOG"
+
+#: The most connections (and so requests in flight) one client opens at once.
+DEFAULT_MAX_CONNECTIONS = 64
+#: Responses larger than this are refused while streaming, before they are buffered.
+DEFAULT_MAX_RESPONSE_BYTES = 256 * 1024 * 1024
+#: The largest input image the API accepts (decoded bytes).
+MAX_IMAGE_BYTES = 50 * 1024 * 1024
+
+
+def env_token() -> str | None:
+    """Return ``FRIENDLI_TOKEN`` from the environment, or None when unset or empty."""
+    return os.environ.get(ENV_TOKEN) or None
+
+
+def env_server_url() -> str:
+    """Return ``FRIENDLI_SERVER_URL`` from the environment, else the default URL."""
+    return os.environ.get(ENV_SERVER_URL) or DEFAULT_SERVER_URL
+
+
+def _positive_or_none(name: str) -> Callable[[Any, Any, Any], None]:
+    def check(_instance: object, _attribute: object, value: float | None) -> None:
+        if value is None:
+            return
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise FriendliValidationError(name, f"must be a number of seconds, got {value!r}")
+        if not math.isfinite(value) or value <= 0:
+            raise FriendliValidationError(name, f"must be a positive finite number, got {value!r}")
+
+    return check
+
+
+@attrs.frozen(kw_only=True)
+class Timeout:
+    """Timeouts of one call, in seconds (None: no limit).
+
+    Image generation takes seconds to minutes, so the defaults are generous where the
+    server works and strict where it should answer at once. Every timer starts only once
+    a connection slot is acquired: waiting behind ``max_connections`` is not a timeout.
+
+    Attributes:
+        connect: establishing a TCP (and TLS) connection. A connect timeout means the
+            request never left, so it is always retried.
+        read: the longest silence between two chunks of the response.
+        attempt: one HTTP attempt, from sending to the last byte of the body.
+        total: the whole call, across every retry and backoff sleep. No backoff sleep is
+            started that would end past it.
+    """
+
+    connect: float | None = attrs.field(default=10.0, validator=_positive_or_none("connect"))
+    read: float | None = attrs.field(default=None, validator=_positive_or_none("read"))
+    attempt: float | None = attrs.field(default=300.0, validator=_positive_or_none("attempt"))
+    total: float | None = attrs.field(default=None, validator=_positive_or_none("total"))
+
+
+def _attempts(_instance: object, _attribute: object, value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise FriendliValidationError("max_attempts", f"must be an int >= 1, got {value!r}")
+
+
+def _non_negative(name: str) -> Callable[[Any, Any, Any], None]:
+    def check(_instance: object, _attribute: object, value: float) -> None:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise FriendliValidationError(name, f"must be a number, got {value!r}")
+        if not math.isfinite(value) or value < 0:
+            raise FriendliValidationError(name, f"must be finite and >= 0, got {value!r}")
+
+    return check
+
+
+def _statuses(values: Iterable[int]) -> frozenset[int]:
+    statuses = frozenset(values)
+    for status in statuses:
+        if isinstance(status, bool) or not isinstance(status, int) or not 100 <= status <= 599:
+            raise FriendliValidationError("retry_statuses", f"{status!r} is not an HTTP status")
+    return statuses
+
+
+@attrs.frozen(kw_only=True)
+class RetryConfig:
+    """When and how a failed attempt is tried again.
+
+    Retried by default: failures where nothing reached the server (connection refused,
+    DNS, connect timeout: always safe), ``408``, ``429``, ``502``, ``503`` and ``504``.
+    Not ``500``: on an inference server it usually means this very input failed, and
+    sending it again repeats paid GPU work for the same error. Failures after the server
+    may have read the request (a drop before the answer, a read timeout) are not resent
+    unless ``retry_ambiguous=True``: a resent generation can run twice.
+
+    Attributes:
+        max_attempts: attempts in all, the first included (1 disables retrying).
+        initial_delay: the first backoff, doubled on each retry up to ``max_delay``.
+        max_delay: the longest backoff between two attempts.
+        jitter: up to this many seconds of random delay added to every backoff.
+        max_elapsed: no retry sleep may end later than this many seconds after the
+            call started (None: bounded only by attempts and ``Timeout.total``).
+        retry_statuses: the HTTP statuses that are retried.
+        max_retry_after: the longest server ``Retry-After`` hint honoured; a longer one
+            stops retrying and raises with ``retry_after`` set.
+        retry_ambiguous: resend requests the server may already have processed.
+        budget_ratio: the client-wide retry budget; each call adds this many retry tokens
+            (so during an outage retries stay near this fraction of the calls).
+        budget_floor: retry tokens a client starts with (and keeps up to ``budget_cap``).
+    """
+
+    max_attempts: int = attrs.field(default=5, validator=_attempts)
+    initial_delay: float = attrs.field(default=0.5, validator=_non_negative("initial_delay"))
+    max_delay: float = attrs.field(default=8.0, validator=_non_negative("max_delay"))
+    jitter: float = attrs.field(default=0.5, validator=_non_negative("jitter"))
+    max_elapsed: float | None = attrs.field(
+        default=120.0, validator=_positive_or_none("max_elapsed")
+    )
+    retry_statuses: frozenset[int] = attrs.field(
+        default=frozenset({408, 429, 502, 503, 504}), converter=_statuses
+    )
+    max_retry_after: float = attrs.field(default=60.0, validator=_non_negative("max_retry_after"))
+    retry_ambiguous: bool = False
+    budget_ratio: float = attrs.field(default=0.1, validator=_non_negative("budget_ratio"))
+    budget_floor: float = attrs.field(default=10.0, validator=_non_negative("budget_floor"))
+    budget_cap: float = attrs.field(default=50.0, validator=_non_negative("budget_cap"))
+
+    @classmethod
+    def disabled(cls) -> RetryConfig:
+        """A policy that never retries (one attempt per call)."""
+        return cls(max_attempts=1)

@@ -1,0 +1,322 @@
+"""The one error tree of friendli_image.
+
+Every failure a user can meet is one of these; aiohttp, JSON and base64 exceptions are
+translated at the request path and never escape on their own. ``asyncio.CancelledError``
+is never wrapped.
+
+::
+
+    FriendliError
+    ├── FriendliUsageError                 the SDK was used wrongly (closed client, wrong loop, ...)
+    │   └── FriendliValidationError        bad input, caught before anything was sent
+    └── FriendliAPIError                   talking to the server failed
+        ├── FriendliConnectionError        no usable answer: refused, reset, DNS, TLS, ...
+        │   └── FriendliTimeoutError       connect, read, attempt or deadline timeout
+        ├── FriendliAPIStatusError         the server answered with a non-2xx status
+        │   ├── FriendliBadRequestError            400
+        │   ├── FriendliAuthenticationError        401
+        │   ├── FriendliPermissionDeniedError      403
+        │   ├── FriendliNotFoundError              404
+        │   ├── FriendliPayloadTooLargeError       413
+        │   ├── FriendliUnprocessableEntityError   422 (``details`` by field)
+        │   ├── FriendliRateLimitError             429
+        │   └── FriendliServerError                5xx
+        └── FriendliResponseError          a 2xx whose body is not a usable image
+            └── FriendliResponseTooLarge   the body exceeded ``max_response_bytes``
+
+The ``API*`` names (``APIConnectionError``, ``APITimeoutError``, ``APIStatusError``,
+``ResponseError``) are aliases of the same classes.
+
+No error carries the token: errors keep only response data (status, response headers, a
+short body excerpt), and aiohttp exceptions that embed request headers are not chained.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+__all__ = [
+    "FriendliAPIError",
+    "FriendliAPIStatusError",
+    "FriendliAuthenticationError",
+    "FriendliBadRequestError",
+    "FriendliConnectionError",
+    "FriendliError",
+    "FriendliNotFoundError",
+    "FriendliPayloadTooLargeError",
+    "FriendliPermissionDeniedError",
+    "FriendliRateLimitError",
+    "FriendliResponseError",
+    "FriendliResponseTooLarge",
+    "FriendliServerError",
+    "FriendliTimeoutError",
+    "FriendliUnprocessableEntityError",
+    "FriendliUsageError",
+    "FriendliValidationError",
+    "status_error_class",
+]
+
+EXCERPT_CHARS = 200
+
+
+def excerpt(body: bytes | bytearray | memoryview | str | None, limit: int = EXCERPT_CHARS) -> str:
+    """Return at most ``limit`` characters of a response body, for error messages."""
+    if not body:
+        return ""
+    if isinstance(body, bytes | bytearray | memoryview):
+        text = bytes(body[: limit * 4]).decode("utf-8", "replace")
+    else:
+        text = body[: limit * 4]
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+class FriendliError(Exception):
+    """Base class of every error raised by friendli_image."""
+
+
+class FriendliUsageError(FriendliError):
+    """The SDK was used in a way that cannot work; the message says what to do instead."""
+
+
+class FriendliValidationError(FriendliUsageError, ValueError):
+    """An argument is invalid; raised before any request is sent.
+
+    Attributes:
+        field: the name of the offending argument (e.g. ``"num_inference_steps"``,
+            ``"control_images[1]"``).
+        reason: what is wrong with it.
+    """
+
+    def __init__(self, field: str, reason: str) -> None:
+        super().__init__(field, reason)
+        self.field = field
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return f"invalid {self.field}: {self.reason}"
+
+
+class FriendliAPIError(FriendliError):
+    """A request was attempted and did not produce an image.
+
+    Attributes:
+        request_id: the ``X-Request-ID`` of the call (the same on every attempt).
+        attempts: how many HTTP attempts were made before giving up.
+        maybe_processed: True when the server may have read and acted on the request
+            (the connection broke or timed out after the request was sent), so the
+            generation may have run even though no image came back.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        request_id: str | None = None,
+        attempts: int = 1,
+        maybe_processed: bool = False,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.request_id = request_id
+        self.attempts = attempts
+        self.maybe_processed = maybe_processed
+
+    def __str__(self) -> str:
+        notes = []
+        if self.attempts > 1:
+            notes.append(f"after {self.attempts} attempts")
+        if self.request_id:
+            notes.append(f"request id {self.request_id}")
+        if self.maybe_processed:
+            notes.append("the server may have processed the request")
+        return f"{self.message} ({'; '.join(notes)})" if notes else self.message
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Exceptions pickle as cls(*args); ours carry keyword-only state, so restore it
+        # through __dict__ (which holds only response-side data, never the token).
+        return (_rebuild, (type(self), self.args, self.__dict__))
+
+
+def _rebuild(cls: type[BaseException], args: tuple[Any, ...], state: dict[str, Any]) -> Any:
+    error = cls.__new__(cls)
+    error.args = args
+    error.__dict__.update(state)
+    return error
+
+
+class FriendliConnectionError(FriendliAPIError):
+    """No usable HTTP response: connection refused or reset, DNS, TLS, dropped mid-body.
+
+    Check ``server_url`` and that the server is up; when ``maybe_processed`` is False the
+    request never reached the server and is always safe to send again.
+    """
+
+
+class FriendliTimeoutError(FriendliConnectionError, TimeoutError):
+    """A connect, read, per-attempt or per-call timeout expired.
+
+    Attributes:
+        kind: ``"connect"``, ``"read"``, ``"attempt"`` or ``"deadline"``.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        kind: str,
+        request_id: str | None = None,
+        attempts: int = 1,
+        maybe_processed: bool = False,
+    ) -> None:
+        super().__init__(
+            message, request_id=request_id, attempts=attempts, maybe_processed=maybe_processed
+        )
+        self.kind = kind
+
+
+class FriendliAPIStatusError(FriendliAPIError):
+    """The server answered with a status that is not 2xx.
+
+    Attributes:
+        status: the HTTP status code.
+        headers: the response headers.
+        body: at most 200 characters of the response body.
+        retry_after: the server's ``Retry-After`` hint in seconds, if it sent a valid one.
+        location: the ``Location`` header of a redirect that was not followed.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int,
+        headers: Mapping[str, str] | None = None,
+        body: str = "",
+        request_id: str | None = None,
+        attempts: int = 1,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message, request_id=request_id, attempts=attempts)
+        self.status = status
+        self.headers: dict[str, str] = dict(headers or {})
+        self.body = body
+        self.retry_after = retry_after
+        self.location = self.headers.get("Location") or self.headers.get("location")
+
+    def __str__(self) -> str:
+        text = f"HTTP {self.status}: {super().__str__()}"
+        if self.retry_after is not None:
+            text += f" [Retry-After {self.retry_after:g} s]"
+        if self.location:
+            text += f" [Location {self.location}]"
+        if self.body:
+            text += f" — server said: {self.body}"
+        return text
+
+
+class FriendliBadRequestError(FriendliAPIStatusError):
+    """400: the server rejected the request; fix the arguments named in the body."""
+
+
+class FriendliAuthenticationError(FriendliAPIStatusError):
+    """401: the token is missing or wrong; pass ``token=`` or set ``FRIENDLI_TOKEN``."""
+
+
+class FriendliPermissionDeniedError(FriendliAPIStatusError):
+    """403: the token is valid but not allowed to use this endpoint or model."""
+
+
+class FriendliNotFoundError(FriendliAPIStatusError):
+    """404: no such route or model; check ``server_url`` and ``model``."""
+
+
+class FriendliPayloadTooLargeError(FriendliAPIStatusError):
+    """413: the request body is larger than the server accepts; send smaller images."""
+
+
+class FriendliUnprocessableEntityError(FriendliAPIStatusError):
+    """422: the server refused the arguments.
+
+    Attributes:
+        details: the FastAPI validation details, each a dict with ``loc``, ``msg``, ``type``.
+        fields: the offending argument names mapped to their messages.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        details: Sequence[Mapping[str, Any]] = (),
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(message, **kwargs)
+        self.details = [dict(item) for item in details]
+        self.fields: dict[str, str] = {}
+        for item in self.details:
+            loc = [str(part) for part in item.get("loc", ()) if part != "body"]
+            name = ".".join(loc) or "body"
+            self.fields[name] = str(item.get("msg", ""))
+
+    def __str__(self) -> str:
+        if not self.fields:
+            return super().__str__()
+        listed = "; ".join(f"{name}: {msg}" for name, msg in self.fields.items())
+        return f"HTTP {self.status}: the server rejected {listed} ({self.message})"
+
+
+class FriendliRateLimitError(FriendliAPIStatusError):
+    """429: too many requests; lower the concurrency or wait ``retry_after`` seconds."""
+
+
+class FriendliServerError(FriendliAPIStatusError):
+    """5xx: the server failed or is overloaded; retried by default for 502/503/504."""
+
+
+class FriendliResponseError(FriendliAPIError):
+    """A 2xx response whose body is not a JSON object with a valid base64 image.
+
+    Attributes:
+        status: the HTTP status code.
+        body: at most 200 characters of the body.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int,
+        body: str = "",
+        request_id: str | None = None,
+        attempts: int = 1,
+    ) -> None:
+        super().__init__(message, request_id=request_id, attempts=attempts)
+        self.status = status
+        self.body = body
+
+    def __str__(self) -> str:
+        text = f"HTTP {self.status}: {super().__str__()}"
+        return f"{text} — body starts: {self.body}" if self.body else text
+
+
+class FriendliResponseTooLarge(FriendliResponseError):
+    """The response body exceeded ``max_response_bytes``; raise the cap if it is expected."""
+
+
+_STATUS_CLASSES: dict[int, type[FriendliAPIStatusError]] = {
+    400: FriendliBadRequestError,
+    401: FriendliAuthenticationError,
+    403: FriendliPermissionDeniedError,
+    404: FriendliNotFoundError,
+    413: FriendliPayloadTooLargeError,
+    422: FriendliUnprocessableEntityError,
+    429: FriendliRateLimitError,
+}
+
+
+def status_error_class(status: int) -> type[FriendliAPIStatusError]:
+    """Return the error class for an HTTP status."""
+    if status >= 500:
+        return FriendliServerError
+    return _STATUS_CLASSES.get(status, FriendliAPIStatusError)

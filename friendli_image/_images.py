@@ -1,0 +1,174 @@
+"""Image bytes: format sniffing, header dimensions, and coercion of user inputs.
+
+Inputs become the wire's ``{"image": <str>}``: URLs pass through (the server fetches
+them, the SDK never does), ``data:`` URIs and base64 text are checked and pass through,
+local data (bytes, paths, files, PIL images) becomes a ``data:`` URI with the sniffed
+MIME type. Everything is checked before it is encoded, and nothing over 50 MiB is read.
+"""
+
+from __future__ import annotations
+
+import binascii
+import io
+import os
+import pathlib
+from collections.abc import Mapping
+from typing import IO, Any, Final, Protocol, TypeAlias, runtime_checkable
+
+import pybase64
+
+from ._config import MAX_IMAGE_BYTES
+from ._exceptions import FriendliValidationError
+from ._formats import MIME_TYPES, sniff_format
+from ._models import ImageInput
+
+__all__ = ["ImageSource", "coerce_image"]
+
+
+@runtime_checkable
+class _PILImageLike(Protocol):
+    def save(self, fp: Any, format: str | None = ...) -> None: ...
+
+
+#: Everything ``image=`` and ``control_images=`` accept for one image.
+ImageSource: TypeAlias = (
+    "str | bytes | bytearray | memoryview | os.PathLike[str] | IO[bytes] | Mapping[str, Any]"
+    " | ImageInput | _PILImageLike"
+)
+
+
+_LIMIT_TEXT: Final = f"{MAX_IMAGE_BYTES // (1024 * 1024)} MiB"
+
+
+def _check_image_bytes(data: bytes | bytearray | memoryview, field: str) -> str:
+    """Check size and content of image bytes; return the sniffed MIME type."""
+    size = len(data)
+    if size == 0:
+        raise FriendliValidationError(field, "the image is empty (0 bytes)")
+    if size > MAX_IMAGE_BYTES:
+        raise FriendliValidationError(
+            field, f"the image is {size:,} bytes; the API accepts at most {_LIMIT_TEXT}"
+        )
+    fmt = sniff_format(data)
+    if fmt == "unknown":
+        raise FriendliValidationError(
+            field,
+            "the bytes are not an image (expected JPEG, PNG, WebP, GIF, BMP or TIFF data)",
+        )
+    return MIME_TYPES[fmt]
+
+
+def _data_uri(data: bytes | bytearray | memoryview, field: str) -> str:
+    mime = _check_image_bytes(data, field)
+    return f"data:{mime};base64,{pybase64.b64encode(data).decode('ascii')}"
+
+
+def _decode_base64(text: str, field: str) -> bytes:
+    # Decoded size is 3/4 of the text; refuse oversized text before decoding it.
+    if len(text) * 3 // 4 > MAX_IMAGE_BYTES + 3:
+        raise FriendliValidationError(field, f"the base64 image decodes to more than {_LIMIT_TEXT}")
+    try:
+        return pybase64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise FriendliValidationError(field, f"invalid base64 data ({exc})") from None
+
+
+def _coerce_text(text: str, field: str) -> str:
+    stripped = text.strip()
+    lowered = stripped[:16].lower()
+    if lowered.startswith(("http://", "https://")):
+        return stripped
+    if lowered.startswith("data:"):
+        header, comma, payload = stripped.partition(",")
+        if not comma or not header.lower().endswith(";base64"):
+            raise FriendliValidationError(
+                field, "a data: URI must look like 'data:image/png;base64,<base64 data>'"
+            )
+        _check_image_bytes(_decode_base64(payload, field), field)
+        return stripped
+    if "://" in lowered:
+        scheme = lowered.split("://", 1)[0]
+        raise FriendliValidationError(
+            field, f"{scheme}:// URLs are not accepted; pass an http(s) URL, bytes or a path"
+        )
+    if len(stripped) < 4096 and os.path.isfile(stripped):
+        return _read_path(pathlib.Path(stripped), field)
+    try:
+        decoded = _decode_base64(stripped, field)
+    except FriendliValidationError:
+        raise FriendliValidationError(
+            field,
+            "a string must be an http(s) URL, a data: URI, base64 image data or the path "
+            f"of an existing file; got {stripped[:40]!r}",
+        ) from None
+    _check_image_bytes(decoded, field)
+    return stripped
+
+
+def _read_path(path: pathlib.Path, field: str) -> str:
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        raise FriendliValidationError(field, f"cannot read {path}: {exc.strerror}") from None
+    if size > MAX_IMAGE_BYTES:
+        raise FriendliValidationError(
+            field, f"{path} is {size:,} bytes; the API accepts at most {_LIMIT_TEXT}"
+        )
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise FriendliValidationError(field, f"cannot read {path}: {exc.strerror}") from None
+    return _data_uri(data, field)
+
+
+def _read_file_object(stream: IO[bytes], field: str) -> str:
+    try:
+        data: object = stream.read(MAX_IMAGE_BYTES + 1)
+    except (OSError, ValueError) as exc:
+        raise FriendliValidationError(field, f"cannot read the file object: {exc}") from None
+    if isinstance(data, str):
+        raise FriendliValidationError(field, "the file is open in text mode; open it with 'rb'")
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise FriendliValidationError(field, f"read() returned {type(data).__name__}, not bytes")
+    return _data_uri(data, field)
+
+
+def _pil_to_uri(image: _PILImageLike, field: str) -> str:
+    buffer = io.BytesIO()
+    try:
+        image.save(buffer, format="PNG")
+    except (OSError, ValueError) as exc:
+        raise FriendliValidationError(field, f"cannot encode the PIL image: {exc}") from None
+    return _data_uri(buffer.getbuffer(), field)
+
+
+def coerce_image(value: object, field: str) -> str:
+    """Turn one accepted image input into the wire string (URL, data: URI or base64).
+
+    Raises:
+        FriendliValidationError: the input is empty, not an image, over 50 MiB, a
+            missing file, a non-http URL, or of a type that is not accepted.
+    """
+    if isinstance(value, ImageInput):
+        value = value.image
+    elif isinstance(value, Mapping):
+        if set(value) != {"image"}:
+            raise FriendliValidationError(
+                field, f"a dict must have exactly one key 'image', got keys {sorted(value)!r}"
+            )
+        value = value["image"]
+    if isinstance(value, str):
+        return _coerce_text(value, field)
+    if isinstance(value, bytes | bytearray | memoryview):
+        return _data_uri(value, field)
+    if isinstance(value, os.PathLike):
+        return _read_path(pathlib.Path(value), field)
+    if hasattr(value, "read"):
+        return _read_file_object(value, field)  # type: ignore[arg-type]
+    if type(value).__module__.startswith("PIL.") and isinstance(value, _PILImageLike):
+        return _pil_to_uri(value, field)
+    raise FriendliValidationError(
+        field,
+        "expected a URL, data: URI, base64 text, bytes, a path, a binary file object, "
+        f"a PIL image or {{'image': ...}}; got {type(value).__name__}",
+    )

@@ -1,0 +1,218 @@
+"""The API namespaces, shaped like the official SDK: ``client.container.image``.
+
+Resources only validate arguments into a request model and hand it to the client's one
+request path; they hold no state and no logic of their own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from functools import cached_property
+from typing import TYPE_CHECKING
+
+from ._exceptions import FriendliValidationError
+from ._images import ImageSource, coerce_image
+from ._models import EditRequest, GenerateRequest, ImageInput, ImageResult, ResponseFormat
+
+if TYPE_CHECKING:
+    from ._client import AsyncFriendli
+    from ._config import RetryConfig
+
+__all__ = ["Container", "Image", "build_edit", "build_generate"]
+
+GENERATIONS_PATH = "/v1/images/generations"
+EDITS_PATH = "/v1/images/edits"
+
+
+def _image_list(value: object, field: str) -> list[ImageInput]:
+    if isinstance(value, str | bytes | bytearray | memoryview | Mapping) or not isinstance(
+        value, Sequence
+    ):
+        raise FriendliValidationError(
+            field, f"must be a list of images, got {type(value).__name__}"
+        )
+    return [ImageInput(coerce_image(item, f"{field}[{index}]")) for index, item in enumerate(value)]
+
+
+def build_generate(
+    *,
+    prompt: str,
+    model: str | None = None,
+    num_inference_steps: int = 20,
+    guidance_scale: float = 0.0,
+    seed: int | None = None,
+    response_format: ResponseFormat | None = None,
+    control_images: Sequence[ImageSource] | None = None,
+    controlnet_weights: Sequence[float] | None = None,
+) -> GenerateRequest:
+    """Validate ``generate`` arguments into the request model (raises before any I/O)."""
+    return GenerateRequest(
+        prompt=prompt,
+        model=model,
+        num_inference_steps=num_inference_steps,
+        guidance_scale=guidance_scale,
+        seed=seed,
+        response_format=response_format,
+        control_images=None
+        if control_images is None
+        else _image_list(control_images, "control_images"),
+        controlnet_weights=None if controlnet_weights is None else list(controlnet_weights),
+    )
+
+
+def build_edit(
+    *,
+    image: ImageSource | Sequence[ImageSource],
+    prompt: str,
+    model: str | None = None,
+    num_inference_steps: int = 20,
+    guidance_scale: float = 0.0,
+    seed: int | None = None,
+    response_format: ResponseFormat | None = None,
+) -> EditRequest:
+    """Validate ``edit`` arguments into the request model (raises before any I/O)."""
+    if image is None:
+        raise FriendliValidationError("image", "is required: pass the image(s) to edit")
+    # A list or tuple is several images; anything else is one, sent as one object, as
+    # the official SDK does.
+    images: ImageInput | list[ImageInput] = (
+        _image_list(image, "image")
+        if isinstance(image, list | tuple)
+        else ImageInput(coerce_image(image, "image"))
+    )
+    return EditRequest(
+        image=images,
+        prompt=prompt,
+        model=model,
+        num_inference_steps=num_inference_steps,
+        guidance_scale=guidance_scale,
+        seed=seed,
+        response_format=response_format,
+    )
+
+
+class Image:
+    """Image generation and editing: ``client.container.image``."""
+
+    def __init__(self, client: AsyncFriendli) -> None:
+        self._client = client
+
+    async def generate(
+        self,
+        *,
+        prompt: str,
+        model: str | None = None,
+        num_inference_steps: int = 20,
+        guidance_scale: float = 0.0,
+        seed: int | None = None,
+        response_format: ResponseFormat | None = None,
+        control_images: Sequence[ImageSource] | None = None,
+        controlnet_weights: Sequence[float] | None = None,
+        retries: RetryConfig | int | None = None,
+        server_url: str | None = None,
+        timeout_ms: int | None = None,
+        http_headers: Mapping[str, str] | None = None,
+    ) -> ImageResult:
+        """Generate an image from a text prompt (``POST /v1/images/generations``).
+
+        Args:
+            prompt: what the image should show.
+            model: routes the request to a specific adapter.
+            num_inference_steps: denoising steps, in [1, 50].
+            guidance_scale: how closely to follow the prompt (0 lets the model choose).
+            seed: an int in [0, 2**32 - 1] for reproducible images.
+            response_format: ``"jpeg"`` or ``"raw"`` (PNG); None for the server default.
+            control_images: ControlNet conditioning images (URL, data: URI, base64,
+                bytes, path, binary file, PIL image or ``{"image": ...}``).
+            controlnet_weights: one weight in [0, 1] per control image.
+            retries: this call's retry policy (a ``RetryConfig``, or a number of retries).
+            server_url: this call's server, overriding the client's.
+            timeout_ms: this call's per-attempt timeout in milliseconds.
+            http_headers: extra headers for this call.
+
+        Returns:
+            The decoded image with its format, size, request id, attempts and timing.
+
+        Raises:
+            FriendliValidationError: an argument is invalid (nothing was sent).
+            FriendliAPIError: the server could not be reached or refused the request.
+        """
+        request = build_generate(
+            prompt=prompt,
+            model=model,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            seed=seed,
+            response_format=response_format,
+            control_images=control_images,
+            controlnet_weights=controlnet_weights,
+        )
+        options = self._client._options(
+            retries=retries, server_url=server_url, timeout_ms=timeout_ms, http_headers=http_headers
+        )
+        return await self._client.request(GENERATIONS_PATH, request, options)
+
+    async def edit(
+        self,
+        *,
+        image: ImageSource | Sequence[ImageSource],
+        prompt: str,
+        model: str | None = None,
+        num_inference_steps: int = 20,
+        guidance_scale: float = 0.0,
+        seed: int | None = None,
+        response_format: ResponseFormat | None = None,
+        retries: RetryConfig | int | None = None,
+        server_url: str | None = None,
+        timeout_ms: int | None = None,
+        http_headers: Mapping[str, str] | None = None,
+    ) -> ImageResult:
+        """Edit an image as a text prompt describes (``POST /v1/images/edits``).
+
+        Args:
+            image: the image to edit, or a list of images. Each may be a URL (passed
+                to the server, never fetched here), data: URI, base64 text, bytes, a
+                path, a binary file object, a PIL image or ``{"image": ...}``.
+            prompt: the change to make.
+            model: routes the request to a specific adapter.
+            num_inference_steps: denoising steps, in [1, 50].
+            guidance_scale: how closely to follow the prompt.
+            seed: an int in [0, 2**32 - 1] for reproducible images.
+            response_format: ``"jpeg"`` or ``"raw"`` (PNG); None for the server default.
+            retries: this call's retry policy (a ``RetryConfig``, or a number of retries).
+            server_url: this call's server, overriding the client's.
+            timeout_ms: this call's per-attempt timeout in milliseconds.
+            http_headers: extra headers for this call.
+
+        Returns:
+            The decoded image with its format, size, request id, attempts and timing.
+
+        Raises:
+            FriendliValidationError: an argument is invalid (nothing was sent).
+            FriendliAPIError: the server could not be reached or refused the request.
+        """
+        request = build_edit(
+            image=image,
+            prompt=prompt,
+            model=model,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            seed=seed,
+            response_format=response_format,
+        )
+        options = self._client._options(
+            retries=retries, server_url=server_url, timeout_ms=timeout_ms, http_headers=http_headers
+        )
+        return await self._client.request(EDITS_PATH, request, options)
+
+
+class Container:
+    """The Friendli Container API: ``client.container``."""
+
+    def __init__(self, client: AsyncFriendli) -> None:
+        self._client = client
+
+    @cached_property
+    def image(self) -> Image:
+        """Image generation and editing."""
+        return Image(self._client)
