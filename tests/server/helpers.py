@@ -1,0 +1,33 @@
+"""Helpers shared by the bundled server's tests."""
+
+from __future__ import annotations
+
+import io
+
+import pybase64
+from PIL import Image
+
+GENERATE = "/v1/images/generations"
+EDIT = "/v1/images/edits"
+
+
+def png_bytes(color: tuple[int, int, int], size: tuple[int, int] = (48, 32)) -> bytes:
+    """A small PNG of one colour with a contrasting square, so edges exist."""
+    picture = Image.new("RGB", size, color)
+    inverse = tuple(255 - c for c in color)
+    picture.paste(Image.new("RGB", (size[0] // 2, size[1] // 2), inverse), (4, 4))
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def data_uri(data: bytes, mime: str = "image/png") -> str:
+    """Wrap bytes in a base64 ``data:`` URI."""
+    return f"data:{mime};base64,{pybase64.b64encode(data).decode()}"
+
+
+def decode_response_image(payload: dict[str, str]) -> Image.Image:
+    """Decode the ``image`` of a 200 response body."""
+    picture = Image.open(io.BytesIO(pybase64.b64decode(payload["image"], validate=True)))
+    picture.load()
+    return picture
