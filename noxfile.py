@@ -1,0 +1,81 @@
+"""Development tasks: `nox -s tests`, `nox -s lint`, `nox -s typecheck`, `nox -s demo`, ...
+
+`nox -l` lists every session. The test session runs on every supported Python that is
+installed (3.10-3.13), including pyenv-managed ones that are not on PATH.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import nox
+
+ROOT = Path(__file__).parent
+PYPROJECT = nox.project.load_toml(ROOT / "pyproject.toml")
+SUPPORTED = ("3.10", "3.11", "3.12", "3.13")
+
+nox.options.default_venv_backend = "uv|virtualenv"
+nox.options.sessions = ["lint", "typecheck", "tests"]
+nox.options.reuse_venv = "yes"
+
+
+def _works(executable: str) -> bool:
+    try:
+        return (
+            subprocess.run([executable, "-c", ""], capture_output=True, timeout=30).returncode == 0
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+def _find_pythons() -> list[str]:
+    """Supported versions that run here; pyenv versions are put on PATH for nox to find."""
+    found = []
+    for version in SUPPORTED:
+        on_path = shutil.which(f"python{version}")
+        if on_path and _works(on_path):
+            found.append(version)
+            continue
+        pattern = os.path.expanduser(f"~/.pyenv/versions/{version}.*/bin/python{version}")
+        for candidate in sorted(glob.glob(pattern), reverse=True):
+            if _works(candidate):
+                os.environ["PATH"] = f"{Path(candidate).parent}{os.pathsep}{os.environ['PATH']}"
+                found.append(version)
+                break
+    current = f"{sys.version_info.major}.{sys.version_info.minor}"
+    return found or [current]
+
+
+PYTHONS = _find_pythons()
+DEFAULT_PYTHON = "3.11" if "3.11" in PYTHONS else PYTHONS[-1]
+
+
+def _install_for_tests(session: nox.Session) -> None:
+    session.install("-e", ".[all]", *nox.project.dependency_groups(PYPROJECT, "test"))
+
+
+@nox.session(python=PYTHONS)
+def tests(session: nox.Session) -> None:
+    """Run the test suite (unit tests and tests against the bundled server)."""
+    _install_for_tests(session)
+    session.run("pytest", *session.posargs)
+
+
+@nox.session(python=DEFAULT_PYTHON)
+def lint(session: nox.Session) -> None:
+    """Check style and common bugs with ruff."""
+    session.install(*nox.project.dependency_groups(PYPROJECT, "lint"))
+    session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")
+
+
+@nox.session(python=DEFAULT_PYTHON)
+def typecheck(session: nox.Session) -> None:
+    """Type-check the package with mypy --strict."""
+    session.install("-e", ".[all]", *nox.project.dependency_groups(PYPROJECT, "typecheck"))
+    session.run("mypy")
