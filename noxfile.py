@@ -27,7 +27,10 @@ nox.options.reuse_venv = "yes"
 def _works(executable: str) -> bool:
     try:
         return (
-            subprocess.run([executable, "-c", ""], capture_output=True, timeout=30).returncode == 0
+            subprocess.run(
+                [executable, "-c", ""], check=False, capture_output=True, timeout=30
+            ).returncode
+            == 0
         )
     except (OSError, subprocess.TimeoutExpired):
         return False
