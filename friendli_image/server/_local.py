@@ -104,7 +104,8 @@ class LocalServer:
             create_app(state=self._state),
             handler_cancellation=True,
             access_log=None,
-            shutdown_timeout=0.0,
+            # Not 0: aiohttp reads 0 as "wait for handlers forever". The restart must be abrupt.
+            shutdown_timeout=0.01,
         )
         await runner.setup()
         try:

@@ -1,0 +1,267 @@
+"""LocalServer in both modes, restarts, GPU slots, disconnects, run_server and the pytest plugin."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from friendli_image.server import Action, LocalServer, ServerConfig
+
+from .helpers import GENERATE
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _refused(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(1)
+        return sock.connect_ex(("127.0.0.1", port)) != 0
+
+
+async def test_gpu_slots_queue_requests(session: aiohttp.ClientSession) -> None:
+    """With one GPU slot, two concurrent requests take about twice the simulated compute."""
+    config = ServerConfig(image_size=8, max_concurrency=1, step_latency_ms=20)
+    async with LocalServer(config) as srv:
+
+        async def one() -> None:
+            body = {"prompt": "p", "num_inference_steps": 10}
+            async with session.post(srv.url + GENERATE, json=body) as resp:
+                assert resp.status == 200
+
+        started = time.monotonic()
+        await one()
+        single = time.monotonic() - started
+        started = time.monotonic()
+        await asyncio.gather(one(), one())
+        double = time.monotonic() - started
+        assert srv.stats.max_in_flight == 2
+    assert single >= 0.2
+    assert double >= 0.4
+    assert double >= 1.7 * single
+
+
+async def test_gpu_slots_run_in_parallel(session: aiohttp.ClientSession) -> None:
+    """With two GPU slots, two concurrent requests take about one request's compute."""
+    config = ServerConfig(image_size=8, max_concurrency=2, step_latency_ms=20)
+    async with LocalServer(config) as srv:
+        body = {"prompt": "p", "num_inference_steps": 10}
+
+        async def one() -> None:
+            async with session.post(srv.url + GENERATE, json=body) as resp:
+                assert resp.status == 200
+
+        started = time.monotonic()
+        await asyncio.gather(one(), one())
+        assert time.monotonic() - started < 0.38
+
+
+async def test_client_disconnect_is_recorded(session: aiohttp.ClientSession) -> None:
+    """A client that goes away mid-generation is recorded as disconnected and frees its slot."""
+    config = ServerConfig(image_size=8, max_concurrency=1, step_latency_ms=100)
+    async with LocalServer(config) as srv:
+        task = asyncio.ensure_future(
+            session.post(srv.url + GENERATE, json={"prompt": "p", "num_inference_steps": 50})
+        )
+        while srv.stats.in_flight == 0:
+            await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        for _ in range(100):
+            if srv.stats.in_flight == 0:
+                break
+            await asyncio.sleep(0.01)
+        assert srv.records[0].disconnected is True
+        assert srv.stats.disconnects == 1
+        async with session.post(srv.url + GENERATE, json={"prompt": "p", "num_inference_steps": 1}) as resp:
+            assert resp.status == 200
+
+
+async def test_restart_keeps_port_and_refuses_meanwhile(session: aiohttp.ClientSession) -> None:
+    """restart() drops open connections, refuses connections while down, then serves on the same port."""
+    async with LocalServer(ServerConfig(image_size=8)) as srv:
+        port = srv.port
+        async with session.get(srv.url + "/health") as resp:
+            assert resp.status == 200
+        restart = asyncio.ensure_future(srv.restart(down_for_s=0.3))
+        await asyncio.sleep(0.15)
+        assert await asyncio.to_thread(_refused, port)
+        await restart
+        assert srv.port == port
+        async with session.get(srv.url + "/health") as resp:
+            assert resp.status == 200
+        assert srv.stats.requests_by_path == {"/health": 2}
+
+
+async def test_restart_closes_in_flight_requests(session: aiohttp.ClientSession) -> None:
+    """A request in flight during a restart sees its connection closed."""
+    async with LocalServer(ServerConfig(image_size=8)) as srv:
+        srv.script(None, [Action.delay(5)])
+        request = asyncio.ensure_future(session.post(srv.url + GENERATE, json={"prompt": "p"}))
+        while srv.stats.in_flight == 0:
+            await asyncio.sleep(0.01)
+        await srv.restart()
+        with pytest.raises(aiohttp.ServerDisconnectedError):
+            await request
+        assert srv.records[0].disconnected is True
+
+
+async def test_async_server_close_is_idempotent() -> None:
+    """aclose() twice is harmless; the port is refused afterwards; close() in async mode says what to do."""
+    srv = LocalServer()
+    await srv.astart()
+    port = srv.port
+    with pytest.raises(RuntimeError, match="aclose"):
+        srv.close()
+    await srv.aclose()
+    await srv.aclose()
+    assert await asyncio.to_thread(_refused, port)
+
+
+def test_sync_local_server() -> None:
+    """`with LocalServer()` serves from its own thread, scripts from another thread, restarts, and joins."""
+    before = threading.active_count()
+    with LocalServer(ServerConfig(image_size=8)) as srv:
+        assert srv.url == f"http://127.0.0.1:{srv.port}"
+        with urllib.request.urlopen(srv.url + "/health", timeout=5) as resp:  # noqa: S310
+            assert resp.status == 200
+
+        def script_from_thread() -> None:
+            srv.script("t", [Action.status(503)])
+
+        worker = threading.Thread(target=script_from_thread)
+        worker.start()
+        worker.join()
+        request = urllib.request.Request(  # noqa: S310
+            srv.url + GENERATE,
+            data=b'{"prompt": "p"}',
+            headers={"x-test-id": "t", "Content-Type": "application/json"},
+        )
+        with pytest.raises(urllib.error.HTTPError) as info:
+            urllib.request.urlopen(request, timeout=5)  # noqa: S310
+        assert info.value.code == 503
+        info.value.close()
+        port = srv.port
+        srv.restart(down_for_s=0.05)
+        assert srv.port == port
+        with urllib.request.urlopen(request, timeout=5) as resp:  # noqa: S310
+            assert resp.status == 200
+        assert srv.stats.faults == {"status:503": 1}
+    assert threading.active_count() == before
+    assert _refused(port)
+    srv.close()
+
+
+def test_not_started_server() -> None:
+    """A server that is not started has no port and cannot restart."""
+    srv = LocalServer()
+    with pytest.raises(RuntimeError, match="not started"):
+        _ = srv.url
+    with pytest.raises(RuntimeError, match="not started"):
+        srv.restart()
+    assert "not started" in repr(srv)
+
+
+def test_port_in_use_fails_cleanly() -> None:
+    """Starting on a port that is taken raises OSError and leaves no thread behind."""
+    before = threading.active_count()
+    with LocalServer() as first:
+        with pytest.raises(OSError, match="."):
+            LocalServer(port=first.port).start()
+    assert threading.active_count() == before
+
+
+@pytest.mark.subprocess
+def test_run_server_announces_and_stops_on_ctrl_c() -> None:
+    """run_server prints its URL when ready, serves, and exits 0 without a traceback on SIGINT."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    code = (
+        "from friendli_image.server import run_server, ServerConfig\n"
+        f"run_server(ServerConfig(image_size=8), port={port})\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    with subprocess.Popen(
+        [sys.executable, "-c", code],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    ) as proc:
+        try:
+            assert proc.stdout is not None
+            line = proc.stdout.readline()
+            assert line.strip() == f"Serving Friendli Container image API on http://127.0.0.1:{port}"
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as resp:  # noqa: S310
+                assert resp.status == 200
+            proc.send_signal(signal.SIGINT)
+            out, err = proc.communicate(timeout=10)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+    assert proc.returncode == 0
+    assert "Traceback" not in err
+    assert err == ""
+
+
+@pytest.mark.subprocess
+def test_pytest_plugin_fixtures(tmp_path: Path) -> None:
+    """The plugin's fixtures give a running server and its URL in a user's test suite."""
+    (tmp_path / "conftest.py").write_text(
+        'pytest_plugins = ["friendli_image.server.pytest_plugin"]\n'
+    )
+    (tmp_path / "test_user.py").write_text(
+        textwrap.dedent(
+            """
+            import json
+            import urllib.request
+
+            import pytest
+
+            from friendli_image.server import ServerConfig
+
+
+            def test_url(friendli_server, friendli_server_url):
+                assert friendli_server_url == friendli_server.url
+                with urllib.request.urlopen(friendli_server_url + "/health") as resp:
+                    assert json.load(resp) == {"status": "ok"}
+                assert friendli_server.stats.total_requests == 1
+
+
+            class TestCustomConfig:
+                @pytest.fixture
+                def friendli_server_config(self):
+                    return ServerConfig(token="t")
+
+                def test_token(self, friendli_server):
+                    assert friendli_server.config.token == "t"
+            """
+        )
+    )
+    (tmp_path / "pytest.ini").write_text("[pytest]\nfilterwarnings = error\n")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:asyncio", str(tmp_path)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "2 passed" in result.stdout
