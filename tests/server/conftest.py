@@ -13,6 +13,7 @@ from friendli_image.server import LocalServer, ServerConfig
 
 from .helpers import png_bytes
 
+
 @pytest.fixture
 async def server() -> AsyncIterator[LocalServer]:
     """A small-image server on the test's event loop."""

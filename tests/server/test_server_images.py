@@ -77,18 +77,26 @@ async def test_edit_output_depends_on_input(
 ) -> None:
     """Editing two different images with the same prompt gives different pictures."""
     url = server.url + EDIT
-    red = await _image(session, url, {"prompt": "p", "image": {"image": data_uri(png_bytes((220, 0, 0)))}})
-    blue = await _image(session, url, {"prompt": "p", "image": [{"image": data_uri(png_bytes((0, 0, 220)))}]})
+    red = await _image(
+        session, url, {"prompt": "p", "image": {"image": data_uri(png_bytes((220, 0, 0)))}}
+    )
+    blue = await _image(
+        session, url, {"prompt": "p", "image": [{"image": data_uri(png_bytes((0, 0, 220)))}]}
+    )
     assert _difference(red, blue) > 20
 
 
 async def test_edit_prompt_keywords(server: LocalServer, session: aiohttp.ClientSession) -> None:
-    """"night" darkens the input; the same edit twice gives the same bytes."""
+    """ "night" darkens the input; the same edit twice gives the same bytes."""
     image = {"image": data_uri(png_bytes((200, 200, 200)))}
     url = server.url + EDIT
     plain = await _image(session, url, {"prompt": "p", "image": image, "response_format": "raw"})
-    night = await _image(session, url, {"prompt": "night", "image": image, "response_format": "raw"})
-    again = await _image(session, url, {"prompt": "night", "image": image, "response_format": "raw"})
+    night = await _image(
+        session, url, {"prompt": "night", "image": image, "response_format": "raw"}
+    )
+    again = await _image(
+        session, url, {"prompt": "night", "image": image, "response_format": "raw"}
+    )
     assert night == again
 
     def brightness(data: bytes) -> float:
@@ -98,9 +106,7 @@ async def test_edit_prompt_keywords(server: LocalServer, session: aiohttp.Client
     assert brightness(night) < brightness(plain) - 30
 
 
-async def test_bare_base64_image_input(
-    server: LocalServer, session: aiohttp.ClientSession
-) -> None:
+async def test_bare_base64_image_input(server: LocalServer, session: aiohttp.ClientSession) -> None:
     """An image given as bare base64 (no data: prefix) is accepted."""
     bare = pybase64.b64encode(png_bytes((5, 5, 5))).decode()
     await _image(session, server.url + EDIT, {"prompt": "p", "image": {"image": bare}})
@@ -114,8 +120,12 @@ async def test_control_weights_influence(
     control = [{"image": data_uri(png_bytes((255, 255, 0), (64, 64)))}]
     body: dict[str, Any] = {"prompt": "hills", "seed": 3, "response_format": "raw"}
     plain = await _image(session, url, body)
-    off = await _image(session, url, {**body, "control_images": control, "controlnet_weights": [0.0]})
-    half = await _image(session, url, {**body, "control_images": control, "controlnet_weights": [0.5]})
+    off = await _image(
+        session, url, {**body, "control_images": control, "controlnet_weights": [0.0]}
+    )
+    half = await _image(
+        session, url, {**body, "control_images": control, "controlnet_weights": [0.5]}
+    )
     full = await _image(session, url, {**body, "control_images": control})
     assert off == plain
     assert _difference(plain, half) > 3
@@ -127,8 +137,12 @@ async def test_url_inputs_are_fetched(
 ) -> None:
     """http URLs are fetched by the server; different images at the URLs give different edits."""
     url = server.url + EDIT
-    red = await _image(session, url, {"prompt": "p", "image": {"image": str(image_host.make_url("/red.png"))}})
-    blue = await _image(session, url, {"prompt": "p", "image": {"image": str(image_host.make_url("/blue.png"))}})
+    red = await _image(
+        session, url, {"prompt": "p", "image": {"image": str(image_host.make_url("/red.png"))}}
+    )
+    blue = await _image(
+        session, url, {"prompt": "p", "image": {"image": str(image_host.make_url("/blue.png"))}}
+    )
     assert _difference(red, blue) > 20
 
 
@@ -167,6 +181,9 @@ async def test_static_image_mode(session: aiohttp.ClientSession) -> None:
     static = png_bytes((9, 9, 9))
     async with LocalServer(ServerConfig(static_image=static)) as srv:
         assert await _image(session, srv.url + GENERATE, {"prompt": "a"}) == static
-        assert await _image(session, srv.url + EDIT, {"prompt": "b", "image": {"image": "x"}}) == static
+        assert (
+            await _image(session, srv.url + EDIT, {"prompt": "b", "image": {"image": "x"}})
+            == static
+        )
         async with session.post(srv.url + GENERATE, json={"prompt": 1}) as resp:
             assert resp.status == 422

@@ -12,6 +12,7 @@ import textwrap
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
@@ -28,6 +29,14 @@ def _refused(port: int) -> bool:
     with socket.socket() as sock:
         sock.settimeout(1)
         return sock.connect_ex(("127.0.0.1", port)) != 0
+
+
+async def _until(condition: Callable[[], bool]) -> None:
+    for _ in range(500):
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("condition not met within 5 s")
 
 
 async def test_gpu_slots_queue_requests(session: aiohttp.ClientSession) -> None:
@@ -74,23 +83,21 @@ async def test_client_disconnect_is_recorded(session: aiohttp.ClientSession) -> 
         task = asyncio.ensure_future(
             session.post(srv.url + GENERATE, json={"prompt": "p", "num_inference_steps": 50})
         )
-        while srv.stats.in_flight == 0:
-            await asyncio.sleep(0.01)
+        await _until(lambda: srv.stats.in_flight > 0)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-        for _ in range(100):
-            if srv.stats.in_flight == 0:
-                break
-            await asyncio.sleep(0.01)
+        await _until(lambda: srv.stats.in_flight == 0)
         assert srv.records[0].disconnected is True
         assert srv.stats.disconnects == 1
-        async with session.post(srv.url + GENERATE, json={"prompt": "p", "num_inference_steps": 1}) as resp:
+        async with session.post(
+            srv.url + GENERATE, json={"prompt": "p", "num_inference_steps": 1}
+        ) as resp:
             assert resp.status == 200
 
 
 async def test_restart_keeps_port_and_refuses_meanwhile(session: aiohttp.ClientSession) -> None:
-    """restart() drops open connections, refuses connections while down, then serves on the same port."""
+    """restart() drops connections, refuses new ones while down, then serves on the same port."""
     async with LocalServer(ServerConfig(image_size=8)) as srv:
         port = srv.port
         async with session.get(srv.url + "/health") as resp:
@@ -110,8 +117,7 @@ async def test_restart_closes_in_flight_requests(session: aiohttp.ClientSession)
     async with LocalServer(ServerConfig(image_size=8)) as srv:
         srv.script(None, [Action.delay(5)])
         request = asyncio.ensure_future(session.post(srv.url + GENERATE, json={"prompt": "p"}))
-        while srv.stats.in_flight == 0:
-            await asyncio.sleep(0.01)
+        await _until(lambda: srv.stats.in_flight > 0)
         await srv.restart()
         with pytest.raises(aiohttp.ServerDisconnectedError):
             await request
@@ -119,7 +125,7 @@ async def test_restart_closes_in_flight_requests(session: aiohttp.ClientSession)
 
 
 async def test_async_server_close_is_idempotent() -> None:
-    """aclose() twice is harmless; the port is refused afterwards; close() in async mode says what to do."""
+    """aclose() twice is harmless and frees the port; close() in async mode says what to use."""
     srv = LocalServer()
     await srv.astart()
     port = srv.port
@@ -131,7 +137,7 @@ async def test_async_server_close_is_idempotent() -> None:
 
 
 def test_sync_local_server() -> None:
-    """`with LocalServer()` serves from its own thread, scripts from another thread, restarts, and joins."""
+    """`with LocalServer()` serves from a thread, takes scripts from others, restarts and joins."""
     before = threading.active_count()
     with LocalServer(ServerConfig(image_size=8)) as srv:
         assert srv.url == f"http://127.0.0.1:{srv.port}"
@@ -177,9 +183,8 @@ def test_not_started_server() -> None:
 def test_port_in_use_fails_cleanly() -> None:
     """Starting on a port that is taken raises OSError and leaves no thread behind."""
     before = threading.active_count()
-    with LocalServer() as first:
-        with pytest.raises(OSError, match="."):
-            LocalServer(port=first.port).start()
+    with LocalServer() as first, pytest.raises(OSError, match="in use"):
+        LocalServer(port=first.port).start()
     assert threading.active_count() == before
 
 
@@ -204,11 +209,13 @@ def test_run_server_announces_and_stops_on_ctrl_c() -> None:
         try:
             assert proc.stdout is not None
             line = proc.stdout.readline()
-            assert line.strip() == f"Serving Friendli Container image API on http://127.0.0.1:{port}"
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as resp:  # noqa: S310
+            assert (
+                line.strip() == f"Serving Friendli Container image API on http://127.0.0.1:{port}"
+            )
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as resp:
                 assert resp.status == 200
             proc.send_signal(signal.SIGINT)
-            out, err = proc.communicate(timeout=10)
+            _out, err = proc.communicate(timeout=10)
         finally:
             if proc.poll() is None:
                 proc.kill()
@@ -255,7 +262,17 @@ def test_pytest_plugin_fixtures(tmp_path: Path) -> None:
     (tmp_path / "pytest.ini").write_text("[pytest]\nfilterwarnings = error\n")
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:asyncio", str(tmp_path)],
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "-p",
+            "no:asyncio",
+            str(tmp_path),
+        ],
         cwd=tmp_path,
         capture_output=True,
         text=True,

@@ -64,10 +64,13 @@ async def test_prompt_hash_header(server: LocalServer, session: aiohttp.ClientSe
 
 async def test_prompt_hash_can_be_disabled(session: aiohttp.ClientSession) -> None:
     """echo_prompt_hash=False sends no x-prompt-sha256."""
-    async with LocalServer(ServerConfig(image_size=16, echo_prompt_hash=False)) as srv:
-        async with session.post(srv.url + GENERATE, json={"prompt": "p"}) as resp:
-            assert resp.status == 200
-            assert "x-prompt-sha256" not in resp.headers
+    config = ServerConfig(image_size=16, echo_prompt_hash=False)
+    async with (
+        LocalServer(config) as srv,
+        session.post(srv.url + GENERATE, json={"prompt": "p"}) as resp,
+    ):
+        assert resp.status == 200
+        assert "x-prompt-sha256" not in resp.headers
 
 
 async def test_unknown_route_is_json_404(
@@ -131,9 +134,7 @@ async def test_records_redact_images(server: LocalServer, session: aiohttp.Clien
     """Records keep headers and the JSON body, with image strings replaced by their length."""
     image = data_uri(png_bytes((1, 2, 3)))
     body = {"prompt": "p", "control_images": [{"image": image}], "controlnet_weights": [0.5]}
-    async with session.post(
-        server.url + GENERATE, json=body, headers={"x-test-id": "rec"}
-    ) as resp:
+    async with session.post(server.url + GENERATE, json=body, headers={"x-test-id": "rec"}) as resp:
         assert resp.status == 200
     (record,) = server.records
     assert record.path == GENERATE

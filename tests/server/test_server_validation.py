@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -67,7 +68,10 @@ EDIT_CASES: list[tuple[dict[str, Any], list[str | int]]] = [
     ({"prompt": "p", "image": []}, ["body", "image"]),
     ({"prompt": "p", "image": "x"}, ["body", "image"]),
     ({"prompt": "p", "image": {"image": "!!!notbase64"}}, ["body", "image", "image"]),
-    ({"prompt": "p", "image": [{"image": PNG}, {"image": "aGVsbG8="}]}, ["body", "image", 1, "image"]),
+    (
+        {"prompt": "p", "image": [{"image": PNG}, {"image": "aGVsbG8="}]},
+        ["body", "image", 1, "image"],
+    ),
     ({"image": {"image": PNG}}, ["body", "prompt"]),
 ]
 
@@ -162,7 +166,7 @@ async def test_body_too_large_is_413(session: aiohttp.ClientSession) -> None:
         assert status == 413
         assert "detail" in payload
 
-        async def chunks():  # type: ignore[no-untyped-def]
+        async def chunks() -> AsyncIterator[bytes]:
             yield b'{"prompt": "'
             yield b"x" * 2000
             yield b'"}'
