@@ -82,3 +82,10 @@ def typecheck(session: nox.Session) -> None:
     """Type-check the package with mypy --strict."""
     session.install("-e", ".[all]", *nox.project.dependency_groups(PYPROJECT, "typecheck"))
     session.run("mypy")
+
+
+@nox.session(python=DEFAULT_PYTHON)
+def demo(session: nox.Session) -> None:
+    """The main job: start the bundled server, generate and edit images, save them."""
+    session.install(".[all]")
+    session.run("friendli-image", "demo", "--out-dir", str(ROOT / "demo-output"), *session.posargs)

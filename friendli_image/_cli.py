@@ -1,0 +1,250 @@
+"""The ``friendli-image`` command: generate, edit, serve and demo from a shell.
+
+Exit status: 0 success; 1 the server refused or failed the request; 2 bad arguments;
+3 the server could not be reached (connection refused, timeout); 130 interrupted.
+Errors are one line on stderr, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from ._client import AsyncFriendli
+from ._config import ENV_SERVER_URL, ENV_TOKEN
+from ._exceptions import (
+    FriendliConnectionError,
+    FriendliError,
+    FriendliUsageError,
+)
+from ._models import ImageResult
+
+__all__ = ["main"]
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_UNREACHABLE = 3
+EXIT_INTERRUPTED = 130
+
+DEMO_PROMPTS = (
+    ("lighthouse", "a lighthouse on a cliff at dawn, warm light over a calm sea", 7),
+    ("mountains", "snowy mountains under a starry night sky", 21),
+    ("desert", "sand dunes in a desert at sunset with a lone cactus", 42),
+    ("forest", "a misty pine forest by a lake in the morning", 1234),
+)
+DEMO_EDIT_PROMPT = "make it snow at night"
+
+
+def _add_client_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--server-url",
+        default=None,
+        help=f"server base URL (default: ${ENV_SERVER_URL} or http://localhost:8000); "
+        f"the token is read from ${ENV_TOKEN}",
+    )
+    parser.add_argument(
+        "--timeout", type=float, default=None, metavar="SECONDS", help="per-attempt timeout"
+    )
+
+
+def _add_generation_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-o", "--output", required=True, type=Path, help="file to write")
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--steps", type=int, default=20, help="inference steps, 1-50")
+    parser.add_argument("--guidance", type=float, default=0.0, help="guidance scale")
+    parser.add_argument("--format", choices=("jpeg", "raw"), default=None, dest="response_format")
+    parser.add_argument("--model", default=None, help="adapter route")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``friendli-image`` (subcommands register themselves here)."""
+    parser = argparse.ArgumentParser(
+        prog="friendli-image",
+        description="Generate and edit images with a Friendli Container server.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    generate = commands.add_parser("generate", help="generate an image from a prompt")
+    generate.add_argument("prompt")
+    _add_generation_options(generate)
+    generate.add_argument(
+        "--control",
+        action="append",
+        default=None,
+        metavar="IMAGE",
+        help="ControlNet image (path or URL); repeat for several",
+    )
+    generate.add_argument(
+        "--control-weight",
+        action="append",
+        type=float,
+        default=None,
+        metavar="W",
+        help="weight in [0, 1] per --control image",
+    )
+    _add_client_options(generate)
+    generate.set_defaults(run=_run_generate)
+
+    edit = commands.add_parser("edit", help="edit one or more images as a prompt says")
+    edit.add_argument("images", nargs="+", metavar="IMAGE", help="path or URL of an image")
+    edit.add_argument("-p", "--prompt", required=True)
+    _add_generation_options(edit)
+    _add_client_options(edit)
+    edit.set_defaults(run=_run_edit)
+
+    serve = commands.add_parser("serve", help="run the bundled Friendli-compatible server")
+    serve.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--token", default=None, help="require this bearer token")
+    serve.add_argument("--step-latency-ms", type=float, default=0.0)
+    serve.add_argument("--max-concurrency", type=int, default=4, help="simulated GPU slots")
+    serve.add_argument("--image-size", type=int, default=512)
+    serve.set_defaults(run=_run_serve)
+
+    demo = commands.add_parser(
+        "demo", help="start the bundled server, generate and edit a few images, save them"
+    )
+    demo.add_argument("--out-dir", type=Path, default=Path("demo-output"))
+    demo.add_argument(
+        "--step-latency-ms",
+        type=float,
+        default=15.0,
+        help="simulated GPU time per step (default 15: a 20-step image takes 0.3 s)",
+    )
+    demo.set_defaults(run=_run_demo)
+    return parser
+
+
+def _client(args: argparse.Namespace) -> AsyncFriendli:
+    timeout_ms = None if args.timeout is None else int(args.timeout * 1000)
+    return AsyncFriendli(server_url=args.server_url, timeout_ms=timeout_ms)
+
+
+def _report(result: ImageResult, path: Path) -> None:
+    size = f"{result.width}x{result.height} " if result.width else ""
+    print(
+        f"wrote {path} ({result.format} {size}{len(result.image):,} bytes, "
+        f"{result.elapsed:.2f}s, {result.attempts} attempt(s))"
+    )
+
+
+async def _run_generate(args: argparse.Namespace) -> int:
+    async with _client(args) as client:
+        result = await client.container.image.generate(
+            prompt=args.prompt,
+            model=args.model,
+            num_inference_steps=args.steps,
+            guidance_scale=args.guidance,
+            seed=args.seed,
+            response_format=args.response_format,
+            control_images=args.control,
+            controlnet_weights=args.control_weight,
+        )
+    _report(result, result.save(args.output))
+    return EXIT_OK
+
+
+async def _run_edit(args: argparse.Namespace) -> int:
+    images: list[Any] = [
+        image if image.startswith(("http://", "https://")) else Path(image) for image in args.images
+    ]
+    async with _client(args) as client:
+        result = await client.container.image.edit(
+            image=images if len(images) > 1 else images[0],
+            prompt=args.prompt,
+            model=args.model,
+            num_inference_steps=args.steps,
+            guidance_scale=args.guidance,
+            seed=args.seed,
+            response_format=args.response_format,
+        )
+    _report(result, result.save(args.output))
+    return EXIT_OK
+
+
+def _server_modules() -> Any:
+    try:
+        from . import server  # noqa: PLC0415  (needs the optional Pillow dependency)
+    except ImportError as exc:
+        raise FriendliUsageError(
+            f"the bundled server needs Pillow ({exc}): pip install 'friendli-image[server]'"
+        ) from None
+    return server
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    server = _server_modules()
+    config = server.ServerConfig(
+        token=args.token,
+        step_latency_ms=args.step_latency_ms,
+        max_concurrency=args.max_concurrency,
+        image_size=args.image_size,
+    )
+    server.run_server(config, host=args.host, port=args.port)
+    return EXIT_OK
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    out_dir: Path = args.out_dir.resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return asyncio.run(_demo(out_dir, args.step_latency_ms))
+
+
+async def _demo(out_dir: Path, step_latency_ms: float) -> int:
+    server = _server_modules()
+    config = server.ServerConfig(step_latency_ms=step_latency_ms, max_concurrency=2)
+    started = time.monotonic()
+    async with server.LocalServer(config) as local, AsyncFriendli(server_url=local.url) as client:
+        print(f"bundled server listening on {local.url}")
+        image = client.container.image
+        results = await asyncio.gather(
+            *(
+                image.generate(prompt=prompt, seed=seed, num_inference_steps=20)
+                for _name, prompt, seed in DEMO_PROMPTS
+            )
+        )
+        for (name, _prompt, _seed), result in zip(DEMO_PROMPTS, results, strict=True):
+            _report(result, result.save(out_dir / name))
+        source = out_dir / (DEMO_PROMPTS[0][0] + ".jpg")
+        edited = await image.edit(image=source, prompt=DEMO_EDIT_PROMPT, seed=3)
+        _report(edited, edited.save(out_dir / f"{DEMO_PROMPTS[0][0]}-edited"))
+    print(
+        f"done: {len(results) + 1} images in {time.monotonic() - started:.1f}s, saved in {out_dir}"
+    )
+    return EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; return the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        outcome = args.run(args)
+        if asyncio.iscoroutine(outcome):
+            outcome = asyncio.run(outcome)
+        return int(outcome)
+    except KeyboardInterrupt:
+        print("friendli-image: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except FriendliUsageError as exc:  # includes FriendliValidationError
+        print(f"friendli-image: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except FriendliConnectionError as exc:
+        print(f"friendli-image: cannot reach the server: {exc}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    except FriendliError as exc:
+        print(f"friendli-image: request failed: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except OSError as exc:
+        print(f"friendli-image: error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
