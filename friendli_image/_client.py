@@ -20,6 +20,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Mapping
 from functools import cached_property
+from io import BytesIO
 from typing import TYPE_CHECKING, Any, Final
 
 import aiohttp
@@ -70,6 +71,8 @@ _ERROR_BODY_LIMIT: Final = 64 * 1024
 _OFFLOOP_DECODE_BYTES: Final = 4 * 1024 * 1024
 #: Bodies above this are read into one preallocated buffer (no chunk list plus join).
 _PREALLOCATE_BYTES: Final = 1024 * 1024
+#: Request bodies above this are streamed (aiohttp's own threshold for a bytes body).
+_INLINE_BODY_BYTES: Final = 1024 * 1024
 _PREFIX: Final = re.compile(rb'\s*\{\s*"image"\s*:\s*"')
 _SUFFIX: Final = re.compile(rb'"\s*\}\s*$')
 
@@ -500,7 +503,9 @@ class AsyncFriendli:
             try:
                 async with session.post(
                     url,
-                    data=call.body,
+                    # aiohttp sends large bytes in one write that blocks the loop (and
+                    # warns); a fresh BytesIO per attempt streams the same buffer instead.
+                    data=call.body if len(call.body) <= _INLINE_BODY_BYTES else BytesIO(call.body),
                     headers=headers,
                     timeout=client_timeout,
                     allow_redirects=False,
