@@ -163,7 +163,10 @@ class GenerateRequest:
             raise FriendliValidationError(
                 "control_images", "is empty; pass None or at least one image"
             )
-        check_weights(self.controlnet_weights, self.control_images)
+        # Keep the checked floats, so int weights go on the wire as floats (and a tuple
+        # or generator given by the caller becomes the list the type promises).
+        weights = check_weights(self.controlnet_weights, self.control_images)
+        object.__setattr__(self, "controlnet_weights", weights)
 
 
 @attrs.frozen(kw_only=True)
