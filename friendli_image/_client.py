@@ -137,16 +137,7 @@ def _retry_config(value: object, base: RetryConfig) -> RetryConfig:
     if isinstance(value, RetryConfig):
         return value
     if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-        return RetryConfig(
-            max_attempts=max(1, value + 1),
-            initial_delay=base.initial_delay,
-            max_delay=base.max_delay,
-            jitter=base.jitter,
-            max_elapsed=base.max_elapsed,
-            retry_statuses=base.retry_statuses,
-            max_retry_after=base.max_retry_after,
-            retry_ambiguous=base.retry_ambiguous,
-        )
+        return attrs.evolve(base, max_attempts=value + 1)
     raise FriendliValidationError(
         "retries", f"must be a RetryConfig, a number of retries (int >= 0) or None, got {value!r}"
     )
