@@ -59,6 +59,9 @@ _RUNTIME_KEY = web.AppKey("friendli_image_server_runtime", _Runtime)
 # Each request runs in its own task with a copied context, so this is per request.
 _current: contextvars.ContextVar[_Current] = contextvars.ContextVar("friendli_image_request")
 
+# Bodies above this are parsed in a worker thread: the loop may be shared with a client
+# under test (async LocalServer), whose latency measurements must not include our work.
+_PARSE_OFF_LOOP_BYTES = 256 * 1024
 _MALFORMED_BODY = b'{"image": "<html>this is not JSON'
 
 
@@ -176,33 +179,39 @@ async def _fetch(url: str, runtime: _Runtime, config: ServerConfig) -> bytes:
         raise ValueError(f"could not fetch image from URL: {type(exc).__name__}") from exc
 
 
-async def _image_bytes(ref: ImageRef, runtime: _Runtime, config: ServerConfig) -> bytes:
-    value = ref.value.strip()
+def _inline_image(value: str, max_bytes: int) -> Image.Image:
+    """Decode a ``data:`` URI or bare base64 image (in a worker thread: inputs can be 50 MiB)."""
     scheme = value.split(":", 1)[0].lower() if ":" in value[:12] else ""
-    if scheme in ("http", "https"):
-        return await _fetch(value, runtime, config)
     if scheme == "data":
         header, sep, payload = value.partition(",")
         if not sep:
             raise ValueError("data: URI has no ',' before its payload")
-        if header.lower().endswith(";base64"):
-            if len(payload) > config.fetch_max_bytes * 4 // 3 + 4:
-                raise ValueError("image is larger than the size limit")
-            return _decode_base64(payload, "data: URI payload")
-        return urllib.parse.unquote_to_bytes(payload)
-    if scheme:
+        if not header.lower().endswith(";base64"):
+            data = urllib.parse.unquote_to_bytes(payload)
+        elif len(payload) > max_bytes * 4 // 3 + 4:
+            raise ValueError("image is larger than the size limit")
+        else:
+            data = _decode_base64(payload, "data: URI payload")
+    elif scheme:
         raise ValueError(f"unsupported URL scheme {scheme!r}; use http(s), data: or base64")
-    if len(value) > config.fetch_max_bytes * 4 // 3 + 4:
+    elif len(value) > max_bytes * 4 // 3 + 4:
         raise ValueError("image is larger than the size limit")
-    return _decode_base64(value, "image (neither a URL nor a data: URI)")
+    else:
+        data = _decode_base64(value, "image (neither a URL nor a data: URI)")
+    if len(data) > max_bytes:
+        raise ValueError("image is larger than the size limit")
+    return _render.decode_image(data)
 
 
 async def _load_image(ref: ImageRef, runtime: _Runtime, config: ServerConfig) -> Image.Image:
-    data = await _image_bytes(ref, runtime, config)
-    if len(data) > config.fetch_max_bytes:
-        raise ValueError("image is larger than the size limit")
+    value = ref.value.strip()
     loop = asyncio.get_running_loop()
-    return await loop.run_in_executor(runtime.executor, _render.decode_image, data)
+    if value[:8].lower().startswith(("http://", "https://")):
+        data = await _fetch(value, runtime, config)
+        return await loop.run_in_executor(runtime.executor, _render.decode_image, data)
+    return await loop.run_in_executor(
+        runtime.executor, _inline_image, value, config.fetch_max_bytes
+    )
 
 
 async def _load_images(
@@ -227,7 +236,8 @@ async def _load_images(
     return images
 
 
-def _render_request(parsed: ParsedRequest, images: list[Image.Image], size: int) -> bytes:
+def _render_response(parsed: ParsedRequest, images: list[Image.Image], size: int) -> bytes:
+    """Render, encode and wrap in the response JSON (all CPU work, run in a worker thread)."""
     if parsed.operation == "edit":
         picture = _render.edit_image(
             parsed.prompt, parsed.seed, parsed.steps, parsed.guidance, inputs=images, size=size
@@ -238,7 +248,8 @@ def _render_request(parsed: ParsedRequest, images: list[Image.Image], size: int)
         )
         if images:
             picture = _render.apply_control(picture, images, parsed.weights)
-    return _render.encode_image(picture, parsed.image_format)
+    encoded = _render.encode_image(picture, parsed.image_format)
+    return b'{"image":"' + pybase64.b64encode(encoded) + b'"}'
 
 
 async def _serve(request: web.Request, body: bytes, operation: Operation) -> web.Response:
@@ -246,7 +257,11 @@ async def _serve(request: web.Request, body: bytes, operation: Operation) -> web
     config = request.app[STATE_KEY].config
     runtime = request.app[_RUNTIME_KEY]
     try:
-        data = parse_json(body)
+        if len(body) > _PARSE_OFF_LOOP_BYTES:
+            loop = asyncio.get_running_loop()
+            data = await loop.run_in_executor(runtime.executor, parse_json, body)
+        else:
+            data = parse_json(body)
         _current.get().record.body = _redact(data) if config.record_requests else None
         parsed = validate_request(data, operation)
         images = (
@@ -267,11 +282,10 @@ async def _serve(request: web.Request, body: bytes, operation: Operation) -> web
             payload = runtime.static_body
         else:
             loop = asyncio.get_running_loop()
-            encoded = await loop.run_in_executor(
+            payload = await loop.run_in_executor(
                 runtime.executor,
-                functools.partial(_render_request, parsed, images, config.image_size),
+                functools.partial(_render_response, parsed, images, config.image_size),
             )
-            payload = b'{"image":"' + pybase64.b64encode(encoded) + b'"}'
     return web.Response(body=payload, content_type="application/json", headers=headers)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import aiohttp
@@ -187,3 +188,32 @@ async def test_static_image_mode(session: aiohttp.ClientSession) -> None:
         )
         async with session.post(srv.url + GENERATE, json={"prompt": 1}) as resp:
             assert resp.status == 422
+
+
+async def test_large_image_input(server: LocalServer, session: aiohttp.ClientSession) -> None:
+    """A multi-megabyte data: URI edit is decoded and answered with an image."""
+    import io
+    import os
+
+    from PIL import Image
+
+    noise = Image.frombytes("RGB", (700, 700), os.urandom(700 * 700 * 3))
+    buffer = io.BytesIO()
+    noise.save(buffer, format="PNG")
+    assert buffer.tell() > 1_000_000
+    body = json.dumps({"prompt": "p", "image": {"image": data_uri(buffer.getvalue())}})
+    # A stream, because aiohttp's client warns about large bytes bodies.
+    data = io.BytesIO(body.encode())
+    headers = {"Content-Type": "application/json"}
+    async with session.post(server.url + EDIT, data=data, headers=headers) as resp:
+        assert resp.status == 200
+        assert decode_response_image(await resp.json()).format == "JPEG"
+
+
+async def test_large_static_response(session: aiohttp.ClientSession) -> None:
+    """A multi-megabyte static image is served whole."""
+    import os
+
+    static = os.urandom(3 * 1024 * 1024)
+    async with LocalServer(ServerConfig(static_image=static)) as srv:
+        assert await _image(session, srv.url + GENERATE, {"prompt": "p"}) == static
