@@ -94,6 +94,60 @@ def _ridge_polygon(heights: Sequence[float], size: int) -> list[tuple[float, flo
     return [(i * step, y) for i, y in enumerate(heights)] + [(size, size), (0, size)]
 
 
+def _draw_lighthouse(
+    img: Image.Image, rng: random.Random, size: int, horizon: float, mood: str
+) -> None:
+    """A striped tower on the shore, its lamp lit (with a beam) unless it is broad day."""
+    draw = ImageDraw.Draw(img)
+    base_x = size * rng.choice((rng.uniform(0.12, 0.3), rng.uniform(0.7, 0.88)))
+    base_y = horizon + size * 0.06
+    height, half_base, half_top = size * 0.36, size * 0.045, size * 0.028
+    top_y = base_y - height
+    draw.polygon(
+        (
+            (base_x - half_base * 2.2, base_y + size * 0.08),
+            (base_x - half_base * 1.6, base_y),
+            (base_x + half_base * 1.6, base_y),
+            (base_x + half_base * 2.2, base_y + size * 0.08),
+        ),
+        fill=(70, 60, 55),
+    )
+    bands = 5
+    for band in range(bands):
+        t0, t1 = band / bands, (band + 1) / bands
+        y0, y1 = base_y - height * t0, base_y - height * t1
+        w0 = half_base + (half_top - half_base) * t0
+        w1 = half_base + (half_top - half_base) * t1
+        color = (200, 40, 40) if band % 2 else (240, 240, 235)
+        draw.polygon(
+            ((base_x - w0, y0), (base_x - w1, y1), (base_x + w1, y1), (base_x + w0, y0)), fill=color
+        )
+    lamp = (255, 230, 140) if mood != "day" else (200, 220, 230)
+    draw.rectangle((base_x - half_top, top_y - size * 0.035, base_x + half_top, top_y), fill=lamp)
+    draw.polygon(
+        (
+            (base_x - half_top * 1.3, top_y - size * 0.035),
+            (base_x, top_y - size * 0.07),
+            (base_x + half_top * 1.3, top_y - size * 0.035),
+        ),
+        fill=(40, 40, 45),
+    )
+    if mood != "day":
+        beam = Image.new("L", img.size, 0)
+        direction = 1 if base_x < size / 2 else -1
+        lamp_y = top_y - size * 0.018
+        ImageDraw.Draw(beam).polygon(
+            (
+                (base_x, lamp_y),
+                (base_x + direction * size * 0.7, lamp_y - size * 0.12),
+                (base_x + direction * size * 0.7, lamp_y + size * 0.06),
+            ),
+            fill=70,
+        )
+        beam = beam.filter(ImageFilter.GaussianBlur(size / 100))
+        img.paste(Image.composite(Image.new("RGB", img.size, lamp), img, beam))
+
+
 def render_landscape(
     prompt: str, seed: int | None, steps: int, guidance: float, size: int
 ) -> Image.Image:
@@ -236,6 +290,10 @@ def render_landscape(
     else:
         ground = _ridge(rng, size, horizon + size * 0.12, size * 0.04, depth)
         draw.polygon(_ridge_polygon(ground, size), fill=_mix(near, (0, 0, 0), 0.3))
+
+    if "lighthouse" in text:
+        _draw_lighthouse(img, rng, size, horizon, mood)
+        draw = ImageDraw.Draw(img)
 
     if forest:
         tree_color = _mix(_hsv(0.33, 0.6, 0.3), near, 0.4)
