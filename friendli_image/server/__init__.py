@@ -8,6 +8,13 @@ draws deterministic pictures with Pillow, and can inject faults (`Action`, `Faul
 
 from __future__ import annotations
 
+try:
+    import PIL  # noqa: F401 -- checked here to say how to install it
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    raise ImportError(
+        "friendli_image.server needs Pillow: pip install 'friendli-image[server]'"
+    ) from exc
+
 from ._app import create_app
 from ._config import Action, FaultRates, ServerConfig
 from ._local import LocalServer, run_server
