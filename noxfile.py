@@ -89,3 +89,18 @@ def demo(session: nox.Session) -> None:
     """The main job: start the bundled server, generate and edit images, save them."""
     session.install(".[all]")
     session.run("friendli-image", "demo", "--out-dir", str(ROOT / "demo-output"), *session.posargs)
+
+
+@nox.session(python=DEFAULT_PYTHON)
+def bench(session: nox.Session) -> None:
+    """Benchmark against raw aiohttp and the official SDK; writes benchmarks/RESULTS.md."""
+    session.install("-e", ".", "friendli==0.16.3", "matplotlib")
+    session.run("python", "benchmarks/run.py", "--command", "nox -s bench", *session.posargs)
+
+
+@nox.session(python=DEFAULT_PYTHON)
+def official(session: nox.Session) -> None:
+    """Prove the bundled server is indistinguishable to the official friendli SDK."""
+    _install_for_tests(session)
+    session.install("friendli==0.16.3")
+    session.run("pytest", "tests/server/test_official_sdk.py", *session.posargs)

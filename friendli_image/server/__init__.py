@@ -18,7 +18,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 from ._app import create_app
 from ._config import Action, FaultRates, ServerConfig
 from ._local import LocalServer, run_server
-from ._state import RequestRecord
+from ._state import RequestRecord, ServerStats
 
 __all__ = [
     "Action",
@@ -26,6 +26,7 @@ __all__ = [
     "LocalServer",
     "RequestRecord",
     "ServerConfig",
+    "ServerStats",
     "create_app",
     "run_server",
 ]
