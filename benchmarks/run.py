@@ -1,0 +1,622 @@
+"""Run the whole benchmark and write ``RESULTS.md``, ``results.json`` and ``results.png``.
+
+    python benchmarks/run.py                 # the full matrix (about 20 minutes on 2 cores)
+    python benchmarks/run.py --quick --out-dir /tmp/bench   # seconds: the smoke test's run
+    nox -s bench                             # the full matrix with the official SDK installed
+
+The server runs in its own process (``server.py``), and every cell (client x image size
+x concurrency x repetition) in a fresh process of its own (``client.py``). Repetitions are
+interleaved (A B C … A B C …, the order rotated each round) so that drift on a shared
+machine hits every client alike; the tables show medians, and every ratio compares two
+medians from this one run. Clients whose package is missing are skipped and listed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.metadata
+import json
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+KiB, MiB = 1024, 1024 * 1024
+
+LABELS = {
+    "raw_aiohttp": "raw aiohttp",
+    "friendli": "AsyncFriendli",
+    "friendli_batch": "generate_batch",
+    "friendli_sync": "SyncFriendli",
+    "official_async": "official async",
+    "official_sync": "official sync",
+}
+#: Clients several times slower than the rest run a fraction of N (rates stay comparable).
+N_FACTOR = {"official_async": 0.25, "official_sync": 0.25}
+
+
+class Plan:
+    """The matrix: per image size, the concurrencies and the N of one cell."""
+
+    def __init__(self, quick: bool, scale: float) -> None:
+        if quick:
+            self.sizes: dict[int, tuple[list[int], int]] = {64 * KiB: ([1, 4], 24)}
+            self.repeats = 1
+            self.big = (2 * MiB, 2)
+            self.disk = (64 * KiB, 40, 8)
+            self.import_runs = 1
+        else:
+            self.sizes = {
+                64 * KiB: ([1, 16, 64, 256], 2000),
+                MiB: ([1, 16, 32, 64, 256], 300),
+                # Trimmed: 16 MiB x C ≥ 64 needs gigabytes per client and minutes per cell.
+                16 * MiB: ([1, 16], 32),
+            }
+            self.repeats = 3
+            self.big = (40 * MiB, 8)
+            self.disk = (MiB, 1000, 64)
+            self.import_runs = 9
+        for size, (cs, n) in self.sizes.items():
+            self.sizes[size] = (cs, max(1, round(n * scale)))
+
+
+def size_label(size: int) -> str:
+    return f"{size // MiB} MiB" if size >= MiB else f"{size // KiB} KiB"
+
+
+@contextlib.contextmanager
+def server(python: str, size: int, bundled: bool) -> Iterator[str]:
+    """Start ``server.py`` for ``size`` and yield its URL; stop it on exit."""
+    command = [python, str(HERE / "server.py"), "--size", str(size)]
+    if bundled:
+        command.append("--bundled")
+    proc = subprocess.Popen(
+        command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        if not line.startswith("PORT "):
+            raise RuntimeError(f"the benchmark server did not start: {line!r}")
+        yield f"http://127.0.0.1:{int(line.split()[1])}"
+    finally:
+        assert proc.stdin is not None
+        proc.stdin.close()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
+def run_json(command: list[str], timeout: float) -> dict[str, Any] | None:
+    """Run a measuring subprocess; its JSON line, or None when it exits 3 (client missing)."""
+    env = {**os.environ, "PYTHONHASHSEED": "0"}
+    for name in ("FRIENDLI_TOKEN", "FRIENDLI_SERVER_URL", "FRIENDLI_LOG"):
+        env.pop(name, None)
+    done = subprocess.run(
+        command, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT, check=False
+    )
+    if done.returncode == 3:
+        return None
+    if done.returncode != 0:
+        raise RuntimeError(
+            f"{shlex.join(command)} failed ({done.returncode}):\n{done.stderr[-3000:]}"
+        )
+    return dict(json.loads(done.stdout.strip().splitlines()[-1]))
+
+
+def run_cells(args: argparse.Namespace, plan: Plan) -> tuple[list[dict[str, Any]], list[str]]:
+    """Every client x size x C x repetition, interleaved; the raw rows and skipped clients."""
+    rows: list[dict[str, Any]] = []
+    skipped: set[str] = set()
+    clients = list(args.clients)
+    for size, (concurrencies, n) in plan.sizes.items():
+        with server(args.python, size, args.bundled_server) as url:
+            for c in concurrencies:
+                for repeat in range(plan.repeats):
+                    shift = repeat % len(clients)
+                    for name in clients[shift:] + clients[:shift]:
+                        if name in skipped:
+                            continue
+                        cell_n = max(c, round(n * N_FACTOR.get(name, 1.0)))
+                        command = [args.python, str(HERE / "client.py"), name, "--url", url]
+                        command += ["--n", str(cell_n), "--c", str(c), "--size", str(size)]
+                        started = time.perf_counter()
+                        row = run_json(command, timeout=args.cell_timeout)
+                        if row is None:
+                            skipped.add(name)
+                            print(f"skip {name}: not available in {args.python}", flush=True)
+                            continue
+                        row["repeat"] = repeat
+                        rows.append(row)
+                        print(
+                            f"{size_label(size):>7} C={c:<3} #{repeat} {name:<15} "
+                            f"{row['rps']:8.1f} rps {row['cpu_us']:9.0f} µs/req "
+                            f"({time.perf_counter() - started:.1f} s)",
+                            flush=True,
+                        )
+    return rows, sorted(skipped)
+
+
+def medians(rows: list[dict[str, Any]]) -> dict[tuple[int, int, str], dict[str, float]]:
+    """Median of every figure per (size, C, client)."""
+    grouped: dict[tuple[int, int, str], list[dict[str, Any]]] = {}
+    for row in rows:
+        grouped.setdefault((row["size"], row["c"], row["client"]), []).append(row)
+    keys = ("rps", "p50_ms", "p99_ms", "cpu_us", "rss_mib", "n")
+    return {
+        key: {k: statistics.median(r[k] for r in group) for k in keys} | {"runs": len(group)}
+        for key, group in grouped.items()
+    }
+
+
+def run_memory(args: argparse.Namespace, plan: Plan) -> list[dict[str, Any]]:
+    """Target 5: big bodies (AsyncFriendli and raw aiohttp) and a batch to disk."""
+    found: list[dict[str, Any]] = []
+    size, c = plan.big
+    with server(args.python, size, args.bundled_server) as url:
+        for client in ("friendli", "raw_aiohttp"):
+            command = [args.python, str(HERE / "memory.py"), "big", client, "--url", url]
+            command += ["--size", str(size), "--c", str(c)]
+            row = run_json(command, timeout=args.cell_timeout)
+            assert row is not None
+            found.append(row)
+            print(f"memory big {client}: {row}", flush=True)
+    size, n, c = plan.disk
+    with server(args.python, size, args.bundled_server) as url, tempfile.TemporaryDirectory() as d:
+        command = [args.python, str(HERE / "memory.py"), "disk", "--url", url, "--out", d]
+        command += ["--size", str(size), "--n", str(n), "--c", str(c)]
+        row = run_json(command, timeout=args.cell_timeout)
+        assert row is not None
+        found.append(row)
+        print(f"memory disk: {row}", flush=True)
+    return found
+
+
+def import_times(python: str, runs: int) -> dict[str, float]:
+    """Target 6: median wall time of ``import X`` in fresh interpreters, interleaved."""
+    code = "import time; t = time.perf_counter(); import {}; print(time.perf_counter() - t)"
+    samples: dict[str, list[float]] = {"aiohttp": [], "friendli_image": []}
+    for _ in range(runs):
+        for module, found in samples.items():
+            done = subprocess.run(
+                [python, "-c", code.format(module)],
+                capture_output=True,
+                text=True,
+                check=True,
+                cwd=ROOT,
+            )
+            found.append(float(done.stdout) * 1000)
+    return {module: statistics.median(found) for module, found in samples.items()}
+
+
+# -- the report -----------------------------------------------------------------------------
+
+
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def machine(python: str) -> dict[str, str]:
+    """What ran the benchmark: CPU, cores, Python and library versions, the commit."""
+    probe = (
+        "import importlib.metadata as m, json, platform\n"
+        "def v(p):\n"
+        "    try: return m.version(p)\n"
+        "    except m.PackageNotFoundError: return 'not installed'\n"
+        "print(json.dumps({'python': platform.python_version(), **{p: v(p) for p in "
+        "('friendli-image', 'aiohttp', 'orjson', 'pybase64', 'tenacity', 'friendli', "
+        "'httpx', 'pydantic')}}))"
+    )
+    versions = json.loads(
+        subprocess.run([python, "-c", probe], capture_output=True, text=True, check=True).stdout
+    )
+    cpu = platform.processor() or "unknown"
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as info:
+        for line in info:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    commit = subprocess.run(
+        ["git", "describe", "--always", "--dirty"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        check=False,
+    ).stdout.strip()
+    return {
+        "cpu": cpu,
+        "cores": str(os.cpu_count()),
+        "os": f"{platform.system()} {platform.release()}",
+        "commit": commit or "unknown",
+        **versions,
+    }
+
+
+def _fmt(value: float, digits: int = 0) -> str:
+    return f"{value:,.{digits}f}"
+
+
+def _ratio(a: float | None, b: float | None) -> str:
+    return "-" if not a or not b else f"{a / b:.2f}x"
+
+
+def tables(med: dict[tuple[int, int, str], dict[str, float]], clients: list[str]) -> list[str]:
+    """One markdown table per image size."""
+    lines: list[str] = []
+    for size in sorted({k[0] for k in med}):
+        lines += [
+            f"### {size_label(size)} images",
+            "",
+            "| client | C | N | rps | rps xraw | p50 ms | p99 ms | CPU µs/req | CPU xraw "
+            "| peak RSS MiB |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for c in sorted({k[1] for k in med if k[0] == size}):
+            raw = med.get((size, c, "raw_aiohttp"))
+            for name in clients:
+                cell = med.get((size, c, name))
+                if cell is None:
+                    continue
+                label = LABELS[name]
+                if name in ("friendli_sync", "official_sync"):
+                    label += " (sequential)" if c == 1 else " (thread pool)"
+                lines.append(
+                    f"| {label} | {c} | {int(cell['n'])} | {_fmt(cell['rps'])} "
+                    f"| {_ratio(cell['rps'], raw and raw['rps'])} "
+                    f"| {_fmt(cell['p50_ms'], 1)} | {_fmt(cell['p99_ms'], 1)} "
+                    f"| {_fmt(cell['cpu_us'])} | {_ratio(cell['cpu_us'], raw and raw['cpu_us'])} "
+                    f"| {_fmt(cell['rss_mib'])} |"
+                )
+        lines.append("")
+    return lines
+
+
+def targets(
+    med: dict[tuple[int, int, str], dict[str, float]],
+    memory: list[dict[str, Any]],
+    imports: dict[str, float],
+) -> list[str]:
+    """Each target of PERFORMANCE.md as a ratio from this run, and whether it is met."""
+
+    def get(size: int, c: int, client: str, key: str) -> float | None:
+        cell = med.get((size, c, client))
+        return None if cell is None else cell[key]
+
+    rows: list[tuple[str, str, float | None, float, str]] = []
+
+    k64, m1 = 64 * KiB, MiB
+    for number, what, size, c, a, b, key, goal, op in (
+        (
+            "1",
+            "64 KiB C=64 rps, AsyncFriendli / raw",
+            k64,
+            64,
+            "friendli",
+            "raw_aiohttp",
+            "rps",
+            1.05,
+            "≥",
+        ),
+        (
+            "1",
+            "64 KiB C=64 CPU/req, AsyncFriendli / raw",
+            k64,
+            64,
+            "friendli",
+            "raw_aiohttp",
+            "cpu_us",
+            0.85,
+            "≤",
+        ),
+        (
+            "1",
+            "64 KiB C=64 rps, AsyncFriendli / official async",
+            k64,
+            64,
+            "friendli",
+            "official_async",
+            "rps",
+            8.0,
+            "≥",
+        ),
+        (
+            "2",
+            "1 MiB C=32 CPU/req, AsyncFriendli / raw",
+            m1,
+            32,
+            "friendli",
+            "raw_aiohttp",
+            "cpu_us",
+            0.5,
+            "≤",
+        ),
+        (
+            "2",
+            "1 MiB C=32 rps, AsyncFriendli / raw",
+            m1,
+            32,
+            "friendli",
+            "raw_aiohttp",
+            "rps",
+            1.3,
+            "≥",
+        ),
+        (
+            "3",
+            "64 KiB C=1 rps, SyncFriendli / raw (sequential)",
+            k64,
+            1,
+            "friendli_sync",
+            "raw_aiohttp",
+            "rps",
+            0.8,
+            "≥",
+        ),
+        (
+            "3",
+            "64 KiB C=1 rps, SyncFriendli / official sync",
+            k64,
+            1,
+            "friendli_sync",
+            "official_sync",
+            "rps",
+            2.0,
+            "≥",
+        ),
+        (
+            "4",
+            "64 KiB C=64 rps, generate_batch / gather",
+            k64,
+            64,
+            "friendli_batch",
+            "friendli",
+            "rps",
+            0.95,
+            "≥",
+        ),
+    ):
+        top, bottom = get(size, c, a, key), get(size, c, b, key)
+        rows.append((number, what, top / bottom if top and bottom else None, goal, op))
+    for row in memory:
+        if row["scenario"] == "big" and row["client"] == "friendli":
+            rows.append(
+                (
+                    "5",
+                    f"{row['c']} x {size_label(row['size'])} bodies: (peak - baseline "
+                    "RSS) / decoded bytes in flight",
+                    row["peak_over_in_flight"],
+                    4.0,
+                    "≤",
+                )
+            )
+            rows.append(
+                (
+                    "5",
+                    "event-loop lag during those decodes, ms (absolute)",
+                    row["max_lag_ms"],
+                    50.0,
+                    "≤",
+                )
+            )
+        if row["scenario"] == "disk":
+            rows.append(
+                (
+                    "5",
+                    f"{row['n']:,} x {size_label(row['size'])} to disk at C={row['c']}:"
+                    " peak RSS MiB (absolute)",
+                    row["peak_mib"],
+                    200.0,
+                    "≤",
+                )
+            )
+    if imports:
+        budget = imports["aiohttp"] + 50
+        rows.append(
+            (
+                "6",
+                f"import friendli_image / (import aiohttp + 50 ms), "
+                f"{imports['friendli_image']:.0f} / {budget:.0f} ms",
+                imports["friendli_image"] / budget,
+                1.0,
+                "≤",
+            )
+        )
+    lines = ["| target | measure | this run | goal | met |", "|---|---|---:|---:|---|"]
+    for number, what, value, goal, op in rows:
+        if value is None:
+            lines.append(f"| {number} | {what} | not measured | {op} {goal:g} | - |")
+            continue
+        met = value >= goal if op == "≥" else value <= goal
+        lines.append(
+            f"| {number} | {what} | {value:.2f} | {op} {goal:g} | {'yes' if met else '**no**'} |"
+        )
+    return lines
+
+
+def plot(med: dict[tuple[int, int, str], dict[str, float]], clients: list[str], path: Path) -> bool:
+    """rps and CPU µs/request against C, one line per client, one row per image size."""
+    try:
+        import matplotlib
+    except ImportError:
+        print("matplotlib is not installed: no plot (nox -s bench installs it)")
+        return False
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sizes = sorted({k[0] for k in med})
+    fig, axes = plt.subplots(len(sizes), 2, figsize=(11, 3.6 * len(sizes)), squeeze=False)
+    for row, size in enumerate(sizes):
+        for col, (key, title) in enumerate((("rps", "requests/s"), ("cpu_us", "CPU µs/request"))):
+            ax = axes[row][col]
+            for name in clients:
+                points = sorted(
+                    (k[1], v[key]) for k, v in med.items() if k[0] == size and k[2] == name
+                )
+                if points:
+                    xs, ys = zip(*points, strict=True)
+                    ax.plot(xs, ys, marker="o", label=LABELS[name])
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xlabel("concurrency C")
+            ax.set_title(f"{size_label(size)}: {title}")
+            ax.grid(True, which="both", alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def report(
+    args: argparse.Namespace,
+    *,
+    plan: Plan,
+    rows: list[dict[str, Any]],
+    skipped: list[str],
+    memory: list[dict[str, Any]],
+    imports: dict[str, float],
+    wall: float,
+) -> None:
+    out: Path = args.out_dir
+    out.mkdir(parents=True, exist_ok=True)
+    med = medians(rows)
+    info = machine(args.python)
+    (out / "results.json").write_text(
+        json.dumps({"machine": info, "rows": rows, "memory": memory, "imports": imports}, indent=1)
+        + "\n"
+    )
+    plotted = plot(med, list(args.clients), out / "results.png")
+    command = args.command or shlex.join(["python", *sys.argv])
+    lines = [
+        "# Benchmark results",
+        "",
+        "Generated by `benchmarks/run.py`; do not edit by hand (the analysis comes from "
+        "`benchmarks/ANALYSIS.md`). Every ratio compares two medians from this one run.",
+        "",
+        f"- Command: `{command}` ({wall / 60:.0f} min)",
+        f"- Machine: {info['cpu']}, {info['cores']} cores, {info['os']}, shared with other "
+        "work (absolute numbers drift; ratios are what to read)",
+        f"- Versions: Python {info['python']}, friendli-image {info['friendli-image']} "
+        f"({info['commit']}), aiohttp {info['aiohttp']}, orjson {info['orjson']}, pybase64 "
+        f"{info['pybase64']}, tenacity {info['tenacity']}; official friendli "
+        f"{info['friendli']} (httpx {info['httpx']}, pydantic {info['pydantic']})",
+        "- Server: "
+        + (
+            "the bundled `friendli_image.server` in static mode"
+            if args.bundled_server
+            else 'a minimal aiohttp.web app returning a prebuilt `{"image": <base64>}` body'
+        )
+        + ", in its own process; each cell in a fresh client process; "
+        f"{plan.repeats} interleaved repetitions, medians shown.",
+        "- Each client decodes every image to bytes (the official SDK and raw aiohttp with "
+        "`base64.b64decode`); CPU is the client process's user+sys time over the timed "
+        "requests only; peak RSS is the client process's `ru_maxrss`. The official clients "
+        "run N/4 requests per cell (they are the slowest; rates stay comparable).",
+        "- Sync clients run sequentially at C=1 and from a pool of C threads sharing one "
+        "client at C>1.",
+    ]
+    if skipped:
+        lines.append(
+            "- Not measured (package or feature not available here): "
+            + ", ".join(LABELS[s] for s in skipped)
+        )
+    lines.append("")
+    if plotted:
+        lines += ["![rps and CPU per request against concurrency](results.png)", ""]
+    lines += ["## Targets (PERFORMANCE.md)", "", *targets(med, memory, imports), ""]
+    lines += ["## Tables", "", *tables(med, list(args.clients))]
+    if memory:
+        lines += [
+            "## Memory and event-loop lag",
+            "",
+            "| scenario | client | figures |",
+            "|---|---|---|",
+        ]
+        for row in memory:
+            if row["scenario"] == "big":
+                figures = (
+                    f"{row['c']} concurrent x {size_label(row['size'])}: baseline "
+                    f"{row['baseline_mib']:.0f} MiB, peak {row['peak_mib']:.0f} MiB, "
+                    f"(peak - baseline) / in flight {row['peak_over_in_flight']:.2f}, "
+                    f"worst 10 ms-ticker lag {row['max_lag_ms']:.1f} ms, {row['wall_s']:.1f} s"
+                )
+            else:
+                figures = (
+                    f"{row['n']:,} x {size_label(row['size'])} written to disk at C={row['c']}:"
+                    f" peak RSS {row['peak_mib']:.0f} MiB, {row['wall_s']:.1f} s"
+                )
+            lines.append(f"| {row['scenario']} | {LABELS[row['client']]} | {figures} |")
+        lines.append("")
+    if imports:
+        lines += [
+            "## Import time",
+            "",
+            f"Median of {plan.import_runs} fresh interpreters each: `import aiohttp` "
+            f"{imports['aiohttp']:.0f} ms, `import friendli_image` "
+            f"{imports['friendli_image']:.0f} ms.",
+            "",
+        ]
+    analysis = HERE / "ANALYSIS.md"
+    if analysis.exists() and not args.quick:
+        lines += [analysis.read_text().strip(), ""]
+    (out / "RESULTS.md").write_text("\n".join(lines))
+    print(f"wrote {out / 'RESULTS.md'}, {out / 'results.png'}, {out / 'results.json'}")
+
+
+def main() -> None:
+    """Parse the command line, run everything, write the report."""
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="a tiny run (the smoke test)")
+    parser.add_argument("--out-dir", type=Path, default=HERE)
+    parser.add_argument("--python", default=sys.executable, help="interpreter of the processes")
+    parser.add_argument("--clients", type=lambda s: s.split(","), default=list(LABELS))
+    parser.add_argument("--scale", type=float, default=1.0, help="multiply every N")
+    parser.add_argument("--repeats", type=int, help="override the number of repetitions")
+    parser.add_argument("--bundled-server", action="store_true")
+    parser.add_argument("--no-memory", action="store_true")
+    parser.add_argument("--no-import", action="store_true")
+    parser.add_argument("--cell-timeout", type=float, default=600)
+    parser.add_argument("--command", help="the command to show in RESULTS.md")
+    args = parser.parse_args()
+    unknown = set(args.clients) - set(LABELS)
+    if unknown:
+        parser.error(f"unknown clients {sorted(unknown)}; choose from {sorted(LABELS)}")
+    plan = Plan(args.quick, args.scale)
+    if args.repeats:
+        plan.repeats = args.repeats
+    started = time.perf_counter()
+    rows, skipped = run_cells(args, plan)
+    memory = [] if args.no_memory else run_memory(args, plan)
+    imports = {} if args.no_import else import_times(args.python, plan.import_runs)
+    report(
+        args,
+        plan=plan,
+        rows=rows,
+        skipped=skipped,
+        memory=memory,
+        imports=imports,
+        wall=time.perf_counter() - started,
+    )
+
+
+if __name__ == "__main__":
+    main()

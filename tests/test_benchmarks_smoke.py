@@ -1,0 +1,57 @@
+"""The benchmark harness runs end to end on a tiny N, so it cannot rot unnoticed."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+@pytest.mark.subprocess
+def test_quick_benchmark_writes_results(tmp_path: Path) -> None:
+    """`benchmarks/run.py --quick` measures raw aiohttp and AsyncFriendli and writes the report."""
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "run.py"),
+            "--quick",
+            "--out-dir",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+        cwd=ROOT,
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+
+    data = json.loads((tmp_path / "results.json").read_text())
+    measured = {(row["client"], row["c"]) for row in data["rows"]}
+    for client in ("raw_aiohttp", "friendli"):
+        assert {(client, 1), (client, 4)} <= measured
+    for row in data["rows"]:
+        assert row["rps"] > 0
+        assert row["cpu_us"] > 0
+        assert row["p50_ms"] <= row["p99_ms"]
+    assert {row["scenario"] for row in data["memory"]} == {"big", "disk"}
+    assert set(data["imports"]) == {"aiohttp", "friendli_image"}
+
+    report = (tmp_path / "RESULTS.md").read_text()
+    assert "### 64 KiB images" in report
+    assert "| raw aiohttp | 4 |" in report
+    assert "| AsyncFriendli | 4 |" in report
+    assert "## Targets (PERFORMANCE.md)" in report
+    if importlib.util.find_spec("friendli") is None:
+        assert "official async" in report.split("Not measured", 1)[1].splitlines()[0]
+    else:
+        assert "| official async | 4 |" in report
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert (tmp_path / "results.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
