@@ -86,6 +86,8 @@ def is_retryable(error: BaseException, config: RetryConfig) -> bool:
     if isinstance(error, FriendliAPIStatusError):
         return error.status in config.retry_statuses
     if isinstance(error, FriendliConnectionError):
+        if getattr(error, "_permanent", False):
+            return False  # e.g. a TLS verification failure: the same again next time
         return not error.maybe_processed or config.retry_ambiguous or is_stale(error)
     return False
 
@@ -104,8 +106,9 @@ def backoff_delay(retry_number: int, config: RetryConfig, rng: random.Random) ->
 class RetryBudget:
     """A client-wide allowance of retries, so an outage does not multiply the load.
 
-    Every call deposits ``budget_ratio`` tokens (up to ``budget_cap``); every retry of a
-    request the server answered or may have read spends one. During a full outage the
+    Every call deposits ``budget_ratio`` tokens (up to ``budget_cap``) when its first
+    attempt completes; every retry of a request the server answered or may have read
+    spends one. During a full outage the
     server therefore sees about ``(1 + budget_ratio)`` requests per call instead of
     ``max_attempts``. Retries of connections that never reached the server are free.
     """
@@ -197,13 +200,21 @@ class CallRetry:
     def _log_retry(state: _t.RetryCallState) -> None:
         error = _failure(state)
         request_id = getattr(error, "request_id", None)
-        logger.warning(
-            "retrying in %.2fs after attempt %d failed: %s (request id %s)",
-            state.upcoming_sleep,
-            state.attempt_number,
-            type(error).__name__ if not isinstance(error, FriendliAPIError) else error,
-            request_id,
-        )
+        if isinstance(error, FriendliAPIError):  # its str names the request id
+            logger.warning(
+                "retrying in %.2fs after attempt %d failed: %s",
+                state.upcoming_sleep,
+                state.attempt_number,
+                error,
+            )
+        else:  # pragma: no cover - only FriendliAPIError is retryable
+            logger.warning(
+                "retrying in %.2fs after attempt %d failed: %s (request id %s)",
+                state.upcoming_sleep,
+                state.attempt_number,
+                type(error).__name__,
+                request_id,
+            )
 
 
 def _failure(state: _t.RetryCallState) -> BaseException:

@@ -1,0 +1,380 @@
+"""Scenarios 1-8: retries, server hints, connection refusals, deadlines and the retry budget."""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import gc
+import itertools
+import math
+import socket
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from aiohttp import web
+
+from friendli_image import (
+    AsyncFriendli,
+    FriendliAPIStatusError,
+    FriendliAuthenticationError,
+    FriendliBadRequestError,
+    FriendliConnectionError,
+    FriendliNotFoundError,
+    FriendliPayloadTooLargeError,
+    FriendliPermissionDeniedError,
+    FriendliRateLimitError,
+    FriendliServerError,
+    FriendliUnprocessableEntityError,
+    RetryConfig,
+    Timeout,
+)
+from friendli_image.server import Action, FaultRates, LocalServer, ServerConfig
+
+from .harness import FAST, TINY_PNG, Figures, SecretProbe, gen, image_body
+
+MakeClient = Callable[..., AsyncFriendli]
+
+
+def _gaps(server: LocalServer) -> list[float]:
+    times = [record.received_at for record in server.records]
+    return [b - a for a, b in itertools.pairwise(times)]
+
+
+@pytest.mark.scenario(1)
+async def test_503_503_200_succeeds_with_backoff_gaps(
+    server: LocalServer, make_client: MakeClient, tid: str, figures: Figures
+) -> None:
+    """Two 503s then 200: the call succeeds on attempt 3, headers 0/1/2, gaps within backoff."""
+    policy = RetryConfig(max_attempts=3, initial_delay=0.2, max_delay=1.0, jitter=0.1)
+    server.script(tid, [Action.status(503), Action.status(503)])
+    client = make_client(server.url, retries=policy)
+    result = await gen(client)
+    figures.add("inject.status", 2)
+    figures.add("recover.expected")
+    assert result.attempts == 3
+    assert not result.maybe_duplicated
+    figures.add("recover.ok")
+    records = server.records
+    assert [r.headers["X-Friendli-Attempt"] for r in records] == ["0", "1", "2"]
+    assert len({r.headers["X-Request-ID"] for r in records}) == 1
+    for retry_number, gap in enumerate(_gaps(server), start=1):
+        bound = min(policy.max_delay, policy.initial_delay * 2 ** (retry_number - 1))
+        assert bound <= gap <= bound + policy.jitter + 0.3, (retry_number, gap)
+
+
+@pytest.mark.scenario(2)
+async def test_always_503_gives_up_after_max_attempts(
+    server: LocalServer, make_client: MakeClient, tid: str, figures: Figures, secrets: SecretProbe
+) -> None:
+    """Always 503: FriendliServerError after exactly max_attempts, within the summed waits."""
+    policy = RetryConfig(max_attempts=4, initial_delay=0.05, max_delay=0.2, jitter=0.05)
+    server.script(tid, [Action.status(503, body={"detail": "GPU pool exhausted"})] * 10)
+    client = make_client(server.url, retries=policy)
+    started = time.monotonic()
+    with pytest.raises(FriendliServerError) as caught:
+        await gen(client)
+    elapsed = time.monotonic() - started
+    figures.add("inject.status", 4)
+    figures.add("fail.expected")
+    error = caught.value
+    assert server.stats.total_requests == 4
+    assert error.status == 503
+    assert error.attempts == 4
+    assert "GPU pool exhausted" in error.body
+    max_waits = sum(min(0.2, 0.05 * 2**i) + 0.05 for i in range(3))
+    assert elapsed <= max_waits + 0.5
+    figures.add("fail.typed")
+    secrets.check(error)
+
+
+_STATUS_CASES: list[tuple[int, type[FriendliAPIStatusError], Any]] = [
+    (400, FriendliBadRequestError, {"detail": "bad"}),
+    (401, FriendliAuthenticationError, {"detail": "Invalid or missing bearer token"}),
+    (403, FriendliPermissionDeniedError, {"detail": "forbidden"}),
+    (404, FriendliNotFoundError, {"detail": "Not Found"}),
+    (413, FriendliPayloadTooLargeError, {"detail": "too large"}),
+    (
+        422,
+        FriendliUnprocessableEntityError,
+        {
+            "detail": [
+                {
+                    "loc": ["body", "num_inference_steps"],
+                    "msg": "Input should be less than or equal to 50",
+                    "type": "less_than_equal",
+                },
+                {"loc": ["body", "prompt"], "msg": "Field required", "type": "missing"},
+            ]
+        },
+    ),
+]
+
+
+@pytest.mark.scenario(3)
+@pytest.mark.parametrize(("status", "cls", "body"), _STATUS_CASES, ids=lambda v: str(v)[:3])
+async def test_client_errors_are_not_retried(  # noqa: PLR0917
+    server: LocalServer,
+    make_client: MakeClient,
+    tid: str,
+    figures: Figures,
+    secrets: SecretProbe,
+    status: int,
+    cls: type[FriendliAPIStatusError],
+    body: Any,
+) -> None:
+    """A 4xx other than 408/429 is sent once and raises its own typed error."""
+    server.script(tid, [Action.status(status, body=body)])
+    client = make_client(server.url)
+    with pytest.raises(cls) as caught:
+        await gen(client)
+    figures.add("inject.status")
+    figures.add("fail.expected")
+    assert type(caught.value) is cls
+    assert caught.value.status == status
+    assert server.stats.total_requests == 1
+    assert caught.value.attempts == 1
+    if status == 422:
+        error = caught.value
+        assert isinstance(error, FriendliUnprocessableEntityError)
+        assert set(error.fields) == {"num_inference_steps", "prompt"}
+        assert "less than or equal to 50" in error.fields["num_inference_steps"]
+    figures.add("fail.typed")
+    secrets.check(caught.value)
+
+
+@pytest.mark.scenario(4)
+async def test_429_retry_after_two_seconds_is_honoured(
+    server: LocalServer, make_client: MakeClient, tid: str, figures: Figures
+) -> None:
+    """429 with Retry-After: 2 then 200: the retry arrives 2.0 s (+ jitter) later."""
+    server.script(tid, [Action.status(429, headers={"Retry-After": "2"})])
+    client = make_client(server.url)
+    result = await gen(client)
+    figures.add("inject.retry_after")
+    figures.add("recover.expected")
+    assert result.attempts == 2
+    figures.add("recover.ok")
+    (gap,) = _gaps(server)
+    figures.low("retry_after.slack", gap - 2.0)
+    figures.high("retry_after.slack", gap - 2.0)
+    assert 2.0 <= gap < 2.0 + FAST.jitter + 0.3
+
+
+def _http_date(at: float) -> str:
+    return email.utils.formatdate(at, usegmt=True)
+
+
+@pytest.mark.scenario(5)
+async def test_retry_after_http_date_is_waited_for(
+    server: LocalServer, make_client: MakeClient, tid: str, figures: Figures
+) -> None:
+    """Retry-After as an HTTP-date ~3 s ahead makes the retry wait until that date."""
+    # Whole seconds on the wire: aim at a second boundary 3-4 s ahead.
+    target = math.floor(time.time()) + 4
+    server.script(tid, [Action.status(503, headers={"Retry-After": _http_date(target)})])
+    client = make_client(server.url)
+    result = await gen(client)
+    figures.add("inject.retry_after")
+    assert result.attempts == 2
+    first, second = server.records
+    advertised = target - (time.time() - (time.monotonic() - first.received_at))
+    gap = second.received_at - first.received_at
+    figures.low("retry_after.slack", gap - advertised)
+    figures.high("retry_after.slack", gap - advertised)
+    assert advertised - 0.05 <= gap <= advertised + 0.5
+
+
+_JUNK_HINTS = [
+    {"Retry-After": "soon"},
+    {"Retry-After": "-1"},
+    {"Retry-After": "1e309"},
+    {"Retry-After": "nan"},
+    {"Retry-After": "Sat, 01 Jan 100000 00:00:00 GMT"},
+    {"Retry-After": "Mon, 01 Jan 2001 00:00:00 GMT"},  # in the past
+    {"Retry-After": ""},
+    {"retry-after-ms": "inf", "Retry-After": "junk"},
+]
+
+
+@pytest.mark.scenario(5)
+@pytest.mark.parametrize("headers", _JUNK_HINTS, ids=lambda h: repr(h)[:40])
+async def test_hostile_retry_after_falls_back_to_backoff(
+    server: LocalServer,
+    make_client: MakeClient,
+    tid: str,
+    figures: Figures,
+    headers: dict[str, str],
+) -> None:
+    """Junk, negative, infinite, NaN, far-future or past hints use the normal backoff."""
+    server.script(tid, [Action.status(503, headers=headers)])
+    client = make_client(server.url)
+    result = await gen(client)
+    figures.add("inject.retry_after")
+    figures.add("recover.expected")
+    assert result.attempts == 2
+    figures.add("recover.ok")
+    (gap,) = _gaps(server)
+    assert gap < FAST.initial_delay + FAST.jitter + 0.4
+
+
+@pytest.mark.scenario(5)
+async def test_retry_after_ms_is_honoured(
+    server: LocalServer, make_client: MakeClient, tid: str, figures: Figures
+) -> None:
+    """retry-after-ms: 150 makes the retry wait 0.15 s."""
+    server.script(tid, [Action.status(503, headers={"retry-after-ms": "150"})])
+    client = make_client(server.url)
+    await gen(client)
+    figures.add("inject.retry_after")
+    (gap,) = _gaps(server)
+    figures.low("retry_after.slack", gap - 0.15)
+    figures.high("retry_after.slack", gap - 0.15)
+    assert 0.15 <= gap <= 0.15 + FAST.jitter + 0.3
+
+
+@pytest.mark.scenario(5)
+async def test_retry_after_above_cap_raises_at_once(
+    server: LocalServer, make_client: MakeClient, tid: str, figures: Figures, secrets: SecretProbe
+) -> None:
+    """Retry-After: 3600 (over max_retry_after) stops at once with retry_after exposed."""
+    server.script(tid, [Action.status(429, headers={"Retry-After": "3600"})])
+    client = make_client(server.url, retries=RetryConfig(max_retry_after=60))
+    started = time.monotonic()
+    with pytest.raises(FriendliRateLimitError) as caught:
+        await gen(client)
+    figures.add("inject.retry_after")
+    figures.add("fail.expected")
+    assert time.monotonic() - started < 1.0
+    assert caught.value.retry_after == 3600
+    assert server.stats.total_requests == 1
+    figures.add("fail.typed")
+    secrets.check(caught.value)
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.mark.scenario(6)
+async def test_connection_refused_is_retried_then_typed(
+    make_client: MakeClient, figures: Figures, secrets: SecretProbe
+) -> None:
+    """A closed port: every attempt is a never-sent retry, then FriendliConnectionError."""
+    policy = RetryConfig(max_attempts=4, initial_delay=0.1, max_delay=0.4, jitter=0.05)
+    client = make_client(f"http://127.0.0.1:{_closed_port()}", retries=policy)
+    started = time.monotonic()
+    with pytest.raises(FriendliConnectionError) as caught:
+        await gen(client)
+    elapsed = time.monotonic() - started
+    figures.add("inject.reset", 4)
+    figures.add("fail.expected")
+    error = caught.value
+    assert error.attempts == 4
+    assert not error.maybe_processed
+    assert "cannot connect" in str(error)
+    waits = [min(0.4, 0.1 * 2**i) for i in range(3)]
+    assert sum(waits) <= elapsed <= sum(waits) + 3 * 0.05 + 0.5
+    figures.add("fail.typed")
+    secrets.check(error)
+    gc.collect()  # an unclosed transport would warn now (warnings are errors)
+
+
+@pytest.mark.scenario(7)
+async def test_deadline_stops_before_a_sleep_that_would_pass_it(
+    server: LocalServer, make_client: MakeClient, tid: str, figures: Figures
+) -> None:
+    """Total 3 s against endless 503 + Retry-After: 1 gives up by 3.2 s, never oversleeping."""
+    server.script(tid, [Action.status(503, headers={"Retry-After": "1"})] * 20)
+    client = make_client(
+        server.url,
+        retries=RetryConfig(max_attempts=20, jitter=0.05),
+        timeout=Timeout(total=3.0),
+    )
+    started = time.monotonic()
+    with pytest.raises(FriendliServerError) as caught:
+        await gen(client)
+    elapsed = time.monotonic() - started
+    figures.add("inject.retry_after", server.stats.total_requests)
+    figures.high("timeout.deadline (retry sleeps)", elapsed - 3.0)
+    assert elapsed < 3.2
+    last = server.records[-1].received_at - started
+    # The next wait (>= 1 s) would have ended past the deadline, so none was started.
+    assert last + 1.0 >= 3.0 - 0.1
+    assert caught.value.attempts == server.stats.total_requests >= 2
+
+
+def _outage_app(until: float) -> tuple[web.Application, dict[str, int]]:
+    body = image_body(TINY_PNG)
+    counter = {"requests": 0}
+
+    async def handle(_request: web.Request) -> web.Response:
+        counter["requests"] += 1
+        if time.monotonic() < until:
+            return web.json_response({"detail": "overloaded"}, status=503)
+        return web.Response(body=body, content_type="application/json")
+
+    app = web.Application()
+    app.router.add_post("/v1/images/generations", handle)
+    return app, counter
+
+
+@pytest.mark.slow
+@pytest.mark.scenario(8)
+async def test_outage_fan_out_is_bounded_by_the_retry_budget(
+    make_client: MakeClient, figures: Figures
+) -> None:
+    """1000 concurrent calls during a 5 s 503 outage: every call typed, ≤ 1.2x requests."""
+    outage_end = time.monotonic() + 5.0
+    app, counter = _outage_app(outage_end)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    try:
+        client = make_client(url, retries=RetryConfig(initial_delay=0.5, jitter=0.5))
+        outcomes = await asyncio.gather(*(gen(client) for _ in range(1000)), return_exceptions=True)
+        requests = counter["requests"]
+        errors = [o for o in outcomes if isinstance(o, BaseException)]
+        assert all(isinstance(e, FriendliServerError) for e in errors), {
+            type(e).__name__ for e in errors
+        }
+        figures.add("inject.status", requests)
+        figures.add("fail.expected", len(errors))
+        figures.add("fail.typed", len(errors))
+        ratio = requests / 1000
+        figures.set(
+            "amplification.outage",
+            f"{ratio:.3f} ({requests} requests for 1000 calls, max_attempts=5)",
+        )
+        assert requests <= 1200
+        # After the outage the same client works at once.
+        await asyncio.sleep(max(0.0, outage_end - time.monotonic()))
+        assert (await gen(client)).attempts == 1
+    finally:
+        await runner.cleanup()
+
+
+@pytest.mark.scenario(8)
+async def test_five_percent_transient_errors_cost_about_five_percent(
+    make_client: MakeClient, figures: Figures
+) -> None:
+    """At 5 % transient 503/429 the server sees about 1.05 requests per call, all recover."""
+    faults = FaultRates(p_503=0.04, p_429=0.01, retry_after_s=0.05, seed=5)
+    config = ServerConfig(static_image=TINY_PNG, faults=faults, max_concurrency=64)
+    async with LocalServer(config) as srv:
+        client = make_client(srv.url, retries=RetryConfig(initial_delay=0.02, jitter=0.02))
+        outcomes = await asyncio.gather(*(gen(client) for _ in range(1000)), return_exceptions=True)
+        requests = srv.stats.total_requests
+    figures.add("inject.status", requests - 1000)
+    figures.add("recover.expected", 1000)
+    errors = [o for o in outcomes if isinstance(o, BaseException)]
+    figures.add("recover.ok", 1000 - len(errors))
+    assert not errors, errors[:3]
+    ratio = requests / 1000
+    figures.set("amplification.transient", f"{ratio:.3f} ({requests} requests for 1000 calls)")
+    assert 1.0 < ratio < 1.12
