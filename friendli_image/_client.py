@@ -12,12 +12,17 @@ from __future__ import annotations
 import asyncio
 import binascii
 import contextlib
+import ipaddress
 import logging
+import netrc
 import os
 import random
 import re
+import ssl
 import time
+import urllib.request
 import uuid
+import warnings
 from collections.abc import AsyncIterator, Mapping
 from functools import cached_property
 from io import BytesIO
@@ -267,6 +272,18 @@ class AsyncFriendli:
         timeout: connect / read / attempt / total timeouts (see ``Timeout``).
         max_response_bytes: responses larger than this raise ``FriendliResponseTooLarge``
             before they are buffered.
+        verify: TLS certificate verification: True (the system's CAs), a path to a CA
+            bundle file (or directory), an ``ssl.SSLContext``, or False to turn it off
+            (warns: anyone on the path can then read the token and the images).
+        trust_env: honour ``HTTP_PROXY`` / ``HTTPS_PROXY`` / ``NO_PROXY`` and ``.netrc``
+            (read once per host). Off by default, so an environment cannot silently
+            route the token through a proxy; a ``.netrc`` login is used only when no
+            token is set.
+
+    Redirects are never followed: a 3xx raises ``FriendliAPIStatusError`` with
+    ``location`` set, so a POST is never replayed elsewhere and the token never leaves
+    ``server_url``. A token sent over plain ``http://`` to a host other than loopback
+    warns once per host.
     """
 
     def __init__(
@@ -280,6 +297,8 @@ class AsyncFriendli:
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
         timeout: Timeout | None = None,
         max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
+        verify: bool | str | os.PathLike[str] | ssl.SSLContext = True,
+        trust_env: bool = False,
     ) -> None:
         if token is not None and not isinstance(token, str):
             raise FriendliValidationError("token", f"must be a str or None, got {type(token)}")
@@ -293,6 +312,12 @@ class AsyncFriendli:
             raise FriendliValidationError("max_response_bytes", "must be an int > 0")
         if timeout is not None and not isinstance(timeout, Timeout):
             raise FriendliValidationError("timeout", "must be a friendli_image.Timeout")
+        if not isinstance(trust_env, bool):
+            raise FriendliValidationError("trust_env", f"must be a bool, got {trust_env!r}")
+        self._ssl = _ssl_setting(verify)
+        self._trust_env = trust_env
+        self._env_routes: dict[tuple[str, str], _EnvRoute] = {}
+        self._plain_http_warned: set[str] = set()
         resolved_token = env_token() if token is None else (token or None)
         self._token = _Secret(resolved_token) if resolved_token else None
         self._server_url = _check_server_url(
@@ -396,7 +421,7 @@ class AsyncFriendli:
             return session
         session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(
-                limit=self._max_connections, limit_per_host=0, ttl_dns_cache=300
+                limit=self._max_connections, limit_per_host=0, ttl_dns_cache=300, ssl=self._ssl
             ),
             timeout=aiohttp.ClientTimeout(total=None),
             cookie_jar=aiohttp.DummyCookieJar(),
@@ -437,7 +462,30 @@ class AsyncFriendli:
         url = self._urls.get(key)
         if url is None:
             url = self._urls[key] = URL(server_url + path)
+            self._warn_plain_http(url)
         return url
+
+    def _warn_plain_http(self, url: URL) -> None:
+        host = url.host or ""
+        if self._token is None or url.scheme != "http" or host in self._plain_http_warned:
+            return
+        self._plain_http_warned.add(host)
+        if _is_loopback(host):
+            return
+        warnings.warn(
+            f"the API token is sent in clear text to http://{host}; use an https:// "
+            "server_url unless this network is trusted",
+            UserWarning,
+            stacklevel=4,
+        )
+
+    def _env_route(self, url: URL) -> _EnvRoute:
+        """The proxy and ``.netrc`` login for ``url`` when ``trust_env`` (cached per host)."""
+        key = (url.scheme, url.host or "")
+        route = self._env_routes.get(key)
+        if route is None:
+            route = self._env_routes[key] = _EnvRoute.from_env(url, self._token is None)
+        return route
 
     async def request(
         self, path: str, request: GenerateRequest | EditRequest, options: CallOptions
@@ -458,7 +506,6 @@ class AsyncFriendli:
             started=started,
         )
         config = options.retry
-        self._budget.deposit(config)
         retry = CallRetry(config, self._budget, started, call.deadline, self._rng)
         attempt_number = 0
         resent_ambiguous = False
@@ -471,6 +518,12 @@ class AsyncFriendli:
                     except FriendliAPIError as error:
                         resent_ambiguous = resent_ambiguous or error.maybe_processed
                         raise
+                    finally:
+                        # Credit the budget as first attempts complete, not as calls
+                        # start: a burst of queued calls would otherwise hit the cap at
+                        # once and leave nothing for the retries it later needs.
+                        if attempt_number == 1:
+                            self._budget.deposit(config)
                     if resent_ambiguous:
                         result = attrs.evolve(result, maybe_duplicated=True)
                     return result
@@ -488,6 +541,8 @@ class AsyncFriendli:
         slots = self._slots
         assert slots is not None  # noqa: S101  (set with the session)
         trace = _AttemptTrace()
+        route = self._env_route(url) if self._trust_env else _NO_ROUTE
+        failure: FriendliConnectionError | None = None
         async with slots:
             attempt_started = time.monotonic()
             client_timeout = _client_timeout(call.timeout, call.deadline, attempt_started)
@@ -501,17 +556,26 @@ class AsyncFriendli:
                     timeout=client_timeout,
                     allow_redirects=False,
                     trace_request_ctx=trace,
+                    proxy=route.proxy,
+                    proxy_auth=route.proxy_auth,
+                    auth=route.auth,
                 ) as response:
                     status = response.status
                     if status != 200:
                         raise await _status_error(response, request_id)
                     data = await _read_body(response, self._max_response_bytes, request_id)
-            except FriendliAPIError:
+            except FriendliAPIError as error:
+                _log_failed_attempt(error, url, attempt_number, attempt_started)
                 raise
             except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
-                raise _transport_error(exc, trace, request_id, call.deadline, url) from (
-                    None if isinstance(exc, aiohttp.ClientResponseError) else exc
-                )
+                failure = _transport_error(exc, trace, request_id, call.deadline, url)
+                _log_failed_attempt(failure, url, attempt_number, attempt_started)
+                if not isinstance(exc, aiohttp.ClientResponseError):
+                    raise failure from exc
+            if failure is not None:
+                # Raised outside the except block: aiohttp's ClientResponseError carries
+                # the request headers (the token), so it must not even be the __context__.
+                raise failure
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug(
                 "POST %s -> %d attempt=%d elapsed=%.3fs request_id=%s bytes=%d",
@@ -546,6 +610,101 @@ class AsyncFriendli:
             request_id=request_id,
             attempts=attempt_number,
             elapsed=time.monotonic() - call.started,
+        )
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _ssl_setting(verify: object) -> bool | ssl.SSLContext:
+    """Turn the ``verify`` argument into aiohttp's ``ssl`` setting."""
+    if isinstance(verify, ssl.SSLContext) or verify is True:
+        return verify
+    if verify is False:
+        warnings.warn(
+            "verify=False turns off TLS certificate verification: anyone on the network "
+            "path can read the token and the images; pass verify='path/to/ca-bundle.pem' "
+            "to trust a private CA instead",
+            UserWarning,
+            stacklevel=3,
+        )
+        return False
+    if isinstance(verify, str | os.PathLike):
+        path = os.fspath(verify)
+        try:
+            if os.path.isdir(path):
+                return ssl.create_default_context(capath=path)
+            return ssl.create_default_context(cafile=path)
+        except (OSError, ssl.SSLError) as exc:
+            raise FriendliValidationError(
+                "verify", f"cannot load the CA bundle {path!r} ({exc})"
+            ) from None
+    raise FriendliValidationError(
+        "verify",
+        f"must be True, False, a CA bundle path or an ssl.SSLContext, got {type(verify).__name__}",
+    )
+
+
+class _EnvRoute:
+    """Where ``trust_env`` sends requests for one host: proxy, proxy login, ``.netrc`` login."""
+
+    __slots__ = ("auth", "proxy", "proxy_auth")
+
+    def __init__(
+        self,
+        proxy: URL | None = None,
+        proxy_auth: aiohttp.BasicAuth | None = None,
+        auth: aiohttp.BasicAuth | None = None,
+    ) -> None:
+        self.proxy = proxy
+        self.proxy_auth = proxy_auth
+        self.auth = auth
+
+    @classmethod
+    def from_env(cls, url: URL, use_netrc: bool) -> _EnvRoute:
+        host = url.host or ""
+        proxy = proxy_auth = auth = None
+        if not urllib.request.proxy_bypass(host):
+            proxies = urllib.request.getproxies()
+            found = proxies.get(url.scheme)
+            if found:
+                proxy = URL(found if "://" in found else f"http://{found}")
+                if proxy.user is not None:
+                    proxy_auth = aiohttp.BasicAuth(proxy.user, proxy.password or "")
+                    proxy = proxy.with_user(None)
+        if use_netrc:
+            with contextlib.suppress(OSError, netrc.NetrcParseError):
+                entry = netrc.netrc(os.environ.get("NETRC")).authenticators(host)
+                if entry is not None:
+                    auth = aiohttp.BasicAuth(entry[0] or "", entry[2] or "")
+        return cls(proxy, proxy_auth, auth)
+
+
+_NO_ROUTE: Final = _EnvRoute()
+
+
+def _log_failed_attempt(
+    error: FriendliAPIError, url: URL, attempt_number: int, started: float
+) -> None:
+    if logger.isEnabledFor(logging.DEBUG):
+        outcome = (
+            str(error.status)
+            if isinstance(error, FriendliAPIStatusError | FriendliResponseError)
+            else type(error).__name__
+        )
+        logger.debug(
+            "POST %s -> %s attempt=%d elapsed=%.3fs request_id=%s",
+            url.path,
+            outcome,
+            attempt_number,
+            time.monotonic() - started,
+            error.request_id,
         )
 
 
