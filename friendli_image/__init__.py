@@ -25,9 +25,11 @@ from ._exceptions import (
     FriendliTimeoutError,
     FriendliUnprocessableEntityError,
     FriendliUsageError,
+    FriendliUsageWarning,
     FriendliValidationError,
 )
 from ._models import ContainerImageGenerateSuccess, ImageInput, ImageResult
+from ._sync import SyncFriendli
 from ._version import __version__
 
 APIConnectionError = FriendliConnectionError
@@ -57,11 +59,13 @@ __all__ = [
     "FriendliTimeoutError",
     "FriendliUnprocessableEntityError",
     "FriendliUsageError",
+    "FriendliUsageWarning",
     "FriendliValidationError",
     "ImageInput",
     "ImageResult",
     "ResponseError",
     "RetryConfig",
+    "SyncFriendli",
     "Timeout",
     "__version__",
 ]

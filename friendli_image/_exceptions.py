@@ -24,6 +24,9 @@ is never wrapped.
         └── FriendliResponseError          a 2xx whose body is not a usable image
             └── FriendliResponseTooLarge   the body exceeded ``max_response_bytes``
 
+``FriendliUsageWarning`` (a ``RuntimeWarning``) flags a call that works but is misused,
+such as a blocking ``SyncFriendli`` call inside a running event loop.
+
 The ``API*`` names (``APIConnectionError``, ``APITimeoutError``, ``APIStatusError``,
 ``ResponseError``) are aliases of the same classes.
 
@@ -53,6 +56,7 @@ __all__ = [
     "FriendliTimeoutError",
     "FriendliUnprocessableEntityError",
     "FriendliUsageError",
+    "FriendliUsageWarning",
     "FriendliValidationError",
     "status_error_class",
 ]
@@ -78,6 +82,14 @@ class FriendliError(Exception):
 
 class FriendliUsageError(FriendliError):
     """The SDK was used in a way that cannot work; the message says what to do instead."""
+
+
+class FriendliUsageWarning(RuntimeWarning):
+    """The SDK works as called, but not as intended; the message says what to do instead.
+
+    Raised as a warning (``warnings.warn``), never as an exception: for example, a
+    ``SyncFriendli`` call made inside a running event loop blocks that loop.
+    """
 
 
 class FriendliValidationError(FriendliUsageError, ValueError):
