@@ -148,6 +148,11 @@ def _retry_config(value: object, base: RetryConfig) -> RetryConfig:
     )
 
 
+#: What HTTP forbids in header names and values (RFC 9110 5.5): aiohttp raises a bare
+#: ValueError for them at send time, so they are refused up front.
+_FORBIDDEN_HEADER_CHARS: Final = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+
+
 def _check_headers(value: object) -> dict[str, str]:
     if value is None:
         return {}
@@ -155,6 +160,13 @@ def _check_headers(value: object) -> dict[str, str]:
         isinstance(k, str) and isinstance(v, str) for k, v in value.items()
     ):
         raise FriendliValidationError("http_headers", "must be a mapping of str to str")
+    for name, text in value.items():
+        if _FORBIDDEN_HEADER_CHARS.search(name) or _FORBIDDEN_HEADER_CHARS.search(text):
+            # Name only: the value may be a secret.
+            raise FriendliValidationError(
+                "http_headers",
+                f"header {name.strip()!r} contains a line break or control character; remove it",
+            )
     return dict(value)
 
 
@@ -319,6 +331,13 @@ class AsyncFriendli:
         self._env_routes: dict[tuple[str, str], _EnvRoute] = {}
         self._plain_http_warned: set[str] = set()
         resolved_token = env_token() if token is None else (token or None)
+        if resolved_token and _FORBIDDEN_HEADER_CHARS.search(resolved_token):
+            # Typically a trailing newline from a file; the token itself is not shown.
+            raise FriendliValidationError(
+                "token",
+                "contains a line break or control character (often a trailing newline read "
+                "from a file); pass token.strip()",
+            )
         self._token = _Secret(resolved_token) if resolved_token else None
         self._server_url = _check_server_url(
             server_url if server_url is not None else env_server_url()

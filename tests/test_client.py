@@ -310,3 +310,39 @@ def test_pickling_the_client_is_refused(probe_token: str) -> None:
         pickle.dumps(client)
     assert probe_token not in str(caught.value)
     assert probe_token not in repr(caught.value.args)
+
+
+@pytest.mark.parametrize("suffix", ["\n", "\r\n", "\r\nX-Injected: 1", "\x00"])
+def test_token_with_a_line_break_is_refused(probe_token: str, suffix: str) -> None:
+    """A token with a line break (e.g. read from a file) is a validation error, not aiohttp's."""
+    with pytest.raises(FriendliValidationError) as caught:
+        AsyncFriendli(token=probe_token + suffix)
+    assert caught.value.field == "token"
+    assert "strip" in str(caught.value)
+    assert probe_token not in str(caught.value)
+    assert probe_token not in repr(caught.value.args)
+
+
+def test_env_token_with_a_trailing_newline_is_refused(
+    probe_token: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """FRIENDLI_TOKEN ending in a newline is refused the same way, without showing it."""
+    monkeypatch.setenv("FRIENDLI_TOKEN", probe_token + "\n")
+    with pytest.raises(FriendliValidationError) as caught:
+        AsyncFriendli()
+    assert probe_token not in str(caught.value)
+
+
+async def test_header_with_a_line_break_is_refused(
+    capture_client: Any, capture_server: Any, probe_token: str
+) -> None:
+    """An http_headers value with a line break raises FriendliValidationError; nothing is sent."""
+    with pytest.raises(FriendliValidationError) as caught:
+        AsyncFriendli(http_headers={"X-Key": probe_token + "\n"})
+    assert caught.value.field == "http_headers"
+    assert probe_token not in str(caught.value)
+    with pytest.raises(FriendliValidationError):
+        await capture_client.container.image.generate(
+            prompt="p", http_headers={"X-Bad\r\nName": "v"}
+        )
+    assert capture_server.requests == []
