@@ -590,7 +590,7 @@ class AsyncFriendli:
                 ) as response:
                     status = response.status
                     if status != 200:
-                        raise await _status_error(response, request_id)
+                        raise await _status_error(response, request_id, self._token)
                     data = await _read_body(response, self._max_response_bytes, request_id)
             except FriendliAPIError as error:
                 _log_failed_attempt(error, url, attempt_number, attempt_started)
@@ -845,7 +845,7 @@ def _decode_image(data: bytes | bytearray, status: int, request_id: str) -> byte
 
 
 async def _status_error(
-    response: aiohttp.ClientResponse, request_id: str
+    response: aiohttp.ClientResponse, request_id: str, token: _Secret | None
 ) -> FriendliAPIStatusError:
     status = response.status
     raw = b""

@@ -7,6 +7,7 @@ Request models validate at construction, so a bad value fails before any I/O.
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import pathlib
 from typing import TYPE_CHECKING, Any, Final, Literal
@@ -77,7 +78,7 @@ def check_steps(value: object) -> int:
 
 def check_guidance(value: object) -> float:
     """Return the guidance scale as a float, or raise unless it is a finite real number."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise FriendliValidationError(
             "guidance_scale", f"must be a finite number, got {type(value).__name__}"
         )
@@ -125,11 +126,12 @@ def check_weights(value: object, control_images: list[ImageInput] | None) -> lis
     weights = []
     for index, weight in enumerate(value):
         field = f"controlnet_weights[{index}]"
-        if isinstance(weight, bool) or not isinstance(weight, int | float):
+        if isinstance(weight, bool) or not isinstance(weight, numbers.Real):
             raise FriendliValidationError(field, f"must be a number in [0, 1], got {weight!r}")
-        if not 0.0 <= weight <= 1.0:  # NaN fails this too
+        number = float(weight)
+        if not 0.0 <= number <= 1.0:  # NaN fails this too
             raise FriendliValidationError(field, f"must be in [0, 1], got {weight!r}")
-        weights.append(float(weight))
+        weights.append(number)
     if control_images is None:
         raise FriendliValidationError(
             "controlnet_weights", "given without control_images; pass one weight per image"

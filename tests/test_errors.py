@@ -457,3 +457,15 @@ def test_error_tree() -> None:
     assert issubclass(FriendliServerError, FriendliAPIStatusError)
     assert issubclass(FriendliResponseError, FriendliAPIError)
     assert issubclass(FriendliAPIError, FriendliError)
+
+
+async def test_token_echoed_by_the_server_is_redacted(
+    probe_token: str, capture_server: Any
+) -> None:
+    """A server that echoes the Authorization header does not put the token into the error."""
+    capture_server.respond(400, {"detail": f"bad header Bearer {probe_token}"})
+    async with AsyncFriendli(token=probe_token, server_url=capture_server.url, retries=0) as client:
+        with pytest.raises(FriendliBadRequestError) as caught:
+            await client.container.image.generate(prompt="p")
+    assert "***" in caught.value.body
+    _assert_no_token(caught.value, probe_token)

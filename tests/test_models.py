@@ -271,3 +271,20 @@ def test_image_input_refuses_an_empty_string() -> None:
     with pytest.raises(FriendliValidationError) as caught:
         ImageInput("")
     assert caught.value.field == "image"
+
+
+def test_numpy_like_reals_are_accepted() -> None:
+    """Real numbers that are not floats (Fraction, numpy scalars) are sent as JSON floats."""
+    from fractions import Fraction
+
+    from friendli_image._resources import build_generate
+    from friendli_image._serde import dumps_request
+
+    request = build_generate(
+        prompt="x",
+        guidance_scale=Fraction(7, 2),  # type: ignore[arg-type]
+        control_images=["https://example.com/a.png"],
+        controlnet_weights=[Fraction(1, 2)],  # type: ignore[list-item]
+    )
+    assert b'"guidance_scale":3.5' in dumps_request(request)
+    assert b'"controlnet_weights":[0.5]' in dumps_request(request)
