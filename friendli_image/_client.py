@@ -853,6 +853,12 @@ async def _status_error(
     with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError, OSError):
         raw = await response.content.read(_ERROR_BODY_LIMIT)
     headers = dict(response.headers)
+    if token is not None:
+        # A server (or a proxy) that echoes the request must not put the token into an
+        # error that gets logged or pickled.
+        secret = token.reveal()
+        raw = raw.replace(secret.encode(), b"***")
+        headers = {name: value.replace(secret, "***") for name, value in headers.items()}
     retry_after = parse_retry_after(response.headers)
     detail: Any = None
     try:
