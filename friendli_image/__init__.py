@@ -6,6 +6,7 @@
 ...     result.save("lighthouse")
 """
 
+from ._batch import Batch, BatchItem, BatchProgress, BatchResult, FriendliBatchAborted
 from ._client import AsyncFriendli
 from ._config import RetryConfig, Timeout
 from ._exceptions import (
@@ -42,11 +43,16 @@ __all__ = [
     "APIStatusError",
     "APITimeoutError",
     "AsyncFriendli",
+    "Batch",
+    "BatchItem",
+    "BatchProgress",
+    "BatchResult",
     "ContainerImageGenerateSuccess",
     "FriendliAPIError",
     "FriendliAPIStatusError",
     "FriendliAuthenticationError",
     "FriendliBadRequestError",
+    "FriendliBatchAborted",
     "FriendliConnectionError",
     "FriendliError",
     "FriendliNotFoundError",

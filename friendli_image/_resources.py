@@ -10,11 +10,15 @@ from collections.abc import Mapping, Sequence
 from functools import cached_property
 from typing import TYPE_CHECKING
 
+from ._batch import Batch, BatchOperation, BatchProgress, RequestSpec
 from ._exceptions import FriendliValidationError
 from ._images import ImageSource, coerce_image
 from ._models import EditRequest, GenerateRequest, ImageInput, ImageResult, ResponseFormat
 
 if TYPE_CHECKING:
+    import os
+    from collections.abc import AsyncIterable, Callable, Iterable
+
     from ._client import AsyncFriendli
     from ._config import RetryConfig
 
@@ -89,6 +93,12 @@ def build_edit(
         seed=seed,
         response_format=response_format,
     )
+
+
+_GENERATE_BATCH = BatchOperation(
+    GENERATIONS_PATH, build_generate, GenerateRequest, accepts_prompt=True
+)
+_EDIT_BATCH = BatchOperation(EDITS_PATH, build_edit, EditRequest)
 
 
 class Image:
@@ -204,6 +214,129 @@ class Image:
             retries=retries, server_url=server_url, timeout_ms=timeout_ms, http_headers=http_headers
         )
         return await self._client.request(EDITS_PATH, request, options)
+
+    def generate_batch(
+        self,
+        requests: Iterable[RequestSpec] | AsyncIterable[RequestSpec],
+        *,
+        concurrency: int = 16,
+        rps: float | None = None,
+        ordered: bool = False,
+        reorder_window: int | None = None,
+        out_dir: str | os.PathLike[str] | None = None,
+        resume: bool = True,
+        on_progress: Callable[[BatchProgress], object] | None = None,
+        stop_on_fatal: bool = True,
+        total: int | None = None,
+        retries: RetryConfig | int | None = None,
+        server_url: str | None = None,
+        timeout_ms: int | None = None,
+        http_headers: Mapping[str, str] | None = None,
+    ) -> Batch:
+        """Generate many images, fanned out inside the event loop.
+
+        ``async for item in image.generate_batch(prompts): ...`` or
+        ``result = await image.generate_batch(prompts)``.
+
+        Args:
+            requests: an iterable or async iterable, read lazily (a generator of a
+                million requests is fine), of mappings of this method's single-call
+                keyword arguments (``retries``, ``server_url``, ``timeout_ms`` and
+                ``http_headers`` included, overriding the batch's), ``GenerateRequest``
+                models, or prompt strings.
+            concurrency: the most requests in flight at once (also bounded by the
+                client's ``max_connections``). After 429s the batch lowers its limit
+                and raises it back by one per round of successes.
+            rps: a ceiling on requests sent per second (None: no ceiling).
+            ordered: ``async for`` yields items in input order instead of as they
+                finish; up to ``reorder_window`` finished items then wait for a slower
+                earlier one, and dispatch pauses while that window is full.
+            reorder_window: see ``ordered`` (default ``max(4 * concurrency, 64)``).
+            out_dir: write each image to this directory as it arrives (the items then
+                hold the path, not the bytes) and record every finished item in its
+                ``manifest.jsonl``. One batch at a time per directory.
+            resume: with ``out_dir``, skip items an earlier run over the same input
+                already finished (same index and request id, file present with the
+                recorded sha256); False starts the manifest over.
+            on_progress: called with a `BatchProgress` at most ten times a second and
+                once at the end, on the event loop: keep it quick.
+            stop_on_fatal: after an error every remaining item would meet (401, 403,
+                404, a redirect, the server unreachable after retries), send nothing
+                more and report the rest as skipped with `FriendliBatchAborted`.
+            total: the number of requests, for the ETA, when ``requests`` has no len().
+            retries, server_url, timeout_ms, http_headers: defaults for every item,
+                as for a single call. Rate-limited (429) items are retried by the batch
+                under the same policy, after the server's ``Retry-After``.
+
+        Returns:
+            A `Batch`: ``async for item in batch`` yields each `BatchItem` as it
+            finishes; ``await batch`` returns a `BatchResult` in input order. Item
+            failures are captured on the items, never raised.
+
+        Raises:
+            FriendliValidationError: a batch argument is invalid (nothing was sent).
+            FriendliUsageError: ``out_dir`` cannot be created or written.
+        """
+        return Batch(
+            self._client,
+            _GENERATE_BATCH,
+            requests,
+            concurrency=concurrency,
+            rps=rps,
+            ordered=ordered,
+            reorder_window=reorder_window,
+            out_dir=out_dir,
+            resume=resume,
+            on_progress=on_progress,
+            stop_on_fatal=stop_on_fatal,
+            total=total,
+            retries=retries,
+            server_url=server_url,
+            timeout_ms=timeout_ms,
+            http_headers=http_headers,
+        )
+
+    def edit_batch(
+        self,
+        requests: Iterable[RequestSpec] | AsyncIterable[RequestSpec],
+        *,
+        concurrency: int = 16,
+        rps: float | None = None,
+        ordered: bool = False,
+        reorder_window: int | None = None,
+        out_dir: str | os.PathLike[str] | None = None,
+        resume: bool = True,
+        on_progress: Callable[[BatchProgress], object] | None = None,
+        stop_on_fatal: bool = True,
+        total: int | None = None,
+        retries: RetryConfig | int | None = None,
+        server_url: str | None = None,
+        timeout_ms: int | None = None,
+        http_headers: Mapping[str, str] | None = None,
+    ) -> Batch:
+        """Edit many images, fanned out inside the event loop.
+
+        Takes the same arguments as `generate_batch`; each request is a mapping of
+        ``edit`` arguments (``image``, ``prompt``, ...) or an ``EditRequest``.
+        """
+        return Batch(
+            self._client,
+            _EDIT_BATCH,
+            requests,
+            concurrency=concurrency,
+            rps=rps,
+            ordered=ordered,
+            reorder_window=reorder_window,
+            out_dir=out_dir,
+            resume=resume,
+            on_progress=on_progress,
+            stop_on_fatal=stop_on_fatal,
+            total=total,
+            retries=retries,
+            server_url=server_url,
+            timeout_ms=timeout_ms,
+            http_headers=http_headers,
+        )
 
 
 class Container:
