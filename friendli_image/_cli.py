@@ -1,4 +1,4 @@
-"""The ``friendli-image`` command: generate, edit, serve and demo from a shell.
+"""The ``friendli-image`` command: generate, edit, batch, serve and demo from a shell.
 
 Exit status: 0 success; 1 the server refused or failed the request; 2 bad arguments;
 3 the server could not be reached (connection refused, timeout); 130 interrupted.
@@ -97,6 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generation_options(edit)
     _add_client_options(edit)
     edit.set_defaults(run=_run_edit)
+
+    from ._batch_cli import add_batch_command  # noqa: PLC0415  (it imports this module)
+
+    add_batch_command(commands)
 
     serve = commands.add_parser("serve", help="run the bundled Friendli-compatible server")
     serve.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback)")
