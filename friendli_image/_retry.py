@@ -14,9 +14,7 @@ import math
 import random
 import time
 from collections.abc import Mapping
-from typing import Final
-
-import tenacity as _t
+from typing import TYPE_CHECKING, Final
 
 from ._config import RetryConfig
 from ._exceptions import (
@@ -24,6 +22,9 @@ from ._exceptions import (
     FriendliAPIStatusError,
     FriendliConnectionError,
 )
+
+if TYPE_CHECKING:
+    import tenacity as _t
 
 __all__ = [
     "CallRetry",
@@ -152,6 +153,10 @@ class CallRetry:
 
     def retrying(self) -> _t.AsyncRetrying:
         """A tenacity controller for this call."""
+        # Imported here, not at the top: only a failed first attempt gets this far, and
+        # tenacity is a tenth of what `import friendli_image` adds to `import aiohttp`.
+        import tenacity as _t  # noqa: PLC0415
+
         return _t.AsyncRetrying(
             retry=_t.retry_if_exception(self.retry),
             wait=self.wait,
