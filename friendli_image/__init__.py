@@ -6,7 +6,14 @@
 ...     result.save("lighthouse")
 """
 
-from ._batch import Batch, BatchItem, BatchProgress, BatchResult, FriendliBatchAborted
+from ._batch import (
+    Batch,
+    BatchItem,
+    BatchProgress,
+    BatchResult,
+    FriendliBatchAborted,
+    SyncBatch,
+)
 from ._client import AsyncFriendli
 from ._config import RetryConfig, Timeout
 from ._exceptions import (
@@ -71,6 +78,7 @@ __all__ = [
     "ImageResult",
     "ResponseError",
     "RetryConfig",
+    "SyncBatch",
     "SyncFriendli",
     "Timeout",
     "__version__",

@@ -72,6 +72,7 @@ from ._serde import converter
 
 if TYPE_CHECKING:
     from ._client import AsyncFriendli
+    from ._sync import SyncFriendli
 
 __all__ = [
     "MANIFEST_NAME",
@@ -83,6 +84,7 @@ __all__ = [
     "BatchStatus",
     "FriendliBatchAborted",
     "RequestSpec",
+    "SyncBatch",
 ]
 
 #: The manifest's file name inside ``out_dir``.
@@ -1101,3 +1103,131 @@ def _request_view(spec: object) -> Mapping[str, Any]:
     if isinstance(spec, str):
         return {"prompt": spec}
     return {"request": spec}
+
+
+# -- the blocking twin --------------------------------------------------------------------
+
+
+class _Pump:
+    """Runs a `Batch` on the loop and hands finished items to another thread in chunks.
+
+    The consumer thread takes everything finished so far at once, and the loop thread
+    wakes it only when the buffer goes from empty to non-empty, so a fast batch crosses
+    the thread boundary once per chunk, not once per item. When the consumer falls
+    ``high_water`` items behind, the pump stops pulling (and the batch stops dispatching).
+    """
+
+    def __init__(self, batch: Batch, high_water: int) -> None:
+        self._batch = batch
+        self._high_water = high_water
+        self._items: deque[BatchItem] = deque()
+        self._cond = threading.Condition(threading.Lock())
+        self._finished = False
+        self._cancelled_by_us = False
+        self._error: BaseException | None = None
+        self._loop = asyncio.get_running_loop()
+        self._room = asyncio.Event()
+        self._task = self._loop.create_task(self._run())
+
+    async def _run(self) -> None:
+        try:
+            async with self._batch:
+                async for item in self._batch:
+                    with self._cond:
+                        self._items.append(item)
+                        if len(self._items) == 1:
+                            self._cond.notify()
+                        full = len(self._items) >= self._high_water
+                        if full:
+                            self._room.clear()
+                    if full:
+                        await self._room.wait()
+        except asyncio.CancelledError:
+            if not self._cancelled_by_us:
+                self._error = FriendliUsageError(
+                    "the batch was cancelled because its SyncFriendli was closed while it ran"
+                )
+            raise
+        except BaseException as exc:  # noqa: BLE001  (re-raised in the consumer thread)
+            self._error = exc
+        finally:
+            with self._cond:
+                self._finished = True
+                self._cond.notify()
+
+    def take(self) -> list[BatchItem] | None:
+        """Block until items are finished; return them all (None once the batch is over)."""
+        with self._cond:
+            while not self._items and not self._finished:
+                self._cond.wait()
+            if not self._items:
+                if self._error is not None:
+                    raise self._error
+                return None
+            chunk = list(self._items)
+            self._items.clear()
+            if not self._room.is_set():
+                self._loop.call_soon_threadsafe(self._room.set)
+        return chunk
+
+    @property
+    def finished(self) -> bool:
+        with self._cond:
+            return self._finished
+
+    async def cancel(self) -> None:
+        """Cancel the batch (requests in flight included) and wait until it stopped."""
+        self._cancelled_by_us = True
+        self._task.cancel()
+        await asyncio.gather(self._task, return_exceptions=True)
+
+
+class SyncBatch:
+    """The blocking twin of `Batch`, from ``SyncFriendli.container.image.generate_batch``.
+
+    ``for item in batch`` yields each `BatchItem` as it finishes (in input order with
+    ``ordered=True``); ``batch.collect()`` runs the batch to the end and returns a
+    `BatchResult` in input order. Either way the whole batch runs on the client's event
+    loop thread: ``collect()`` crosses the thread boundary once, iteration once per
+    chunk of finished items. The requests are read, and ``on_progress`` is called, on
+    that thread. Arguments are checked when the batch starts. Leaving a ``for`` loop
+    early, or Ctrl-C, cancels the requests in flight.
+    """
+
+    def __init__(self, client: SyncFriendli, make: Callable[[AsyncFriendli], Batch]) -> None:
+        self._client = client
+        self._make = make
+        self._used = False
+
+    def _claim(self) -> None:
+        if self._used:
+            raise FriendliUsageError(
+                "a batch runs once; call generate_batch()/edit_batch() again to rerun it"
+            )
+        self._used = True
+
+    def collect(self) -> BatchResult:
+        """Run the batch to the end; return every item in input order (see `Batch.collect`)."""
+        self._claim()
+        make = self._make
+
+        async def run(client: AsyncFriendli) -> BatchResult:
+            return await make(client).collect()
+
+        return self._client._run(run)
+
+    def __iter__(self) -> Iterator[BatchItem]:
+        self._claim()
+        make = self._make
+
+        async def start(client: AsyncFriendli) -> _Pump:
+            batch = make(client)
+            return _Pump(batch, high_water=max(2 * batch._concurrency, 64))
+
+        pump = self._client._run(start)
+        try:
+            while (chunk := pump.take()) is not None:
+                yield from chunk
+        finally:
+            if not pump.finished:
+                self._client._run(lambda _client: pump.cancel())

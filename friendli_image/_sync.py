@@ -33,11 +33,15 @@ from typing import TYPE_CHECKING, Any, Final, TypeVar
 import anyio
 from anyio.from_thread import BlockingPortal
 
+from ._batch import SyncBatch as Batch  # the blocking Batch, named like Image below
 from ._client import AsyncFriendli
 from ._config import DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_RESPONSE_BYTES, RetryConfig, Timeout
 from ._exceptions import FriendliUsageError, FriendliUsageWarning
 
 if TYPE_CHECKING:
+    from collections.abc import AsyncIterable, Iterable
+
+    from ._batch import BatchProgress, RequestSpec
     from ._images import ImageSource
     from ._models import ImageResult, ResponseFormat
 
@@ -475,6 +479,95 @@ class Image:
                 timeout_ms=timeout_ms,
                 http_headers=http_headers,
             )
+        )
+
+    def generate_batch(
+        self,
+        requests: Iterable[RequestSpec] | AsyncIterable[RequestSpec],
+        *,
+        concurrency: int = 16,
+        rps: float | None = None,
+        ordered: bool = False,
+        reorder_window: int | None = None,
+        out_dir: str | os.PathLike[str] | None = None,
+        resume: bool = True,
+        on_progress: Callable[[BatchProgress], object] | None = None,
+        stop_on_fatal: bool = True,
+        total: int | None = None,
+        retries: RetryConfig | int | None = None,
+        server_url: str | None = None,
+        timeout_ms: int | None = None,
+        http_headers: Mapping[str, str] | None = None,
+    ) -> Batch:
+        """Generate many images, fanned out on the client's event loop; see `SyncBatch`.
+
+        ``for item in friendli.container.image.generate_batch(prompts): ...`` or
+        ``result = friendli.container.image.generate_batch(prompts).collect()``. Takes
+        the arguments of ``AsyncFriendli``'s ``generate_batch`` (see there); the whole
+        batch runs on the loop thread, which reads ``requests`` and calls
+        ``on_progress``.
+        """
+        return Batch(
+            self._client,
+            lambda c: c.container.image.generate_batch(
+                requests,
+                concurrency=concurrency,
+                rps=rps,
+                ordered=ordered,
+                reorder_window=reorder_window,
+                out_dir=out_dir,
+                resume=resume,
+                on_progress=on_progress,
+                stop_on_fatal=stop_on_fatal,
+                total=total,
+                retries=retries,
+                server_url=server_url,
+                timeout_ms=timeout_ms,
+                http_headers=http_headers,
+            ),
+        )
+
+    def edit_batch(
+        self,
+        requests: Iterable[RequestSpec] | AsyncIterable[RequestSpec],
+        *,
+        concurrency: int = 16,
+        rps: float | None = None,
+        ordered: bool = False,
+        reorder_window: int | None = None,
+        out_dir: str | os.PathLike[str] | None = None,
+        resume: bool = True,
+        on_progress: Callable[[BatchProgress], object] | None = None,
+        stop_on_fatal: bool = True,
+        total: int | None = None,
+        retries: RetryConfig | int | None = None,
+        server_url: str | None = None,
+        timeout_ms: int | None = None,
+        http_headers: Mapping[str, str] | None = None,
+    ) -> Batch:
+        """Edit many images, fanned out on the client's event loop; see `SyncBatch`.
+
+        Takes the arguments of ``AsyncFriendli``'s ``edit_batch``; each request is a
+        mapping of ``edit`` arguments (``image``, ``prompt``, ...) or an ``EditRequest``.
+        """
+        return Batch(
+            self._client,
+            lambda c: c.container.image.edit_batch(
+                requests,
+                concurrency=concurrency,
+                rps=rps,
+                ordered=ordered,
+                reorder_window=reorder_window,
+                out_dir=out_dir,
+                resume=resume,
+                on_progress=on_progress,
+                stop_on_fatal=stop_on_fatal,
+                total=total,
+                retries=retries,
+                server_url=server_url,
+                timeout_ms=timeout_ms,
+                http_headers=http_headers,
+            ),
         )
 
 

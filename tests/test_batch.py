@@ -646,3 +646,102 @@ def test_a_thousand_megabyte_images_to_disk_stay_under_200_mib(tmp_path: Path) -
     files = [path for path in out.iterdir() if path.suffix == ".jpg"]
     assert len(files) == 1000
     assert all(path.stat().st_size == len(image) for path in files)
+
+
+# -- the blocking twin --------------------------------------------------------------------
+
+
+@pytest.fixture
+def thread_server(tiny_jpeg: bytes) -> Iterator[LocalServer]:
+    """A fast-mode bundled server on its own thread, for blocking clients."""
+    config = ServerConfig(
+        static_image=tiny_jpeg, max_concurrency=64, faults=FaultRates(delay_ms=(0, 10), seed=4)
+    )
+    with LocalServer(config) as local:
+        yield local
+
+
+def _counting_portal_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    from friendli_image import SyncFriendli
+
+    calls: list[int] = []
+    original = SyncFriendli._run
+
+    def counted(self: SyncFriendli, call: Any) -> Any:
+        calls.append(1)
+        return original(self, call)
+
+    monkeypatch.setattr(SyncFriendli, "_run", counted)
+    return calls
+
+
+def test_sync_collect_crosses_the_thread_boundary_once(
+    thread_server: LocalServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SyncFriendli's generate_batch(...).collect() runs the whole batch in one portal call."""
+    from friendli_image import SyncFriendli
+
+    with SyncFriendli(server_url=thread_server.url) as friendli:
+        calls = _counting_portal_calls(monkeypatch)
+        result = friendli.container.image.generate_batch(
+            [f"p{i}" for i in range(200)], concurrency=32
+        ).collect()
+    assert len(calls) == 1
+    assert result.ok
+    assert [item.index for item in result] == list(range(200))
+    _assert_each_matches_its_input(result.items, thread_server)
+
+
+def test_sync_iteration_yields_every_item_in_chunks(
+    thread_server: LocalServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Iterating the blocking batch yields every item with one portal call in all."""
+    from friendli_image import SyncFriendli
+
+    with SyncFriendli(server_url=thread_server.url) as friendli:
+        calls = _counting_portal_calls(monkeypatch)
+        batch = friendli.container.image.generate_batch(
+            ({"prompt": f"p{i}"} for i in range(300)), concurrency=32, ordered=True
+        )
+        indexes = [item.index for item in batch]
+    assert indexes == list(range(300))
+    assert len(calls) == 1
+
+
+def test_sync_early_exit_cancels_the_batch(thread_server: LocalServer) -> None:
+    """Leaving a blocking batch's loop cancels the slow requests in flight at once."""
+    from friendli_image import SyncFriendli
+
+    thread_server.script("slow", [Action.delay(30)] * 4)
+    requests: list[Any] = ["fast"]
+    requests += [{"prompt": "slow", "http_headers": {"x-test-id": "slow"}}] * 4
+    started = time.monotonic()
+    with SyncFriendli(server_url=thread_server.url) as friendli:
+        for item in friendli.container.image.generate_batch(requests, concurrency=5):
+            assert item.index == 0
+            break
+        assert time.monotonic() - started < 5
+        # The client still works after the cancelled batch.
+        assert friendli.container.image.generate_batch(["again"]).collect().ok
+    assert thread_server.stats.in_flight == 0
+
+
+def test_sync_batch_errors_reach_the_caller(thread_server: LocalServer, tmp_path: Path) -> None:
+    """Invalid batch arguments and unusable out_dirs raise in the calling thread; item
+    failures stay on the items."""
+    from friendli_image import FriendliUsageError, SyncFriendli
+
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with SyncFriendli(server_url=thread_server.url) as friendli:
+        image = friendli.container.image
+        with pytest.raises(FriendliValidationError, match="concurrency"):
+            image.generate_batch(["a"], concurrency=0).collect()
+        with pytest.raises(FriendliUsageError, match="out_dir"):
+            list(image.generate_batch(["a"], out_dir=blocker))
+        result = image.generate_batch([{"prompt": ""}]).collect()
+        batch = image.generate_batch(["a"])
+        batch.collect()
+        with pytest.raises(FriendliUsageError, match="runs once"):
+            batch.collect()
+    assert result[0].status == "failed"
