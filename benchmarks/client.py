@@ -15,14 +15,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
-import inspect
 import json
 import resource
 import sys
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
 
 PATH = "/v1/images/generations"
 PROMPT = "a lighthouse at dawn, volumetric light, 35mm"
@@ -114,17 +112,13 @@ async def run_friendli_batch(cell: Cell, timed: Callable[[Timed], Awaitable[None
 
         async def batch(n: int) -> list[float]:
             specs = [{"prompt": PROMPT, "seed": i} for i in range(n)]
-            outcome: Any = image.generate_batch(specs, concurrency=cell.c)
-            if inspect.isawaitable(outcome):
-                outcome = await outcome
-            items = [item async for item in outcome] if hasattr(outcome, "__aiter__") else outcome
             latencies = []
-            for item in items:
-                result = getattr(item, "result", item)
-                if result is None or not hasattr(result, "image"):
+            # Items as they complete; each item's elapsed runs from dispatch to outcome.
+            async for item in image.generate_batch(specs, concurrency=cell.c):
+                if item.result is None:
                     raise RuntimeError(f"batch item failed: {item!r}")
-                cell.check(result.image)
-                latencies.append(result.elapsed)
+                cell.check(item.result.image)
+                latencies.append(item.elapsed)
             return latencies
 
         await timed(batch)

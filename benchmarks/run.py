@@ -484,7 +484,7 @@ def plot(med: dict[tuple[int, int, str], dict[str, float]], clients: list[str], 
     return True
 
 
-def report(
+def save(
     args: argparse.Namespace,
     *,
     plan: Plan,
@@ -493,17 +493,37 @@ def report(
     memory: list[dict[str, Any]],
     imports: dict[str, float],
     wall: float,
-) -> None:
-    out: Path = args.out_dir
-    out.mkdir(parents=True, exist_ok=True)
-    med = medians(rows)
-    info = machine(args.python)
-    (out / "results.json").write_text(
-        json.dumps({"machine": info, "rows": rows, "memory": memory, "imports": imports}, indent=1)
-        + "\n"
+) -> dict[str, Any]:
+    """Write everything measured to ``results.json`` (``--report-only`` renders it again)."""
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    data = {
+        "machine": machine(args.python),
+        "command": args.command or shlex.join(["python", *sys.argv]),
+        "wall": wall,
+        "repeats": plan.repeats,
+        "import_runs": plan.import_runs,
+        "bundled_server": args.bundled_server,
+        "clients": list(args.clients),
+        "skipped": skipped,
+        "rows": rows,
+        "memory": memory,
+        "imports": imports,
+    }
+    (args.out_dir / "results.json").write_text(json.dumps(data, indent=1) + "\n")
+    return data
+
+
+def report(data: dict[str, Any], out: Path, *, analysis: bool) -> None:
+    """Write RESULTS.md and results.png from the measured data."""
+    info, rows, memory, imports = data["machine"], data["rows"], data["memory"], data["imports"]
+    clients, skipped, wall, command = (
+        data["clients"],
+        data["skipped"],
+        data["wall"],
+        data["command"],
     )
-    plotted = plot(med, list(args.clients), out / "results.png")
-    command = args.command or shlex.join(["python", *sys.argv])
+    med = medians(rows)
+    plotted = plot(med, clients, out / "results.png")
     lines = [
         "# Benchmark results",
         "",
@@ -520,11 +540,11 @@ def report(
         "- Server: "
         + (
             "the bundled `friendli_image.server` in static mode"
-            if args.bundled_server
+            if data["bundled_server"]
             else 'a minimal aiohttp.web app returning a prebuilt `{"image": <base64>}` body'
         )
         + ", in its own process; each cell in a fresh client process; "
-        f"{plan.repeats} interleaved repetitions, medians shown.",
+        f"{data['repeats']} interleaved repetitions, medians shown.",
         "- Each client decodes every image to bytes (the official SDK and raw aiohttp with "
         "`base64.b64decode`); CPU is the client process's user+sys time over the timed "
         "requests only; peak RSS is the client process's `ru_maxrss`. The official clients "
@@ -541,7 +561,7 @@ def report(
     if plotted:
         lines += ["![rps and CPU per request against concurrency](results.png)", ""]
     lines += ["## Targets (PERFORMANCE.md)", "", *targets(med, memory, imports), ""]
-    lines += ["## Tables", "", *tables(med, list(args.clients))]
+    lines += ["## Tables", "", *tables(med, clients)]
     if memory:
         lines += [
             "## Memory and event-loop lag",
@@ -568,14 +588,14 @@ def report(
         lines += [
             "## Import time",
             "",
-            f"Median of {plan.import_runs} fresh interpreters each: `import aiohttp` "
+            f"Median of {data['import_runs']} fresh interpreters each: `import aiohttp` "
             f"{imports['aiohttp']:.0f} ms, `import friendli_image` "
             f"{imports['friendli_image']:.0f} ms.",
             "",
         ]
-    analysis = HERE / "ANALYSIS.md"
-    if analysis.exists() and not args.quick:
-        lines += [analysis.read_text().strip(), ""]
+    notes = HERE / "ANALYSIS.md"
+    if analysis and notes.exists():
+        lines += [notes.read_text().strip(), ""]
     (out / "RESULTS.md").write_text("\n".join(lines))
     print(f"wrote {out / 'RESULTS.md'}, {out / 'results.png'}, {out / 'results.json'}")
 
@@ -596,7 +616,14 @@ def main() -> None:
     parser.add_argument("--no-import", action="store_true")
     parser.add_argument("--cell-timeout", type=float, default=600)
     parser.add_argument("--command", help="the command to show in RESULTS.md")
+    parser.add_argument(
+        "--report-only", action="store_true", help="re-render OUT_DIR/results.json, measure nothing"
+    )
     args = parser.parse_args()
+    if args.report_only:
+        data = json.loads((args.out_dir / "results.json").read_text())
+        report(data, args.out_dir, analysis=not args.quick)
+        return
     unknown = set(args.clients) - set(LABELS)
     if unknown:
         parser.error(f"unknown clients {sorted(unknown)}; choose from {sorted(LABELS)}")
@@ -607,7 +634,7 @@ def main() -> None:
     rows, skipped = run_cells(args, plan)
     memory = [] if args.no_memory else run_memory(args, plan)
     imports = {} if args.no_import else import_times(args.python, plan.import_runs)
-    report(
+    data = save(
         args,
         plan=plan,
         rows=rows,
@@ -616,6 +643,7 @@ def main() -> None:
         imports=imports,
         wall=time.perf_counter() - started,
     )
+    report(data, args.out_dir, analysis=not args.quick)
 
 
 if __name__ == "__main__":
