@@ -899,7 +899,14 @@ class Batch:
         started = time.monotonic()
         try:
             prepared = self._prepare(spec)
-        except FriendliValidationError as error:
+        except (FriendliValidationError, TypeError, ValueError) as exc:
+            # A value of a type no check expected (e.g. controlnet_weights=5) fails its
+            # item like any invalid argument, instead of ending the batch.
+            error = (
+                exc
+                if isinstance(exc, FriendliValidationError)
+                else FriendliValidationError("request", f"invalid arguments: {exc}")
+            )
             request = spec if isinstance(spec, Mapping) else _request_view(spec)
             return self._failed(
                 index, item_id="", request=request, error=error, attempts=0, started=started

@@ -295,7 +295,7 @@ async def test_item_errors_are_captured_and_the_batch_goes_on(
         {"prompt": "boom", "http_headers": {"x-test-id": "boom"}},
         {"prompt": "fine"},
         {"prompt": "unknown", "colour": "red"},
-        42,
+        {"prompt": "odd type", "control_images": ["https://x/a.png"], "controlnet_weights": 5},
         {"prompt": "fine too"},
     ]
     result = await client.container.image.generate_batch(requests, concurrency=2)
@@ -312,6 +312,9 @@ async def test_item_errors_are_captured_and_the_batch_goes_on(
     assert result[4].error.field == "colour"
     assert isinstance(result[5].error, FriendliValidationError)
     assert len(result.failed) == 5
+    assert isinstance(
+        (await client.container.image.generate_batch([42]))[0].error, FriendliValidationError
+    )
 
 
 async def test_unauthorized_stops_the_batch_within_a_round_trip(
