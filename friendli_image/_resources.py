@@ -60,7 +60,8 @@ def build_generate(
         control_images=None
         if control_images is None
         else _image_list(control_images, "control_images"),
-        controlnet_weights=None if controlnet_weights is None else list(controlnet_weights),
+        # Checked (and copied into a list of floats) by the model.
+        controlnet_weights=controlnet_weights,  # type: ignore[arg-type]
     )
 
 

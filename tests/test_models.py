@@ -288,3 +288,17 @@ def test_numpy_like_reals_are_accepted() -> None:
     )
     assert b'"guidance_scale":3.5' in dumps_request(request)
     assert b'"controlnet_weights":[0.5]' in dumps_request(request)
+
+
+@pytest.mark.parametrize("weights", [5, 0.5, "0.5", None.__class__])
+def test_non_list_controlnet_weights_are_a_validation_error(weights: object) -> None:
+    """A scalar or string for controlnet_weights is a FriendliValidationError, not a TypeError."""
+    from friendli_image._resources import build_generate
+
+    with pytest.raises(FriendliValidationError) as caught:
+        build_generate(
+            prompt="x",
+            control_images=["https://example.com/a.png"],
+            controlnet_weights=weights,  # type: ignore[arg-type]
+        )
+    assert caught.value.field == "controlnet_weights"
