@@ -70,13 +70,6 @@ def add_batch_command(commands: Any) -> None:
         default=True,
         help="skip items already done in --out-dir (default); --no-resume starts over",
     )
-    batch.add_argument(
-        "--retries",
-        type=int,
-        default=None,
-        metavar="N",
-        help="retries per request (default: the client's policy, 4)",
-    )
     batch.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_client_options(batch)
     batch.set_defaults(run=_run_batch)
@@ -253,7 +246,6 @@ async def _run_batch(args: argparse.Namespace) -> int:
                 resume=args.resume,
                 on_progress=progress,
                 total=total,
-                retries=args.retries,
             )
     finally:
         progress.close()

@@ -51,6 +51,13 @@ def _add_client_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--timeout", type=float, default=None, metavar="SECONDS", help="per-attempt timeout"
     )
+    parser.add_argument(
+        "--retries",
+        type=int,
+        default=None,
+        metavar="N",
+        help="retries per request (default: the client's policy, 4; 0 disables retrying)",
+    )
 
 
 def _add_generation_options(parser: argparse.ArgumentParser) -> None:
@@ -127,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _client(args: argparse.Namespace) -> AsyncFriendli:
     timeout_ms = None if args.timeout is None else int(args.timeout * 1000)
-    return AsyncFriendli(server_url=args.server_url, timeout_ms=timeout_ms)
+    return AsyncFriendli(server_url=args.server_url, timeout_ms=timeout_ms, retries=args.retries)
 
 
 def _report(result: ImageResult, path: Path) -> None:

@@ -103,7 +103,9 @@ def test_missing_edit_file_is_exit_2(tmp_path: Path, capsys: pytest.CaptureFixtu
 def test_unreachable_server_is_exit_3(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """A refused connection exits 3 with a one-line hint about the server URL."""
     url = f"http://127.0.0.1:{_free_port()}"
-    code = main(["generate", "x", "-o", str(tmp_path / "x.jpg"), "--server-url", url])
+    code = main(
+        ["generate", "x", "-o", str(tmp_path / "x.jpg"), "--server-url", url, "--retries", "0"]
+    )
     err = capsys.readouterr().err
     assert code == 3
     assert "cannot reach the server" in err
