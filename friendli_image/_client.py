@@ -23,6 +23,7 @@ import time
 import urllib.request
 import uuid
 import warnings
+import weakref
 from collections.abc import AsyncIterator, Mapping
 from functools import cached_property
 from io import BytesIO
@@ -64,6 +65,10 @@ from ._version import __version__
 
 if TYPE_CHECKING:
     from ._resources import Container
+
+    _DropFinalizer = weakref.finalize[
+        [asyncio.AbstractEventLoop, AsyncIterator[None]], "AsyncFriendli"
+    ]
 
 __all__ = ["AsyncFriendli", "CallOptions"]
 
@@ -261,6 +266,22 @@ async def _close_on_loop_shutdown(session: aiohttp.ClientSession) -> AsyncIterat
         await session.close()
 
 
+_closing: set[asyncio.Task[None]] = set()
+
+
+def _close_dropped(loop: asyncio.AbstractEventLoop, guard: AsyncIterator[None]) -> None:
+    def start() -> None:
+        task = loop.create_task(guard.aclose())  # type: ignore[attr-defined]
+        _closing.add(task)
+        task.add_done_callback(_closing.discard)
+
+    if not loop.is_closed():
+        # Any thread may run the collector; RuntimeError: the loop closed meanwhile
+        # (its shutdown_asyncgens has closed the guard already).
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(start)
+
+
 class AsyncFriendli:
     """The asyncio client for the Friendli Container image API.
 
@@ -357,6 +378,7 @@ class AsyncFriendli:
         self._urls: dict[tuple[str, str], URL] = {}
         self._session: aiohttp.ClientSession | None = None
         self._session_guard: AsyncIterator[None] | None = None
+        self._dropped: _DropFinalizer | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._slots: asyncio.Semaphore | None = None
         self._budget = RetryBudget(self._retry.budget_floor)
@@ -392,6 +414,8 @@ class AsyncFriendli:
     async def close(self) -> None:
         """Close the connection pool. Idempotent; the client cannot be used afterwards."""
         self._closed = True
+        if self._dropped is not None:
+            self._dropped.detach()
         guard, self._session_guard = self._session_guard, None
         self._session = None
         if guard is not None:
@@ -450,8 +474,16 @@ class AsyncFriendli:
         guard = _close_on_loop_shutdown(session)
         # The first step registers the generator with the loop's shutdown hooks.
         await guard.__anext__()
+        loop = asyncio.get_running_loop()
+        if self._dropped is not None:
+            self._dropped.detach()
+        # A client dropped without close() is often collected by the cycle collector,
+        # which would finalize the session and connector along with it (and aiohttp
+        # warns "Unclosed ..."). The finalizer holds the guard, so the session stays
+        # reachable until the guard closes it on its loop.
+        self._dropped = weakref.finalize(self, _close_dropped, loop, guard)
         self._session, self._session_guard = session, guard
-        self._loop = asyncio.get_running_loop()
+        self._loop = loop
         self._slots = asyncio.Semaphore(self._max_connections)
         return session
 
