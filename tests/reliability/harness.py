@@ -169,7 +169,7 @@ def render_report(f: Figures) -> str:
         f"requests sent: {int(c.get('bad_input.rejected', 0))}",
         f"- Malformed responses tried: {int(c.get('malformed.tried', 0))}; mapped to typed "
         f"errors: {int(c.get('malformed.typed', 0))}; raw exceptions: "
-        f"{int(c.get('malformed.raw', 0))}",
+        f"{int(c.get('malformed.tried', 0) - c.get('malformed.typed', 0))}",
         "",
         "## Hygiene after 10k calls",
         "",
