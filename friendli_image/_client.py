@@ -600,6 +600,8 @@ class AsyncFriendli:
         assert slots is not None  # noqa: S101  (set with the session)
         trace = _AttemptTrace()
         route = self._env_route(url) if self._trust_env else _NO_ROUTE
+        if route.authorization is not None:
+            headers = {**headers, "Authorization": route.authorization}
         failure: FriendliConnectionError | None = None
         async with slots:
             attempt_started = time.monotonic()
@@ -615,8 +617,7 @@ class AsyncFriendli:
                     allow_redirects=False,
                     trace_request_ctx=trace,
                     proxy=route.proxy,
-                    proxy_auth=route.proxy_auth,
-                    auth=route.auth,
+                    proxy_headers=route.proxy_headers,
                 ) as response:
                     status = response.status
                     if status != 200:
@@ -709,39 +710,44 @@ def _ssl_setting(verify: object) -> bool | ssl.SSLContext:
     )
 
 
+def _basic(login: str, password: str) -> str:
+    return "Basic " + pybase64.b64encode(f"{login}:{password}".encode()).decode("ascii")
+
+
 class _EnvRoute:
     """Where ``trust_env`` sends requests for one host: proxy, proxy login, ``.netrc`` login."""
 
-    __slots__ = ("auth", "proxy", "proxy_auth")
+    __slots__ = ("authorization", "proxy", "proxy_headers")
 
     def __init__(
         self,
         proxy: URL | None = None,
-        proxy_auth: aiohttp.BasicAuth | None = None,
-        auth: aiohttp.BasicAuth | None = None,
+        proxy_headers: dict[str, str] | None = None,
+        authorization: str | None = None,
     ) -> None:
         self.proxy = proxy
-        self.proxy_auth = proxy_auth
-        self.auth = auth
+        self.proxy_headers = proxy_headers
+        self.authorization = authorization
 
     @classmethod
     def from_env(cls, url: URL, use_netrc: bool) -> _EnvRoute:
         host = url.host or ""
-        proxy = proxy_auth = auth = None
+        proxy = proxy_headers = authorization = None
         if not urllib.request.proxy_bypass(host):
             proxies = urllib.request.getproxies()
             found = proxies.get(url.scheme)
             if found:
                 proxy = URL(found if "://" in found else f"http://{found}")
                 if proxy.user is not None:
-                    proxy_auth = aiohttp.BasicAuth(proxy.user, proxy.password or "")
+                    login = _basic(proxy.user, proxy.password or "")
+                    proxy_headers = {"Proxy-Authorization": login}
                     proxy = proxy.with_user(None)
         if use_netrc:
             with contextlib.suppress(OSError, netrc.NetrcParseError):
                 entry = netrc.netrc(os.environ.get("NETRC")).authenticators(host)
                 if entry is not None:
-                    auth = aiohttp.BasicAuth(entry[0] or "", entry[2] or "")
-        return cls(proxy, proxy_auth, auth)
+                    authorization = _basic(entry[0] or "", entry[2] or "")
+        return cls(proxy, proxy_headers, authorization)
 
 
 _NO_ROUTE: Final = _EnvRoute()

@@ -1,0 +1,298 @@
+"""Scenarios 35-37: redirects, secrets on every surface, proxies, .netrc and TLS.
+
+Redirects: the SDK never follows them (following is not offered). A 3xx raises
+``FriendliAPIStatusError`` with ``location``; nothing is sent to the target, so the
+token cannot reach another origin and a POST is never turned into a GET. No fake resolver
+is needed: with nothing followed, no name in a Location header is ever resolved.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import pickle
+import shutil
+import ssl
+import subprocess
+import warnings
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+
+from friendli_image import (
+    AsyncFriendli,
+    FriendliAPIStatusError,
+    FriendliAuthenticationError,
+    FriendliConnectionError,
+    FriendliValidationError,
+    RetryConfig,
+    Timeout,
+)
+from friendli_image.server import LocalServer, ServerConfig, create_app
+
+from .harness import (
+    TINY_PNG,
+    TOKEN,
+    Figures,
+    RawHandler,
+    RawServer,
+    SecretProbe,
+    gen,
+    http_response,
+    image_body,
+    read_request,
+)
+
+MakeClient = Callable[..., AsyncFriendli]
+StartRaw = Callable[[RawHandler], Awaitable[RawServer]]
+
+
+async def _capture(raw_server: StartRaw) -> tuple[RawServer, list[bytes]]:
+    seen: list[bytes] = []
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while request := await read_request(reader):
+            seen.append(request)
+            writer.write(http_response(image_body()))
+            await writer.drain()
+
+    return await raw_server(handler), seen
+
+
+@pytest.mark.scenario(35)
+@pytest.mark.parametrize("status", ["302 Found", "307 Temporary Redirect"])
+@pytest.mark.parametrize("target", ["other-port", "other-host"])
+async def test_redirects_are_not_followed(  # noqa: PLR0917
+    raw_server: StartRaw,
+    make_client: MakeClient,
+    figures: Figures,
+    secrets: SecretProbe,
+    status: str,
+    target: str,
+) -> None:
+    """302/307 to another port or host: FriendliAPIStatusError with location, B sees nothing."""
+    b, seen = await _capture(raw_server)
+    location = (
+        f"{b.url}/v1/images/generations"
+        if target == "other-port"
+        else f"http://attacker.invalid:{b.port}/v1/images/generations"
+    )
+
+    async def redirector(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while await read_request(reader):
+            writer.write(http_response(b"", status=status, extra=f"Location: {location}\r\n"))
+            await writer.drain()
+
+    a = await raw_server(redirector)
+    client = make_client(a.url)
+    with pytest.raises(FriendliAPIStatusError) as caught:
+        await gen(client)
+    figures.add("inject.status")
+    figures.add("fail.expected")
+    error = caught.value
+    assert error.status == int(status[:3])
+    assert error.location == location
+    assert "not followed" in str(error)
+    assert b.connections == 0
+    assert seen == []
+    figures.add("fail.typed")
+    secrets.check(error)
+
+
+@pytest.fixture
+async def auth_server() -> AsyncIterator[LocalServer]:
+    """A server that requires a token other than the probe's."""
+    config = ServerConfig(static_image=TINY_PNG, token="sk-the-right-one")
+    async with LocalServer(config) as srv:
+        yield srv
+
+
+@pytest.mark.scenario(36)
+async def test_token_is_absent_from_every_surface(
+    auth_server: LocalServer, server: LocalServer, make_client: MakeClient, secrets: SecretProbe
+) -> None:
+    """The token shows in no repr/str/args/pickle/traceback/cause/log of client, result, error."""
+    wrong = make_client(auth_server.url)
+    with pytest.raises(FriendliAuthenticationError) as caught:
+        await gen(wrong)
+    restored = pickle.loads(pickle.dumps(caught.value))  # noqa: S301  (our own object)
+    assert restored.status == 401
+    client = make_client(server.url)
+    result = await gen(client)
+    secrets.check(caught.value, restored, result, client, RetryConfig(), Timeout())
+    with pytest.raises(TypeError):
+        pickle.dumps(client)
+    # The token really was sent (so the probe is meaningful).
+    assert server.records[-1].headers["Authorization"] == f"Bearer {TOKEN}"
+
+
+@pytest.mark.scenario(36)
+async def test_debug_log_has_one_line_per_attempt_without_the_token(
+    server: LocalServer,
+    make_client: MakeClient,
+    tid: str,
+    caplog: pytest.LogCaptureFixture,
+    figures: Figures,
+) -> None:
+    """DEBUG logs each attempt (path, status, attempt, request id), WARNING each retry."""
+    from friendli_image.server import Action
+
+    server.script(tid, [Action.status(503)])
+    client = make_client(server.url)
+    with caplog.at_level(logging.DEBUG, logger="friendli_image"):
+        result = await gen(client)
+    ours = [r for r in caplog.records if r.name == "friendli_image"]
+    attempts = [r for r in ours if r.levelno == logging.DEBUG and "attempt=" in r.getMessage()]
+    retries = [r for r in ours if r.levelno == logging.WARNING]
+    assert len(attempts) == 2
+    assert "-> 503 attempt=1" in attempts[0].getMessage()
+    assert "-> 200 attempt=2" in attempts[1].getMessage()
+    assert all(result.request_id in r.getMessage() for r in attempts + retries)
+    assert len(retries) == 1
+    for record in caplog.records:
+        figures.add("secret.log_records")
+        assert TOKEN not in record.getMessage()
+
+
+@pytest.mark.scenario(37)
+async def test_proxy_environment_is_ignored_unless_trusted(
+    server: LocalServer,
+    make_client: MakeClient,
+    monkeypatch: pytest.MonkeyPatch,
+    unused_tcp_port: int,
+) -> None:
+    """HTTP(S)_PROXY/ALL_PROXY at a dead port: ignored by default, used with trust_env."""
+    dead = f"http://127.0.0.1:{unused_tcp_port}"
+    for name in ("no_proxy", "NO_PROXY", "http_proxy", "https_proxy", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY"):
+        monkeypatch.setenv(name, dead)
+    assert (await gen(make_client(server.url))).attempts == 1
+    trusting = make_client(server.url, trust_env=True, retries=RetryConfig.disabled())
+    with pytest.raises(FriendliConnectionError):
+        await gen(trusting)
+    assert server.stats.total_requests == 1
+
+
+@pytest.mark.scenario(37)
+async def test_netrc_is_ignored_unless_trusted(
+    raw_server: StartRaw,
+    make_client: MakeClient,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    """A .netrc login for 127.0.0.1 is sent only with trust_env and no token."""
+    netrc = tmp_path / "netrc"
+    netrc.write_text("machine 127.0.0.1 login user password pass\n")
+    netrc.chmod(0o600)
+    monkeypatch.setenv("NETRC", str(netrc))
+    raw, seen = await _capture(raw_server)
+    await gen(make_client(raw.url, token=""))
+    await gen(make_client(raw.url, token="", trust_env=True))
+    await gen(make_client(raw.url, trust_env=True))
+    heads = [request.split(b"\r\n\r\n")[0].lower() for request in seen]
+    assert b"authorization" not in heads[0]
+    assert b"authorization: basic dxnlcjpwyxnz" in heads[1]
+    assert f"authorization: bearer {TOKEN}".lower().encode() in heads[2]
+
+
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 (cert.pem, key.pem)."""
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command to make a certificate")
+    folder = tmp_path_factory.mktemp("tls")
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    subprocess.run(
+        [
+            "openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+            "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", str(key), "-out", str(cert),
+            "-days", "2", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+        ],
+        check=True,
+        capture_output=True,
+        timeout=30,
+    )  # fmt: skip
+    return cert, key
+
+
+@pytest.fixture
+async def tls_url(certificate: tuple[Path, Path]) -> AsyncIterator[str]:
+    """The bundled app served over HTTPS with the self-signed certificate."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(*certificate)
+    runner = web.AppRunner(create_app(ServerConfig(static_image=TINY_PNG)), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=context)
+    await site.start()
+    try:
+        yield f"https://127.0.0.1:{runner.addresses[0][1]}"
+    finally:
+        await runner.cleanup()
+
+
+@pytest.mark.scenario(37)
+async def test_self_signed_tls_fails_by_default_and_works_with_its_ca(
+    tls_url: str,
+    certificate: tuple[Path, Path],
+    make_client: MakeClient,
+    figures: Figures,
+    secrets: SecretProbe,
+) -> None:
+    """Verification is on: a self-signed cert fails once (not retried); its CA bundle works."""
+    with pytest.raises(FriendliConnectionError, match="TLS") as caught:
+        await gen(make_client(tls_url))
+    assert caught.value.attempts == 1
+    figures.add("fail.expected")
+    figures.add("fail.typed")
+    secrets.check(caught.value)
+    assert (await gen(make_client(tls_url, verify=certificate[0]))).image == TINY_PNG
+    context = ssl.create_default_context(cafile=str(certificate[0]))
+    assert (await gen(make_client(tls_url, verify=context))).image == TINY_PNG
+
+
+@pytest.mark.scenario(37)
+async def test_verify_false_warns_once_and_connects(tls_url: str, make_client: MakeClient) -> None:
+    """verify=False warns once at construction, then every call goes through unverified."""
+    with pytest.warns(UserWarning, match="verify=False") as caught:
+        client = make_client(tls_url, verify=False)
+    assert len(caught) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        await gen(client)
+        await gen(client)
+
+
+@pytest.mark.scenario(37)
+def test_unusable_verify_values_are_validation_errors(tmp_path: Path) -> None:
+    """A missing CA bundle or a wrong type for verify fails at construction."""
+    with pytest.raises(FriendliValidationError, match="verify"):
+        AsyncFriendli(verify=tmp_path / "missing.pem")
+    with pytest.raises(FriendliValidationError, match="verify"):
+        AsyncFriendli(verify=1)  # type: ignore[arg-type]
+
+
+@pytest.mark.scenario(37)
+async def test_token_over_plain_http_to_a_remote_host_warns_once(
+    make_client: MakeClient, server: LocalServer
+) -> None:
+    """A token over http:// to a non-loopback host warns once; loopback and no token do not."""
+    remote = make_client(
+        "http://192.0.2.1:9",  # TEST-NET-1: never answers
+        retries=RetryConfig.disabled(),
+        timeout=Timeout(connect=0.2),
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            with pytest.raises(FriendliConnectionError):
+                await gen(remote)
+    assert [str(w.message)[:35] for w in caught] == ["the API token is sent in clear text"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        await gen(make_client(server.url))
+        quiet = make_client("http://192.0.2.1:9", token="", retries=0, timeout=Timeout(connect=0.2))
+        with pytest.raises(FriendliConnectionError):
+            await gen(quiet)
