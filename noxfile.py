@@ -70,6 +70,22 @@ def tests(session: nox.Session) -> None:
 
 
 @nox.session(python=DEFAULT_PYTHON)
+def reliability(session: nox.Session) -> None:
+    """Run the fault suite (tests/reliability) and write docs/reliability.md from its figures."""
+    _install_for_tests(session)
+    report = ROOT / "docs" / "reliability.md"
+    session.run(
+        "pytest",
+        "tests/reliability",
+        "-p",
+        "no:cacheprovider",
+        *session.posargs,
+        env={"FRIENDLI_RELIABILITY_REPORT": str(report)},
+    )
+    session.log(f"wrote {report}")
+
+
+@nox.session(python=DEFAULT_PYTHON)
 def lint(session: nox.Session) -> None:
     """Check style and common bugs with ruff."""
     session.install(*nox.project.dependency_groups(PYPROJECT, "lint"))

@@ -117,6 +117,15 @@ class RetryConfig:
     may have read the request (a drop before the answer, a read timeout) are not resent
     unless ``retry_ambiguous=True``: a resent generation can run twice.
 
+    One exception, the keep-alive race: when a *reused* pooled connection breaks before
+    any byte of the answer, the server may simply have closed it while it sat idle, and
+    nothing on the client can tell that apart from "read the request, then dropped it".
+    Such a failure gets one immediate reconnect (outside ``max_attempts`` and the budget),
+    and a result obtained that way has ``maybe_duplicated=True``. A *fresh* connection
+    that breaks after sending is never resent by default: the error has
+    ``maybe_processed=True``. With ``retry_ambiguous=True`` both are retried like any
+    transient failure, under the same ``X-Request-ID``.
+
     Attributes:
         max_attempts: attempts in all, the first included (1 disables retrying).
         initial_delay: the first backoff, doubled on each retry up to ``max_delay``.

@@ -163,7 +163,6 @@ async def test_reused_connection_dropped_after_read_reconnects_once(
     figures.add("inject.reset")
     figures.add("recover.expected")
     figures.add("recover.ok")
-    figures.add("ambiguous.stale_reconnect")
     assert result.attempts == 2
     assert result.maybe_duplicated
     assert connections == 2
@@ -217,7 +216,6 @@ async def test_benign_stale_keep_alive_race_is_not_a_failure(
     figures.add("inject.reset")
     figures.add("recover.expected")
     figures.add("recover.ok")
-    figures.add("ambiguous.stale_reconnect")
     assert result.attempts == 2
     assert connections == 2
 
