@@ -482,6 +482,9 @@ class AsyncFriendli:
         # warns "Unclosed ..."). The finalizer holds the guard, so the session stays
         # reachable until the guard closes it on its loop.
         self._dropped = weakref.finalize(self, _close_dropped, loop, guard)
+        # At interpreter exit the loop's own shutdown (or the sync facade's atexit hook)
+        # closes the session; a task scheduled from here then could outlive its loop.
+        self._dropped.atexit = False
         self._session, self._session_guard = session, guard
         self._loop = loop
         self._slots = asyncio.Semaphore(self._max_connections)
