@@ -19,7 +19,9 @@ ROOT = Path(__file__).parent
 PYPROJECT = nox.project.load_toml(ROOT / "pyproject.toml")
 SUPPORTED = ("3.10", "3.11", "3.12", "3.13")
 
-nox.options.default_venv_backend = "uv|virtualenv"
+# pip (through virtualenv) honours the machine's pip configuration (index, CA bundle);
+# uv reads neither, so it is not used even when installed.
+nox.options.default_venv_backend = "virtualenv"
 nox.options.sessions = ["lint", "typecheck", "tests"]
 nox.options.reuse_venv = "yes"
 
