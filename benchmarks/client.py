@@ -218,8 +218,7 @@ def _figures(n: int, wall: float, cpu: float, latencies: list[float]) -> dict[st
         "p50_ms": _percentile(latencies, 0.50) * 1000,
         "p99_ms": _percentile(latencies, 0.99) * 1000,
         "cpu_us": cpu / n * 1e6,
-        # Linux reports ru_maxrss in KiB.
-        "rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "rss_mib": _peak_rss_mib(),
     }
 
 
@@ -265,3 +264,15 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def _peak_rss_mib() -> float:
+    """This process's peak RSS (VmHWM; ru_maxrss would carry a parent's peak across exec)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux

@@ -34,6 +34,11 @@ def _rss_now_mib() -> float:
 
 
 def _rss_peak_mib() -> float:
+    # VmHWM, not ru_maxrss: Linux carries a parent's peak RSS across exec into ru_maxrss.
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
