@@ -181,6 +181,10 @@ class LocalServer:
             asyncio.set_event_loop(loop)
             loop.call_soon(ready.set)
             loop.run_forever()
+            # Finish on this thread: the thread that closes the server may be running
+            # an event loop of its own (a `with LocalServer()` inside async code).
+            loop.run_until_complete(loop.shutdown_default_executor())
+            loop.close()
 
         thread = threading.Thread(target=run, name="friendli-image-local-server", daemon=True)
         thread.start()
@@ -201,8 +205,6 @@ class LocalServer:
             return
         loop.call_soon_threadsafe(loop.stop)
         thread.join()
-        loop.run_until_complete(loop.shutdown_default_executor())
-        loop.close()
 
     def close(self) -> None:
         """Stop the server, close every connection and join its thread (no-op when closed)."""

@@ -282,3 +282,13 @@ def test_pytest_plugin_fixtures(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "2 passed" in result.stdout
+
+
+async def test_thread_mode_server_closes_inside_a_running_loop() -> None:
+    """`with LocalServer()` works in async code: it starts, answers and closes cleanly."""
+    import aiohttp
+
+    with LocalServer() as server:
+        async with aiohttp.ClientSession() as session, session.get(f"{server.url}/health") as resp:
+            assert resp.status == 200
+    assert not any(t.name == "friendli-image-local-server" for t in threading.enumerate())
