@@ -121,7 +121,9 @@ class RetryConfig:
     any byte of the answer, the server may simply have closed it while it sat idle, and
     nothing on the client can tell that apart from "read the request, then dropped it".
     Such a failure gets one immediate reconnect (outside ``max_attempts`` and the budget),
-    and a result obtained that way has ``maybe_duplicated=True``. A *fresh* connection
+    and a result obtained that way has ``maybe_duplicated=True``; ``reconnect_reused=False``
+    turns it off, for strict at-most-once sending (the drop then raises with
+    ``maybe_processed=True``, like any other). A *fresh* connection
     that breaks after sending is never resent by default: the error has
     ``maybe_processed=True``. With ``retry_ambiguous=True`` both are retried like any
     transient failure, under the same ``X-Request-ID``.
@@ -137,6 +139,8 @@ class RetryConfig:
         max_retry_after: the longest server ``Retry-After`` hint honoured; a longer one
             stops retrying and raises with ``retry_after`` set.
         retry_ambiguous: resend requests the server may already have processed.
+        reconnect_reused: reconnect once when a reused keep-alive connection breaks
+            before any answer (see above); False never resends such a request.
         budget_ratio: the client-wide retry budget; each call adds this many retry tokens
             (so during an outage retries stay near this fraction of the calls).
         budget_floor: retry tokens a client starts with (and keeps up to ``budget_cap``).
@@ -154,6 +158,7 @@ class RetryConfig:
     )
     max_retry_after: float = attrs.field(default=60.0, validator=_non_negative("max_retry_after"))
     retry_ambiguous: bool = False
+    reconnect_reused: bool = True
     budget_ratio: float = attrs.field(default=0.1, validator=_non_negative("budget_ratio"))
     budget_floor: float = attrs.field(default=10.0, validator=_non_negative("budget_floor"))
     budget_cap: float = attrs.field(default=50.0, validator=_non_negative("budget_cap"))

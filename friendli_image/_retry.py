@@ -89,7 +89,11 @@ def is_retryable(error: BaseException, config: RetryConfig) -> bool:
     if isinstance(error, FriendliConnectionError):
         if getattr(error, "_permanent", False):
             return False  # e.g. a TLS verification failure: the same again next time
-        return not error.maybe_processed or config.retry_ambiguous or is_stale(error)
+        return (
+            not error.maybe_processed
+            or config.retry_ambiguous
+            or (config.reconnect_reused and is_stale(error))
+        )
     return False
 
 
@@ -172,7 +176,7 @@ class CallRetry:
     def wait(self, state: _t.RetryCallState) -> float:
         """tenacity ``wait``: the server's hint when it gave one, else our backoff."""
         error = _failure(state)
-        if is_stale(error) and not self._stale_retry_used:
+        if self._config.reconnect_reused and is_stale(error) and not self._stale_retry_used:
             return 0.0
         hint = getattr(error, "retry_after", None)
         if hint is not None:
@@ -182,7 +186,7 @@ class CallRetry:
     def stop(self, state: _t.RetryCallState) -> bool:
         """tenacity ``stop``: out of attempts, time or budget, or the hint is too long."""
         error = _failure(state)
-        if is_stale(error) and not self._stale_retry_used:
+        if self._config.reconnect_reused and is_stale(error) and not self._stale_retry_used:
             # One reconnect for the keep-alive race, outside attempts and budget, as
             # the request never reached a live server.
             self._stale_retry_used = True

@@ -175,6 +175,36 @@ async def test_reused_connection_dropped_after_read_reconnects_once(
 
 
 @pytest.mark.scenario(17)
+async def test_reconnect_of_reused_connections_can_be_turned_off(
+    raw_server: StartRaw, make_client: MakeClient, figures: Figures
+) -> None:
+    """With reconnect_reused=False a reused connection dropped after the read is an error."""
+    requests: list[bytes] = []
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while request := await read_request(reader):
+            requests.append(request)
+            if len(requests) == 2:
+                writer.close()  # read, then gone without a reply
+                return
+            writer.write(http_response(image_body()))
+            await writer.drain()
+
+    raw = await raw_server(handler)
+    client = make_client(
+        raw.url, retries=RetryConfig(max_attempts=3, initial_delay=0.01, reconnect_reused=False)
+    )
+    assert (await gen(client)).attempts == 1
+    with pytest.raises(FriendliConnectionError) as caught:
+        await gen(client)
+    figures.add("inject.reset")
+    figures.add("fail.expected")
+    figures.add("fail.typed")
+    assert caught.value.maybe_processed
+    assert len(requests) == 2
+
+
+@pytest.mark.scenario(17)
 async def test_server_restart_between_calls_is_survived(
     server: LocalServer, make_client: MakeClient, figures: Figures
 ) -> None:
