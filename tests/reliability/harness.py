@@ -229,7 +229,8 @@ _RULES = [
     "`maybe_processed=True`. A *reused* keep-alive connection that breaks before any "
     "answer gets one immediate reconnect, because the benign race (the server closed it "
     "while idle) looks the same from the client; a result obtained so has "
-    "`maybe_duplicated=True`. `RetryConfig(retry_ambiguous=True)` resends both, under the "
+    "`maybe_duplicated=True` (`RetryConfig(reconnect_reused=False)` turns that off). "
+    "`RetryConfig(retry_ambiguous=True)` resends both, under the "
     "same `X-Request-ID` (each attempt carries `X-Friendli-Attempt`).",
     "- **Timeouts**: connect 10 s, per attempt 300 s, read and total unset by default; "
     "every timer starts after a pool slot is acquired.",
