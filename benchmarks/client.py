@@ -211,6 +211,18 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[index]
 
 
+def _peak_rss_mib() -> float:
+    """This process's peak RSS (VmHWM; ru_maxrss would carry a parent's peak across exec)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
 def _figures(n: int, wall: float, cpu: float, latencies: list[float]) -> dict[str, float]:
     return {
         "n": n,
@@ -264,15 +276,3 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-
-
-def _peak_rss_mib() -> float:
-    """This process's peak RSS (VmHWM; ru_maxrss would carry a parent's peak across exec)."""
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
