@@ -547,7 +547,7 @@ def report(data: dict[str, Any], out: Path, *, analysis: bool) -> None:
         f"{data['repeats']} interleaved repetitions, medians shown.",
         "- Each client decodes every image to bytes (the official SDK and raw aiohttp with "
         "`base64.b64decode`); CPU is the client process's user+sys time over the timed "
-        "requests only; peak RSS is the client process's `ru_maxrss`. The official clients "
+        "requests only; peak RSS is the client process's `VmHWM`. The official clients "
         "run N/4 requests per cell (they are the slowest; rates stay comparable).",
         "- Sync clients run sequentially at C=1 and from a pool of C threads sharing one "
         "client at C>1.",
