@@ -11,7 +11,6 @@ from ._batch import (
     BatchItem,
     BatchProgress,
     BatchResult,
-    FriendliBatchAborted,
     SyncBatch,
 )
 from ._client import AsyncFriendli
@@ -21,6 +20,7 @@ from ._exceptions import (
     FriendliAPIStatusError,
     FriendliAuthenticationError,
     FriendliBadRequestError,
+    FriendliBatchAborted,
     FriendliConnectionError,
     FriendliError,
     FriendliNotFoundError,

@@ -57,6 +57,7 @@ from ._exceptions import (
     FriendliAPIError,
     FriendliAPIStatusError,
     FriendliAuthenticationError,
+    FriendliBatchAborted,
     FriendliConnectionError,
     FriendliError,
     FriendliNotFoundError,
@@ -82,7 +83,6 @@ __all__ = [
     "BatchProgress",
     "BatchResult",
     "BatchStatus",
-    "FriendliBatchAborted",
     "RequestSpec",
     "SyncBatch",
 ]
@@ -106,30 +106,6 @@ BatchStatus: TypeAlias = Literal["ok", "failed", "skipped", "resumed"]
 #: model, or (``generate_batch`` only) a prompt string.
 RequestSpec: TypeAlias = "Mapping[str, Any] | GenerateRequest | EditRequest | str"
 RequestModel: TypeAlias = "GenerateRequest | EditRequest"
-
-
-class FriendliBatchAborted(FriendliError):
-    """A batch stopped early because an error would have failed every remaining item.
-
-    Items that were not attempted carry this error with status ``"skipped"``.
-
-    Attributes:
-        cause: the error that stopped the batch (e.g. a 401, or the server unreachable
-            after retries).
-        index: the input index of the item that met it.
-    """
-
-    def __init__(self, cause: FriendliAPIError, index: int) -> None:
-        super().__init__(cause, index)
-        self.cause = cause
-        self.index = index
-
-    def __str__(self) -> str:
-        return (
-            f"not attempted: the batch stopped after item {self.index} failed with an error "
-            f"every remaining item would meet ({self.cause}); fix it and run the batch again "
-            "(with out_dir, finished items are kept and skipped)"
-        )
 
 
 @attrs.frozen(kw_only=True, repr=False, eq=False)

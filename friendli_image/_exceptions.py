@@ -9,6 +9,7 @@ is never wrapped.
     FriendliError
     ├── FriendliUsageError                 the SDK was used wrongly (closed client, wrong loop, ...)
     │   └── FriendliValidationError        bad input, caught before anything was sent
+    ├── FriendliBatchAborted               a batch item not attempted: the batch had stopped
     └── FriendliAPIError                   talking to the server failed
         ├── FriendliConnectionError        no usable answer: refused, reset, DNS, TLS, ...
         │   └── FriendliTimeoutError       connect, read, attempt or deadline timeout
@@ -44,6 +45,7 @@ __all__ = [
     "FriendliAPIStatusError",
     "FriendliAuthenticationError",
     "FriendliBadRequestError",
+    "FriendliBatchAborted",
     "FriendliConnectionError",
     "FriendliError",
     "FriendliNotFoundError",
@@ -310,6 +312,30 @@ class FriendliResponseError(FriendliAPIError):
     def __str__(self) -> str:
         text = f"HTTP {self.status}: {super().__str__()}"
         return f"{text} — body starts: {self.body}" if self.body else text
+
+
+class FriendliBatchAborted(FriendliError):
+    """A batch stopped early because an error would have failed every remaining item.
+
+    Items that were not attempted carry this error with status ``"skipped"``.
+
+    Attributes:
+        cause: the error that stopped the batch (e.g. a 401, or the server unreachable
+            after retries).
+        index: the input index of the item that met it.
+    """
+
+    def __init__(self, cause: FriendliAPIError, index: int) -> None:
+        super().__init__(cause, index)
+        self.cause = cause
+        self.index = index
+
+    def __str__(self) -> str:
+        return (
+            f"not attempted: the batch stopped after item {self.index} failed with an error "
+            f"every remaining item would meet ({self.cause}); fix it and run the batch again "
+            "(with out_dir, finished items are kept and skipped)"
+        )
 
 
 class FriendliResponseTooLarge(FriendliResponseError):
