@@ -1,11 +1,9 @@
 """The two code snippets of the seed document run unchanged except for the import line."""
 
-# ruff: noqa: E501  (the seed snippets are kept verbatim, long lines included)
-
 from __future__ import annotations
 
 import os
-import textwrap
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -17,51 +15,9 @@ from friendli_image.server import LocalServer, ServerConfig
 CAT = "https://huggingface.co/datasets/huggingface/documentation-images/resolve/main/diffusers/cat.png"
 
 # The seed's snippets, verbatim but for the import line (`from friendli import SyncFriendli`).
-GENERATE_SNIPPET = textwrap.dedent(
-    """
-    import os
-    from friendli_image import SyncFriendli
-    with SyncFriendli(
-        token=os.getenv("FRIENDLI_TOKEN", ""),
-    ) as friendli:
-        res = friendli.container.image.generate(
-            prompt="An orange Lamborghini driving down a hill road at night with a beautiful ocean view in the background.",
-            model="(adapter-route)",
-            num_inference_steps=10,
-            guidance_scale=3.5,
-            control_images=[
-                {
-                    "image": "https://huggingface.co/datasets/huggingface/documentation-images/resolve/main/diffusers/cat.png",
-                },
-            ],
-        )
-        # Handle response
-        print(res)
-    """
-)
-
-EDIT_SNIPPET = textwrap.dedent(
-    """
-    import os
-    from friendli_image import SyncFriendli
-    with SyncFriendli(
-        token=os.getenv("FRIENDLI_TOKEN", ""),
-    ) as friendli:
-        res = friendli.container.image.edit(
-            image=[
-                {
-                    "image": "https://huggingface.co/datasets/huggingface/documentation-images/resolve/main/diffusers/cat.png",
-                },
-            ],
-            prompt="Add a red sports car in the foreground.",
-            model="(adapter-route)",
-            num_inference_steps=20,
-            guidance_scale=0,
-        )
-        # Handle response
-        print(res)
-    """
-)
+SEED_DIR = Path(__file__).parent / "data" / "seed"
+GENERATE_SNIPPET = (SEED_DIR / "generate.py.txt").read_text()
+EDIT_SNIPPET = (SEED_DIR / "edit.py.txt").read_text()
 
 GENERATE_BODY = {
     "prompt": "An orange Lamborghini driving down a hill road at night with a beautiful ocean "

@@ -1,4 +1,3 @@
-# ruff: noqa: E501  (the seed's snippets are kept verbatim, long lines included)
 """SyncFriendli across process boundaries: seed snippets, Ctrl-C, exit without close, fork.
 
 Each test runs a script with ``sys.executable -X dev -W error`` under a hard timeout,
@@ -16,6 +15,7 @@ import textwrap
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -104,47 +104,9 @@ def server() -> Iterator[LocalServer]:
 
 # -- the seed's snippets ----------------------------------------------------------------
 
-SEED_GENERATE = """
-import os
-from friendli_image import SyncFriendli
-with SyncFriendli(
-    token=os.getenv("FRIENDLI_TOKEN", ""),
-) as friendli:
-    res = friendli.container.image.generate(
-        prompt="An orange Lamborghini driving down a hill road at night with a beautiful ocean view in the background.",
-        model="(adapter-route)",
-        num_inference_steps=10,
-        guidance_scale=3.5,
-        control_images=[
-            {
-                "image": "https://huggingface.co/datasets/huggingface/documentation-images/resolve/main/diffusers/cat.png",
-            },
-        ],
-    )
-    # Handle response
-    print(res)
-"""
-
-SEED_EDIT = """
-import os
-from friendli_image import SyncFriendli
-with SyncFriendli(
-    token=os.getenv("FRIENDLI_TOKEN", ""),
-) as friendli:
-    res = friendli.container.image.edit(
-        image=[
-            {
-                "image": "https://huggingface.co/datasets/huggingface/documentation-images/resolve/main/diffusers/cat.png",
-            },
-        ],
-        prompt="Add a red sports car in the foreground.",
-        model="(adapter-route)",
-        num_inference_steps=20,
-        guidance_scale=0,
-    )
-    # Handle response
-    print(res)
-"""
+SEED_DIR = Path(__file__).parent / "data" / "seed"
+SEED_GENERATE = (SEED_DIR / "generate.py.txt").read_text()
+SEED_EDIT = (SEED_DIR / "edit.py.txt").read_text()
 
 
 @pytest.mark.parametrize("snippet", [SEED_GENERATE, SEED_EDIT], ids=["generate", "edit"])
