@@ -181,7 +181,11 @@ class CallRetry:
         hint = getattr(error, "retry_after", None)
         if hint is not None:
             return float(hint) + self._rng.uniform(0.0, min(self._config.jitter, 0.25))
-        return backoff_delay(state.attempt_number, self._config, self._rng)
+        return backoff_delay(self._counted(state), self._config, self._rng)
+
+    def _counted(self, state: _t.RetryCallState) -> int:
+        """Attempts that count against ``max_attempts``: the keep-alive reconnect is free."""
+        return state.attempt_number - (1 if self._stale_retry_used else 0)
 
     def stop(self, state: _t.RetryCallState) -> bool:
         """tenacity ``stop``: out of attempts, time or budget, or the hint is too long."""
@@ -192,7 +196,7 @@ class CallRetry:
             self._stale_retry_used = True
             return False
         config = self._config
-        if state.attempt_number >= config.max_attempts:
+        if self._counted(state) >= config.max_attempts:
             return True
         hint = getattr(error, "retry_after", None)
         if hint is not None and hint > config.max_retry_after:

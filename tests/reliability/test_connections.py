@@ -389,3 +389,16 @@ _SYNC = "tests/test_sync_lifecycle.py (the sync facade's lifecycle suite)"
 def test_sync_facade_scenarios_live_elsewhere(number: int) -> None:
     """Scenarios 19-24 need the blocking facade; they run in the sync lifecycle suite."""
     raise AssertionError(number)  # pragma: no cover - always skipped
+
+
+@pytest.mark.scenario(17)
+async def test_keep_alive_reconnect_does_not_use_up_an_attempt() -> None:
+    """The free reconnect after a dropped reused connection leaves max_attempts intact."""
+    config = ServerConfig(static_image=b"\x89PNG\r\n\x1a\n" + bytes(64))
+    policy = RetryConfig(max_attempts=2, initial_delay=0.01, jitter=0.0)
+    async with LocalServer(config) as srv, AsyncFriendli(server_url=srv.url, retries=policy) as c:
+        await c.container.image.generate(prompt="warm up the keep-alive connection")
+        srv.script("t", [Action.drop_after_read(), Action.status(503), Action.ok()])
+        result = await c.container.image.generate(prompt="p", http_headers={"x-test-id": "t"})
+    assert result.attempts == 3
+    assert result.maybe_duplicated
