@@ -559,7 +559,8 @@ async def test_two_thousand_items_survive_faults_a_restart_and_a_straggler(
     finished_at: dict[int, float] = {}
     items: list[BatchItem] = []
     restart: asyncio.Task[None] | None = None
-    resend = RetryConfig(retry_ambiguous=True, budget_floor=200, budget_cap=200)
+    # Several faults can meet one item (503, 429, the restart): headroom beyond 5 attempts.
+    resend = RetryConfig(max_attempts=8, retry_ambiguous=True, budget_floor=200, budget_cap=200)
     async with AsyncFriendli(server_url=server.url, retries=resend) as friendli:
         started = time.monotonic()
         async for item in friendli.container.image.generate_batch(requests, concurrency=64):

@@ -107,7 +107,11 @@ async def test_two_thousand_items_through_faults_and_a_restart(
         p_503=0.05, p_429=0.02, retry_after_s=0.5, p_drop_after_read=0.01, delay_ms=(0, 200)
     )
     config = ServerConfig(static_image=TINY_PNG, faults=faults, max_concurrency=CONCURRENCY)
-    policy = RetryConfig(initial_delay=0.1, max_delay=1.0, jitter=0.1, retry_ambiguous=resend)
+    # Several independent faults (503, 429, drops, the restart) can meet one request:
+    # more attempts than the default keep the run deterministic on a loaded machine.
+    policy = RetryConfig(
+        max_attempts=8, initial_delay=0.1, max_delay=1.0, jitter=0.1, retry_ambiguous=resend
+    )
     async with LocalServer(config) as srv:
         client = make_client(srv.url, retries=policy, max_connections=CONCURRENCY)
         outcomes, finished, elapsed = await _run_batch(srv, client, tid)
