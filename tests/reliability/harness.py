@@ -248,7 +248,7 @@ _RULES = [
     "it on. No record, error, result or repr contains the token.",
     "- **Known differences from RELIABILITY.md**: an unknown keyword argument is Python's "
     "own `TypeError` (it names the keyword; nothing is sent). The 10 ms-ticker loop-lag "
-    "bound is asserted at 150 ms because other test runs share the machine; the measured "
+    "bound is asserted at 400 ms because other test runs share the machine; the measured "
     "value is reported above against the 50 ms target. Scenario 38's \"401 on the first "
     'item stops new dispatches" is a property of the batch API and is tested with it.',
     "",
