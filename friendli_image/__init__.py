@@ -6,13 +6,7 @@
 ...     result.save("lighthouse")
 """
 
-from ._batch import (
-    Batch,
-    BatchItem,
-    BatchProgress,
-    BatchResult,
-    SyncBatch,
-)
+from ._batch import Batch
 from ._client import AsyncFriendli
 from ._config import RetryConfig, Timeout
 from ._exceptions import (
@@ -36,8 +30,18 @@ from ._exceptions import (
     FriendliUsageWarning,
     FriendliValidationError,
 )
-from ._models import ContainerImageGenerateSuccess, ImageInput, ImageResult
-from ._sync import SyncFriendli
+from ._models import (
+    BatchItem,
+    BatchOptions,
+    BatchProgress,
+    BatchResult,
+    ContainerImageGenerateSuccess,
+    EditRequest,
+    GenerateRequest,
+    ImageInput,
+    ImageResult,
+)
+from ._sync import SyncBatch, SyncFriendli
 from ._version import __version__
 
 APIConnectionError = FriendliConnectionError
@@ -52,9 +56,11 @@ __all__ = [
     "AsyncFriendli",
     "Batch",
     "BatchItem",
+    "BatchOptions",
     "BatchProgress",
     "BatchResult",
     "ContainerImageGenerateSuccess",
+    "EditRequest",
     "FriendliAPIError",
     "FriendliAPIStatusError",
     "FriendliAuthenticationError",
@@ -74,6 +80,7 @@ __all__ = [
     "FriendliUsageError",
     "FriendliUsageWarning",
     "FriendliValidationError",
+    "GenerateRequest",
     "ImageInput",
     "ImageResult",
     "ResponseError",

@@ -3,56 +3,42 @@
 A batch reads its requests lazily, one at a time, and holds at most ``concurrency``
 of them in flight (plus, in ordered mode, a bounded window of finished items waiting for
 an earlier one), so a generator of a million prompts costs memory for ``concurrency``
-items, not for a million. Every request goes through the client's one request path
-(``AsyncFriendli.request``), so a batch gets the same validation, retries and typed
-errors as single calls; on top of it the batch adds:
+items, not for a million. Every request goes through the client's one request path and
+its one retry loop (`RequestPath`), so a batch gets the same validation, retries and
+typed errors as single calls; on top of it the batch adds:
 
-- **A gate** in front of the request path: an in-flight limit that halves when the
-  server answers 429 (at most once per round of requests) and grows back by one per
-  round of successes (AIMD), and an optional requests-per-second ceiling. Rate-limited
-  items are retried by the batch, after the server's ``Retry-After``, so that the limit
-  sees every 429.
+- **A gate** that admits every attempt: an in-flight limit that shrinks when the server
+  answers 429 (at most once per round of requests) and grows back by one per round of
+  successes (AIMD), and an optional requests-per-second ceiling. The retry loop tells
+  it how each attempt went, so the limit sees every 429, retried ones included.
 - **Per-item outcomes**: failures are captured on the item, not raised. A failure that
   every remaining item would meet (401, 403, 404, a redirect, a server unreachable after
   the retries) stops new dispatches and reports the rest as ``skipped`` with
   `FriendliBatchAborted`.
-- **A sink** (``out_dir``): each image is written as it arrives (temporary file, then
-  ``os.replace``) and dropped from memory; ``manifest.jsonl`` gets one line per finished
-  item, written with one ``write`` call per line. A rerun over the same input and
-  directory skips items whose line is in the manifest and whose file is present with
-  the recorded sha256, so a killed job resumes where it stopped.
+- **A sink** (``out_dir``, see ``_sink``): images and a resumable ``manifest.jsonl``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
-import inspect
-import math
-import os
-import pathlib
-import random
-import tempfile
-import threading
 import time
 from collections import deque
 from collections.abc import (
     AsyncIterable,
     AsyncIterator,
-    Callable,
     Generator,
     Iterable,
     Iterator,
     Mapping,
     Sized,
 )
-from typing import TYPE_CHECKING, Any, Final, Literal, TypeAlias
+from typing import Any, Final
 
 import attrs
 import orjson
 
-from ._client import CallOptions
-from ._config import RetryConfig
+from ._config import CallOptions, CallOverrides
 from ._exceptions import (
     FriendliAPIError,
     FriendliAPIStatusError,
@@ -62,195 +48,53 @@ from ._exceptions import (
     FriendliError,
     FriendliNotFoundError,
     FriendliPermissionDeniedError,
-    FriendliRateLimitError,
     FriendliUsageError,
     FriendliValidationError,
 )
-from ._formats import EXTENSIONS
-from ._models import EditRequest, GenerateRequest, ImageResult, public_fields
-from ._retry import backoff_delay
+from ._models import (
+    AttemptOutcome,
+    BatchItem,
+    BatchOptions,
+    BatchProgress,
+    BatchResult,
+    EditRequest,
+    GenerateRequest,
+    ImageResult,
+    RequestModel,
+    RequestPath,
+    public_fields,
+)
 from ._serde import converter
+from ._sink import Sink, file_name, manifest_record
 
-if TYPE_CHECKING:
-    from ._client import AsyncFriendli
-    from ._sync import SyncFriendli
+__all__ = ["Batch", "BatchOperation", "BatchStopped", "Gate"]
 
-__all__ = [
-    "MANIFEST_NAME",
-    "Batch",
-    "BatchItem",
-    "BatchOperation",
-    "BatchProgress",
-    "BatchResult",
-    "BatchStatus",
-    "RequestSpec",
-    "SyncBatch",
-]
-
-#: The manifest's file name inside ``out_dir``.
-MANIFEST_NAME: Final = "manifest.jsonl"
 #: ``on_progress`` is called at most this often (and once more at the end).
 _PROGRESS_INTERVAL: Final = 0.1
 #: Multiplicative decrease of the in-flight limit on a 429 (CUBIC's factor: halving
 #: starves a server whose 429s are sparse and not about load).
 _DECREASE: Final = 0.7
 #: Per-call option keys a request mapping may carry besides the request fields.
-_OPTION_KEYS: Final = frozenset({"retries", "server_url", "timeout_ms", "http_headers"})
-#: Manifest lines longer than this are not remembered for resuming (packing limit).
-_MAX_LINE: Final = (1 << 24) - 1
-_TEMP_SUFFIX: Final = ".part"
-
-BatchStatus: TypeAlias = Literal["ok", "failed", "skipped", "resumed"]
-#: One request of a batch: a mapping of ``generate`` / ``edit`` keyword arguments (per-call
-#: ``retries``, ``server_url``, ``timeout_ms`` and ``http_headers`` included), a request
-#: model, or (``generate_batch`` only) a prompt string.
-RequestSpec: TypeAlias = "Mapping[str, Any] | GenerateRequest | EditRequest | str"
-RequestModel: TypeAlias = "GenerateRequest | EditRequest"
-
-
-@attrs.frozen(kw_only=True, repr=False, eq=False)
-class BatchItem:
-    """The outcome of one request of a batch."""
-
-    index: int
-    """The position of the request in the input (0-based)."""
-    id: str
-    """sha256 of the request's canonical JSON: equal requests have equal ids ("" if invalid)."""
-    request: Mapping[str, Any]
-    """The request as given (a model is shown as its fields)."""
-    status: BatchStatus
-    """``ok``; ``failed`` (see ``error``); ``skipped`` (not attempted, the batch stopped);
-    ``resumed`` (done by an earlier run into the same ``out_dir``)."""
-    result: ImageResult | None = None
-    """The image, when the batch keeps images in memory (no ``out_dir``)."""
-    path: pathlib.Path | None = None
-    """Where the image was written, when the batch has an ``out_dir``."""
-    format: str | None = None
-    """The image format (``jpeg``, ``png``, ...), for ``ok`` and ``resumed`` items."""
-    sha256: str | None = None
-    """The sha256 of the file written, when the batch has an ``out_dir``."""
-    error: FriendliError | None = None
-    """Why the item failed or was skipped."""
-    attempts: int = 0
-    """HTTP attempts made for this item in this run (rate-limited retries included)."""
-    elapsed: float = 0.0
-    """Seconds from the item's dispatch to its outcome, waits included."""
-    request_id: str | None = None
-    """The ``X-Request-ID`` of the last call made for the item."""
-    maybe_duplicated: bool = False
-    """True when the image came from a resend of a request the server may already have
-    run (see ``ImageResult.maybe_duplicated``)."""
-
-    @property
-    def ok(self) -> bool:
-        """True when the item has an image (made now, or by an earlier run)."""
-        return self.status in ("ok", "resumed")
-
-    @property
-    def maybe_processed(self) -> bool:
-        """True when the item failed but the server may have run the generation."""
-        return isinstance(self.error, FriendliAPIError) and self.error.maybe_processed
-
-    def __repr__(self) -> str:
-        parts = [f"index={self.index}", f"status={self.status!r}"]
-        if self.path is not None:
-            parts.append(f"path={str(self.path)!r}")
-        elif self.result is not None:
-            parts.append(f"result={self.result!r}")
-        if self.error is not None:
-            parts.append(f"error={type(self.error).__name__}")
-        parts.append(f"attempts={self.attempts}")
-        parts.append(f"elapsed={self.elapsed:.2f}s")
-        return f"BatchItem({', '.join(parts)})"
-
-
-@attrs.frozen(kw_only=True)
-class BatchProgress:
-    """A snapshot of a running batch, passed to ``on_progress``."""
-
-    total: int | None
-    """How many requests the input holds, when known (a sized input or ``total=``)."""
-    done: int
-    """Items finished, whatever their status."""
-    succeeded: int
-    """Items with a new image."""
-    failed: int
-    """Items that failed."""
-    skipped: int
-    """Items not attempted because the batch stopped."""
-    resumed: int
-    """Items done by an earlier run (``out_dir`` with ``resume=True``)."""
-    in_flight: int
-    """Requests on the wire (or waiting for the rate ceiling) right now."""
-    limit: int
-    """The current in-flight limit (lower than ``concurrency`` after 429s)."""
-    elapsed: float
-    """Seconds since the batch started."""
-    rate: float
-    """Items finished per second in this run (resumed items excluded)."""
-    eta: float | None
-    """Seconds until the last item, at the current rate (None when unknown)."""
-
-
-@attrs.frozen(kw_only=True)
-class BatchResult:
-    """Every item of a finished batch, in input order."""
-
-    items: list[BatchItem]
-    """One item per request, ``items[i].index == i``."""
-    elapsed: float
-    """Seconds the batch took."""
-    aborted: FriendliBatchAborted | None = None
-    """Set when the batch stopped early; the items it did not attempt are ``skipped``."""
-
-    @property
-    def ok(self) -> bool:
-        """True when every item has an image."""
-        return all(item.ok for item in self.items)
-
-    @property
-    def succeeded(self) -> list[BatchItem]:
-        """The items with an image (``ok`` and ``resumed``)."""
-        return [item for item in self.items if item.ok]
-
-    @property
-    def failed(self) -> list[BatchItem]:
-        """The items that failed."""
-        return [item for item in self.items if item.status == "failed"]
-
-    @property
-    def skipped(self) -> list[BatchItem]:
-        """The items not attempted because the batch stopped."""
-        return [item for item in self.items if item.status == "skipped"]
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __iter__(self) -> Iterator[BatchItem]:
-        return iter(self.items)
-
-    def __getitem__(self, index: int) -> BatchItem:
-        return self.items[index]
+_OPTION_KEYS: Final = frozenset(field.name for field in attrs.fields(CallOverrides))
 
 
 @attrs.frozen
 class BatchOperation:
-    """What a batch sends: the route, the function that validates one request, its model."""
+    """What a batch sends: the route and the request model that validates one request."""
 
     path: str
-    build: Callable[..., RequestModel]
     model: type[GenerateRequest] | type[EditRequest]
     accepts_prompt: bool = False
     fields: frozenset[str] = attrs.field(init=False)
     required: frozenset[str] = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
-        parameters = inspect.signature(self.build).parameters.values()
-        object.__setattr__(self, "fields", frozenset(p.name for p in parameters))
+        fields = attrs.fields(self.model)
+        object.__setattr__(self, "fields", frozenset(field.name for field in fields))
         object.__setattr__(
             self,
             "required",
-            frozenset(p.name for p in parameters if p.default is inspect.Parameter.empty),
+            frozenset(field.name for field in fields if field.default is attrs.NOTHING),
         )
 
 
@@ -275,28 +119,24 @@ def _request_id_of(prepared_path: str, model: RequestModel) -> str:
     return digest.hexdigest()
 
 
+@attrs.frozen
 class _Prepared:
-    __slots__ = ("id", "model", "options", "request", "retry_429")
-
-    def __init__(
-        self,
-        request: Mapping[str, Any],
-        model: RequestModel,
-        options: tuple[CallOptions, bool],
-        id_: str,
-    ) -> None:
-        self.request = request
-        self.model = model
-        self.options, self.retry_429 = options
-        self.id = id_
+    request: Mapping[str, Any]
+    model: RequestModel
+    options: CallOptions
+    id: str
 
 
-class _Aborted(Exception):
-    """Internal: the gate is closed because the batch stopped."""
+class BatchStopped(Exception):
+    """The gate refuses admission because the batch stopped; the item is ``skipped``."""
 
 
-class _Gate:
-    """The in-flight limit (AIMD on 429) and the requests-per-second ceiling."""
+class Gate:
+    """The in-flight limit (AIMD on 429) and the requests-per-second ceiling.
+
+    The `AttemptGate` of a batch: the client's retry loop admits every attempt of
+    every item through it.
+    """
 
     __slots__ = (
         "_aborted",
@@ -330,9 +170,9 @@ class _Gate:
         return self._aborted
 
     async def acquire(self) -> int:
-        """Wait for a slot (and the rate ceiling); return the epoch the request starts in."""
+        """Wait for a slot (and the rate ceiling); return the epoch the attempt starts in."""
         if self._aborted:
-            raise _Aborted
+            raise BatchStopped
         if self.in_flight < self.limit and not self._waiters:
             self.in_flight += 1
         else:
@@ -347,7 +187,7 @@ class _Gate:
                     self._waiters.remove(waiter)
                 raise
             if not granted:
-                raise _Aborted
+                raise BatchStopped
         if self._interval:
             now = time.monotonic()
             send_at = max(now, self._next_send)
@@ -360,14 +200,11 @@ class _Gate:
                     raise
             if self.aborted:
                 self._free()
-                raise _Aborted
+                raise BatchStopped
         return self._epoch
 
     def release(
-        self,
-        epoch: int,
-        outcome: Literal["ok", "rate_limited", "other"],
-        retry_after: float | None = None,
+        self, epoch: int, outcome: AttemptOutcome, retry_after: float | None = None
     ) -> None:
         """Give the slot back, adapting the limit to how the request went."""
         if outcome == "rate_limited":
@@ -399,149 +236,6 @@ class _Gate:
                 waiter.set_result(False)
 
 
-def _pack(offset: int, length: int) -> int:
-    return (offset << 24) | length
-
-
-class _Sink:
-    """Writes images into ``out_dir`` and keeps ``manifest.jsonl``; answers resume lookups."""
-
-    def __init__(self, directory: pathlib.Path, resume: bool) -> None:
-        self.directory = directory
-        self.manifest_path = directory / MANIFEST_NAME
-        self._resume = resume
-        # index -> (offset << 24 | length) of its latest success line: ~100 bytes per
-        # finished item, dropped as the run reaches the item.
-        self._done: dict[int, int] = {}
-        self._reader: Any = None
-        self._reader_lock = threading.Lock()
-        self._manifest: Any = None
-
-    # -- opening and closing (blocking; run on a worker thread) ---------------------
-
-    def open(self) -> None:
-        try:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            for stale in self.directory.glob(f".*{_TEMP_SUFFIX}"):
-                stale.unlink(missing_ok=True)
-            if self._resume and self.manifest_path.exists():
-                self._load()
-                self._reader = self.manifest_path.open("rb")
-            mode = "ab" if self._resume else "wb"
-            self._manifest = self.manifest_path.open(mode, buffering=0)
-        except OSError as exc:
-            self.close()
-            raise FriendliUsageError(
-                f"cannot use out_dir {str(self.directory)!r}: {exc}; pass a writable directory"
-            ) from exc
-
-    def _load(self) -> None:
-        with self.manifest_path.open("r+b") as manifest:
-            offset = 0
-            for line in manifest:
-                length = len(line)
-                if not line.endswith(b"\n"):
-                    # A crash mid-append leaves one partial last line: cut it, so the
-                    # next line does not get glued to it.
-                    manifest.truncate(offset)
-                    break
-                try:
-                    record = orjson.loads(line)
-                except orjson.JSONDecodeError:
-                    record = None
-                if (
-                    isinstance(record, dict)
-                    and record.get("status") == "ok"
-                    and isinstance(record.get("index"), int)
-                    and length <= _MAX_LINE
-                ):
-                    self._done[record["index"]] = _pack(offset, length)
-                offset += length
-
-    def close(self) -> None:
-        for handle in (self._manifest, self._reader):
-            if handle is not None:
-                handle.close()
-        self._manifest = self._reader = None
-
-    # -- per item -------------------------------------------------------------------
-
-    def has_previous(self, index: int) -> bool:
-        return index in self._done
-
-    def previous(self, index: int, item_id: str) -> dict[str, Any] | None:
-        """The manifest record of an earlier success for this very request, if its file
-        is intact (blocking: hashes the file)."""
-        packed = self._done.pop(index, None)
-        if packed is None or self._reader is None:
-            return None
-        offset, length = packed >> 24, packed & _MAX_LINE
-        with self._reader_lock:
-            self._reader.seek(offset)
-            line = self._reader.read(length)
-        try:
-            record = orjson.loads(line)
-        except orjson.JSONDecodeError:
-            return None
-        if not isinstance(record, dict) or record.get("id") != item_id:
-            return None
-        name = record.get("file")
-        if not isinstance(name, str) or pathlib.PurePath(name).name != name:
-            return None
-        try:
-            digest = _file_sha256(self.directory / name)
-        except OSError:
-            return None
-        return record if digest == record.get("sha256") else None
-
-    def write_image(self, name: str, image: bytes) -> str:
-        """Write the image atomically; return its sha256 (blocking)."""
-        target = self.directory / name
-        try:
-            fd, temp = tempfile.mkstemp(dir=self.directory, prefix=f".{name}.", suffix=_TEMP_SUFFIX)
-            try:
-                with os.fdopen(fd, "wb") as handle:
-                    handle.write(image)
-                os.replace(temp, target)
-            except BaseException:
-                pathlib.Path(temp).unlink(missing_ok=True)
-                raise
-        except OSError as exc:
-            raise FriendliUsageError(
-                f"cannot write {str(target)!r}: {exc}; check that out_dir is writable and "
-                "has space, then rerun (finished items are kept)"
-            ) from exc
-        return hashlib.sha256(image).hexdigest()
-
-    def append(self, record: Mapping[str, Any]) -> None:
-        """Append one manifest line with a single write (unbuffered)."""
-        try:
-            self._manifest.write(orjson.dumps(record) + b"\n")
-        except OSError as exc:
-            raise FriendliUsageError(
-                f"cannot append to {str(self.manifest_path)!r}: {exc}; check that out_dir "
-                "is writable and has space, then rerun"
-            ) from exc
-
-
-def _file_sha256(path: pathlib.Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _file_name(index: int, item_id: str, fmt: str) -> str:
-    return f"{index:06d}-{item_id[:12]}{EXTENSIONS.get(fmt, '.bin')}"
-
-
-def _positive_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise FriendliValidationError(name, f"must be an int >= 1, got {value!r}")
-    return value
-
-
 class Batch:
     """A batch of requests, run when it is iterated or awaited (once).
 
@@ -557,23 +251,10 @@ class Batch:
 
     def __init__(
         self,
-        client: AsyncFriendli,
+        path: RequestPath,
         operation: BatchOperation,
-        requests: Iterable[RequestSpec] | AsyncIterable[RequestSpec],
-        *,
-        concurrency: int = 16,
-        rps: float | None = None,
-        ordered: bool = False,
-        reorder_window: int | None = None,
-        out_dir: str | os.PathLike[str] | None = None,
-        resume: bool = True,
-        on_progress: Callable[[BatchProgress], object] | None = None,
-        stop_on_fatal: bool = True,
-        total: int | None = None,
-        retries: RetryConfig | int | None = None,
-        server_url: str | None = None,
-        timeout_ms: int | None = None,
-        http_headers: Mapping[str, str] | None = None,
+        requests: Iterable[Any] | AsyncIterable[Any],
+        options: BatchOptions,
     ) -> None:
         if isinstance(requests, str | bytes | Mapping) or not isinstance(
             requests, Iterable | AsyncIterable
@@ -583,53 +264,41 @@ class Batch:
                 "must be an iterable or async iterable of requests (mappings of "
                 f"arguments, request models or prompts), got {type(requests).__name__}",
             )
-        self._client = client
+        self._path = path
         self._operation = operation
         self._requests = requests
-        self._concurrency = _positive_int("concurrency", concurrency)
-        if rps is not None and (
-            isinstance(rps, bool)
-            or not isinstance(rps, int | float)
-            or not math.isfinite(rps)
-            or rps <= 0
-        ):
-            raise FriendliValidationError("rps", f"must be a positive number or None, got {rps!r}")
-        self._rps = rps
-        self._ordered = bool(ordered)
-        self._window = (
-            max(4 * self._concurrency, 64)
-            if reorder_window is None
-            else _positive_int("reorder_window", reorder_window)
+        self._options = options
+        self._concurrency = options.concurrency
+        self._ordered = options.ordered
+        self._window = options.window
+        self._on_progress = options.on_progress
+        self._total = (
+            len(requests)
+            if options.total is None and isinstance(requests, Sized)
+            else options.total
         )
-        self._out_dir = None if out_dir is None else pathlib.Path(out_dir)
-        self._resume = bool(resume)
-        if on_progress is not None and not callable(on_progress):
-            raise FriendliValidationError("on_progress", "must be a callable or None")
-        self._on_progress = on_progress
-        self._stop_on_fatal = bool(stop_on_fatal)
-        if total is None and isinstance(requests, Sized):
-            total = len(requests)
-        elif total is not None and (
-            isinstance(total, bool) or not isinstance(total, int) or total < 0
-        ):
-            raise FriendliValidationError("total", f"must be an int >= 0, got {total!r}")
-        self._total = total
-        self._batch_retries = retries
-        self._batch_server_url = server_url
-        self._batch_timeout_ms = timeout_ms
-        self._batch_headers = dict(http_headers or {})
-        self._default_options = self._call_options({})
-        self._rng = random.Random()  # noqa: S311  (jitter, not secrets)
+        self._defaults = CallOverrides(
+            retries=options.retries,
+            server_url=options.server_url,
+            timeout_ms=options.timeout_ms,
+            http_headers=options.http_headers,
+        )
+        self._default_options = path.resolve(self._defaults)
         self._started = False
         self._iterator: AsyncIterator[BatchItem] | None = None
-        self._gate = _Gate(self._concurrency, rps)
-        self._sink: _Sink | None = None
+        self._gate = Gate(self._concurrency, options.rps)
+        self._sink: Sink | None = None
         self._aborted: FriendliBatchAborted | None = None
         self._counts = {"ok": 0, "failed": 0, "skipped": 0, "resumed": 0}
         self._t0 = 0.0
         self._last_progress = 0.0
 
     # -- public surface -------------------------------------------------------------
+
+    @property
+    def options(self) -> BatchOptions:
+        """The options the batch runs with."""
+        return self._options
 
     @property
     def aborted(self) -> FriendliBatchAborted | None:
@@ -697,26 +366,10 @@ class Batch:
 
     # -- preparing one request --------------------------------------------------------
 
-    def _call_options(self, spec: Mapping[str, Any]) -> tuple[CallOptions, bool]:
-        """The call options of an item, and whether its policy retries 429."""
-        headers = self._batch_headers
-        item_headers = spec.get("http_headers")
-        if item_headers:
-            if not isinstance(item_headers, Mapping):
-                raise FriendliValidationError("http_headers", "must be a mapping of str to str")
-            headers = {**headers, **item_headers}
-        options = self._client._options(
-            retries=spec.get("retries", self._batch_retries),
-            server_url=spec.get("server_url", self._batch_server_url),
-            timeout_ms=spec.get("timeout_ms", self._batch_timeout_ms),
-            http_headers=headers,
-        )
-        retry = options.retry
-        if 429 not in retry.retry_statuses:
-            return options, False
-        # The batch retries 429s itself, so that the in-flight limit sees each one.
-        retry = attrs.evolve(retry, retry_statuses=retry.retry_statuses - {429})
-        return CallOptions(options.server_url, options.timeout, retry, options.headers), True
+    def _call_options(self, spec: Mapping[str, Any]) -> CallOptions:
+        """The call options of an item: the batch's, with the item's own on top."""
+        item = CallOverrides(**{key: spec[key] for key in _OPTION_KEYS if key in spec})
+        return self._path.resolve(self._defaults.merged(item))
 
     def _prepare(self, spec: object) -> _Prepared:
         operation = self._operation
@@ -755,7 +408,7 @@ class Batch:
                     )
             for name in operation.required - arguments.keys():
                 raise FriendliValidationError(name, "is required")
-            model = operation.build(**arguments)
+            model = operation.model(**arguments)
             if has_options:
                 options = self._call_options(spec)
         return _Prepared(request, model, options, _request_id_of(operation.path, model))
@@ -766,8 +419,8 @@ class Batch:
         self._started = True
         self._t0 = time.monotonic()
         loop = asyncio.get_running_loop()
-        if self._out_dir is not None:
-            sink = _Sink(self._out_dir, self._resume)
+        if self._options.out_dir is not None:
+            sink = Sink(self._options.out_dir, self._options.resume)
             await loop.run_in_executor(None, sink.open)
             self._sink = sink
         sync_source: Iterator[Any] | None = None
@@ -905,62 +558,19 @@ class Batch:
                     elapsed=time.monotonic() - started,
                     request_id=record.get("request_id"),
                 )
-        attempts = 0
-        rate_limited = 0
-        gate = self._gate
-        while True:
-            try:
-                epoch = await gate.acquire()
-            except _Aborted:
-                return self._skipped(index, prepared.request, time.monotonic() - started)
-            try:
-                result = await self._client.request(
-                    self._operation.path, prepared.model, prepared.options
-                )
-            except FriendliRateLimitError as error:
-                gate.release(epoch, "rate_limited", error.retry_after)
-                attempts += error.attempts
-                rate_limited += 1
-                wait = self._rate_limit_wait(error, prepared, rate_limited)
-                if wait is None:
-                    error.attempts = attempts
-                    return self._failed(
-                        index, error=error, attempts=attempts, started=started, prepared=prepared
-                    )
-                await asyncio.sleep(wait)
-                continue
-            except FriendliAPIError as error:
-                gate.release(epoch, "other")
-                attempts += error.attempts
-                error.attempts = attempts
-                if self._stop_on_fatal and _fatal(error):
-                    self._abort(error, index)
-                return self._failed(
-                    index, error=error, attempts=attempts, started=started, prepared=prepared
-                )
-            except BaseException:
-                gate.release(epoch, "other")
-                raise
-            gate.release(epoch, "ok")
-            attempts += result.attempts
-            break
-        return await self._succeeded(index, prepared, result, attempts, started)
-
-    def _rate_limit_wait(
-        self, error: FriendliRateLimitError, prepared: _Prepared, count: int
-    ) -> float | None:
-        """How long a rate-limited item waits before it is sent again (None: give up)."""
-        config = prepared.options.retry
-        if not prepared.retry_429:
-            return None
-        if count >= config.max_attempts:
-            return None
-        hint = error.retry_after
-        if hint is not None:
-            if hint > config.max_retry_after:
-                return None
-            return hint + self._rng.uniform(0.0, min(config.jitter, 0.25))
-        return backoff_delay(count, config, self._rng)
+        try:
+            result = await self._path.send(
+                self._operation.path, prepared.model, prepared.options, self._gate
+            )
+        except BatchStopped:
+            return self._skipped(index, prepared.request, time.monotonic() - started)
+        except FriendliAPIError as error:
+            if self._options.stop_on_fatal and _fatal(error):
+                self._abort(error, index)
+            return self._failed(
+                index, error=error, attempts=error.attempts, started=started, prepared=prepared
+            )
+        return await self._succeeded(index, prepared, result, result.attempts, started)
 
     async def _succeeded(
         self,
@@ -984,31 +594,26 @@ class Batch:
                 request_id=result.request_id,
                 maybe_duplicated=result.maybe_duplicated,
             )
-        name = _file_name(index, prepared.id, result.format)
+        name = file_name(index, prepared.id, result.format)
         digest = await asyncio.get_running_loop().run_in_executor(
             None, sink.write_image, name, result.image
         )
         elapsed = time.monotonic() - started
-        model = prepared.model
         sink.append(
-            {
-                "index": index,
-                "id": prepared.id,
-                "status": "ok",
-                "prompt": model.prompt,
-                "seed": model.seed,
-                "file": name,
-                "format": result.format,
-                "bytes": len(result.image),
-                "sha256": digest,
-                "attempts": attempts,
-                "elapsed": round(elapsed, 4),
-                "request_id": result.request_id,
-                "maybe_duplicated": result.maybe_duplicated,
-                "error": None,
-                "error_type": None,
-                "maybe_processed": False,
-            }
+            manifest_record(
+                index=index,
+                item_id=prepared.id,
+                prompt=prepared.model.prompt,
+                seed=prepared.model.seed,
+                attempts=attempts,
+                elapsed=elapsed,
+                request_id=result.request_id,
+                file=name,
+                fmt=result.format,
+                size=len(result.image),
+                sha256=digest,
+                maybe_duplicated=result.maybe_duplicated,
+            )
         )
         return BatchItem(
             index=index,
@@ -1039,30 +644,19 @@ class Batch:
             item_id, request = prepared.id, prepared.request
         assert request is not None  # noqa: S101  (given when prepared is not)
         elapsed = time.monotonic() - started
-        maybe_processed = isinstance(error, FriendliAPIError) and error.maybe_processed
         request_id = error.request_id if isinstance(error, FriendliAPIError) else None
         if self._sink is not None:
-            prompt = prepared.model.prompt if prepared is not None else request.get("prompt")
-            seed = prepared.model.seed if prepared is not None else request.get("seed")
             self._sink.append(
-                {
-                    "index": index,
-                    "id": item_id,
-                    "status": "failed",
-                    "prompt": prompt if isinstance(prompt, str) else None,
-                    "seed": seed if isinstance(seed, int) else None,
-                    "file": None,
-                    "format": None,
-                    "bytes": None,
-                    "sha256": None,
-                    "attempts": attempts,
-                    "elapsed": round(elapsed, 4),
-                    "request_id": request_id,
-                    "maybe_duplicated": False,
-                    "error": str(error),
-                    "error_type": type(error).__name__,
-                    "maybe_processed": maybe_processed,
-                }
+                manifest_record(
+                    index=index,
+                    item_id=item_id,
+                    prompt=prepared.model.prompt if prepared is not None else request.get("prompt"),
+                    seed=prepared.model.seed if prepared is not None else request.get("seed"),
+                    attempts=attempts,
+                    elapsed=elapsed,
+                    request_id=request_id,
+                    error=error,
+                )
             )
         return BatchItem(
             index=index,
@@ -1086,131 +680,3 @@ def _request_view(spec: object) -> Mapping[str, Any]:
     if isinstance(spec, str):
         return {"prompt": spec}
     return {"request": spec}
-
-
-# -- the blocking twin --------------------------------------------------------------------
-
-
-class _Pump:
-    """Runs a `Batch` on the loop and hands finished items to another thread in chunks.
-
-    The consumer thread takes everything finished so far at once, and the loop thread
-    wakes it only when the buffer goes from empty to non-empty, so a fast batch crosses
-    the thread boundary once per chunk, not once per item. When the consumer falls
-    ``high_water`` items behind, the pump stops pulling (and the batch stops dispatching).
-    """
-
-    def __init__(self, batch: Batch, high_water: int) -> None:
-        self._batch = batch
-        self._high_water = high_water
-        self._items: deque[BatchItem] = deque()
-        self._cond = threading.Condition(threading.Lock())
-        self._finished = False
-        self._cancelled_by_us = False
-        self._error: BaseException | None = None
-        self._loop = asyncio.get_running_loop()
-        self._room = asyncio.Event()
-        self._task = self._loop.create_task(self._run())
-
-    async def _run(self) -> None:
-        try:
-            async with self._batch:
-                async for item in self._batch:
-                    with self._cond:
-                        self._items.append(item)
-                        if len(self._items) == 1:
-                            self._cond.notify()
-                        full = len(self._items) >= self._high_water
-                        if full:
-                            self._room.clear()
-                    if full:
-                        await self._room.wait()
-        except asyncio.CancelledError:
-            if not self._cancelled_by_us:
-                self._error = FriendliUsageError(
-                    "the batch was cancelled because its SyncFriendli was closed while it ran"
-                )
-            raise
-        except BaseException as exc:  # noqa: BLE001  (re-raised in the consumer thread)
-            self._error = exc
-        finally:
-            with self._cond:
-                self._finished = True
-                self._cond.notify()
-
-    def take(self) -> list[BatchItem] | None:
-        """Block until items are finished; return them all (None once the batch is over)."""
-        with self._cond:
-            while not self._items and not self._finished:
-                self._cond.wait()
-            if not self._items:
-                if self._error is not None:
-                    raise self._error
-                return None
-            chunk = list(self._items)
-            self._items.clear()
-            if not self._room.is_set():
-                self._loop.call_soon_threadsafe(self._room.set)
-        return chunk
-
-    @property
-    def finished(self) -> bool:
-        with self._cond:
-            return self._finished
-
-    async def cancel(self) -> None:
-        """Cancel the batch (requests in flight included) and wait until it stopped."""
-        self._cancelled_by_us = True
-        self._task.cancel()
-        await asyncio.gather(self._task, return_exceptions=True)
-
-
-class SyncBatch:
-    """The blocking twin of `Batch`, from ``SyncFriendli.container.image.generate_batch``.
-
-    ``for item in batch`` yields each `BatchItem` as it finishes (in input order with
-    ``ordered=True``); ``batch.collect()`` runs the batch to the end and returns a
-    `BatchResult` in input order. Either way the whole batch runs on the client's event
-    loop thread: ``collect()`` crosses the thread boundary once, iteration once per
-    chunk of finished items. The requests are read, and ``on_progress`` is called, on
-    that thread. Arguments are checked when the batch starts. Leaving a ``for`` loop
-    early, or Ctrl-C, cancels the requests in flight.
-    """
-
-    def __init__(self, client: SyncFriendli, make: Callable[[AsyncFriendli], Batch]) -> None:
-        self._client = client
-        self._make = make
-        self._used = False
-
-    def _claim(self) -> None:
-        if self._used:
-            raise FriendliUsageError(
-                "a batch runs once; call generate_batch()/edit_batch() again to rerun it"
-            )
-        self._used = True
-
-    def collect(self) -> BatchResult:
-        """Run the batch to the end; return every item in input order (see `Batch.collect`)."""
-        self._claim()
-        make = self._make
-
-        async def run(client: AsyncFriendli) -> BatchResult:
-            return await make(client).collect()
-
-        return self._client._run(run)
-
-    def __iter__(self) -> Iterator[BatchItem]:
-        self._claim()
-        make = self._make
-
-        async def start(client: AsyncFriendli) -> _Pump:
-            batch = make(client)
-            return _Pump(batch, high_water=max(2 * batch._concurrency, 64))
-
-        pump = self._client._run(start)
-        try:
-            while (chunk := pump.take()) is not None:
-                yield from chunk
-        finally:
-            if not pump.finished:
-                self._client._run(lambda _client: pump.cancel())

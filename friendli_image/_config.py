@@ -1,15 +1,22 @@
-"""Configuration values and defaults: timeouts, retry policy, environment lookup."""
+"""Configuration: defaults, timeouts, the retry policy, client settings and call options.
+
+Every argument a user passes is checked here, once, into a frozen value object:
+`ClientSettings` (the constructor), `CallOverrides` (the per-call options),
+`BatchOptions` (the batch options). Higher layers only read them.
+"""
 
 from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Iterable
-from typing import Any
+import re
+import ssl
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Final
 
 import attrs
 
-from ._exceptions import FriendliValidationError
+from ._exceptions import FriendliValidationError, warn_at_caller
 
 __all__ = [
     "DEFAULT_MAX_CONNECTIONS",
@@ -19,10 +26,20 @@ __all__ = [
     "ENV_SERVER_URL",
     "ENV_TOKEN",
     "MAX_IMAGE_BYTES",
+    "CallOptions",
+    "CallOverrides",
+    "ClientSettings",
     "RetryConfig",
+    "Secret",
     "Timeout",
+    "check_headers",
+    "check_server_url",
+    "check_token",
     "env_server_url",
     "env_token",
+    "resolve_retries",
+    "ssl_setting",
+    "timeout_from_ms",
 ]
 
 DEFAULT_SERVER_URL = "http://localhost:8000"
@@ -167,3 +184,221 @@ class RetryConfig:
     def disabled(cls) -> RetryConfig:
         """A policy that never retries (one attempt per call)."""
         return cls(max_attempts=1)
+
+
+#: What HTTP forbids in header names and values (RFC 9110 5.5): aiohttp raises a bare
+#: ValueError for them at send time, so they are refused up front.
+_FORBIDDEN_HEADER_CHARS: Final = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+
+
+class Secret:
+    """Holds the token so that no repr, str or pickle of ours can show it."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        """The token itself, for the ``Authorization`` header only."""
+        return self._value
+
+    def __repr__(self) -> str:
+        return "'***'"
+
+    def __reduce__(self) -> Any:
+        raise TypeError("the token is not picklable")
+
+
+def check_token(value: str | None) -> Secret | None:
+    """Wrap the token (None or "" for none), or raise if it cannot go into a header."""
+    if value is not None and not isinstance(value, str):
+        raise FriendliValidationError("token", f"must be a str or None, got {type(value)}")
+    if not value:
+        return None
+    if _FORBIDDEN_HEADER_CHARS.search(value):
+        # Typically a trailing newline from a file; the token itself is not shown.
+        raise FriendliValidationError(
+            "token",
+            "contains a line break or control character (often a trailing newline read "
+            "from a file); pass token.strip()",
+        )
+    return Secret(value)
+
+
+def check_server_url(value: object, field: str = "server_url") -> str:
+    """Return the URL without a trailing slash, or raise unless it is an http(s) URL."""
+    if not isinstance(value, str) or not value.strip():
+        raise FriendliValidationError(field, f"must be an http(s) URL string, got {value!r}")
+    url = value.strip().rstrip("/")
+    if not url.lower().startswith(("http://", "https://")):
+        raise FriendliValidationError(field, f"must start with http:// or https://, got {url!r}")
+    return url
+
+
+def _check_timeout_ms(value: object) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise FriendliValidationError("timeout_ms", f"must be milliseconds, got {value!r}")
+    if not value > 0:
+        raise FriendliValidationError("timeout_ms", f"must be positive, got {value!r}")
+
+
+def timeout_from_ms(timeout_ms: float | None, base: Timeout) -> Timeout:
+    """``base`` with its per-attempt timeout set to ``timeout_ms`` (None keeps ``base``)."""
+    _check_timeout_ms(timeout_ms)
+    if timeout_ms is None:
+        return base
+    return attrs.evolve(base, attempt=timeout_ms / 1000)
+
+
+def _check_retries(value: object) -> None:
+    if value is None or isinstance(value, RetryConfig):
+        return
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return
+    raise FriendliValidationError(
+        "retries", f"must be a RetryConfig, a number of retries (int >= 0) or None, got {value!r}"
+    )
+
+
+def resolve_retries(value: RetryConfig | int | None, base: RetryConfig) -> RetryConfig:
+    """The policy ``retries=`` asks for: a RetryConfig as is, N retries on top of ``base``."""
+    _check_retries(value)
+    if value is None:
+        return base
+    if isinstance(value, RetryConfig):
+        return value
+    return attrs.evolve(base, max_attempts=value + 1)
+
+
+def check_headers(value: object) -> dict[str, str]:
+    """Return the extra headers as a dict, or raise unless they are safe to send."""
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+    ):
+        raise FriendliValidationError("http_headers", "must be a mapping of str to str")
+    for name, text in value.items():
+        if _FORBIDDEN_HEADER_CHARS.search(name) or _FORBIDDEN_HEADER_CHARS.search(text):
+            # Name only: the value may be a secret.
+            raise FriendliValidationError(
+                "http_headers",
+                f"header {name.strip()!r} contains a line break or control character; remove it",
+            )
+    return dict(value)
+
+
+def ssl_setting(verify: object) -> bool | ssl.SSLContext:
+    """Turn the ``verify`` argument into aiohttp's ``ssl`` setting."""
+    if isinstance(verify, ssl.SSLContext) or verify is True:
+        return verify
+    if verify is False:
+        warn_at_caller(
+            "verify=False turns off TLS certificate verification: anyone on the network "
+            "path can read the token and the images; pass verify='path/to/ca-bundle.pem' "
+            "to trust a private CA instead"
+        )
+        return False
+    if isinstance(verify, str | os.PathLike):
+        path = os.fspath(verify)
+        try:
+            if os.path.isdir(path):
+                return ssl.create_default_context(capath=path)
+            return ssl.create_default_context(cafile=path)
+        except (OSError, ssl.SSLError) as exc:
+            raise FriendliValidationError(
+                "verify", f"cannot load the CA bundle {path!r} ({exc})"
+            ) from None
+    raise FriendliValidationError(
+        "verify",
+        f"must be True, False, a CA bundle path or an ssl.SSLContext, got {type(verify).__name__}",
+    )
+
+
+def _validated(check: Callable[[object], object]) -> Callable[[Any, Any, Any], None]:
+    def validator(_instance: object, _attribute: object, value: object) -> None:
+        check(value)
+
+    return validator
+
+
+def _optional_url(value: object) -> None:
+    if value is not None:
+        check_server_url(value)
+
+
+@attrs.frozen(kw_only=True)
+class CallOverrides:
+    """The per-call options every operation takes, checked when they are given.
+
+    Attributes:
+        retries: this call's retry policy (a ``RetryConfig``, or a number of retries).
+        server_url: this call's server, overriding the client's.
+        timeout_ms: this call's per-attempt timeout in milliseconds.
+        http_headers: extra headers for this call.
+    """
+
+    retries: RetryConfig | int | None = attrs.field(
+        default=None, validator=_validated(_check_retries)
+    )
+    server_url: str | None = attrs.field(default=None, validator=_validated(_optional_url))
+    timeout_ms: float | None = attrs.field(default=None, validator=_validated(_check_timeout_ms))
+    http_headers: Mapping[str, str] | None = attrs.field(
+        default=None, validator=_validated(check_headers)
+    )
+
+    def merged(self, item: CallOverrides) -> CallOverrides:
+        """These options with ``item``'s set values on top (headers are merged)."""
+        headers = (
+            {**(self.http_headers or {}), **item.http_headers}
+            if item.http_headers
+            else self.http_headers
+        )
+        return CallOverrides(
+            retries=self.retries if item.retries is None else item.retries,
+            server_url=self.server_url if item.server_url is None else item.server_url,
+            timeout_ms=self.timeout_ms if item.timeout_ms is None else item.timeout_ms,
+            http_headers=headers,
+        )
+
+
+#: No per-call option set.
+NO_OVERRIDES: Final = CallOverrides()
+
+
+@attrs.frozen
+class CallOptions:
+    """One call's settings, resolved against the client's: URL, timeouts, retries, headers."""
+
+    server_url: str
+    timeout: Timeout
+    retry: RetryConfig
+    headers: Mapping[str, str]
+
+
+@attrs.frozen(kw_only=True)
+class ClientSettings:
+    """A client's checked and resolved constructor arguments (see `AsyncFriendli`)."""
+
+    token: Secret | None
+    server_url: str
+    timeout: Timeout
+    retry: RetryConfig
+    headers: Mapping[str, str]
+    """Every request's headers: user agent, content type, token and ``http_headers``."""
+    max_connections: int
+    max_response_bytes: int
+    ssl: bool | ssl.SSLContext
+    trust_env: bool
+
+    def call_options(self, overrides: CallOverrides) -> CallOptions:
+        """The options of one call: the client's, with ``overrides`` on top."""
+        return CallOptions(
+            server_url=self.server_url if overrides.server_url is None else overrides.server_url,
+            timeout=timeout_from_ms(overrides.timeout_ms, self.timeout),
+            retry=resolve_retries(overrides.retries, self.retry),
+            headers=check_headers(overrides.http_headers),
+        )

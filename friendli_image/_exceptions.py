@@ -37,7 +37,11 @@ short body excerpt), and aiohttp exceptions that embed request headers are not c
 
 from __future__ import annotations
 
+import os
+import sys
+import warnings
 from collections.abc import Mapping, Sequence
+from types import FrameType
 from typing import Any
 
 __all__ = [
@@ -61,6 +65,7 @@ __all__ = [
     "FriendliUsageWarning",
     "FriendliValidationError",
     "status_error_class",
+    "warn_at_caller",
 ]
 
 EXCERPT_CHARS = 200
@@ -165,7 +170,29 @@ class FriendliConnectionError(FriendliAPIError):
 
     Check ``server_url`` and that the server is up; when ``maybe_processed`` is False the
     request never reached the server and is always safe to send again.
+
+    Attributes:
+        permanent: the same attempt would fail the same way again (a TLS verification
+            failure, an invalid URL), so it is not retried.
+        stale_connection: a reused keep-alive connection broke before any byte of the
+            answer: most likely the server had closed it while it sat idle.
     """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        request_id: str | None = None,
+        attempts: int = 1,
+        maybe_processed: bool = False,
+        permanent: bool = False,
+        stale_connection: bool = False,
+    ) -> None:
+        super().__init__(
+            message, request_id=request_id, attempts=attempts, maybe_processed=maybe_processed
+        )
+        self.permanent = permanent
+        self.stale_connection = stale_connection
 
 
 class FriendliTimeoutError(FriendliConnectionError, TimeoutError):
@@ -358,3 +385,20 @@ def status_error_class(status: int) -> type[FriendliAPIStatusError]:
     if status >= 500:
         return FriendliServerError
     return _STATUS_CLASSES.get(status, FriendliAPIStatusError)
+
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def warn_at_caller(message: str, category: type[Warning] = UserWarning) -> None:
+    """Warn with the location of the first frame outside this package: the user's line.
+
+    A fixed ``stacklevel`` points into the SDK whenever a public entry point reaches
+    the warning through another layer (``SyncFriendli`` building its ``AsyncFriendli``).
+    """
+    frame: FrameType | None = sys._getframe(1)
+    level = 2  # 1 is this function's own line
+    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIR):
+        frame = frame.f_back
+        level += 1
+    warnings.warn(message, category, stacklevel=level)

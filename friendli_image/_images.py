@@ -12,17 +12,35 @@ import binascii
 import io
 import os
 import pathlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import IO, Any, Final, Protocol, TypeAlias, runtime_checkable
 
+import attrs
 import pybase64
 
 from ._config import MAX_IMAGE_BYTES
 from ._exceptions import FriendliValidationError
 from ._formats import MIME_TYPES, sniff_format
-from ._models import ImageInput
 
-__all__ = ["ImageSource", "coerce_image"]
+__all__ = ["ImageInput", "ImageSource", "coerce_edit_images", "coerce_image", "coerce_images"]
+
+
+@attrs.frozen
+class ImageInput:
+    """One input image on the wire: a URL, a ``data:`` URI, or base64 text.
+
+    Build it from local data with the SDK's coercion (pass bytes, a path, a file object
+    or a PIL image straight to ``image=`` / ``control_images=``); this class is the
+    already-encoded form, kept for code ported from the official SDK.
+    """
+
+    image: str = attrs.field()
+    """The URL, ``data:`` URI or base64 text of the image."""
+
+    @image.validator
+    def _check(self, _attribute: object, value: object) -> None:
+        if not isinstance(value, str) or not value:
+            raise FriendliValidationError("image", "must be a non-empty string")
 
 
 @runtime_checkable
@@ -172,3 +190,26 @@ def coerce_image(value: object, field: str) -> str:
         "expected a URL, data: URI, base64 text, bytes, a path, a binary file object, "
         f"a PIL image or {{'image': ...}}; got {type(value).__name__}",
     )
+
+
+def coerce_images(value: object, field: str) -> list[ImageInput]:
+    """Turn a list of accepted image inputs into wire images (see `coerce_image`)."""
+    if isinstance(value, str | bytes | bytearray | memoryview | Mapping) or not isinstance(
+        value, Sequence
+    ):
+        raise FriendliValidationError(
+            field, f"must be a list of images, got {type(value).__name__}"
+        )
+    return [ImageInput(coerce_image(item, f"{field}[{index}]")) for index, item in enumerate(value)]
+
+
+def coerce_edit_images(value: object) -> ImageInput | list[ImageInput]:
+    """The ``image`` of an edit: a list or tuple is several images, anything else one.
+
+    One image is sent as one object, as the official SDK does.
+    """
+    if value is None:
+        raise FriendliValidationError("image", "is required: pass the image(s) to edit")
+    if isinstance(value, list | tuple):
+        return coerce_images(value, "image")
+    return ImageInput(coerce_image(value, "image"))

@@ -1,7 +1,8 @@
-"""Value models: the request bodies of the wire and the result of a call.
+"""Value models: request bodies, call results, batch outcomes, and the request path.
 
 Models are frozen attrs classes: immutable, slotted, safe to share between threads.
-Request models validate at construction, so a bad value fails before any I/O.
+Request models validate (and coerce image inputs) at construction, so a bad value fails
+before any I/O; they are the one definition of each operation's fields.
 """
 
 from __future__ import annotations
@@ -10,23 +11,43 @@ import math
 import numbers
 import os
 import pathlib
-from typing import TYPE_CHECKING, Any, Final, Literal
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Final, Literal, Protocol, TypeAlias
 
 import attrs
 
-from ._exceptions import FriendliUsageError, FriendliValidationError
+from ._config import CallOptions, CallOverrides
+from ._exceptions import (
+    FriendliAPIError,
+    FriendliBatchAborted,
+    FriendliError,
+    FriendliUsageError,
+    FriendliValidationError,
+)
 from ._formats import EXTENSIONS, MIME_TYPES
+from ._images import ImageInput, ImageSource, coerce_edit_images, coerce_images
 
 if TYPE_CHECKING:
     from PIL import Image as PILImage
 
 __all__ = [
     "MAX_SEED",
+    "AttemptGate",
+    "AttemptOutcome",
+    "BatchItem",
+    "BatchOptions",
+    "BatchProgress",
+    "BatchResult",
+    "BatchStatus",
     "EditRequest",
     "GenerateRequest",
     "ImageInput",
     "ImageResult",
+    "RequestModel",
+    "RequestPath",
+    "RequestSpec",
     "ResponseFormat",
+    "public_fields",
 ]
 
 ResponseFormat = Literal["raw", "jpeg"]
@@ -34,24 +55,6 @@ ResponseFormat = Literal["raw", "jpeg"]
 #: Seeds are unsigned 32-bit integers: the widest range every diffusion backend accepts.
 MAX_SEED: Final = 2**32 - 1
 MAX_STEPS: Final = 50
-
-
-@attrs.frozen
-class ImageInput:
-    """One input image on the wire: a URL, a ``data:`` URI, or base64 text.
-
-    Build it from local data with the SDK's coercion (pass bytes, a path, a file object
-    or a PIL image straight to ``image=`` / ``control_images=``); this class is the
-    already-encoded form, kept for code ported from the official SDK.
-    """
-
-    image: str = attrs.field()
-    """The URL, ``data:`` URI or base64 text of the image."""
-
-    @image.validator
-    def _check(self, _attribute: object, value: object) -> None:
-        if not isinstance(value, str) or not value:
-            raise FriendliValidationError("image", "must be a non-empty string")
 
 
 def check_prompt(value: object) -> str:
@@ -145,6 +148,14 @@ def check_weights(value: object, control_images: list[ImageInput] | None) -> lis
     return weights
 
 
+def _control_images(value: Sequence[ImageSource] | None) -> list[ImageInput] | None:
+    return None if value is None else coerce_images(value, "control_images")
+
+
+def _edit_images(value: ImageSource | Sequence[ImageSource]) -> ImageInput | list[ImageInput]:
+    return coerce_edit_images(value)
+
+
 @attrs.frozen(kw_only=True)
 class GenerateRequest:
     """The body of ``POST /v1/images/generations``, validated."""
@@ -157,8 +168,8 @@ class GenerateRequest:
     response_format: ResponseFormat | None = attrs.field(
         default=None, converter=check_response_format
     )
-    control_images: list[ImageInput] | None = None
-    controlnet_weights: list[float] | None = None
+    control_images: list[ImageInput] | None = attrs.field(default=None, converter=_control_images)
+    controlnet_weights: Sequence[float] | None = None
 
     def __attrs_post_init__(self) -> None:
         if self.control_images is not None and not self.control_images:
@@ -175,7 +186,7 @@ class GenerateRequest:
 class EditRequest:
     """The body of ``POST /v1/images/edits``, validated."""
 
-    image: ImageInput | list[ImageInput]
+    image: ImageInput | list[ImageInput] = attrs.field(converter=_edit_images)
     prompt: str = attrs.field(converter=check_prompt)
     model: str | None = attrs.field(default=None, converter=check_model)
     num_inference_steps: int = attrs.field(default=20, converter=check_steps)
@@ -281,3 +292,269 @@ ContainerImageGenerateSuccess = ImageResult
 def public_fields(request: GenerateRequest | EditRequest) -> dict[str, Any]:
     """The request's fields as keyword arguments (for logs, manifests and batch items)."""
     return attrs.asdict(request, recurse=False)
+
+
+# -- batches -------------------------------------------------------------------------------
+
+BatchStatus: TypeAlias = Literal["ok", "failed", "skipped", "resumed"]
+RequestModel: TypeAlias = "GenerateRequest | EditRequest"
+#: One request of a batch: a mapping of ``generate`` / ``edit`` keyword arguments (per-call
+#: ``retries``, ``server_url``, ``timeout_ms`` and ``http_headers`` included), a request
+#: model, or (``generate_batch`` only) a prompt string.
+RequestSpec: TypeAlias = "Mapping[str, Any] | GenerateRequest | EditRequest | str"
+
+
+def _positive_int(_instance: object, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise FriendliValidationError(attribute.name, f"must be an int >= 1, got {value!r}")
+
+
+def _optional_positive_int(
+    instance: object, attribute: attrs.Attribute[Any], value: object
+) -> None:
+    if value is not None:
+        _positive_int(instance, attribute, value)
+
+
+def _rps(_instance: object, _attribute: object, value: Any) -> None:
+    if value is not None and (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or value <= 0
+    ):
+        raise FriendliValidationError("rps", f"must be a positive number or None, got {value!r}")
+
+
+def _total(_instance: object, _attribute: object, value: Any) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+        raise FriendliValidationError("total", f"must be an int >= 0, got {value!r}")
+
+
+def _callable_or_none(_instance: object, _attribute: object, value: Any) -> None:
+    if value is not None and not callable(value):
+        raise FriendliValidationError("on_progress", "must be a callable or None")
+
+
+def _flag(value: bool) -> bool:
+    return bool(value)
+
+
+def _path_or_none(value: str | os.PathLike[str] | None) -> pathlib.Path | None:
+    if value is None:
+        return None
+    if not isinstance(value, str | os.PathLike):
+        raise FriendliValidationError(
+            "out_dir", f"must be a path or None, got {type(value).__name__}"
+        )
+    return pathlib.Path(value)
+
+
+@attrs.frozen(kw_only=True)
+class BatchOptions(CallOverrides):
+    """How a batch runs, checked when the batch is created (before anything is sent).
+
+    Attributes:
+        concurrency: the most requests in flight at once (also bounded by the client's
+            ``max_connections``). After 429s the batch lowers its limit and raises it
+            back by one per round of successes.
+        rps: a ceiling on requests sent per second (None: no ceiling).
+        ordered: iteration yields items in input order instead of as they finish; up to
+            ``reorder_window`` finished items then wait for a slower earlier one, and
+            dispatch pauses while that window is full.
+        reorder_window: see ``ordered`` (default ``max(4 * concurrency, 64)``).
+        out_dir: write each image to this directory as it arrives (the items then hold
+            the path, not the bytes) and record every finished item in its
+            ``manifest.jsonl``. One batch at a time per directory.
+        resume: with ``out_dir``, skip items an earlier run over the same input already
+            finished (same index and request id, file present with the recorded
+            sha256); False starts the manifest over.
+        on_progress: called with a `BatchProgress` at most ten times a second and once
+            at the end, on the event loop: keep it quick.
+        stop_on_fatal: after an error every remaining item would meet (401, 403, 404, a
+            redirect, the server unreachable after retries), send nothing more and
+            report the rest as skipped with `FriendliBatchAborted`.
+        total: the number of requests, for the ETA, when ``requests`` has no len().
+        retries, server_url, timeout_ms, http_headers: defaults for every item, as for
+            a single call; an item's own keys override them. Every attempt of an item,
+            rate-limited ones included, goes through the client's one retry loop.
+    """
+
+    concurrency: int = attrs.field(default=16, validator=_positive_int)
+    rps: float | None = attrs.field(default=None, validator=_rps)
+    ordered: bool = attrs.field(default=False, converter=_flag)
+    reorder_window: int | None = attrs.field(default=None, validator=_optional_positive_int)
+    out_dir: pathlib.Path | None = attrs.field(default=None, converter=_path_or_none)
+    resume: bool = attrs.field(default=True, converter=_flag)
+    on_progress: Callable[[BatchProgress], object] | None = attrs.field(
+        default=None, validator=_callable_or_none
+    )
+    stop_on_fatal: bool = attrs.field(default=True, converter=_flag)
+    total: int | None = attrs.field(default=None, validator=_total)
+
+    @property
+    def window(self) -> int:
+        """The reorder window in effect."""
+        return max(4 * self.concurrency, 64) if self.reorder_window is None else self.reorder_window
+
+
+@attrs.frozen(kw_only=True, repr=False, eq=False)
+class BatchItem:
+    """The outcome of one request of a batch."""
+
+    index: int
+    """The position of the request in the input (0-based)."""
+    id: str
+    """sha256 of the request's canonical JSON: equal requests have equal ids ("" if invalid)."""
+    request: Mapping[str, Any]
+    """The request as given (a model is shown as its fields)."""
+    status: BatchStatus
+    """``ok``; ``failed`` (see ``error``); ``skipped`` (not attempted, the batch stopped);
+    ``resumed`` (done by an earlier run into the same ``out_dir``)."""
+    result: ImageResult | None = None
+    """The image, when the batch keeps images in memory (no ``out_dir``)."""
+    path: pathlib.Path | None = None
+    """Where the image was written, when the batch has an ``out_dir``."""
+    format: str | None = None
+    """The image format (``jpeg``, ``png``, ...), for ``ok`` and ``resumed`` items."""
+    sha256: str | None = None
+    """The sha256 of the file written, when the batch has an ``out_dir``."""
+    error: FriendliError | None = None
+    """Why the item failed or was skipped."""
+    attempts: int = 0
+    """HTTP attempts made for this item in this run (rate-limited retries included)."""
+    elapsed: float = 0.0
+    """Seconds from the item's dispatch to its outcome, waits included."""
+    request_id: str | None = None
+    """The ``X-Request-ID`` of the last call made for the item."""
+    maybe_duplicated: bool = False
+    """True when the image came from a resend of a request the server may already have
+    run (see ``ImageResult.maybe_duplicated``)."""
+
+    @property
+    def ok(self) -> bool:
+        """True when the item has an image (made now, or by an earlier run)."""
+        return self.status in ("ok", "resumed")
+
+    @property
+    def maybe_processed(self) -> bool:
+        """True when the item failed but the server may have run the generation."""
+        return isinstance(self.error, FriendliAPIError) and self.error.maybe_processed
+
+    def __repr__(self) -> str:
+        parts = [f"index={self.index}", f"status={self.status!r}"]
+        if self.path is not None:
+            parts.append(f"path={str(self.path)!r}")
+        elif self.result is not None:
+            parts.append(f"result={self.result!r}")
+        if self.error is not None:
+            parts.append(f"error={type(self.error).__name__}")
+        parts.append(f"attempts={self.attempts}")
+        parts.append(f"elapsed={self.elapsed:.2f}s")
+        return f"BatchItem({', '.join(parts)})"
+
+
+@attrs.frozen(kw_only=True)
+class BatchProgress:
+    """A snapshot of a running batch, passed to ``on_progress``."""
+
+    total: int | None
+    """How many requests the input holds, when known (a sized input or ``total=``)."""
+    done: int
+    """Items finished, whatever their status."""
+    succeeded: int
+    """Items with a new image."""
+    failed: int
+    """Items that failed."""
+    skipped: int
+    """Items not attempted because the batch stopped."""
+    resumed: int
+    """Items done by an earlier run (``out_dir`` with ``resume=True``)."""
+    in_flight: int
+    """Requests on the wire (or waiting for the rate ceiling) right now."""
+    limit: int
+    """The current in-flight limit (lower than ``concurrency`` after 429s)."""
+    elapsed: float
+    """Seconds since the batch started."""
+    rate: float
+    """Items finished per second in this run (resumed items excluded)."""
+    eta: float | None
+    """Seconds until the last item, at the current rate (None when unknown)."""
+
+
+@attrs.frozen(kw_only=True)
+class BatchResult:
+    """Every item of a finished batch, in input order."""
+
+    items: list[BatchItem]
+    """One item per request, ``items[i].index == i``."""
+    elapsed: float
+    """Seconds the batch took."""
+    aborted: FriendliBatchAborted | None = None
+    """Set when the batch stopped early; the items it did not attempt are ``skipped``."""
+
+    @property
+    def ok(self) -> bool:
+        """True when every item has an image."""
+        return all(item.ok for item in self.items)
+
+    @property
+    def succeeded(self) -> list[BatchItem]:
+        """The items with an image (``ok`` and ``resumed``)."""
+        return [item for item in self.items if item.ok]
+
+    @property
+    def failed(self) -> list[BatchItem]:
+        """The items that failed."""
+        return [item for item in self.items if item.status == "failed"]
+
+    @property
+    def skipped(self) -> list[BatchItem]:
+        """The items not attempted because the batch stopped."""
+        return [item for item in self.items if item.status == "skipped"]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __iter__(self) -> Iterator[BatchItem]:
+        return iter(self.items)
+
+    def __getitem__(self, index: int) -> BatchItem:
+        return self.items[index]
+
+
+# -- the request path ------------------------------------------------------------------------
+
+AttemptOutcome: TypeAlias = Literal["ok", "rate_limited", "other"]
+
+
+class AttemptGate(Protocol):
+    """Admission to each attempt of a call (a batch's adaptive in-flight limit).
+
+    The client's retry loop acquires the gate before every attempt and releases it
+    with how the attempt went, so the gate sees every 429, retried ones included.
+    ``acquire`` may raise to stop the call (the batch stopped); that exception passes
+    through the retry loop unchanged.
+    """
+
+    async def acquire(self) -> int:
+        """Wait for admission; return a ticket to hand back to `release`."""
+        ...
+
+    def release(
+        self, ticket: int, outcome: AttemptOutcome, retry_after: float | None = None
+    ) -> None:
+        """Hand the admission back, with the attempt's outcome."""
+        ...
+
+
+@attrs.frozen
+class RequestPath:
+    """A client's one request path, as the resources and the batch engine use it.
+
+    ``send`` runs one call through the retry loop (every attempt admitted by ``gate``
+    when given); ``resolve`` turns per-call options into the call's settings.
+    """
+
+    send: Callable[[str, RequestModel, CallOptions, AttemptGate | None], Awaitable[ImageResult]]
+    resolve: Callable[[CallOverrides], CallOptions]

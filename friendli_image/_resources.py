@@ -1,112 +1,110 @@
 """The API namespaces, shaped like the official SDK: ``client.container.image``.
 
 Resources only validate arguments into a request model and hand it to the client's one
-request path; they hold no state and no logic of their own.
+request path (`RequestPath`); they hold no state and no logic of their own. Batch
+methods take their options from `BatchOptions`, their one definition.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from functools import cached_property
-from typing import TYPE_CHECKING
+import functools
+import inspect
+from collections.abc import AsyncIterable, Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Concatenate, ParamSpec, TypeAlias
 
-from ._batch import Batch, BatchOperation, BatchProgress, RequestSpec
-from ._exceptions import FriendliValidationError
-from ._images import ImageSource, coerce_image
-from ._models import EditRequest, GenerateRequest, ImageInput, ImageResult, ResponseFormat
+import attrs
+
+from ._batch import Batch, BatchOperation
+from ._config import CallOverrides
+from ._models import (
+    BatchOptions,
+    EditRequest,
+    GenerateRequest,
+    ImageResult,
+    RequestPath,
+    RequestSpec,
+    ResponseFormat,
+)
 
 if TYPE_CHECKING:
-    import os
-    from collections.abc import AsyncIterable, Callable, Iterable
-
-    from ._client import AsyncFriendli
     from ._config import RetryConfig
+    from ._images import ImageSource
 
-__all__ = ["Container", "Image", "build_edit", "build_generate"]
+__all__ = ["EDITS_PATH", "GENERATIONS_PATH", "BatchRequests", "Container", "Image"]
 
 GENERATIONS_PATH = "/v1/images/generations"
 EDITS_PATH = "/v1/images/edits"
 
+#: What a batch method takes as its first argument.
+BatchRequests: TypeAlias = "Iterable[RequestSpec] | AsyncIterable[RequestSpec]"
 
-def _image_list(value: object, field: str) -> list[ImageInput]:
-    if isinstance(value, str | bytes | bytearray | memoryview | Mapping) or not isinstance(
-        value, Sequence
-    ):
-        raise FriendliValidationError(
-            field, f"must be a list of images, got {type(value).__name__}"
-        )
-    return [ImageInput(coerce_image(item, f"{field}[{index}]")) for index, item in enumerate(value)]
+_P = ParamSpec("_P")
+_CALL_OPTIONS = frozenset(field.name for field in attrs.fields(CallOverrides))
+
+_BATCH_DOC = """{summary}
+
+``async for item in image.{name}(requests): ...`` yields each `BatchItem` as it
+finishes; ``result = await image.{name}(requests)`` returns a `BatchResult` in input
+order. Item failures are captured on the items, never raised.
+
+Args:
+    requests: an iterable or async iterable, read lazily (a generator of a million
+        requests is fine), of {items}. An item's own ``retries``, ``server_url``,
+        ``timeout_ms`` and ``http_headers`` override the batch's.
+    options: keyword arguments of `BatchOptions`, checked here, before anything is sent:
+{options}
+Returns:
+    A `Batch`, run when it is iterated or awaited.
+
+Raises:
+    FriendliValidationError: a batch option is invalid (nothing was sent).
+    FriendliUsageError: ``out_dir`` cannot be created or written (when the batch runs).
+"""
 
 
-def build_generate(
-    *,
-    prompt: str,
-    model: str | None = None,
-    num_inference_steps: int = 20,
-    guidance_scale: float = 0.0,
-    seed: int | None = None,
-    response_format: ResponseFormat | None = None,
-    control_images: Sequence[ImageSource] | None = None,
-    controlnet_weights: Sequence[float] | None = None,
-) -> GenerateRequest:
-    """Validate ``generate`` arguments into the request model (raises before any I/O)."""
-    return GenerateRequest(
-        prompt=prompt,
-        model=model,
-        num_inference_steps=num_inference_steps,
-        guidance_scale=guidance_scale,
-        seed=seed,
-        response_format=response_format,
-        control_images=None
-        if control_images is None
-        else _image_list(control_images, "control_images"),
-        # Checked (and copied into a list of floats) by the model.
-        controlnet_weights=controlnet_weights,  # type: ignore[arg-type]
+def _options_doc() -> str:
+    text = inspect.cleandoc(BatchOptions.__doc__ or "")
+    attributes = text.split("Attributes:", 1)[-1].strip("\n")
+    return "\n".join("        " + line if line else "" for line in attributes.splitlines())
+
+
+def _batch_method(
+    operation: BatchOperation, options: Callable[_P, BatchOptions], summary: str, items: str
+) -> Callable[Concatenate[Image, BatchRequests, _P], Batch]:
+    """A batch method whose keyword arguments are the fields of ``options``."""
+
+    def method(
+        self: Image, requests: BatchRequests, /, *args: _P.args, **kwargs: _P.kwargs
+    ) -> Batch:
+        return Batch(self._path, operation, requests, options(*args, **kwargs))
+
+    name = "generate_batch" if operation.path == GENERATIONS_PATH else "edit_batch"
+    method.__name__ = method.__qualname__ = name
+    method.__qualname__ = f"Image.{name}"
+    method.__doc__ = _BATCH_DOC.format(
+        summary=summary, name=name, items=items, options=_options_doc()
     )
-
-
-def build_edit(
-    *,
-    image: ImageSource | Sequence[ImageSource],
-    prompt: str,
-    model: str | None = None,
-    num_inference_steps: int = 20,
-    guidance_scale: float = 0.0,
-    seed: int | None = None,
-    response_format: ResponseFormat | None = None,
-) -> EditRequest:
-    """Validate ``edit`` arguments into the request model (raises before any I/O)."""
-    if image is None:
-        raise FriendliValidationError("image", "is required: pass the image(s) to edit")
-    # A list or tuple is several images; anything else is one, sent as one object, as
-    # the official SDK does.
-    images: ImageInput | list[ImageInput] = (
-        _image_list(image, "image")
-        if isinstance(image, list | tuple)
-        else ImageInput(coerce_image(image, "image"))
+    own = inspect.signature(method).parameters
+    method.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+        [
+            own["self"],
+            inspect.Parameter("requests", inspect.Parameter.POSITIONAL_OR_KEYWORD),
+            # The batch's own options first, then the per-call ones it passes on.
+            *sorted(
+                inspect.signature(options).parameters.values(),
+                key=lambda parameter: parameter.name in _CALL_OPTIONS,
+            ),
+        ],
+        return_annotation="Batch",
     )
-    return EditRequest(
-        image=images,
-        prompt=prompt,
-        model=model,
-        num_inference_steps=num_inference_steps,
-        guidance_scale=guidance_scale,
-        seed=seed,
-        response_format=response_format,
-    )
-
-
-_GENERATE_BATCH = BatchOperation(
-    GENERATIONS_PATH, build_generate, GenerateRequest, accepts_prompt=True
-)
-_EDIT_BATCH = BatchOperation(EDITS_PATH, build_edit, EditRequest)
+    return method
 
 
 class Image:
     """Image generation and editing: ``client.container.image``."""
 
-    def __init__(self, client: AsyncFriendli) -> None:
-        self._client = client
+    def __init__(self, path: RequestPath) -> None:
+        self._path = path
 
     async def generate(
         self,
@@ -148,7 +146,7 @@ class Image:
             FriendliValidationError: an argument is invalid (nothing was sent).
             FriendliAPIError: the server could not be reached or refused the request.
         """
-        request = build_generate(
+        request = GenerateRequest(
             prompt=prompt,
             model=model,
             num_inference_steps=num_inference_steps,
@@ -158,10 +156,15 @@ class Image:
             control_images=control_images,
             controlnet_weights=controlnet_weights,
         )
-        options = self._client._options(
-            retries=retries, server_url=server_url, timeout_ms=timeout_ms, http_headers=http_headers
+        options = self._path.resolve(
+            CallOverrides(
+                retries=retries,
+                server_url=server_url,
+                timeout_ms=timeout_ms,
+                http_headers=http_headers,
+            )
         )
-        return await self._client.request(GENERATIONS_PATH, request, options)
+        return await self._path.send(GENERATIONS_PATH, request, options, None)
 
     async def edit(
         self,
@@ -202,7 +205,7 @@ class Image:
             FriendliValidationError: an argument is invalid (nothing was sent).
             FriendliAPIError: the server could not be reached or refused the request.
         """
-        request = build_edit(
+        request = EditRequest(
             image=image,
             prompt=prompt,
             model=model,
@@ -211,142 +214,38 @@ class Image:
             seed=seed,
             response_format=response_format,
         )
-        options = self._client._options(
-            retries=retries, server_url=server_url, timeout_ms=timeout_ms, http_headers=http_headers
+        options = self._path.resolve(
+            CallOverrides(
+                retries=retries,
+                server_url=server_url,
+                timeout_ms=timeout_ms,
+                http_headers=http_headers,
+            )
         )
-        return await self._client.request(EDITS_PATH, request, options)
+        return await self._path.send(EDITS_PATH, request, options, None)
 
-    def generate_batch(
-        self,
-        requests: Iterable[RequestSpec] | AsyncIterable[RequestSpec],
-        *,
-        concurrency: int = 16,
-        rps: float | None = None,
-        ordered: bool = False,
-        reorder_window: int | None = None,
-        out_dir: str | os.PathLike[str] | None = None,
-        resume: bool = True,
-        on_progress: Callable[[BatchProgress], object] | None = None,
-        stop_on_fatal: bool = True,
-        total: int | None = None,
-        retries: RetryConfig | int | None = None,
-        server_url: str | None = None,
-        timeout_ms: int | None = None,
-        http_headers: Mapping[str, str] | None = None,
-    ) -> Batch:
-        """Generate many images, fanned out inside the event loop.
-
-        ``async for item in image.generate_batch(prompts): ...`` or
-        ``result = await image.generate_batch(prompts)``.
-
-        Args:
-            requests: an iterable or async iterable, read lazily (a generator of a
-                million requests is fine), of mappings of this method's single-call
-                keyword arguments (``retries``, ``server_url``, ``timeout_ms`` and
-                ``http_headers`` included, overriding the batch's), ``GenerateRequest``
-                models, or prompt strings.
-            concurrency: the most requests in flight at once (also bounded by the
-                client's ``max_connections``). After 429s the batch lowers its limit
-                and raises it back by one per round of successes.
-            rps: a ceiling on requests sent per second (None: no ceiling).
-            ordered: ``async for`` yields items in input order instead of as they
-                finish; up to ``reorder_window`` finished items then wait for a slower
-                earlier one, and dispatch pauses while that window is full.
-            reorder_window: see ``ordered`` (default ``max(4 * concurrency, 64)``).
-            out_dir: write each image to this directory as it arrives (the items then
-                hold the path, not the bytes) and record every finished item in its
-                ``manifest.jsonl``. One batch at a time per directory.
-            resume: with ``out_dir``, skip items an earlier run over the same input
-                already finished (same index and request id, file present with the
-                recorded sha256); False starts the manifest over.
-            on_progress: called with a `BatchProgress` at most ten times a second and
-                once at the end, on the event loop: keep it quick.
-            stop_on_fatal: after an error every remaining item would meet (401, 403,
-                404, a redirect, the server unreachable after retries), send nothing
-                more and report the rest as skipped with `FriendliBatchAborted`.
-            total: the number of requests, for the ETA, when ``requests`` has no len().
-            retries, server_url, timeout_ms, http_headers: defaults for every item,
-                as for a single call. Rate-limited (429) items are retried by the batch
-                under the same policy, after the server's ``Retry-After``.
-
-        Returns:
-            A `Batch`: ``async for item in batch`` yields each `BatchItem` as it
-            finishes; ``await batch`` returns a `BatchResult` in input order. Item
-            failures are captured on the items, never raised.
-
-        Raises:
-            FriendliValidationError: a batch argument is invalid (nothing was sent).
-            FriendliUsageError: ``out_dir`` cannot be created or written.
-        """
-        return Batch(
-            self._client,
-            _GENERATE_BATCH,
-            requests,
-            concurrency=concurrency,
-            rps=rps,
-            ordered=ordered,
-            reorder_window=reorder_window,
-            out_dir=out_dir,
-            resume=resume,
-            on_progress=on_progress,
-            stop_on_fatal=stop_on_fatal,
-            total=total,
-            retries=retries,
-            server_url=server_url,
-            timeout_ms=timeout_ms,
-            http_headers=http_headers,
-        )
-
-    def edit_batch(
-        self,
-        requests: Iterable[RequestSpec] | AsyncIterable[RequestSpec],
-        *,
-        concurrency: int = 16,
-        rps: float | None = None,
-        ordered: bool = False,
-        reorder_window: int | None = None,
-        out_dir: str | os.PathLike[str] | None = None,
-        resume: bool = True,
-        on_progress: Callable[[BatchProgress], object] | None = None,
-        stop_on_fatal: bool = True,
-        total: int | None = None,
-        retries: RetryConfig | int | None = None,
-        server_url: str | None = None,
-        timeout_ms: int | None = None,
-        http_headers: Mapping[str, str] | None = None,
-    ) -> Batch:
-        """Edit many images, fanned out inside the event loop.
-
-        Takes the same arguments as `generate_batch`; each request is a mapping of
-        ``edit`` arguments (``image``, ``prompt``, ...) or an ``EditRequest``.
-        """
-        return Batch(
-            self._client,
-            _EDIT_BATCH,
-            requests,
-            concurrency=concurrency,
-            rps=rps,
-            ordered=ordered,
-            reorder_window=reorder_window,
-            out_dir=out_dir,
-            resume=resume,
-            on_progress=on_progress,
-            stop_on_fatal=stop_on_fatal,
-            total=total,
-            retries=retries,
-            server_url=server_url,
-            timeout_ms=timeout_ms,
-            http_headers=http_headers,
-        )
+    generate_batch = _batch_method(
+        BatchOperation(GENERATIONS_PATH, GenerateRequest, accepts_prompt=True),
+        BatchOptions,
+        "Generate many images, fanned out inside the event loop.",
+        "mappings of `generate`'s keyword arguments, `GenerateRequest` models, or prompt strings",
+    )
+    edit_batch = _batch_method(
+        BatchOperation(EDITS_PATH, EditRequest),
+        BatchOptions,
+        "Edit many images, fanned out inside the event loop.",
+        "mappings of `edit`'s keyword arguments (``image``, ``prompt``, ...) or "
+        "`EditRequest` models",
+    )
 
 
 class Container:
     """The Friendli Container API: ``client.container``."""
 
-    def __init__(self, client: AsyncFriendli) -> None:
-        self._client = client
+    def __init__(self, path: RequestPath) -> None:
+        self._path = path
 
-    @cached_property
+    @functools.cached_property
     def image(self) -> Image:
         """Image generation and editing."""
-        return Image(self._client)
+        return Image(self._path)

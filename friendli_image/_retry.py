@@ -1,13 +1,16 @@
-"""The retry policy: pure decisions, driven by tenacity.
+"""The retry policy: pure decisions, and the tenacity controller that applies them.
 
-The decisions (is this failure retryable, how long to wait, when to stop) are plain
-functions of the failure, the attempt number and the clock, so they are tested without
-sleeping. ``CallRetry`` adapts them to tenacity's ``retry`` / ``wait`` / ``stop`` hooks
-for one call. tenacity stays private: no tenacity type is part of the public API.
+The decisions (is this failure retryable, how long to wait, when to stop, does a retry
+spend the budget) are plain functions of the failure, the policy and the clock, so they
+are tested without sleeping. `RetryState` is one call's side of it (its clock, its
+budget, its history) and `RetryState.after_failure` hands each failure to tenacity,
+which calls the decisions through its ``retry`` / ``wait`` / ``stop`` hooks. tenacity
+stays private: no tenacity type is part of the public API.
 """
 
 from __future__ import annotations
 
+import asyncio
 import email.utils
 import logging
 import math
@@ -27,11 +30,15 @@ if TYPE_CHECKING:
     import tenacity as _t
 
 __all__ = [
-    "CallRetry",
     "RetryBudget",
+    "RetryState",
     "backoff_delay",
     "is_retryable",
     "parse_retry_after",
+    "retry_wait",
+    "server_wait",
+    "spends_budget",
+    "stop_reason",
 ]
 
 logger = logging.getLogger("friendli_image")
@@ -87,19 +94,34 @@ def is_retryable(error: BaseException, config: RetryConfig) -> bool:
     if isinstance(error, FriendliAPIStatusError):
         return error.status in config.retry_statuses
     if isinstance(error, FriendliConnectionError):
-        if getattr(error, "_permanent", False):
+        if error.permanent:
             return False  # e.g. a TLS verification failure: the same again next time
         return (
             not error.maybe_processed
             or config.retry_ambiguous
-            or (config.reconnect_reused and is_stale(error))
+            or (config.reconnect_reused and error.stale_connection)
         )
     return False
 
 
-def is_stale(error: BaseException) -> bool:
-    """True for the benign keep-alive race: a reused idle connection the server had closed."""
-    return bool(getattr(error, "_stale_connection", False))
+def server_wait(error: BaseException) -> float | None:
+    """The wait the server asked for with this failure (``Retry-After``), if any."""
+    if isinstance(error, FriendliAPIStatusError):
+        return error.retry_after
+    return None
+
+
+def spends_budget(error: BaseException) -> bool:
+    """Does retrying this failure take a token from the client's retry budget?
+
+    No for a request that never reached a server (resending it costs no server work),
+    and no when the server itself asked for the retry with a ``Retry-After``: it is
+    alive and paces the retries. Everything else (5xx without a hint, a request the
+    server may have read) spends one, so a full outage does not multiply the load.
+    """
+    if isinstance(error, FriendliConnectionError) and not error.maybe_processed:
+        return False
+    return server_wait(error) is None
 
 
 def backoff_delay(retry_number: int, config: RetryConfig, rng: random.Random) -> float:
@@ -108,20 +130,61 @@ def backoff_delay(retry_number: int, config: RetryConfig, rng: random.Random) ->
     return min(config.max_delay, base) + rng.uniform(0.0, config.jitter)
 
 
+def retry_wait(
+    error: BaseException, retry_number: int, config: RetryConfig, rng: random.Random
+) -> float:
+    """The wait before the next attempt: the server's hint when it gave one, else backoff."""
+    hint = server_wait(error)
+    if hint is not None:
+        return hint + rng.uniform(0.0, min(config.jitter, 0.25))
+    return backoff_delay(retry_number, config, rng)
+
+
+def stop_reason(
+    error: BaseException,
+    *,
+    counted_attempts: int,
+    wake: float,
+    started: float,
+    deadline: float | None,
+    config: RetryConfig,
+) -> str | None:
+    """Why no further attempt is made after ``error`` (None: retry, at ``wake``).
+
+    ``counted_attempts`` are the attempts so far that count against ``max_attempts``;
+    ``wake`` is when the next attempt would start, ``started`` when the call started,
+    ``deadline`` the end of ``Timeout.total`` (all ``time.monotonic()`` values).
+    """
+    if counted_attempts >= config.max_attempts:
+        return "attempts"
+    hint = server_wait(error)
+    if hint is not None and hint > config.max_retry_after:
+        return "retry_after"
+    if config.max_elapsed is not None and wake - started > config.max_elapsed:
+        return "max_elapsed"
+    if deadline is not None and wake >= deadline:
+        return "deadline"
+    return None
+
+
 class RetryBudget:
     """A client-wide allowance of retries, so an outage does not multiply the load.
 
     Every call deposits ``budget_ratio`` tokens (up to ``budget_cap``) when its first
-    attempt completes; every retry of a request the server answered or may have read
-    spends one. During a full outage the
-    server therefore sees about ``(1 + budget_ratio)`` requests per call instead of
-    ``max_attempts``. Retries of connections that never reached the server are free.
+    attempt completes; every retry that `spends_budget` takes one. During a full outage
+    the server therefore sees about ``(1 + budget_ratio)`` requests per call instead of
+    ``max_attempts``.
     """
 
     __slots__ = ("_tokens",)
 
     def __init__(self, tokens: float) -> None:
         self._tokens = tokens
+
+    @property
+    def tokens(self) -> float:
+        """The retry tokens left."""
+        return self._tokens
 
     def deposit(self, config: RetryConfig) -> None:
         """Credit one call."""
@@ -135,99 +198,125 @@ class RetryBudget:
         return False
 
 
-class CallRetry:
-    """tenacity hooks for one call: the shared policy plus this call's clock and budget."""
+class RetryState:
+    """One call's retry state: its policy, clock, budget and history.
 
-    __slots__ = ("_budget", "_config", "_deadline", "_rng", "_stale_retry_used", "_started")
+    The call makes its attempts; after each failure it awaits `after_failure`, which
+    either sleeps until the next attempt is due or raises the failure. The tenacity
+    controller is built at the first failure, so a call that succeeds at once costs no
+    controller; from then on tenacity sees every real outcome, first attempt included.
+    """
+
+    __slots__ = (
+        "_budget",
+        "_config",
+        "_controller",
+        "_rng",
+        "_state",
+        "deadline",
+        "resent_ambiguous",
+        "stale_reconnect_used",
+        "started",
+    )
 
     def __init__(
-        self,
-        config: RetryConfig,
-        budget: RetryBudget,
-        started: float,
-        deadline: float | None,
-        rng: random.Random,
+        self, config: RetryConfig, budget: RetryBudget, rng: random.Random, total: float | None
     ) -> None:
         self._config = config
         self._budget = budget
-        self._started = started
-        self._deadline = deadline
         self._rng = rng
-        self._stale_retry_used = False
+        self._controller: _t.AsyncRetrying | None = None
+        self._state: _t.RetryCallState | None = None
+        self.started = time.monotonic()
+        self.deadline = None if total is None else self.started + total
+        self.resent_ambiguous = False
+        self.stale_reconnect_used = False
 
-    def retrying(self) -> _t.AsyncRetrying:
-        """A tenacity controller for this call."""
-        # Imported here, not at the top: only a failed first attempt gets this far, and
-        # tenacity is a tenth of what `import friendli_image` adds to `import aiohttp`.
+    async def after_failure(self, error: FriendliAPIError) -> None:
+        """Wait for the next attempt, or raise ``error`` when the policy says stop."""
+        self.resent_ambiguous = self.resent_ambiguous or error.maybe_processed
+        state = self._state
+        if state is None:
+            state = self._start()
+        state.set_exception((type(error), error, error.__traceback__))
+        assert self._controller is not None  # noqa: S101  (built with the state)
+        # Raises ``error`` itself (reraise=True) when a hook says stop.
+        await self._controller.iter(retry_state=state)
+        state.prepare_for_next_attempt()
+        await asyncio.sleep(state.upcoming_sleep)
+
+    @property
+    def counted_attempts(self) -> int:
+        """Attempts made so far that count against ``max_attempts``."""
+        made = 0 if self._state is None else self._state.attempt_number
+        return made - (1 if self.stale_reconnect_used else 0)
+
+    def _start(self) -> _t.RetryCallState:
+        # Imported here: only a failed attempt gets this far, and tenacity is a tenth of
+        # what `import friendli_image` adds to `import aiohttp`.
         import tenacity as _t  # noqa: PLC0415
 
-        return _t.AsyncRetrying(
-            retry=_t.retry_if_exception(self.retry),
-            wait=self.wait,
-            stop=self.stop,
+        controller = _t.AsyncRetrying(
+            retry=_t.retry_if_exception(self._retry),
+            wait=self._wait,
+            stop=self._stop,
             reraise=True,
-            before_sleep=self._log_retry,
+            before_sleep=_log_retry,
+        )
+        controller.begin()
+        self._controller = controller
+        self._state = _t.RetryCallState(controller, fn=None, args=(), kwargs={})
+        return self._state
+
+    def _is_free_reconnect(self, error: BaseException) -> bool:
+        return (
+            self._config.reconnect_reused
+            and isinstance(error, FriendliConnectionError)
+            and error.stale_connection
+            and not self.stale_reconnect_used
         )
 
-    def retry(self, error: BaseException) -> bool:
-        """tenacity ``retry``: is the failure of a retryable kind."""
+    # -- tenacity hooks ---------------------------------------------------------------
+
+    def _retry(self, error: BaseException) -> bool:
         return is_retryable(error, self._config)
 
-    def wait(self, state: _t.RetryCallState) -> float:
-        """tenacity ``wait``: the server's hint when it gave one, else our backoff."""
+    def _wait(self, state: _t.RetryCallState) -> float:
         error = _failure(state)
-        if self._config.reconnect_reused and is_stale(error) and not self._stale_retry_used:
+        if self._is_free_reconnect(error):
             return 0.0
-        hint = getattr(error, "retry_after", None)
-        if hint is not None:
-            return float(hint) + self._rng.uniform(0.0, min(self._config.jitter, 0.25))
-        return backoff_delay(self._counted(state), self._config, self._rng)
+        return retry_wait(error, self.counted_attempts, self._config, self._rng)
 
-    def _counted(self, state: _t.RetryCallState) -> int:
-        """Attempts that count against ``max_attempts``: the keep-alive reconnect is free."""
-        return state.attempt_number - (1 if self._stale_retry_used else 0)
-
-    def stop(self, state: _t.RetryCallState) -> bool:
-        """tenacity ``stop``: out of attempts, time or budget, or the hint is too long."""
+    def _stop(self, state: _t.RetryCallState) -> bool:
         error = _failure(state)
-        if self._config.reconnect_reused and is_stale(error) and not self._stale_retry_used:
+        if self._is_free_reconnect(error):
             # One reconnect for the keep-alive race, outside attempts and budget, as
-            # the request never reached a live server.
-            self._stale_retry_used = True
+            # the request most likely never reached a live server.
+            self.stale_reconnect_used = True
             return False
-        config = self._config
-        if self._counted(state) >= config.max_attempts:
-            return True
-        hint = getattr(error, "retry_after", None)
-        if hint is not None and hint > config.max_retry_after:
-            return True
         wake = time.monotonic() + state.upcoming_sleep
-        if config.max_elapsed is not None and wake - self._started > config.max_elapsed:
+        reason = stop_reason(
+            error,
+            counted_attempts=self.counted_attempts,
+            wake=wake,
+            started=self.started,
+            deadline=self.deadline,
+            config=self._config,
+        )
+        if reason is not None:
             return True
-        if self._deadline is not None and wake >= self._deadline:
-            return True
-        needs_budget = not isinstance(error, FriendliConnectionError) or error.maybe_processed
-        return needs_budget and not self._budget.try_spend()
+        return spends_budget(error) and not self._budget.try_spend()
 
-    @staticmethod
-    def _log_retry(state: _t.RetryCallState) -> None:
-        error = _failure(state)
-        request_id = getattr(error, "request_id", None)
-        if isinstance(error, FriendliAPIError):  # its str names the request id
-            logger.warning(
-                "retrying in %.2fs after attempt %d failed: %s",
-                state.upcoming_sleep,
-                state.attempt_number,
-                error,
-            )
-        else:  # pragma: no cover - only FriendliAPIError is retryable
-            logger.warning(
-                "retrying in %.2fs after attempt %d failed: %s (request id %s)",
-                state.upcoming_sleep,
-                state.attempt_number,
-                type(error).__name__,
-                request_id,
-            )
+
+def _log_retry(state: _t.RetryCallState) -> None:
+    if logger.isEnabledFor(logging.INFO):
+        # The error's str names the status and the request id, never the token.
+        logger.info(
+            "retrying in %.2fs after attempt %d failed: %s",
+            state.upcoming_sleep,
+            state.attempt_number,
+            _failure(state),
+        )
 
 
 def _failure(state: _t.RetryCallState) -> BaseException:

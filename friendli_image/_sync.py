@@ -21,33 +21,28 @@ import concurrent.futures
 import contextlib
 import logging
 import os
-import ssl
 import sys
 import threading
 import warnings
 import weakref
-from collections.abc import Awaitable, Callable, Mapping, Sequence
-from functools import cached_property
-from typing import TYPE_CHECKING, Any, Final, TypeVar
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterator
+from functools import cached_property, wraps
+from typing import Any, Concatenate, Final, ParamSpec, TypeVar
 
 import anyio
 from anyio.from_thread import BlockingPortal
 
-from ._batch import SyncBatch as Batch  # the blocking Batch, named like Image below
-from ._client import AsyncFriendli
-from ._config import DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_RESPONSE_BYTES, RetryConfig, Timeout
+from ._batch import Batch
+from ._client import AsyncFriendli, describe
 from ._exceptions import FriendliUsageError, FriendliUsageWarning
+from ._models import BatchItem, BatchResult
+from ._resources import Image as AsyncImage
 
-if TYPE_CHECKING:
-    from collections.abc import AsyncIterable, Iterable
-
-    from ._batch import BatchProgress, RequestSpec
-    from ._images import ImageSource
-    from ._models import ImageResult, ResponseFormat
-
-__all__ = ["SyncFriendli"]
+__all__ = ["LOOP_THREAD_NAME", "SyncBatch", "SyncFriendli"]
 
 _T = TypeVar("_T")
+_P = ParamSpec("_P")
 
 logger = logging.getLogger("friendli_image")
 
@@ -62,7 +57,7 @@ class _Runtime:
 
     __slots__ = ("client", "loop_thread_id", "pid", "portal", "thread")
 
-    def __init__(self, make_client: Callable[[], AsyncFriendli]) -> None:
+    def __init__(self, client: AsyncFriendli) -> None:
         ready: concurrent.futures.Future[tuple[BlockingPortal, AsyncFriendli, int]]
         ready = concurrent.futures.Future()
         # Our own daemon thread rather than anyio's start_blocking_portal: that context
@@ -70,7 +65,7 @@ class _Runtime:
         # forked child (where the loop thread does not exist), and anyio < 4.5 runs it on
         # a non-daemon executor thread that interpreter exit waits for before atexit.
         self.thread = threading.Thread(
-            target=_serve, args=(ready, make_client), name=LOOP_THREAD_NAME, daemon=True
+            target=_serve, args=(ready, client), name=LOOP_THREAD_NAME, daemon=True
         )
         self.thread.start()
         try:
@@ -97,10 +92,9 @@ class _Runtime:
 
 def _serve(
     ready: concurrent.futures.Future[tuple[BlockingPortal, AsyncFriendli, int]],
-    make_client: Callable[[], AsyncFriendli],
+    client: AsyncFriendli,
 ) -> None:
     async def run_portal() -> None:
-        client = make_client()
         try:
             async with BlockingPortal() as portal:
                 ready.set_result((portal, client, threading.get_ident()))
@@ -133,6 +127,18 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
+def _arguments_of(
+    source: Callable[_P, object],
+) -> Callable[[Callable[..., None]], Callable[Concatenate[Any, _P], None]]:
+    """Give a constructor the parameters of ``source`` (for mypy, help and signature)."""
+
+    def decorate(init: Callable[..., None]) -> Callable[Concatenate[Any, _P], None]:
+        init.__wrapped__ = source.__init__  # type: ignore[attr-defined]
+        return init
+
+    return decorate
+
+
 class SyncFriendli:
     """The blocking client for the Friendli Container image API.
 
@@ -150,76 +156,16 @@ class SyncFriendli:
     In async code (``async def``, Jupyter), use `AsyncFriendli` instead: a blocking call
     there works but stalls the running loop, and warns once with `FriendliUsageWarning`.
 
-    Args:
-        token: the API token; default ``FRIENDLI_TOKEN``. None or ``""`` sends no
-            ``Authorization`` header.
-        server_url: the server's base URL; default ``FRIENDLI_SERVER_URL``, else
-            ``http://localhost:8000``. A per-call ``server_url`` overrides it.
-        timeout_ms: the per-attempt timeout in milliseconds (shorthand for
-            ``timeout=Timeout(attempt=...)``).
-        retries: a ``RetryConfig``, a number of retries (0 disables retrying), or None
-            for the default policy.
-        http_headers: extra headers sent with every request.
-        max_connections: the most requests in flight at once (the connection pool size).
-        timeout: connect / read / attempt / total timeouts (see ``Timeout``).
-        max_response_bytes: responses larger than this raise ``FriendliResponseTooLarge``
-            before they are buffered.
-        verify: TLS certificate verification: True (the system's CAs), a path to a CA
-            bundle file (or directory), an ``ssl.SSLContext``, or False to turn it off.
-        trust_env: honour ``HTTP_PROXY`` / ``HTTPS_PROXY`` / ``NO_PROXY`` and ``.netrc``.
-            Off by default, so an environment cannot silently route the token through
-            a proxy.
+    Takes exactly the arguments of `AsyncFriendli` (see there), checked once, here.
     """
 
-    def __init__(
-        self,
-        *,
-        token: str | None = None,
-        server_url: str | None = None,
-        timeout_ms: int | None = None,
-        retries: RetryConfig | int | None = None,
-        http_headers: Mapping[str, str] | None = None,
-        max_connections: int = DEFAULT_MAX_CONNECTIONS,
-        timeout: Timeout | None = None,
-        max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
-        verify: bool | str | os.PathLike[str] | ssl.SSLContext = True,
-        trust_env: bool = False,
-    ) -> None:
-        # Built here only to validate the arguments (errors at construction, not at the
-        # first call) and to resolve the environment once; the client that sends
-        # requests is built from the resolved settings on the loop thread.
-        settings = AsyncFriendli(
-            token=token,
-            server_url=server_url,
-            timeout_ms=timeout_ms,
-            retries=retries,
-            http_headers=http_headers,
-            max_connections=max_connections,
-            timeout=timeout,
-            max_response_bytes=max_response_bytes,
-            verify=verify,
-            trust_env=trust_env,
-        )
-        secret, resolved_url = settings._token, settings.server_url
-        self._has_token = secret is not None
-        self._server_url = resolved_url
-        self._max_connections = max_connections
-
-        def make_client() -> AsyncFriendli:
-            return AsyncFriendli(
-                token=secret.reveal() if secret is not None else "",
-                server_url=resolved_url,
-                timeout_ms=timeout_ms,
-                retries=retries,
-                http_headers=http_headers,
-                max_connections=max_connections,
-                timeout=timeout,
-                max_response_bytes=max_response_bytes,
-                verify=verify,
-                trust_env=trust_env,
-            )
-
-        self._make_client = make_client
+    @_arguments_of(AsyncFriendli)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # Validated (and the environment read) once, on the caller's thread; this client
+        # then opens its session on the loop thread at the first call. A loop thread
+        # built later (after fork) gets a copy, with the same settings.
+        self._template = AsyncFriendli(*args, **kwargs)
+        self._next_client: AsyncFriendli | None = self._template
         self._lock = threading.Lock()
         self._runtime: _Runtime | None = None
         self._finalizer: weakref.finalize[[], SyncFriendli] | None = None
@@ -237,7 +183,12 @@ class SyncFriendli:
     @property
     def server_url(self) -> str:
         """The base URL calls go to unless a call names another."""
-        return self._server_url
+        return self._template.server_url
+
+    @property
+    def max_connections(self) -> int:
+        """The most requests this client has in flight at once."""
+        return self._template.max_connections
 
     @property
     def closed(self) -> bool:
@@ -271,11 +222,8 @@ class SyncFriendli:
             finalizer()
 
     def __repr__(self) -> str:
-        token = "'***'" if self._has_token else "None"
-        return (
-            f"SyncFriendli(server_url={self._server_url!r}, token={token}, "
-            f"max_connections={self._max_connections}, closed={self._closed})"
-        )
+        settings = describe(self._template).rsplit(", closed=", 1)[0]
+        return f"SyncFriendli({settings}, closed={self._closed})"
 
     def __reduce__(self) -> Any:
         raise TypeError(
@@ -329,13 +277,18 @@ class SyncFriendli:
             future.cancel()
             raise
 
+    def _inner_client(self) -> AsyncFriendli:
+        """The AsyncFriendli living on the loop thread (started if need be)."""
+        return (self._runtime or self._start()).client
+
     def _start(self) -> _Runtime:
         with self._lock:
             if self._closed:
                 raise self._closed_error()
             runtime = self._runtime
             if runtime is None:
-                runtime = _Runtime(self._make_client)
+                client, self._next_client = self._next_client or self._template.copy(), None
+                runtime = _Runtime(client)
                 self._finalizer = weakref.finalize(self, runtime.shutdown)
                 self._runtime = runtime
             return runtime
@@ -361,214 +314,54 @@ async def _open(client: AsyncFriendli) -> None:
     await client.__aenter__()
 
 
+def _blocking(
+    method: Callable[Concatenate[AsyncImage, _P], Awaitable[_T]],
+) -> Callable[Concatenate[Image, _P], _T]:
+    """The blocking twin of an async resource method: same parameters, same docs."""
+    name = method.__name__
+
+    @wraps(method)
+    def call(self: Image, /, *args: _P.args, **kwargs: _P.kwargs) -> _T:
+        async def run(client: AsyncFriendli) -> _T:
+            bound: Callable[_P, Awaitable[_T]] = getattr(client.container.image, name)
+            return await bound(*args, **kwargs)
+
+        return self._client._run(run)
+
+    return call
+
+
+def _blocking_batch(
+    method: Callable[Concatenate[AsyncImage, _P], Batch],
+) -> Callable[Concatenate[Image, _P], SyncBatch]:
+    """The blocking twin of an async batch method: it returns a `SyncBatch`."""
+    name = method.__name__
+
+    @wraps(method)
+    def call(self: Image, /, *args: _P.args, **kwargs: _P.kwargs) -> SyncBatch:
+        def make(client: AsyncFriendli) -> Batch:
+            bound: Callable[_P, Batch] = getattr(client.container.image, name)
+            return bound(*args, **kwargs)
+
+        return SyncBatch(self._client, make)
+
+    return call
+
+
 class Image:
-    """Image generation and editing, blocking: ``friendli.container.image``."""
+    """Image generation and editing, blocking: ``friendli.container.image``.
+
+    Each method takes exactly the arguments of its `AsyncFriendli` twin and blocks
+    until it is done; a batch runs on the client's loop thread (see `SyncBatch`).
+    """
 
     def __init__(self, client: SyncFriendli) -> None:
         self._client = client
 
-    def generate(
-        self,
-        *,
-        prompt: str,
-        model: str | None = None,
-        num_inference_steps: int = 20,
-        guidance_scale: float = 0.0,
-        seed: int | None = None,
-        response_format: ResponseFormat | None = None,
-        control_images: Sequence[ImageSource] | None = None,
-        controlnet_weights: Sequence[float] | None = None,
-        retries: RetryConfig | int | None = None,
-        server_url: str | None = None,
-        timeout_ms: int | None = None,
-        http_headers: Mapping[str, str] | None = None,
-    ) -> ImageResult:
-        """Generate an image from a text prompt (``POST /v1/images/generations``); blocks.
-
-        Args:
-            prompt: what the image should show.
-            model: routes the request to a specific adapter.
-            num_inference_steps: denoising steps, in [1, 50].
-            guidance_scale: how closely to follow the prompt (0 lets the model choose).
-            seed: an int in [0, 2**32 - 1] for reproducible images.
-            response_format: ``"jpeg"`` or ``"raw"`` (PNG); None for the server default.
-            control_images: ControlNet conditioning images (URL, data: URI, base64,
-                bytes, path, binary file, PIL image or ``{"image": ...}``).
-            controlnet_weights: one weight in [0, 1] per control image.
-            retries: this call's retry policy (a ``RetryConfig``, or a number of retries).
-            server_url: this call's server, overriding the client's.
-            timeout_ms: this call's per-attempt timeout in milliseconds.
-            http_headers: extra headers for this call.
-
-        Returns:
-            The decoded image with its format, size, request id, attempts and timing.
-
-        Raises:
-            FriendliValidationError: an argument is invalid (nothing was sent).
-            FriendliAPIError: the server could not be reached or refused the request.
-            FriendliUsageError: the client is closed, or this is its own loop thread.
-        """
-        return self._client._run(
-            lambda c: c.container.image.generate(
-                prompt=prompt,
-                model=model,
-                num_inference_steps=num_inference_steps,
-                guidance_scale=guidance_scale,
-                seed=seed,
-                response_format=response_format,
-                control_images=control_images,
-                controlnet_weights=controlnet_weights,
-                retries=retries,
-                server_url=server_url,
-                timeout_ms=timeout_ms,
-                http_headers=http_headers,
-            )
-        )
-
-    def edit(
-        self,
-        *,
-        image: ImageSource | Sequence[ImageSource],
-        prompt: str,
-        model: str | None = None,
-        num_inference_steps: int = 20,
-        guidance_scale: float = 0.0,
-        seed: int | None = None,
-        response_format: ResponseFormat | None = None,
-        retries: RetryConfig | int | None = None,
-        server_url: str | None = None,
-        timeout_ms: int | None = None,
-        http_headers: Mapping[str, str] | None = None,
-    ) -> ImageResult:
-        """Edit an image as a text prompt describes (``POST /v1/images/edits``); blocks.
-
-        Args:
-            image: the image to edit, or a list of images. Each may be a URL (passed
-                to the server, never fetched here), data: URI, base64 text, bytes, a
-                path, a binary file object, a PIL image or ``{"image": ...}``.
-            prompt: the change to make.
-            model: routes the request to a specific adapter.
-            num_inference_steps: denoising steps, in [1, 50].
-            guidance_scale: how closely to follow the prompt.
-            seed: an int in [0, 2**32 - 1] for reproducible images.
-            response_format: ``"jpeg"`` or ``"raw"`` (PNG); None for the server default.
-            retries: this call's retry policy (a ``RetryConfig``, or a number of retries).
-            server_url: this call's server, overriding the client's.
-            timeout_ms: this call's per-attempt timeout in milliseconds.
-            http_headers: extra headers for this call.
-
-        Returns:
-            The decoded image with its format, size, request id, attempts and timing.
-
-        Raises:
-            FriendliValidationError: an argument is invalid (nothing was sent).
-            FriendliAPIError: the server could not be reached or refused the request.
-            FriendliUsageError: the client is closed, or this is its own loop thread.
-        """
-        return self._client._run(
-            lambda c: c.container.image.edit(
-                image=image,
-                prompt=prompt,
-                model=model,
-                num_inference_steps=num_inference_steps,
-                guidance_scale=guidance_scale,
-                seed=seed,
-                response_format=response_format,
-                retries=retries,
-                server_url=server_url,
-                timeout_ms=timeout_ms,
-                http_headers=http_headers,
-            )
-        )
-
-    def generate_batch(
-        self,
-        requests: Iterable[RequestSpec] | AsyncIterable[RequestSpec],
-        *,
-        concurrency: int = 16,
-        rps: float | None = None,
-        ordered: bool = False,
-        reorder_window: int | None = None,
-        out_dir: str | os.PathLike[str] | None = None,
-        resume: bool = True,
-        on_progress: Callable[[BatchProgress], object] | None = None,
-        stop_on_fatal: bool = True,
-        total: int | None = None,
-        retries: RetryConfig | int | None = None,
-        server_url: str | None = None,
-        timeout_ms: int | None = None,
-        http_headers: Mapping[str, str] | None = None,
-    ) -> Batch:
-        """Generate many images, fanned out on the client's event loop; see `SyncBatch`.
-
-        ``for item in friendli.container.image.generate_batch(prompts): ...`` or
-        ``result = friendli.container.image.generate_batch(prompts).collect()``. Takes
-        the arguments of ``AsyncFriendli``'s ``generate_batch`` (see there); the whole
-        batch runs on the loop thread, which reads ``requests`` and calls
-        ``on_progress``.
-        """
-        return Batch(
-            self._client,
-            lambda c: c.container.image.generate_batch(
-                requests,
-                concurrency=concurrency,
-                rps=rps,
-                ordered=ordered,
-                reorder_window=reorder_window,
-                out_dir=out_dir,
-                resume=resume,
-                on_progress=on_progress,
-                stop_on_fatal=stop_on_fatal,
-                total=total,
-                retries=retries,
-                server_url=server_url,
-                timeout_ms=timeout_ms,
-                http_headers=http_headers,
-            ),
-        )
-
-    def edit_batch(
-        self,
-        requests: Iterable[RequestSpec] | AsyncIterable[RequestSpec],
-        *,
-        concurrency: int = 16,
-        rps: float | None = None,
-        ordered: bool = False,
-        reorder_window: int | None = None,
-        out_dir: str | os.PathLike[str] | None = None,
-        resume: bool = True,
-        on_progress: Callable[[BatchProgress], object] | None = None,
-        stop_on_fatal: bool = True,
-        total: int | None = None,
-        retries: RetryConfig | int | None = None,
-        server_url: str | None = None,
-        timeout_ms: int | None = None,
-        http_headers: Mapping[str, str] | None = None,
-    ) -> Batch:
-        """Edit many images, fanned out on the client's event loop; see `SyncBatch`.
-
-        Takes the arguments of ``AsyncFriendli``'s ``edit_batch``; each request is a
-        mapping of ``edit`` arguments (``image``, ``prompt``, ...) or an ``EditRequest``.
-        """
-        return Batch(
-            self._client,
-            lambda c: c.container.image.edit_batch(
-                requests,
-                concurrency=concurrency,
-                rps=rps,
-                ordered=ordered,
-                reorder_window=reorder_window,
-                out_dir=out_dir,
-                resume=resume,
-                on_progress=on_progress,
-                stop_on_fatal=stop_on_fatal,
-                total=total,
-                retries=retries,
-                server_url=server_url,
-                timeout_ms=timeout_ms,
-                http_headers=http_headers,
-            ),
-        )
+    generate = _blocking(AsyncImage.generate)
+    edit = _blocking(AsyncImage.edit)
+    generate_batch = _blocking_batch(AsyncImage.generate_batch)
+    edit_batch = _blocking_batch(AsyncImage.edit_batch)
 
 
 class Container:
@@ -581,3 +374,131 @@ class Container:
     def image(self) -> Image:
         """Image generation and editing."""
         return Image(self._client)
+
+
+# -- the blocking batch bridge ----------------------------------------------------------------
+
+
+class _Pump:
+    """Runs a `Batch` on the loop and hands finished items to another thread in chunks.
+
+    The consumer thread takes everything finished so far at once, and the loop thread
+    wakes it only when the buffer goes from empty to non-empty, so a fast batch crosses
+    the thread boundary once per chunk, not once per item. When the consumer falls
+    ``high_water`` items behind, the pump stops pulling (and the batch stops dispatching).
+    """
+
+    def __init__(self, batch: Batch, high_water: int) -> None:
+        self._batch = batch
+        self._high_water = high_water
+        self._items: deque[BatchItem] = deque()
+        self._cond = threading.Condition(threading.Lock())
+        self._finished = False
+        self._cancelled_by_us = False
+        self._error: BaseException | None = None
+        self._loop = asyncio.get_running_loop()
+        self._room = asyncio.Event()
+        self._task = self._loop.create_task(self._run())
+
+    async def _run(self) -> None:
+        try:
+            async with self._batch:
+                async for item in self._batch:
+                    with self._cond:
+                        self._items.append(item)
+                        if len(self._items) == 1:
+                            self._cond.notify()
+                        full = len(self._items) >= self._high_water
+                        if full:
+                            self._room.clear()
+                    if full:
+                        await self._room.wait()
+        except asyncio.CancelledError:
+            if not self._cancelled_by_us:
+                self._error = FriendliUsageError(
+                    "the batch was cancelled because its SyncFriendli was closed while it ran"
+                )
+            raise
+        except BaseException as exc:  # noqa: BLE001  (re-raised in the consumer thread)
+            self._error = exc
+        finally:
+            with self._cond:
+                self._finished = True
+                self._cond.notify()
+
+    def take(self) -> list[BatchItem] | None:
+        """Block until items are finished; return them all (None once the batch is over)."""
+        with self._cond:
+            while not self._items and not self._finished:
+                self._cond.wait()
+            if not self._items:
+                if self._error is not None:
+                    raise self._error
+                return None
+            chunk = list(self._items)
+            self._items.clear()
+            if not self._room.is_set():
+                self._loop.call_soon_threadsafe(self._room.set)
+        return chunk
+
+    @property
+    def finished(self) -> bool:
+        with self._cond:
+            return self._finished
+
+    async def cancel(self) -> None:
+        """Cancel the batch (requests in flight included) and wait until it stopped."""
+        self._cancelled_by_us = True
+        self._task.cancel()
+        await asyncio.gather(self._task, return_exceptions=True)
+
+
+class SyncBatch:
+    """The blocking twin of `Batch`, from ``SyncFriendli.container.image.generate_batch``.
+
+    ``for item in batch`` yields each `BatchItem` as it finishes (in input order with
+    ``ordered=True``); ``batch.collect()`` runs the batch to the end and returns a
+    `BatchResult` in input order. Either way the whole batch runs on the client's event
+    loop thread: ``collect()`` crosses the thread boundary once, iteration once per
+    chunk of finished items. The requests are read, and ``on_progress`` is called, on
+    that thread. Arguments are checked at once, when the batch is created. Leaving a
+    ``for`` loop early, or Ctrl-C, cancels the requests in flight.
+    """
+
+    def __init__(self, client: SyncFriendli, make: Callable[[AsyncFriendli], Batch]) -> None:
+        self._client = client
+        # Built now, on the caller's thread (creating a batch touches no event loop), so
+        # that a bad option raises here, at the caller's line, as with AsyncFriendli.
+        self._batch = make(client._inner_client())
+        self._used = False
+
+    def _claim(self) -> Batch:
+        if self._used:
+            raise FriendliUsageError(
+                "a batch runs once; call generate_batch()/edit_batch() again to rerun it"
+            )
+        self._used = True
+        return self._batch
+
+    def collect(self) -> BatchResult:
+        """Run the batch to the end; return every item in input order (see `Batch.collect`)."""
+        batch = self._claim()
+
+        async def run(_client: AsyncFriendli) -> BatchResult:
+            return await batch.collect()
+
+        return self._client._run(run)
+
+    def __iter__(self) -> Iterator[BatchItem]:
+        batch = self._claim()
+
+        async def start(_client: AsyncFriendli) -> _Pump:
+            return _Pump(batch, high_water=max(2 * batch.options.concurrency, 64))
+
+        pump = self._client._run(start)
+        try:
+            while (chunk := pump.take()) is not None:
+                yield from chunk
+        finally:
+            if not pump.finished:
+                self._client._run(lambda _client: pump.cancel())

@@ -29,7 +29,8 @@ from friendli_image import (
     FriendliValidationError,
     RetryConfig,
 )
-from friendli_image._batch import MANIFEST_NAME, _Gate
+from friendli_image._batch import Gate
+from friendli_image._sink import MANIFEST_NAME
 from friendli_image.server import Action, FaultRates, LocalServer, ServerConfig
 
 MakeServer = Callable[..., Awaitable[LocalServer]]
@@ -224,7 +225,7 @@ def test_gate_cuts_once_per_round_and_grows_back() -> None:
     not; each success adds 1/limit, up to the ceiling."""
 
     async def scenario() -> list[int]:
-        gate = _Gate(16, None)
+        gate = Gate(16, None)
         limits = []
         epochs = [await gate.acquire() for _ in range(16)]
         gate.release(epochs[0], "rate_limited")

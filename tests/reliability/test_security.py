@@ -136,7 +136,7 @@ async def test_debug_log_has_one_line_per_attempt_without_the_token(
     caplog: pytest.LogCaptureFixture,
     figures: Figures,
 ) -> None:
-    """DEBUG logs each attempt (path, status, attempt, request id), WARNING each retry."""
+    """DEBUG logs each attempt (path, status, attempt, request id), INFO each retry."""
     from friendli_image.server import Action
 
     server.script(tid, [Action.status(503)])
@@ -145,7 +145,7 @@ async def test_debug_log_has_one_line_per_attempt_without_the_token(
         result = await gen(client)
     ours = [r for r in caplog.records if r.name == "friendli_image"]
     attempts = [r for r in ours if r.levelno == logging.DEBUG and "attempt=" in r.getMessage()]
-    retries = [r for r in ours if r.levelno == logging.WARNING]
+    retries = [r for r in ours if r.levelno == logging.INFO]
     assert len(attempts) == 2
     assert "-> 503 attempt=1" in attempts[0].getMessage()
     assert "-> 200 attempt=2" in attempts[1].getMessage()

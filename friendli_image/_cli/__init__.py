@@ -15,22 +15,26 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ._client import AsyncFriendli
-from ._config import ENV_SERVER_URL, ENV_TOKEN
-from ._exceptions import (
+from friendli_image._client import AsyncFriendli
+from friendli_image._exceptions import (
     FriendliConnectionError,
     FriendliError,
     FriendliUsageError,
 )
-from ._models import ImageResult
+from friendli_image._models import ImageResult
 
-__all__ = ["main"]
+from ._batch import add_batch_command
+from ._options import (
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_UNREACHABLE,
+    EXIT_USAGE,
+    add_client_options,
+    make_client,
+)
 
-EXIT_OK = 0
-EXIT_FAILED = 1
-EXIT_USAGE = 2
-EXIT_UNREACHABLE = 3
-EXIT_INTERRUPTED = 130
+__all__ = ["build_parser", "main"]
 
 DEMO_PROMPTS = (
     ("lighthouse", "a lighthouse on a cliff at dawn, warm light over a calm sea", 7),
@@ -39,25 +43,6 @@ DEMO_PROMPTS = (
     ("forest", "a misty pine forest by a lake in the morning", 1234),
 )
 DEMO_EDIT_PROMPT = "make it snow at night"
-
-
-def _add_client_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--server-url",
-        default=None,
-        help=f"server base URL (default: ${ENV_SERVER_URL} or http://localhost:8000); "
-        f"the token is read from ${ENV_TOKEN}",
-    )
-    parser.add_argument(
-        "--timeout", type=float, default=None, metavar="SECONDS", help="per-attempt timeout"
-    )
-    parser.add_argument(
-        "--retries",
-        type=int,
-        default=None,
-        metavar="N",
-        help="retries per request (default: the client's policy, 4; 0 disables retrying)",
-    )
 
 
 def _add_generation_options(parser: argparse.ArgumentParser) -> None:
@@ -95,17 +80,15 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="W",
         help="weight in [0, 1] per --control image",
     )
-    _add_client_options(generate)
+    add_client_options(generate)
     generate.set_defaults(run=_run_generate)
 
     edit = commands.add_parser("edit", help="edit one or more images as a prompt says")
     edit.add_argument("images", nargs="+", metavar="IMAGE", help="path or URL of an image")
     edit.add_argument("-p", "--prompt", required=True)
     _add_generation_options(edit)
-    _add_client_options(edit)
+    add_client_options(edit)
     edit.set_defaults(run=_run_edit)
-
-    from ._batch_cli import add_batch_command  # noqa: PLC0415  (it imports this module)
 
     add_batch_command(commands)
 
@@ -132,11 +115,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _client(args: argparse.Namespace) -> AsyncFriendli:
-    timeout_ms = None if args.timeout is None else int(args.timeout * 1000)
-    return AsyncFriendli(server_url=args.server_url, timeout_ms=timeout_ms, retries=args.retries)
-
-
 def _report(result: ImageResult, path: Path) -> None:
     size = f"{result.width}x{result.height} " if result.width else ""
     print(
@@ -146,7 +124,7 @@ def _report(result: ImageResult, path: Path) -> None:
 
 
 async def _run_generate(args: argparse.Namespace) -> int:
-    async with _client(args) as client:
+    async with make_client(args) as client:
         result = await client.container.image.generate(
             prompt=args.prompt,
             model=args.model,
@@ -165,7 +143,7 @@ async def _run_edit(args: argparse.Namespace) -> int:
     images: list[Any] = [
         image if image.startswith(("http://", "https://")) else Path(image) for image in args.images
     ]
-    async with _client(args) as client:
+    async with make_client(args) as client:
         result = await client.container.image.edit(
             image=images if len(images) > 1 else images[0],
             prompt=args.prompt,
@@ -181,7 +159,7 @@ async def _run_edit(args: argparse.Namespace) -> int:
 
 def _server_modules() -> Any:
     try:
-        from . import server  # noqa: PLC0415  (needs the optional Pillow dependency)
+        from friendli_image import server  # noqa: PLC0415  (needs the optional Pillow dependency)
     except ImportError as exc:
         raise FriendliUsageError(
             f"the bundled server needs Pillow ({exc}): pip install 'friendli-image[server]'"

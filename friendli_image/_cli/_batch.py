@@ -23,9 +23,15 @@ from typing import IO, Any, Final
 
 import orjson
 
-from ._batch import MANIFEST_NAME, BatchItem, BatchProgress, BatchResult
-from ._cli import EXIT_FAILED, EXIT_OK, EXIT_UNREACHABLE, _add_client_options, _client
-from ._exceptions import FriendliConnectionError, FriendliUsageError, FriendliValidationError
+from friendli_image._exceptions import (
+    FriendliConnectionError,
+    FriendliUsageError,
+    FriendliValidationError,
+)
+from friendli_image._models import BatchItem, BatchProgress, BatchResult
+from friendli_image._sink import MANIFEST_NAME
+
+from ._options import EXIT_FAILED, EXIT_OK, EXIT_UNREACHABLE, add_client_options, make_client
 
 __all__ = ["add_batch_command"]
 
@@ -71,7 +77,7 @@ def add_batch_command(commands: Any) -> None:
         help="skip items already done in --out-dir (default); --no-resume starts over",
     )
     batch.add_argument("--no-progress", action="store_true", help="no progress bar")
-    _add_client_options(batch)
+    add_client_options(batch)
     batch.set_defaults(run=_run_batch)
 
 
@@ -235,7 +241,7 @@ async def _run_batch(args: argparse.Namespace) -> int:
             first = next(requests, None)
             edits = first is not None and "image" in first
             requests = _chain(first, requests)
-        async with _client(args) as client:
+        async with make_client(args) as client:
             image = client.container.image
             start: Callable[..., Any] = image.edit_batch if edits else image.generate_batch
             result: BatchResult = await start(
