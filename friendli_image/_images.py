@@ -1,4 +1,4 @@
-"""Image bytes: format sniffing, header dimensions, and coercion of user inputs.
+"""Image inputs: coercion of what users pass (URL, data: URI, base64, bytes, path, file, PIL).
 
 Inputs become the wire's ``{"image": <str>}``: URLs pass through (the server fetches
 them, the SDK never does), ``data:`` URIs and base64 text are checked and pass through,

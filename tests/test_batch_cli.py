@@ -18,8 +18,8 @@ from typing import Any
 import orjson
 import pytest
 
-from friendli_image._sink import MANIFEST_NAME
 from friendli_image._cli import main
+from friendli_image._sink import MANIFEST_NAME
 from friendli_image.server import FaultRates, LocalServer, ServerConfig
 
 

@@ -376,21 +376,6 @@ async def test_close_twice_then_call_raises_usage_error(
     assert server.stats.total_requests == 1
 
 
-_SYNC = "tests/test_sync_lifecycle.py (the sync facade's lifecycle suite)"
-
-
-@pytest.mark.parametrize(
-    "number",
-    [
-        pytest.param(n, marks=[pytest.mark.scenario(n), pytest.mark.skip(reason=f"in {_SYNC}")])
-        for n in (19, 20, 21, 22, 23, 24)
-    ],
-)
-def test_sync_facade_scenarios_live_elsewhere(number: int) -> None:
-    """Scenarios 19-24 need the blocking facade; they run in the sync lifecycle suite."""
-    raise AssertionError(number)  # pragma: no cover - always skipped
-
-
 @pytest.mark.scenario(17)
 async def test_keep_alive_reconnect_does_not_use_up_an_attempt() -> None:
     """The free reconnect after a dropped reused connection leaves max_attempts intact."""

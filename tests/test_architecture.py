@@ -1,0 +1,256 @@
+"""Behaviour the single retry loop and the option objects guarantee across entry points."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import pathlib
+import random
+import warnings
+from collections.abc import AsyncIterator
+
+import pytest
+
+from friendli_image import (
+    AsyncFriendli,
+    BatchOptions,
+    FriendliRateLimitError,
+    FriendliValidationError,
+    RetryConfig,
+    SyncFriendli,
+)
+from friendli_image._config import RetryConfig as _RetryConfig
+from friendli_image._exceptions import (
+    FriendliConnectionError,
+    FriendliServerError,
+    FriendliTimeoutError,
+)
+from friendli_image._retry import (
+    RetryBudget,
+    backoff_delay,
+    is_retryable,
+    retry_wait,
+    spends_budget,
+    stop_reason,
+)
+from friendli_image.server import Action, LocalServer, ServerConfig
+
+POLICY = RetryConfig(max_attempts=5, max_elapsed=0.5, jitter=0.0, initial_delay=0.05)
+RATE_LIMITED = [Action.status(429, headers={"Retry-After": "0.3"})] * 10
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[LocalServer]:
+    async with LocalServer(ServerConfig()) as local:
+        yield local
+
+
+def _arrivals(server: LocalServer, test_id: str) -> list[float]:
+    return [
+        record.received_at
+        for record in server.records
+        if record.headers.get("x-test-id") == test_id
+    ]
+
+
+async def test_a_batch_item_retries_exactly_like_a_single_call(server: LocalServer) -> None:
+    """One 429 script (Retry-After 0.3 s, max_elapsed 0.5 s): same attempts, same spacing."""
+    server.script("single", RATE_LIMITED)
+    server.script("batch", RATE_LIMITED)
+    async with AsyncFriendli(server_url=server.url, retries=POLICY) as client:
+        image = client.container.image
+        with pytest.raises(FriendliRateLimitError) as caught:
+            await image.generate(prompt="p", http_headers={"x-test-id": "single"})
+        result = await image.generate_batch(
+            [{"prompt": "p", "http_headers": {"x-test-id": "batch"}}]
+        )
+    (item,) = result.items
+    assert isinstance(item.error, FriendliRateLimitError)
+    assert caught.value.attempts == item.attempts == item.error.attempts == 2
+    single, batch = _arrivals(server, "single"), _arrivals(server, "batch")
+    assert len(single) == len(batch) == 2
+    gaps = [single[1] - single[0], batch[1] - batch[0]]
+    for gap in gaps:
+        assert 0.3 <= gap < 0.45
+    assert abs(gaps[0] - gaps[1]) < 0.1
+
+
+async def test_a_batch_honours_timeout_total_across_429_retries(server: LocalServer) -> None:
+    """Timeout.total bounds a batch item's 429 retries as it bounds a single call's."""
+    from friendli_image import Timeout
+
+    server.script("t", RATE_LIMITED)
+    async with AsyncFriendli(
+        server_url=server.url,
+        retries=RetryConfig(max_attempts=10, max_elapsed=None, jitter=0.0),
+        timeout=Timeout(total=0.7),
+    ) as client:
+        result = await client.container.image.generate_batch(
+            [{"prompt": "p", "http_headers": {"x-test-id": "t"}}]
+        )
+    assert result.items[0].attempts == 3  # sent at 0, 0.3, 0.6; 0.9 is past the total
+
+
+async def test_the_batch_gate_still_shrinks_on_429(server: LocalServer) -> None:
+    """429s seen by the one retry loop reach the batch's in-flight limit."""
+    limits: list[int] = []
+    for index in range(8):
+        server.script(f"g{index}", [Action.status(429, headers={"Retry-After": "0.05"})])
+    async with AsyncFriendli(server_url=server.url, retries=POLICY) as client:
+        result = await client.container.image.generate_batch(
+            [{"prompt": "p", "http_headers": {"x-test-id": f"g{i}"}} for i in range(8)],
+            concurrency=8,
+            on_progress=lambda progress: limits.append(progress.limit),
+        )
+    assert result.ok
+    assert all(item.attempts == 2 for item in result)
+    assert min(limits) < 8
+
+
+def test_sync_batch_options_are_checked_when_the_batch_is_made() -> None:
+    """SyncFriendli's generate_batch(concurrency=0) raises at once, as the async one does."""
+    with (
+        SyncFriendli(server_url="http://127.0.0.1:9") as friendli,
+        pytest.raises(FriendliValidationError) as caught,
+    ):
+        friendli.container.image.generate_batch(["x"], concurrency=0)
+    assert caught.value.field == "concurrency"
+    client = AsyncFriendli(server_url="http://127.0.0.1:9")
+    with pytest.raises(FriendliValidationError):
+        client.container.image.generate_batch(["x"], concurrency=0)
+
+
+@pytest.mark.parametrize("factory", [AsyncFriendli, SyncFriendli])
+def test_verify_false_warns_once_at_the_callers_line(factory: type) -> None:
+    """verify=False warns exactly once, and the warning points at the line that built it."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        client = factory(verify=False)  # the line the warning must name
+    line = inspect.currentframe().f_lineno - 1  # type: ignore[union-attr]
+    assert len(caught) == 1
+    assert pathlib.Path(caught[0].filename).resolve() == pathlib.Path(__file__).resolve()
+    assert caught[0].lineno == line
+    if isinstance(client, SyncFriendli):
+        client.close()
+
+
+def test_batch_options_are_one_value_object() -> None:
+    """The batch methods take BatchOptions' fields; help() shows them with their defaults."""
+    options = inspect.signature(BatchOptions).parameters
+    for method in (AsyncFriendli().container.image.generate_batch,):
+        shown = inspect.signature(method).parameters
+        assert next(iter(shown)) == "requests"
+        assert set(shown) - {"requests"} == set(options)
+        assert shown["concurrency"].default == 16
+        assert "concurrency" in (method.__doc__ or "")
+    with pytest.raises(FriendliValidationError):
+        BatchOptions(rps=-1)
+
+
+# -- the pure policy, without sleeping ----------------------------------------------------
+
+
+def _status(status: int, retry_after: float | None = None) -> FriendliServerError:
+    return FriendliServerError("x", status=status, retry_after=retry_after)
+
+
+@pytest.mark.parametrize(
+    ("error", "retryable"),
+    [
+        (_status(503), True),
+        (_status(500), False),
+        (FriendliRateLimitError("x", status=429), True),
+        (FriendliConnectionError("refused"), True),
+        (FriendliConnectionError("tls", permanent=True), False),
+        (FriendliConnectionError("dropped", maybe_processed=True), False),
+        (FriendliConnectionError("idle", maybe_processed=True, stale_connection=True), True),
+        (FriendliTimeoutError("connect", kind="connect"), True),
+        (FriendliTimeoutError("read", kind="read", maybe_processed=True), False),
+        (ValueError("not ours"), False),
+    ],
+)
+def test_retryable_per_status_and_error(error: BaseException, retryable: bool) -> None:
+    """Which failures the default policy retries."""
+    assert is_retryable(error, _RetryConfig()) is retryable
+
+
+def test_ambiguous_failures_are_retried_only_when_asked() -> None:
+    """retry_ambiguous resends a request the server may have read; reconnect_reused=False not."""
+    dropped = FriendliConnectionError("x", maybe_processed=True)
+    stale = FriendliConnectionError("x", maybe_processed=True, stale_connection=True)
+    assert is_retryable(dropped, _RetryConfig(retry_ambiguous=True))
+    assert not is_retryable(stale, _RetryConfig(reconnect_reused=False))
+
+
+def test_backoff_is_exponential_capped_and_jittered_within_bounds() -> None:
+    """Backoff doubles from initial_delay, stops at max_delay, adds at most jitter."""
+    config = _RetryConfig(initial_delay=0.5, max_delay=4.0, jitter=0.25)
+    rng = random.Random(1)
+    for retry_number, floor in [(1, 0.5), (2, 1.0), (3, 2.0), (4, 4.0), (9, 4.0)]:
+        for _ in range(50):
+            assert floor <= backoff_delay(retry_number, config, rng) <= floor + 0.25
+
+
+def test_a_server_hint_replaces_the_backoff() -> None:
+    """With a Retry-After, the wait is the hint plus at most 0.25 s of jitter."""
+    config = _RetryConfig(jitter=1.0)
+    wait = retry_wait(_status(503, retry_after=3.0), 1, config, random.Random(2))
+    assert 3.0 <= wait <= 3.25
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "reason"),
+    [
+        ({"counted_attempts": 5}, "attempts"),
+        ({"error": _status(503, retry_after=61.0)}, "retry_after"),
+        ({"wake": 121.0}, "max_elapsed"),
+        ({"deadline": 10.0, "wake": 10.0}, "deadline"),
+        ({}, None),
+    ],
+)
+def test_stop_reasons(kwargs: dict[str, object], reason: str | None) -> None:
+    """Attempts, the hint cap, max_elapsed and Timeout.total each stop the retries."""
+    arguments: dict[str, object] = {
+        "error": _status(503),
+        "counted_attempts": 1,
+        "wake": 1.0,
+        "started": 0.0,
+        "deadline": None,
+        "config": _RetryConfig(),
+    }
+    arguments.update(kwargs)
+    error = arguments.pop("error")
+    assert stop_reason(error, **arguments) == reason  # type: ignore[arg-type]
+
+
+def test_budget_arithmetic() -> None:
+    """Each call adds budget_ratio up to budget_cap; each spend takes one whole token."""
+    config = _RetryConfig(budget_ratio=0.5, budget_cap=2.0)
+    budget = RetryBudget(1.0)
+    assert budget.try_spend()
+    assert not budget.try_spend()
+    budget.deposit(config)
+    assert not budget.try_spend()
+    budget.deposit(config)
+    assert budget.try_spend()
+    for _ in range(10):
+        budget.deposit(config)
+    assert budget.tokens == 2.0
+
+
+def test_what_spends_the_budget() -> None:
+    """Unsent requests and server-paced retries are free; other resends cost a token."""
+    assert not spends_budget(FriendliConnectionError("refused"))
+    assert not spends_budget(_status(503, retry_after=1.0))
+    assert spends_budget(_status(503))
+    assert spends_budget(FriendliConnectionError("x", maybe_processed=True))
+
+
+async def test_the_success_path_builds_no_retry_controller(server: LocalServer) -> None:
+    """A call that succeeds at once never imports or builds tenacity's controller."""
+    import sys
+
+    sys.modules.pop("tenacity", None)
+    async with AsyncFriendli(server_url=server.url) as client:
+        await asyncio.gather(*(client.container.image.generate(prompt="p") for _ in range(3)))
+    assert "tenacity" not in sys.modules
