@@ -36,6 +36,7 @@ from ._exceptions import (
     FriendliUsageWarning,
     FriendliValidationError,
 )
+from ._gallery import write_gallery
 from ._models import ContainerImageGenerateSuccess, ImageInput, ImageResult
 from ._sync import SyncFriendli
 from ._version import __version__
@@ -82,4 +83,5 @@ __all__ = [
     "SyncFriendli",
     "Timeout",
     "__version__",
+    "write_gallery",
 ]
