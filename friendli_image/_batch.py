@@ -232,6 +232,11 @@ class BatchResult:
     def __getitem__(self, index: int) -> BatchItem:
         return self.items[index]
 
+    def _repr_html_(self) -> str:
+        from ._display import batch_html  # noqa: PLC0415  (only a notebook calls this)
+
+        return batch_html(self)  # Jupyter shows a table of the items
+
 
 @attrs.frozen
 class BatchOperation:

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Final, Literal
 
 import attrs
 
+from . import _display as display
 from ._exceptions import FriendliUsageError, FriendliValidationError
 from ._formats import EXTENSIONS, MIME_TYPES
 
@@ -264,6 +265,9 @@ class ImageResult:
         )
 
     __str__ = __repr__
+
+    def _repr_mimebundle_(self, include: object = None, exclude: object = None) -> dict[str, str]:
+        return display.image_mimebundle(self)  # Jupyter shows the picture, no Pillow needed
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, ImageResult):
