@@ -30,6 +30,7 @@ from ._exceptions import (
     FriendliUsageWarning,
     FriendliValidationError,
 )
+from ._gallery import write_gallery
 from ._models import (
     BatchItem,
     BatchOptions,
@@ -89,4 +90,5 @@ __all__ = [
     "SyncFriendli",
     "Timeout",
     "__version__",
+    "write_gallery",
 ]

@@ -7,6 +7,8 @@ before any I/O; they are the one definition of each operation's fields.
 
 from __future__ import annotations
 
+import base64
+import html
 import math
 import numbers
 import os
@@ -32,6 +34,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "MAX_SEED",
+    "NOTEBOOK_ROWS",
     "AttemptGate",
     "AttemptOutcome",
     "BatchItem",
@@ -275,6 +278,9 @@ class ImageResult:
         )
 
     __str__ = __repr__
+
+    def _repr_mimebundle_(self, include: object = None, exclude: object = None) -> dict[str, str]:
+        return _image_mimebundle(self)  # Jupyter shows the picture, no Pillow needed
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, ImageResult):
@@ -522,6 +528,9 @@ class BatchResult:
     def __getitem__(self, index: int) -> BatchItem:
         return self.items[index]
 
+    def _repr_html_(self) -> str:
+        return _batch_html(self)  # Jupyter shows a table of the items
+
 
 # -- the request path ------------------------------------------------------------------------
 
@@ -558,3 +567,96 @@ class RequestPath:
 
     send: Callable[[str, RequestModel, CallOptions, AttemptGate | None], Awaitable[ImageResult]]
     resolve: Callable[[CallOverrides], CallOptions]
+
+
+# -- display in notebooks: pictures without Pillow, batches as tables --------------------
+
+#: Formats Jupyter front ends draw from a display bundle.
+_NOTEBOOK_IMAGE_TYPES: Final = {
+    "png": "image/png",
+    "jpeg": "image/jpeg",
+    "gif": "image/gif",
+    "webp": "image/webp",
+}
+#: Rows shown for a large batch: the first ones, then a line saying how many more.
+NOTEBOOK_ROWS: Final = 20
+_PROMPT_CHARS: Final = 80
+
+
+def _image_mimebundle(result: ImageResult) -> dict[str, str]:
+    """The display bundle of an image: its bytes under its MIME type, and its repr."""
+    bundle = {"text/plain": repr(result)}
+    mime = _NOTEBOOK_IMAGE_TYPES.get(result.format)
+    if mime is not None:
+        bundle[mime] = base64.b64encode(result.image).decode("ascii")
+    return bundle
+
+
+def _html_cell(value: object) -> str:
+    return f"<td>{html.escape(str(value), quote=True)}</td>"
+
+
+def _item_prompt(item: BatchItem) -> str:
+    prompt = item.request.get("prompt")
+    if not isinstance(prompt, str):
+        return ""
+    return prompt if len(prompt) <= _PROMPT_CHARS else prompt[: _PROMPT_CHARS - 1] + "…"
+
+
+def _item_outcome(item: BatchItem) -> str:
+    if item.error is not None:
+        return f"{type(item.error).__name__}: {item.error}"
+    if item.path is not None:
+        return str(item.path)
+    if item.result is not None:
+        width, height = item.result.width, item.result.height
+        size = f"{width}x{height} " if width and height else ""
+        return f"{item.result.format} {size}({len(item.result.image):,} bytes)"
+    return ""
+
+
+def _html_rows(items: Sequence[BatchItem]) -> list[str]:
+    rows = []
+    for item in items:
+        seed = item.request.get("seed")
+        rows.append(
+            f'<tr class="{html.escape(item.status)}">'
+            + _html_cell(item.index)
+            + _html_cell(item.status)
+            + _html_cell(_item_prompt(item))
+            + _html_cell("" if seed is None else seed)
+            + _html_cell(item.attempts)
+            + _html_cell(f"{item.elapsed:.2f}")
+            + _html_cell(_item_outcome(item))
+            + "</tr>"
+        )
+    return rows
+
+
+def _batch_html(result: BatchResult) -> str:
+    """A compact HTML table of a batch: a summary line, then one row per item (capped)."""
+    items = result.items
+    counts: dict[str, int] = {}
+    for item in items:
+        counts[item.status] = counts.get(item.status, 0) + 1
+    summary = ", ".join(f"{count} {status}" for status, count in sorted(counts.items()))
+    attempts = sum(item.attempts for item in items)
+    caption = (
+        f"BatchResult: {len(items)} items ({summary or 'none'}) in {result.elapsed:.2f} s, "
+        f"{attempts} attempts"
+    )
+    if result.aborted is not None:
+        caption += f"; stopped: {result.aborted}"
+    body = _html_rows(items[:NOTEBOOK_ROWS])
+    if len(items) > NOTEBOOK_ROWS:
+        more = len(items) - NOTEBOOK_ROWS
+        body.append(f'<tr><td colspan="7">… {more:,} more (index the result to see them)</td></tr>')
+    header = "".join(
+        f"<th>{name}</th>"
+        for name in ("index", "status", "prompt", "seed", "attempts", "elapsed s", "file / error")
+    )
+    return (
+        '<table class="friendli-batch">'
+        f'<caption style="text-align:left">{html.escape(caption)}</caption>'
+        f"<thead><tr>{header}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+    )

@@ -18,7 +18,7 @@ PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "friendli_image"
 LAYERS: tuple[frozenset[str], ...] = (
     frozenset({"_version", "_exceptions", "_formats", "_config"}),
     frozenset({"_images"}),
-    frozenset({"_models", "_display"}),
+    frozenset({"_models"}),
     frozenset({"_serde", "models", "utils"}),
     frozenset({"_retry"}),
     frozenset({"_transport"}),

@@ -1,0 +1,240 @@
+"""Every Python block of the README and every script in examples/ runs against the bundled server.
+
+Each README block runs in a fresh interpreter in an empty directory, with
+``FRIENDLI_SERVER_URL`` pointing at a `LocalServer`; a block that defines ``test_*``
+functions is run with pytest, as the README says to. A block can opt out with the line
+``<!-- docs-test: skip (why) -->`` right before its opening fence.
+"""
+
+from __future__ import annotations
+
+import http.server
+import os
+import re
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import NamedTuple
+
+import pytest
+
+from friendli_image.server import LocalServer, ServerConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+EXAMPLES = ROOT / "examples"
+TIMEOUT = 120
+
+pytestmark = [
+    pytest.mark.subprocess,
+    pytest.mark.skipif(not README.is_file(), reason="README.md is not beside the tests"),
+]
+
+_SKIP = re.compile(r"<!--\s*docs-test:\s*skip\s*(?:\((?P<reason>.*)\))?\s*-->")
+
+
+class Block(NamedTuple):
+    line: int
+    code: str
+    skip: str | None
+
+
+def python_blocks(text: str) -> list[Block]:
+    """The ```python blocks of a Markdown text, with the skip reason of each (or None)."""
+    blocks = []
+    lines = text.splitlines()
+    number = 0
+    while number < len(lines):
+        fence = lines[number].strip()
+        if fence.startswith("```") and fence[3:].strip().lower() in {"python", "py"}:
+            start = number
+            body = []
+            number += 1
+            while number < len(lines) and not lines[number].strip().startswith("```"):
+                body.append(lines[number])
+                number += 1
+            before = next((lines[i] for i in range(start - 1, -1, -1) if lines[i].strip()), "")
+            match = _SKIP.search(before)
+            skip = (match.group("reason") or "marked skip") if match else None
+            blocks.append(Block(start + 1, "\n".join(body) + "\n", skip))
+        number += 1
+    return blocks
+
+
+README_BLOCKS = python_blocks(README.read_text(encoding="utf-8")) if README.is_file() else []
+
+
+def test_block_parser_reads_fences_and_skip_markers() -> None:
+    """The parser finds python blocks only, and the skip marker of the block right after it."""
+    text = (
+        "intro\n```python\nprint(1)\n```\n\n<!-- docs-test: skip (needs a GPU) -->\n\n"
+        "```python\nprint(2)\n```\n```console\n$ ls\n```\n<!-- docs-test: skip -->\n```py\nx\n```\n"
+    )
+    assert python_blocks(text) == [
+        Block(2, "print(1)\n", None),
+        Block(8, "print(2)\n", "needs a GPU"),
+        Block(15, "x\n", "marked skip"),
+    ]
+
+
+def test_readme_has_python_blocks() -> None:
+    """The README still has the code this test runs (so an empty parse cannot pass)."""
+    assert len(README_BLOCKS) >= 4
+
+
+def test_readme_links_work_on_a_package_index() -> None:
+    """Every Markdown link is absolute or an in-page anchor: relative links break on PyPI."""
+    text = README.read_text(encoding="utf-8")
+    links = re.findall(r"\]\(([^)\s]+)", text) + re.findall(r"""(?:src|href)=["']([^"']+)""", text)
+    relative = [link for link in links if not re.match(r"(https?://|mailto:|#)", link)]
+    assert relative == []
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[LocalServer]:
+    """The bundled server with small images, so every block runs in seconds."""
+    with LocalServer(ServerConfig(image_size=64)) as local:
+        yield local
+
+
+def _env(server: LocalServer) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FRIENDLI_")}
+    env["FRIENDLI_SERVER_URL"] = server.url
+    return env
+
+
+def _check(done: subprocess.CompletedProcess[str], what: str) -> None:
+    output = f"{what}\n--- stdout\n{done.stdout[-3000:]}\n--- stderr\n{done.stderr[-3000:]}"
+    assert done.returncode == 0, output
+    assert "Traceback" not in done.stderr, output
+    assert "ResourceWarning" not in done.stderr, output  # a file or socket left open
+
+
+@pytest.mark.parametrize("block", README_BLOCKS, ids=[f"README.md:{b.line}" for b in README_BLOCKS])
+def test_readme_block_runs(block: Block, server: LocalServer, tmp_path: Path) -> None:
+    """The block runs to the end, warning-free (pytest for test functions, else python)."""
+    if block.skip is not None:
+        pytest.skip(block.skip)
+    script = tmp_path / ("test_snippet.py" if "def test_" in block.code else "snippet.py")
+    script.write_text(block.code, encoding="utf-8")
+    if script.name.startswith("test_"):
+        # As a user runs it: pytest's own configuration warnings are not the snippet's.
+        command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", script.name]
+    else:
+        command = [sys.executable, "-W", "error", script.name]
+    done = subprocess.run(
+        command,
+        cwd=tmp_path,
+        env=_env(server),
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        check=False,
+    )
+    _check(done, f"README.md line {block.line}")
+    if script.name.startswith("test_"):
+        assert re.search(r"\b1 passed\b", done.stdout), done.stdout
+
+
+# -- examples/ --------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def control_image_url(tiny_png_module: bytes) -> Iterator[str]:
+    """A PNG served on loopback, standing in for the internet image of seed_generate.py."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png")
+            self.send_header("Content-Length", str(len(tiny_png_module)))
+            self.end_headers()
+            self.wfile.write(tiny_png_module)
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}/cat.png"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join()
+
+
+@pytest.fixture(scope="module")
+def tiny_png_module() -> bytes:
+    """A 32x32 PNG."""
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (32, 32), (40, 120, 200)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def _example_args(name: str, tmp_path: Path, control_image_url: str, image: bytes) -> list[str]:
+    if name == "async_many.py":
+        return [str(tmp_path / "many")]
+    if name == "edit_local_file.py":
+        (tmp_path / "input.png").write_bytes(image)
+        return [str(tmp_path / "input.png"), "make it snow"]
+    if name == "seed_generate.py":
+        return [control_image_url]
+    raise AssertionError(f"examples/{name} is new: add the arguments it needs to this test")
+
+
+#: Examples that cannot run without arguments, and so must print their usage.
+NEEDS_ARGUMENTS = {"edit_local_file.py"}
+EXAMPLE_NAMES = sorted(path.name for path in EXAMPLES.glob("*.py")) if EXAMPLES.is_dir() else []
+
+
+def _run_example(
+    name: str, args: list[str], cwd: Path, env: dict[str, str]
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-W", "error", str(EXAMPLES / name), *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        check=False,
+    )
+
+
+@pytest.mark.skipif(not EXAMPLES.is_dir(), reason="examples/ is not beside the tests")
+def test_there_are_examples() -> None:
+    """examples/ holds the scripts this test runs."""
+    assert len(EXAMPLE_NAMES) >= 3
+
+
+@pytest.mark.parametrize("name", EXAMPLE_NAMES)
+def test_example_runs_against_the_bundled_server(
+    name: str, server: LocalServer, tmp_path: Path, control_image_url: str, tiny_png_module: bytes
+) -> None:
+    """The example, given its arguments, runs to the end and exits 0."""
+    args = _example_args(name, tmp_path, control_image_url, tiny_png_module)
+    _check(_run_example(name, args, tmp_path, _env(server)), f"examples/{name} {args}")
+
+
+@pytest.mark.parametrize("name", EXAMPLE_NAMES)
+def test_example_without_arguments_prints_usage(
+    name: str, server: LocalServer, tmp_path: Path
+) -> None:
+    """``--help`` prints a usage line; an example that needs arguments says so and exits 2."""
+    env = _env(server)
+    helped = _run_example(name, ["--help"], tmp_path, env)
+    assert helped.returncode == 0, helped.stderr
+    assert helped.stdout.startswith("usage:"), helped.stdout
+    if name in NEEDS_ARGUMENTS:
+        bare = _run_example(name, [], tmp_path, env)
+        assert bare.returncode == 2, bare.stderr
+        assert bare.stderr.startswith("usage:"), bare.stderr
+        assert "Traceback" not in bare.stderr
