@@ -986,7 +986,7 @@ class Batch:
             )
         name = _file_name(index, prepared.id, result.format)
         digest = await asyncio.get_running_loop().run_in_executor(
-            None, sink.write_image, name, result.image
+            None, sink.write_image, name, result.data
         )
         elapsed = time.monotonic() - started
         model = prepared.model
@@ -999,7 +999,7 @@ class Batch:
                 "seed": model.seed,
                 "file": name,
                 "format": result.format,
-                "bytes": len(result.image),
+                "bytes": len(result.data),
                 "sha256": digest,
                 "attempts": attempts,
                 "elapsed": round(elapsed, 4),

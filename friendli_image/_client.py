@@ -665,7 +665,7 @@ class AsyncFriendli:
             )
         size = image_dimensions(image, fmt)
         return ImageResult(
-            image=image,
+            data=image,
             format=fmt,
             width=size[0] if size else None,
             height=size[1] if size else None,
@@ -912,7 +912,7 @@ async def _status_error(
     kwargs: dict[str, Any] = {
         "status": status,
         "headers": headers,
-        "body": excerpt(raw),
+        "body": raw.decode("utf-8", "replace"),
         "request_id": request_id,
         "retry_after": retry_after,
     }

@@ -18,7 +18,7 @@ from typing import IO, Any, Final, Protocol, TypeAlias, runtime_checkable
 import pybase64
 
 from ._config import MAX_IMAGE_BYTES
-from ._exceptions import FriendliValidationError
+from ._exceptions import FriendliInvalidValueError, FriendliValidationError
 from ._formats import MIME_TYPES, sniff_format
 from ._models import ImageInput
 
@@ -158,7 +158,11 @@ def coerce_image(value: object, field: str) -> str:
             )
         value = value["image"]
     if isinstance(value, str):
-        return _coerce_text(value, field)
+        try:
+            return _coerce_text(value, field)
+        except FriendliValidationError as exc:
+            # The official SDK sends any string and the server refuses it with 422.
+            raise FriendliInvalidValueError(exc.field, exc.reason) from None
     if isinstance(value, bytes | bytearray | memoryview):
         return _data_uri(value, field)
     if isinstance(value, os.PathLike):

@@ -6,18 +6,25 @@ request path; they hold no state and no logic of their own.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import os
+from collections.abc import Iterable, Mapping
 from functools import cached_property
 from typing import TYPE_CHECKING
 
 from ._batch import Batch, BatchOperation, BatchProgress, RequestSpec
 from ._exceptions import FriendliValidationError
 from ._images import ImageSource, coerce_image
-from ._models import EditRequest, GenerateRequest, ImageInput, ImageResult, ResponseFormat
+from ._models import (
+    EditRequest,
+    GenerateRequest,
+    ImageInput,
+    ImageResult,
+    ResponseFormat,
+    as_list,
+)
 
 if TYPE_CHECKING:
-    import os
-    from collections.abc import AsyncIterable, Callable, Iterable
+    from collections.abc import AsyncIterable, Callable
 
     from ._client import AsyncFriendli
     from ._config import RetryConfig
@@ -29,25 +36,31 @@ EDITS_PATH = "/v1/images/edits"
 
 
 def _image_list(value: object, field: str) -> list[ImageInput]:
-    if isinstance(value, str | bytes | bytearray | memoryview | Mapping) or not isinstance(
-        value, Sequence
-    ):
-        raise FriendliValidationError(
-            field, f"must be a list of images, got {type(value).__name__}"
-        )
-    return [ImageInput(coerce_image(item, f"{field}[{index}]")) for index, item in enumerate(value)]
+    items = as_list(value, field, "images")
+    return [ImageInput(coerce_image(item, f"{field}[{index}]")) for index, item in enumerate(items)]
+
+
+def _is_image_list(value: object) -> bool:
+    """True for a list, tuple, generator, ... of images; False for one image."""
+    if isinstance(value, list | tuple):
+        return True
+    return not (
+        isinstance(value, str | bytes | bytearray | memoryview | Mapping | os.PathLike)
+        or hasattr(value, "read")
+        or not isinstance(value, Iterable)
+    )
 
 
 def build_generate(
     *,
     prompt: str,
     model: str | None = None,
-    num_inference_steps: int = 20,
-    guidance_scale: float = 0.0,
+    num_inference_steps: int | None = 20,
+    guidance_scale: float | None = 0.0,
     seed: int | None = None,
     response_format: ResponseFormat | None = None,
-    control_images: Sequence[ImageSource] | None = None,
-    controlnet_weights: Sequence[float] | None = None,
+    control_images: Iterable[ImageSource] | None = None,
+    controlnet_weights: Iterable[float] | None = None,
 ) -> GenerateRequest:
     """Validate ``generate`` arguments into the request model (raises before any I/O)."""
     return GenerateRequest(
@@ -67,11 +80,11 @@ def build_generate(
 
 def build_edit(
     *,
-    image: ImageSource | Sequence[ImageSource],
+    image: ImageSource | Iterable[ImageSource],
     prompt: str,
     model: str | None = None,
-    num_inference_steps: int = 20,
-    guidance_scale: float = 0.0,
+    num_inference_steps: int | None = 20,
+    guidance_scale: float | None = 0.0,
     seed: int | None = None,
     response_format: ResponseFormat | None = None,
 ) -> EditRequest:
@@ -82,7 +95,7 @@ def build_edit(
     # the official SDK does.
     images: ImageInput | list[ImageInput] = (
         _image_list(image, "image")
-        if isinstance(image, list | tuple)
+        if _is_image_list(image)
         else ImageInput(coerce_image(image, "image"))
     )
     return EditRequest(
@@ -113,12 +126,12 @@ class Image:
         *,
         prompt: str,
         model: str | None = None,
-        num_inference_steps: int = 20,
-        guidance_scale: float = 0.0,
+        num_inference_steps: int | None = 20,
+        guidance_scale: float | None = 0.0,
         seed: int | None = None,
         response_format: ResponseFormat | None = None,
-        control_images: Sequence[ImageSource] | None = None,
-        controlnet_weights: Sequence[float] | None = None,
+        control_images: Iterable[ImageSource] | None = None,
+        controlnet_weights: Iterable[float] | None = None,
         retries: RetryConfig | int | None = None,
         server_url: str | None = None,
         timeout_ms: int | None = None,
@@ -166,11 +179,11 @@ class Image:
     async def edit(
         self,
         *,
-        image: ImageSource | Sequence[ImageSource],
+        image: ImageSource | Iterable[ImageSource],
         prompt: str,
         model: str | None = None,
-        num_inference_steps: int = 20,
-        guidance_scale: float = 0.0,
+        num_inference_steps: int | None = 20,
+        guidance_scale: float | None = 0.0,
         seed: int | None = None,
         response_format: ResponseFormat | None = None,
         retries: RetryConfig | int | None = None,

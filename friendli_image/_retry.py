@@ -104,7 +104,7 @@ def is_stale(error: BaseException) -> bool:
 
 def backoff_delay(retry_number: int, config: RetryConfig, rng: random.Random) -> float:
     """The wait before retry ``retry_number`` (1 = first retry): capped exponential + jitter."""
-    base = config.initial_delay * (2.0 ** (retry_number - 1))
+    base = config.initial_delay * (config.multiplier ** (retry_number - 1))
     return min(config.max_delay, base) + rng.uniform(0.0, config.jitter)
 
 
