@@ -118,7 +118,19 @@ def bench(session: nox.Session) -> None:
 
 @nox.session(python=DEFAULT_PYTHON)
 def official(session: nox.Session) -> None:
-    """Prove the bundled server is indistinguishable to the official friendli SDK."""
+    """Official-SDK compatibility: the bundled server, and the differential suite.
+
+    The differential suite runs each program of tests/official/programs twice, with the
+    official friendli SDK and with only its imports rewritten to friendli_image, and
+    compares what it prints, the files it writes and its exit status.
+    """
     _install_for_tests(session)
     session.install("friendli==0.16.3")
-    session.run("pytest", "tests/server/test_official_sdk.py", *session.posargs)
+    session.run(
+        "pytest",
+        "tests/server/test_official_sdk.py",
+        "tests/official",
+        "-p",
+        "no:cacheprovider",
+        *session.posargs,
+    )

@@ -95,7 +95,7 @@ async def run_friendli(cell: Cell, timed: Callable[[Timed], Awaitable[None]]) ->
         async def one(i: int) -> float:
             started = time.perf_counter()
             result = await generate(prompt=PROMPT, seed=i)
-            cell.check(result.image)
+            cell.check(result.data)
             return time.perf_counter() - started
 
         await timed(lambda n: _fan_out(n, cell.c, one))
@@ -117,7 +117,7 @@ async def run_friendli_batch(cell: Cell, timed: Callable[[Timed], Awaitable[None
             async for item in image.generate_batch(specs, concurrency=cell.c):
                 if item.result is None:
                     raise RuntimeError(f"batch item failed: {item!r}")
-                cell.check(item.result.image)
+                cell.check(item.result.data)
                 latencies.append(item.elapsed)
             return latencies
 
@@ -139,7 +139,7 @@ def run_friendli_sync(
         def one(i: int) -> float:
             started = time.perf_counter()
             result = generate(prompt=PROMPT, seed=i)
-            cell.check(result.image)
+            cell.check(result.data)
             return time.perf_counter() - started
 
         timed_sync(lambda n: _threaded(n, cell.c, one))

@@ -84,7 +84,7 @@ async def big(client: str, url: str, size: int, c: int) -> dict[str, Any]:
                 results = await asyncio.gather(
                     *(friendli.container.image.generate(prompt=PROMPT, seed=i) for i in range(c))
                 )
-                sizes = [len(r.image) for r in results]
+                sizes = [len(r.data) for r in results]
                 del results
             else:
 
@@ -125,8 +125,8 @@ async def disk(url: str, size: int, n: int, c: int, out: Path) -> dict[str, Any]
         async def one(i: int) -> None:
             async with slots:
                 result = await image.generate(prompt=PROMPT, seed=i)
-            if len(result.image) != size:
-                raise RuntimeError(f"image {i} has {len(result.image)} bytes")
+            if len(result.data) != size:
+                raise RuntimeError(f"image {i} has {len(result.data)} bytes")
             result.save(out / f"{i:06d}")
 
         # The pattern a user writes without generate_batch: results go to disk, not a list.

@@ -596,7 +596,7 @@ class Batch:
             )
         name = file_name(index, prepared.id, result.format)
         digest = await asyncio.get_running_loop().run_in_executor(
-            None, sink.write_image, name, result.image
+            None, sink.write_image, name, result.data
         )
         elapsed = time.monotonic() - started
         sink.append(
@@ -610,7 +610,7 @@ class Batch:
                 request_id=result.request_id,
                 file=name,
                 fmt=result.format,
-                size=len(result.image),
+                size=len(result.data),
                 sha256=digest,
                 maybe_duplicated=result.maybe_duplicated,
             )

@@ -16,7 +16,7 @@ import os
 import random
 import ssl
 import weakref
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
@@ -40,12 +40,15 @@ from ._config import (
     resolve_retries,
     ssl_setting,
     timeout_from_ms,
+    token_source,
 )
 from ._exceptions import (
     FriendliAPIError,
     FriendliRateLimitError,
     FriendliUsageError,
+    FriendliUsageWarning,
     FriendliValidationError,
+    warn_at_caller,
 )
 from ._models import AttemptGate, AttemptOutcome, ImageResult, RequestModel, RequestPath
 from ._resources import Container
@@ -115,8 +118,10 @@ class AsyncFriendli:
     loop, never in ``__init__``, so constructing a client is free and safe anywhere.
 
     Args:
-        token: the API token; default ``FRIENDLI_TOKEN``. None or ``""`` sends no
-            ``Authorization`` header.
+        token: the API token (the one argument that may be positional, as in the
+            official SDK); default ``FRIENDLI_TOKEN``. None or ``""`` sends no
+            ``Authorization`` header. A callable is called for every call, for tokens
+            that rotate.
         server_url: the server's base URL; default ``FRIENDLI_SERVER_URL``, else
             ``http://localhost:8000``. A per-call ``server_url`` overrides it.
         timeout_ms: the per-attempt timeout in milliseconds (shorthand for
@@ -135,6 +140,14 @@ class AsyncFriendli:
             (read once per host). Off by default, so an environment cannot silently
             route the token through a proxy; a ``.netrc`` login is used only when no
             token is set.
+        x_friendli_team: sent as ``X-Friendli-Team`` (the official SDK's argument).
+        retry_config: the official SDK's name for ``retries`` (a ``RetryConfig``, ours or
+            ``friendli_image.utils.RetryConfig``); pass one of the two.
+        debug_logger: a ``logging.Logger`` that receives the client's log records instead
+            of the ``friendli_image`` logger (the token never appears in them).
+        server_idx, url_params: accepted for code written for the official SDK, where
+            they pick a hosted server; they mean nothing for a container, and warn.
+        client, async_client: refused: they take httpx clients, and this SDK uses aiohttp.
 
     Redirects are never followed: a 3xx raises ``FriendliAPIStatusError`` with
     ``location`` set, so a POST is never replayed elsewhere and the token never leaves
@@ -144,8 +157,8 @@ class AsyncFriendli:
 
     def __init__(
         self,
+        token: str | Callable[[], str | None] | None = None,
         *,
-        token: str | None = None,
         server_url: str | None = None,
         timeout_ms: int | None = None,
         retries: RetryConfig | int | None = None,
@@ -155,6 +168,13 @@ class AsyncFriendli:
         max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
         verify: bool | str | os.PathLike[str] | ssl.SSLContext = True,
         trust_env: bool = False,
+        x_friendli_team: str | None = None,
+        retry_config: RetryConfig | None = None,
+        debug_logger: logging.Logger | None = None,
+        server_idx: int | None = None,
+        url_params: Mapping[str, str] | None = None,
+        client: object = None,
+        async_client: object = None,
     ) -> None:
         for name, number in (
             ("max_connections", max_connections),
@@ -166,24 +186,52 @@ class AsyncFriendli:
             raise FriendliValidationError("timeout", "must be a friendli_image.Timeout")
         if not isinstance(trust_env, bool):
             raise FriendliValidationError("trust_env", f"must be a bool, got {trust_env!r}")
+        if client is not None or async_client is not None:
+            raise FriendliUsageError(
+                "client= / async_client= take httpx clients, and this SDK sends with aiohttp; "
+                "drop the argument (set max_connections=, verify=, trust_env= or timeout= "
+                "for what the httpx client configured)"
+            )
+        if retry_config is not None and retries is not None:
+            raise FriendliValidationError(
+                "retry_config", "is the official SDK's name for retries=; pass only one of them"
+            )
+        if debug_logger is not None and not isinstance(debug_logger, logging.Logger):
+            raise FriendliValidationError("debug_logger", "must be a logging.Logger or None")
+        if server_idx is not None or url_params:
+            warn_at_caller(
+                "server_idx= and url_params= choose among Friendli's hosted servers and mean "
+                "nothing for a container; pass server_url= (or set FRIENDLI_SERVER_URL)",
+                FriendliUsageWarning,
+            )
+        extra_headers = check_headers(http_headers)
+        if x_friendli_team is not None:
+            extra_headers["X-Friendli-Team"] = check_headers({"X-Friendli-Team": x_friendli_team})[
+                "X-Friendli-Team"
+            ]
+        token = env_token() if token is None else token
         self._setup(
             ClientSettings(
-                token=check_token(env_token() if token is None else token),
+                token=None if callable(token) else check_token(token),
+                token_source=token_source(token) if callable(token) else None,
                 server_url=check_server_url(
                     server_url if server_url is not None else env_server_url()
                 ),
                 timeout=timeout_from_ms(timeout_ms, timeout or Timeout()),
-                retry=resolve_retries(retries, RetryConfig()),
+                retry=resolve_retries(
+                    retries if retry_config is None else retry_config, RetryConfig()
+                ),
                 headers={
                     "User-Agent": _USER_AGENT,
                     "Content-Type": "application/json",
                     "Accept": "application/json",
-                    **check_headers(http_headers),
+                    **extra_headers,
                 },
                 max_connections=max_connections,
                 max_response_bytes=max_response_bytes,
                 ssl=ssl_setting(verify),
                 trust_env=trust_env,
+                logger=debug_logger or logger,
             )
         )
 
@@ -355,7 +403,13 @@ class AsyncFriendli:
             if retry is None:
                 # The call's clock starts once the gate admits it, as its timers start
                 # once a connection slot is its own.
-                retry = RetryState(options.retry, self._budget, self._rng, options.timeout.total)
+                retry = RetryState(
+                    options.retry,
+                    self._budget,
+                    self._rng,
+                    options.timeout.total,
+                    self._settings.logger,
+                )
             try:
                 result = await self._transport.send(
                     session,
@@ -400,7 +454,7 @@ def _outcome(error: FriendliAPIError) -> AttemptOutcome:
 def describe(client: AsyncFriendli) -> str:
     """The client's settings as its repr shows them (the token as ``'***'``)."""
     settings = client._settings
-    token = "'***'" if settings.token is not None else "None"
+    token = "'***'" if settings.has_token else "None"
     return (
         f"server_url={settings.server_url!r}, token={token}, "
         f"max_connections={settings.max_connections}, closed={client.closed}"

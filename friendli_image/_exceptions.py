@@ -7,13 +7,16 @@ is never wrapped.
 ::
 
     FriendliError
+    ├── FriendliStatusCodeError  [S]       a failure with an HTTP status code (models.SDKError)
     ├── FriendliUsageError                 the SDK was used wrongly (closed client, wrong loop, ...)
     │   └── FriendliValidationError        bad input, caught before anything was sent
+    │       └── FriendliInvalidValueError [S]  a value the server would refuse with 422
     ├── FriendliBatchAborted               a batch item not attempted: the batch had stopped
     └── FriendliAPIError                   talking to the server failed
-        ├── FriendliConnectionError        no usable answer: refused, reset, DNS, TLS, ...
-        │   └── FriendliTimeoutError       connect, read, attempt or deadline timeout
-        ├── FriendliAPIStatusError         the server answered with a non-2xx status
+        ├── FriendliConnectionError        no usable answer: refused, reset, DNS, ... [C]
+        │   └── FriendliTimeoutError       connect, read, attempt or deadline timeout [C, T]
+        ├── FriendliAPIStatusError [S]     the server answered with a non-2xx status
+        │   ├── FriendliHTTPValidationError        the official 422 type; never raised
         │   ├── FriendliBadRequestError            400
         │   ├── FriendliAuthenticationError        401
         │   ├── FriendliPermissionDeniedError      403
@@ -25,8 +28,26 @@ is never wrapped.
         └── FriendliResponseError          a 2xx whose body is not a usable image
             └── FriendliResponseTooLarge   the body exceeded ``max_response_bytes``
 
+[S]: also a ``FriendliStatusCodeError``; [C]: also the builtin ``ConnectionError``;
+[T]: also the builtin ``TimeoutError``.
+
 ``FriendliUsageWarning`` (a ``RuntimeWarning``) flags a call that works but is misused,
 such as a blocking ``SyncFriendli`` call inside a running event loop.
+
+``FriendliStatusCodeError`` is what the official SDK calls ``SDKError``
+(``friendli_image.models.SDKError``): every answer with a 4xx/5xx status, and every value
+of the right type that the server would refuse with 422 but that is refused here before
+sending (``FriendliInvalidValueError``, ``status_code`` 422). Both carry ``status_code``,
+``body`` (str), ``headers``, ``message`` and ``raw_response`` (status code, headers, text),
+so a ported ``except models.SDKError`` clause catches what it caught before. A wrong *type*
+(which the official SDK refuses client-side with a pydantic error) is a plain
+``FriendliValidationError``. ``FriendliHTTPValidationError`` (``models.HTTPValidationError``)
+exists for ported ``except`` clauses and is never raised: container image calls report a
+422 as ``SDKError`` in the official SDK too.
+
+``FriendliConnectionError`` is also the builtin ``ConnectionError``: code that caught
+``httpx.ConnectError`` (or ``httpx.TransportError``) from the official SDK catches
+``ConnectionError`` (or ``models.NoResponseError``, its alias here) instead.
 
 The ``API*`` names (``APIConnectionError``, ``APITimeoutError``, ``APIStatusError``,
 ``ResponseError``) are aliases of the same classes.
@@ -37,12 +58,16 @@ short body excerpt), and aiohttp exceptions that embed request headers are not c
 
 from __future__ import annotations
 
+import http
+import json
 import os
 import sys
 import warnings
 from collections.abc import Mapping, Sequence
 from types import FrameType
 from typing import Any
+
+from multidict import CIMultiDict, CIMultiDictProxy
 
 __all__ = [
     "FriendliAPIError",
@@ -52,6 +77,8 @@ __all__ = [
     "FriendliBatchAborted",
     "FriendliConnectionError",
     "FriendliError",
+    "FriendliHTTPValidationError",
+    "FriendliInvalidValueError",
     "FriendliNotFoundError",
     "FriendliPayloadTooLargeError",
     "FriendliPermissionDeniedError",
@@ -59,11 +86,13 @@ __all__ = [
     "FriendliResponseError",
     "FriendliResponseTooLarge",
     "FriendliServerError",
+    "FriendliStatusCodeError",
     "FriendliTimeoutError",
     "FriendliUnprocessableEntityError",
     "FriendliUsageError",
     "FriendliUsageWarning",
     "FriendliValidationError",
+    "RawResponse",
     "status_error_class",
     "warn_at_caller",
 ]
@@ -85,6 +114,82 @@ def excerpt(body: bytes | bytearray | memoryview | str | None, limit: int = EXCE
 
 class FriendliError(Exception):
     """Base class of every error raised by friendli_image."""
+
+
+class RawResponse:
+    """The parts of an HTTP answer that code ported from the official SDK reads.
+
+    The official SDK hands out its ``httpx.Response`` as ``error.raw_response``; this
+    offers the same names for what such code reads: ``status_code``, ``headers`` (case
+    insensitive), ``text``, ``content``, ``json()``, ``reason_phrase``, ``is_error``.
+    """
+
+    __slots__ = ("headers", "status_code", "text")
+
+    def __init__(self, status_code: int, headers: Mapping[str, str], text: str) -> None:
+        self.status_code = status_code
+        self.headers: CIMultiDictProxy[str] = CIMultiDictProxy(CIMultiDict(headers))
+        self.text = text
+
+    @property
+    def content(self) -> bytes:
+        """The body as bytes (UTF-8)."""
+        return self.text.encode()
+
+    @property
+    def reason_phrase(self) -> str:
+        """The standard reason phrase of the status code ("" if it has none)."""
+        try:
+            return http.HTTPStatus(self.status_code).phrase
+        except ValueError:
+            return ""
+
+    @property
+    def is_error(self) -> bool:
+        """True for a 4xx or 5xx status."""
+        return self.status_code >= 400
+
+    @property
+    def is_success(self) -> bool:
+        """True for a 2xx status."""
+        return 200 <= self.status_code < 300
+
+    def json(self) -> Any:
+        """The body parsed as JSON (raises ``ValueError`` if it is not JSON)."""
+        return json.loads(self.text)
+
+    def __repr__(self) -> str:
+        return f"<Response [{self.status_code}]>"
+
+
+class FriendliStatusCodeError(FriendliError):
+    """A failure with an HTTP status code; the official SDK's ``SDKError``.
+
+    Raised as `FriendliAPIStatusError` when the server answered 4xx/5xx, and as
+    `FriendliInvalidValueError` (``status_code`` 422) when a value the server refuses was
+    caught before sending.
+
+    Attributes:
+        status: the HTTP status code (also ``status_code``).
+        headers: the response headers, case insensitive (empty if nothing was sent).
+        body: the response body text (the would-be 422 details if nothing was sent).
+        message: the error message without the status.
+    """
+
+    status: int
+    headers: CIMultiDict[str]
+    body: str
+    message: str
+
+    @property
+    def status_code(self) -> int:
+        """The HTTP status code (the official SDK's name for ``status``)."""
+        return self.status
+
+    @property
+    def raw_response(self) -> RawResponse:
+        """Status code, headers and text, under the names of an ``httpx.Response``."""
+        return RawResponse(self.status, self.headers, self.body)
 
 
 class FriendliUsageError(FriendliError):
@@ -158,6 +263,30 @@ class FriendliAPIError(FriendliError):
         return (_rebuild, (type(self), self.args, self.__dict__))
 
 
+class FriendliInvalidValueError(FriendliValidationError, FriendliStatusCodeError):
+    """A value of the right type that the server refuses (422), caught before sending.
+
+    Out-of-range numbers, too many or too few ControlNet weights, an empty image list,
+    image text that does not decode. The official SDK sends such values and raises
+    ``SDKError`` 422, so this is an ``SDKError`` too: ``status_code`` is 422 and ``body``
+    holds the FastAPI-style details the server would have sent.
+    """
+
+    def __init__(self, field: str, reason: str) -> None:
+        super().__init__(field, reason)
+        self.status = 422
+        self.headers = CIMultiDict({"content-type": "application/json"})
+        loc = ["body", *(int(part) if part.isdigit() else part for part in _loc(field))]
+        detail = {"loc": loc, "msg": reason, "type": "value_error"}
+        self.body = json.dumps({"detail": [detail]})
+        self.message = str(self)
+
+
+def _loc(field: str) -> list[str]:
+    """``controlnet_weights[1]`` -> ``["controlnet_weights", "1"]``."""
+    return [part for part in field.replace("]", "").replace("[", ".").split(".") if part]
+
+
 def _rebuild(cls: type[BaseException], args: tuple[Any, ...], state: dict[str, Any]) -> Any:
     error = cls.__new__(cls)
     error.args = args
@@ -165,11 +294,12 @@ def _rebuild(cls: type[BaseException], args: tuple[Any, ...], state: dict[str, A
     return error
 
 
-class FriendliConnectionError(FriendliAPIError):
+class FriendliConnectionError(FriendliAPIError, ConnectionError):
     """No usable HTTP response: connection refused or reset, DNS, TLS, dropped mid-body.
 
     Check ``server_url`` and that the server is up; when ``maybe_processed`` is False the
-    request never reached the server and is always safe to send again.
+    request never reached the server and is always safe to send again. It is also the
+    builtin ``ConnectionError`` (what replaces the official SDK's ``httpx.ConnectError``).
 
     Attributes:
         permanent: the same attempt would fail the same way again (a TLS verification
@@ -217,13 +347,13 @@ class FriendliTimeoutError(FriendliConnectionError, TimeoutError):
         self.kind = kind
 
 
-class FriendliAPIStatusError(FriendliAPIError):
+class FriendliAPIStatusError(FriendliAPIError, FriendliStatusCodeError):
     """The server answered with a status that is not 2xx.
 
     Attributes:
-        status: the HTTP status code.
-        headers: the response headers.
-        body: at most 200 characters of the response body.
+        status: the HTTP status code (also ``status_code``).
+        headers: the response headers (case insensitive).
+        body: the response body text (read up to 64 KiB; messages show 200 characters).
         retry_after: the server's ``Retry-After`` hint in seconds, if it sent a valid one.
         location: the ``Location`` header of a redirect that was not followed.
     """
@@ -241,10 +371,10 @@ class FriendliAPIStatusError(FriendliAPIError):
     ) -> None:
         super().__init__(message, request_id=request_id, attempts=attempts)
         self.status = status
-        self.headers: dict[str, str] = dict(headers or {})
+        self.headers = CIMultiDict(headers or {})
         self.body = body
         self.retry_after = retry_after
-        self.location = self.headers.get("Location") or self.headers.get("location")
+        self.location = self.headers.get("Location")
 
     def __str__(self) -> str:
         text = f"HTTP {self.status}: {super().__str__()}"
@@ -253,7 +383,7 @@ class FriendliAPIStatusError(FriendliAPIError):
         if self.location:
             text += f" [Location {self.location}]"
         if self.body:
-            text += f" — server said: {self.body}"
+            text += f" — server said: {excerpt(self.body)}"
         return text
 
 
@@ -313,6 +443,15 @@ class FriendliRateLimitError(FriendliAPIStatusError):
 
 class FriendliServerError(FriendliAPIStatusError):
     """5xx: the server failed or is overloaded; retried by default for 502/503/504."""
+
+
+class FriendliHTTPValidationError(FriendliAPIStatusError):
+    """The official SDK's name for a 422 of other endpoints; never raised here.
+
+    Container image calls report a 422 as ``SDKError`` (`FriendliStatusCodeError`) in the
+    official SDK, and so they do here: a ported ``except HTTPValidationError`` clause keeps
+    catching nothing, as before.
+    """
 
 
 class FriendliResponseError(FriendliAPIError):

@@ -12,17 +12,24 @@ import binascii
 import io
 import os
 import pathlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from typing import IO, Any, Final, Protocol, TypeAlias, runtime_checkable
 
 import attrs
 import pybase64
 
 from ._config import MAX_IMAGE_BYTES
-from ._exceptions import FriendliValidationError
+from ._exceptions import FriendliInvalidValueError, FriendliValidationError
 from ._formats import MIME_TYPES, sniff_format
 
-__all__ = ["ImageInput", "ImageSource", "coerce_edit_images", "coerce_image", "coerce_images"]
+__all__ = [
+    "ImageInput",
+    "ImageSource",
+    "as_list",
+    "coerce_edit_images",
+    "coerce_image",
+    "coerce_images",
+]
 
 
 @attrs.frozen
@@ -176,7 +183,11 @@ def coerce_image(value: object, field: str) -> str:
             )
         value = value["image"]
     if isinstance(value, str):
-        return _coerce_text(value, field)
+        try:
+            return _coerce_text(value, field)
+        except FriendliValidationError as exc:
+            # The official SDK sends any string and the server refuses it with 422.
+            raise FriendliInvalidValueError(exc.field, exc.reason) from None
     if isinstance(value, bytes | bytearray | memoryview):
         return _data_uri(value, field)
     if isinstance(value, os.PathLike):
@@ -192,24 +203,44 @@ def coerce_image(value: object, field: str) -> str:
     )
 
 
-def coerce_images(value: object, field: str) -> list[ImageInput]:
-    """Turn a list of accepted image inputs into wire images (see `coerce_image`)."""
+def as_list(value: object, field: str, what: str) -> list[Any]:
+    """Materialize any iterable (list, tuple, generator, ...) into a list, once.
+
+    Strings, bytes and mappings are refused: they iterate, but are never meant as a list.
+    """
     if isinstance(value, str | bytes | bytearray | memoryview | Mapping) or not isinstance(
-        value, Sequence
+        value, Iterable
     ):
         raise FriendliValidationError(
-            field, f"must be a list of images, got {type(value).__name__}"
+            field, f"must be a list of {what}, got {type(value).__name__}"
         )
-    return [ImageInput(coerce_image(item, f"{field}[{index}]")) for index, item in enumerate(value)]
+    return list(value)
+
+
+def coerce_images(value: object, field: str) -> list[ImageInput]:
+    """Turn a list (any iterable) of accepted image inputs into wire images."""
+    items = as_list(value, field, "images")
+    return [ImageInput(coerce_image(item, f"{field}[{index}]")) for index, item in enumerate(items)]
+
+
+def _is_image_list(value: object) -> bool:
+    """True for a list, tuple, generator, ... of images; False for one image."""
+    if isinstance(value, list | tuple):
+        return True
+    return not (
+        isinstance(value, str | bytes | bytearray | memoryview | Mapping | os.PathLike)
+        or hasattr(value, "read")
+        or not isinstance(value, Iterable)
+    )
 
 
 def coerce_edit_images(value: object) -> ImageInput | list[ImageInput]:
-    """The ``image`` of an edit: a list or tuple is several images, anything else one.
+    """The ``image`` of an edit: a list (any iterable) is several images, anything else one.
 
     One image is sent as one object, as the official SDK does.
     """
     if value is None:
         raise FriendliValidationError("image", "is required: pass the image(s) to edit")
-    if isinstance(value, list | tuple):
+    if _is_image_list(value):
         return coerce_images(value, "image")
     return ImageInput(coerce_image(value, "image"))

@@ -7,27 +7,30 @@ before any I/O; they are the one definition of each operation's fields.
 
 from __future__ import annotations
 
-import base64
+import binascii
 import html
+import json
 import math
 import numbers
 import os
 import pathlib
-from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Final, Literal, Protocol, TypeAlias
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Final, Literal, Protocol, TypeAlias, TypedDict
 
 import attrs
+import pybase64
 
 from ._config import CallOptions, CallOverrides
 from ._exceptions import (
     FriendliAPIError,
     FriendliBatchAborted,
     FriendliError,
+    FriendliInvalidValueError,
     FriendliUsageError,
     FriendliValidationError,
 )
-from ._formats import EXTENSIONS, MIME_TYPES
-from ._images import ImageInput, ImageSource, coerce_edit_images, coerce_images
+from ._formats import EXTENSIONS, MIME_TYPES, image_dimensions, sniff_format
+from ._images import ImageInput, ImageSource, as_list, coerce_edit_images, coerce_images
 
 if TYPE_CHECKING:
     from PIL import Image as PILImage
@@ -42,9 +45,12 @@ __all__ = [
     "BatchProgress",
     "BatchResult",
     "BatchStatus",
+    "ContainerImageEditBodyImage",
+    "ContainerImageEditBodyImageTypedDict",
     "EditRequest",
     "GenerateRequest",
     "ImageInput",
+    "ImageInputTypedDict",
     "ImageResult",
     "RequestModel",
     "RequestPath",
@@ -60,6 +66,17 @@ MAX_SEED: Final = 2**32 - 1
 MAX_STEPS: Final = 50
 
 
+class ImageInputTypedDict(TypedDict):
+    """An input image as a dict, ``{"image": <URL, data: URI or base64>}`` (official name)."""
+
+    image: str
+
+
+#: The official SDK's type of ``edit(image=...)``: one image or a list of them.
+ContainerImageEditBodyImage = ImageInput | list[ImageInput]
+ContainerImageEditBodyImageTypedDict = ImageInputTypedDict | list[ImageInputTypedDict]
+
+
 def check_prompt(value: object) -> str:
     """Return the prompt, or raise if it is not a non-blank string."""
     if not isinstance(value, str):
@@ -69,28 +86,32 @@ def check_prompt(value: object) -> str:
     return value
 
 
-def check_steps(value: object) -> int:
-    """Return the step count, or raise unless it is an int in [1, 50]."""
+def check_steps(value: object) -> int | None:
+    """Return the step count, or raise unless it is None (omitted) or an int in [1, 50]."""
+    if value is None:
+        return None
     if isinstance(value, bool) or not isinstance(value, int):
         raise FriendliValidationError(
             "num_inference_steps", f"must be an int in [1, {MAX_STEPS}], got {value!r}"
         )
     if not 1 <= value <= MAX_STEPS:
-        raise FriendliValidationError(
+        raise FriendliInvalidValueError(
             "num_inference_steps", f"must be in [1, {MAX_STEPS}], got {value}"
         )
     return value
 
 
-def check_guidance(value: object) -> float:
-    """Return the guidance scale as a float, or raise unless it is a finite real number."""
+def check_guidance(value: object) -> float | None:
+    """Return the guidance scale as a float, or raise unless it is None or a finite number."""
+    if value is None:
+        return None
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise FriendliValidationError(
             "guidance_scale", f"must be a finite number, got {type(value).__name__}"
         )
     number = float(value)
     if not math.isfinite(number):
-        raise FriendliValidationError("guidance_scale", f"must be finite, got {value!r}")
+        raise FriendliInvalidValueError("guidance_scale", f"must be finite, got {value!r}")
     return number
 
 
@@ -101,7 +122,7 @@ def check_seed(value: object) -> int | None:
     if isinstance(value, bool) or not isinstance(value, int):
         raise FriendliValidationError("seed", f"must be an int in [0, {MAX_SEED}], got {value!r}")
     if not 0 <= value <= MAX_SEED:
-        raise FriendliValidationError("seed", f"must be in [0, {MAX_SEED}], got {value}")
+        raise FriendliInvalidValueError("seed", f"must be in [0, {MAX_SEED}], got {value}")
     return value
 
 
@@ -122,28 +143,27 @@ def check_model(value: object) -> str | None:
 
 
 def check_weights(value: object, control_images: list[ImageInput] | None) -> list[float] | None:
-    """Return the ControlNet weights, or raise unless each is in [0, 1], one per image."""
+    """Return the ControlNet weights, or raise unless each is in [0, 1], one per image.
+
+    Any iterable is accepted; it is read once, before any check.
+    """
     if value is None:
         return None
-    if isinstance(value, str | bytes) or not hasattr(value, "__iter__"):
-        raise FriendliValidationError(
-            "controlnet_weights", f"must be a list of numbers, got {type(value).__name__}"
-        )
     weights = []
-    for index, weight in enumerate(value):
+    for index, weight in enumerate(as_list(value, "controlnet_weights", "numbers")):
         field = f"controlnet_weights[{index}]"
         if isinstance(weight, bool) or not isinstance(weight, numbers.Real):
             raise FriendliValidationError(field, f"must be a number in [0, 1], got {weight!r}")
         number = float(weight)
         if not 0.0 <= number <= 1.0:  # NaN fails this too
-            raise FriendliValidationError(field, f"must be in [0, 1], got {weight!r}")
+            raise FriendliInvalidValueError(field, f"must be in [0, 1], got {weight!r}")
         weights.append(number)
     if control_images is None:
-        raise FriendliValidationError(
+        raise FriendliInvalidValueError(
             "controlnet_weights", "given without control_images; pass one weight per image"
         )
     if len(weights) != len(control_images):
-        raise FriendliValidationError(
+        raise FriendliInvalidValueError(
             "controlnet_weights",
             f"has {len(weights)} values for {len(control_images)} control images; "
             "pass exactly one weight per control image",
@@ -151,11 +171,11 @@ def check_weights(value: object, control_images: list[ImageInput] | None) -> lis
     return weights
 
 
-def _control_images(value: Sequence[ImageSource] | None) -> list[ImageInput] | None:
+def _control_images(value: Iterable[ImageSource] | None) -> list[ImageInput] | None:
     return None if value is None else coerce_images(value, "control_images")
 
 
-def _edit_images(value: ImageSource | Sequence[ImageSource]) -> ImageInput | list[ImageInput]:
+def _edit_images(value: ImageSource | Iterable[ImageSource]) -> ImageInput | list[ImageInput]:
     return coerce_edit_images(value)
 
 
@@ -165,14 +185,14 @@ class GenerateRequest:
 
     prompt: str = attrs.field(converter=check_prompt)
     model: str | None = attrs.field(default=None, converter=check_model)
-    num_inference_steps: int = attrs.field(default=20, converter=check_steps)
-    guidance_scale: float = attrs.field(default=0.0, converter=check_guidance)
+    num_inference_steps: int | None = attrs.field(default=20, converter=check_steps)
+    guidance_scale: float | None = attrs.field(default=0.0, converter=check_guidance)
     seed: int | None = attrs.field(default=None, converter=check_seed)
     response_format: ResponseFormat | None = attrs.field(
         default=None, converter=check_response_format
     )
     control_images: list[ImageInput] | None = attrs.field(default=None, converter=_control_images)
-    controlnet_weights: Sequence[float] | None = None
+    controlnet_weights: Iterable[float] | None = None
 
     def __attrs_post_init__(self) -> None:
         if self.control_images is not None and not self.control_images:
@@ -192,8 +212,8 @@ class EditRequest:
     image: ImageInput | list[ImageInput] = attrs.field(converter=_edit_images)
     prompt: str = attrs.field(converter=check_prompt)
     model: str | None = attrs.field(default=None, converter=check_model)
-    num_inference_steps: int = attrs.field(default=20, converter=check_steps)
-    guidance_scale: float = attrs.field(default=0.0, converter=check_guidance)
+    num_inference_steps: int | None = attrs.field(default=20, converter=check_steps)
+    guidance_scale: float | None = attrs.field(default=0.0, converter=check_guidance)
     seed: int | None = attrs.field(default=None, converter=check_seed)
     response_format: ResponseFormat | None = attrs.field(
         default=None, converter=check_response_format
@@ -201,7 +221,7 @@ class EditRequest:
 
     def __attrs_post_init__(self) -> None:
         if isinstance(self.image, list) and not self.image:
-            raise FriendliValidationError("image", "is an empty list; pass at least one image")
+            raise FriendliInvalidValueError("image", "is an empty list; pass at least one image")
 
 
 def _human_size(size: int) -> str:
@@ -212,16 +232,24 @@ def _human_size(size: int) -> str:
     return f"{size / (1024 * 1024):.1f} MiB"
 
 
-@attrs.frozen(kw_only=True, repr=False, eq=False)
+@attrs.frozen(kw_only=True, repr=False, eq=False, init=False)
 class ImageResult:
-    """A generated or edited image, decoded, with what a user debugging a call wants.
+    """A generated or edited image, with what a user debugging a call wants.
 
-    Only the decoded bytes are kept (never the base64 text), so a batch of results holds
-    no more memory than the images themselves.
+    ``data`` is the decoded image; ``image`` is what the official SDK puts there, the
+    base64 text as bytes, so ported code that runs ``base64.b64decode(res.image)`` keeps
+    getting the image. Only the decoded bytes are stored (a quarter smaller than the
+    base64, and what saving, Pillow and the batch sink read); ``image`` encodes them anew
+    on each access and caches nothing, so a batch of results holds no more memory than
+    the images themselves.
+
+    Build one as the official SDK does, ``ContainerImageGenerateSuccess(image=<base64>)``,
+    or from decoded bytes with ``ImageResult(data=...)``; format and size are read from
+    the bytes when not given.
     """
 
-    image: bytes
-    """The decoded image bytes (not base64)."""
+    data: bytes
+    """The decoded image bytes."""
     format: str
     """The format sniffed from the bytes: jpeg, png, webp, gif, bmp, tiff or unknown."""
     width: int | None = None
@@ -237,6 +265,52 @@ class ImageResult:
     maybe_duplicated: bool = False
     """True if a request the server may have processed was sent again for this result."""
 
+    def __init__(
+        self,
+        *,
+        data: bytes | None = None,
+        image: bytes | str | None = None,
+        format: str | None = None,
+        width: int | None = None,
+        height: int | None = None,
+        request_id: str | None = None,
+        attempts: int = 1,
+        elapsed: float = 0.0,
+        maybe_duplicated: bool = False,
+    ) -> None:
+        if (data is None) == (image is None):
+            raise FriendliUsageError(
+                "pass exactly one of data= (decoded bytes) or image= (base64, as the "
+                "official SDK's ContainerImageGenerateSuccess)"
+            )
+        if data is None:
+            data = _decode_base64_image(image)
+        elif not isinstance(data, bytes):
+            raise FriendliValidationError("data", f"must be bytes, got {type(data).__name__}")
+        if format is None:
+            format = sniff_format(data)
+            if width is None and height is None:
+                size = image_dimensions(data, format)
+                width, height = size if size else (None, None)
+        self.__attrs_init__(
+            data=data,
+            format=format,
+            width=width,
+            height=height,
+            request_id=request_id,
+            attempts=attempts,
+            elapsed=elapsed,
+            maybe_duplicated=maybe_duplicated,
+        )
+
+    @property
+    def image(self) -> bytes:
+        """The base64 text of the image, as bytes: the official SDK's ``image`` field.
+
+        Encoded on each access (nothing is cached); use ``data`` for the decoded bytes.
+        """
+        return pybase64.b64encode(self.data)
+
     @property
     def content_type(self) -> str:
         """The MIME type of the image (``application/octet-stream`` if unknown)."""
@@ -251,7 +325,7 @@ class ImageResult:
         target = pathlib.Path(path)
         if not target.suffix and self.format in EXTENSIONS:
             target = target.with_name(target.name + EXTENSIONS[self.format])
-        target.write_bytes(self.image)
+        target.write_bytes(self.data)
         return target
 
     def to_pil(self) -> PILImage.Image:
@@ -264,16 +338,48 @@ class ImageResult:
             ) from None
         import io  # noqa: PLC0415
 
-        picture = Image.open(io.BytesIO(self.image))
+        picture = Image.open(io.BytesIO(self.data))
         picture.load()
         return picture
+
+    def model_dump(self, *, mode: Literal["python", "json"] = "python") -> dict[str, Any]:
+        """The official SDK's pydantic dump: ``{"image": <base64 bytes>}``.
+
+        ``mode="json"`` gives the base64 as text, as pydantic does.
+        """
+        if mode == "json":
+            return {"image": self.image.decode("ascii")}
+        if mode != "python":
+            raise FriendliValidationError("mode", f"must be 'python' or 'json', got {mode!r}")
+        return {"image": self.image}
+
+    def model_dump_json(self, *, indent: int | None = None) -> str:
+        """The official SDK's JSON: ``{"image":"<base64>"}`` (pydantic's compact form)."""
+        separators = (",", ":") if indent is None else (",", ": ")
+        return json.dumps(self.model_dump(mode="json"), indent=indent, separators=separators)
+
+    @classmethod
+    def model_validate(cls, obj: Mapping[str, Any]) -> ImageResult:
+        """Build a result from ``{"image": <base64>}``, as the official model does."""
+        if not isinstance(obj, Mapping) or "image" not in obj:
+            raise FriendliValidationError("image", "expected a mapping with an 'image' key")
+        return cls(image=obj["image"])
+
+    @classmethod
+    def model_validate_json(cls, text: str | bytes) -> ImageResult:
+        """Build a result from the JSON ``{"image": "<base64>"}`` of an API answer."""
+        try:
+            parsed = json.loads(text)
+        except ValueError:
+            raise FriendliValidationError("image", "the text is not JSON") from None
+        return cls.model_validate(parsed)
 
     def __repr__(self) -> str:
         size = f"{self.width}x{self.height}, " if self.width and self.height else ""
         rid = f", request_id={self.request_id!r}" if self.request_id else ""
         dup = ", maybe_duplicated=True" if self.maybe_duplicated else ""
         return (
-            f"ImageResult(format={self.format!r}, {size}{_human_size(len(self.image))}"
+            f"ImageResult(format={self.format!r}, {size}{_human_size(len(self.data))}"
             f"{rid}, attempts={self.attempts}, elapsed={self.elapsed:.2f}s{dup})"
         )
 
@@ -285,10 +391,23 @@ class ImageResult:
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, ImageResult):
             return NotImplemented
-        return self.image == other.image and self.format == other.format
+        return self.data == other.data and self.format == other.format
 
     def __hash__(self) -> int:
-        return hash((self.image, self.format))
+        return hash((self.data, self.format))
+
+
+def _decode_base64_image(image: object) -> bytes:
+    if not isinstance(image, bytes | str) or not image:
+        raise FriendliValidationError(
+            "image", f"must be non-empty base64 bytes or str, got {type(image).__name__}"
+        )
+    try:
+        return pybase64.b64decode(image, validate=True)
+    except (binascii.Error, ValueError):
+        raise FriendliValidationError(
+            "image", "is not valid base64; pass data= for decoded image bytes"
+        ) from None
 
 
 #: The official SDK's name for the result of ``generate`` and ``edit``.
@@ -588,7 +707,7 @@ def _image_mimebundle(result: ImageResult) -> dict[str, str]:
     bundle = {"text/plain": repr(result)}
     mime = _NOTEBOOK_IMAGE_TYPES.get(result.format)
     if mime is not None:
-        bundle[mime] = base64.b64encode(result.image).decode("ascii")
+        bundle[mime] = result.image.decode("ascii")  # already the base64 text
     return bundle
 
 
@@ -611,7 +730,7 @@ def _item_outcome(item: BatchItem) -> str:
     if item.result is not None:
         width, height = item.result.width, item.result.height
         size = f"{width}x{height} " if width and height else ""
-        return f"{item.result.format} {size}({len(item.result.image):,} bytes)"
+        return f"{item.result.format} {size}({len(item.result.data):,} bytes)"
     return ""
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import AsyncIterable, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterable, Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Concatenate, ParamSpec, TypeAlias
 
 import attrs
@@ -111,12 +111,12 @@ class Image:
         *,
         prompt: str,
         model: str | None = None,
-        num_inference_steps: int = 20,
-        guidance_scale: float = 0.0,
+        num_inference_steps: int | None = 20,
+        guidance_scale: float | None = 0.0,
         seed: int | None = None,
         response_format: ResponseFormat | None = None,
-        control_images: Sequence[ImageSource] | None = None,
-        controlnet_weights: Sequence[float] | None = None,
+        control_images: Iterable[ImageSource] | None = None,
+        controlnet_weights: Iterable[float] | None = None,
         retries: RetryConfig | int | None = None,
         server_url: str | None = None,
         timeout_ms: int | None = None,
@@ -127,8 +127,9 @@ class Image:
         Args:
             prompt: what the image should show.
             model: routes the request to a specific adapter.
-            num_inference_steps: denoising steps, in [1, 50].
-            guidance_scale: how closely to follow the prompt (0 lets the model choose).
+            num_inference_steps: denoising steps, in [1, 50]; None leaves it to the server.
+            guidance_scale: how closely to follow the prompt (0 lets the model choose;
+                None leaves it to the server).
             seed: an int in [0, 2**32 - 1] for reproducible images.
             response_format: ``"jpeg"`` or ``"raw"`` (PNG); None for the server default.
             control_images: ControlNet conditioning images (URL, data: URI, base64,
@@ -169,11 +170,11 @@ class Image:
     async def edit(
         self,
         *,
-        image: ImageSource | Sequence[ImageSource],
+        image: ImageSource | Iterable[ImageSource],
         prompt: str,
         model: str | None = None,
-        num_inference_steps: int = 20,
-        guidance_scale: float = 0.0,
+        num_inference_steps: int | None = 20,
+        guidance_scale: float | None = 0.0,
         seed: int | None = None,
         response_format: ResponseFormat | None = None,
         retries: RetryConfig | int | None = None,
@@ -184,13 +185,13 @@ class Image:
         """Edit an image as a text prompt describes (``POST /v1/images/edits``).
 
         Args:
-            image: the image to edit, or a list of images. Each may be a URL (passed
+            image: the image to edit, or a list (any iterable) of images. Each may be a URL (passed
                 to the server, never fetched here), data: URI, base64 text, bytes, a
                 path, a binary file object, a PIL image or ``{"image": ...}``.
             prompt: the change to make.
             model: routes the request to a specific adapter.
-            num_inference_steps: denoising steps, in [1, 50].
-            guidance_scale: how closely to follow the prompt.
+            num_inference_steps: denoising steps, in [1, 50]; None leaves it to the server.
+            guidance_scale: how closely to follow the prompt (None: the server default).
             seed: an int in [0, 2**32 - 1] for reproducible images.
             response_format: ``"jpeg"`` or ``"raw"`` (PNG); None for the server default.
             retries: this call's retry policy (a ``RetryConfig``, or a number of retries).

@@ -41,8 +41,6 @@ __all__ = [
     "stop_reason",
 ]
 
-logger = logging.getLogger("friendli_image")
-
 #: A Retry-After beyond this is junk (or a date centuries away), not a hint to honour.
 _ABSURD_SECONDS: Final = 10.0 * 365 * 24 * 3600
 
@@ -126,7 +124,7 @@ def spends_budget(error: BaseException) -> bool:
 
 def backoff_delay(retry_number: int, config: RetryConfig, rng: random.Random) -> float:
     """The wait before retry ``retry_number`` (1 = first retry): capped exponential + jitter."""
-    base = config.initial_delay * (2.0 ** (retry_number - 1))
+    base = config.initial_delay * (config.multiplier ** (retry_number - 1))
     return min(config.max_delay, base) + rng.uniform(0.0, config.jitter)
 
 
@@ -211,6 +209,7 @@ class RetryState:
         "_budget",
         "_config",
         "_controller",
+        "_logger",
         "_rng",
         "_state",
         "deadline",
@@ -220,8 +219,14 @@ class RetryState:
     )
 
     def __init__(
-        self, config: RetryConfig, budget: RetryBudget, rng: random.Random, total: float | None
+        self,
+        config: RetryConfig,
+        budget: RetryBudget,
+        rng: random.Random,
+        total: float | None,
+        logger: logging.Logger,
     ) -> None:
+        self._logger = logger
         self._config = config
         self._budget = budget
         self._rng = rng
@@ -261,7 +266,7 @@ class RetryState:
             wait=self._wait,
             stop=self._stop,
             reraise=True,
-            before_sleep=_log_retry,
+            before_sleep=self._log_retry,
         )
         controller.begin()
         self._controller = controller
@@ -307,16 +312,15 @@ class RetryState:
             return True
         return spends_budget(error) and not self._budget.try_spend()
 
-
-def _log_retry(state: _t.RetryCallState) -> None:
-    if logger.isEnabledFor(logging.INFO):
-        # The error's str names the status and the request id, never the token.
-        logger.info(
-            "retrying in %.2fs after attempt %d failed: %s",
-            state.upcoming_sleep,
-            state.attempt_number,
-            _failure(state),
-        )
+    def _log_retry(self, state: _t.RetryCallState) -> None:
+        if self._logger.isEnabledFor(logging.INFO):
+            # The error's str names the status and the request id, never the token.
+            self._logger.info(
+                "retrying in %.2fs after attempt %d failed: %s",
+                state.upcoming_sleep,
+                state.attempt_number,
+                _failure(state),
+            )
 
 
 def _failure(state: _t.RetryCallState) -> BaseException:

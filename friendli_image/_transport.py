@@ -50,8 +50,6 @@ from ._serde import dumps_request
 
 __all__ = ["Call", "Transport", "make_trace_config"]
 
-logger = logging.getLogger("friendli_image")
-
 #: Error bodies are read up to this size, for the excerpt and the 422 details.
 _ERROR_BODY_LIMIT: Final = 64 * 1024
 #: Bodies above this are joined, parsed and decoded on a worker thread (the loop stays free).
@@ -121,8 +119,9 @@ class Transport:
         request_id = uuid.uuid4().hex
         settings = self._settings
         headers = dict(settings.headers)
-        if settings.token is not None:
-            headers["Authorization"] = _bearer(settings.token)
+        token = settings.token if settings.token_source is None else settings.token_source()
+        if token is not None:
+            headers["Authorization"] = _bearer(token)
         if options.headers:
             headers.update(options.headers)
         headers["X-Request-ID"] = request_id
@@ -160,7 +159,7 @@ class Transport:
         key = (url.scheme, url.host or "")
         route = self._env_routes.get(key)
         if route is None:
-            route = self._env_routes[key] = _EnvRoute.from_env(url, self._settings.token is None)
+            route = self._env_routes[key] = _EnvRoute.from_env(url, not self._settings.has_token)
         return route
 
     async def send(
@@ -179,6 +178,7 @@ class Transport:
         ends (``time.monotonic()`` values, None: no deadline).
         """
         url, request_id = call.url, call.request_id
+        logger = self._settings.logger
         headers = call.headers
         headers["X-Friendli-Attempt"] = str(attempt_number - 1)
         trace = _AttemptTrace()
@@ -207,11 +207,11 @@ class Transport:
                         raise await _status_error(response, request_id, self._settings.token)
                     data = await _read_body(response, self._settings.max_response_bytes, request_id)
             except FriendliAPIError as error:
-                _log_failed_attempt(error, url, attempt_number, attempt_started)
+                _log_failed_attempt(logger, error, url, attempt_number, attempt_started)
                 raise
             except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
                 failure = _transport_error(exc, trace, request_id, deadline, url)
-                _log_failed_attempt(failure, url, attempt_number, attempt_started)
+                _log_failed_attempt(logger, failure, url, attempt_number, attempt_started)
                 if not isinstance(exc, aiohttp.ClientResponseError):
                     raise failure from exc
             if failure is not None:
@@ -245,7 +245,7 @@ class Transport:
             )
         size = image_dimensions(image, fmt)
         return ImageResult(
-            image=image,
+            data=image,
             format=fmt,
             width=size[0] if size else None,
             height=size[1] if size else None,
@@ -312,7 +312,11 @@ _NO_ROUTE: Final = _EnvRoute()
 
 
 def _log_failed_attempt(
-    error: FriendliAPIError, url: URL, attempt_number: int, started: float
+    logger: logging.Logger,
+    error: FriendliAPIError,
+    url: URL,
+    attempt_number: int,
+    started: float,
 ) -> None:
     if logger.isEnabledFor(logging.DEBUG):
         outcome = (
@@ -467,7 +471,7 @@ async def _status_error(
     kwargs: dict[str, Any] = {
         "status": status,
         "headers": headers,
-        "body": excerpt(raw),
+        "body": raw.decode("utf-8", "replace"),
         "request_id": request_id,
         "retry_after": retry_after,
     }

@@ -236,7 +236,7 @@ def test_one_client_across_two_asyncio_runs(tiny_png: bytes) -> None:
             result = await client.container.image.generate(prompt="p")
             assert client._session is not None
             sessions.append(client._session)
-            return result.image
+            return result.data
 
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")

@@ -21,6 +21,7 @@ from friendli_image import (
     FriendliBadRequestError,
     FriendliConnectionError,
     FriendliError,
+    FriendliInvalidValueError,
     FriendliNotFoundError,
     FriendliPayloadTooLargeError,
     FriendliPermissionDeniedError,
@@ -166,11 +167,13 @@ async def test_redirect_is_not_followed(mock_http: Any, mocked_client: AsyncFrie
 
 
 async def test_error_body_excerpt_is_short(capture_client: Any, capture_server: Any) -> None:
-    """A huge error page is cut to a 200-character excerpt."""
+    """A huge error page is read up to 64 KiB into body, and the message shows 200 characters."""
     capture_server.respond(500, b"<html>" + b"x" * 1_000_000, content_type="text/html")
     with pytest.raises(FriendliServerError) as caught:
         await capture_client.container.image.generate(prompt="p")
-    assert len(caught.value.body) <= 200
+    assert len(caught.value.body) == 64 * 1024
+    assert caught.value.raw_response.text == caught.value.body
+    assert len(str(caught.value)) < 400
     assert len(str(caught.value)) < 500
 
 
@@ -245,7 +248,7 @@ async def test_text_plain_json_is_parsed(
     """A valid JSON body labelled text/plain is parsed: the content type is not trusted."""
     capture_server.respond(200, capture_server.image_body(), content_type="text/plain")
     result = await capture_client.container.image.generate(prompt="p")
-    assert result.image == tiny_png
+    assert result.data == tiny_png
 
 
 async def test_json_with_spaces_and_extra_keys_is_parsed(
@@ -255,7 +258,7 @@ async def test_json_with_spaces_and_extra_keys_is_parsed(
     encoded = base64.b64encode(tiny_png).decode()
     capture_server.respond(200, f'{{\n  "seed": 3,\n  "image" : "{encoded}"\n}}\n')
     result = await capture_client.container.image.generate(prompt="p")
-    assert result.image == tiny_png
+    assert result.data == tiny_png
 
 
 async def test_body_without_content_type_is_parsed(raw_http_server: Any, tiny_png: bytes) -> None:
@@ -264,7 +267,7 @@ async def test_body_without_content_type_is_parsed(raw_http_server: Any, tiny_pn
     url = await raw_http_server(body)
     async with AsyncFriendli(server_url=url, retries=0) as client:
         result = await client.container.image.generate(prompt="p")
-    assert result.image == tiny_png
+    assert result.data == tiny_png
 
 
 async def test_non_json_without_content_type_is_a_response_error(raw_http_server: Any) -> None:
@@ -426,7 +429,7 @@ async def test_token_is_in_no_error(
         FriendliResponseError,
         FriendliConnectionError,
         FriendliValidationError,
-        FriendliValidationError,
+        FriendliInvalidValueError,
     ]
     assert capture_server.requests[0].headers["Authorization"] == f"Bearer {probe_token}"
     for error in errors:

@@ -38,7 +38,7 @@ async def test_golden_request(
     async with AsyncFriendli(token="golden-token", server_url=capture_server.url) as client:
         call = getattr(client.container.image, golden["operation"])
         result = await call(**kwargs)
-    assert result.image == capture_server.image
+    assert result.data == capture_server.image
     (sent,) = capture_server.requests
     assert sent.method == "POST"
     assert sent.path == golden["path"]

@@ -252,10 +252,11 @@ async def test_refused_input_sends_nothing(
 async def test_result_image_is_the_decoded_bytes(
     capture_client: Any, capture_server: Any, tiny_png: bytes
 ) -> None:
-    """result.image is the image itself, not base64 text; request id and attempts are set."""
+    """result.data is the image itself; result.image is its base64 text as bytes (official)."""
     result = await capture_client.container.image.generate(prompt="p")
-    assert result.image == tiny_png
-    assert isinstance(result.image, bytes)
+    assert result.data == tiny_png
+    assert result.image == base64.b64encode(tiny_png)
+    assert base64.b64decode(result.image) == tiny_png
     assert result.request_id == capture_server.requests[0].headers["X-Request-ID"]
     assert result.attempts == 1
     assert result.elapsed > 0
@@ -309,7 +310,7 @@ async def test_unknown_format_has_no_size(capture_client: Any, capture_server: A
 
 def test_save_adds_the_extension_when_missing(tmp_path: pathlib.Path, tiny_jpeg: bytes) -> None:
     """save("out") writes out.jpg for a JPEG and returns that path."""
-    result = ImageResult(image=tiny_jpeg, format="jpeg")
+    result = ImageResult(data=tiny_jpeg, format="jpeg")
     written = result.save(tmp_path / "out")
     assert written == tmp_path / "out.jpg"
     assert written.read_bytes() == tiny_jpeg
@@ -318,7 +319,7 @@ def test_save_adds_the_extension_when_missing(tmp_path: pathlib.Path, tiny_jpeg:
 
 def test_save_keeps_an_explicit_extension(tmp_path: pathlib.Path, tiny_jpeg: bytes) -> None:
     """An explicit extension is kept as given, even when it differs from the format."""
-    result = ImageResult(image=tiny_jpeg, format="jpeg")
+    result = ImageResult(data=tiny_jpeg, format="jpeg")
     written = result.save(str(tmp_path / "picture.jpeg"))
     assert written == tmp_path / "picture.jpeg"
     assert written.read_bytes() == tiny_jpeg
@@ -326,12 +327,12 @@ def test_save_keeps_an_explicit_extension(tmp_path: pathlib.Path, tiny_jpeg: byt
 
 def test_save_png_extension(tmp_path: pathlib.Path, tiny_png: bytes) -> None:
     """save() adds .png for a PNG."""
-    assert ImageResult(image=tiny_png, format="png").save(tmp_path / "a").name == "a.png"
+    assert ImageResult(data=tiny_png, format="png").save(tmp_path / "a").name == "a.png"
 
 
 def test_to_pil_round_trip(tiny_png: bytes) -> None:
     """to_pil() opens the image with its size and pixels."""
-    picture = ImageResult(image=tiny_png, format="png", width=3, height=2).to_pil()
+    picture = ImageResult(data=tiny_png, format="png", width=3, height=2).to_pil()
     assert picture.size == (3, 2)
     assert picture.convert("RGB").getpixel((2, 1)) == (200, 30, 30)
 
@@ -340,7 +341,7 @@ def test_repr_is_one_short_line_even_for_a_big_image() -> None:
     """repr of a 5 MB result is one line under 200 characters, without base64 or bytes."""
     image = b"\x89PNG\r\n\x1a\n" + bytes(5 * 1024 * 1024)
     result = ImageResult(
-        image=image, format="png", width=4096, height=4096, request_id="r" * 32, attempts=3
+        data=image, format="png", width=4096, height=4096, request_id="r" * 32, attempts=3
     )
     text = repr(result)
     assert "\n" not in text
@@ -356,9 +357,9 @@ def test_result_does_not_keep_the_base64_text() -> None:
     """The result holds the decoded bytes only: no field and no referent is base64 text."""
     image = b"\x89PNG\r\n\x1a\n" + bytes(1000)
     encoded = base64.b64encode(image)
-    result = ImageResult(image=image, format="png")
+    result = ImageResult(data=image, format="png")
     assert {field.name for field in attrs.fields(ImageResult)} == {
-        "image",
+        "data",
         "format",
         "width",
         "height",
@@ -380,6 +381,6 @@ def test_official_sdk_alias_is_the_result_class() -> None:
 
 def test_result_is_immutable(tiny_png: bytes) -> None:
     """A result cannot be modified (it may be shared between tasks and threads)."""
-    result = ImageResult(image=tiny_png, format="png")
+    result = ImageResult(data=tiny_png, format="png")
     with pytest.raises(AttributeError):
-        result.image = b""  # type: ignore[misc]
+        result.data = b""  # type: ignore[misc]

@@ -33,7 +33,7 @@ def test_an_image_result_displays_its_bytes_under_its_mime_type(
     fmt: str, mime: str, tiny_png: bytes
 ) -> None:
     """The bundle holds the base64 of the exact bytes under the format's MIME type."""
-    result = ImageResult(image=tiny_png, format=fmt)
+    result = ImageResult(data=tiny_png, format=fmt)
     bundle = result._repr_mimebundle_()
     assert set(bundle) == {"text/plain", mime}
     assert base64.b64decode(bundle[mime]) == tiny_png
@@ -43,7 +43,7 @@ def test_an_image_result_displays_its_bytes_under_its_mime_type(
 def test_an_image_in_a_format_notebooks_cannot_draw_displays_as_text() -> None:
     """TIFF or unknown bytes fall back to the repr instead of a broken picture."""
     for fmt in ("tiff", "unknown"):
-        result = ImageResult(image=b"II*\x00" + b"\x00" * 20, format=fmt)
+        result = ImageResult(data=b"II*\x00" + b"\x00" * 20, format=fmt)
         assert set(result._repr_mimebundle_()) == {"text/plain"}
 
 
@@ -52,7 +52,7 @@ def test_the_mimebundle_does_not_need_pillow(
 ) -> None:
     """With Pillow unimportable the image still displays."""
     monkeypatch.setitem(sys.modules, "PIL", None)
-    bundle = ImageResult(image=tiny_jpeg, format="jpeg")._repr_mimebundle_()
+    bundle = ImageResult(data=tiny_jpeg, format="jpeg")._repr_mimebundle_()
     assert base64.b64decode(bundle["image/jpeg"]) == tiny_jpeg
 
 
@@ -62,7 +62,7 @@ def test_a_batch_result_is_a_compact_escaped_table_with_rounded_numbers(tiny_png
         "bad <prompt>", status=400, headers={}, body="", request_id=None
     )
     items = [
-        _item(0, result=ImageResult(image=tiny_png, format="png", width=3, height=2)),
+        _item(0, result=ImageResult(data=tiny_png, format="png", width=3, height=2)),
         _item(
             1,
             request={"prompt": "<script>alert(1)</script>"},

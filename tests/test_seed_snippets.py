@@ -62,7 +62,7 @@ async def test_generate_snippet_through_async_friendli(
     assert "Authorization" not in sent.headers
     assert sent.path == "/v1/images/generations"
     assert sent.json == GENERATE_BODY
-    assert res.image == capture_server.image
+    assert res.data == capture_server.image
     assert res.format == "png"
     printed = capsys.readouterr().out
     assert printed.startswith("ImageResult(format='png'")
@@ -94,7 +94,7 @@ async def test_edit_snippet_through_async_friendli(
     assert "Authorization" not in sent.headers
     assert sent.path == "/v1/images/edits"
     assert sent.json == EDIT_BODY
-    assert res.image == capture_server.image
+    assert res.data == capture_server.image
     assert "ImageResult(" in capsys.readouterr().out
 
 
@@ -121,7 +121,7 @@ def test_seed_snippet_verbatim_with_sync_friendli(
         exec(compile(snippet, "<seed snippet>", "exec"), namespace)  # noqa: S102  (our own text)
         (record,) = server.records
     res = namespace["res"]
-    assert res.image == tiny_png
+    assert res.data == tiny_png
     assert record.path == path
     assert record.status == 200
     assert "authorization" not in {name.lower() for name in record.headers}

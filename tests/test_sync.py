@@ -190,7 +190,7 @@ def test_many_threads_share_one_client(server: LocalServer, client: SyncFriendli
     }
     for prompt, result in outcome:
         assert prompts_by_request_id[result.request_id] == prompt
-    assert len({result.image for _, result in outcome}) == 640
+    assert len({result.data for _, result in outcome}) == 640
     assert server.stats.total_requests == 640
     assert set(loop_thread_counts) == {1}
 

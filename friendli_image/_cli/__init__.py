@@ -118,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _report(result: ImageResult, path: Path) -> None:
     size = f"{result.width}x{result.height} " if result.width else ""
     print(
-        f"wrote {path} ({result.format} {size}{len(result.image):,} bytes, "
+        f"wrote {path} ({result.format} {size}{len(result.data):,} bytes, "
         f"{result.elapsed:.2f}s, {result.attempts} attempt(s))"
     )
 

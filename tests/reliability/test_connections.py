@@ -66,7 +66,7 @@ async def run(client, count, concurrency):
     async def one(i):
         async with sem:
             result = await client.container.image.generate(prompt=f"p{i}")
-            assert result.image
+            assert result.data
     await asyncio.gather(*(one(i) for i in range(count)))
 
 async def main():

@@ -248,9 +248,9 @@ async def test_self_signed_tls_fails_by_default_and_works_with_its_ca(
     figures.add("fail.expected")
     figures.add("fail.typed")
     secrets.check(caught.value)
-    assert (await gen(make_client(tls_url, verify=certificate[0]))).image == TINY_PNG
+    assert (await gen(make_client(tls_url, verify=certificate[0]))).data == TINY_PNG
     context = ssl.create_default_context(cafile=str(certificate[0]))
-    assert (await gen(make_client(tls_url, verify=context))).image == TINY_PNG
+    assert (await gen(make_client(tls_url, verify=context))).data == TINY_PNG
 
 
 @pytest.mark.scenario(37)
