@@ -27,6 +27,7 @@ from ._config import (
     DEFAULT_MAX_CONNECTIONS,
     DEFAULT_MAX_RESPONSE_BYTES,
     ENV_LOG,
+    NO_OVERRIDES,
     CallOptions,
     CallOverrides,
     ClientSettings,
@@ -368,7 +369,7 @@ class AsyncFriendli:
     # -- the one request path ------------------------------------------------------
 
     def _resolve(self, overrides: CallOverrides) -> CallOptions:
-        if (
+        if overrides is NO_OVERRIDES or (
             overrides.retries is None
             and overrides.server_url is None
             and overrides.timeout_ms is None

@@ -27,6 +27,7 @@ __all__ = [
     "ENV_SERVER_URL",
     "ENV_TOKEN",
     "MAX_IMAGE_BYTES",
+    "NO_OVERRIDES",
     "BackoffStrategy",
     "CallOptions",
     "CallOverrides",

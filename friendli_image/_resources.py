@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Concatenate, ParamSpec, TypeAlias
 import attrs
 
 from ._batch import Batch, BatchOperation
-from ._config import CallOverrides
+from ._config import NO_OVERRIDES, CallOverrides
 from ._models import (
     BatchOptions,
     EditRequest,
@@ -100,6 +100,19 @@ def _batch_method(
     return method
 
 
+def _overrides(
+    retries: RetryConfig | int | None,
+    server_url: str | None,
+    timeout_ms: float | None,
+    http_headers: Mapping[str, str] | None,
+) -> CallOverrides:
+    if retries is None and server_url is None and timeout_ms is None and http_headers is None:
+        return NO_OVERRIDES  # the common case skips four validators per call
+    return CallOverrides(
+        retries=retries, server_url=server_url, timeout_ms=timeout_ms, http_headers=http_headers
+    )
+
+
 class Image:
     """Image generation and editing: ``client.container.image``."""
 
@@ -157,14 +170,7 @@ class Image:
             control_images=control_images,
             controlnet_weights=controlnet_weights,
         )
-        options = self._path.resolve(
-            CallOverrides(
-                retries=retries,
-                server_url=server_url,
-                timeout_ms=timeout_ms,
-                http_headers=http_headers,
-            )
-        )
+        options = self._path.resolve(_overrides(retries, server_url, timeout_ms, http_headers))
         return await self._path.send(GENERATIONS_PATH, request, options, None)
 
     async def edit(
@@ -215,14 +221,7 @@ class Image:
             seed=seed,
             response_format=response_format,
         )
-        options = self._path.resolve(
-            CallOverrides(
-                retries=retries,
-                server_url=server_url,
-                timeout_ms=timeout_ms,
-                http_headers=http_headers,
-            )
-        )
+        options = self._path.resolve(_overrides(retries, server_url, timeout_ms, http_headers))
         return await self._path.send(EDITS_PATH, request, options, None)
 
     generate_batch = _batch_method(
