@@ -7,9 +7,11 @@
 Three views of the 64 KiB path against ``benchmarks/server.py`` (its own process):
 
 1. **profile**: ``--n`` (20,000) requests of ``AsyncFriendli.generate`` at C=``--c`` in a
-   worker process sampled by py-spy (pyinstrument in process if py-spy is missing);
-   prints the inclusive time of the SDK's steps, self time by package and the top
-   functions, as µs of CPU per request (samples / rate / N).
+   worker process sampled by py-spy, then the same for the expert client (pyinstrument
+   in process, AsyncFriendli only, if py-spy is missing); prints the inclusive time of
+   the SDK's steps, self time by package and the top functions, as µs of CPU per
+   request (each share of the samples times the worker's measured CPU per request),
+   and the difference to the expert by package.
 2. **ab**: in-process A/B runs without a profiler, interleaved rounds: the expert client,
    the expert plus one SDK ingredient at a time (the TraceConfig, a second semaphore, a
    ``ClientTimeout`` per request, the SDK's header set), and AsyncFriendli; client CPU
@@ -170,38 +172,25 @@ AREAS = (
     ("attr", "attrs / cattrs"),
     ("cattrs", "attrs / cattrs"),
     ("asyncio", "asyncio (loop, tasks, selector)"),
-    ("profile_small.py", "the harness (gather + semaphore)"),
+    ("profile_small.py", "profile_small.py: harness (expert: + its orjson/pybase64 calls)"),
     ("uuid", "uuid"),
     ("<built-in>", "built-ins (socket, orjson, pybase64, ...)"),
 )
 
 
-def worker(url: str, n: int, c: int) -> None:
-    """The profiled process: warm up, then N generate calls at C; prints rps and CPU."""
-    from friendli_image import AsyncFriendli
+def worker(url: str, n: int, c: int, client: str) -> None:
+    """The profiled process: one A/B variant at N requests; prints its rps and CPU."""
+    import friendli_image  # noqa: F401  (imported outside the loop, whose samples alone count)
 
-    async def main() -> tuple[float, float]:
-        async with AsyncFriendli(server_url=url, token="", max_connections=c) as client:
-            generate = client.container.image.generate
-
-            async def one(i: int) -> None:
-                result = await generate(prompt=PROMPT, seed=i)
-                if len(result.image) != SIZE:
-                    raise RuntimeError("wrong image size")
-
-            await fan_out(max(c, 64), c, one)
-            used, started = cpu(), time.perf_counter()
-            await fan_out(n, c, one)
-            return time.perf_counter() - started, cpu() - used
-
-    wall, used = asyncio.run(main())
-    print("WORKER " + json.dumps({"rps": n / wall, "cpu_us": used / n * 1e6}), flush=True)
+    run = friendli_variant(url, c) if client == "friendli" else expert_variant(url, c)
+    cpu_us, rps = asyncio.run(run(n))
+    print("WORKER " + json.dumps({"rps": rps, "cpu_us": cpu_us}), flush=True)
 
 
 def _report(
     stacks: list[tuple[list[tuple[str, str]], float]], n: int, title: str, cpu_us: float | None
-) -> None:
-    """Print inclusive step times, areas and top self times.
+) -> dict[str, float]:
+    """Print inclusive step times, areas and top self times; return µs/request by area.
 
     With ``cpu_us`` (the process's measured CPU per request) each share of the samples
     is shown as that share of ``cpu_us``; else as sampled seconds / N.
@@ -234,6 +223,7 @@ def _report(
     print("\ntop 30 functions by self time:")
     for (name, where), seconds in sorted(selfs.items(), key=lambda kv: -kv[1])[:30]:
         print(f"  {seconds * per:7.1f} µs {seconds / total:6.1%}  {name} ({where})")
+    return {area: seconds * per for area, seconds in areas.items()}
 
 
 def _frame(text: str) -> tuple[str, str]:
@@ -244,13 +234,15 @@ def _frame(text: str) -> tuple[str, str]:
     return name, "/".join(parts[-3:]) + f":{line}"
 
 
-def profile_py_spy(py_spy: str, url: str, n: int, c: int, rate: int) -> None:
+def profile_py_spy(
+    py_spy: str, url: str, n: int, c: int, *, rate: int, client: str, keep: Path | None = None
+) -> dict[str, float]:
     """Sample a worker process with py-spy (no per-call overhead, idle excluded)."""
     with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "stacks.txt"
+        out = Path(f"{keep}.{client}") if keep else Path(tmp) / "stacks.txt"
         command = [py_spy, "record", "-r", str(rate), "-f", "raw", "--full-filenames"]
         command += ["-o", str(out), "--", sys.executable, __file__, "--worker", url]
-        command += ["--n", str(n), "--c", str(c)]
+        command += ["--worker-client", client, "--n", str(n), "--c", str(c)]
         done = subprocess.run(command, capture_output=True, text=True, check=False)
         if done.returncode != 0 or not out.exists():
             raise RuntimeError(f"py-spy failed: {done.stderr[-2000:]}")
@@ -265,7 +257,7 @@ def profile_py_spy(py_spy: str, url: str, n: int, c: int, rate: int) -> None:
             if "run_until_complete" not in path:
                 continue
             stacks.append(([_frame(f) for f in path.split(";")], int(count) / rate))
-    _report(stacks, n, f"C={c}, py-spy at {rate} Hz", figures["cpu_us"])
+    return _report(stacks, n, f"{client}, C={c}, py-spy at {rate} Hz", figures["cpu_us"])
 
 
 def profile_pyinstrument(url: str, n: int, c: int) -> None:
@@ -306,10 +298,19 @@ def profile_pyinstrument(url: str, n: int, c: int) -> None:
     _report(stacks, n, f"C={c}, pyinstrument (wall time, per-call hook overhead included)", None)
 
 
-def profile(url: str, n: int, c: int, rate: int) -> None:
+def profile(url: str, n: int, c: int, rate: int, keep: Path | None) -> None:
     py_spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
     if Path(py_spy).exists():
-        profile_py_spy(py_spy, url, n, c, rate)
+        ours = profile_py_spy(py_spy, url, n, c, rate=rate, client="friendli", keep=keep)
+        expert = profile_py_spy(py_spy, url, n, c, rate=rate, client="expert", keep=keep)
+        print("\n== AsyncFriendli - expert, µs/request of self time by area ==")
+        for area in sorted(set(ours) | set(expert), key=lambda a: -ours.get(a, 0.0)):
+            mine, theirs = ours.get(area, 0.0), expert.get(area, 0.0)
+            print(f"  {mine:7.1f} - {theirs:7.1f} = {mine - theirs:+7.1f} µs  {area}")
+        print(
+            f"  {sum(ours.values()):7.1f} - {sum(expert.values()):7.1f} = "
+            f"{sum(ours.values()) - sum(expert.values()):+7.1f} µs  in all"
+        )
     elif importlib.util.find_spec("pyinstrument") is not None:
         profile_pyinstrument(url, n, c)
     else:
@@ -348,10 +349,10 @@ def expert_variant(
     semaphore: bool = False,
     timeout: bool = False,
     headers: bool = False,
-) -> Callable[[int], Awaitable[float]]:
+) -> Callable[[int], Awaitable[tuple[float, float]]]:
     """The expert client of ``client.py``, plus the named SDK ingredients."""
 
-    async def run(n: int) -> float:
+    async def run(n: int) -> tuple[float, float]:
         target = url + PATH
         base = {"Content-Type": "application/json"}
         sdk_headers = {
@@ -392,15 +393,15 @@ def expert_variant(
                     raise RuntimeError("wrong image size")
 
             await fan_out(max(c, 64), c, one)
-            used = cpu()
+            used, started = cpu(), time.perf_counter()
             await fan_out(n, c, one)
-            return (cpu() - used) / n * 1e6
+            return (cpu() - used) / n * 1e6, n / (time.perf_counter() - started)
 
     return run
 
 
-def friendli_variant(url: str, c: int) -> Callable[[int], Awaitable[float]]:
-    async def run(n: int) -> float:
+def friendli_variant(url: str, c: int) -> Callable[[int], Awaitable[tuple[float, float]]]:
+    async def run(n: int) -> tuple[float, float]:
         from friendli_image import AsyncFriendli
 
         async with AsyncFriendli(server_url=url, token="", max_connections=c) as client:
@@ -411,9 +412,9 @@ def friendli_variant(url: str, c: int) -> Callable[[int], Awaitable[float]]:
                     raise RuntimeError("wrong image size")
 
             await fan_out(max(c, 64), c, one)
-            used = cpu()
+            used, started = cpu(), time.perf_counter()
             await fan_out(n, c, one)
-            return (cpu() - used) / n * 1e6
+            return (cpu() - used) / n * 1e6, n / (time.perf_counter() - started)
 
     return run
 
@@ -432,7 +433,7 @@ def ab(url: str, n: int, c: int, rounds: int) -> None:
     for r in range(rounds):
         shift = r % len(names)
         for name in names[shift:] + names[:shift]:
-            found[name].append(asyncio.run(variants[name](n)))
+            found[name].append(asyncio.run(variants[name](n))[0])
     base = statistics.median(found["expert"])
     floor = min(found["expert"])
     print(f"\n== A/B in one process: {n:,} x 64 KiB, C={c}, {rounds} interleaved rounds ==")
@@ -612,7 +613,7 @@ def micro(response_chunks: int) -> None:
         await trace.send_request_end("POST", target, headers, None)  # type: ignore[arg-type]
 
     add(
-        f"trace signals of one request ({4 + response_chunks} sends + Trace)",
+        f"trace signals of one request ({5 + response_chunks} sends + Trace)",
         lambda: _async_us(traced, 5000),
     )
     for what, value in rows:
@@ -658,14 +659,18 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--rate", type=int, default=500, help="py-spy samples per second")
     parser.add_argument("--only", choices=("profile", "ab", "micro"))
+    parser.add_argument(
+        "--stacks", type=Path, help="keep py-spy's collapsed stacks here (for flamegraph.pl)"
+    )
     parser.add_argument("--worker", metavar="URL", help=argparse.SUPPRESS)
+    parser.add_argument("--worker-client", default="friendli", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        worker(args.worker, args.n, args.c)
+        worker(args.worker, args.n, args.c, args.worker_client)
         return
     with static_server(SIZE) as url:
         if args.only in (None, "profile"):
-            profile(url, args.n, args.c, args.rate)
+            profile(url, args.n, args.c, args.rate, args.stacks)
         if args.only in (None, "ab"):
             ab(url, args.ab_n, args.c, args.rounds)
         if args.only in (None, "micro"):

@@ -923,7 +923,12 @@ def main() -> None:
         plan.repeats = args.repeats
     if args.fleet_only:
         fleet = run_fleet(args, plan)
-        print("\n".join([*fleet_section(fleet), *targets({}, [], {}, fleet)]))
+        rows = targets({}, [], {}, fleet)
+        print(
+            "\n".join(
+                [*fleet_section(fleet), *rows[:2], *(r for r in rows if r.startswith("| 10 "))]
+            )
+        )
         return
     started = time.perf_counter()
     rows, skipped = run_cells(args, plan)
