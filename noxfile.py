@@ -111,7 +111,7 @@ def demo(session: nox.Session) -> None:
 
 @nox.session(python=DEFAULT_PYTHON)
 def bench(session: nox.Session) -> None:
-    """Benchmark against raw aiohttp and the official SDK; writes benchmarks/RESULTS.md."""
+    """Benchmark against expert and naive aiohttp and the official SDK (benchmarks/RESULTS.md)."""
     session.install("-e", ".", "friendli==0.16.3", "matplotlib")
     session.run("python", "benchmarks/run.py", "--command", "nox -s bench", *session.posargs)
 

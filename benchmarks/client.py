@@ -2,6 +2,7 @@
 
 Run as ``python benchmarks/client.py CLIENT --url URL --n N --c C --size BYTES``; prints
 one JSON object: requests/s, p50/p99 latency, client CPU µs per request and peak RSS.
+The fleet clients take several comma-separated URLs.
 
 CPU is ``getrusage(RUSAGE_SELF)`` user + sys (all threads) over the timed part only,
 after imports and a warm-up of C requests that opens the connections. Every client
@@ -15,12 +16,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import contextlib
 import json
 import resource
 import sys
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 PATH = "/v1/images/generations"
 PROMPT = "a lighthouse at dawn, volumetric light, 35mm"
@@ -80,6 +83,36 @@ async def run_raw(cell: Cell, timed: Callable[[Timed], Awaitable[None]]) -> None
                 resp.raise_for_status()
                 payload = await resp.json()
             cell.check(base64.b64decode(payload["image"]))
+            return time.perf_counter() - started
+
+        await timed(lambda n: _fan_out(n, cell.c, one))
+
+
+async def run_expert(cell: Cell, timed: Callable[[Timed], Awaitable[None]]) -> None:
+    """What an expert writes by hand: one session, orjson on the raw body, pybase64.
+
+    No validation, no retries, no typed errors, no request ids: the floor an SDK on
+    aiohttp can approach. The status check is one integer compare (a client that skips
+    it would decode error bodies as images).
+    """
+    import aiohttp
+    import orjson
+    import pybase64
+
+    url = cell.url + PATH
+    headers = {"Content-Type": "application/json"}
+    connector = aiohttp.TCPConnector(limit=cell.c)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        post = session.post
+
+        async def one(i: int) -> float:
+            started = time.perf_counter()
+            body = orjson.dumps({"prompt": PROMPT, "seed": i})
+            async with post(url, data=body, headers=headers) as resp:
+                if resp.status != 200:
+                    raise RuntimeError(f"HTTP {resp.status}")
+                payload = orjson.loads(await resp.read())
+            cell.check(pybase64.b64decode(payload["image"]))
             return time.perf_counter() - started
 
         await timed(lambda n: _fan_out(n, cell.c, one))
@@ -187,11 +220,58 @@ def run_official_sync(
         timed_sync(lambda n: _threaded(n, cell.c, one))
 
 
+def _fleet_client(urls: list[str], c: int) -> Any:
+    """``AsyncFriendli(server_url=urls)``, or exit 3 when this version takes one URL only."""
+    from friendli_image import AsyncFriendli, FriendliError
+
+    try:
+        return AsyncFriendli(server_url=urls, token="", max_connections=c)  # type: ignore[arg-type]
+    except (TypeError, ValueError, FriendliError):
+        raise SystemExit(3) from None
+
+
+async def run_fleet(cell: Cell, timed: Callable[[Timed], Awaitable[None]]) -> None:
+    """One AsyncFriendli over every endpoint of ``--url`` (comma-separated): its own routing."""
+    async with _fleet_client(cell.url.split(","), cell.c) as client:
+        generate = client.container.image.generate
+
+        async def one(i: int) -> float:
+            started = time.perf_counter()
+            result = await generate(prompt=PROMPT, seed=i)
+            cell.check(result.image)
+            return time.perf_counter() - started
+
+        await timed(lambda n: _fan_out(n, cell.c, one))
+
+
+async def run_fleet_round_robin(cell: Cell, timed: Callable[[Timed], Awaitable[None]]) -> None:
+    """The hand-split baseline: one AsyncFriendli per endpoint, request i to endpoint i mod k."""
+    from friendli_image import AsyncFriendli
+
+    async with contextlib.AsyncExitStack() as stack:
+        generates = []
+        for url in cell.url.split(","):
+            client = AsyncFriendli(server_url=url, token="", max_connections=cell.c)
+            await stack.enter_async_context(client)
+            generates.append(client.container.image.generate)
+
+        async def one(i: int) -> float:
+            started = time.perf_counter()
+            result = await generates[i % len(generates)](prompt=PROMPT, seed=i)
+            cell.check(result.image)
+            return time.perf_counter() - started
+
+        await timed(lambda n: _fan_out(n, cell.c, one))
+
+
 ASYNC_CLIENTS = {
+    "expert": run_expert,
     "raw_aiohttp": run_raw,
     "friendli": run_friendli,
     "friendli_batch": run_friendli_batch,
     "official_async": run_official_async,
+    "fleet": run_fleet,
+    "fleet_round_robin": run_fleet_round_robin,
 }
 SYNC_CLIENTS = {"friendli_sync": run_friendli_sync, "official_sync": run_official_sync}
 CLIENTS = (*ASYNC_CLIENTS, *SYNC_CLIENTS)

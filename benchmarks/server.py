@@ -43,13 +43,29 @@ def body_for(size: int) -> bytes:
     return b'{"image":"' + pybase64.b64encode(make_image(size)) + b'"}'
 
 
-def minimal_app(size: int) -> web.Application:
-    """The anchor server: read the request, answer with the prebuilt body."""
+def minimal_app(size: int, slots: int = 0, service_ms: float = 0.0) -> web.Application:
+    """The anchor server: read the request, answer with the prebuilt body.
+
+    With ``slots`` it serves at most that many requests at a time, each holding its slot
+    for ``service_ms`` (the rest queue): a capacity of ``slots / service_ms`` per ms, as a
+    model server with a fixed batch size and step time would have. The fleet benchmark
+    gives four endpoints different slot counts.
+    """
     body = body_for(size)
 
     async def handle(request: web.Request) -> web.Response:
         await request.read()
         return web.Response(body=body, content_type="application/json")
+
+    if slots > 0:
+        gate = asyncio.Semaphore(slots)
+        delay = service_ms / 1000
+        served = handle
+
+        async def handle(request: web.Request) -> web.Response:
+            async with gate:
+                await asyncio.sleep(delay)
+                return await served(request)
 
     app = web.Application(client_max_size=64 * 1024 * 1024)
     app.router.add_post("/v1/images/generations", handle)
@@ -71,9 +87,9 @@ def bundled_app(size: int) -> web.Application:
     )
 
 
-async def serve(size: int, bundled: bool) -> None:
+async def serve(size: int, bundled: bool, slots: int = 0, service_ms: float = 0.0) -> None:
     """Listen on a free loopback port, announce it, serve until stdin closes or SIGTERM."""
-    app = bundled_app(size) if bundled else minimal_app(size)
+    app = bundled_app(size) if bundled else minimal_app(size, slots, service_ms)
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0, backlog=1024)
@@ -101,8 +117,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--size", type=int, required=True, help="decoded image size in bytes")
     parser.add_argument("--bundled", action="store_true", help="use friendli_image.server")
+    parser.add_argument(
+        "--slots", type=int, default=0, help="serve at most this many at once (0: no limit)"
+    )
+    parser.add_argument(
+        "--service-ms", type=float, default=0.0, help="with --slots: how long each one takes"
+    )
     args = parser.parse_args()
-    asyncio.run(serve(args.size, args.bundled))
+    if args.slots and args.bundled:
+        parser.error("--slots applies to the minimal server only")
+    asyncio.run(serve(args.size, args.bundled, args.slots, args.service_ms))
 
 
 if __name__ == "__main__":

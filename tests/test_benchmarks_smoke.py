@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.slow
 @pytest.mark.subprocess
 def test_quick_benchmark_writes_results(tmp_path: Path) -> None:
-    """`benchmarks/run.py --quick` measures raw aiohttp and AsyncFriendli and writes the report."""
+    """`benchmarks/run.py --quick` measures baselines and AsyncFriendli and writes the report."""
     done = subprocess.run(
         [
             sys.executable,
@@ -35,7 +35,7 @@ def test_quick_benchmark_writes_results(tmp_path: Path) -> None:
 
     data = json.loads((tmp_path / "results.json").read_text())
     measured = {(row["client"], row["c"]) for row in data["rows"]}
-    for client in ("raw_aiohttp", "friendli"):
+    for client in ("expert", "raw_aiohttp", "friendli"):
         assert {(client, 1), (client, 4)} <= measured
     for row in data["rows"]:
         assert row["rps"] > 0
@@ -43,12 +43,19 @@ def test_quick_benchmark_writes_results(tmp_path: Path) -> None:
         assert row["p50_ms"] <= row["p99_ms"]
     assert {row["scenario"] for row in data["memory"]} == {"big", "disk"}
     assert set(data["imports"]) == {"aiohttp", "friendli_image"}
+    fleet = data["fleet"]
+    assert "fleet_round_robin" in {row["client"] for row in fleet["rows"]}
+    assert ("fleet" in {row["client"] for row in fleet["rows"]}) == fleet["available"]
 
     report = (tmp_path / "RESULTS.md").read_text()
     assert "### 64 KiB images" in report
     assert "| raw aiohttp | 4 |" in report
     assert "| AsyncFriendli | 4 |" in report
     assert "## Targets (PERFORMANCE.md)" in report
+    assert "| expert aiohttp | 4 |" in report
+    assert "## Against the expert hand-written client" in report
+    assert "| 64 KiB | 4 |" in report.split("## Against the expert", 1)[1]
+    assert "## Fleet (target 10)" in report
     if importlib.util.find_spec("friendli") is None:
         assert "official async" in report.split("Not measured", 1)[1].splitlines()[0]
     else:
