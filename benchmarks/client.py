@@ -238,7 +238,7 @@ async def run_fleet(cell: Cell, timed: Callable[[Timed], Awaitable[None]]) -> No
         async def one(i: int) -> float:
             started = time.perf_counter()
             result = await generate(prompt=PROMPT, seed=i)
-            cell.check(result.image)
+            cell.check(result.data)
             return time.perf_counter() - started
 
         await timed(lambda n: _fan_out(n, cell.c, one))
@@ -258,7 +258,7 @@ async def run_fleet_round_robin(cell: Cell, timed: Callable[[Timed], Awaitable[N
         async def one(i: int) -> float:
             started = time.perf_counter()
             result = await generates[i % len(generates)](prompt=PROMPT, seed=i)
-            cell.check(result.image)
+            cell.check(result.data)
             return time.perf_counter() - started
 
         await timed(lambda n: _fan_out(n, cell.c, one))

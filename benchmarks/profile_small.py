@@ -271,7 +271,7 @@ def profile_pyinstrument(url: str, n: int, c: int) -> None:
             generate = client.container.image.generate
 
             async def one(i: int) -> None:
-                if len((await generate(prompt=PROMPT, seed=i)).image) != SIZE:
+                if len((await generate(prompt=PROMPT, seed=i)).data) != SIZE:
                     raise RuntimeError("wrong image size")
 
             await fan_out(max(c, 64), c, one)
@@ -408,7 +408,7 @@ def friendli_variant(url: str, c: int) -> Callable[[int], Awaitable[tuple[float,
             generate = client.container.image.generate
 
             async def one(i: int) -> None:
-                if len((await generate(prompt=PROMPT, seed=i)).image) != SIZE:
+                if len((await generate(prompt=PROMPT, seed=i)).data) != SIZE:
                     raise RuntimeError("wrong image size")
 
             await fan_out(max(c, 64), c, one)
