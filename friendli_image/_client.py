@@ -54,7 +54,7 @@ from ._exceptions import (
 from ._models import AttemptGate, AttemptOutcome, ImageResult, RequestModel, RequestPath
 from ._resources import Container
 from ._retry import RetryBudget, RetryState, server_wait
-from ._transport import Transport, make_trace_config
+from ._transport import Connector, Transport
 from ._version import __version__
 
 if TYPE_CHECKING:
@@ -334,7 +334,7 @@ class AsyncFriendli:
         if session is not None:
             return session
         session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(
+            connector=Connector(
                 limit=self._settings.max_connections,
                 limit_per_host=0,
                 ttl_dns_cache=300,
@@ -344,7 +344,6 @@ class AsyncFriendli:
             cookie_jar=aiohttp.DummyCookieJar(),
             trust_env=False,
             auto_decompress=True,
-            trace_configs=[make_trace_config()],
             read_bufsize=256 * 1024,
         )
         guard = _close_on_loop_shutdown(session)
