@@ -49,8 +49,9 @@ order. Item failures are captured on the items, never raised.
 
 Args:
     requests: an iterable or async iterable, read lazily (a generator of a million
-        requests is fine), of {items}. An item's own ``retries``, ``server_url``,
-        ``timeout_ms`` and ``http_headers`` override the batch's.
+        requests is fine), of {items}.
+        An item's own ``retries``, ``server_url``, ``timeout_ms`` and ``http_headers``
+        override the batch's.
     options: keyword arguments of `BatchOptions`, checked here, before anything is sent:
 {options}
 Returns:
@@ -65,7 +66,7 @@ Raises:
 def _options_doc() -> str:
     text = inspect.cleandoc(BatchOptions.__doc__ or "")
     attributes = text.split("Attributes:", 1)[-1].strip("\n")
-    return "\n".join("        " + line if line else "" for line in attributes.splitlines())
+    return "\n".join("    " + line if line else "" for line in attributes.splitlines())
 
 
 def _batch_method(
@@ -234,7 +235,7 @@ class Image:
         BatchOperation(EDITS_PATH, EditRequest),
         BatchOptions,
         "Edit many images, fanned out inside the event loop.",
-        "mappings of `edit`'s keyword arguments (``image``, ``prompt``, ...) or "
+        "mappings of `edit`'s keyword arguments\n        (``image``, ``prompt``, ...) or "
         "`EditRequest` models",
     )
 

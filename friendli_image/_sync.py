@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import inspect
 import logging
 import os
 import sys
@@ -358,6 +359,13 @@ def _blocking_batch(
 
         return SyncBatch(self._client, make)
 
+    call.__signature__ = inspect.signature(method).replace(  # type: ignore[attr-defined]
+        return_annotation="SyncBatch"
+    )
+    call.__doc__ = (
+        "Blocking: returns a `SyncBatch`; ``for item in batch`` or ``batch.collect()``.\n\n"
+        + (method.__doc__ or "")
+    )
     return call
 
 
