@@ -84,7 +84,10 @@ def _signature(member: Any) -> tuple[str, inspect.Signature]:
         return "property", inspect.signature(member.fget)  # type: ignore[arg-type]
     if isinstance(member, cached_property):
         return "cached_property", inspect.signature(member.func)
-    return type(member).__name__, inspect.signature(member)
+    # The parameters must match; a blocking batch method returns SyncBatch, not Batch.
+    return type(member).__name__, inspect.signature(member).replace(
+        return_annotation=inspect.Signature.empty
+    )
 
 
 # -- parity ------------------------------------------------------------------------------
