@@ -559,7 +559,8 @@ class BatchOptions(CallOverrides):
             at the end, on the event loop: keep it quick.
         stop_on_fatal: after an error every remaining item would meet (401, 403, 404, a
             redirect, the server unreachable after retries), send nothing more and
-            report the rest as skipped with `FriendliBatchAborted`.
+            report the rest as skipped with `FriendliBatchAborted`; items in flight
+            then that meet the same error are skipped too, so the problem counts once.
         total: the number of requests, for the ETA, when ``requests`` has no len().
         retries, server_url, timeout_ms, http_headers: defaults for every item, as for
             a single call; an item's own keys override them. Every attempt of an item,
@@ -663,7 +664,8 @@ class BatchProgress:
     elapsed: float
     """Seconds since the batch started."""
     rate: float
-    """Items finished per second in this run (resumed items excluded)."""
+    """Items sent and finished (ok or failed) per second in this run; resumed and skipped
+    items are not counted."""
     eta: float | None
     """Seconds until the last item, at the current rate (None when unknown)."""
 
