@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import shlex
 import socket
 import subprocess
 import sys
@@ -400,3 +401,20 @@ def test_gallery_without_a_manifest_is_exit_2(
     """`gallery` on a folder that holds no batch says so in one line."""
     assert main(["gallery", str(tmp_path)]) == 2
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_every_readme_command_line_parses(capsys: pytest.CaptureFixture[str]) -> None:
+    """The friendli-image lines of the README's console blocks are valid invocations."""
+    readme = Path(__file__).resolve().parent.parent / "README.md"
+    if not readme.is_file():
+        pytest.skip("README.md is not beside the tests")
+    lines = [
+        line.split("  #")[0].strip()
+        for line in readme.read_text(encoding="utf-8").splitlines()
+        if line.startswith("friendli-image ")
+    ]
+    assert len(lines) >= 8
+    for line in (line for line in lines if line != "friendli-image --version"):
+        build_parser().parse_args(shlex.split(line)[1:])
+    assert "friendli-image --version" in lines
+    capsys.readouterr()
