@@ -12,6 +12,7 @@ from ._config import RetryConfig, Timeout
 from ._exceptions import (
     FriendliAPIError,
     FriendliAPIStatusError,
+    FriendliArgumentError,
     FriendliAuthenticationError,
     FriendliBadRequestError,
     FriendliBatchAborted,
@@ -67,6 +68,7 @@ __all__ = [
     "EditRequest",
     "FriendliAPIError",
     "FriendliAPIStatusError",
+    "FriendliArgumentError",
     "FriendliAuthenticationError",
     "FriendliBadRequestError",
     "FriendliBatchAborted",

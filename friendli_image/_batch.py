@@ -14,7 +14,9 @@ typed errors as single calls; on top of it the batch adds:
 - **Per-item outcomes**: failures are captured on the item, not raised. A failure that
   every remaining item would meet (401, 403, 404, a redirect, a server unreachable after
   the retries) stops new dispatches and reports the rest as ``skipped`` with
-  `FriendliBatchAborted`.
+  `FriendliBatchAborted`. Items already in flight then that fail the same way are
+  ``skipped`` too, not failed: one problem is reported once, by the item that met it
+  first, and a rerun retries the others (skipped items are not in the manifest).
 - **A sink** (``out_dir``, see ``_sink``): images and a resumable ``manifest.jsonl``.
 """
 
@@ -310,7 +312,9 @@ class Batch:
         counts = self._counts
         done = sum(counts.values())
         elapsed = time.monotonic() - self._t0 if self._started else 0.0
-        worked = done - counts["resumed"]
+        # The rate of this run's work: resumed items were done earlier, skipped ones
+        # were not done at all.
+        worked = counts["ok"] + counts["failed"]
         rate = worked / elapsed if elapsed > 0 else 0.0
         eta = None
         if self._total is not None:
@@ -513,7 +517,7 @@ class Batch:
             self._aborted = FriendliBatchAborted(error, index)
             self._gate.abort()
 
-    def _skipped(self, index: int, spec: object, elapsed: float) -> BatchItem:
+    def _skipped(self, index: int, spec: object, elapsed: float, attempts: int = 0) -> BatchItem:
         request = spec if isinstance(spec, Mapping) else _request_view(spec)
         return BatchItem(
             index=index,
@@ -521,6 +525,7 @@ class Batch:
             request=request,
             status="skipped",
             error=self._aborted,
+            attempts=attempts,
             elapsed=elapsed,
         )
 
@@ -566,6 +571,12 @@ class Batch:
             return self._skipped(index, prepared.request, time.monotonic() - started)
         except FriendliAPIError as error:
             if self._options.stop_on_fatal and _fatal(error):
+                if self._aborted is not None and type(error) is type(self._aborted.cause):
+                    # The problem that stopped the batch, met again by an item that was
+                    # already in flight: not a second failure.
+                    return self._skipped(
+                        index, prepared.request, time.monotonic() - started, error.attempts
+                    )
                 self._abort(error, index)
             return self._failed(
                 index, error=error, attempts=error.attempts, started=started, prepared=prepared

@@ -72,6 +72,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 __all__ = [
     "FriendliAPIError",
     "FriendliAPIStatusError",
+    "FriendliArgumentError",
     "FriendliAuthenticationError",
     "FriendliBadRequestError",
     "FriendliBatchAborted",
@@ -220,6 +221,14 @@ class FriendliValidationError(FriendliUsageError, ValueError):
 
     def __str__(self) -> str:
         return f"invalid {self.field}: {self.reason}"
+
+
+class FriendliArgumentError(FriendliValidationError, TypeError):
+    """A keyword the method does not take; the message names the method that takes it.
+
+    A `TypeError` too, as Python raises for an unexpected keyword argument, so code
+    catching either keeps working.
+    """
 
 
 class FriendliAPIError(FriendliError):
@@ -382,9 +391,21 @@ class FriendliAPIStatusError(FriendliAPIError, FriendliStatusCodeError):
             text += f" [Retry-After {self.retry_after:g} s]"
         if self.location:
             text += f" [Location {self.location}]"
-        if self.body:
+        if self.body and _says_more(self.body, self.message):
             text += f" — server said: {excerpt(self.body)}"
         return text
+
+
+def _says_more(body: str, message: str) -> bool:
+    """False when the body is one JSON field whose text the message already quotes."""
+    try:
+        parsed = json.loads(body)
+    except ValueError:
+        return True
+    if isinstance(parsed, dict) and len(parsed) == 1:
+        (value,) = parsed.values()
+        return not (isinstance(value, str) and excerpt(value) in message)
+    return True
 
 
 class FriendliBadRequestError(FriendliAPIStatusError):

@@ -5,7 +5,14 @@ from __future__ import annotations
 import struct
 from typing import Final
 
-__all__ = ["EXTENSIONS", "MIME_TYPES", "image_dimensions", "sniff_format"]
+__all__ = [
+    "EXTENSIONS",
+    "FORMATS_BY_EXTENSION",
+    "MIME_TYPES",
+    "PIL_NAMES",
+    "image_dimensions",
+    "sniff_format",
+]
 
 MIME_TYPES: Final = {
     "jpeg": "image/jpeg",
@@ -23,6 +30,29 @@ EXTENSIONS: Final = {
     "gif": ".gif",
     "bmp": ".bmp",
     "tiff": ".tiff",
+}
+
+#: The format a file extension names (lower case, with the dot).
+FORMATS_BY_EXTENSION: Final = {
+    ".jpg": "jpeg",
+    ".jpeg": "jpeg",
+    ".jpe": "jpeg",
+    ".png": "png",
+    ".webp": "webp",
+    ".gif": "gif",
+    ".bmp": "bmp",
+    ".tif": "tiff",
+    ".tiff": "tiff",
+}
+
+#: Pillow's names of the formats, for converting on save.
+PIL_NAMES: Final = {
+    "jpeg": "JPEG",
+    "png": "PNG",
+    "webp": "WEBP",
+    "gif": "GIF",
+    "bmp": "BMP",
+    "tiff": "TIFF",
 }
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import binascii
 import html
+import importlib.util
+import io
 import json
 import math
 import numbers
@@ -29,7 +31,14 @@ from ._exceptions import (
     FriendliUsageError,
     FriendliValidationError,
 )
-from ._formats import EXTENSIONS, MIME_TYPES, image_dimensions, sniff_format
+from ._formats import (
+    EXTENSIONS,
+    FORMATS_BY_EXTENSION,
+    MIME_TYPES,
+    PIL_NAMES,
+    image_dimensions,
+    sniff_format,
+)
 from ._images import ImageInput, ImageSource, as_list, coerce_edit_images, coerce_images
 
 if TYPE_CHECKING:
@@ -57,6 +66,7 @@ __all__ = [
     "RequestSpec",
     "ResponseFormat",
     "public_fields",
+    "save_target",
 ]
 
 ResponseFormat = Literal["raw", "jpeg"]
@@ -317,15 +327,18 @@ class ImageResult:
         return MIME_TYPES.get(self.format, "application/octet-stream")
 
     def save(self, path: str | os.PathLike[str]) -> pathlib.Path:
-        """Write the image to ``path`` and return the path written.
+        """Write the image to ``path`` in the format its extension names; return the path.
 
-        When ``path`` has no extension, the one matching the format is added
-        (``out`` → ``out.jpg``). Parent directories must exist.
+        Without an extension, the one of the image's format is added (``out`` →
+        ``out.jpg``). An extension naming another format (``x.png`` for a JPEG) converts
+        the image with Pillow (``pip install 'friendli-image[pil]'``). Without Pillow, for
+        an extension that names no image format, or into a directory that does not exist,
+        `FriendliUsageError` is raised and nothing is written. The format written is
+        ``FORMATS_BY_EXTENSION[path.suffix]`` of the path returned.
         """
-        target = pathlib.Path(path)
-        if not target.suffix and self.format in EXTENSIONS:
-            target = target.with_name(target.name + EXTENSIONS[self.format])
-        target.write_bytes(self.data)
+        target, fmt = save_target(path, self.format)
+        data = self.data if fmt == self.format else _convert(self.data, fmt, target)
+        target.write_bytes(data)
         return target
 
     def to_pil(self) -> PILImage.Image:
@@ -336,8 +349,6 @@ class ImageResult:
             raise FriendliUsageError(
                 "to_pil() needs Pillow: pip install 'friendli-image[pil]'"
             ) from None
-        import io  # noqa: PLC0415
-
         picture = Image.open(io.BytesIO(self.data))
         picture.load()
         return picture
@@ -395,6 +406,56 @@ class ImageResult:
 
     def __hash__(self) -> int:
         return hash((self.data, self.format))
+
+
+def save_target(path: str | os.PathLike[str], fmt: str) -> tuple[pathlib.Path, str]:
+    """Where saving an image of format ``fmt`` to ``path`` writes, and in which format.
+
+    Raises `FriendliUsageError`, before anything is written or sent, when the
+    directory does not exist, the extension names no image format, or the image must
+    be converted and Pillow is not installed.
+    """
+    target = pathlib.Path(path)
+    if not target.parent.is_dir():
+        raise FriendliUsageError(
+            f"cannot save {str(target)!r}: the directory {str(target.parent)!r} does not "
+            "exist; create it first"
+        )
+    if not target.suffix:
+        return target.with_name(target.name + EXTENSIONS.get(fmt, "")), fmt
+    wanted = FORMATS_BY_EXTENSION.get(target.suffix.lower())
+    if wanted is None:
+        known = ", ".join(sorted(FORMATS_BY_EXTENSION))
+        raise FriendliUsageError(
+            f"cannot save {str(target)!r}: {target.suffix!r} names no image format; use one "
+            f"of {known}, or write the bytes yourself with Path(...).write_bytes(result.data)"
+        )
+    if wanted != fmt and importlib.util.find_spec("PIL") is None:
+        raise FriendliUsageError(
+            f"cannot save {str(target)!r}: the image is {fmt} and converting it to {wanted} "
+            f"needs Pillow (pip install 'friendli-image[pil]'); or save it as "
+            f"{target.stem}{EXTENSIONS.get(fmt, '')}"
+        )
+    return target, wanted
+
+
+def _convert(data: bytes, fmt: str, target: pathlib.Path) -> bytes:
+    """The image re-encoded as ``fmt`` with Pillow (checked to be installed)."""
+    from PIL import Image  # noqa: PLC0415  (Pillow is an optional extra)
+
+    try:
+        picture: PILImage.Image = Image.open(io.BytesIO(data))
+        picture.load()
+        if fmt == "jpeg" and picture.mode not in ("RGB", "L", "CMYK"):
+            picture = picture.convert("RGB")
+        buffer = io.BytesIO()
+        picture.save(buffer, format=PIL_NAMES[fmt])
+    except (OSError, ValueError) as exc:
+        raise FriendliUsageError(
+            f"cannot save {str(target)!r} as {fmt}: Pillow could not convert the image "
+            f"({exc}); save it with the extension of its own format"
+        ) from None
+    return buffer.getvalue()
 
 
 def _decode_base64_image(image: object) -> bytes:
@@ -498,7 +559,8 @@ class BatchOptions(CallOverrides):
             at the end, on the event loop: keep it quick.
         stop_on_fatal: after an error every remaining item would meet (401, 403, 404, a
             redirect, the server unreachable after retries), send nothing more and
-            report the rest as skipped with `FriendliBatchAborted`.
+            report the rest as skipped with `FriendliBatchAborted`; items in flight
+            then that meet the same error are skipped too, so the problem counts once.
         total: the number of requests, for the ETA, when ``requests`` has no len().
         retries, server_url, timeout_ms, http_headers: defaults for every item, as for
             a single call; an item's own keys override them. Every attempt of an item,
@@ -602,7 +664,8 @@ class BatchProgress:
     elapsed: float
     """Seconds since the batch started."""
     rate: float
-    """Items finished per second in this run (resumed items excluded)."""
+    """Items sent and finished (ok or failed) per second in this run; resumed and skipped
+    items are not counted."""
     eta: float | None
     """Seconds until the last item, at the current rate (None when unknown)."""
 

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import AsyncIterable, Callable, Iterable, Mapping
-from typing import TYPE_CHECKING, Concatenate, ParamSpec, TypeAlias
+from collections.abc import AsyncIterable, Awaitable, Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Concatenate, ParamSpec, TypeAlias, TypeVar
 
 import attrs
 
 from ._batch import Batch, BatchOperation
 from ._config import NO_OVERRIDES, CallOverrides
+from ._exceptions import FriendliArgumentError
 from ._models import (
     BatchOptions,
     EditRequest,
@@ -39,6 +40,7 @@ EDITS_PATH = "/v1/images/edits"
 BatchRequests: TypeAlias = "Iterable[RequestSpec] | AsyncIterable[RequestSpec]"
 
 _P = ParamSpec("_P")
+_T = TypeVar("_T")
 _CALL_OPTIONS = frozenset(field.name for field in attrs.fields(CallOverrides))
 
 _BATCH_DOC = """{summary}
@@ -114,12 +116,44 @@ def _overrides(
     )
 
 
+def _keyword_hints(
+    **hints: str,
+) -> Callable[[Callable[_P, Awaitable[_T]]], Callable[_P, Awaitable[_T]]]:
+    """Turn an unexpected keyword into a `FriendliArgumentError` saying where it belongs.
+
+    Python's own ``TypeError`` names the keyword but not the method that takes it; the
+    signature, the docs and mypy's checks stay those of the method.
+    """
+
+    def decorate(method: Callable[_P, Awaitable[_T]]) -> Callable[_P, Awaitable[_T]]:
+        accepted = frozenset(inspect.signature(method).parameters)
+
+        @functools.wraps(method)
+        async def checked(*args: _P.args, **kwargs: _P.kwargs) -> _T:
+            for name in kwargs.keys() - accepted:
+                takes = ", ".join(sorted(accepted - {"self"}))
+                raise FriendliArgumentError(
+                    name,
+                    f"is not an argument of {method.__name__}()"
+                    + hints.get(name, f"; it takes {takes}"),
+                )
+            return await method(*args, **kwargs)
+
+        return checked
+
+    return decorate
+
+
 class Image:
     """Image generation and editing: ``client.container.image``."""
 
     def __init__(self, path: RequestPath) -> None:
         self._path = path
 
+    @_keyword_hints(
+        image="; to edit an image use edit(image=...), to guide a generation with it "
+        "pass control_images=[...]"
+    )
     async def generate(
         self,
         *,
@@ -174,6 +208,9 @@ class Image:
         options = self._path.resolve(_overrides(retries, server_url, timeout_ms, http_headers))
         return await self._path.send(GENERATIONS_PATH, request, options, None)
 
+    @_keyword_hints(
+        control_images="; ControlNet images guide generate(), edit() changes the image= it is given"
+    )
     async def edit(
         self,
         *,

@@ -139,6 +139,16 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
+def _in_ipython_kernel() -> bool:
+    """Is this a Jupyter (ipykernel) cell? Its running loop is the kernel's own, and a
+    blocking call there is what a notebook is for, so it gets no warning."""
+    if "ipykernel" not in sys.modules:
+        return False
+    get_ipython = getattr(sys.modules.get("IPython"), "get_ipython", None)
+    shell = get_ipython() if callable(get_ipython) else None
+    return getattr(shell, "kernel", None) is not None
+
+
 def _arguments_of(
     source: Callable[_P, object],
 ) -> Callable[[Callable[..., None]], Callable[Concatenate[Any, _P], None]]:
@@ -262,7 +272,11 @@ class SyncFriendli:
                 "a callback or hook), where it would wait for itself forever; use the "
                 "AsyncFriendli API there, or call from another thread"
             )
-        if not self._warned_in_loop and asyncio._get_running_loop() is not None:
+        if (
+            not self._warned_in_loop
+            and asyncio._get_running_loop() is not None
+            and not _in_ipython_kernel()
+        ):
             self._warned_in_loop = True
             warnings.warn(
                 "a SyncFriendli call was made inside a running event loop: it works, but "

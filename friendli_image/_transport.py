@@ -35,7 +35,7 @@ from aiohttp.connector import Connection
 from aiohttp.tracing import Trace
 from yarl import URL
 
-from ._config import CallOptions, ClientSettings, Secret, Timeout
+from ._config import ENV_TOKEN, CallOptions, ClientSettings, Secret, Timeout
 from ._exceptions import (
     FriendliAPIError,
     FriendliAPIStatusError,
@@ -491,6 +491,7 @@ async def _status_error(
         message = excerpt(detail)
     else:
         message = response.reason or "request failed"
+    message += _status_hint(status, response.url, token)
     kwargs: dict[str, Any] = {
         "status": status,
         "headers": headers,
@@ -504,6 +505,24 @@ async def _status_error(
         )
         return FriendliUnprocessableEntityError(message, details=details, **kwargs)
     return cls(message, **kwargs)
+
+
+#: OpenSSL's reasons when a TLS handshake meets an answer that is not TLS (plain HTTP).
+_NOT_TLS_REASONS: Final = frozenset(
+    {"WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE", "HTTP_REQUEST", "PACKET_LENGTH_TOO_LONG"}
+)
+
+
+def _status_hint(status: int, url: URL, token: Secret | None) -> str:
+    """What to do about a status whose usual cause is on the caller's side."""
+    if status == 401:
+        if token is None:
+            return f"; no token was sent: pass token= or set {ENV_TOKEN}"
+        return f"; the server refused the token: check token= or {ENV_TOKEN}"
+    if status == 404 and "/v1/v1/" in url.path:
+        root = url.with_path(url.path.split("/v1/v1/", 1)[0] or "/").with_query(None)
+        return f"; server_url is the server's root, without /v1: use {str(root).rstrip('/')}"
+    return ""
 
 
 def _transport_error(
@@ -536,6 +555,15 @@ def _transport_error(
             kind=kind,
             request_id=request_id,
             maybe_processed=trace.connected,
+        )
+    if isinstance(exc, aiohttp.ClientSSLError) and (
+        getattr(exc.os_error, "reason", None) in _NOT_TLS_REASONS
+    ):
+        return FriendliConnectionError(
+            f"TLS failed for {target}: the server answered in plain text, so it may not "
+            "speak TLS; if it serves plain HTTP, use an http:// server_url",
+            request_id=request_id,
+            permanent=True,
         )
     if isinstance(exc, aiohttp.ClientConnectorCertificateError | aiohttp.ClientSSLError):
         return FriendliConnectionError(

@@ -63,7 +63,7 @@ def test_jsonl_requests_and_failures_exit_1(
     source.write_bytes(
         b'{"prompt": "a", "seed": 1, "num_inference_steps": 4}\n'
         b'{"prompt": "b", "seed": -5}\n'
-        b"plain text prompt\n"
+        b'{"prompt": "c"}\n'
     )
     out = tmp_path / "out"
     assert _batch(str(source), "--out-dir", str(out), "--server-url", server.url) == 1
@@ -71,7 +71,7 @@ def test_jsonl_requests_and_failures_exit_1(
     assert lines[0]["status"] == "ok"
     assert lines[0]["seed"] == 1
     assert lines[1]["status"] == "failed"
-    assert lines[2]["prompt"] == "plain text prompt"
+    assert lines[2]["status"] == "ok"
     output = capsys.readouterr().out
     assert "failed #1: invalid seed" in output
     assert "rerun the same command" in output
@@ -88,7 +88,7 @@ def test_rerun_resumes_and_no_resume_starts_over(
     assert _batch(*args) == 0
     assert _batch(*args) == 0
     assert server.stats.total_requests == 8
-    assert "8 from earlier runs" in capsys.readouterr().out
+    assert "resumed   8 from earlier runs" in capsys.readouterr().out
     assert _batch(*args, "--no-resume") == 0
     assert server.stats.total_requests == 16
 
@@ -153,7 +153,8 @@ def test_plain_progress_without_tqdm(
     source = tmp_path / "prompts.txt"
     source.write_text("a\nb\n", encoding="utf-8")
     out = tmp_path / "out"
-    assert main(["batch", str(source), "--out-dir", str(out), "--server-url", server.url]) == 0
+    command = ["batch", str(source), "--out-dir", str(out), "--server-url", server.url]
+    assert main([*command, "--progress"]) == 0
     err = capsys.readouterr().err
     assert "batch: 2/2 done (2 ok, 0 failed)" in err
     assert "img/s, ETA 0s" in err
@@ -167,7 +168,8 @@ def test_tqdm_progress_bar(
     source = tmp_path / "prompts.txt"
     source.write_text("a\nb\n", encoding="utf-8")
     out = tmp_path / "out"
-    assert main(["batch", str(source), "--out-dir", str(out), "--server-url", server.url]) == 0
+    command = ["batch", str(source), "--out-dir", str(out), "--server-url", server.url]
+    assert main([*command, "--progress"]) == 0
     assert "2/2" in capsys.readouterr().err
 
 
@@ -236,3 +238,219 @@ def test_killed_run_resumes_with_every_item_done_once(
     assert not [path for path in out.iterdir() if path.name.endswith(".part")]
     files = [path for path in out.iterdir() if path.suffix == ".jpg"]
     assert len(files) == count
+
+
+# -- the rules of INPUT -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        (
+            b'{"prompt": "a"}\nplain text prompt\n',
+            "INPUT line 2: is plain text, but line 1 is JSON, which makes the file JSONL",
+        ),
+        (
+            b'a prompt\n{"prompt": "b"}\n',
+            "INPUT line 2: is a JSON object, but line 1 is plain text",
+        ),
+        (
+            b'{"image": "https://example.com/a.png", "prompt": "a hat"}\n\n{"prompt": "b"}\n',
+            'INPUT line 3: has no "image", but line 1 has one, which makes this file a '
+            "batch of edits",
+        ),
+        (
+            b'{"prompt": "a"}\n{"image": "https://example.com/a.png", "prompt": "b"}\n',
+            'INPUT line 2: has "image", but line 1 has no one, which makes this file a '
+            "batch of generations",
+        ),
+    ],
+    ids=["text-in-jsonl", "json-in-text", "generate-in-edits", "edit-in-generations"],
+)
+def test_a_line_that_breaks_the_first_lines_rules_exits_2_unsent(
+    server: LocalServer,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    content: bytes,
+    expected: str,
+) -> None:
+    """The first line sets JSONL vs prompts and edits vs generations; a misfit is named."""
+    source = tmp_path / "requests.jsonl"
+    source.write_bytes(content)
+    out = tmp_path / "out"
+    assert _batch(str(source), "--out-dir", str(out), "--server-url", server.url) == 2
+    err = capsys.readouterr().err
+    assert expected in err
+    assert len(err.strip().splitlines()) == 1
+    assert server.stats.total_requests == 0
+
+
+def test_a_misfit_line_on_stdin_stops_with_its_line_number(
+    server: LocalServer,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Standard input is read once, so the same rule is enforced as the line arrives."""
+    monkeypatch.setattr(sys, "stdin", io.StringIO('{"prompt": "x"}\nnot json\n'))
+    assert _batch("-", "--out-dir", str(tmp_path / "out"), "--server-url", server.url) == 2
+    assert "INPUT line 2: is plain text" in capsys.readouterr().err
+
+
+# -- an unreachable server: one problem, reported once ------------------------------------
+
+
+def test_unreachable_server_is_one_failure_and_the_rest_skipped(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """16 requests in flight meet a closed port: 1 failed, the other 29 skipped, one line."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    source = tmp_path / "prompts.txt"
+    source.write_text("".join(f"prompt {i}\n" for i in range(30)), encoding="utf-8")
+    out = tmp_path / "out"
+    url = f"http://127.0.0.1:{port}"
+    code = _batch(str(source), "--out-dir", str(out), "--server-url", url, "--retries", "0")
+    assert code == 3
+    captured = capsys.readouterr()
+    assert captured.err == ""
+    assert "  failed    1\n" in captured.out
+    assert "  skipped   29\n" in captured.out
+    assert captured.out.count("cannot connect") == 1
+    assert [line["status"] for line in _manifest(out)] == ["failed"]
+
+
+# -- progress: this run's rate, on a terminal only -----------------------------------------
+
+
+def _summary_rate(output: str) -> str:
+    (line,) = [line for line in output.splitlines() if line.startswith("  elapsed")]
+    return line.split("(")[1].split(")")[0]
+
+
+def test_resumed_items_are_apart_and_the_bar_ends_on_the_summary_rate(
+    server: LocalServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A resumed run: the summary counts resumed items apart, and the last rate the bar
+    drew is the summary's (both this run's items only)."""
+    pytest.importorskip("tqdm")
+    source = tmp_path / "prompts.txt"
+    out = tmp_path / "out"
+    source.write_text("".join(f"prompt {i}\n" for i in range(6)), encoding="utf-8")
+    assert _batch(str(source), "--out-dir", str(out), "--server-url", server.url) == 0
+    source.write_text("".join(f"prompt {i}\n" for i in range(8)), encoding="utf-8")
+    capsys.readouterr()
+    command = ["batch", str(source), "--out-dir", str(out), "--server-url", server.url]
+    assert main([*command, "--progress"]) == 0
+    captured = capsys.readouterr()
+    assert "  ok        2\n" in captured.out
+    assert "  resumed   6 from earlier runs" in captured.out
+    last_bar = captured.err.replace("\r", "\n").strip().splitlines()[-1]
+    assert "2 ok, 0 failed, 6 resumed" in last_bar
+    assert last_bar.rstrip("]").endswith(_summary_rate(captured.out) + ", ETA 0s")
+
+
+def test_progress_rate_counts_only_work_done_in_this_run(
+    server: LocalServer, tmp_path: Path
+) -> None:
+    """BatchProgress.rate * elapsed is the number of items sent and finished now."""
+    from friendli_image import SyncFriendli
+
+    seen = []
+    with SyncFriendli(server_url=server.url) as client:
+        prompts = [f"p{i}" for i in range(5)]
+        client.container.image.generate_batch(prompts, out_dir=tmp_path).collect()
+        client.container.image.generate_batch(
+            [*prompts, "p5", "p6"], out_dir=tmp_path, on_progress=seen.append
+        ).collect()
+    final = seen[-1]
+    assert (final.succeeded, final.resumed) == (2, 5)
+    assert final.rate * final.elapsed == pytest.approx(2)
+
+
+def _run_with_stderr(command: list[str], tty: bool) -> tuple[int, str]:
+    """Run the CLI with stderr on a pseudo-terminal (tty) or a pipe; return its stderr."""
+    if not tty:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
+        return done.returncode, done.stderr
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    leader, follower = pty.openpty()
+    # A fresh pseudo-terminal is 0 columns wide, where a bar has no room at all.
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=follower)
+    os.close(follower)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(leader, 4096)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(leader)
+    return process.wait(timeout=120), b"".join(chunks).decode("utf-8", "replace")
+
+
+@pytest.mark.subprocess
+@pytest.mark.skipif(sys.platform == "win32", reason="pseudo-terminals are POSIX")
+@pytest.mark.parametrize("tty", [True, False], ids=["terminal", "pipe"])
+def test_progress_only_on_a_terminal_by_default(
+    server: LocalServer, tmp_path: Path, tty: bool
+) -> None:
+    """Without --progress/--no-progress, the bar is drawn only when stderr is a terminal."""
+    source = tmp_path / "prompts.txt"
+    source.write_text("a\nb\n", encoding="utf-8")
+    command = [sys.executable, "-m", "friendli_image", "batch", str(source)]
+    command += ["--out-dir", str(tmp_path / "out"), "--server-url", server.url]
+    code, err = _run_with_stderr(command, tty)
+    assert code == 0
+    assert ("2/2" in err) == tty
+    if not tty:
+        assert err == ""
+
+
+# -- --no-resume and --gallery ------------------------------------------------------------
+
+
+def test_no_resume_moves_the_earlier_run_aside(
+    server: LocalServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--no-resume moves the old manifest and its images into previous-run-*/ and says so;
+    files the manifest does not name stay."""
+    source = tmp_path / "prompts.txt"
+    source.write_text("one\ntwo\nthree\n", encoding="utf-8")
+    out = tmp_path / "out"
+    args = [str(source), "--out-dir", str(out), "--server-url", server.url]
+    assert _batch(*args, "--gallery") == 0
+    old_files = sorted(line["file"] for line in _manifest(out))
+    (out / "notes.txt").write_text("mine", encoding="utf-8")
+    source.write_text("four\n", encoding="utf-8")
+    capsys.readouterr()
+    assert _batch(*args, "--no-resume") == 0
+    err = capsys.readouterr().err
+    (previous,) = out.glob("previous-run-*")
+    assert f"moved the earlier run's manifest and 3 image(s) to {previous}" in err
+    assert sorted(path.name for path in previous.glob("*.jpg")) == old_files
+    assert (previous / MANIFEST_NAME).exists()
+    assert (previous / "index.html").exists()
+    assert [line["prompt"] for line in _manifest(out)] == ["four"]
+    assert sorted(path.name for path in out.glob("*.jpg")) == [_manifest(out)[0]["file"]]
+    assert (out / "notes.txt").exists()
+
+
+def test_gallery_flag_writes_the_page(
+    server: LocalServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """batch --gallery writes index.html at the end and names it in the summary."""
+    source = tmp_path / "prompts.txt"
+    source.write_text("a fox\n", encoding="utf-8")
+    out = tmp_path / "out"
+    assert _batch(str(source), "--out-dir", str(out), "--server-url", server.url, "--gallery") == 0
+    assert f"gallery   {out / 'index.html'}" in capsys.readouterr().out
+    assert "a fox" in (out / "index.html").read_text(encoding="utf-8")

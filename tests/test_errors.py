@@ -472,3 +472,87 @@ async def test_token_echoed_by_the_server_is_redacted(
             await client.container.image.generate(prompt="p")
     assert "***" in caught.value.body
     _assert_no_token(caught.value, probe_token)
+
+
+# -- messages that say what to do ---------------------------------------------------------
+
+
+async def test_404_under_v1_says_server_url_is_the_root() -> None:
+    """server_url=".../v1" (the base_url habit) gets a 404 whose message gives the root."""
+    async with (
+        LocalServer(ServerConfig(image_size=16)) as local,
+        AsyncFriendli(server_url=f"{local.url}/v1", retries=0) as client,
+    ):
+        with pytest.raises(FriendliNotFoundError) as info:
+            await client.container.image.generate(prompt="p")
+    message = str(info.value)
+    assert "server_url is the server's root, without /v1" in message
+    assert f"use {local.url} " in message
+
+
+async def test_a_plain_404_has_no_v1_hint() -> None:
+    """A 404 on the right root is not blamed on /v1."""
+    async with (
+        LocalServer(ServerConfig(image_size=16)) as local,
+        AsyncFriendli(server_url=f"{local.url}/other", retries=0) as client,
+    ):
+        with pytest.raises(FriendliNotFoundError) as info:
+            await client.container.image.generate(prompt="p")
+    assert "/v1" not in info.value.message
+
+
+@pytest.mark.parametrize("token", [None, "wrong"])
+async def test_401_names_the_token_and_quotes_the_server_once(
+    token: str | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 401 says token= / FRIENDLI_TOKEN (sent or not) and quotes the server's text once."""
+    monkeypatch.delenv("FRIENDLI_TOKEN", raising=False)
+    async with (
+        LocalServer(ServerConfig(token="right", image_size=16)) as local,
+        AsyncFriendli(server_url=local.url, token=token, retries=0) as client,
+    ):
+        with pytest.raises(FriendliAuthenticationError) as info:
+            await client.container.image.generate(prompt="p")
+    message = str(info.value)
+    assert "token=" in message
+    assert "FRIENDLI_TOKEN" in message
+    assert ("no token was sent" in message) == (token is None)
+    assert message.count("Invalid or missing bearer token") == 1
+    assert info.value.body  # the whole answer is still there for code that reads it
+
+
+async def test_https_against_plain_http_says_the_server_may_not_speak_tls() -> None:
+    """An https:// URL to the bundled (plain HTTP) server blames TLS, not a certificate."""
+    async with LocalServer(ServerConfig(image_size=16)) as local:
+        url = local.url.replace("http://", "https://")
+        async with AsyncFriendli(server_url=url, retries=0) as client:
+            with pytest.raises(FriendliConnectionError) as info:
+                await client.container.image.generate(prompt="p")
+    message = str(info.value)
+    assert "may not speak TLS" in message
+    assert "http://" in message
+    assert "certificate" not in message
+
+
+async def test_image_passed_to_generate_points_to_edit_and_control_images() -> None:
+    """generate(image=...) is a FriendliArgumentError (a TypeError too) with the way out."""
+    from friendli_image import FriendliArgumentError
+
+    async with AsyncFriendli(server_url="http://127.0.0.1:9") as client:
+        with pytest.raises(FriendliArgumentError) as info:
+            await client.container.image.generate(prompt="p", image="cat.png")  # type: ignore[call-arg]
+    assert isinstance(info.value, TypeError)
+    assert isinstance(info.value, FriendliValidationError)
+    assert "edit(image=...)" in str(info.value)
+    assert "control_images" in str(info.value)
+
+
+def test_image_passed_to_sync_generate_is_the_same_error() -> None:
+    """The blocking facade raises the same error on the caller's thread."""
+    from friendli_image import FriendliArgumentError, SyncFriendli
+
+    with SyncFriendli(server_url="http://127.0.0.1:9") as client:
+        with pytest.raises(FriendliArgumentError, match="edit"):
+            client.container.image.generate(prompt="p", image="cat.png")  # type: ignore[call-arg]
+        with pytest.raises(TypeError, match="it takes"):
+            client.container.image.edit(image="x.png", prompt="p", colour="red")  # type: ignore[call-arg]

@@ -5,6 +5,8 @@ from __future__ import annotations
 import base64
 import re
 import sys
+import types
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -134,6 +136,9 @@ def test_a_real_kernel_shows_images_and_a_batch_table(tmp_path: Path) -> None:
     outputs = [cell.outputs for cell in notebook.cells]
     errors = [o for cell in outputs for o in cell if o.output_type == "error"]
     assert errors == []
+    # No FriendliUsageWarning (nor anything else) scolding the blocking calls of a cell.
+    stderr = [o.text for cell in outputs for o in cell if o.get("name") == "stderr"]
+    assert stderr == []
     (jpeg,) = [o for o in outputs[1] if o.output_type == "execute_result"]
     assert set(jpeg.data) == {"image/jpeg", "text/plain"}
     assert base64.b64decode(jpeg.data["image/jpeg"])[:3] == b"\xff\xd8\xff"
@@ -145,3 +150,32 @@ def test_a_real_kernel_shows_images_and_a_batch_table(tmp_path: Path) -> None:
     assert "2 items (2 ok)" in table.data["text/html"]
     assert "an owl &lt;b&gt;at night&lt;/b&gt;" in table.data["text/html"]
     nbformat.write(notebook, tmp_path / "executed.ipynb")
+
+
+class _Shell:
+    kernel = object()  # what an ipykernel shell has and a terminal IPython lacks
+
+
+@pytest.mark.parametrize("kernel", [True, False], ids=["ipykernel", "plain-event-loop"])
+async def test_the_in_loop_warning_is_kept_for_event_loop_code_only(
+    monkeypatch: pytest.MonkeyPatch, kernel: bool
+) -> None:
+    """Inside a running loop: no warning in a notebook kernel, the warning elsewhere."""
+    from friendli_image import FriendliUsageWarning, SyncFriendli
+    from friendli_image.server import LocalServer, ServerConfig
+
+    if kernel:
+        fake_ipython = types.ModuleType("IPython")
+        fake_ipython.get_ipython = _Shell  # type: ignore[attr-defined]
+        monkeypatch.setitem(sys.modules, "ipykernel", types.ModuleType("ipykernel"))
+        monkeypatch.setitem(sys.modules, "IPython", fake_ipython)
+    else:
+        monkeypatch.delitem(sys.modules, "ipykernel", raising=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with (
+            LocalServer(ServerConfig(image_size=16)) as local,
+            SyncFriendli(server_url=local.url) as client,
+        ):
+            client.container.image.generate(prompt="in a cell")
+    assert [w.category for w in caught] == ([] if kernel else [FriendliUsageWarning])

@@ -1,4 +1,4 @@
-"""The ``friendli-image`` command: generate, edit, batch, serve and demo from a shell.
+"""The ``friendli-image`` command: generate, edit, batch, gallery, serve and demo.
 
 Exit status: 0 success; 1 the server refused or failed the request; 2 bad arguments;
 3 the server could not be reached (connection refused, timeout); 130 interrupted.
@@ -21,7 +21,10 @@ from friendli_image._exceptions import (
     FriendliError,
     FriendliUsageError,
 )
-from friendli_image._models import ImageResult
+from friendli_image._formats import FORMATS_BY_EXTENSION
+from friendli_image._gallery import write_gallery
+from friendli_image._models import ImageResult, save_target
+from friendli_image._version import __version__
 
 from ._batch import add_batch_command
 from ._options import (
@@ -46,11 +49,29 @@ DEMO_EDIT_PROMPT = "make it snow at night"
 
 
 def _add_generation_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("-o", "--output", required=True, type=Path, help="file to write")
-    parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--steps", type=int, default=20, help="inference steps, 1-50")
-    parser.add_argument("--guidance", type=float, default=0.0, help="guidance scale")
-    parser.add_argument("--format", choices=("jpeg", "raw"), default=None, dest="response_format")
+    parser.add_argument(
+        "-o",
+        "--output",
+        required=True,
+        type=Path,
+        metavar="FILE",
+        help="file to write; its extension picks the format (.jpg, .png, .webp, ...: "
+        "converted with Pillow when it differs from --format), none adds the format's",
+    )
+    parser.add_argument(
+        "--seed", type=int, default=None, help="an int in [0, 2**32-1] for a reproducible image"
+    )
+    parser.add_argument("--steps", type=int, default=20, help="inference steps, 1-50 (20)")
+    parser.add_argument(
+        "--guidance", type=float, default=0.0, help="guidance scale (0: the model chooses)"
+    )
+    parser.add_argument(
+        "--format",
+        choices=("jpeg", "raw"),
+        default=None,
+        dest="response_format",
+        help="what the server sends: jpeg (the default) or raw, a lossless PNG",
+    )
     parser.add_argument("--model", default=None, help="adapter route")
 
 
@@ -60,10 +81,16 @@ def build_parser() -> argparse.ArgumentParser:
         prog="friendli-image",
         description="Generate and edit images with a Friendli Container server.",
     )
+    parser.add_argument(
+        "--version",
+        action="version",
+        version=f"friendli-image {__version__}",
+        help="print the version and exit",
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     generate = commands.add_parser("generate", help="generate an image from a prompt")
-    generate.add_argument("prompt")
+    generate.add_argument("prompt", help="what the image should show")
     _add_generation_options(generate)
     generate.add_argument(
         "--control",
@@ -85,26 +112,48 @@ def build_parser() -> argparse.ArgumentParser:
 
     edit = commands.add_parser("edit", help="edit one or more images as a prompt says")
     edit.add_argument("images", nargs="+", metavar="IMAGE", help="path or URL of an image")
-    edit.add_argument("-p", "--prompt", required=True)
+    edit.add_argument("-p", "--prompt", required=True, help="the change to make")
     _add_generation_options(edit)
     add_client_options(edit)
     edit.set_defaults(run=_run_edit)
 
     add_batch_command(commands)
 
+    gallery = commands.add_parser(
+        "gallery",
+        help="write OUT_DIR/index.html, a page of the images of a batch",
+        description="Write OUT_DIR/index.html: a thumbnail per item of OUT_DIR/manifest.jsonl, "
+        "in input order, with a filter box; it opens from disk, without network.",
+    )
+    gallery.add_argument("out_dir", type=Path, metavar="OUT_DIR", help="a batch's --out-dir")
+    gallery.add_argument("--title", default=None, help="the page title (default: the folder)")
+    gallery.set_defaults(run=_run_gallery)
+
     serve = commands.add_parser("serve", help="run the bundled Friendli-compatible server")
     serve.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback)")
-    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--port", type=int, default=8000, help="TCP port (8000)")
     serve.add_argument("--token", default=None, help="require this bearer token")
-    serve.add_argument("--step-latency-ms", type=float, default=0.0)
+    serve.add_argument(
+        "--step-latency-ms",
+        type=float,
+        default=0.0,
+        help="simulated GPU time per inference step (0: answer at once)",
+    )
     serve.add_argument("--max-concurrency", type=int, default=4, help="simulated GPU slots")
-    serve.add_argument("--image-size", type=int, default=512)
+    serve.add_argument(
+        "--image-size", type=int, default=512, help="width and height of the images, in pixels"
+    )
     serve.set_defaults(run=_run_serve)
 
     demo = commands.add_parser(
         "demo", help="start the bundled server, generate and edit a few images, save them"
     )
-    demo.add_argument("--out-dir", type=Path, default=Path("demo-output"))
+    demo.add_argument(
+        "--out-dir",
+        type=Path,
+        default=Path("demo-output"),
+        help="where the images go (default: demo-output)",
+    )
     demo.add_argument(
         "--step-latency-ms",
         type=float,
@@ -112,18 +161,29 @@ def build_parser() -> argparse.ArgumentParser:
         help="simulated GPU time per step (default 15: a 20-step image takes 0.3 s)",
     )
     demo.set_defaults(run=_run_demo)
+    for name, command in commands.choices.items():
+        command.set_defaults(command_parser=command, command=name)
     return parser
 
 
 def _report(result: ImageResult, path: Path) -> None:
+    """One line on stdout: the file, the format really written, size and timing."""
+    written = FORMATS_BY_EXTENSION.get(path.suffix.lower(), result.format)
+    converted = "" if written == result.format else f", converted from {result.format}"
     size = f"{result.width}x{result.height} " if result.width else ""
     print(
-        f"wrote {path} ({result.format} {size}{len(result.data):,} bytes, "
+        f"wrote {path} ({written} {size}{path.stat().st_size:,} bytes{converted}, "
         f"{result.elapsed:.2f}s, {result.attempts} attempt(s))"
     )
 
 
+def _check_output(args: argparse.Namespace) -> None:
+    """Refuse an -o the image cannot be saved to before the request is sent."""
+    save_target(args.output, "png" if args.response_format == "raw" else "jpeg")
+
+
 async def _run_generate(args: argparse.Namespace) -> int:
+    _check_output(args)
     async with make_client(args) as client:
         result = await client.container.image.generate(
             prompt=args.prompt,
@@ -143,6 +203,7 @@ async def _run_edit(args: argparse.Namespace) -> int:
     images: list[Any] = [
         image if image.startswith(("http://", "https://")) else Path(image) for image in args.images
     ]
+    _check_output(args)
     async with make_client(args) as client:
         result = await client.container.image.edit(
             image=images if len(images) > 1 else images[0],
@@ -160,11 +221,17 @@ async def _run_edit(args: argparse.Namespace) -> int:
 def _server_modules() -> Any:
     try:
         from friendli_image import server  # noqa: PLC0415  (needs the optional Pillow dependency)
-    except ImportError as exc:
+    except ImportError:
         raise FriendliUsageError(
-            f"the bundled server needs Pillow ({exc}): pip install 'friendli-image[server]'"
+            "the bundled server needs Pillow: pip install 'friendli-image[server]'"
         ) from None
     return server
+
+
+def _run_gallery(args: argparse.Namespace) -> int:
+    page = write_gallery(args.out_dir, title=args.title)
+    print(f"wrote {page}")
+    return EXIT_OK
 
 
 def _run_serve(args: argparse.Namespace) -> int:
@@ -212,7 +279,11 @@ async def _demo(out_dir: Path, step_latency_ms: float) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit status."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        # argparse reports a subcommand's unknown flag with the top-level usage; the
+        # subcommand's own usage is the one that lists what it takes.
+        args.command_parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         outcome = args.run(args)
         if asyncio.iscoroutine(outcome):

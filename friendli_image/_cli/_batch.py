@@ -1,10 +1,14 @@
 """``friendli-image batch``: run a file of requests into a directory, resumably.
 
-INPUT is read lazily, one line per request: a JSON object of ``generate`` arguments
-(``{"prompt": ..., "seed": ...}``; with an ``"image"`` key the whole file is edits), or
-plain text, taken as the prompt. Blank lines are skipped. ``-`` reads standard input.
-Images and ``manifest.jsonl`` go to ``--out-dir``; running the same command again
-resumes (items done are skipped), so Ctrl-C or a crash loses nothing.
+INPUT is read lazily, one line per request, and its first line sets the rules for the
+rest: a JSON object makes it JSONL (every line a JSON object of arguments; with an
+``"image"`` key the whole file is edits, without it generations), plain text makes it a
+list of prompts. A line that breaks the rules is an error naming both lines. Blank lines
+are skipped. ``-`` reads standard input. Images and ``manifest.jsonl`` go to
+``--out-dir``; running the same command again resumes (items done are skipped), so
+Ctrl-C or a crash loses nothing; ``--no-resume`` moves an earlier run's manifest and
+images into ``previous-run-<time>/`` first, so a fresh manifest never sits beside old
+images.
 
 Exit status: 0 every item has an image; 1 some failed or were skipped; 2 bad arguments
 or input; 3 the batch stopped because the server could not be reached; 130 interrupted.
@@ -15,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -28,6 +33,7 @@ from friendli_image._exceptions import (
     FriendliUsageError,
     FriendliValidationError,
 )
+from friendli_image._gallery import GALLERY_NAME, THUMBS_DIR, write_gallery
 from friendli_image._models import BatchItem, BatchProgress, BatchResult
 from friendli_image._sink import MANIFEST_NAME
 
@@ -43,15 +49,22 @@ _IMAGE_KEYS: Final = ("image", "control_images")
 _DESCRIPTION: Final = """\
 Run every request of INPUT, writing images and manifest.jsonl into --out-dir.
 
-INPUT has one request per line: a JSON object of generate arguments, e.g.
-{"prompt": "a red fox", "seed": 7} (with an "image" key, the file is edits; image
-values may be local paths, URLs or data: URIs), or plain text, taken as the prompt.
-Blank lines are skipped; '-' reads standard input.
+INPUT has one request per line, and its first line decides the kind of file: a JSON
+object of generate arguments, e.g. {"prompt": "a red fox", "seed": 7}, makes it JSONL
+(every line must then be such an object; with an "image" key on the first line the
+file is edits and every line needs one; image values may be local paths, URLs or
+data: URIs), plain text makes every line a prompt. Blank lines are skipped; '-' reads
+standard input.
 
 Running the same command again resumes: items already in the manifest, with their
-file intact, are skipped. Exit status: 0 every item has an image; 1 some failed or
-were skipped; 2 bad arguments or input; 3 the server could not be reached;
-130 interrupted (rerun to resume)."""
+file intact, are skipped, and counted apart from the rate. --no-resume moves the
+earlier run's manifest and images into DIR/previous-run-<time>/ and starts over.
+When the server is unreachable, the first item to exhaust its retries fails, the
+batch stops, and the rest (those in flight included) are skipped.
+
+Exit status: 0 every item has an image; 1 some failed or were skipped; 2 bad
+arguments or input; 3 the server could not be reached; 130 interrupted (rerun to
+resume)."""
 
 
 def add_batch_command(commands: Any) -> None:
@@ -74,9 +87,20 @@ def add_batch_command(commands: Any) -> None:
         "--resume",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="skip items already done in --out-dir (default); --no-resume starts over",
+        help="skip items already done in --out-dir (default); --no-resume moves the "
+        "earlier run into DIR/previous-run-<time>/ and starts over",
     )
-    batch.add_argument("--no-progress", action="store_true", help="no progress bar")
+    batch.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="draw progress on stderr (default: only when stderr is a terminal)",
+    )
+    batch.add_argument(
+        "--gallery",
+        action="store_true",
+        help=f"write DIR/{GALLERY_NAME}, a page of the images, at the end",
+    )
     add_client_options(batch)
     batch.set_defaults(run=_run_batch)
 
@@ -100,21 +124,69 @@ def _local_images(value: Any) -> Any:
     return value
 
 
-def _parse_line(line: str, number: int) -> dict[str, Any]:
-    if not line.lstrip().startswith("{"):
-        return {"prompt": line}
+def _json_object(line: str | bytes) -> dict[str, Any] | None:
     try:
-        request = orjson.loads(line)
-    except orjson.JSONDecodeError as exc:
-        raise FriendliValidationError(
-            f"INPUT line {number}", f"is not valid JSON ({exc}); fix the line and rerun"
-        ) from None
-    if not isinstance(request, dict):  # pragma: no cover - a line starting with { is an object
-        raise FriendliValidationError(f"INPUT line {number}", "must be a JSON object")
-    for key in _IMAGE_KEYS:
-        if key in request:
-            request[key] = _local_images(request[key])
-    return request
+        value = orjson.loads(line)
+    except orjson.JSONDecodeError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+class _Input:
+    """The rules of an INPUT, set by its first request line.
+
+    JSONL or prompts: a first line that is a JSON object makes every line one; a plain
+    first line makes every line a prompt (a JSON object there is a mistake, not a
+    prompt). Generations or edits: the first JSON line's ``"image"`` key decides, as
+    one batch runs one of the two.
+    """
+
+    def __init__(self) -> None:
+        self.first = 0
+        self.jsonl = False
+        self.edits = False
+
+    def parse(self, line: str, number: int) -> dict[str, Any]:
+        looks_json = line.lstrip().startswith("{")
+        if not self.first:
+            self.first, self.jsonl = number, looks_json
+        if not self.jsonl:
+            if looks_json and _json_object(line) is not None:
+                raise FriendliValidationError(
+                    f"INPUT line {number}",
+                    f"is a JSON object, but line {self.first} is plain text, which makes "
+                    "every line a prompt; write every line as JSON, or none",
+                )
+            return {"prompt": line}
+        if not looks_json:
+            raise FriendliValidationError(
+                f"INPUT line {number}",
+                f"is plain text, but line {self.first} is JSON, which makes the file JSONL; "
+                f'write it as {{"prompt": {orjson.dumps(line).decode()}}}',
+            )
+        try:
+            request = orjson.loads(line)
+        except orjson.JSONDecodeError as exc:
+            raise FriendliValidationError(
+                f"INPUT line {number}", f"is not valid JSON ({exc}); fix the line and rerun"
+            ) from None
+        if not isinstance(request, dict):  # pragma: no cover - a line starting with { is an object
+            raise FriendliValidationError(f"INPUT line {number}", "must be a JSON object")
+        edits = "image" in request
+        if number == self.first:
+            self.edits = edits
+        elif edits != self.edits:
+            kind, has = ("edits", "has") if self.edits else ("generations", "has no")
+            raise FriendliValidationError(
+                f"INPUT line {number}",
+                f'{"has" if edits else "has no"} "image", but line {self.first} {has} one, '
+                f"which makes this file a batch of {kind}; put generations and edits in "
+                "separate files",
+            )
+        for key in _IMAGE_KEYS:
+            if key in request:
+                request[key] = _local_images(request[key])
+        return request
 
 
 def _lines(stream: IO[str]) -> Iterator[tuple[int, str]]:
@@ -124,51 +196,72 @@ def _lines(stream: IO[str]) -> Iterator[tuple[int, str]]:
             yield number, line
 
 
-def _requests(stream: IO[str]) -> Iterator[dict[str, Any]]:
+def _requests(stream: IO[str], rules: _Input) -> Iterator[dict[str, Any]]:
     for number, line in _lines(stream):
-        yield _parse_line(line, number)
+        yield rules.parse(line, number)
 
 
 def _scan(path: Path) -> tuple[int, bool]:
-    """Count the requests of a file and check its JSON before anything is sent."""
+    """Count the requests of a file and check every line before anything is sent."""
     count = 0
-    edits = False
+    rules = _Input()
     with path.open(encoding="utf-8") as stream:
         for number, line in _lines(stream):
-            request = _parse_line(line, number)
-            if count == 0:
-                edits = "image" in request
+            rules.parse(line, number)
             count += 1
-    return count, edits
+    return count, rules.edits
 
 
 # -- progress -----------------------------------------------------------------------------
 
 
+def _counts(progress: BatchProgress) -> str:
+    resumed = f", {progress.resumed:,} resumed" if progress.resumed else ""
+    skipped = f", {progress.skipped:,} skipped" if progress.skipped else ""
+    return f"{progress.succeeded:,} ok, {progress.failed:,} failed{resumed}{skipped}"
+
+
+def _rate(progress: BatchProgress) -> str:
+    """The rate and ETA of this run: resumed items are not work done now."""
+    eta = "" if progress.eta is None else f", ETA {progress.eta:.0f}s"
+    return f"{progress.rate:.1f} img/s{eta}"
+
+
 class _Progress:
-    """A tqdm bar on stderr when tqdm is installed, else a plain line every few seconds."""
+    """A tqdm bar on stderr when tqdm is installed, else a plain line every few seconds.
+
+    The bar's rate and ETA are the batch's own (`BatchProgress`: items of this run
+    only), not tqdm's, so the last one drawn is the one the summary prints.
+    """
 
     def __init__(self, total: int | None, enabled: bool) -> None:
         self._bar: Any = None
         self._last_line = 0.0
         self._enabled = enabled
+        self.last: BatchProgress | None = None
         if not enabled:
             return
         try:
             from tqdm import tqdm  # noqa: PLC0415  (the optional cli extra)
         except ImportError:
             return
-        self._bar = tqdm(total=total, unit="img", dynamic_ncols=True, file=sys.stderr)
+        counter = "{n_fmt}" if total is None else "{percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt}"
+        self._bar = tqdm(
+            total=total,
+            unit="img",
+            dynamic_ncols=True,
+            file=sys.stderr,
+            bar_format="batch: " + counter + " [{elapsed}{postfix}]",
+        )
 
     def __call__(self, progress: BatchProgress) -> None:
+        self.last = progress
         if not self._enabled:
             return
         if self._bar is not None:
             self._bar.n = progress.done
-            self._bar.set_postfix(
-                ok=progress.succeeded + progress.resumed,
-                failed=progress.failed,
-                in_flight=progress.in_flight,
+            self._bar.set_postfix_str(
+                f"{_counts(progress)}, {progress.in_flight} in flight, {_rate(progress)}",
                 refresh=False,
             )
             self._bar.refresh()
@@ -178,10 +271,8 @@ class _Progress:
             return
         self._last_line = now
         total = "?" if progress.total is None else f"{progress.total:,}"
-        eta = "" if progress.eta is None else f", ETA {progress.eta:.0f}s"
         print(
-            f"batch: {progress.done:,}/{total} done ({progress.succeeded + progress.resumed:,} ok, "
-            f"{progress.failed:,} failed), {progress.rate:.1f} img/s{eta}",
+            f"batch: {progress.done:,}/{total} done ({_counts(progress)}), {_rate(progress)}",
             file=sys.stderr,
             flush=True,
         )
@@ -194,26 +285,40 @@ class _Progress:
 # -- running ------------------------------------------------------------------------------
 
 
-def _summary(result: BatchResult, out_dir: Path) -> str:
+def _summary(result: BatchResult, out_dir: Path, final: BatchProgress | None) -> str:
     counts = {"ok": 0, "resumed": 0, "failed": 0, "skipped": 0}
     for item in result:
         counts[item.status] += 1
-    rate = (counts["ok"] + counts["failed"]) / result.elapsed if result.elapsed > 0 else 0.0
+    if final is not None:
+        # The very numbers the progress bar ended on.
+        elapsed, rate = final.elapsed, final.rate
+    else:  # pragma: no cover - the batch always reports once at the end
+        elapsed = result.elapsed
+        rate = (counts["ok"] + counts["failed"]) / elapsed if elapsed > 0 else 0.0
     rows = [
         ("items", f"{len(result):,}"),
-        ("ok", f"{counts['ok'] + counts['resumed']:,} ({counts['resumed']:,} from earlier runs)"),
+        ("ok", f"{counts['ok']:,}"),
+        ("resumed", f"{counts['resumed']:,} from earlier runs (not counted in the rate)"),
         ("failed", f"{counts['failed']:,}"),
         ("skipped", f"{counts['skipped']:,}"),
-        ("elapsed", f"{result.elapsed:.1f}s ({rate:.1f} img/s)"),
+        ("elapsed", f"{elapsed:.1f}s ({rate:.1f} img/s)"),
         ("manifest", str(out_dir / MANIFEST_NAME)),
     ]
     lines = ["batch summary:"] + [f"  {name:<9} {value}" for name, value in rows]
     failed: list[BatchItem] = result.failed
-    lines.extend(f"  failed #{item.index}: {item.error}" for item in failed[:_LISTED_FAILURES])
+    listed = failed[:_LISTED_FAILURES]
+    lines.extend(f"  failed #{item.index}: {item.error}" for item in listed)
     if len(failed) > _LISTED_FAILURES:
         lines.append(f"  ... and {len(failed) - _LISTED_FAILURES:,} more (see the manifest)")
-    if result.aborted is not None:
-        lines.append(f"  stopped: {result.aborted.cause}")
+    aborted = result.aborted
+    if aborted is not None:
+        if any(item.index == aborted.index for item in listed):
+            lines.append(
+                f"  stopped: after failed #{aborted.index}, which every other item would "
+                "meet; the rest were skipped"
+            )
+        else:
+            lines.append(f"  stopped: {aborted.cause}")
     if not result.ok:
         lines.append("  rerun the same command to retry what did not finish")
     return "\n".join(lines)
@@ -234,13 +339,25 @@ async def _run_batch(args: argparse.Namespace) -> int:
             ) from None
     else:
         stream = sys.stdin
-    progress = _Progress(total, enabled=not args.no_progress)
+    enabled = sys.stderr.isatty() if args.progress is None else args.progress
+    progress = _Progress(total, enabled=enabled)
     try:
-        requests = _requests(stream)
+        rules = _Input()
+        requests = _requests(stream, rules)
         if args.input == "-":
             first = next(requests, None)
-            edits = first is not None and "image" in first
+            edits = rules.edits
             requests = _chain(first, requests)
+        if not args.resume:
+            moved = await asyncio.get_running_loop().run_in_executor(
+                None, _move_previous_run, args.out_dir
+            )
+            if moved is not None:
+                print(
+                    f"friendli-image: --no-resume: moved the earlier run's manifest and "
+                    f"{moved[1]:,} image(s) to {moved[0]}",
+                    file=sys.stderr,
+                )
         async with make_client(args) as client:
             image = client.container.image
             start: Callable[..., Any] = image.edit_batch if edits else image.generate_batch
@@ -257,12 +374,56 @@ async def _run_batch(args: argparse.Namespace) -> int:
         progress.close()
         if stream is not sys.stdin:
             stream.close()
-    print(_summary(result, args.out_dir))
+    print(_summary(result, args.out_dir, progress.last))
+    if args.gallery:
+        page = await asyncio.get_running_loop().run_in_executor(None, write_gallery, args.out_dir)
+        print(f"  gallery   {page}")
     if result.ok:
         return EXIT_OK
     if result.aborted is not None and isinstance(result.aborted.cause, FriendliConnectionError):
         return EXIT_UNREACHABLE
     return EXIT_FAILED
+
+
+def _move_previous_run(out_dir: Path) -> tuple[Path, int] | None:
+    """Move an earlier run's manifest, images and gallery into ``previous-run-<time>/``.
+
+    Only the files the manifest names (and the gallery) move; anything else in the
+    directory is left alone. Returns the folder and the number of images moved.
+    """
+    manifest = out_dir / MANIFEST_NAME
+    if not manifest.is_file():
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    target = out_dir / f"previous-run-{stamp}"
+    suffix = 1
+    while target.exists():
+        suffix += 1
+        target = out_dir / f"previous-run-{stamp}-{suffix}"
+    try:
+        names: set[str] = set()
+        with manifest.open("rb") as lines:
+            for line in lines:
+                record = _json_object(line)
+                name = record.get("file") if record is not None else None
+                if isinstance(name, str) and Path(name).name == name:
+                    names.add(name)
+        target.mkdir()
+        moved = 0
+        for name in sorted(names):
+            with contextlib.suppress(FileNotFoundError):
+                os.replace(out_dir / name, target / name)
+                moved += 1
+        for extra in (GALLERY_NAME, THUMBS_DIR):
+            with contextlib.suppress(FileNotFoundError):
+                os.replace(out_dir / extra, target / extra)
+        os.replace(manifest, target / MANIFEST_NAME)
+    except OSError as exc:
+        raise FriendliUsageError(
+            f"--no-resume cannot move the earlier run in {str(out_dir)!r} aside: {exc}; "
+            "move or delete it yourself, or pass another --out-dir"
+        ) from None
+    return target, moved
 
 
 def _open_text(path: Path) -> IO[str]:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from friendli_image._client import AsyncFriendli
 from friendli_image._config import ENV_SERVER_URL, ENV_TOKEN
+from friendli_image._exceptions import FriendliUsageError
 
 __all__ = [
     "EXIT_FAILED",
@@ -25,17 +27,33 @@ EXIT_INTERRUPTED = 130
 
 
 def add_client_options(parser: argparse.ArgumentParser) -> None:
-    """Add ``--server-url``, ``--timeout`` and ``--retries`` to a subcommand."""
-    parser.add_argument(
+    """Add the server, token, timeout and retry options to a subcommand."""
+    group = parser.add_argument_group("server")
+    group.add_argument(
         "--server-url",
         default=None,
-        help=f"server base URL (default: ${ENV_SERVER_URL} or http://localhost:8000); "
-        f"the token is read from ${ENV_TOKEN}",
+        metavar="URL",
+        help=f"the server's root URL, without /v1 (default: ${ENV_SERVER_URL} or "
+        "http://localhost:8000)",
     )
-    parser.add_argument(
+    token = group.add_mutually_exclusive_group()
+    token.add_argument(
+        "--token",
+        default=None,
+        help=f"bearer token (default: ${ENV_TOKEN}); visible to other users in the process "
+        "list, so prefer the variable or --token-file",
+    )
+    token.add_argument(
+        "--token-file",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="read the bearer token from FILE (surrounding whitespace is ignored)",
+    )
+    group.add_argument(
         "--timeout", type=float, default=None, metavar="SECONDS", help="per-attempt timeout"
     )
-    parser.add_argument(
+    group.add_argument(
         "--retries",
         type=int,
         default=None,
@@ -44,7 +62,29 @@ def add_client_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _token(args: argparse.Namespace) -> str | None:
+    path: Path | None = args.token_file
+    if path is None:
+        token: str | None = args.token
+        return token
+    try:
+        text = path.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise FriendliUsageError(
+            f"cannot read --token-file {str(path)!r}: {exc}; pass a readable text file "
+            "holding the token"
+        ) from None
+    if not text:
+        raise FriendliUsageError(f"--token-file {str(path)!r} is empty; write the token into it")
+    return text
+
+
 def make_client(args: argparse.Namespace) -> AsyncFriendli:
-    """The client the command line asks for."""
+    """The client the command line asks for (token: --token, --token-file, or the env)."""
     timeout_ms = None if args.timeout is None else int(args.timeout * 1000)
-    return AsyncFriendli(server_url=args.server_url, timeout_ms=timeout_ms, retries=args.retries)
+    return AsyncFriendli(
+        server_url=args.server_url,
+        token=_token(args),
+        timeout_ms=timeout_ms,
+        retries=args.retries,
+    )
