@@ -98,6 +98,30 @@ def _drop(request: web.Request) -> web.Response:
     return web.Response(status=200)
 
 
+def _send_and_close(
+    request: web.Request, response: web.Response, connection: Any | None
+) -> web.Response:
+    """Write ``response`` straight to the socket and close it.
+
+    For a client that stalls mid-body: aiohttp would otherwise keep reading (lingering) what
+    is left of the body before closing.
+    """
+    body = bytes(response.body) if isinstance(response.body, (bytes, bytearray)) else b""
+    head = [f"HTTP/1.1 {response.status} {response.reason}"]
+    headers = dict(response.headers)
+    headers.update({"Content-Length": str(len(body)), "Connection": "close"})
+    headers["x-request-id"] = _current.get().request_id
+    head.extend(f"{name}: {value}" for name, value in headers.items())
+    transport = request.transport
+    if transport is not None and not transport.is_closing():
+        transport.write(("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body)
+        if connection is not None:
+            connection.mark("timed_out")
+        transport.close()
+    _current.get().record.status = response.status
+    return web.Response(status=response.status)
+
+
 def _redact(body: Any) -> Any:
     """Copy a request body with image strings replaced by their length, to keep records small."""
     if not isinstance(body, dict):
@@ -135,7 +159,7 @@ async def _outer_middleware(request: web.Request, handler: Handler) -> web.Strea
             message = exc.text if exc.status in (408, 413) and exc.text else exc.reason
             response = _detail(exc.status, message or "Error")
             if exc.status == 408:
-                response.force_close()
+                response = _send_and_close(request, response, connection)
             for name in ("Allow", "Retry-After"):
                 if name in exc.headers:
                     response.headers[name] = exc.headers[name]

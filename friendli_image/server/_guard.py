@@ -1,15 +1,21 @@
 """Connection limits aiohttp's server lacks: a header timeout, an idle timeout, a connection cap.
 
-Every accepted connection's protocol (aiohttp's request handler) is wrapped in a
-`_GuardedConnection` that forwards every event unchanged and keeps one timer. The
-application tells it when a request starts and ends (`ConnectionGuard.request_started`),
-so the guard knows whether the connection is waiting for a request head, idle between
-requests, or busy (then the application bounds its own waits, e.g. for the body).
+The guard runs its own accept loop, one connection at a time, and accepts the next only
+while below the cap, so a flood never reaches the descriptor limit (asyncio's server
+accepts in batches and, on EMFILE, logs and stops accepting for a second). Every accepted
+connection's protocol (aiohttp's request handler) is wrapped in a `_GuardedConnection`
+that forwards every event unchanged and keeps one timer. The application tells it when a
+request starts and ends, so the guard knows whether the connection is waiting for a request
+head, idle between requests, or busy (then the application bounds its own waits, e.g. for
+the body).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
+import socket
 from collections.abc import Callable
 
 try:
@@ -22,9 +28,11 @@ except ImportError:  # pragma: no cover - not on POSIX
 from ._config import ServerConfig
 from ._state import ServerState
 
-# File descriptors kept free for everything else the process opens (the image fetcher,
-# log files, the listening socket), so a flood of connections cannot reach EMFILE.
+_BACKLOG = 128
+# File descriptors kept free for everything else the process opens (image fetches, log
+# files, the event loop's own), beyond the one accepted connection over the cap.
 _FD_RESERVE_MIN = 32
+_OUT_OF_DESCRIPTORS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 
 
 def default_max_connections() -> int:
@@ -109,6 +117,10 @@ class _GuardedConnection(asyncio.Protocol):
             self._idle_since = self._loop.time()
             self._arm(self._idle_since + self._guard.config.idle_timeout_s)
 
+    def mark(self, reason: str) -> None:
+        """Count this connection's coming close under ``reason`` (see `ServerStats`)."""
+        self._guard.reason[self] = reason
+
     def close(self, reason: str) -> None:
         """Drop the connection now (`abort`: a peer that does not read cannot hold it)."""
         if self.transport is not None and not self.transport.is_closing():
@@ -151,6 +163,52 @@ class ConnectionGuard:
         self._connections: dict[_GuardedConnection, None] = {}
         self._by_transport: dict[asyncio.BaseTransport, _GuardedConnection] = {}
         self.reason: dict[_GuardedConnection, str] = {}
+        self._below_cap = asyncio.Event()
+        self._below_cap.set()
+        self._all_closed = asyncio.Event()
+        self._all_closed.set()
+        self._sock: socket.socket | None = None
+        self._accepting: asyncio.Task[None] | None = None
+
+    async def listen(self, host: str, port: int, inner: Callable[[], asyncio.Protocol]) -> int:
+        """Bind ``host:port`` and serve connections with protocols from ``inner``; the port."""
+        infos = await self.loop.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+        family, _type, _proto, _name, address = infos[0]
+        sock = socket.create_server(address, family=family, backlog=_BACKLOG)
+        sock.setblocking(False)
+        self._sock = sock
+        self._accepting = self.loop.create_task(self._accept_loop(sock, inner))
+        return int(sock.getsockname()[1])
+
+    async def _accept_loop(
+        self, sock: socket.socket, inner: Callable[[], asyncio.Protocol]
+    ) -> None:
+        factory = self.protocol_factory(inner)
+        while True:
+            await self._below_cap.wait()
+            try:
+                conn, _peer = await self.loop.sock_accept(sock)
+            except OSError as exc:
+                if exc.errno in _OUT_OF_DESCRIPTORS:
+                    await asyncio.sleep(0.05)
+                continue
+            try:
+                await self.loop.connect_accepted_socket(factory, conn)
+            except OSError:
+                conn.close()
+
+    async def stop_listening(self) -> None:
+        """Stop accepting and close the listening socket (open connections stay)."""
+        task, self._accepting = self._accepting, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            sock.close()
 
     def protocol_factory(
         self, inner: Callable[[], asyncio.Protocol]
@@ -166,6 +224,9 @@ class ConnectionGuard:
         """Register a new connection, closing the oldest idle one when at the cap."""
         self._state.connection_opened()
         self._connections[conn] = None
+        self._all_closed.clear()
+        if len(self._connections) > self.max_connections:
+            self._below_cap.clear()
         assert conn.transport is not None  # noqa: S101 -- set before admit
         self._by_transport[conn.transport] = conn
         if len(self._connections) <= self.max_connections:
@@ -185,6 +246,10 @@ class ConnectionGuard:
         if conn.transport is not None:
             self._by_transport.pop(conn.transport, None)
         self._state.connection_closed(self.reason.pop(conn, None))
+        if len(self._connections) <= self.max_connections:
+            self._below_cap.set()
+        if not self._connections:
+            self._all_closed.set()
 
     def connection(self, transport: asyncio.BaseTransport | None) -> _GuardedConnection | None:
         """The guarded connection of a request's transport (None outside a guarded listener)."""
@@ -192,8 +257,10 @@ class ConnectionGuard:
             return None
         return self._by_transport.get(transport)
 
-    def abort_all(self) -> None:
+    async def abort_all(self) -> None:
         """Drop every connection still open (after aiohttp's own shutdown closed the rest)."""
         for conn in list(self._connections):
             if conn.transport is not None:
                 conn.transport.abort()
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._all_closed.wait(), 1.0)

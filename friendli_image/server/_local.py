@@ -36,12 +36,10 @@ class _Done:
 class _Listener:
     """One run of the server on a port: the aiohttp runner, the guard and the socket."""
 
-    def __init__(
-        self, runner: web.AppRunner, server: asyncio.AbstractServer, guard: ConnectionGuard
-    ) -> None:
+    def __init__(self, runner: web.AppRunner, guard: ConnectionGuard, port: int) -> None:
         self._runner = runner
-        self._server = server
         self._guard = guard
+        self.port = port
 
     @classmethod
     async def open(
@@ -54,32 +52,25 @@ class _Listener:
             app,
             handler_cancellation=True,
             access_log=None,
-            keepalive_timeout=state.config.idle_timeout_s,
+            # The guard closes idle connections (and counts them); aiohttp's timer is a backstop.
+            keepalive_timeout=state.config.idle_timeout_s + 1.0,
             shutdown_timeout=shutdown_timeout,
         )
         await runner.setup()
         try:
             assert runner.server is not None  # noqa: S101 -- set by setup()
-            server = await asyncio.get_running_loop().create_server(
-                guard.protocol_factory(runner.server), host, port, reuse_address=True
-            )
+            bound = await guard.listen(host, port, runner.server)
         except BaseException:
             await runner.cleanup()
             raise
-        return cls(runner, server, guard)
-
-    @property
-    def port(self) -> int:
-        sockets: list[Any] = list(getattr(self._server, "sockets", None) or [])
-        return int(sockets[0].getsockname()[1])
+        return cls(runner, guard, bound)
 
     async def close(self) -> None:
-        self._server.close()
+        await self._guard.stop_listening()
         try:
             await self._runner.cleanup()
         finally:
-            self._guard.abort_all()
-            await self._server.wait_closed()
+            await self._guard.abort_all()
 
 
 class LocalServer:
