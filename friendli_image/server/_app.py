@@ -312,7 +312,12 @@ async def _fetch(url: str, runtime: _Runtime, config: ServerConfig) -> bytes:
             async with session.get(target, timeout=timeout, allow_redirects=False) as resp:
                 location = resp.headers.get("Location")
                 if resp.status in _REDIRECTS and location:
-                    target = target.join(yarl.URL(location))
+                    try:
+                        target = target.join(yarl.URL(location))
+                    except ValueError:
+                        raise ValueError(
+                            "could not fetch image from URL: invalid redirect Location"
+                        ) from None
                     continue
                 if resp.status != 200:
                     raise ValueError(f"could not fetch image from URL: HTTP {resp.status}")

@@ -10,6 +10,7 @@ import asyncio
 import fcntl
 import os
 import resource
+import select
 import socket
 import subprocess
 import sys
@@ -199,6 +200,14 @@ def stuck_stderr() -> Iterator[int]:
         os.close(read_end)
 
 
+def _wait_for_announcement(proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
+    """Wait for run_server's "Serving ..." line; fail (not hang) if it never comes."""
+    assert proc.stdout is not None
+    ready, _, _ = select.select([proc.stdout], [], [], timeout)
+    assert ready, "the server did not start"
+    assert b"Serving" in proc.stdout.readline()
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -222,8 +231,7 @@ async def test_flood_beyond_the_fd_limit_with_stuck_stderr(stuck_stderr: int) ->
         [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=stuck_stderr, env=env
     ) as proc:
         try:
-            assert proc.stdout is not None
-            assert b"Serving" in proc.stdout.readline()
+            _wait_for_announcement(proc)
             url = f"http://127.0.0.1:{port}"
             holders = [asyncio.ensure_future(_slowloris(port, 0.2)) for _ in range(400)]
             await asyncio.sleep(1.5)
