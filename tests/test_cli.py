@@ -160,6 +160,64 @@ def test_serve_answers_and_stops_on_sigint(tmp_path: Path) -> None:
     assert "Traceback" not in err
 
 
+@pytest.mark.subprocess
+def test_serve_reads_its_token_from_a_file_not_the_command_line(tmp_path: Path) -> None:
+    """`serve --token-file` requires that token; the token is not in the process's argv."""
+    token_file = tmp_path / "token"
+    token_file.write_text("file-token-123\n")
+    port = _free_port()
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "friendli_image",
+            "serve",
+            "--port",
+            str(port),
+            "--token-file",
+            str(token_file),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert process.stdout is not None
+        assert f"127.0.0.1:{port}" in process.stdout.readline()
+        assert "file-token-123" not in " ".join(process.args)  # type: ignore[arg-type]
+        url = f"http://127.0.0.1:{port}"
+        out = tmp_path / "x.jpg"
+        assert main(["generate", "a tree", "-o", str(out), "--server-url", url]) == 1
+        assert (
+            main(
+                [
+                    "generate",
+                    "a tree",
+                    "-o",
+                    str(out),
+                    "--server-url",
+                    url,
+                    "--token-file",
+                    str(token_file),
+                ]
+            )
+            == 0
+        )
+    finally:
+        process.kill()
+        process.communicate(timeout=15)
+
+
+def test_serve_with_a_missing_token_file_is_a_usage_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A token file that cannot be read stops `serve` before it listens, with exit 2."""
+    assert main(["serve", "--token-file", str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err
+    assert "token_file" in err
+    assert "Traceback" not in err
+
+
 def test_no_command_prints_usage(capsys: pytest.CaptureFixture[str]) -> None:
     """Running without a subcommand exits 2 with the usage line."""
     with pytest.raises(SystemExit) as exit_info:

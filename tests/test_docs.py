@@ -95,7 +95,7 @@ def test_readme_links_work_on_a_package_index() -> None:
 @pytest.fixture(scope="module")
 def server() -> Iterator[LocalServer]:
     """The bundled server with small images, so every block runs in seconds."""
-    with LocalServer(ServerConfig(image_size=64)) as local:
+    with LocalServer(ServerConfig(image_size=64, allow_private_urls=True)) as local:
         yield local
 
 

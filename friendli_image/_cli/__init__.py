@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -37,7 +38,10 @@ from ._options import (
     make_client,
 )
 
-__all__ = ["build_parser", "main"]
+__all__ = ["SERVER_TOKEN_ENV", "build_parser", "main"]
+
+#: The environment variable ``serve`` reads the token to require from, when it is set.
+SERVER_TOKEN_ENV = "FRIENDLI_SERVER_TOKEN"  # noqa: S105  (a variable name, not a secret)
 
 DEMO_PROMPTS = (
     ("lighthouse", "a lighthouse on a cliff at dawn, warm light over a calm sea", 7),
@@ -132,7 +136,28 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="run the bundled Friendli-compatible server")
     serve.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback)")
     serve.add_argument("--port", type=int, default=8000, help="TCP port (8000)")
-    serve.add_argument("--token", default=None, help="require this bearer token")
+    token = serve.add_mutually_exclusive_group()
+    token.add_argument(
+        "--token",
+        default=None,
+        help="require this bearer token (visible in the process list: prefer --token-file "
+        f"or ${SERVER_TOKEN_ENV})",
+    )
+    token.add_argument(
+        "--token-file", type=Path, default=None, help="require the bearer token in this file"
+    )
+    token.add_argument(
+        "--token-env",
+        default=None,
+        metavar="NAME",
+        help=f"require the bearer token in this environment variable (default: "
+        f"${SERVER_TOKEN_ENV} when it is set)",
+    )
+    serve.add_argument(
+        "--allow-private-urls",
+        action="store_true",
+        help="fetch image URLs on loopback and private addresses (off: such URLs get a 422)",
+    )
     serve.add_argument(
         "--step-latency-ms",
         type=float,
@@ -236,12 +261,22 @@ def _run_gallery(args: argparse.Namespace) -> int:
 
 def _run_serve(args: argparse.Namespace) -> int:
     server = _server_modules()
-    config = server.ServerConfig(
-        token=args.token,
-        step_latency_ms=args.step_latency_ms,
-        max_concurrency=args.max_concurrency,
-        image_size=args.image_size,
-    )
+    token_env = args.token_env
+    if token_env is None and args.token is None and args.token_file is None:
+        token_env = SERVER_TOKEN_ENV if os.environ.get(SERVER_TOKEN_ENV) else None
+    try:
+        config = server.ServerConfig(
+            token=args.token,
+            token_file=args.token_file,
+            token_env=token_env,
+            step_latency_ms=args.step_latency_ms,
+            max_concurrency=args.max_concurrency,
+            image_size=args.image_size,
+            allow_private_urls=args.allow_private_urls,
+        )
+        config.resolve_token()  # a missing token file fails here, before listening
+    except ValueError as exc:
+        raise FriendliUsageError(f"cannot start the server: {exc}") from None
     server.run_server(config, host=args.host, port=args.port)
     return EXIT_OK
 

@@ -6,32 +6,42 @@ import asyncio
 import contextvars
 import functools
 import hashlib
+import hmac
+import ipaddress
 import logging
+import socket
 import urllib.parse
 import uuid
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import attrs
 import orjson
 import pybase64
+import yarl
 from aiohttp import web
+from aiohttp.abc import AbstractResolver
 from PIL import Image
 
 from . import _render
 from ._config import Action, ServerConfig
+from ._guard import ConnectionGuard
 from ._state import RequestRecord, ServerState, action_label
 from ._validation import (
     ErrorDetail,
     ImageRef,
     Operation,
     ParsedRequest,
+    RequestTooComplexError,
     RequestValidationError,
     parse_json,
     validate_request,
 )
+
+if TYPE_CHECKING:
+    from aiohttp.abc import ResolveResult
 
 logger = logging.getLogger("friendli_image.server")
 
@@ -45,6 +55,7 @@ class _Runtime:
     slots: asyncio.Semaphore
     executor: ThreadPoolExecutor
     static_body: bytes | None
+    token: str | None
     session: aiohttp.ClientSession | None = None
 
 
@@ -56,6 +67,7 @@ class _Current:
 
 STATE_KEY = web.AppKey("friendli_image_server_state", ServerState)
 _RUNTIME_KEY = web.AppKey("friendli_image_server_runtime", _Runtime)
+GUARD_KEY = web.AppKey("friendli_image_server_guard", ConnectionGuard)
 # Each request runs in its own task with a copied context, so this is per request.
 _current: contextvars.ContextVar[_Current] = contextvars.ContextVar("friendli_image_request")
 
@@ -86,6 +98,30 @@ def _drop(request: web.Request) -> web.Response:
     return web.Response(status=200)
 
 
+def _send_and_close(
+    request: web.Request, response: web.Response, connection: Any | None
+) -> web.Response:
+    """Write ``response`` straight to the socket and close it.
+
+    For a client that stalls mid-body: aiohttp would otherwise keep reading (lingering) what
+    is left of the body before closing.
+    """
+    body = bytes(response.body) if isinstance(response.body, (bytes, bytearray)) else b""
+    head = [f"HTTP/1.1 {response.status} {response.reason}"]
+    headers = dict(response.headers)
+    headers.update({"Content-Length": str(len(body)), "Connection": "close"})
+    headers["x-request-id"] = _current.get().request_id
+    head.extend(f"{name}: {value}" for name, value in headers.items())
+    transport = request.transport
+    if transport is not None and not transport.is_closing():
+        transport.write(("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body)
+        if connection is not None:
+            connection.mark("timed_out")
+        transport.close()
+    _current.get().record.status = response.status
+    return web.Response(status=response.status)
+
+
 def _redact(body: Any) -> Any:
     """Copy a request body with image strings replaced by their length, to keep records small."""
     if not isinstance(body, dict):
@@ -109,14 +145,21 @@ async def _outer_middleware(request: web.Request, handler: Handler) -> web.Strea
     """Count and record every request, echo its id, and turn surprises into JSON errors."""
     state = request.app[STATE_KEY]
     request_id = request.headers.get("X-Request-ID") or uuid.uuid4().hex
-    record = state.begin(request.path, request.method, request.headers)
+    probe = request.path == "/health"
+    record = state.begin(request.path, request.method, request.headers, probe=probe)
     _current.set(_Current(request_id=request_id, record=record))
+    guard = request.app.get(GUARD_KEY)
+    connection = guard.connection(request.transport) if guard is not None else None
+    if connection is not None:
+        connection.request_started()
     try:
         try:
             response = await handler(request)
         except web.HTTPException as exc:
-            message = exc.text if exc.status == 413 and exc.text else exc.reason
+            message = exc.text if exc.status in (408, 413) and exc.text else exc.reason
             response = _detail(exc.status, message or "Error")
+            if exc.status == 408:
+                response = _send_and_close(request, response, connection)
             for name in ("Allow", "Retry-After"):
                 if name in exc.headers:
                     response.headers[name] = exc.headers[name]
@@ -132,19 +175,43 @@ async def _outer_middleware(request: web.Request, handler: Handler) -> web.Strea
                 record.status = response.status
         return response
     finally:
+        if connection is not None:
+            connection.request_finished()
         state.end(record)
 
 
-async def _health(_request: web.Request) -> web.Response:
-    return _json(200, {"status": "ok"})
+async def _health(request: web.Request) -> web.Response:
+    if request.app[STATE_KEY].healthy:
+        return _json(200, {"status": "ok"})
+    return _json(503, {"status": "unhealthy"})
 
 
-async def _read_body(request: web.Request, config: ServerConfig) -> bytes:
-    if request.content_length is not None and request.content_length > config.client_max_size:
-        raise web.HTTPRequestEntityTooLarge(
-            max_size=config.client_max_size, actual_size=request.content_length
-        )
-    return await request.read()
+async def _read_body(request: web.Request, config: ServerConfig) -> bytearray:
+    """Read the body under the size cap, with a gap and a total deadline (else 408)."""
+    limit = config.client_max_size
+    if request.content_length is not None and request.content_length > limit:
+        raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=request.content_length)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + config.body_timeout_s
+    body = bytearray()
+    while True:
+        wait = min(config.idle_timeout_s, deadline - loop.time())
+        try:
+            if wait <= 0:
+                raise asyncio.TimeoutError  # noqa: TRY301 -- one path for both deadlines
+            chunk = await asyncio.wait_for(request.content.readany(), wait)
+        except asyncio.TimeoutError:
+            raise web.HTTPRequestTimeout(
+                text=(
+                    f"request body not received within {config.body_timeout_s:g} s, or "
+                    f"stalled for {config.idle_timeout_s:g} s"
+                )
+            ) from None
+        if not chunk:
+            return body
+        body += chunk
+        if len(body) > limit:
+            raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=len(body))
 
 
 def _decode_base64(text: str, what: str) -> bytes:
@@ -155,26 +222,123 @@ def _decode_base64(text: str, what: str) -> bytes:
         raise ValueError(f"{what} is not valid base64") from exc
 
 
-async def _fetch(url: str, runtime: _Runtime, config: ServerConfig) -> bytes:
+_REFUSED_TARGET = (
+    "could not fetch image from URL: the server does not fetch from loopback, private, "
+    "link-local or other non-public addresses (start it with allow_private_urls=True to "
+    "allow them)"
+)
+_REDIRECTS = (301, 302, 303, 307, 308)
+_MAX_REDIRECTS = 5
+
+
+def _is_public(address: str) -> bool:
+    """Whether an IP address is one the server may fetch from without allow_private_urls."""
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_global and not ip.is_multicast
+
+
+class _RefusedAddressError(OSError):
+    """A host name resolved only to addresses the server must not fetch from."""
+
+
+class _PublicOnlyResolver(AbstractResolver):
+    """Drops non-public addresses from every lookup, so the checked address is the one used.
+
+    Filtering at resolution (not before the request) leaves no window for a name that
+    resolves to a public address when checked and to a private one when connecting.
+    """
+
+    def __init__(self) -> None:
+        self._inner = aiohttp.ThreadedResolver()
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        found = await self._inner.resolve(host, port, family)
+        public = [entry for entry in found if _is_public(entry["host"])]
+        if not public:
+            raise _RefusedAddressError(f"{host} has no public address")
+        return public
+
+    async def close(self) -> None:
+        await self._inner.close()
+
+
+def _check_target(url: yarl.URL, config: ServerConfig) -> None:
+    """Refuse a URL before connecting: not http(s), or an IP literal that is not public.
+
+    Host names are checked by `_PublicOnlyResolver` as they are resolved.
+    """
+    if url.scheme not in ("http", "https") or not url.host:
+        raise ValueError("could not fetch image from URL: only http(s) URLs with a host")
+    if config.allow_private_urls:
+        return
+    host = url.host.strip("[]")
+    try:
+        ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return
+    if not _is_public(host):
+        raise ValueError(_REFUSED_TARGET)
+
+
+def _session(runtime: _Runtime, config: ServerConfig) -> aiohttp.ClientSession:
     if runtime.session is None:
-        runtime.session = aiohttp.ClientSession(trust_env=False)
+        connector = (
+            aiohttp.TCPConnector()
+            if config.allow_private_urls
+            else aiohttp.TCPConnector(resolver=_PublicOnlyResolver())
+        )
+        runtime.session = aiohttp.ClientSession(connector=connector, trust_env=False)
+    return runtime.session
+
+
+async def _fetch(url: str, runtime: _Runtime, config: ServerConfig) -> bytes:
+    session = _session(runtime, config)
     timeout = aiohttp.ClientTimeout(total=config.fetch_timeout_s)
     try:
-        async with runtime.session.get(url, timeout=timeout, max_redirects=5) as resp:
-            if resp.status != 200:
-                raise ValueError(f"could not fetch image from URL: HTTP {resp.status}")
-            if resp.content_length is not None and resp.content_length > config.fetch_max_bytes:
-                raise ValueError("image at URL is larger than the size limit")
-            buffer = bytearray()
-            async for chunk in resp.content.iter_chunked(256 * 1024):
-                buffer += chunk
-                if len(buffer) > config.fetch_max_bytes:
-                    raise ValueError("image at URL is larger than the size limit")
-            return bytes(buffer)
+        target = yarl.URL(url)
+    except ValueError as exc:
+        raise ValueError("could not fetch image from URL: not a valid URL") from exc
+    try:
+        # Redirects are followed here, not by aiohttp, so that every hop is checked.
+        for _hop in range(_MAX_REDIRECTS + 1):
+            _check_target(target, config)
+            async with session.get(target, timeout=timeout, allow_redirects=False) as resp:
+                location = resp.headers.get("Location")
+                if resp.status in _REDIRECTS and location:
+                    try:
+                        target = target.join(yarl.URL(location))
+                    except ValueError:
+                        raise ValueError(
+                            "could not fetch image from URL: invalid redirect Location"
+                        ) from None
+                    continue
+                if resp.status != 200:
+                    raise ValueError(f"could not fetch image from URL: HTTP {resp.status}")
+                too_big = "image at URL is larger than the size limit"
+                if resp.content_length is not None and resp.content_length > config.fetch_max_bytes:
+                    raise ValueError(too_big)
+                buffer = bytearray()
+                async for chunk in resp.content.iter_chunked(256 * 1024):
+                    buffer += chunk
+                    if len(buffer) > config.fetch_max_bytes:
+                        raise ValueError(too_big)
+                return bytes(buffer)
+        raise ValueError(f"could not fetch image from URL: more than {_MAX_REDIRECTS} redirects")
     except asyncio.TimeoutError as exc:
         raise ValueError(
             f"could not fetch image from URL: no answer within {config.fetch_timeout_s:g} s"
         ) from exc
+    except aiohttp.ClientConnectorError as exc:
+        if isinstance(exc.os_error, _RefusedAddressError):
+            raise ValueError(_REFUSED_TARGET) from None  # noqa: TRY004 -- a 422, not a bug
+        raise ValueError(f"could not fetch image from URL: {type(exc).__name__}") from exc
     except aiohttp.ClientError as exc:
         raise ValueError(f"could not fetch image from URL: {type(exc).__name__}") from exc
 
@@ -252,16 +416,20 @@ def _render_response(parsed: ParsedRequest, images: list[Image.Image], size: int
     return b'{"image":"' + pybase64.b64encode(encoded) + b'"}'
 
 
-async def _serve(request: web.Request, body: bytes, operation: Operation) -> web.Response:
+async def _serve(
+    request: web.Request, body: bytes | bytearray, operation: Operation
+) -> web.Response:
     """Validate, queue for a GPU slot, simulate the work, render: the normal response."""
     config = request.app[STATE_KEY].config
     runtime = request.app[_RUNTIME_KEY]
     try:
         if len(body) > _PARSE_OFF_LOOP_BYTES:
             loop = asyncio.get_running_loop()
-            data = await loop.run_in_executor(runtime.executor, parse_json, body)
+            data = await loop.run_in_executor(
+                runtime.executor, parse_json, body, config.max_json_items
+            )
         else:
-            data = parse_json(body)
+            data = parse_json(body, config.max_json_items)
         _current.get().record.body = _redact(data) if config.record_requests else None
         parsed = validate_request(data, operation)
         images = (
@@ -269,6 +437,8 @@ async def _serve(request: web.Request, body: bytes, operation: Operation) -> web
         )
     except RequestValidationError as exc:
         return _validation_response(exc.errors)
+    except RequestTooComplexError as exc:
+        return _detail(413, str(exc))
 
     headers: dict[str, str] = {}
     if config.echo_prompt_hash:
@@ -332,9 +502,11 @@ def _image_route(operation: Operation) -> Handler:
     async def handle(request: web.Request) -> web.StreamResponse:
         state = request.app[STATE_KEY]
         config = state.config
-        if config.token is not None:
-            auth = request.headers.get("Authorization", "")
-            if auth != f"Bearer {config.token}":
+        token = request.app[_RUNTIME_KEY].token
+        if token is not None:
+            auth = request.headers.get("Authorization", "").encode("utf-8", "surrogatepass")
+            expected = f"Bearer {token}".encode("utf-8", "surrogatepass")
+            if not hmac.compare_digest(auth, expected):
                 return _detail(
                     401, "Invalid or missing bearer token", {"WWW-Authenticate": "Bearer"}
                 )
@@ -382,7 +554,10 @@ def create_app(
     """Build the aiohttp application of the Friendli Container image API.
 
     Run it with `handler_cancellation=True` (as `LocalServer` and `run_server` do) so that a
-    client going away cancels its request.
+    client going away cancels its request. The header and idle timeouts and the connection
+    cap of `ServerConfig` need `LocalServer` or `run_server`; an application run by another
+    runner bounds only the body read. The token is read here when it comes from a file or
+    an environment variable (`ServerConfig.resolve_token`).
     """
     if state is None:
         state = ServerState(config or ServerConfig())
@@ -403,6 +578,7 @@ def create_app(
             max_workers=max(2, config.max_concurrency), thread_name_prefix="friendli-image-render"
         ),
         static_body=static_body,
+        token=config.resolve_token(),
     )
     app.router.add_post("/v1/images/generations", _image_route("generate"))
     app.router.add_post("/v1/images/edits", _image_route("edit"))

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, Literal
 
 import attrs
@@ -79,27 +81,60 @@ class FaultRates:
             raise ValueError("p_503 + p_429 + p_drop_after_read must not exceed 1")
 
 
+def _optional_positive_int(_inst: object, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if value is not None:
+        _positive_int(_inst, attribute, value)
+
+
+def _timeout(_inst: object, attribute: attrs.Attribute[Any], value: float) -> None:
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+        raise ValueError(f"{attribute.name} must be a finite number > 0, got {value!r}")
+
+
 @attrs.frozen(kw_only=True)
 class ServerConfig:
     """Settings of the bundled Friendli Container image server.
 
     ``token``: when set, image requests must carry ``Authorization: Bearer <token>`` (else 401).
+    ``token_file`` / ``token_env``: read the token from a file (surrounding whitespace
+    stripped) or an environment variable when the server starts, so it never appears in a
+    process list; give at most one of ``token``, ``token_file`` and ``token_env``.
     ``image_size``: width and height of generated images. ``step_latency_ms``: simulated GPU
     time per inference step. ``max_concurrency``: GPU slots; further requests queue.
-    ``client_max_size``: larger request bodies get 413. ``fetch_timeout_s`` /
-    ``fetch_max_bytes``: limits for image inputs given as URLs. ``static_image``: encoded
-    image bytes returned for every valid request without rendering (benchmark mode).
-    ``faults``: random fault rates. ``echo_prompt_hash``: send ``x-prompt-sha256``.
-    ``record_requests``: keep a bounded list of `RequestRecord`.
+    ``client_max_size``: larger request bodies get 413. ``max_json_items``: a body with more
+    JSON values (list items plus object members) gets 413 before it is parsed.
+    ``fetch_timeout_s`` / ``fetch_max_bytes``: limits for image inputs given as URLs.
+    ``allow_private_urls``: fetch image URLs on loopback, private, link-local and other
+    non-public addresses (refused by default, so the server cannot be used to probe the
+    network it runs in). ``static_image``: encoded image bytes returned for every valid
+    request without rendering (benchmark mode). ``faults``: random fault rates.
+    ``echo_prompt_hash``: send ``x-prompt-sha256``. ``record_requests``: keep a bounded list
+    of `RequestRecord`.
+
+    Connection limits (applied by `LocalServer` and `run_server`): a request line and headers
+    must arrive within ``header_timeout_s`` of the connection opening or of the request's
+    first byte; a connection with no request in progress is closed after ``idle_timeout_s``;
+    a request body must arrive within ``body_timeout_s``, with no gap longer than
+    ``idle_timeout_s`` (else 408). ``max_connections`` caps open connections (default: the
+    process's file-descriptor limit minus a reserve); at the cap the oldest connection with
+    no request in progress is closed to admit a new one.
     """
 
     token: str | None = attrs.field(default=None, repr=False)
+    token_file: str | os.PathLike[str] | None = None
+    token_env: str | None = None
     image_size: int = attrs.field(default=512, validator=_positive_int)
     step_latency_ms: float = attrs.field(default=0, validator=_non_negative)
     max_concurrency: int = attrs.field(default=4, validator=_positive_int)
     client_max_size: int = attrs.field(default=80 * _MiB, validator=_positive_int)
+    max_json_items: int = attrs.field(default=10_000, validator=_positive_int)
     fetch_timeout_s: float = attrs.field(default=10, validator=_non_negative)
     fetch_max_bytes: int = attrs.field(default=50 * _MiB, validator=_positive_int)
+    allow_private_urls: bool = False
+    header_timeout_s: float = attrs.field(default=10.0, validator=_timeout)
+    idle_timeout_s: float = attrs.field(default=60.0, validator=_timeout)
+    body_timeout_s: float = attrs.field(default=120.0, validator=_timeout)
+    max_connections: int | None = attrs.field(default=None, validator=_optional_positive_int)
     static_image: bytes | None = attrs.field(default=None, repr=False)
     faults: FaultRates | None = None
     echo_prompt_hash: bool = True
@@ -109,6 +144,39 @@ class ServerConfig:
     def __attrs_post_init__(self) -> None:
         if self.image_size > 4096:
             raise ValueError(f"image_size must be <= 4096, got {self.image_size}")
+        sources = [self.token is not None, self.token_file is not None, self.token_env is not None]
+        if sum(sources) > 1:
+            raise ValueError("token: give at most one of token, token_file and token_env")
+
+    def resolve_token(self) -> str | None:
+        """The bearer token the server requires: ``token``, or read from its file or variable.
+
+        Raises ``ValueError`` when the file cannot be read or is empty, or the
+        variable is unset or empty (a server that silently dropped its token would be open).
+        """
+        if self.token_file is not None:
+            path = Path(self.token_file)
+            try:
+                text = path.read_text(encoding="utf-8").strip()
+            except (OSError, UnicodeDecodeError) as exc:
+                raise ValueError(
+                    "token_file: "
+                    f"cannot read {str(path)!r} ({type(exc).__name__}); "
+                    "give a readable UTF-8 file that holds the token",
+                ) from None
+            if not text:
+                raise ValueError(f"token_file: {str(path)!r} is empty; write the token into it")
+            return text
+        if self.token_env is not None:
+            value = os.environ.get(self.token_env, "").strip()
+            if not value:
+                raise ValueError(
+                    "token_env: "
+                    f"environment variable {self.token_env} is unset or empty; "
+                    "export the token in it",
+                )
+            return value
+        return self.token
 
 
 def _body_bytes(body: bytes | str | Mapping[str, Any] | None, code: int) -> bytes:

@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 import asyncio
-import re
+import contextlib
+import logging
+import os
+import queue
+import signal
+import sys
 import threading
-from collections.abc import Awaitable, Generator, Iterable
+from collections.abc import Awaitable, Generator, Iterable, Iterator
 from concurrent.futures import Future
 from types import TracebackType
 from typing import Any, Literal, TypeVar
 
 from aiohttp import web
 
-from ._app import create_app
+from ._app import GUARD_KEY, create_app
 from ._config import Action, ServerConfig
+from ._guard import ConnectionGuard
 from ._state import RequestRecord, ServerState, ServerStats
 
 _T = TypeVar("_T")
@@ -25,6 +31,46 @@ class _Done:
     def __await__(self) -> Generator[Any, None, None]:
         return
         yield
+
+
+class _Listener:
+    """One run of the server on a port: the aiohttp runner, the guard and the socket."""
+
+    def __init__(self, runner: web.AppRunner, guard: ConnectionGuard, port: int) -> None:
+        self._runner = runner
+        self._guard = guard
+        self.port = port
+
+    @classmethod
+    async def open(
+        cls, state: ServerState, host: str, port: int, *, shutdown_timeout: float
+    ) -> _Listener:
+        app = create_app(state=state)
+        guard = ConnectionGuard(state.config, state)
+        app[GUARD_KEY] = guard
+        runner = web.AppRunner(
+            app,
+            handler_cancellation=True,
+            access_log=None,
+            # The guard closes idle connections (and counts them); aiohttp's timer is a backstop.
+            keepalive_timeout=state.config.idle_timeout_s + 1.0,
+            shutdown_timeout=shutdown_timeout,
+        )
+        await runner.setup()
+        try:
+            assert runner.server is not None  # noqa: S101 -- set by setup()
+            bound = await guard.listen(host, port, runner.server)
+        except BaseException:
+            await runner.cleanup()
+            raise
+        return cls(runner, guard, bound)
+
+    async def close(self) -> None:
+        await self._guard.stop_listening()
+        try:
+            await self._runner.cleanup()
+        finally:
+            await self._guard.abort_all()
 
 
 class LocalServer:
@@ -44,7 +90,7 @@ class LocalServer:
         self._requested_port = port
         self._port: int | None = None
         self._state = ServerState(self.config)
-        self._runner: web.AppRunner | None = None
+        self._listener: _Listener | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._mode: Literal["async", "thread"] | None = None
@@ -80,6 +126,23 @@ class LocalServer:
         """Zero the counters and forget the recorded requests."""
         self._state.reset_stats()
 
+    @property
+    def healthy(self) -> bool:
+        """What ``GET /health`` answers: 200 ``{"status": "ok"}`` if True, else 503.
+
+        Set it to False to make health probes fail while image requests are still served.
+        """
+        return self._state.healthy
+
+    @healthy.setter
+    def healthy(self, value: bool) -> None:
+        self._state.healthy = bool(value)
+
+    @property
+    def listening(self) -> bool:
+        """Whether the port accepts connections (False after `kill`, until `revive`)."""
+        return self._listener is not None
+
     def script(self, test_id: str | None, actions: Iterable[Action]) -> None:
         """Queue ``actions`` for requests whose ``x-test-id`` header equals ``test_id``.
 
@@ -100,27 +163,16 @@ class LocalServer:
     # -- lifecycle on the caller's loop --------------------------------------------------
 
     async def _bind(self, port: int) -> None:
-        runner = web.AppRunner(
-            create_app(state=self._state),
-            handler_cancellation=True,
-            access_log=None,
-            # Not 0: aiohttp reads 0 as "wait for handlers forever". The restart must be abrupt.
-            shutdown_timeout=0.01,
-        )
-        await runner.setup()
-        try:
-            site = web.TCPSite(runner, self.host, port, reuse_address=True)
-            await site.start()
-        except BaseException:
-            await runner.cleanup()
-            raise
-        self._port = runner.addresses[0][1]
-        self._runner = runner
+        if self._listener is not None:
+            return
+        # Not 0: aiohttp reads 0 as "wait for handlers forever". The restart must be abrupt.
+        self._listener = await _Listener.open(self._state, self.host, port, shutdown_timeout=0.01)
+        self._port = self._listener.port
 
     async def _unbind(self) -> None:
-        runner, self._runner = self._runner, None
-        if runner is not None:
-            await runner.cleanup()
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            await listener.close()
 
     async def _arestart(self, down_for_s: float) -> None:
         await self._unbind()
@@ -230,41 +282,136 @@ class LocalServer:
 
     # -- both modes ---------------------------------------------------------------------
 
+    def _run(self, coro: Awaitable[None]) -> Awaitable[None]:
+        if self._mode == "thread":
+            self._call(coro)
+            return _Done()
+        if self._mode == "async":
+            return coro
+        if asyncio.iscoroutine(coro):
+            coro.close()
+        raise RuntimeError("LocalServer is not started")
+
+    def kill(self) -> Awaitable[None]:
+        """Stop listening and drop every connection at once, like a server that died.
+
+        The port refuses connections until `revive`; requests in flight get no answer. In
+        async mode, await the result; in thread mode the call is complete when it returns.
+        """
+        return self._run(self._unbind())
+
+    def revive(self) -> Awaitable[None]:
+        """Listen again on the same port after `kill` (no-op while listening).
+
+        Counters, records and scripts are kept. Await the result in async mode.
+        """
+        if self._mode is not None and self._port is None:
+            raise RuntimeError("LocalServer never listened")
+        return self._run(self._bind(self._port or 0))
+
     def restart(self, down_for_s: float = 0.0) -> Awaitable[None]:
         """Close the listener and every connection, stay down ``down_for_s``, rebind the port.
 
         Connections are refused while the server is down. In async mode, await the result;
         in thread mode the restart is complete when the call returns (awaiting is harmless).
         """
-        if self._mode == "thread":
-            self._call(self._arestart(down_for_s))
-            return _Done()
-        if self._mode == "async":
-            return self._arestart(down_for_s)
-        raise RuntimeError("LocalServer is not started")
+        return self._run(self._arestart(down_for_s))
 
 
-_ANNOUNCED_URL = re.compile(r"Running on (\S+)")
+class _BackgroundStderr(logging.Handler):
+    """Writes log records to stderr from a daemon thread; drops them when stderr is stuck.
+
+    A write to a pipe nobody reads blocks once the pipe is full; on the event loop's thread
+    that would stop the server for good. The thread writes with `os.write`, holding no lock
+    that interpreter shutdown needs.
+    """
+
+    def __init__(self, capacity: int = 1000) -> None:
+        super().__init__(level=logging.WARNING)
+        self.dropped = 0
+        self._queue: queue.Queue[str | None] = queue.Queue(maxsize=capacity)
+        self._thread = threading.Thread(
+            target=self._drain, name="friendli-image-server-log", daemon=True
+        )
+        self._thread.start()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            text = self.format(record) + "\n"
+        except Exception:  # noqa: BLE001 -- a broken record must not reach the loop
+            self.dropped += 1
+            return
+        try:
+            self._queue.put_nowait(text)
+        except queue.Full:
+            self.dropped += 1
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        self.dropped += 1  # the default prints a traceback to stderr, which may be stuck
+
+    def _drain(self) -> None:
+        while (text := self._queue.get()) is not None:
+            data = text.encode("utf-8", "backslashreplace")
+            try:
+                fd = sys.__stderr__.fileno() if sys.__stderr__ is not None else 2
+                while data:
+                    data = data[os.write(fd, data) :]
+            except (OSError, ValueError):
+                self.dropped += 1
+
+    def close(self) -> None:
+        with contextlib.suppress(queue.Full):
+            self._queue.put_nowait(None)
+        self._thread.join(timeout=1.0)
+        super().close()
+
+
+@contextlib.contextmanager
+def _stderr_off_the_loop() -> Iterator[None]:
+    """Route warnings to `_BackgroundStderr` unless the application configured logging."""
+    root = logging.getLogger()
+    if root.handlers:
+        yield
+        return
+    handler = _BackgroundStderr()
+    root.addHandler(handler)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        handler.close()
+
+
+async def _serve_until_signalled(config: ServerConfig, host: str, port: int) -> None:
+    listener = await _Listener.open(ServerState(config), host, port, shutdown_timeout=5.0)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    handled: list[signal.Signals] = []
+    try:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                loop.add_signal_handler(signum, stop.set)
+                handled.append(signum)
+        shown = f"[{host}]" if ":" in host else host
+        print(f"Serving Friendli Container image API on http://{shown}:{listener.port}", flush=True)
+        await stop.wait()
+    finally:
+        for signum in handled:
+            loop.remove_signal_handler(signum)
+        await listener.close()
 
 
 def run_server(
     config: ServerConfig | None = None, host: str = "127.0.0.1", port: int = 8000
 ) -> None:
-    """Serve the image API until interrupted (Ctrl-C or SIGTERM stop it cleanly)."""
-    app = create_app(config if config is not None else ServerConfig())
+    """Serve the image API until interrupted (Ctrl-C or SIGTERM stop it cleanly).
 
-    def announce(message: str) -> None:
-        found = _ANNOUNCED_URL.search(message)
-        url = found.group(1) if found else f"http://{host}:{port}"
-        print(f"Serving Friendli Container image API on {url}", flush=True)
-
-    web.run_app(
-        app,
-        host=host,
-        port=port,
-        print=announce,
-        access_log=None,
-        handler_cancellation=True,
-        shutdown_timeout=5.0,
-        reuse_address=True,
-    )
+    Call it from the main thread. Unless logging is configured, warnings go to stderr from
+    a background thread and are dropped when stderr does not keep up, so a full pipe cannot
+    stop the server. With ``ServerConfig(token_file=...)`` or ``token_env=...`` the token is
+    read before the port is bound and never appears in the process list.
+    """
+    config = config if config is not None else ServerConfig()
+    config.resolve_token()
+    with _stderr_off_the_loop(), contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(_serve_until_signalled(config, host, port))

@@ -31,6 +31,8 @@ class RequestRecord:
     """The status sent, or None when no response was sent."""
     disconnected: bool = False
     """True when the client went away before the response was sent."""
+    probe: bool = attrs.field(default=False, repr=False)
+    """True for a ``GET /health`` probe (not counted in flight)."""
 
 
 @attrs.frozen(kw_only=True)
@@ -40,11 +42,21 @@ class ServerStats:
     total_requests: int
     requests_by_path: Mapping[str, int]
     in_flight: int
+    """Requests being handled now (``GET /health`` probes are not counted)."""
     max_in_flight: int
     faults: Mapping[str, int]
     """Scripted or random fault actions taken, by kind (``"status:503"``, ``"truncate"``...)."""
     responses_by_status: Mapping[int, int]
     disconnects: int
+    open_connections: int = 0
+    """TCP connections open now."""
+    max_open_connections: int = 0
+    timed_out_connections: int = 0
+    """Connections closed for a late request head, idleness or a stalled body."""
+    evicted_connections: int = 0
+    """Idle connections closed to admit a new one at ``ServerConfig.max_connections``."""
+    refused_connections: int = 0
+    """New connections closed at once because the cap was reached with every one busy."""
 
 
 def action_label(action: Action) -> str:
@@ -66,6 +78,9 @@ class ServerState:
         )
         self._records: deque[RequestRecord] = deque(maxlen=config.max_records)
         self._in_flight = 0
+        self._connections = 0
+        self.healthy = True
+        """What ``GET /health`` reports: 200 ``{"status": "ok"}`` when True, else 503."""
         self._reset_counters()
 
     def _reset_counters(self) -> None:
@@ -75,6 +90,8 @@ class ServerState:
         self._faults: dict[str, int] = {}
         self._by_status: dict[int, int] = {}
         self._disconnects = 0
+        self._max_connections = self._connections
+        self._connection_events = {"timed_out": 0, "evicted": 0, "refused": 0}
         self._records.clear()
 
     def reset_stats(self) -> None:
@@ -129,16 +146,20 @@ class ServerState:
             return Action.drop_after_read(delay=delay)
         return Action.delay(delay) if delay > 0 else None
 
-    def begin(self, path: str, method: str, headers: Mapping[str, str]) -> RequestRecord:
-        """Count an arriving request and return its record."""
+    def begin(
+        self, path: str, method: str, headers: Mapping[str, str], *, probe: bool = False
+    ) -> RequestRecord:
+        """Count an arriving request and return its record (``probe``: a health check)."""
         record = RequestRecord(
             path=path, method=method, headers=dict(headers), received_at=time.monotonic()
         )
+        record.probe = probe
         with self._lock:
             self._total += 1
             self._by_path[path] = self._by_path.get(path, 0) + 1
-            self._in_flight += 1
-            self._max_in_flight = max(self._max_in_flight, self._in_flight)
+            if not probe:
+                self._in_flight += 1
+                self._max_in_flight = max(self._max_in_flight, self._in_flight)
             if self.config.record_requests:
                 self._records.append(record)
         return record
@@ -146,11 +167,25 @@ class ServerState:
     def end(self, record: RequestRecord) -> None:
         """Count a finished request (answered, dropped or abandoned)."""
         with self._lock:
-            self._in_flight -= 1
+            if not record.probe:
+                self._in_flight -= 1
             if record.disconnected:
                 self._disconnects += 1
             if record.status is not None:
                 self._by_status[record.status] = self._by_status.get(record.status, 0) + 1
+
+    def connection_opened(self) -> None:
+        """Count an accepted TCP connection."""
+        with self._lock:
+            self._connections += 1
+            self._max_connections = max(self._max_connections, self._connections)
+
+    def connection_closed(self, reason: str | None = None) -> None:
+        """Count a closed connection; ``reason``: ``timed_out``, ``evicted`` or ``refused``."""
+        with self._lock:
+            self._connections -= 1
+            if reason is not None:
+                self._connection_events[reason] += 1
 
     def stats(self) -> ServerStats:
         """A consistent snapshot of the counters."""
@@ -163,6 +198,11 @@ class ServerState:
                 faults=dict(self._faults),
                 responses_by_status=dict(self._by_status),
                 disconnects=self._disconnects,
+                open_connections=self._connections,
+                max_open_connections=self._max_connections,
+                timed_out_connections=self._connection_events["timed_out"],
+                evicted_connections=self._connection_events["evicted"],
+                refused_connections=self._connection_events["refused"],
             )
 
     def records(self) -> list[RequestRecord]:

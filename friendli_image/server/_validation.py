@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from typing import Any, Literal
 
 import attrs
@@ -54,8 +55,48 @@ def error(loc: tuple[str | int, ...], msg: str, type_: str) -> ErrorDetail:
     return {"loc": ["body", *loc], "msg": msg, "type": type_}
 
 
-def parse_json(body: bytes) -> Any:
-    """Parse a request body, raising `RequestValidationError` like FastAPI for bad JSON."""
+class RequestTooComplexError(Exception):
+    """The body holds more JSON values than the server parses; the handler answers 413."""
+
+
+# A JSON string, written so that the regex engine's tight loops do the work (a 60 MiB
+# base64 string is one `[^"\\]*` run). An unterminated string runs to the end of the body:
+# a match that could fail would be retried from every later quote, in quadratic time.
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*(?:"|\\?\Z)', re.DOTALL)
+
+
+def check_json_items(body: bytes | bytearray, max_items: int) -> None:
+    """Refuse a body with more than ``max_items`` list items and object members, unparsed.
+
+    Parsing builds one Python object per value (about 36 bytes per small integer, 14 times
+    the two bytes of ``1,``), so a body's item count, not its size, bounds the parse's memory.
+    Every item but the first of each container follows a comma outside strings; nesting
+    depth is bounded by the parsers (about 1,000). The fast path counts all commas; only a
+    body that has more (prompts may hold commas) is scanned for the commas in its strings.
+    """
+    commas = body.count(b",")
+    if commas <= max_items:
+        return
+    if body.count(b'"') <= 4 * max_items:
+        # Few strings: subtract the commas inside them without copying anything.
+        inside = sum(body.count(b",", m.start(), m.end()) for m in _JSON_STRING.finditer(body))
+        structural = commas - inside
+    else:
+        structural = _JSON_STRING.sub(b'""', body).count(b",")
+    if structural > max_items:
+        raise RequestTooComplexError(
+            f"request body has {structural + 1} JSON list items and object members; the "
+            f"server parses at most {max_items} (a generation or edit request needs a few dozen)"
+        )
+
+
+def parse_json(body: bytes | bytearray, max_items: int | None = None) -> Any:
+    """Parse a request body, raising `RequestValidationError` like FastAPI for bad JSON.
+
+    With ``max_items``, first refuse bodies with more items (`check_json_items`).
+    """
+    if max_items is not None:
+        check_json_items(body, max_items)
     if not body.strip():
         raise RequestValidationError(
             [{"loc": ["body"], "msg": "Field required", "type": "missing"}]

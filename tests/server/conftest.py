@@ -22,6 +22,13 @@ async def server() -> AsyncIterator[LocalServer]:
 
 
 @pytest.fixture
+async def fetching_server() -> AsyncIterator[LocalServer]:
+    """Like ``server``, but fetching image URLs on loopback (where ``image_host`` listens)."""
+    async with LocalServer(ServerConfig(image_size=64, allow_private_urls=True)) as srv:
+        yield srv
+
+
+@pytest.fixture
 async def session() -> AsyncIterator[aiohttp.ClientSession]:
     """A raw aiohttp client session."""
     async with aiohttp.ClientSession() as client:

@@ -52,11 +52,12 @@ def test_contract_paths_are_served() -> None:
 @pytest.mark.parametrize("golden", GOLDEN.values(), ids=GOLDEN.keys())
 async def test_golden_requests_get_contract_responses(
     golden: dict[str, Any],
-    server: LocalServer,
+    fetching_server: LocalServer,
     session: aiohttp.ClientSession,
     image_host: TestServer,
 ) -> None:
     """Each body the official SDK sent (remote URLs pointed at a local host) gets a valid 200."""
+    server = fetching_server
     recorded = golden
     body_text = json.dumps(recorded["body"]).replace(
         REMOTE_CAT, str(image_host.make_url("/red.png"))

@@ -134,10 +134,10 @@ async def test_control_weights_influence(
 
 
 async def test_url_inputs_are_fetched(
-    server: LocalServer, session: aiohttp.ClientSession, image_host: TestServer
+    fetching_server: LocalServer, session: aiohttp.ClientSession, image_host: TestServer
 ) -> None:
     """http URLs are fetched by the server; different images at the URLs give different edits."""
-    url = server.url + EDIT
+    url = fetching_server.url + EDIT
     red = await _image(
         session, url, {"prompt": "p", "image": {"image": str(image_host.make_url("/red.png"))}}
     )
@@ -148,9 +148,10 @@ async def test_url_inputs_are_fetched(
 
 
 async def test_url_fetch_failures_are_422(
-    server: LocalServer, session: aiohttp.ClientSession, image_host: TestServer
+    fetching_server: LocalServer, session: aiohttp.ClientSession, image_host: TestServer
 ) -> None:
     """A URL answering 404, non-image bytes, or nothing at all gives 422 with a clear message."""
+    server = fetching_server
     cases = {
         "/missing.png": "HTTP 404",
         "/text": "not a decodable image",
@@ -170,7 +171,8 @@ async def test_url_fetch_failures_are_422(
 
 async def test_url_fetch_size_cap(session: aiohttp.ClientSession, image_host: TestServer) -> None:
     """A URL body over fetch_max_bytes gives 422 instead of being read whole."""
-    async with LocalServer(ServerConfig(fetch_max_bytes=100_000)) as srv:
+    config = ServerConfig(fetch_max_bytes=100_000, allow_private_urls=True)
+    async with LocalServer(config) as srv:
         body = {"prompt": "p", "image": {"image": str(image_host.make_url("/big"))}}
         async with session.post(srv.url + EDIT, json=body) as resp:
             assert resp.status == 422
