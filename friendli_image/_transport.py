@@ -53,7 +53,7 @@ from ._models import ImageResult, RequestModel
 from ._retry import parse_retry_after
 from ._serde import dumps_request
 
-__all__ = ["Call", "Connector", "Transport"]
+__all__ = ["BodyBuffers", "Call", "Connector", "Transport"]
 
 #: Error bodies are read up to this size, for the excerpt and the 422 details.
 _ERROR_BODY_LIMIT: Final = 64 * 1024
@@ -134,6 +134,7 @@ class Transport:
         self._urls: dict[tuple[str, str], URL] = {}
         self._env_routes: dict[tuple[str, str], _EnvRoute] = {}
         self._plain_http_warned: set[str] = set()
+        self._buffers = BodyBuffers()
 
     def prepare(self, path: str, request: RequestModel, options: CallOptions) -> Call:
         """The parts of a call that stay the same across its attempts."""
@@ -226,7 +227,9 @@ class Transport:
                     status = response.status
                     if status != 200:
                         raise await _status_error(response, request_id, self._settings.token)
-                    data = await _read_body(response, self._settings.max_response_bytes, request_id)
+                    data, pooled = await _read_body(
+                        response, self._settings.max_response_bytes, request_id, self._buffers
+                    )
             except FriendliAPIError as error:
                 _log_failed_attempt(logger, error, url, attempt_number, attempt_started)
                 raise
@@ -251,13 +254,17 @@ class Transport:
                 request_id,
                 len(data),
             )
-        if len(data) > _OFFLOOP_DECODE_BYTES:
-            image = await asyncio.get_running_loop().run_in_executor(
-                None, _decode_image, data, status, request_id
-            )
-        else:
-            image = _decode_image(data, status, request_id)
-        del data
+        try:
+            if len(data) > _OFFLOOP_DECODE_BYTES:
+                image = await asyncio.get_running_loop().run_in_executor(
+                    None, _decode_image, data, status, request_id
+                )
+            else:
+                image = _decode_image(data, status, request_id)
+        finally:
+            if pooled is not None:
+                self._buffers.give(pooled)
+            del data
         fmt = sniff_format(image)
         if call.expect_jpeg and fmt != "jpeg":
             raise FriendliResponseError(
@@ -367,9 +374,49 @@ def _client_timeout(timeout: Timeout, deadline: float | None, now: float) -> aio
     )
 
 
+class BodyBuffers:
+    """Buffers for large response bodies, reused while such bodies are in flight.
+
+    A fresh buffer of tens of MiB is page-faulted in by the kernel on first touch; with
+    many large bodies in flight that costs more CPU than decoding them. A buffer is kept
+    for the next body only while another large body is still being read, so an idle
+    client holds none: the memory held is bounded by the peak number of large bodies in
+    flight, and returned when the burst ends.
+    """
+
+    __slots__ = ("_busy", "_free")
+
+    def __init__(self) -> None:
+        self._free: list[bytearray] = []
+        self._busy = 0
+
+    async def take(self, size: int) -> bytearray:
+        """A buffer of at least ``size`` bytes (a new one is zeroed on a worker thread)."""
+        self._busy += 1
+        fitting = [buffer for buffer in self._free if len(buffer) >= size]
+        if fitting:
+            buffer = min(fitting, key=len)
+            self._free.remove(buffer)
+            return buffer
+        try:
+            return await asyncio.get_running_loop().run_in_executor(None, bytearray, size)
+        except BaseException:
+            self._busy -= 1
+            raise
+
+    def give(self, buffer: bytearray) -> None:
+        """Hand a buffer back once its body is decoded."""
+        self._busy -= 1
+        if self._busy > 0:
+            self._free.append(buffer)
+        else:
+            self._free.clear()
+
+
 async def _read_body(
-    response: aiohttp.ClientResponse, limit: int, request_id: str
-) -> bytes | bytearray:
+    response: aiohttp.ClientResponse, limit: int, request_id: str, buffers: BodyBuffers
+) -> tuple[bytes | memoryview, bytearray | None]:
+    """The body, and the pooled buffer holding it (to give back once decoded) if any."""
     length = response.content_length
     if length is not None and length > limit:
         response.close()
@@ -380,11 +427,25 @@ async def _read_body(
         )
     compressed = "Content-Encoding" in response.headers
     if length is not None and length <= _OFFLOOP_DECODE_BYTES and not compressed:
-        return await response.read()
-    # Larger or unsized bodies: keep aiohttp's chunks and join them once. Above 1 MiB
+        return await response.read(), None
+    if length is not None and not compressed:
+        # Sized large bodies go into a reused buffer (see BodyBuffers); aiohttp's framing
+        # stops the body at Content-Length, so it cannot overflow.
+        buffer = await buffers.take(length)
+        try:
+            with memoryview(buffer) as view:
+                position = 0
+                async for chunk in response.content.iter_any():
+                    end = position + len(chunk)
+                    view[position:end] = chunk
+                    position = end
+            return memoryview(buffer)[:position], buffer
+        except BaseException:
+            buffers.give(buffer)
+            raise
+    # Unsized or compressed bodies: keep aiohttp's chunks and join them once. Above 1 MiB
     # bytes.join copies without holding the GIL, so on a worker thread it never stalls
-    # the loop, where bytearray(length) zeroes and faults in tens of MiB in one step
-    # (30+ ms per body) and a growing bytearray is copied again on every realloc.
+    # the loop.
     chunks: list[bytes] = []
     size = 0
     async for chunk in response.content.iter_any():
@@ -398,11 +459,11 @@ async def _read_body(
             )
         chunks.append(chunk)
     if size <= _OFFLOOP_DECODE_BYTES:
-        return b"".join(chunks)
-    return await asyncio.get_running_loop().run_in_executor(None, b"".join, chunks)
+        return b"".join(chunks), None
+    return await asyncio.get_running_loop().run_in_executor(None, b"".join, chunks), None
 
 
-def _decode_image(data: bytes | bytearray, status: int, request_id: str) -> bytes:
+def _decode_image(data: bytes | memoryview, status: int, request_id: str) -> bytes:
     """Parse ``{"image": "<base64>"}`` and decode it; raise FriendliResponseError if not."""
     head = _PREFIX.match(data, 0, 32)
     if head is not None:

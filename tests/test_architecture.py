@@ -254,3 +254,22 @@ async def test_the_success_path_builds_no_retry_controller(server: LocalServer) 
     async with AsyncFriendli(server_url=server.url) as client:
         await asyncio.gather(*(client.container.image.generate(prompt="p") for _ in range(3)))
     assert "tenacity" not in sys.modules
+
+
+async def test_large_body_buffers_are_reused_only_while_bodies_are_in_flight() -> None:
+    """A buffer goes back to the pool while another large body is read, and none is kept idle."""
+    from friendli_image._transport import BodyBuffers
+
+    buffers = BodyBuffers()
+    first = await buffers.take(1000)
+    second = await buffers.take(1000)
+    buffers.give(first)  # `second` is still in flight: keep `first` for the next body
+    third = await buffers.take(800)
+    assert third is first
+    buffers.give(second)
+    buffers.give(third)  # nothing in flight: nothing held
+    fourth = await buffers.take(1000)
+    assert fourth is not first
+    assert fourth is not second
+    assert len(fourth) == 1000
+    buffers.give(fourth)
