@@ -36,7 +36,7 @@ from friendli_image._retry import (
 from friendli_image.server import Action, LocalServer, ServerConfig
 
 POLICY = RetryConfig(max_attempts=5, max_elapsed=0.5, jitter=0.0, initial_delay=0.05)
-RATE_LIMITED = [Action.status(429, headers={"Retry-After": "0.3"})] * 10
+RATE_LIMITED = [Action.status(429, headers={"retry-after-ms": "300"})] * 10
 
 
 @pytest.fixture

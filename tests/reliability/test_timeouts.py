@@ -7,7 +7,7 @@ import random
 import socket
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
 import pytest
 
@@ -20,9 +20,19 @@ from friendli_image import (
 )
 from friendli_image.server import Action, LocalServer, ServerConfig
 
-from .harness import TINY_PNG, Figures, SecretProbe, gen, pool
+from .harness import (
+    TINY_PNG,
+    Figures,
+    RawHandler,
+    RawServer,
+    SecretProbe,
+    gen,
+    pool,
+    read_request,
+)
 
 MakeClient = Callable[..., AsyncFriendli]
+StartRaw = Callable[[RawHandler], Awaitable[RawServer]]
 
 
 async def _wait_until(predicate: Callable[[], bool], limit: float = 3.0) -> bool:
@@ -237,3 +247,72 @@ async def test_random_cancellations_leave_the_pool_clean(
     started = time.monotonic()
     await gen(client, num_inference_steps=10)
     assert time.monotonic() - started < 0.05 + 0.5
+
+
+async def _never_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    while await read_request(reader):
+        pass  # read every request, answer none: only the client's timers end an attempt
+
+
+async def _cancel_at_the_deadline(
+    client: AsyncFriendli, offset: float
+) -> tuple[bool, BaseException | None]:
+    """One call with a 30 ms attempt timeout, cancelled ``offset`` s after it started."""
+    loop = asyncio.get_running_loop()
+    task = loop.create_task(gen(client, timeout_ms=30))
+    accepted: list[bool] = []
+    loop.call_later(offset, lambda: accepted.append(task.cancel()))
+    try:
+        await task
+    except BaseException as exc:  # noqa: BLE001  (the outcome is what is measured)
+        outcome: BaseException | None = exc
+    else:
+        outcome = None
+    while not accepted:
+        await asyncio.sleep(0.001)
+    return accepted[0], outcome
+
+
+@pytest.mark.scenario(15)
+async def test_a_cancel_at_the_attempt_deadline_stays_a_cancel(
+    raw_server: StartRaw, make_client: MakeClient, figures: Figures
+) -> None:
+    """1,000 cancels at 30 +- 4 ms of a timeout_ms=30 call: every accepted one is a
+    CancelledError (none swallowed into FriendliTimeoutError), and without a cancel the
+    attempt timeout still fires on time."""
+    raw = await raw_server(_never_answer)
+    client = make_client(raw.url, retries=RetryConfig.disabled())
+    rng = random.Random(12)
+    accepted = swallowed = timed_out = 0
+    for _wave in range(20):
+        outcomes = await asyncio.gather(
+            *(_cancel_at_the_deadline(client, rng.uniform(0.026, 0.034)) for _ in range(50))
+        )
+        for was_accepted, outcome in outcomes:
+            if was_accepted:
+                accepted += 1
+                if not isinstance(outcome, asyncio.CancelledError):
+                    swallowed += 1
+            else:
+                assert isinstance(outcome, FriendliTimeoutError), outcome
+                timed_out += 1
+    figures.set(
+        "cancel.boundary",
+        f"1000 cancels at 30 +- 4 ms of a 30 ms attempt: {accepted} accepted, {swallowed} "
+        f"swallowed into FriendliTimeoutError (target 0; before: 17-24 %), {timed_out} "
+        "came after the timeout had already ended the call",
+    )
+    figures.add("inject.cancel", 1000)
+    assert swallowed == 0
+    assert accepted > 100  # the offsets straddle the deadline
+
+    async def timed() -> float:
+        started = time.monotonic()
+        with pytest.raises(FriendliTimeoutError) as caught:
+            await gen(client, timeout_ms=30)
+        assert caught.value.kind == "attempt"
+        return time.monotonic() - started
+
+    late = max(await asyncio.gather(*(timed() for _ in range(50))))
+    figures.high("timeout.attempt (30 ms, 50 concurrent)", late - 0.030)
+    assert late < 0.030 + 0.3
