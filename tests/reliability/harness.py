@@ -49,6 +49,7 @@ class Figures:
         self.minima: dict[str, float] = {}
         self.values: dict[str, str] = {}
         self.scenarios: dict[int, list[str]] = {}
+        self.refusals: dict[str, str] = {}
         self.started = time.monotonic()
 
     def add(self, name: str, amount: float = 1) -> None:
@@ -66,6 +67,10 @@ class Figures:
     def set(self, name: str, value: str) -> None:
         """Record a value as text."""
         self.values[name] = value
+
+    def record_refusal(self, header: str, reason: str) -> None:
+        """Record that a header was refused before sending, and the reason matched."""
+        self.refusals[header] = reason
 
 
 FIGURES = Figures()

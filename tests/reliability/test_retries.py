@@ -195,6 +195,13 @@ _JUNK_HINTS = [
     {"Retry-After": "Mon, 01 Jan 2001 00:00:00 GMT"},  # in the past
     {"Retry-After": ""},
     {"retry-after-ms": "inf", "Retry-After": "junk"},
+    # Not RFC 9110 delay-seconds (1*DIGIT), though Python's float() reads them as 10:
+    {"Retry-After": "1e1"},
+    {"Retry-After": "1_0"},
+    {"Retry-After": "10.0"},
+    {"Retry-After": "+10"},
+    {"Retry-After": "\u0661\u0660"},  # Arabic-Indic digits
+    {"retry-after-ms": "1e4"},
 ]
 
 
@@ -251,6 +258,40 @@ async def test_retry_after_above_cap_raises_at_once(
     assert server.stats.total_requests == 1
     figures.add("fail.typed")
     secrets.check(caught.value)
+
+
+_FAR_HINTS = [
+    {"Retry-After": "300000000"},
+    {"Retry-After": "1000000000"},
+    {"Retry-After": "9" * 400},
+    {"retry-after-ms": "1" + "0" * 30},
+    {"Retry-After": "Fri, 31 Dec 9999 23:59:59 GMT"},
+]
+
+
+@pytest.mark.scenario(5)
+@pytest.mark.parametrize("headers", _FAR_HINTS, ids=lambda h: repr(h)[:40])
+async def test_every_hint_beyond_the_cap_stops_the_same_way(
+    server: LocalServer,
+    make_client: MakeClient,
+    tid: str,
+    figures: Figures,
+    headers: dict[str, str],
+) -> None:
+    """Hints of years, of 400 digits or of the year 9999 all stop at once with retry_after
+    set (before, 1000000000 counted as junk and was retried after 0.5 s)."""
+    server.script(tid, [Action.status(429, headers=headers)] * 3)
+    client = make_client(server.url, retries=RetryConfig(max_retry_after=60))
+    started = time.monotonic()
+    with pytest.raises(FriendliRateLimitError) as caught:
+        await gen(client)
+    figures.add("inject.retry_after")
+    figures.add("fail.expected")
+    assert time.monotonic() - started < 1.0
+    assert server.stats.total_requests == 1
+    assert caught.value.retry_after is not None and caught.value.retry_after > 60
+    assert math.isfinite(caught.value.retry_after)
+    figures.add("fail.typed")
 
 
 def _closed_port() -> int:
