@@ -166,9 +166,13 @@ class RetryConfig:
         retry_ambiguous: resend requests the server may already have processed.
         reconnect_reused: reconnect once when a reused keep-alive connection breaks
             before any answer (see above); False never resends such a request.
-        budget_ratio: the client-wide retry budget; each call adds this many retry tokens
-            (so during an outage retries stay near this fraction of the calls).
-        budget_floor: retry tokens a client starts with (and keeps up to ``budget_cap``).
+        budget_ratio: retry tokens each successful call adds to the client-wide retry
+            budget. A retry spends one token unless the server paced it with
+            ``Retry-After`` or the request never reached it; a call that then succeeds
+            gets its tokens back. A brownout (where retries work) thus keeps the budget
+            full, and a full outage costs at most ``budget_cap`` extra requests in all.
+        budget_floor: retry tokens a client starts with.
+        budget_cap: the most retry tokens a client holds.
     """
 
     max_attempts: int = attrs.field(default=5, validator=_attempts)
@@ -186,7 +190,7 @@ class RetryConfig:
     retry_ambiguous: bool = False
     reconnect_reused: bool = True
     budget_ratio: float = attrs.field(default=0.1, validator=_non_negative("budget_ratio"))
-    budget_floor: float = attrs.field(default=10.0, validator=_non_negative("budget_floor"))
+    budget_floor: float = attrs.field(default=50.0, validator=_non_negative("budget_floor"))
     budget_cap: float = attrs.field(default=50.0, validator=_non_negative("budget_cap"))
 
     @classmethod

@@ -397,7 +397,7 @@ URL, TRIALS = sys.argv[1], int(sys.argv[2])
 
 def trial():
     client = AsyncFriendli(server_url=URL, token="sk-x", retries=0)
-    barrier = threading.Barrier(2)
+    barrier, done = threading.Barrier(2), threading.Barrier(2)
     outcomes = []
 
     async def call():
@@ -408,6 +408,8 @@ def trial():
             return "usage"
         except Exception as exc:
             return f"{type(exc).__name__}: {exc}"
+        finally:
+            done.wait()  # and both stay alive until both calls ended: they overlap
         return "ok"
 
     def run():

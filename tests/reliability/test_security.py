@@ -310,7 +310,7 @@ _CREDENTIAL_URLS = [
 @pytest.mark.scenario(37)
 @pytest.mark.parametrize("template", _CREDENTIAL_URLS)
 @pytest.mark.parametrize("with_token", [True, False], ids=["token", "no-token"])
-async def test_credentials_in_server_url_are_refused_without_echo(
+async def test_credentials_in_server_url_are_refused_without_echo(  # noqa: PLR0917
     raw_server: StartRaw,
     figures: Figures,
     capsys: pytest.CaptureFixture[str],
@@ -341,7 +341,8 @@ async def test_credentials_in_server_url_are_refused_without_echo(
     assert code == 2
     assert len(err.strip().splitlines()) == 1
     assert "pw-s3cret" not in err
-    assert seen == [] and raw.connections == 0
+    assert seen == []
+    assert raw.connections == 0
     figures.add("bad_input.rejected")
 
 
@@ -388,7 +389,8 @@ async def test_headers_that_corrupt_the_request_are_refused(
     for value in headers.values():
         if len(value) > 3:
             assert value not in str(caught.value)
-    assert seen == [] and raw.connections == 0
+    assert seen == []
+    assert raw.connections == 0
     figures.add("headers.refused")
     figures.record_refusal(next(iter(headers)) or "(empty name)", reason)
 

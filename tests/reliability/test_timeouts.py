@@ -260,17 +260,15 @@ async def _cancel_at_the_deadline(
     """One call with a 30 ms attempt timeout, cancelled ``offset`` s after it started."""
     loop = asyncio.get_running_loop()
     task = loop.create_task(gen(client, timeout_ms=30))
-    accepted: list[bool] = []
-    loop.call_later(offset, lambda: accepted.append(task.cancel()))
+    accepted: asyncio.Future[bool] = loop.create_future()
+    loop.call_later(offset, lambda: accepted.set_result(task.cancel()))
     try:
         await task
-    except BaseException as exc:  # noqa: BLE001  (the outcome is what is measured)
+    except BaseException as exc:  # the outcome is what is measured
         outcome: BaseException | None = exc
     else:
         outcome = None
-    while not accepted:
-        await asyncio.sleep(0.001)
-    return accepted[0], outcome
+    return await accepted, outcome
 
 
 @pytest.mark.scenario(15)
@@ -306,13 +304,25 @@ async def test_a_cancel_at_the_attempt_deadline_stays_a_cancel(
     assert swallowed == 0
     assert accepted > 100  # the offsets straddle the deadline
 
-    async def timed() -> float:
+    async def timed() -> tuple[float, float]:
+        """(lateness of the attempt timeout, lateness of a plain 30 ms sleep beside it)."""
         started = time.monotonic()
+
+        async def control() -> float:
+            await asyncio.sleep(0.030)
+            return time.monotonic() - started - 0.030
+
+        beside = asyncio.ensure_future(control())
         with pytest.raises(FriendliTimeoutError) as caught:
             await gen(client, timeout_ms=30)
         assert caught.value.kind == "attempt"
-        return time.monotonic() - started
+        return time.monotonic() - started - 0.030, await beside
 
-    late = max(await asyncio.gather(*(timed() for _ in range(50))))
-    figures.high("timeout.attempt (30 ms, 50 concurrent)", late - 0.030)
-    assert late < 0.030 + 0.3
+    timings = [await timed() for _ in range(20)]
+    late = max(t for t, _ in timings)
+    # A loaded machine delays every timer; the SDK's own share is the excess over a
+    # plain sleep started at the same moment.
+    excess = max(t - control for t, control in timings)
+    figures.high("timeout.attempt (30 ms)", late)
+    figures.high("timeout.attempt (30 ms), beyond a plain sleep", excess)
+    assert excess < 0.1
