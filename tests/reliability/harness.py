@@ -49,7 +49,7 @@ class Figures:
         self.minima: dict[str, float] = {}
         self.values: dict[str, str] = {}
         self.scenarios: dict[int, list[str]] = {}
-        self.refusals: dict[str, str] = {}
+        self.refusals: set[tuple[str, str]] = set()
         self.started = time.monotonic()
 
     def add(self, name: str, amount: float = 1) -> None:
@@ -70,7 +70,7 @@ class Figures:
 
     def record_refusal(self, header: str, reason: str) -> None:
         """Record that a header was refused before sending, and the reason matched."""
-        self.refusals[header] = reason
+        self.refusals.add((header, reason))
 
 
 FIGURES = Figures()
@@ -259,9 +259,9 @@ def _second_pass(f: Figures) -> list[str]:
         f"- {int(c.get('headers.refused', 0))} of {int(c.get('headers.tried', 0))} "
         "corrupting headers refused at the client and at the call, 0 bytes on the wire:",
         "",
-        "| header | reason given |",
+        "| header | the error says |",
         "|---|---|",
-        *(f"| `{name}` | {reason} |" for name, reason in sorted(f.refusals.items())),
+        *(f"| `{name}` | {reason} |" for name, reason in sorted(f.refusals)),
         "",
         "### Other defects",
         "",

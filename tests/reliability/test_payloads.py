@@ -375,7 +375,9 @@ async def test_a_body_of_millions_of_keys_is_refused_before_parsing(
         f"peak traced {peak / MiB:.0f} MiB ({peak / len(body):.2f}x the body; "
         "before: 906 MiB RSS, 5.4 s)",
     )
-    assert peak < 3 * len(body)
+    # The body itself is held twice while read (aiohttp's chunks, then joined); a parse
+    # of its keys would have added ~30x.
+    assert peak < 4 * len(body)
     assert elapsed < 3.0
 
 

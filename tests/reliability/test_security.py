@@ -392,7 +392,8 @@ async def test_headers_that_corrupt_the_request_are_refused(
     assert seen == []
     assert raw.connections == 0
     figures.add("headers.refused")
-    figures.record_refusal(next(iter(headers)) or "(empty name)", reason)
+    shown = ", ".join(f"{name or '(empty name)'}: {value!r}" for name, value in headers.items())
+    figures.record_refusal(shown, str(caught.value).removeprefix("invalid http_headers: "))
 
 
 @pytest.mark.scenario(36)
