@@ -15,6 +15,7 @@ import logging
 import os
 import random
 import ssl
+import threading
 import weakref
 from collections.abc import AsyncIterator, Callable, Mapping
 from functools import cached_property
@@ -39,6 +40,7 @@ from ._config import (
     env_server_url,
     env_token,
     resolve_retries,
+    split_authorization,
     ssl_setting,
     timeout_from_ms,
     token_source,
@@ -129,7 +131,12 @@ class AsyncFriendli:
             ``timeout=Timeout(attempt=...)``).
         retries: a ``RetryConfig``, a number of retries (0 disables retrying), or None
             for the default policy.
-        http_headers: extra headers sent with every request.
+        http_headers: extra headers sent with every request. Names must be HTTP tokens
+            and values visible ASCII; the framing and hop-by-hop headers
+            (``Content-Length``, ``Transfer-Encoding``, ``Host``, ``Connection``, ``TE``,
+            ``Upgrade``, ...) are refused. An ``Authorization`` header here (or in a
+            call's ``http_headers``) replaces the ``Bearer <token>`` header, for a gateway
+            with another scheme; it is kept and redacted like the token.
         max_connections: the most requests in flight at once (the connection pool size).
         timeout: connect / read / attempt / total timeouts (see ``Timeout``).
         max_response_bytes: responses larger than this raise ``FriendliResponseTooLarge``
@@ -210,6 +217,7 @@ class AsyncFriendli:
             extra_headers["X-Friendli-Team"] = check_headers({"X-Friendli-Team": x_friendli_team})[
                 "X-Friendli-Team"
             ]
+        extra_headers, authorization = split_authorization(extra_headers)
         token = env_token() if token is None else token
         self._setup(
             ClientSettings(
@@ -233,6 +241,7 @@ class AsyncFriendli:
                 ssl=ssl_setting(verify),
                 trust_env=trust_env,
                 logger=debug_logger or logger,
+                authorization=authorization,
             )
         )
 
@@ -244,6 +253,7 @@ class AsyncFriendli:
         self._session_guard: AsyncIterator[None] | None = None
         self._dropped: _DropFinalizer | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._bind_lock = threading.Lock()
         self._slots: asyncio.Semaphore | None = None
         self._budget = RetryBudget(settings.retry.budget_floor)
         self._rng = random.Random()  # noqa: S311  (jitter, not secrets)
@@ -329,10 +339,29 @@ class AsyncFriendli:
             return None
         return session
 
+    def _claim_loop(self) -> asyncio.AbstractEventLoop:
+        """Bind the client to the running loop, or raise if another live loop has it.
+
+        Under a lock, before any await: two threads racing to the first call would
+        otherwise both open a session, and one would close the other's mid-request.
+        """
+        loop = asyncio.get_running_loop()
+        with self._bind_lock:
+            bound = self._loop
+            if bound is not None and bound is not loop and not bound.is_closed():
+                raise FriendliUsageError(
+                    "this AsyncFriendli is in use on another event loop; aiohttp sessions "
+                    "belong to one loop, so create one client per loop (or per thread, "
+                    "e.g. with client.copy())"
+                )
+            self._loop = loop
+        return loop
+
     async def _open_session(self) -> aiohttp.ClientSession:
         session = self._ready_session()
         if session is not None:
             return session
+        loop = self._claim_loop()
         session = aiohttp.ClientSession(
             connector=Connector(
                 limit=self._settings.max_connections,
@@ -349,7 +378,6 @@ class AsyncFriendli:
         guard = _close_on_loop_shutdown(session)
         # The first step registers the generator with the loop's shutdown hooks.
         await guard.__anext__()
-        loop = asyncio.get_running_loop()
         if self._dropped is not None:
             self._dropped.detach()
         # A client dropped without close() is often collected by the cycle collector,
@@ -361,7 +389,6 @@ class AsyncFriendli:
         # closes the session; a task scheduled from here then could outlive its loop.
         self._dropped.atexit = False
         self._session, self._session_guard = session, guard
-        self._loop = loop
         self._slots = asyncio.Semaphore(self._settings.max_connections)
         return session
 
@@ -422,8 +449,6 @@ class AsyncFriendli:
             except FriendliAPIError as error:
                 if gate is not None:
                     gate.release(ticket, _outcome(error), server_wait(error))
-                if attempt_number == 1:
-                    self._budget.deposit(options.retry)
                 try:
                     await retry.after_failure(error)
                 except FriendliAPIError as final:
@@ -436,10 +461,9 @@ class AsyncFriendli:
                 raise
             if gate is not None:
                 gate.release(ticket, "ok")
-            if attempt_number == 1:
-                # Credited as first attempts complete, not as calls start: a burst of
-                # queued calls would otherwise fill the budget at once.
-                self._budget.deposit(options.retry)
+            # Credited as calls succeed, not as they start: a burst of queued calls
+            # would otherwise fill the budget at once, and an outage would refill it.
+            retry.succeeded()
             if retry.resent_ambiguous:
                 result = attrs.evolve(result, maybe_duplicated=True)
             return result

@@ -20,6 +20,7 @@ import attrs
 from ._exceptions import FriendliValidationError, warn_at_caller
 
 __all__ = [
+    "AUTHORIZATION",
     "DEFAULT_MAX_CONNECTIONS",
     "DEFAULT_MAX_RESPONSE_BYTES",
     "DEFAULT_SERVER_URL",
@@ -42,6 +43,7 @@ __all__ = [
     "env_server_url",
     "env_token",
     "resolve_retries",
+    "split_authorization",
     "ssl_setting",
     "timeout_from_ms",
     "token_source",
@@ -165,9 +167,13 @@ class RetryConfig:
         retry_ambiguous: resend requests the server may already have processed.
         reconnect_reused: reconnect once when a reused keep-alive connection breaks
             before any answer (see above); False never resends such a request.
-        budget_ratio: the client-wide retry budget; each call adds this many retry tokens
-            (so during an outage retries stay near this fraction of the calls).
-        budget_floor: retry tokens a client starts with (and keeps up to ``budget_cap``).
+        budget_ratio: retry tokens each successful call adds to the client-wide retry
+            budget. A retry spends one token unless the server paced it with
+            ``Retry-After`` or the request never reached it; a call that then succeeds
+            gets its tokens back. A brownout (where retries work) thus keeps the budget
+            full, and a full outage costs at most ``budget_cap`` extra requests in all.
+        budget_floor: retry tokens a client starts with.
+        budget_cap: the most retry tokens a client holds.
     """
 
     max_attempts: int = attrs.field(default=5, validator=_attempts)
@@ -185,7 +191,7 @@ class RetryConfig:
     retry_ambiguous: bool = False
     reconnect_reused: bool = True
     budget_ratio: float = attrs.field(default=0.1, validator=_non_negative("budget_ratio"))
-    budget_floor: float = attrs.field(default=10.0, validator=_non_negative("budget_floor"))
+    budget_floor: float = attrs.field(default=50.0, validator=_non_negative("budget_floor"))
     budget_cap: float = attrs.field(default=50.0, validator=_non_negative("budget_cap"))
 
     @classmethod
@@ -200,7 +206,8 @@ _FORBIDDEN_HEADER_CHARS: Final = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 
 
 class Secret:
-    """Holds the token so that no repr, str or pickle of ours can show it."""
+    """Holds a credential (the token, a user's ``Authorization`` value) so that no repr,
+    str or pickle of ours can show it."""
 
     __slots__ = ("_value",)
 
@@ -208,7 +215,7 @@ class Secret:
         self._value = value
 
     def reveal(self) -> str:
-        """The token itself, for the ``Authorization`` header only."""
+        """The credential itself, for the ``Authorization`` header (and redaction) only."""
         return self._value
 
     def __repr__(self) -> str:
@@ -244,10 +251,25 @@ def check_token(value: str | None) -> Secret | None:
 
 
 def check_server_url(value: object, field: str = "server_url") -> str:
-    """Return the URL without a trailing slash, or raise unless it is an http(s) URL."""
+    """Return the URL without a trailing slash, or raise unless it is an http(s) URL.
+
+    A URL with credentials (``http://user:password@host``) is refused without echoing
+    them: aiohttp would raise a bare ``ValueError`` beside a token, send them as
+    ``Basic`` auth without one, and every repr would show the password.
+    """
     if not isinstance(value, str) or not value.strip():
         raise FriendliValidationError(field, f"must be an http(s) URL string, got {value!r}")
     url = value.strip().rstrip("/")
+    scheme, sep, rest = url.partition("://")
+    authority = rest.split("/", 1)[0].split("?", 1)[0].split("#", 1)[0] if sep else ""
+    if "@" in authority:
+        host = authority.rpartition("@")[2]
+        raise FriendliValidationError(
+            field,
+            f"contains a user name or password before the host ({scheme}://…@{host}); "
+            "credentials do not belong in the URL: pass the API token as token= (or set "
+            "FRIENDLI_TOKEN) and drop the user:password@ part",
+        )
     if not url.lower().startswith(("http://", "https://")):
         raise FriendliValidationError(field, f"must start with http:// or https://, got {url!r}")
     return url
@@ -290,22 +312,82 @@ def resolve_retries(value: RetryConfig | int | None, base: RetryConfig) -> Retry
     return attrs.evolve(base, max_attempts=value + 1)
 
 
+#: RFC 9110 5.6.2: a field name is a token.
+_TOKEN_NAME: Final = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+#: Field values we send: visible ASCII, spaces and tabs (no obs-text, no controls).
+_FIELD_VALUE: Final = re.compile(r"[\t\x20-\x7e]*")
+#: Headers the HTTP client owns: set by hand they corrupt the framing of the request
+#: (or of the connection), so they are refused with the reason.
+_CLIENT_OWNED_HEADERS: Final = {
+    "content-length": "the body's length is computed from the body; a different value "
+    "truncates or pads the request on the wire",
+    "transfer-encoding": "the framing is chosen by the client; a Transfer-Encoding beside "
+    "Content-Length is the request-smuggling shape",
+    "host": "the host comes from server_url; pass server_url= to talk to another host",
+    "connection": "connection management (keep-alive, the pool) belongs to the client",
+    "keep-alive": "connection management (keep-alive, the pool) belongs to the client",
+    "proxy-connection": "connection management (keep-alive, the pool) belongs to the client",
+    "te": "it is a hop-by-hop header the client does not negotiate",
+    "trailer": "the request has no trailers",
+    "upgrade": "the client speaks HTTP/1.1 only; a protocol upgrade is not supported",
+}
+#: The header a user-supplied ``Authorization`` goes under (see `split_authorization`).
+AUTHORIZATION: Final = "Authorization"
+
+
 def check_headers(value: object) -> dict[str, str]:
-    """Return the extra headers as a dict, or raise unless they are safe to send."""
+    """Return the extra headers as a dict, or raise unless they are safe to send.
+
+    Names must be RFC 9110 tokens and values visible ASCII (spaces and tabs allowed);
+    the framing and hop-by-hop headers (``Content-Length``, ``Transfer-Encoding``,
+    ``Host``, ``Connection``, ``TE``, ``Upgrade``, ...) are refused with the reason.
+    An ``Authorization`` header is kept under that exact name (it replaces the
+    ``Bearer`` token header, see `AsyncFriendli`). Messages name the header, never its
+    value: the value may be a secret.
+    """
     if value is None:
         return {}
     if not isinstance(value, Mapping) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in value.items()
     ):
         raise FriendliValidationError("http_headers", "must be a mapping of str to str")
+    checked: dict[str, str] = {}
+    seen: set[str] = set()
     for name, text in value.items():
-        if _FORBIDDEN_HEADER_CHARS.search(name) or _FORBIDDEN_HEADER_CHARS.search(text):
-            # Name only: the value may be a secret.
+        if not _TOKEN_NAME.fullmatch(name):
+            what = "is empty" if not name else "is not a valid HTTP header name"
             raise FriendliValidationError(
                 "http_headers",
-                f"header {name.strip()!r} contains a line break or control character; remove it",
+                f"header name {name!r} {what}: use letters, digits and !#$%&'*+-.^_`|~ "
+                "only (no spaces, colons, line breaks or non-ASCII characters)",
             )
-    return dict(value)
+        lower = name.lower()
+        if lower in _CLIENT_OWNED_HEADERS:
+            raise FriendliValidationError(
+                "http_headers", f"header {name!r} cannot be set: {_CLIENT_OWNED_HEADERS[lower]}"
+            )
+        if lower in seen:
+            raise FriendliValidationError(
+                "http_headers", f"header {name!r} is given twice (names are case-insensitive)"
+            )
+        seen.add(lower)
+        if not _FIELD_VALUE.fullmatch(text):
+            raise FriendliValidationError(
+                "http_headers",
+                f"the value of header {name!r} contains a line break, a control character "
+                "or a non-ASCII character; send visible ASCII (percent-encode or base64 "
+                "anything else)",
+            )
+        checked[AUTHORIZATION if lower == "authorization" else name] = text
+    return checked
+
+
+def split_authorization(headers: dict[str, str]) -> tuple[dict[str, str], Secret | None]:
+    """``headers`` without ``Authorization``, and that header's value as a `Secret`."""
+    if AUTHORIZATION not in headers:
+        return headers, None
+    rest = dict(headers)
+    return rest, Secret(rest.pop(AUTHORIZATION))
 
 
 def ssl_setting(verify: object) -> bool | ssl.SSLContext:
@@ -414,6 +496,8 @@ class ClientSettings:
     trust_env: bool
     logger: logging.Logger
     """Where the client logs (``debug_logger``, else the ``friendli_image`` logger)."""
+    authorization: Secret | None = None
+    """An ``Authorization`` value from ``http_headers``: sent instead of the token's."""
 
     @property
     def has_token(self) -> bool:

@@ -13,8 +13,8 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import logging
-import math
 import random
+import re
 import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Final
@@ -41,39 +41,46 @@ __all__ = [
     "stop_reason",
 ]
 
-#: A Retry-After beyond this is junk (or a date centuries away), not a hint to honour.
-_ABSURD_SECONDS: Final = 10.0 * 365 * 24 * 3600
+#: Hints beyond this are clamped to it: a number of any size means "not soon", and it
+#: then stops retrying like any hint over ``max_retry_after`` (about 31 years).
+_HINT_CEILING: Final = 1e9
+#: RFC 9110 10.2.3: delay-seconds = 1*DIGIT. ``retry-after-ms`` may have a fraction.
+_DELAY_SECONDS: Final = re.compile(r"[0-9]+")
+_DELAY_MILLIS: Final = re.compile(r"[0-9]+(?:\.[0-9]+)?")
 
 
-def _finite_seconds(text: str) -> float | None:
-    try:
-        value = float(text)
-    except ValueError:
+def _digits(text: str, pattern: re.Pattern[str]) -> float | None:
+    if not pattern.fullmatch(text):
         return None
-    if not math.isfinite(value) or value < 0 or value > _ABSURD_SECONDS:
-        return None
-    return value
+    whole = text.partition(".")[0]
+    if len(whole.lstrip("0")) > 12:  # beyond the ceiling, however many digits follow
+        return _HINT_CEILING
+    return min(float(text), _HINT_CEILING)
 
 
 def parse_retry_after(headers: Mapping[str, str], now: float | None = None) -> float | None:
     """Return the server's retry hint in seconds, or None when absent or unusable.
 
-    Reads ``retry-after-ms`` (milliseconds) first, then ``Retry-After`` as seconds or an
-    HTTP-date. Negative, NaN, infinite, absurdly large, past or unparsable values give
-    None (the caller then uses its own backoff); nothing here raises.
+    Reads ``retry-after-ms`` (milliseconds, digits with an optional fraction) first,
+    then ``Retry-After`` as delay-seconds (digits only: ``1e1``, ``1_0``, ``-1``, ``nan``
+    are junk) or an HTTP-date. Junk and past dates give None (the caller then uses its
+    own backoff); a hint too large to mean anything is clamped, so every hint beyond
+    ``max_retry_after`` stops retrying the same way. Nothing here raises.
     """
     millis = headers.get("retry-after-ms")
     if millis is not None:
-        value = _finite_seconds(millis.strip())
+        value = _digits(millis.strip(), _DELAY_MILLIS)
         if value is not None:
-            return value / 1000.0
+            return min(value / 1000.0, _HINT_CEILING)
     raw = headers.get("retry-after")
     if raw is None:
         return None
     raw = raw.strip()
-    seconds = _finite_seconds(raw)
+    seconds = _digits(raw, _DELAY_SECONDS)
     if seconds is not None:
         return seconds
+    if not raw or raw[0].isdigit():
+        return None  # not a date (dates start with the day name)
     try:
         when = email.utils.parsedate_to_datetime(raw)
     except (TypeError, ValueError, IndexError, OverflowError):
@@ -82,9 +89,9 @@ def parse_retry_after(headers: Mapping[str, str], now: float | None = None) -> f
         delta = when.timestamp() - (time.time() if now is None else now)
     except (OverflowError, OSError, ValueError):
         return None
-    if delta <= 0 or delta > _ABSURD_SECONDS:
+    if delta <= 0:
         return None
-    return delta
+    return min(delta, _HINT_CEILING)
 
 
 def is_retryable(error: BaseException, config: RetryConfig) -> bool:
@@ -166,12 +173,16 @@ def stop_reason(
 
 
 class RetryBudget:
-    """A client-wide allowance of retries, so an outage does not multiply the load.
+    """A client-wide allowance of retries: generous in a brownout, tight in an outage.
 
-    Every call deposits ``budget_ratio`` tokens (up to ``budget_cap``) when its first
-    attempt completes; every retry that `spends_budget` takes one. During a full outage
-    the server therefore sees about ``(1 + budget_ratio)`` requests per call instead of
-    ``max_attempts``.
+    The client starts with ``budget_floor`` tokens and holds at most ``budget_cap``.
+    A retry that `spends_budget` takes one. When the call then succeeds, the retry
+    worked and its tokens come back (botocore's standard mode), and every success adds
+    ``budget_ratio``. Calls that fail for good keep their tokens spent. In a brownout,
+    where retries succeed, the budget therefore stays near full and no call that a
+    second try would save is failed by it; in a full outage, where nothing succeeds, the
+    whole client makes at most ``budget_floor`` retries in all (plus what successes
+    before it had added, up to ``budget_cap``) until the server answers again.
     """
 
     __slots__ = ("_tokens",)
@@ -184,9 +195,9 @@ class RetryBudget:
         """The retry tokens left."""
         return self._tokens
 
-    def deposit(self, config: RetryConfig) -> None:
-        """Credit one call."""
-        self._tokens = min(config.budget_cap, self._tokens + config.budget_ratio)
+    def deposit(self, config: RetryConfig, refund: int = 0) -> None:
+        """Credit one successful call, and give back the ``refund`` tokens it spent."""
+        self._tokens = min(config.budget_cap, self._tokens + config.budget_ratio + refund)
 
     def try_spend(self) -> bool:
         """Take one retry token; False when the budget is exhausted."""
@@ -211,6 +222,7 @@ class RetryState:
         "_controller",
         "_logger",
         "_rng",
+        "_spent",
         "_state",
         "deadline",
         "resent_ambiguous",
@@ -232,6 +244,7 @@ class RetryState:
         self._rng = rng
         self._controller: _t.AsyncRetrying | None = None
         self._state: _t.RetryCallState | None = None
+        self._spent = 0
         self.started = time.monotonic()
         self.deadline = None if total is None else self.started + total
         self.resent_ambiguous = False
@@ -249,6 +262,11 @@ class RetryState:
         await self._controller.iter(retry_state=state)
         state.prepare_for_next_attempt()
         await asyncio.sleep(state.upcoming_sleep)
+
+    def succeeded(self) -> None:
+        """The call got its image: credit the budget and refund the tokens it spent."""
+        self._budget.deposit(self._config, self._spent)
+        self._spent = 0
 
     @property
     def counted_attempts(self) -> int:
@@ -310,7 +328,12 @@ class RetryState:
         )
         if reason is not None:
             return True
-        return spends_budget(error) and not self._budget.try_spend()
+        if not spends_budget(error):
+            return False
+        if self._budget.try_spend():
+            self._spent += 1
+            return False
+        return True
 
     def _log_retry(self, state: _t.RetryCallState) -> None:
         if self._logger.isEnabledFor(logging.INFO):

@@ -19,11 +19,13 @@ import logging
 import netrc
 import os
 import re
+import sys
 import time
 import urllib.request
 import uuid
+from collections.abc import Coroutine
 from io import BytesIO
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 import aiohttp
 import attrs
@@ -35,7 +37,7 @@ from aiohttp.connector import Connection
 from aiohttp.tracing import Trace
 from yarl import URL
 
-from ._config import ENV_TOKEN, CallOptions, ClientSettings, Secret, Timeout
+from ._config import AUTHORIZATION, ENV_TOKEN, CallOptions, ClientSettings, Secret, Timeout
 from ._exceptions import (
     FriendliAPIError,
     FriendliAPIStatusError,
@@ -44,7 +46,7 @@ from ._exceptions import (
     FriendliResponseTooLarge,
     FriendliTimeoutError,
     FriendliUnprocessableEntityError,
-    excerpt,
+    Redactor,
     status_error_class,
     warn_at_caller,
 )
@@ -63,33 +65,57 @@ _OFFLOOP_DECODE_BYTES: Final = 4 * 1024 * 1024
 _INLINE_BODY_BYTES: Final = 1024 * 1024
 _PREFIX: Final = re.compile(rb'\s*\{\s*"image"\s*:\s*"')
 _SUFFIX: Final = re.compile(rb'"\s*\}\s*$')
+#: A 200 body that is not the fast-path shape is parsed in full only when small, or
+#: when it holds at most this many JSON members (``,`` and ``:``; base64 has neither):
+#: an image response is one key plus the few fields a server may add, and a body of
+#: millions of small keys would cost gigabytes to parse.
+_MAX_JSON_MEMBERS: Final = 1024
+_SMALL_BODY_BYTES: Final = 64 * 1024
+
+_T = TypeVar("_T")
 
 
 @attrs.define(slots=True)
 class Call:
-    """The fixed parts of one call, shared by all of its attempts."""
+    """The fixed parts of one call, shared by all of its attempts.
+
+    ``headers`` carries the ``Authorization`` header and ``redactor`` the call's
+    credentials for the length of the call: neither is shown by the repr, and nothing
+    of either is kept on the client between calls.
+    """
 
     url: URL
     body: bytes
-    headers: dict[str, str]
+    headers: dict[str, str] = attrs.field(repr=False)
     request_id: str
     timeout: Timeout
     expect_jpeg: bool
+    redactor: Redactor = attrs.field(repr=False)
 
 
 class _AttemptTrace:
-    """What the connector saw of one attempt's connection."""
+    """What the connector and the body reader saw of one attempt."""
 
-    __slots__ = ("connected", "created")
+    __slots__ = ("body_sent", "connected", "created")
 
     def __init__(self) -> None:
         self.connected = False
         self.created = False
+        self.body_sent = 0
 
     @property
     def reused(self) -> bool:
         """The attempt went out on a pooled keep-alive connection."""
         return self.connected and not self.created
+
+    def may_have_been_processed(self, body_size: int) -> bool:
+        """Could the server have acted on the request? Not unless it got the whole body.
+
+        The body is counted as it is handed to the connection, just *before* each write,
+        so the count can only run ahead of the wire: below ``body_size`` the body was
+        certainly not all sent.
+        """
+        return self.connected and self.body_sent >= body_size
 
 
 #: The attempt being sent in this task, for the connector to report on.
@@ -126,6 +152,63 @@ class Connector(aiohttp.TCPConnector):
         return protocol
 
 
+class _CountedBody(BytesIO):
+    """A streamed request body that counts what aiohttp has read of it to send."""
+
+    def __init__(self, body: bytes, trace: _AttemptTrace) -> None:
+        super().__init__(body)
+        self._trace = trace
+
+    def read(self, size: int | None = -1) -> bytes:
+        chunk = super().read(size)
+        self._trace.body_sent += len(chunk)
+        return chunk
+
+
+if sys.version_info >= (3, 11):
+
+    async def _run_until(coro: Coroutine[Any, Any, _T], when: float | None) -> _T:
+        """Await ``coro``; past ``when`` (loop time) cancel it and raise TimeoutError.
+
+        ``asyncio.timeout_at`` counts cancellations (``uncancel``): a cancel of the
+        caller's task that lands on the very tick the deadline fires stays a
+        ``CancelledError``, where aiohttp's ``ClientTimeout(total=)`` swallowed it.
+        """
+        async with asyncio.timeout_at(when):
+            return await coro
+
+else:  # pragma: no cover - Python 3.10 has neither asyncio.timeout nor uncancel()
+
+    async def _run_until(coro: Coroutine[Any, Any, _T], when: float | None) -> _T:
+        """Await ``coro``; past ``when`` (loop time) cancel it and raise TimeoutError.
+
+        Without ``uncancel`` a timer that cancels the caller's own task cannot tell its
+        cancel from the caller's, so the work runs as a child task: the deadline
+        cancels the child, a cancel of the caller stays the caller's.
+        """
+        loop = asyncio.get_running_loop()
+        inner = loop.create_task(coro)
+        try:
+            timeout = None if when is None else max(0.0, when - loop.time())
+            await asyncio.wait((inner,), timeout=timeout)
+            if not inner.done():
+                inner.cancel()
+                await asyncio.wait((inner,))
+                if inner.cancelled():
+                    raise asyncio.TimeoutError
+        except asyncio.CancelledError:
+            inner.cancel()
+            await asyncio.wait((inner,))
+            raise
+        return inner.result()
+
+
+def _credential_parts(value: str) -> tuple[str, ...]:
+    """An ``Authorization`` value and its credentials without the scheme."""
+    credentials = value.partition(" ")[2]
+    return (value, credentials.strip()) if credentials.strip() else (value,)
+
+
 class Transport:
     """Sends the attempts of a client's calls (one client, one transport)."""
 
@@ -134,6 +217,7 @@ class Transport:
         self._urls: dict[tuple[str, str], URL] = {}
         self._env_routes: dict[tuple[str, str], _EnvRoute] = {}
         self._plain_http_warned: set[str] = set()
+        self._format_mismatch_logged = False
         self._buffers = BodyBuffers()
 
     def prepare(self, path: str, request: RequestModel, options: CallOptions) -> Call:
@@ -142,10 +226,19 @@ class Transport:
         settings = self._settings
         headers = dict(settings.headers)
         token = settings.token if settings.token_source is None else settings.token_source()
+        secrets: tuple[str, ...] = ()
         if token is not None:
-            headers["Authorization"] = _bearer(token)
+            secrets = (token.reveal(),)
+        # A user's Authorization (the call's, else the client's) replaces the token's.
+        if settings.authorization is not None:
+            headers[AUTHORIZATION] = settings.authorization.reveal()
+        elif token is not None:
+            headers[AUTHORIZATION] = _bearer(token)
         if options.headers:
             headers.update(options.headers)
+        authorization = headers.get(AUTHORIZATION)
+        if authorization is not None:
+            secrets += _credential_parts(authorization)
         headers["X-Request-ID"] = request_id
         return Call(
             url=self._url(options.server_url, path),
@@ -154,6 +247,7 @@ class Transport:
             request_id=request_id,
             timeout=options.timeout,
             expect_jpeg=request.response_format == "jpeg",
+            redactor=Redactor(secrets),
         )
 
     def _url(self, server_url: str, path: str) -> URL:
@@ -204,75 +298,61 @@ class Transport:
         headers = call.headers
         headers["X-Friendli-Attempt"] = str(attempt_number - 1)
         trace = _AttemptTrace()
+        redactor = call.redactor
         route = self._env_route(url) if self._settings.trust_env else _NO_ROUTE
+        proxy_headers = None
         if route.authorization is not None:
-            headers = {**headers, "Authorization": route.authorization}
-        failure: FriendliConnectionError | None = None
-        async with slots:
-            attempt_started = time.monotonic()
-            current = _CURRENT_ATTEMPT.set(trace)
-            client_timeout = _client_timeout(call.timeout, deadline, attempt_started)
-            try:
-                async with session.post(
-                    url,
-                    # aiohttp sends large bytes in one write that blocks the loop (and
-                    # warns); a fresh BytesIO per attempt streams the same buffer instead.
-                    data=call.body if len(call.body) <= _INLINE_BODY_BYTES else BytesIO(call.body),
-                    headers=headers,
-                    timeout=client_timeout,
-                    allow_redirects=False,
-                    proxy=route.proxy,
-                    proxy_headers=route.proxy_headers,
-                ) as response:
-                    status = response.status
-                    if status != 200:
-                        raise await _status_error(response, request_id, self._settings.token)
-                    data, pooled = await _read_body(
-                        response, self._settings.max_response_bytes, request_id, self._buffers
-                    )
-            except FriendliAPIError as error:
-                _log_failed_attempt(logger, error, url, attempt_number, attempt_started)
-                raise
-            except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
-                failure = _transport_error(exc, trace, request_id, deadline, url)
-                _log_failed_attempt(logger, failure, url, attempt_number, attempt_started)
-                if not isinstance(exc, aiohttp.ClientResponseError):
-                    raise failure from exc
-            finally:
-                _CURRENT_ATTEMPT.reset(current)
-            if failure is not None:
-                # Raised outside the except block: aiohttp's ClientResponseError carries
-                # the request headers (the token), so it must not even be the __context__.
-                raise failure
-        if logger.isEnabledFor(logging.DEBUG):
-            logger.debug(
-                "POST %s -> %d attempt=%d elapsed=%.3fs request_id=%s bytes=%d",
-                url.path,
-                status,
-                attempt_number,
-                time.monotonic() - attempt_started,
-                request_id,
-                len(data),
-            )
+            login = route.authorization.reveal()
+            headers = {**headers, AUTHORIZATION: login}
+            redactor = redactor.with_secrets(*_credential_parts(login))
+        if route.proxy_authorization is not None:
+            login = route.proxy_authorization.reveal()
+            proxy_headers = {"Proxy-Authorization": login}
+            redactor = redactor.with_secrets(*_credential_parts(login))
         try:
-            if len(data) > _OFFLOOP_DECODE_BYTES:
-                image = await asyncio.get_running_loop().run_in_executor(
-                    None, _decode_image, data, status, request_id
+            async with slots:
+                attempt_started = time.monotonic()
+                status, data, pooled = await self._attempt(
+                    session,
+                    call,
+                    headers,
+                    trace,
+                    redactor,
+                    deadline=deadline,
+                    started=attempt_started,
+                    route=route,
+                    proxy_headers=proxy_headers,
+                    attempt_number=attempt_number,
                 )
-            else:
-                image = _decode_image(data, status, request_id)
-        finally:
-            if pooled is not None:
-                self._buffers.give(pooled)
-            del data
+            if logger.isEnabledFor(logging.DEBUG):
+                logger.debug(
+                    "POST %s -> %d attempt=%d elapsed=%.3fs request_id=%s bytes=%d",
+                    url.path,
+                    status,
+                    attempt_number,
+                    time.monotonic() - attempt_started,
+                    request_id,
+                    len(data),
+                )
+            try:
+                if len(data) > _OFFLOOP_DECODE_BYTES:
+                    image = await asyncio.get_running_loop().run_in_executor(
+                        None, _decode_image, data, status, request_id, redactor
+                    )
+                else:
+                    image = _decode_image(data, status, request_id, redactor)
+            finally:
+                if pooled is not None:
+                    self._buffers.give(pooled)
+        except FriendliAPIError as error:
+            # Every error of an attempt leaves through here, cleaned of the credentials
+            # whatever the status and wherever the server echoed them.
+            redactor.error(error)
+            raise
+        del data
         fmt = sniff_format(image)
         if call.expect_jpeg and fmt != "jpeg":
-            raise FriendliResponseError(
-                f"asked for response_format='jpeg' but the image is {fmt}",
-                status=status,
-                body=excerpt(image[:32].hex()),
-                request_id=request_id,
-            )
+            self._log_format_mismatch(fmt, request_id)
         size = image_dimensions(image, fmt)
         return ImageResult(
             data=image,
@@ -282,6 +362,96 @@ class Transport:
             request_id=request_id,
             attempts=attempt_number,
             elapsed=time.monotonic() - started,
+        )
+
+    async def _attempt(
+        self,
+        session: aiohttp.ClientSession,
+        call: Call,
+        headers: dict[str, str],
+        trace: _AttemptTrace,
+        redactor: Redactor,
+        *,
+        deadline: float | None,
+        started: float,
+        route: _EnvRoute,
+        proxy_headers: dict[str, str] | None,
+        attempt_number: int,
+    ) -> tuple[int, bytes | memoryview, bytearray | None]:
+        """The exchange under the attempt's timers: (status, body, pooled buffer) or an error."""
+        url, request_id = call.url, call.request_id
+        logger = self._settings.logger
+        failure: FriendliConnectionError | None = None
+        try:
+            return await _run_until(
+                self._exchange(session, call, headers, trace, redactor, route, proxy_headers),
+                _attempt_end(call.timeout, deadline, started),
+            )
+        except FriendliAPIError as error:
+            _log_failed_attempt(logger, error, url, attempt_number, started)
+            raise
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+            failure = _transport_error(
+                exc, trace, request_id, deadline, url, len(call.body), redactor
+            )
+            _log_failed_attempt(logger, failure, url, attempt_number, started)
+            if not isinstance(exc, aiohttp.ClientResponseError):
+                raise failure from exc
+        # Raised outside the except block: aiohttp's ClientResponseError carries the
+        # request headers (the token), so it must not even be the __context__.
+        raise failure
+
+    async def _exchange(  # noqa: PLR0917
+        self,
+        session: aiohttp.ClientSession,
+        call: Call,
+        headers: dict[str, str],
+        trace: _AttemptTrace,
+        redactor: Redactor,
+        route: _EnvRoute,
+        proxy_headers: dict[str, str] | None,
+    ) -> tuple[int, bytes | memoryview, bytearray | None]:
+        body: bytes | BytesIO
+        if len(call.body) <= _INLINE_BODY_BYTES:
+            body = call.body
+            trace.body_sent = len(body)  # one write, right after the headers
+        else:
+            # aiohttp sends large bytes in one write that blocks the loop (and warns); a
+            # fresh reader per attempt streams the same buffer instead, and counts it.
+            body = _CountedBody(call.body, trace)
+        current = _CURRENT_ATTEMPT.set(trace)
+        try:
+            async with session.post(
+                call.url,
+                data=body,
+                headers=headers,
+                timeout=_client_timeout(call.timeout),
+                allow_redirects=False,
+                proxy=route.proxy,
+                proxy_headers=proxy_headers,
+            ) as response:
+                status = response.status
+                if status != 200:
+                    raise await _status_error(
+                        response, call.request_id, redactor, self._settings.has_token
+                    )
+                data, pooled = await _read_body(
+                    response, self._settings.max_response_bytes, call.request_id, self._buffers
+                )
+        finally:
+            _CURRENT_ATTEMPT.reset(current)
+        return status, data, pooled
+
+    def _log_format_mismatch(self, fmt: str, request_id: str) -> None:
+        # The image cost GPU time and is valid: it is returned as the server sent it.
+        if self._format_mismatch_logged:
+            return
+        self._format_mismatch_logged = True
+        self._settings.logger.info(
+            "asked for response_format='jpeg' but the server sent %s; returning it as sent "
+            "(result.format says so; logged once per client) request_id=%s",
+            fmt,
+            request_id,
         )
 
 
@@ -303,39 +473,41 @@ def _basic(login: str, password: str) -> str:
 
 
 class _EnvRoute:
-    """Where ``trust_env`` sends requests for one host: proxy, proxy login, ``.netrc`` login."""
+    """Where ``trust_env`` sends requests for one host: proxy, proxy login, ``.netrc`` login.
 
-    __slots__ = ("authorization", "proxy", "proxy_headers")
+    The logins are kept as `Secret`: a route is cached on the client between calls.
+    """
+
+    __slots__ = ("authorization", "proxy", "proxy_authorization")
 
     def __init__(
         self,
         proxy: URL | None = None,
-        proxy_headers: dict[str, str] | None = None,
-        authorization: str | None = None,
+        proxy_authorization: Secret | None = None,
+        authorization: Secret | None = None,
     ) -> None:
         self.proxy = proxy
-        self.proxy_headers = proxy_headers
+        self.proxy_authorization = proxy_authorization
         self.authorization = authorization
 
     @classmethod
     def from_env(cls, url: URL, use_netrc: bool) -> _EnvRoute:
         host = url.host or ""
-        proxy = proxy_headers = authorization = None
+        proxy = proxy_authorization = authorization = None
         if not urllib.request.proxy_bypass(host):
             proxies = urllib.request.getproxies()
             found = proxies.get(url.scheme)
             if found:
                 proxy = URL(found if "://" in found else f"http://{found}")
                 if proxy.user is not None:
-                    login = _basic(proxy.user, proxy.password or "")
-                    proxy_headers = {"Proxy-Authorization": login}
+                    proxy_authorization = Secret(_basic(proxy.user, proxy.password or ""))
                     proxy = proxy.with_user(None)
         if use_netrc:
             with contextlib.suppress(OSError, netrc.NetrcParseError):
                 entry = netrc.netrc(os.environ.get("NETRC")).authenticators(host)
                 if entry is not None:
-                    authorization = _basic(entry[0] or "", entry[2] or "")
-        return cls(proxy, proxy_headers, authorization)
+                    authorization = Secret(_basic(entry[0] or "", entry[2] or ""))
+        return cls(proxy, proxy_authorization, authorization)
 
 
 _NO_ROUTE: Final = _EnvRoute()
@@ -364,14 +536,32 @@ def _log_failed_attempt(
         )
 
 
-def _client_timeout(timeout: Timeout, deadline: float | None, now: float) -> aiohttp.ClientTimeout:
-    total = timeout.attempt
+def _attempt_end(timeout: Timeout, deadline: float | None, now: float) -> float | None:
+    """When this attempt must end, in loop time: its own timeout or the call's deadline."""
+    limit = timeout.attempt
     if deadline is not None:
         remaining = max(0.001, deadline - now)
-        total = remaining if total is None else min(total, remaining)
-    return aiohttp.ClientTimeout(
-        total=total, connect=None, sock_connect=timeout.connect, sock_read=timeout.read
-    )
+        limit = remaining if limit is None else min(limit, remaining)
+    if limit is None:
+        return None
+    # ``deadline`` and ``now`` are time.monotonic() values; the loop's clock (uvloop's
+    # included) may count from another origin.
+    return asyncio.get_running_loop().time() + limit - (time.monotonic() - now)
+
+
+_CLIENT_TIMEOUTS: dict[Timeout, aiohttp.ClientTimeout] = {}
+
+
+def _client_timeout(timeout: Timeout) -> aiohttp.ClientTimeout:
+    """aiohttp's socket timers only: the attempt and the deadline are `_run_until`'s."""
+    found = _CLIENT_TIMEOUTS.get(timeout)
+    if found is None:
+        if len(_CLIENT_TIMEOUTS) > 256:
+            _CLIENT_TIMEOUTS.clear()
+        found = _CLIENT_TIMEOUTS[timeout] = aiohttp.ClientTimeout(
+            total=None, connect=None, sock_connect=timeout.connect, sock_read=timeout.read
+        )
+    return found
 
 
 class BodyBuffers:
@@ -463,7 +653,9 @@ async def _read_body(
     return await asyncio.get_running_loop().run_in_executor(None, b"".join, chunks), None
 
 
-def _decode_image(data: bytes | memoryview, status: int, request_id: str) -> bytes:
+def _decode_image(
+    data: bytes | memoryview, status: int, request_id: str, redactor: Redactor
+) -> bytes:
     """Parse ``{"image": "<base64>"}`` and decode it; raise FriendliResponseError if not."""
     head = _PREFIX.match(data, 0, 32)
     if head is not None:
@@ -479,20 +671,34 @@ def _decode_image(data: bytes | memoryview, status: int, request_id: str) -> byt
                     image = None
             if image:
                 return image
+    if isinstance(data, memoryview):
+        data = data.tobytes()  # only a body off the fast path pays for this copy
+    if len(data) > _SMALL_BODY_BYTES:
+        members = data.count(b",") + data.count(b":")
+        if members > _MAX_JSON_MEMBERS:
+            # Refused before parsing: see _MAX_JSON_MEMBERS.
+            raise FriendliResponseError(
+                f"the server answered 200 with {len(data):,} bytes holding about "
+                f"{members:,} JSON members; an image response is one object "
+                '{"image": "<base64>"} (plus a few fields), so it was not parsed',
+                status=status,
+                body=redactor.excerpt(data),
+                request_id=request_id,
+            )
     try:
         parsed = orjson.loads(data)
     except orjson.JSONDecodeError:
         raise FriendliResponseError(
             "the server answered 200 with a body that is not JSON",
             status=status,
-            body=excerpt(data),
+            body=redactor.excerpt(data),
             request_id=request_id,
         ) from None
     if not isinstance(parsed, dict):
         raise FriendliResponseError(
             f"expected a JSON object with an 'image' field, got a JSON {type(parsed).__name__}",
             status=status,
-            body=excerpt(data),
+            body=redactor.excerpt(data),
             request_id=request_id,
         )
     encoded = parsed.get("image")
@@ -501,7 +707,7 @@ def _decode_image(data: bytes | memoryview, status: int, request_id: str) -> byt
         raise FriendliResponseError(
             f"the response's 'image' field {what}; expected base64 text",
             status=status,
-            body=excerpt(data),
+            body=redactor.excerpt(data),
             request_id=request_id,
         )
     try:
@@ -510,7 +716,7 @@ def _decode_image(data: bytes | memoryview, status: int, request_id: str) -> byt
         raise FriendliResponseError(
             "the response's 'image' field is not valid base64",
             status=status,
-            body=excerpt(encoded),
+            body=redactor.excerpt(encoded),
             request_id=request_id,
         ) from None
     if not image:
@@ -521,20 +727,22 @@ def _decode_image(data: bytes | memoryview, status: int, request_id: str) -> byt
 
 
 async def _status_error(
-    response: aiohttp.ClientResponse, request_id: str, token: Secret | None
+    response: aiohttp.ClientResponse, request_id: str, redactor: Redactor, token_sent: bool
 ) -> FriendliAPIStatusError:
     status = response.status
     raw = b""
     # The status alone is the error; a broken error body only loses the excerpt.
     with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError, OSError):
         raw = await response.content.read(_ERROR_BODY_LIMIT)
-    headers = dict(response.headers)
-    if token is not None:
+    headers: dict[str, str] = dict(response.headers)
+    reason = response.reason or ""
+    if redactor:
         # A server (or a proxy) that echoes the request must not put the token into an
-        # error that gets logged or pickled.
-        secret = token.reveal()
-        raw = raw.replace(secret.encode(), b"***")
-        headers = {name: value.replace(secret, "***") for name, value in headers.items()}
+        # error that gets logged or pickled: the body, the headers (Location too) and
+        # the reason phrase are cleaned before anything is built from them.
+        raw = redactor.data(raw)
+        headers = {redactor.text(name): redactor.text(value) for name, value in headers.items()}
+        reason = redactor.text(reason)
     retry_after = parse_retry_after(response.headers)
     detail: Any = None
     try:
@@ -549,10 +757,10 @@ async def _status_error(
     if 300 <= status < 400:
         message = "the server redirected the request and redirects are not followed"
     elif isinstance(detail, str) and detail:
-        message = excerpt(detail)
+        message = redactor.excerpt(detail)
     else:
-        message = response.reason or "request failed"
-    message += _status_hint(status, response.url, token)
+        message = reason or "request failed"
+    message += _status_hint(status, response.url, token_sent)
     kwargs: dict[str, Any] = {
         "status": status,
         "headers": headers,
@@ -574,10 +782,10 @@ _NOT_TLS_REASONS: Final = frozenset(
 )
 
 
-def _status_hint(status: int, url: URL, token: Secret | None) -> str:
+def _status_hint(status: int, url: URL, token_sent: bool) -> str:
     """What to do about a status whose usual cause is on the caller's side."""
     if status == 401:
-        if token is None:
+        if not token_sent:
             return f"; no token was sent: pass token= or set {ENV_TOKEN}"
         return f"; the server refused the token: check token= or {ENV_TOKEN}"
     if status == 404 and "/v1/v1/" in url.path:
@@ -586,14 +794,17 @@ def _status_hint(status: int, url: URL, token: Secret | None) -> str:
     return ""
 
 
-def _transport_error(
+def _transport_error(  # noqa: PLR0917
     exc: BaseException,
     trace: _AttemptTrace,
     request_id: str,
     deadline: float | None,
     url: URL,
+    body_size: int,
+    redactor: Redactor,
 ) -> FriendliConnectionError:
     target = f"{url.scheme}://{url.host}:{url.port}"
+    processed = trace.may_have_been_processed(body_size)
     if isinstance(exc, aiohttp.ConnectionTimeoutError):
         return FriendliTimeoutError(
             f"timed out connecting to {target}; is the server up and reachable?",
@@ -615,7 +826,7 @@ def _transport_error(
             "if generations legitimately take longer",
             kind=kind,
             request_id=request_id,
-            maybe_processed=trace.connected,
+            maybe_processed=processed,
         )
     if isinstance(exc, aiohttp.ClientSSLError) and (
         getattr(exc.os_error, "reason", None) in _NOT_TLS_REASONS
@@ -628,7 +839,8 @@ def _transport_error(
         )
     if isinstance(exc, aiohttp.ClientConnectorCertificateError | aiohttp.ClientSSLError):
         return FriendliConnectionError(
-            f"TLS failed for {target}: {exc}; check the certificate or pass a CA bundle",
+            f"TLS failed for {target}: {redactor.text(str(exc))}; check the certificate or "
+            "pass a CA bundle",
             request_id=request_id,
             permanent=True,
         )
@@ -640,11 +852,13 @@ def _transport_error(
         )
     if isinstance(exc, aiohttp.InvalidURL):
         return FriendliConnectionError(f"invalid URL {url}", request_id=request_id, permanent=True)
-    reason = type(exc).__name__ if not str(exc) else f"{type(exc).__name__}: {exc}"
+    # aiohttp's text about a malformed answer quotes it (a status line, a header).
+    said = redactor.text(str(exc))
+    reason = f"{type(exc).__name__}: {said}" if said else type(exc).__name__
     return FriendliConnectionError(
         f"the connection to {target} broke before a complete answer ({reason})",
         request_id=request_id,
-        maybe_processed=trace.connected,
+        maybe_processed=processed,
         stale_connection=trace.reused
         and isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientOSError),
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import logging
 import pathlib
 import random
 import warnings
@@ -27,6 +28,7 @@ from friendli_image._exceptions import (
 )
 from friendli_image._retry import (
     RetryBudget,
+    RetryState,
     backoff_delay,
     is_retryable,
     retry_wait,
@@ -36,7 +38,7 @@ from friendli_image._retry import (
 from friendli_image.server import Action, LocalServer, ServerConfig
 
 POLICY = RetryConfig(max_attempts=5, max_elapsed=0.5, jitter=0.0, initial_delay=0.05)
-RATE_LIMITED = [Action.status(429, headers={"Retry-After": "0.3"})] * 10
+RATE_LIMITED = [Action.status(429, headers={"retry-after-ms": "300"})] * 10
 
 
 @pytest.fixture
@@ -236,6 +238,20 @@ def test_budget_arithmetic() -> None:
     for _ in range(10):
         budget.deposit(config)
     assert budget.tokens == 2.0
+
+
+def test_a_successful_call_gets_its_retry_tokens_back() -> None:
+    """botocore's refund: the retries of a call that succeeds cost the budget nothing."""
+    config = _RetryConfig(budget_ratio=0.0, budget_cap=3.0)
+    budget = RetryBudget(3.0)
+    state = RetryState(config, budget, random.Random(0), None, logging.getLogger("t"))
+    assert budget.try_spend()
+    assert budget.try_spend()
+    state._spent = 2  # two retries made by this call
+    state.succeeded()
+    assert budget.tokens == 3.0
+    state.succeeded()  # nothing left to refund
+    assert budget.tokens == 3.0
 
 
 def test_what_spends_the_budget() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import logging
 import pickle
 import socket
 import traceback
@@ -132,16 +133,19 @@ async def test_422_with_a_string_detail_keeps_the_message(
     assert "prompt is too long" in str(caught.value)
 
 
-@pytest.mark.parametrize(("header", "seconds"), [("7", 7.0), ("0.5", 0.5)])
+@pytest.mark.parametrize(
+    ("header", "seconds"),
+    [("7", 7.0), (" 007 ", 7.0), ("0.5", None), ("1e1", None), ("1_0", None), ("+5", None)],
+)
 async def test_429_retry_after_is_parsed(
-    mock_http: Any, mocked_client: AsyncFriendli, header: str, seconds: float
+    mock_http: Any, mocked_client: AsyncFriendli, header: str, seconds: float | None
 ) -> None:
-    """A 429's Retry-After header is exposed as ``retry_after`` seconds."""
+    """A 429's Retry-After delay-seconds (RFC 9110: digits only) is ``retry_after``."""
     mock_http.post(GENERATE, status=429, headers={"Retry-After": header}, payload={})
     with pytest.raises(FriendliRateLimitError) as caught:
         await mocked_client.container.image.generate(prompt="p")
     assert caught.value.retry_after == seconds
-    assert "Retry-After" in str(caught.value)
+    assert ("Retry-After" in str(caught.value)) is (seconds is not None)
 
 
 async def test_429_with_junk_retry_after_has_none(
@@ -226,11 +230,17 @@ async def test_huge_non_json_body_gives_a_short_excerpt(
     assert len(str(caught.value)) < 500
 
 
-async def test_jpeg_requested_but_png_returned(capture_client: Any, capture_server: Any) -> None:
-    """response_format='jpeg' answered with a PNG raises FriendliResponseError."""
-    with pytest.raises(FriendliResponseError, match="jpeg") as caught:
-        await capture_client.container.image.generate(prompt="p", response_format="jpeg")
-    assert caught.value.request_id == capture_server.requests[0].headers["X-Request-ID"]
+async def test_jpeg_requested_but_png_returned(
+    capture_client: Any, capture_server: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """response_format='jpeg' answered with a valid PNG returns the PNG, logged once at INFO."""
+    with caplog.at_level(logging.INFO, logger="friendli_image"):
+        first = await capture_client.container.image.generate(prompt="p", response_format="jpeg")
+        second = await capture_client.container.image.generate(prompt="p", response_format="jpeg")
+    assert first.format == second.format == "png"
+    assert first.request_id == capture_server.requests[0].headers["X-Request-ID"]
+    notes = [r for r in caplog.records if "response_format='jpeg'" in r.getMessage()]
+    assert [r.levelno for r in notes] == [logging.INFO]
 
 
 async def test_jpeg_requested_and_returned(

@@ -387,3 +387,69 @@ async def test_keep_alive_reconnect_does_not_use_up_an_attempt() -> None:
         result = await c.container.image.generate(prompt="p", http_headers={"x-test-id": "t"})
     assert result.attempts == 3
     assert result.maybe_duplicated
+
+
+_RACE = """
+import asyncio, json, sys, threading
+from friendli_image import AsyncFriendli, FriendliUsageError
+
+URL, TRIALS = sys.argv[1], int(sys.argv[2])
+
+def trial():
+    client = AsyncFriendli(server_url=URL, token="sk-x", retries=0)
+    barrier, done = threading.Barrier(2), threading.Barrier(2)
+    outcomes = []
+
+    async def call():
+        barrier.wait()  # both loops reach the first use together
+        try:
+            await client.container.image.generate(prompt="race")
+        except FriendliUsageError:
+            return "usage"
+        except Exception as exc:
+            return f"{type(exc).__name__}: {exc}"
+        finally:
+            done.wait()  # and both stay alive until both calls ended: they overlap
+        return "ok"
+
+    def run():
+        outcomes.append(asyncio.run(call()))
+
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return sorted(outcomes)
+
+print(json.dumps([trial() for _ in range(TRIALS)]))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.scenario(18)
+def test_two_loops_racing_to_first_use_get_a_usage_error(figures: Figures) -> None:
+    """50 trials, two threads' loops make one fresh client's first call at once: one call
+    succeeds and the other is FriendliUsageError, every time (before: "Connector is
+    closed" FriendliConnectionError(maybe_processed=True) in 16-35 of 50 under -X dev)."""
+    config = ServerConfig(
+        static_image=TINY_PNG, max_concurrency=64, record_requests=False, step_latency_ms=5
+    )
+    with LocalServer(config) as srv:
+        completed = subprocess.run(
+            [*python_flags(), "-c", _RACE, srv.url, "50"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    trials = json.loads(completed.stdout)
+    wrong = [t for t in trials if t != ["ok", "usage"]]
+    figures.set(
+        "loop_race",
+        f"{len(trials)} trials of two loops racing to one client's first call: "
+        f"{len(trials) - len(wrong)} ended ok + FriendliUsageError, {len(wrong)} otherwise "
+        "(target 0)",
+    )
+    assert not wrong, wrong[:3]

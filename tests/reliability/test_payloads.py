@@ -6,6 +6,7 @@ import asyncio
 import gzip
 import hashlib
 import io
+import logging
 import os
 import time
 import tracemalloc
@@ -174,6 +175,57 @@ async def test_exactly_50_mib_is_accepted_and_413_is_not_retried(
     figures.add("fail.typed")
 
 
+async def _reset_after_first_mib(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, state: dict[str, int]
+) -> None:
+    """First connection: read the head and 1 MiB of the body, then RST. Later: serve."""
+    state["connections"] += 1
+    head = await reader.readuntil(b"\r\n\r\n")
+    if state["connections"] == 1:
+        await reader.readexactly(1 * MiB)
+        reset(writer)
+        return
+    length = next(
+        int(line.split(b":", 1)[1])
+        for line in head.split(b"\r\n")
+        if line.lower().startswith(b"content-length:")
+    )
+    await reader.readexactly(length)
+    state["full_bodies"] += 1
+    writer.write(http_response(image_body(), keep_alive=False))
+    await writer.drain()
+
+
+@pytest.mark.slow
+@pytest.mark.scenario(31)
+@pytest.mark.parametrize("reconnect_reused", [True, False], ids=["default", "strict"])
+async def test_upload_reset_before_the_body_was_sent_is_retried_as_not_sent(
+    raw_server: StartRaw, make_client: MakeClient, figures: Figures, reconnect_reused: bool
+) -> None:
+    """An RST after 1 MiB of a 40 MiB edit: the server never had the request, so it is
+    retried (even under strict at-most-once), and the result is not maybe_duplicated."""
+    state = {"connections": 0, "full_bodies": 0}
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _reset_after_first_mib(reader, writer, state)
+
+    raw = await raw_server(handler)
+    policy = RetryConfig(
+        max_attempts=3, initial_delay=0.02, jitter=0.0, reconnect_reused=reconnect_reused
+    )
+    client = make_client(raw.url, retries=policy)
+    image = _padded_png(40 * MiB)
+    figures.add("inject.upload reset")
+    figures.add("recover.expected")
+    result = await client.container.image.edit(image=image, prompt="x")
+    assert result.data == TINY_PNG
+    assert result.attempts == 2
+    assert not result.maybe_duplicated
+    assert state == {"connections": 2, "full_bodies": 1}
+    figures.add("recover.ok")
+    figures.add("upload_reset.retried")
+
+
 @pytest.mark.scenario(27)
 async def test_url_inputs_pass_through_and_are_never_fetched(
     server: LocalServer, make_client: MakeClient, raw_server: StartRaw, figures: Figures
@@ -243,15 +295,90 @@ async def test_malformed_200_bodies_map_to_response_errors(  # noqa: PLR0917
 
 
 @pytest.mark.scenario(28)
-async def test_png_under_response_format_jpeg_is_a_response_error(
-    server: LocalServer, make_client: MakeClient, figures: Figures
+async def test_png_under_response_format_jpeg_is_returned_as_png(
+    server: LocalServer,
+    make_client: MakeClient,
+    figures: Figures,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """Asking for JPEG and getting PNG bytes raises FriendliResponseError."""
+    """Asking for JPEG and getting a valid PNG returns the PNG (its real format), logged once.
+
+    The image cost GPU time; the SDK is strict about what it sends, not about a valid
+    image it receives (it already accepted bytes whose format it cannot tell).
+    """
     client = make_client(server.url)
+    with caplog.at_level(logging.INFO, logger="friendli_image"):
+        results = [await gen(client, response_format="jpeg") for _ in range(3)]
+    assert [r.format for r in results] == ["png"] * 3
+    assert all(r.data == TINY_PNG and (r.width, r.height) == (8, 8) for r in results)
+    notes = [
+        r
+        for r in caplog.records
+        if r.levelno == logging.INFO and "response_format='jpeg'" in r.getMessage()
+    ]
+    assert len(notes) == 1
+    figures.add("inject.format mismatch", 3)
+    figures.add("recover.expected", 3)
+    figures.add("recover.ok", 3)
+
+
+def _many_keys_body(size: int) -> bytes:
+    """A 200 body of about ``size`` bytes made of small keys: {"k0":0,"k1":0,...}."""
+    parts = []
+    total = 0
+    index = 0
+    while total < size:
+        part = b'"k%d":0' % index
+        parts.append(part)
+        total += len(part) + 1
+        index += 1
+    return b"{" + b",".join(parts) + b"}"
+
+
+@pytest.mark.slow
+@pytest.mark.scenario(28)
+async def test_a_body_of_millions_of_keys_is_refused_before_parsing(
+    raw_server: StartRaw, make_client: MakeClient, figures: Figures, secrets: SecretProbe
+) -> None:
+    """A 30 MB 200 body of ~3 M small keys: FriendliResponseError without a full parse.
+
+    On the old path orjson built every key (906 MiB RSS, 5.4 s); the body's shape
+    (thousands of JSON members, where an image response has a handful) is refused first.
+    """
+    body = _many_keys_body(30 * 1000 * 1000)
+    keys = body.count(b":")
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while await read_request(reader):
+            writer.write(http_response(body))
+            await writer.drain()
+
+    raw = await raw_server(handler)
+    client = make_client(raw.url)
     figures.add("malformed.tried")
-    with pytest.raises(FriendliResponseError, match="jpeg"):
-        await gen(client, response_format="jpeg")
+    figures.add("inject.malformed body")
+    tracemalloc.start()
+    started = time.monotonic()
+    try:
+        with pytest.raises(FriendliResponseError, match="JSON members") as caught:
+            await gen(client)
+        elapsed = time.monotonic() - started
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
     figures.add("malformed.typed")
+    secrets.check(caught.value)
+    assert len(caught.value.body) <= 200
+    figures.set(
+        "parse_bound",
+        f"{len(body) / 1e6:.0f} MB body of {keys / 1e6:.1f} M keys refused in {elapsed:.2f} s, "
+        f"peak traced {peak / MiB:.0f} MiB ({peak / len(body):.2f}x the body; "
+        "before: 906 MiB RSS, 5.4 s)",
+    )
+    # The body itself is held twice while read (aiohttp's chunks, then joined); a parse
+    # of its keys would have added ~30x.
+    assert peak < 4 * len(body)
+    assert elapsed < 3.0
 
 
 @pytest.mark.scenario(29)

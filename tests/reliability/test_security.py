@@ -30,6 +30,7 @@ from friendli_image import (
     RetryConfig,
     Timeout,
 )
+from friendli_image._cli import main
 from friendli_image.server import LocalServer, ServerConfig, create_app
 
 from .harness import (
@@ -296,3 +297,129 @@ async def test_token_over_plain_http_to_a_remote_host_warns_once(
         quiet = make_client("http://192.0.2.1:9", token="", retries=0, timeout=Timeout(connect=0.2))
         with pytest.raises(FriendliConnectionError):
             await gen(quiet)
+
+
+_CREDENTIAL_URLS = [
+    "http://user:pw-s3cret@127.0.0.1:{port}",
+    "http://pw-s3cret@127.0.0.1:{port}",
+    "https://user:pw-s3cret@127.0.0.1:{port}/v1",
+    "http://user:pw-s3cret@[::1]:{port}",
+]
+
+
+@pytest.mark.scenario(37)
+@pytest.mark.parametrize("template", _CREDENTIAL_URLS)
+@pytest.mark.parametrize("with_token", [True, False], ids=["token", "no-token"])
+async def test_credentials_in_server_url_are_refused_without_echo(  # noqa: PLR0917
+    raw_server: StartRaw,
+    figures: Figures,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    template: str,
+    with_token: bool,
+) -> None:
+    """user:pw@ in server_url: FriendliValidationError naming token=, the password nowhere,
+    nothing sent (no Basic auth behind the user's back); the CLI exits 2 in one line."""
+    raw, seen = await _capture(raw_server)
+    url = template.format(port=raw.port)
+    token = TOKEN if with_token else None
+    figures.add("bad_input.tried")
+    with pytest.raises(FriendliValidationError, match="token=") as caught:
+        AsyncFriendli(token=token, server_url=url)
+    assert "pw-s3cret" not in f"{caught.value} {caught.value!r} {caught.value.args}"
+    client = AsyncFriendli(token=token, server_url=raw.url)
+    try:
+        with pytest.raises(FriendliValidationError, match="token="):
+            await client.container.image.generate(prompt="p", server_url=url)
+    finally:
+        await client.close()
+    monkeypatch.setenv("FRIENDLI_SERVER_URL", url)
+    with pytest.raises(FriendliValidationError, match="token="):
+        AsyncFriendli(token=token)
+    code = await asyncio.to_thread(main, ["generate", "p", "-o", "/dev/null", "--server-url", url])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1
+    assert "pw-s3cret" not in err
+    assert seen == []
+    assert raw.connections == 0
+    figures.add("bad_input.rejected")
+
+
+_BAD_HEADERS: list[tuple[dict[str, str], str]] = [
+    ({"Content-Length": "5"}, "truncates or pads"),
+    ({"content-length": "999999"}, "truncates or pads"),
+    ({"Transfer-Encoding": "chunked"}, "smuggling"),
+    ({"Host": "evil.example"}, "server_url"),
+    ({"Connection": "close"}, "connection management"),
+    ({"Keep-Alive": "timeout=5"}, "connection management"),
+    ({"TE": "trailers"}, "hop-by-hop"),
+    ({"Upgrade": "h2c"}, "upgrade"),
+    ({"Trailer": "X-Sig"}, "trailers"),
+    ({"X Bad": "v"}, "not a valid HTTP header name"),
+    ({"X:Bad": "v"}, "not a valid HTTP header name"),
+    ({"": "v"}, "is empty"),
+    ({"X-Ünïcode": "v"}, "not a valid HTTP header name"),
+    ({"X-Key": "caf\u00e9"}, "non-ASCII"),
+    ({"X-Key": "a\r\nX-Injected: 1"}, "line break"),
+    ({"X-Key": "nul\x00"}, "control character"),
+    ({"X-Key": "a", "x-key": "b"}, "twice"),
+]
+
+
+@pytest.mark.scenario(25)
+@pytest.mark.parametrize(("headers", "reason"), _BAD_HEADERS, ids=lambda v: repr(v)[:28])
+async def test_headers_that_corrupt_the_request_are_refused(
+    raw_server: StartRaw,
+    make_client: MakeClient,
+    figures: Figures,
+    headers: dict[str, str],
+    reason: str,
+) -> None:
+    """Framing, hop-by-hop and malformed headers: refused at the client and at the call,
+    saying why, naming the header and never its value; nothing reaches the wire."""
+    raw, seen = await _capture(raw_server)
+    figures.add("headers.tried")
+    with pytest.raises(FriendliValidationError, match=reason) as caught:
+        make_client(raw.url, http_headers=headers)
+    assert caught.value.field == "http_headers"
+    client = make_client(raw.url)
+    with pytest.raises(FriendliValidationError, match=reason):
+        await gen(client, http_headers=headers)
+    for value in headers.values():
+        if len(value) > 3:
+            assert value not in str(caught.value)
+    assert seen == []
+    assert raw.connections == 0
+    figures.add("headers.refused")
+    shown = ", ".join(f"{name or '(empty name)'}: {value!r}" for name, value in headers.items())
+    figures.record_refusal(shown, str(caught.value).removeprefix("invalid http_headers: "))
+
+
+@pytest.mark.scenario(36)
+async def test_a_user_authorization_header_replaces_the_token_and_is_redacted(
+    raw_server: StartRaw, make_client: MakeClient, secrets: SecretProbe
+) -> None:
+    """http_headers={"Authorization": ...} is sent instead of "Bearer <token>" (for a
+    gateway with another scheme), per call too, and kept and redacted like the token."""
+    custom = f"Basic {TOKEN}"
+    requests: list[bytes] = []
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while request := await read_request(reader):
+            requests.append(request)
+            writer.write(http_response(b'{"detail": "echo ' + custom.encode() + b'"}', "400 Bad"))
+            await writer.drain()
+
+    raw = await raw_server(handler)
+    client = make_client(raw.url, token=None, http_headers={"authorization": custom})
+    with pytest.raises(FriendliAPIStatusError) as caught:
+        await gen(client)
+    assert f"\r\nAuthorization: {custom}\r\n".encode() in requests[-1]
+    assert b"Bearer" not in requests[-1]
+    secrets.check(caught.value, client)
+    per_call = make_client(raw.url)
+    with pytest.raises(FriendliAPIStatusError) as caught:
+        await gen(per_call, http_headers={"Authorization": custom})
+    assert f"\r\nAuthorization: {custom}\r\n".encode() in requests[-1]
+    secrets.check(caught.value)

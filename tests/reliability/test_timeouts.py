@@ -7,7 +7,7 @@ import random
 import socket
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
 import pytest
 
@@ -20,9 +20,19 @@ from friendli_image import (
 )
 from friendli_image.server import Action, LocalServer, ServerConfig
 
-from .harness import TINY_PNG, Figures, SecretProbe, gen, pool
+from .harness import (
+    TINY_PNG,
+    Figures,
+    RawHandler,
+    RawServer,
+    SecretProbe,
+    gen,
+    pool,
+    read_request,
+)
 
 MakeClient = Callable[..., AsyncFriendli]
+StartRaw = Callable[[RawHandler], Awaitable[RawServer]]
 
 
 async def _wait_until(predicate: Callable[[], bool], limit: float = 3.0) -> bool:
@@ -237,3 +247,82 @@ async def test_random_cancellations_leave_the_pool_clean(
     started = time.monotonic()
     await gen(client, num_inference_steps=10)
     assert time.monotonic() - started < 0.05 + 0.5
+
+
+async def _never_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    while await read_request(reader):
+        pass  # read every request, answer none: only the client's timers end an attempt
+
+
+async def _cancel_at_the_deadline(
+    client: AsyncFriendli, offset: float
+) -> tuple[bool, BaseException | None]:
+    """One call with a 30 ms attempt timeout, cancelled ``offset`` s after it started."""
+    loop = asyncio.get_running_loop()
+    task = loop.create_task(gen(client, timeout_ms=30))
+    accepted: asyncio.Future[bool] = loop.create_future()
+    loop.call_later(offset, lambda: accepted.set_result(task.cancel()))
+    try:
+        await task
+    except BaseException as exc:  # the outcome is what is measured
+        outcome: BaseException | None = exc
+    else:
+        outcome = None
+    return await accepted, outcome
+
+
+@pytest.mark.scenario(15)
+async def test_a_cancel_at_the_attempt_deadline_stays_a_cancel(
+    raw_server: StartRaw, make_client: MakeClient, figures: Figures
+) -> None:
+    """1,000 cancels at 30 +- 4 ms of a timeout_ms=30 call: every accepted one is a
+    CancelledError (none swallowed into FriendliTimeoutError), and without a cancel the
+    attempt timeout still fires on time."""
+    raw = await raw_server(_never_answer)
+    client = make_client(raw.url, retries=RetryConfig.disabled())
+    rng = random.Random(12)
+    accepted = swallowed = timed_out = 0
+    for _wave in range(20):
+        outcomes = await asyncio.gather(
+            *(_cancel_at_the_deadline(client, rng.uniform(0.026, 0.034)) for _ in range(50))
+        )
+        for was_accepted, outcome in outcomes:
+            if was_accepted:
+                accepted += 1
+                if not isinstance(outcome, asyncio.CancelledError):
+                    swallowed += 1
+            else:
+                assert isinstance(outcome, FriendliTimeoutError), outcome
+                timed_out += 1
+    figures.set(
+        "cancel.boundary",
+        f"1000 cancels at 30 +- 4 ms of a 30 ms attempt: {accepted} accepted, {swallowed} "
+        f"swallowed into FriendliTimeoutError (target 0; before: 17-24 %), {timed_out} "
+        "came after the timeout had already ended the call",
+    )
+    figures.add("inject.cancel", 1000)
+    assert swallowed == 0
+    assert accepted > 100  # the offsets straddle the deadline
+
+    async def timed() -> tuple[float, float]:
+        """(lateness of the attempt timeout, lateness of a plain 30 ms sleep beside it)."""
+        started = time.monotonic()
+
+        async def control() -> float:
+            await asyncio.sleep(0.030)
+            return time.monotonic() - started - 0.030
+
+        beside = asyncio.ensure_future(control())
+        with pytest.raises(FriendliTimeoutError) as caught:
+            await gen(client, timeout_ms=30)
+        assert caught.value.kind == "attempt"
+        return time.monotonic() - started - 0.030, await beside
+
+    timings = [await timed() for _ in range(20)]
+    late = max(t for t, _ in timings)
+    # A loaded machine delays every timer; the SDK's own share is the excess over a
+    # plain sleep started at the same moment.
+    excess = max(t - control for t, control in timings)
+    figures.high("timeout.attempt (30 ms)", late)
+    figures.high("timeout.attempt (30 ms), beyond a plain sleep", excess)
+    assert excess < 0.1
