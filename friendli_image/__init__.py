@@ -33,6 +33,7 @@ from ._exceptions import (
     FriendliUsageWarning,
     FriendliValidationError,
 )
+from ._fleet import Endpoint, EndpointStats, FleetConfig
 from ._gallery import write_gallery
 from ._models import (
     BatchItem,
@@ -65,6 +66,9 @@ __all__ = [
     "BatchResult",
     "ContainerImageGenerateSuccess",
     "EditRequest",
+    "Endpoint",
+    "EndpointStats",
+    "FleetConfig",
     "FriendliAPIError",
     "FriendliAPIStatusError",
     "FriendliAuthenticationError",

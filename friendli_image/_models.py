@@ -264,6 +264,8 @@ class ImageResult:
     """Seconds from the call's start to the decoded image, retries included."""
     maybe_duplicated: bool = False
     """True if a request the server may have processed was sent again for this result."""
+    endpoint: str | None = None
+    """The endpoint that served it, when the client has several (None: ``server_url``)."""
 
     def __init__(
         self,
@@ -277,6 +279,7 @@ class ImageResult:
         attempts: int = 1,
         elapsed: float = 0.0,
         maybe_duplicated: bool = False,
+        endpoint: str | None = None,
     ) -> None:
         if (data is None) == (image is None):
             raise FriendliUsageError(
@@ -301,6 +304,7 @@ class ImageResult:
             attempts=attempts,
             elapsed=elapsed,
             maybe_duplicated=maybe_duplicated,
+            endpoint=endpoint,
         )
 
     @property

@@ -36,6 +36,7 @@ from anyio.from_thread import BlockingPortal
 from ._batch import Batch
 from ._client import AsyncFriendli, describe
 from ._exceptions import FriendliUsageError, FriendliUsageWarning
+from ._fleet import EndpointStats
 from ._models import BatchItem, BatchResult
 from ._resources import Image as AsyncImage
 
@@ -191,6 +192,14 @@ class SyncFriendli:
         return self._template.max_connections
 
     @property
+    def endpoints(self) -> tuple[EndpointStats, ...]:
+        """A snapshot of each endpoint of a fleet (see `AsyncFriendli.endpoints`)."""
+        runtime = self._runtime
+        if runtime is None:
+            return self._template.endpoints
+        return self._run(_endpoints_of)
+
+    @property
     def closed(self) -> bool:
         """True once ``close()`` has been called."""
         return self._closed
@@ -308,6 +317,11 @@ class SyncFriendli:
             finalizer.detach()
         if runtime is not None:
             _inherited.append(runtime)
+
+
+async def _endpoints_of(client: AsyncFriendli) -> tuple[EndpointStats, ...]:
+    # Taken on the loop thread, where the endpoints' state changes.
+    return client.endpoints
 
 
 async def _open(client: AsyncFriendli) -> None:

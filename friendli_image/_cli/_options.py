@@ -28,9 +28,11 @@ def add_client_options(parser: argparse.ArgumentParser) -> None:
     """Add ``--server-url``, ``--timeout`` and ``--retries`` to a subcommand."""
     parser.add_argument(
         "--server-url",
+        action="append",
         default=None,
         help=f"server base URL (default: ${ENV_SERVER_URL} or http://localhost:8000); "
-        f"the token is read from ${ENV_TOKEN}",
+        "give it more than once (or a comma-separated list) to balance over several "
+        f"servers; the token is read from ${ENV_TOKEN}",
     )
     parser.add_argument(
         "--timeout", type=float, default=None, metavar="SECONDS", help="per-attempt timeout"
@@ -47,4 +49,6 @@ def add_client_options(parser: argparse.ArgumentParser) -> None:
 def make_client(args: argparse.Namespace) -> AsyncFriendli:
     """The client the command line asks for."""
     timeout_ms = None if args.timeout is None else int(args.timeout * 1000)
-    return AsyncFriendli(server_url=args.server_url, timeout_ms=timeout_ms, retries=args.retries)
+    urls: list[str] | None = args.server_url
+    server_url = ",".join(urls) if urls else None
+    return AsyncFriendli(server_url=server_url, timeout_ms=timeout_ms, retries=args.retries)
