@@ -306,7 +306,8 @@ async def test_a_10x_slower_server_gets_proportionally_fewer_requests() -> None:
     """One server 10x slower: its share is about a tenth of a fast one's."""
     configs = (_config(25, 64), _config(25, 64), _config(25, 64), _config(250, 64))
     async with _servers(*configs) as servers:
-        async with AsyncFriendli(server_url=[s.url for s in servers]) as client:
+        client = AsyncFriendli(server_url=[s.url for s in servers])
+        async with client:
             result = await client.container.image.generate_batch(
                 _requests(900), concurrency=64
             ).collect()
