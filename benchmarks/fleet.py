@@ -9,8 +9,10 @@ Run as ``python benchmarks/fleet.py`` (both parts) or with ``--part fleet`` / ``
   user of a single-URL SDK writes). Reported: throughput of each and their ratio (the
   goal is >= 1.3x: round-robin waits on the slowest endpoint, the fleet routes by load).
 - **cpu**: a single URL, N tiny images sequentially against one server in another
-  process; the client process's ``time.process_time()`` per request. Run it on two
-  checkouts to compare (the goal: within 3 %).
+  process; the client process's ``time.process_time()`` per request. With
+  ``--baseline DIR`` (another checkout, e.g. ``git worktree add /tmp/base main``) both
+  clients run in this process, alternating in chunks against the same server, and the
+  ratio is reported (goal: within 3 %).
 
 Prints one JSON object per part.
 """
@@ -19,16 +21,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import io
 import json
 import multiprocessing
 import os
+import shutil
 import statistics
 import sys
+import tempfile
 import time
 from typing import Any
 
 PROMPT = "a lighthouse at dawn"
+_HERE = os.path.dirname(os.path.abspath(__file__))
 CAPACITIES = (1, 1, 2, 4)
 
 
@@ -148,34 +154,75 @@ def fleet_part(n: int, c: int, repeats: int) -> dict[str, Any]:
     }
 
 
-async def _cpu_per_request(url: str, n: int) -> float:
-    from friendli_image import AsyncFriendli
+def _load_baseline(checkout: str) -> Any:
+    """Import ``checkout``'s package as ``friendli_image_baseline``, beside this one.
 
-    async with AsyncFriendli(server_url=url) as client:
-        image = client.container.image
+    Its modules import each other relatively, so a renamed copy loads on its own and both
+    clients can alternate in one process, under the same load.
+    """
+    target = tempfile.mkdtemp(prefix="fleet-bench-")
+    shutil.copytree(
+        os.path.join(checkout, "friendli_image"),
+        os.path.join(target, "friendli_image_baseline"),
+        ignore=shutil.ignore_patterns("_cli", "server", "__pycache__"),
+    )
+    sys.path.insert(0, target)
+    return importlib.import_module("friendli_image_baseline")
+
+
+async def _cpu_chunks(clients: dict[str, Any], n: int, chunk: int) -> dict[str, list[float]]:
+    """CPU seconds per request of each client, over alternating chunks of requests."""
+    samples: dict[str, list[float]] = {name: [] for name in clients}
+    names = list(clients)
+    for name in names:  # warm-up: connections, caches
         for i in range(200):
-            await image.generate(prompt=PROMPT, seed=i)
-        started = time.process_time()
-        for i in range(n):
-            await image.generate(prompt=PROMPT, seed=i)
-        return (time.process_time() - started) / n
+            await clients[name].container.image.generate(prompt=PROMPT, seed=i)
+    for index in range(n // chunk):
+        for name in names if index % 2 == 0 else reversed(names):
+            image = clients[name].container.image
+            started = time.process_time()
+            for i in range(chunk):
+                await image.generate(prompt=PROMPT, seed=i)
+            samples[name].append((time.process_time() - started) / chunk)
+    return samples
 
 
-def cpu_part(n: int, repeats: int) -> dict[str, Any]:
-    """Single-URL client CPU per request (the server runs in another process)."""
+def cpu_part(n: int, baseline: str | None) -> dict[str, Any]:
+    """Single-URL client CPU per request; with ``baseline``, against that checkout's.
+
+    One server process serves both; the clients alternate in chunks of 250 requests in
+    one process, so machine load drifts over both alike.
+    """
+    import friendli_image
+
+    modules = {"this": friendli_image}
+    if baseline:
+        modules["baseline"] = _load_baseline(baseline)
     urls, processes = _start_servers([(4, 0.0)])
+
+    async def run() -> dict[str, list[float]]:
+        clients = {name: m.AsyncFriendli(server_url=urls[0]) for name, m in modules.items()}
+        try:
+            return await _cpu_chunks(clients, n, 250)
+        finally:
+            for client in clients.values():
+                await client.close()
+
     try:
-        samples = [asyncio.run(_cpu_per_request(urls[0], n)) for _ in range(repeats)]
+        samples = asyncio.run(run())
     finally:
         _stop(processes)
-    return {
-        "part": "cpu",
-        "n": n,
-        "repeats": repeats,
-        "cpu_us_per_request_median": round(statistics.median(samples) * 1e6, 1),
-        "cpu_us_per_request_min": round(min(samples) * 1e6, 1),
-        "samples_us": [round(s * 1e6, 1) for s in samples],
-    }
+    report: dict[str, Any] = {"part": "cpu", "requests_per_client": n}
+    for name, values in samples.items():
+        report[f"{name}_us_per_request"] = round(statistics.median(values) * 1e6, 1)
+    if baseline:
+        # Paired: each chunk against the other client's chunk next to it in time.
+        ratios = [a / b for a, b in zip(samples["this"], samples["baseline"], strict=True)]
+        ratio = statistics.median(ratios)
+        report["ratio"] = round(ratio, 3)
+        report["goal"] = "within 3 %"
+        report["met"] = abs(ratio - 1) <= 0.03
+    return report
 
 
 def main() -> None:
@@ -183,12 +230,15 @@ def main() -> None:
     parser.add_argument("--part", choices=("fleet", "cpu", "all"), default="all")
     parser.add_argument("--n", type=int, default=2000, help="fleet requests per run")
     parser.add_argument("--c", type=int, default=64, help="fleet concurrency")
+    parser.add_argument("--repeats", type=int, default=3, help="fleet runs per client")
     parser.add_argument("--cpu-n", type=int, default=5000, help="single-URL requests per run")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--baseline", default=None, metavar="DIR", help="cpu part: a checkout to compare with"
+    )
     args = parser.parse_args()
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    sys.path.insert(0, os.path.dirname(_HERE))
     if args.part in ("cpu", "all"):
-        print(json.dumps(cpu_part(args.cpu_n, args.repeats)), flush=True)
+        print(json.dumps(cpu_part(args.cpu_n, args.baseline)), flush=True)
     if args.part in ("fleet", "all"):
         print(json.dumps(fleet_part(args.n, args.c, args.repeats)), flush=True)
 
