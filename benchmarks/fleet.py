@@ -130,7 +130,7 @@ async def _round_robin_rps(urls: list[str], n: int, c: int, steps: int) -> float
 
 def fleet_part(n: int, c: int, repeats: int) -> dict[str, Any]:
     """Fleet vs hand-split round-robin over 4 endpoints with 1:1:2:4 capacity."""
-    step_ms, steps = 2.0, 10  # 20 ms of "GPU" per image and slot
+    step_ms, steps = 10.0, 10  # 100 ms of "GPU" per image and slot
     urls, processes = _start_servers([(slots * 4, step_ms) for slots in CAPACITIES])
     try:
         fleet, rr = [], []
@@ -143,7 +143,7 @@ def fleet_part(n: int, c: int, repeats: int) -> dict[str, Any]:
     return {
         "part": "fleet",
         "endpoints": len(urls),
-        "capacity": "1:1:2:4 (" + ":".join(str(s * 4) for s in CAPACITIES) + " slots x 20 ms)",
+        "capacity": "1:1:2:4 (" + ":".join(str(s * 4) for s in CAPACITIES) + " slots x 100 ms)",
         "n": n,
         "c": c,
         "fleet_rps": round(statistics.median(fleet), 1),
@@ -228,7 +228,7 @@ def cpu_part(n: int, baseline: str | None) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--part", choices=("fleet", "cpu", "all"), default="all")
-    parser.add_argument("--n", type=int, default=2000, help="fleet requests per run")
+    parser.add_argument("--n", type=int, default=1000, help="fleet requests per run")
     parser.add_argument("--c", type=int, default=64, help="fleet concurrency")
     parser.add_argument("--repeats", type=int, default=3, help="fleet runs per client")
     parser.add_argument("--cpu-n", type=int, default=5000, help="single-URL requests per run")
