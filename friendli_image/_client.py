@@ -466,6 +466,7 @@ class AsyncFriendli:
         epoch = 0
         began = 0.0
         tried: list[EndpointState] = []
+        moving = False  # failing over: the next attempt must go to an untried endpoint
         resent_elsewhere = False
         while True:
             attempt_number += 1
@@ -482,7 +483,7 @@ class AsyncFriendli:
                 )
             if fleet is not None:
                 try:
-                    endpoint = await fleet.acquire(tried)
+                    endpoint = await fleet.acquire(tried, strict=moving)
                 except BaseException:
                     if gate is not None:
                         gate.release(ticket, "other")
@@ -511,7 +512,9 @@ class AsyncFriendli:
                     moved = await self._fail_over(fleet, endpoint, error, options, tried)
                     if moved is not None:
                         resent_elsewhere = resent_elsewhere or moved
+                        moving = True
                         continue
+                    moving = False
                 try:
                     await retry.after_failure(error)
                 except FriendliAPIError as final:

@@ -429,11 +429,14 @@ class Fleet:
     def _candidates(self, now: float, exclude: Collection[EndpointState]) -> list[EndpointState]:
         return [e for e in self.endpoints if e not in exclude and e.available(now)]
 
-    def pick(self, exclude: Collection[EndpointState] = ()) -> EndpointState | None:
-        """An endpoint that can take a request now, preferring those not in ``exclude``."""
+    def pick(
+        self, exclude: Collection[EndpointState] = (), *, strict: bool = False
+    ) -> EndpointState | None:
+        """An endpoint that can take a request now, preferring those not in ``exclude``
+        (``strict``: only those)."""
         now = time.monotonic()
         found = choose(self._candidates(now, exclude), self._rng)
-        if found is None and exclude:
+        if found is None and exclude and not strict:
             found = choose(self._candidates(now, ()), self._rng)
         return found
 
@@ -447,11 +450,17 @@ class Fleet:
         now = time.monotonic()
         return any(e not in exclude and not e.ejected(now) for e in self.endpoints)
 
-    async def acquire(self, exclude: Collection[EndpointState] = ()) -> EndpointState:
-        """Wait for an endpoint that can take the request; count it in flight there."""
+    async def acquire(
+        self, exclude: Collection[EndpointState] = (), *, strict: bool = False
+    ) -> EndpointState:
+        """Wait for an endpoint that can take the request; count it in flight there.
+
+        Endpoints in ``exclude`` are taken only when no other can take it now, and never
+        when ``strict`` (a failover: the request must go elsewhere).
+        """
         loop: asyncio.AbstractEventLoop | None = None
         while True:
-            endpoint = self.pick(exclude)
+            endpoint = self.pick(exclude, strict=strict)
             if endpoint is not None:
                 endpoint.in_flight += 1
                 return endpoint

@@ -484,6 +484,29 @@ async def test_never_sent_requests_fail_over_at_once_and_free() -> None:
     assert live.stats.total_requests == 8
 
 
+async def test_a_failover_waits_for_another_endpoint_instead_of_the_one_that_failed() -> None:
+    """While the live endpoint is busy, a refused request waits for it: it is not sent
+    back to the refused endpoint over and over (no ejection here to stop that)."""
+    async with _servers(_config(20, 1)) as (live,):
+        probe = LocalServer(_config(0))
+        await probe.astart()
+        dead_url = probe.url
+        await probe.aclose()
+        servers = [Endpoint(dead_url), Endpoint(live.url, max_connections=1)]
+        no_ejection = FleetConfig(max_ejected_share=0.0)
+        async with AsyncFriendli(server_url=servers, fleet=no_ejection) as client:
+            results = await asyncio.gather(
+                *(
+                    client.container.image.generate(prompt="a fox", num_inference_steps=2)
+                    for _ in range(6)
+                )
+            )
+            dead = client.endpoints[0]
+    assert all(r.endpoint == live.url for r in results)
+    assert dead.failures["connect"] <= 6
+    assert live.stats.max_in_flight == 1
+
+
 async def test_single_url_and_per_call_server_url_bypass_the_fleet(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
