@@ -33,7 +33,7 @@ from ._exceptions import (
     FriendliUsageWarning,
     FriendliValidationError,
 )
-from ._fleet import Endpoint, EndpointStats, FleetConfig
+from ._fleet import Endpoint, FleetConfig
 from ._gallery import write_gallery
 from ._models import (
     BatchItem,
@@ -42,6 +42,7 @@ from ._models import (
     BatchResult,
     ContainerImageGenerateSuccess,
     EditRequest,
+    EndpointStats,
     GenerateRequest,
     ImageInput,
     ImageResult,

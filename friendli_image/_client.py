@@ -54,13 +54,19 @@ from ._exceptions import (
 from ._fleet import (
     Endpoint,
     EndpointState,
-    EndpointStats,
     Fleet,
     FleetConfig,
     failover_kind,
     parse_servers,
 )
-from ._models import AttemptGate, AttemptOutcome, ImageResult, RequestModel, RequestPath
+from ._models import (
+    AttemptGate,
+    AttemptOutcome,
+    EndpointStats,
+    ImageResult,
+    RequestModel,
+    RequestPath,
+)
 from ._resources import Container
 from ._retry import RetryBudget, RetryState, server_wait, spends_budget
 from ._transport import Transport, make_trace_config
@@ -296,7 +302,9 @@ class AsyncFriendli:
     @cached_property
     def container(self) -> Container:
         """The Friendli Container API: ``client.container.image.generate(...)``."""
-        return Container(RequestPath(send=self._send, resolve=self._resolve))
+        return Container(
+            RequestPath(send=self._send, resolve=self._resolve, endpoints=self._snapshot)
+        )
 
     @property
     def server_url(self) -> str:
@@ -309,6 +317,9 @@ class AsyncFriendli:
 
         Empty for a client with a single ``server_url``, which keeps no such state.
         """
+        return self._snapshot()
+
+    def _snapshot(self) -> tuple[EndpointStats, ...]:
         return () if self._fleet is None else self._fleet.snapshot()
 
     @property

@@ -29,7 +29,7 @@ import random
 import time
 import types
 from collections import deque
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Any, Final, Literal, TypeAlias
 
 import aiohttp
@@ -44,11 +44,11 @@ from ._exceptions import (
     FriendliTimeoutError,
     FriendliValidationError,
 )
+from ._models import EndpointStats
 
 __all__ = [
     "Endpoint",
     "EndpointState",
-    "EndpointStats",
     "Failover",
     "Fleet",
     "FleetConfig",
@@ -158,41 +158,6 @@ class FleetConfig:
             raise FriendliValidationError(
                 "health_path", f"must be a path starting with '/', got {self.health_path!r}"
             )
-
-
-@attrs.frozen(kw_only=True)
-class EndpointStats:
-    """A snapshot of one endpoint of a client (``client.endpoints``).
-
-    Attributes:
-        url: the endpoint's base URL.
-        weight: its routing weight.
-        in_flight: requests on it now.
-        limit: its current in-flight limit (adapts to 429/503 and recovers).
-        max_connections: the cap of ``limit``.
-        successes: attempts it answered with an image.
-        failures: failed attempts by kind: ``connect`` (never reached it), ``timeout``,
-            ``dropped`` (the connection broke after the request was sent),
-            ``status_429``, ``status_503``, ``status_5xx``, ``status_4xx``, ``response``
-            (a 200 without a usable image).
-        latency_p50: median seconds of its recent successful attempts (None: none yet).
-        latency_p95: 95th percentile of the same.
-        ejected_until: ``time.monotonic()`` when its ejection ends, None if it is not
-            ejected.
-        ejections: how many times it was ejected.
-    """
-
-    url: str
-    weight: float
-    in_flight: int
-    limit: int
-    max_connections: int
-    successes: int
-    failures: Mapping[str, int]
-    latency_p50: float | None
-    latency_p95: float | None
-    ejected_until: float | None
-    ejections: int
 
 
 def parse_servers(value: str | Sequence[str | Endpoint]) -> list[Endpoint]:

@@ -36,8 +36,7 @@ from anyio.from_thread import BlockingPortal
 from ._batch import Batch
 from ._client import AsyncFriendli, describe
 from ._exceptions import FriendliUsageError, FriendliUsageWarning
-from ._fleet import EndpointStats
-from ._models import BatchItem, BatchResult
+from ._models import BatchItem, BatchResult, EndpointStats
 from ._resources import Image as AsyncImage
 
 __all__ = ["LOOP_THREAD_NAME", "SyncBatch", "SyncFriendli"]

@@ -273,8 +273,8 @@ async def test_load_follows_capacity_and_no_endpoint_exceeds_its_limit() -> None
         samples: list[Any] = []
         async with AsyncFriendli(server_url=endpoints) as client:
 
-            def sample(_progress: BatchProgress) -> None:
-                samples.append(client.endpoints)
+            def sample(progress: BatchProgress) -> None:
+                samples.append(progress.endpoints)  # the progress hook shows each endpoint
 
             result = await client.container.image.generate_batch(
                 _requests(800), concurrency=64, on_progress=sample
@@ -282,6 +282,7 @@ async def test_load_follows_capacity_and_no_endpoint_exceeds_its_limit() -> None
             snapshot = client.endpoints
     assert not result.failed
     assert samples
+    assert all(len(snap) == 4 for snap in samples)
     for stats in (s for snap in samples for s in snap):
         assert stats.in_flight <= stats.limit <= stats.max_connections
     for server, cap in zip(servers, caps, strict=True):

@@ -28,8 +28,7 @@ from friendli_image._exceptions import (
     FriendliUsageError,
     FriendliValidationError,
 )
-from friendli_image._fleet import EndpointStats
-from friendli_image._models import BatchItem, BatchProgress, BatchResult
+from friendli_image._models import BatchItem, BatchProgress, BatchResult, EndpointStats
 from friendli_image._sink import MANIFEST_NAME
 
 from ._options import EXIT_FAILED, EXIT_OK, EXIT_UNREACHABLE, add_client_options, make_client
