@@ -82,11 +82,14 @@ def _positive_number(name: str, *, allow_zero: bool = False) -> Callable[[Any, A
     return check
 
 
-def _optional_count(_instance: object, _attribute: object, value: int | None) -> None:
-    if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise FriendliValidationError("max_connections", f"must be an int >= 1, got {value!r}")
+def _count(name: str, *, optional: bool = False) -> Callable[[Any, Any, Any], None]:
+    def check(_instance: object, _attribute: object, value: object) -> None:
+        if value is None and optional:
+            return
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise FriendliValidationError(name, f"must be an int >= 1, got {value!r}")
+
+    return check
 
 
 def _url(value: object) -> str:
@@ -109,7 +112,9 @@ class Endpoint:
 
     url: str = attrs.field(converter=_url)
     weight: float = attrs.field(default=1.0, validator=_positive_number("weight"))
-    max_connections: int | None = attrs.field(default=None, validator=_optional_count)
+    max_connections: int | None = attrs.field(
+        default=None, validator=_count("max_connections", optional=True)
+    )
 
 
 @attrs.frozen(kw_only=True)
@@ -135,14 +140,14 @@ class FleetConfig:
         health_timeout: seconds an active probe may take.
     """
 
-    failures_to_eject: int = attrs.field(default=5, validator=_optional_count)
+    failures_to_eject: int = attrs.field(default=5, validator=_count("failures_to_eject"))
     base_ejection: float = attrs.field(default=1.0, validator=_positive_number("base_ejection"))
     max_ejection: float = attrs.field(default=30.0, validator=_positive_number("max_ejection"))
     max_ejected_share: float = attrs.field(
         default=0.5,
         validator=_positive_number("max_ejected_share", allow_zero=True),
     )
-    start_limit: int = attrs.field(default=4, validator=_optional_count)
+    start_limit: int = attrs.field(default=4, validator=_count("start_limit"))
     health_path: str | None = None
     health_interval: float = attrs.field(default=5.0, validator=_positive_number("health_interval"))
     health_timeout: float = attrs.field(default=2.0, validator=_positive_number("health_timeout"))
@@ -583,7 +588,8 @@ class Fleet:
         timeout: aiohttp.ClientTimeout,
     ) -> None:
         healthy = False
-        with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError, OSError):
+        # RuntimeError: the session closed under the probe (the client is closing).
+        with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError, OSError, RuntimeError):
             async with session.get(
                 endpoint.url_for(path),
                 timeout=timeout,

@@ -597,7 +597,7 @@ class EndpointStats:
         failures: failed attempts by kind: ``connect`` (never reached it), ``timeout``,
             ``dropped`` (the connection broke after the request was sent),
             ``status_429``, ``status_503``, ``status_5xx``, ``status_4xx``, ``response``
-            (a 200 without a usable image).
+            (a 200 without a usable image), ``health`` (a failed active probe).
         latency_p50: median seconds of its recent successful attempts (None: none yet).
         latency_p95: 95th percentile of the same.
         ejected_until: ``time.monotonic()`` when its ejection ends, None if it is not

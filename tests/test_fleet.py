@@ -184,6 +184,12 @@ def test_parse_servers() -> None:
         Endpoint("http://a", weight=0)
     with pytest.raises(FriendliValidationError, match="max_connections"):
         Endpoint("http://a", max_connections=0)
+    with pytest.raises(FriendliValidationError, match="invalid failures_to_eject"):
+        FleetConfig(failures_to_eject=0)
+    with pytest.raises(FriendliValidationError, match="max_ejected_share"):
+        FleetConfig(max_ejected_share=1.5)
+    with pytest.raises(FriendliValidationError, match="health_path"):
+        FleetConfig(health_path="health")
     with pytest.raises(FriendliValidationError, match="fleet"):
         AsyncFriendli(server_url=["http://a:1", "http://b:2"], fleet="x")  # type: ignore[arg-type]
 
