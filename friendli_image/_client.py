@@ -512,14 +512,20 @@ class AsyncFriendli:
                     deadline=retry.deadline,
                 )
             except FriendliAPIError as error:
-                if gate is not None:
-                    gate.release(ticket, _outcome(error), server_wait(error))
-                if attempt_number == 1:
-                    self._budget.deposit(options.retry)
+                outcome = _outcome(error)
                 if fleet is not None and endpoint is not None:
                     error.endpoint = endpoint.url
                     fleet.failed(endpoint, epoch, error)
                     tried.append(endpoint)
+                    if outcome == "rate_limited" and fleet.has_unheld(tried):
+                        # One endpoint's 429 is that endpoint's limit (lowered above),
+                        # not a reason to slow the whole batch down.
+                        outcome = "other"
+                if gate is not None:
+                    gate.release(ticket, outcome, server_wait(error))
+                if attempt_number == 1:
+                    self._budget.deposit(options.retry)
+                if fleet is not None and endpoint is not None:
                     moved = await self._fail_over(fleet, endpoint, error, options, tried)
                     if moved is not None:
                         resent_elsewhere = resent_elsewhere or moved

@@ -420,6 +420,13 @@ class Fleet:
         now = time.monotonic()
         return any(e not in exclude and not e.ejected(now) for e in self.endpoints)
 
+    def has_unheld(self, exclude: Collection[EndpointState]) -> bool:
+        """Is an endpoint not in ``exclude`` in rotation and not held by a ``Retry-After``?"""
+        now = time.monotonic()
+        return any(
+            e not in exclude and not e.ejected(now) and now >= e.hold_until for e in self.endpoints
+        )
+
     async def acquire(
         self, exclude: Collection[EndpointState] = (), *, strict: bool = False
     ) -> EndpointState:

@@ -442,6 +442,26 @@ async def test_429_goes_to_another_endpoint_and_4xx_is_never_retried() -> None:
     assert sum(s.pending_actions("y") for s in servers) == 5
 
 
+async def test_one_endpoints_429s_do_not_slow_the_whole_batch() -> None:
+    """The batch's own limit shrinks on 429 only when no other endpoint can take the
+    request; one endpoint answering 429 is held by its own limit and Retry-After."""
+    limited = _config(0, faults=FaultRates(p_429=1.0, retry_after_s=0.2))
+    async with _servers(_config(5, 32), limited) as servers:
+        client = AsyncFriendli(server_url=[s.url for s in servers])
+        async with client:
+            limits: list[int] = []
+            result = await client.container.image.generate_batch(
+                _requests(300),
+                concurrency=16,
+                on_progress=lambda progress: limits.append(progress.limit),
+            ).collect()
+            held = client.endpoints[1]
+    assert not result.failed
+    assert min(limits) == 16
+    assert held.successes == 0
+    assert 1 <= held.failures["status_429"] <= 30
+
+
 async def test_a_live_server_that_drops_one_connection_is_not_resent_elsewhere() -> None:
     """The server still accepts connections: the request may have run, so the rule of a
     single server holds (not resent); with retry_ambiguous it is, flagged."""
