@@ -34,6 +34,7 @@ from ._exceptions import (
     FriendliUsageWarning,
     FriendliValidationError,
 )
+from ._fleet import Endpoint, FleetConfig
 from ._gallery import write_gallery
 from ._models import (
     BatchItem,
@@ -42,6 +43,7 @@ from ._models import (
     BatchResult,
     ContainerImageGenerateSuccess,
     EditRequest,
+    EndpointStats,
     GenerateRequest,
     ImageInput,
     ImageResult,
@@ -66,6 +68,9 @@ __all__ = [
     "BatchResult",
     "ContainerImageGenerateSuccess",
     "EditRequest",
+    "Endpoint",
+    "EndpointStats",
+    "FleetConfig",
     "FriendliAPIError",
     "FriendliAPIStatusError",
     "FriendliArgumentError",

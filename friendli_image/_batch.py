@@ -332,6 +332,7 @@ class Batch:
             elapsed=elapsed,
             rate=rate,
             eta=eta,
+            endpoints=self._path.endpoints(),
         )
 
     def __aiter__(self) -> AsyncIterator[BatchItem]:

@@ -16,8 +16,9 @@ import os
 import random
 import ssl
 import threading
+import time
 import weakref
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
@@ -53,7 +54,22 @@ from ._exceptions import (
     FriendliValidationError,
     warn_at_caller,
 )
-from ._models import AttemptGate, AttemptOutcome, ImageResult, RequestModel, RequestPath
+from ._fleet import (
+    Endpoint,
+    EndpointState,
+    Fleet,
+    FleetConfig,
+    failover_kind,
+    parse_servers,
+)
+from ._models import (
+    AttemptGate,
+    AttemptOutcome,
+    EndpointStats,
+    ImageResult,
+    RequestModel,
+    RequestPath,
+)
 from ._resources import Container
 from ._retry import RetryBudget, RetryState, server_wait
 from ._transport import Connector, Transport
@@ -126,7 +142,10 @@ class AsyncFriendli:
             ``Authorization`` header. A callable is called for every call, for tokens
             that rotate.
         server_url: the server's base URL; default ``FRIENDLI_SERVER_URL``, else
-            ``http://localhost:8000``. A per-call ``server_url`` overrides it.
+            ``http://localhost:8000``. A per-call ``server_url`` overrides it. Several
+            servers (a list of URLs and `Endpoint` objects, or a comma-separated string)
+            make a fleet: each attempt goes to one of them by load, and failures go to
+            another where that is safe (see ``fleet``).
         timeout_ms: the per-attempt timeout in milliseconds (shorthand for
             ``timeout=Timeout(attempt=...)``).
         retries: a ``RetryConfig``, a number of retries (0 disables retrying), or None
@@ -153,6 +172,8 @@ class AsyncFriendli:
             ``friendli_image.utils.RetryConfig``); pass one of the two.
         debug_logger: a ``logging.Logger`` that receives the client's log records instead
             of the ``friendli_image`` logger (the token never appears in them).
+        fleet: how a client with several endpoints routes, ejects and probes them (a
+            `FleetConfig`); giving one makes a fleet even of one `Endpoint`.
         server_idx, url_params: accepted for code written for the official SDK, where
             they pick a hosted server; they mean nothing for a container, and warn.
         client, async_client: refused: they take httpx clients, and this SDK uses aiohttp.
@@ -167,7 +188,7 @@ class AsyncFriendli:
         self,
         token: str | Callable[[], str | None] | None = None,
         *,
-        server_url: str | None = None,
+        server_url: str | Sequence[str | Endpoint] | None = None,
         timeout_ms: int | None = None,
         retries: RetryConfig | int | None = None,
         http_headers: Mapping[str, str] | None = None,
@@ -179,6 +200,7 @@ class AsyncFriendli:
         x_friendli_team: str | None = None,
         retry_config: RetryConfig | None = None,
         debug_logger: logging.Logger | None = None,
+        fleet: FleetConfig | None = None,
         server_idx: int | None = None,
         url_params: Mapping[str, str] | None = None,
         client: object = None,
@@ -218,14 +240,24 @@ class AsyncFriendli:
                 "X-Friendli-Team"
             ]
         extra_headers, authorization = split_authorization(extra_headers)
+        if fleet is not None and not isinstance(fleet, FleetConfig):
+            raise FriendliValidationError("fleet", "must be a friendli_image.FleetConfig or None")
+        servers = env_server_url() if server_url is None else server_url
+        endpoints: tuple[Endpoint, ...] = ()
+        if isinstance(servers, str) and "," not in servers and fleet is None:
+            base_url = check_server_url(servers)
+        else:
+            endpoints = tuple(parse_servers(servers))
+            if len(endpoints) == 1 and fleet is None and not isinstance(servers[0], Endpoint):
+                base_url, endpoints = endpoints[0].url, ()
+            else:
+                base_url = ",".join(endpoint.url for endpoint in endpoints)
         token = env_token() if token is None else token
         self._setup(
             ClientSettings(
                 token=None if callable(token) else check_token(token),
                 token_source=token_source(token) if callable(token) else None,
-                server_url=check_server_url(
-                    server_url if server_url is not None else env_server_url()
-                ),
+                server_url=base_url,
                 timeout=timeout_from_ms(timeout_ms, timeout or Timeout()),
                 retry=resolve_retries(
                     retries if retry_config is None else retry_config, RetryConfig()
@@ -242,13 +274,30 @@ class AsyncFriendli:
                 trust_env=trust_env,
                 logger=debug_logger or logger,
                 authorization=authorization,
-            )
+            ),
+            endpoints,
+            fleet or FleetConfig(),
         )
 
-    def _setup(self, settings: ClientSettings) -> None:
+    def _setup(
+        self,
+        settings: ClientSettings,
+        endpoints: tuple[Endpoint, ...] = (),
+        fleet: FleetConfig | None = None,
+    ) -> None:
         self._settings = settings
+        self._endpoints = endpoints
+        self._fleet_config = fleet or FleetConfig()
+        # No fleet for one URL: that path stays exactly as cheap as it always was.
+        self._fleet = (
+            Fleet(endpoints, settings.max_connections, self._fleet_config) if endpoints else None
+        )
         self._transport = Transport(settings)
         self._defaults = settings.call_options(CallOverrides())
+        # What a fleet call prepares with: the URL is chosen per attempt.
+        self._fleet_defaults = (
+            attrs.evolve(self._defaults, server_url=endpoints[0].url) if endpoints else None
+        )
         self._session: aiohttp.ClientSession | None = None
         self._session_guard: AsyncIterator[None] | None = None
         self._dropped: _DropFinalizer | None = None
@@ -264,12 +313,25 @@ class AsyncFriendli:
     @cached_property
     def container(self) -> Container:
         """The Friendli Container API: ``client.container.image.generate(...)``."""
-        return Container(RequestPath(send=self._send, resolve=self._resolve))
+        return Container(
+            RequestPath(send=self._send, resolve=self._resolve, endpoints=self._snapshot)
+        )
 
     @property
     def server_url(self) -> str:
-        """The base URL calls go to unless a call names another."""
+        """The base URL calls go to unless a call names another (a fleet's, comma-separated)."""
         return self._settings.server_url
+
+    @property
+    def endpoints(self) -> tuple[EndpointStats, ...]:
+        """A snapshot of each endpoint of a fleet: in flight, limit, counts, latency, ejection.
+
+        Empty for a client with a single ``server_url``, which keeps no such state.
+        """
+        return self._snapshot()
+
+    def _snapshot(self) -> tuple[EndpointStats, ...]:
+        return () if self._fleet is None else self._fleet.snapshot()
 
     @property
     def max_connections(self) -> int:
@@ -288,7 +350,7 @@ class AsyncFriendli:
         loop that opened it. Nothing is validated or read from the environment again.
         """
         clone = AsyncFriendli.__new__(AsyncFriendli)
-        clone._setup(self._settings)
+        clone._setup(self._settings, self._endpoints, self._fleet_config)
         return clone
 
     async def __aenter__(self) -> AsyncFriendli:
@@ -301,6 +363,8 @@ class AsyncFriendli:
     async def close(self) -> None:
         """Close the connection pool. Idempotent; the client cannot be used afterwards."""
         self._closed = True
+        if self._fleet is not None:
+            await self._fleet.stop_health()
         if self._dropped is not None:
             self._dropped.detach()
         guard, self._session_guard = self._session_guard, None
@@ -390,6 +454,8 @@ class AsyncFriendli:
         self._dropped.atexit = False
         self._session, self._session_guard = session, guard
         self._slots = asyncio.Semaphore(self._settings.max_connections)
+        if self._fleet is not None:
+            self._fleet.start_health(session)
         return session
 
     # -- the one request path ------------------------------------------------------
@@ -421,9 +487,25 @@ class AsyncFriendli:
         session = self._ready_session() or await self._open_session()
         slots = self._slots
         assert slots is not None  # noqa: S101  (set with the session)
+        fleet = self._fleet
+        if fleet is not None:
+            if options.server_url != self._settings.server_url:
+                fleet = None  # the call names its own server: the fleet is not asked
+            else:
+                options = (
+                    self._fleet_defaults
+                    if options is self._defaults and self._fleet_defaults is not None
+                    else attrs.evolve(options, server_url=self._endpoints[0].url)
+                )
         call = self._transport.prepare(path, request, options)
         retry: RetryState | None = None
         attempt_number = 0
+        endpoint: EndpointState | None = None
+        epoch = 0
+        began = 0.0
+        tried: list[EndpointState] = []
+        moving = False  # failing over: the next attempt must go to an untried endpoint
+        resent_elsewhere = False
         while True:
             attempt_number += 1
             ticket = 0 if gate is None else await gate.acquire()
@@ -437,6 +519,16 @@ class AsyncFriendli:
                     options.timeout.total,
                     self._settings.logger,
                 )
+            if fleet is not None:
+                try:
+                    endpoint = await fleet.acquire(tried, strict=moving)
+                except BaseException:
+                    if gate is not None:
+                        gate.release(ticket, "other")
+                    raise
+                epoch = endpoint.epoch
+                call.url = endpoint.url_for(path, self._transport.url)
+                began = time.monotonic()
             try:
                 result = await self._transport.send(
                     session,
@@ -447,26 +539,89 @@ class AsyncFriendli:
                     deadline=retry.deadline,
                 )
             except FriendliAPIError as error:
+                outcome = _outcome(error)
+                if fleet is not None and endpoint is not None:
+                    error.endpoint = endpoint.url
+                    fleet.failed(endpoint, epoch, error)
+                    tried.append(endpoint)
+                    if outcome == "rate_limited" and fleet.has_unheld(tried):
+                        # One endpoint's 429 is that endpoint's limit (lowered above),
+                        # not a reason to slow the whole batch down.
+                        outcome = "other"
                 if gate is not None:
-                    gate.release(ticket, _outcome(error), server_wait(error))
+                    gate.release(ticket, outcome, server_wait(error))
+                if fleet is not None and endpoint is not None:
+                    moved = await self._fail_over(
+                        fleet, endpoint, error, options, tried=tried, retry=retry
+                    )
+                    if moved is not None:
+                        resent_elsewhere = resent_elsewhere or moved
+                        moving = True
+                        continue
+                    moving = False
                 try:
                     await retry.after_failure(error)
                 except FriendliAPIError as final:
                     final.attempts = attempt_number
                     raise
+                # A new round: every endpoint may be tried again, the last one last.
+                del tried[:-1]
                 continue
             except BaseException:
                 if gate is not None:
                     gate.release(ticket, "other")
+                if fleet is not None and endpoint is not None:
+                    fleet.abandoned(endpoint)
                 raise
             if gate is not None:
                 gate.release(ticket, "ok")
             # Credited as calls succeed, not as they start: a burst of queued calls
             # would otherwise fill the budget at once, and an outage would refill it.
             retry.succeeded()
+            if fleet is not None and endpoint is not None:
+                fleet.succeeded(endpoint, time.monotonic() - began)
+                return attrs.evolve(
+                    result,
+                    endpoint=endpoint.url,
+                    maybe_duplicated=retry.resent_ambiguous or resent_elsewhere,
+                )
             if retry.resent_ambiguous:
                 result = attrs.evolve(result, maybe_duplicated=True)
             return result
+
+    async def _fail_over(
+        self,
+        fleet: Fleet,
+        endpoint: EndpointState,
+        error: FriendliAPIError,
+        options: CallOptions,
+        *,
+        tried: list[EndpointState],
+        retry: RetryState,
+    ) -> bool | None:
+        """Send the call to another endpoint at once? None: no, the retry policy decides.
+
+        True: yes, and the request may have run on the endpoint it leaves (its
+        server died with it), so the result is flagged ``maybe_duplicated``. Such moves
+        do not count toward ``max_attempts``; only a 429/503 move spends the budget
+        (when a retry of it would), see `failover_kind`.
+        """
+        kind = failover_kind(error, options.retry)
+        if kind is None:
+            return None
+        if kind == "busy":
+            if not fleet.has_capacity(tried):
+                return None  # the policy waits (the server's Retry-After, else backoff)
+            if not retry.spend_for(error):
+                return None
+            return False
+        if not fleet.has_other(tried):
+            return None
+        if kind == "unsent":
+            return False
+        connect = options.timeout.connect
+        dead = await fleet.is_dead(endpoint, min(1.0, connect) if connect else 1.0)
+        return True if dead else None
 
 
 def _outcome(error: FriendliAPIError) -> AttemptOutcome:

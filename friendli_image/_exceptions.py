@@ -360,6 +360,8 @@ class FriendliAPIError(FriendliError):
         maybe_processed: True when the server may have read and acted on the request
             (the connection broke or timed out after the request was sent), so the
             generation may have run even though no image came back.
+        endpoint: the endpoint of the last attempt, when the client has several
+            (None: the client's or the call's ``server_url``).
     """
 
     def __init__(
@@ -375,9 +377,12 @@ class FriendliAPIError(FriendliError):
         self.request_id = request_id
         self.attempts = attempts
         self.maybe_processed = maybe_processed
+        self.endpoint: str | None = None
 
     def __str__(self) -> str:
         notes = []
+        if self.endpoint:
+            notes.append(f"endpoint {self.endpoint}")
         if self.attempts > 1:
             notes.append(f"after {self.attempts} attempts")
         if self.request_id:

@@ -274,6 +274,8 @@ class ImageResult:
     """Seconds from the call's start to the decoded image, retries included."""
     maybe_duplicated: bool = False
     """True if a request the server may have processed was sent again for this result."""
+    endpoint: str | None = None
+    """The endpoint that served it, when the client has several (None: ``server_url``)."""
 
     def __init__(
         self,
@@ -287,6 +289,7 @@ class ImageResult:
         attempts: int = 1,
         elapsed: float = 0.0,
         maybe_duplicated: bool = False,
+        endpoint: str | None = None,
     ) -> None:
         if (data is None) == (image is None):
             raise FriendliUsageError(
@@ -311,6 +314,7 @@ class ImageResult:
             attempts=attempts,
             elapsed=elapsed,
             maybe_duplicated=maybe_duplicated,
+            endpoint=endpoint,
         )
 
     @property
@@ -642,6 +646,41 @@ class BatchItem:
 
 
 @attrs.frozen(kw_only=True)
+class EndpointStats:
+    """A snapshot of one endpoint of a client (``client.endpoints``).
+
+    Attributes:
+        url: the endpoint's base URL.
+        weight: its routing weight.
+        in_flight: requests on it now.
+        limit: its current in-flight limit (adapts to 429/503 and recovers).
+        max_connections: the cap of ``limit``.
+        successes: attempts it answered with an image.
+        failures: failed attempts by kind: ``connect`` (never reached it), ``timeout``,
+            ``dropped`` (the connection broke after the request was sent),
+            ``status_429``, ``status_503``, ``status_5xx``, ``status_4xx``, ``response``
+            (a 200 without a usable image), ``health`` (a failed active probe).
+        latency_p50: median seconds of its recent successful attempts (None: none yet).
+        latency_p95: 95th percentile of the same.
+        ejected_until: ``time.monotonic()`` when its ejection ends, None if it is not
+            ejected.
+        ejections: how many times it was ejected.
+    """
+
+    url: str
+    weight: float
+    in_flight: int
+    limit: int
+    max_connections: int
+    successes: int
+    failures: Mapping[str, int]
+    latency_p50: float | None
+    latency_p95: float | None
+    ejected_until: float | None
+    ejections: int
+
+
+@attrs.frozen(kw_only=True)
 class BatchProgress:
     """A snapshot of a running batch, passed to ``on_progress``."""
 
@@ -668,6 +707,8 @@ class BatchProgress:
     items are not counted."""
     eta: float | None
     """Seconds until the last item, at the current rate (None when unknown)."""
+    endpoints: tuple[EndpointStats, ...] = ()
+    """Each endpoint of the client's fleet (see ``client.endpoints``); empty for one URL."""
 
 
 @attrs.frozen(kw_only=True)
@@ -744,11 +785,14 @@ class RequestPath:
     """A client's one request path, as the resources and the batch engine use it.
 
     ``send`` runs one call through the retry loop (every attempt admitted by ``gate``
-    when given); ``resolve`` turns per-call options into the call's settings.
+    when given); ``resolve`` turns per-call options into the call's settings;
+    ``endpoints`` reports the client's endpoints.
     """
 
     send: Callable[[str, RequestModel, CallOptions, AttemptGate | None], Awaitable[ImageResult]]
     resolve: Callable[[CallOverrides], CallOptions]
+    endpoints: Callable[[], tuple[EndpointStats, ...]] = tuple
+    """A snapshot of the client's endpoints (for the batch progress)."""
 
 
 # -- display in notebooks: pictures without Pillow, batches as tables --------------------

@@ -328,12 +328,19 @@ class RetryState:
         )
         if reason is not None:
             return True
+        return not self.spend_for(error)
+
+    def spend_for(self, error: BaseException) -> bool:
+        """May a resend of ``error`` go out? Takes a budget token when it needs one.
+
+        The tokens taken are remembered, so that `succeeded` gives them back.
+        """
         if not spends_budget(error):
-            return False
+            return True
         if self._budget.try_spend():
             self._spent += 1
-            return False
-        return True
+            return True
+        return False
 
     def _log_retry(self, state: _t.RetryCallState) -> None:
         if self._logger.isEnabledFor(logging.INFO):

@@ -38,7 +38,7 @@ from anyio.from_thread import BlockingPortal
 from ._batch import Batch
 from ._client import AsyncFriendli, describe
 from ._exceptions import FriendliUsageError, FriendliUsageWarning
-from ._models import BatchItem, BatchResult
+from ._models import BatchItem, BatchResult, EndpointStats
 from ._resources import Image as AsyncImage
 
 __all__ = ["LOOP_THREAD_NAME", "SyncBatch", "SyncFriendli"]
@@ -213,6 +213,14 @@ class SyncFriendli:
         return self._template.max_connections
 
     @property
+    def endpoints(self) -> tuple[EndpointStats, ...]:
+        """A snapshot of each endpoint of a fleet (see `AsyncFriendli.endpoints`)."""
+        runtime = self._runtime
+        if runtime is None:
+            return self._template.endpoints
+        return self._run(_endpoints_of)
+
+    @property
     def closed(self) -> bool:
         """True once ``close()`` has been called."""
         return self._closed
@@ -336,6 +344,11 @@ class SyncFriendli:
             finalizer.detach()
         if runtime is not None:
             _inherited.append(runtime)
+
+
+async def _endpoints_of(client: AsyncFriendli) -> tuple[EndpointStats, ...]:
+    # Taken on the loop thread, where the endpoints' state changes.
+    return client.endpoints
 
 
 async def _open(client: AsyncFriendli) -> None:

@@ -250,6 +250,10 @@ class Transport:
             redactor=Redactor(secrets),
         )
 
+    def url(self, server_url: str, path: str) -> URL:
+        """The URL of ``path`` on ``server_url`` (made once; warns once per plain-http host)."""
+        return self._url(server_url, path)
+
     def _url(self, server_url: str, path: str) -> URL:
         key = (server_url, path)
         url = self._urls.get(key)

@@ -62,3 +62,34 @@ def test_quick_benchmark_writes_results(tmp_path: Path) -> None:
         assert "| official async | 4 |" in report
     if importlib.util.find_spec("matplotlib") is not None:
         assert (tmp_path / "results.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+
+
+@pytest.mark.slow
+@pytest.mark.subprocess
+def test_fleet_benchmark_runs(tmp_path: Path) -> None:
+    """`benchmarks/fleet.py` runs both parts on a tiny N and reports what it measured."""
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "fleet.py"),
+            "--n",
+            "128",
+            "--repeats",
+            "1",
+            "--cpu-n",
+            "500",
+            "--baseline",
+            str(ROOT),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    cpu, fleet = (json.loads(line) for line in done.stdout.splitlines())
+    assert cpu["this_us_per_request"] > 0
+    assert cpu["baseline_us_per_request"] > 0
+    assert fleet["fleet_rps"] > 0
+    assert fleet["round_robin_rps"] > 0

@@ -367,6 +367,7 @@ def test_result_does_not_keep_the_base64_text() -> None:
         "attempts",
         "elapsed",
         "maybe_duplicated",
+        "endpoint",
     }
     assert not hasattr(result, "__dict__")
     for referent in gc.get_referents(result):

@@ -22,6 +22,7 @@ LAYERS: tuple[frozenset[str], ...] = (
     frozenset({"_serde", "models", "utils"}),
     frozenset({"_retry"}),
     frozenset({"_transport"}),
+    frozenset({"_fleet"}),
     frozenset({"_sink"}),
     frozenset({"_batch"}),
     frozenset({"_resources"}),

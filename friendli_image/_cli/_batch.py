@@ -22,7 +22,7 @@ import contextlib
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any, Final
 
@@ -34,7 +34,7 @@ from friendli_image._exceptions import (
     FriendliValidationError,
 )
 from friendli_image._gallery import GALLERY_NAME, THUMBS_DIR, write_gallery
-from friendli_image._models import BatchItem, BatchProgress, BatchResult
+from friendli_image._models import BatchItem, BatchProgress, BatchResult, EndpointStats
 from friendli_image._sink import MANIFEST_NAME
 
 from ._options import EXIT_FAILED, EXIT_OK, EXIT_UNREACHABLE, add_client_options, make_client
@@ -324,6 +324,23 @@ def _summary(result: BatchResult, out_dir: Path, final: BatchProgress | None) ->
     return "\n".join(lines)
 
 
+def _endpoint_table(endpoints: Sequence[EndpointStats]) -> str:
+    """One line per endpoint of a fleet: what it served, how it failed, how fast."""
+
+    def ms(value: float | None) -> str:
+        return "-" if value is None else f"{value * 1000:.0f}"
+
+    lines = [f"  {'endpoint':<32} {'ok':>7} {'failed':>7} {'p50 ms':>7} {'p95 ms':>7}  failures"]
+    for stats in endpoints:
+        kinds = ", ".join(f"{kind} {count}" for kind, count in sorted(stats.failures.items()))
+        ejected = " (ejected)" if stats.ejected_until is not None else ""
+        lines.append(
+            f"  {stats.url:<32} {stats.successes:>7,} {sum(stats.failures.values()):>7,} "
+            f"{ms(stats.latency_p50):>7} {ms(stats.latency_p95):>7}  {kinds or '-'}{ejected}"
+        )
+    return "endpoints:\n" + "\n".join(lines)
+
+
 async def _run_batch(args: argparse.Namespace) -> int:
     total: int | None = None
     edits = False
@@ -370,11 +387,14 @@ async def _run_batch(args: argparse.Namespace) -> int:
                 on_progress=progress,
                 total=total,
             )
+            endpoints = client.endpoints
     finally:
         progress.close()
         if stream is not sys.stdin:
             stream.close()
     print(_summary(result, args.out_dir, progress.last))
+    if endpoints:
+        print(_endpoint_table(endpoints))
     if args.gallery:
         page = await asyncio.get_running_loop().run_in_executor(None, write_gallery, args.out_dir)
         print(f"  gallery   {page}")

@@ -31,10 +31,12 @@ def add_client_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("server")
     group.add_argument(
         "--server-url",
+        action="append",
         default=None,
         metavar="URL",
         help=f"the server's root URL, without /v1 (default: ${ENV_SERVER_URL} or "
-        "http://localhost:8000)",
+        "http://localhost:8000); give it more than once (or a comma-separated list) to "
+        "balance over several servers",
     )
     token = group.add_mutually_exclusive_group()
     token.add_argument(
@@ -82,8 +84,9 @@ def _token(args: argparse.Namespace) -> str | None:
 def make_client(args: argparse.Namespace) -> AsyncFriendli:
     """The client the command line asks for (token: --token, --token-file, or the env)."""
     timeout_ms = None if args.timeout is None else int(args.timeout * 1000)
+    urls: list[str] | None = args.server_url
     return AsyncFriendli(
-        server_url=args.server_url,
+        server_url=",".join(urls) if urls else None,
         token=_token(args),
         timeout_ms=timeout_ms,
         retries=args.retries,

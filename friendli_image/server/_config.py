@@ -62,7 +62,8 @@ class FaultRates:
 
     Each request first sleeps a uniform random time within ``delay_ms`` (milliseconds), then
     with probability ``p_503`` answers 503, with ``p_429`` answers 429 with
-    ``Retry-After: retry_after_s``, with ``p_drop_after_read`` reads the body and closes the
+    ``Retry-After`` (whole seconds, rounded up; a fraction also as ``retry-after-ms``), with
+    ``p_drop_after_read`` reads the body and closes the
     connection without a reply; otherwise it is served normally. ``seed`` makes the sequence
     reproducible.
     """

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 import threading
 import time
@@ -139,8 +140,13 @@ class ServerState:
             return Action.status(503, delay=delay)
         draw -= faults.p_503
         if draw < faults.p_429:
-            retry_after = f"{faults.retry_after_s:g}"
-            return Action.status(429, headers={"Retry-After": retry_after}, delay=delay)
+            # Retry-After is whole seconds (RFC 9110 delay-seconds); a fraction goes in
+            # retry-after-ms too, which clients that know it read first.
+            seconds = faults.retry_after_s
+            hint = {"Retry-After": str(math.ceil(seconds))}
+            if seconds != int(seconds):
+                hint["retry-after-ms"] = str(round(seconds * 1000))
+            return Action.status(429, headers=hint, delay=delay)
         draw -= faults.p_429
         if draw < faults.p_drop_after_read:
             return Action.drop_after_read(delay=delay)

@@ -6,6 +6,9 @@ from friendli_image import (
     AsyncFriendli,
     Batch,
     BatchResult,
+    Endpoint,
+    EndpointStats,
+    FleetConfig,
     ImageResult,
     RetryConfig,
     SyncBatch,
@@ -30,3 +33,16 @@ async def asynchronous() -> None:
         batch: Batch = image.edit_batch([{"image": b"...", "prompt": "p"}], rps=5.0)
         collected: BatchResult = await batch
         print(result, collected)
+
+
+async def fleet() -> None:
+    servers: list[str | Endpoint] = [
+        "http://gpu1:8000",
+        Endpoint("http://gpu2:8000", weight=2.0, max_connections=8),
+    ]
+    async with AsyncFriendli(server_url=servers, fleet=FleetConfig(health_path="/health")) as c:
+        result: ImageResult = await c.container.image.generate(prompt="a fox")
+        stats: tuple[EndpointStats, ...] = c.endpoints
+        print(result.endpoint, stats)
+    with SyncFriendli(server_url=servers) as friendli:
+        print(friendli.endpoints[0].latency_p95)
