@@ -32,6 +32,7 @@ from friendli_image._models import BatchItem, BatchProgress, BatchResult
 from friendli_image._sink import MANIFEST_NAME
 
 from ._options import EXIT_FAILED, EXIT_OK, EXIT_UNREACHABLE, add_client_options, make_client
+from ._ray import add_ray_options, run_ray_batch
 
 __all__ = ["add_batch_command"]
 
@@ -78,7 +79,12 @@ def add_batch_command(commands: Any) -> None:
     )
     batch.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_client_options(batch)
-    batch.set_defaults(run=_run_batch)
+    add_ray_options(batch)
+    batch.set_defaults(run=_run)
+
+
+def _run(args: argparse.Namespace) -> Any:
+    return run_ray_batch(args, _requests) if args.ray else _run_batch(args)
 
 
 # -- input --------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from friendli_image import AsyncFriendli  # noqa: E402
 from friendli_image.ray import ImageStage, actor_pool, generate_images, seed_for  # noqa: E402
 from friendli_image.server import Action, LocalServer  # noqa: E402
 
-from .conftest import SMALL, prompts_seen  # noqa: E402
+from .conftest import SMALL, prompts_seen, s3_options  # noqa: E402
 
 STEPS = {"num_inference_steps": 2}
 PER_ENDPOINT = 4
@@ -178,7 +178,7 @@ def test_a_fleet_fails_over_when_a_server_dies(ray_local: Any, tmp_path: pathlib
         urls = [srv.url for srv in fleet]
         try:
             AsyncFriendli(server_url=urls)  # type: ignore[arg-type]
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             pytest.skip(f"AsyncFriendli takes one server_url in this version ({exc})")
         rows = [{"id": i, "prompt": f"a reef no. {i}"} for i in range(600)]
         ds = ray.data.from_items(rows, override_num_blocks=8)
@@ -204,8 +204,6 @@ def test_outputs_to_a_local_s3_under_ray(
     ray_local: Any, servers: list[LocalServer], s3_endpoint: str
 ) -> None:
     """Actors write to s3:// (moto) and a rerun finds every object."""
-    from .test_stage import s3_options
-
     fsspec = pytest.importorskip("fsspec")
     options = s3_options(s3_endpoint)
     fsspec.filesystem("s3", **options).mkdir("ray-out")
@@ -216,9 +214,6 @@ def test_outputs_to_a_local_s3_under_ray(
     assert {r["uri"] for r in first} == {f"s3://ray-out/x/{i}.jpg" for i in range(60)}
     again = generate_images(ds, servers[0].url, **stage).take_all()
     assert {r["status"] for r in again} == {"resumed"}
-
-
-from .test_stage import s3_endpoint  # noqa: E402, F401  (the moto fixture)
 
 
 _TWO_NODES = textwrap.dedent(

@@ -3,16 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import os
 import pathlib
-import socket
 import subprocess
 import sys
 import threading
-import time
-from collections.abc import Iterator
 
 import pytest
 
@@ -25,7 +21,7 @@ import fsspec  # isort: skip
 
 from friendli_image.ray import OUTPUT_SCHEMA, ImageStage, seed_for
 
-from .conftest import SMALL, prompts_seen
+from .conftest import SMALL, prompts_seen, s3_options
 
 STEPS = {"num_inference_steps": 2}
 
@@ -206,50 +202,6 @@ def test_bad_options_fail_at_construction() -> None:
         ImageStage("http://127.0.0.1:1", num_actors=0)
     with pytest.raises(friendli_image.FriendliValidationError, match="per_endpoint_limit"):
         ImageStage("http://127.0.0.1:1", per_endpoint_limit=True)
-
-
-# -- an S3-compatible object store (moto in server mode) ---------------------------------
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint() -> Iterator[str]:
-    """A local S3 (moto's server mode) on a loopback port outside Ray's 10002-19999."""
-    pytest.importorskip("s3fs", reason="s3fs is not installed: pip install s3fs")
-    pytest.importorskip(
-        "moto.server", reason="moto's server mode is not installed: pip install 'moto[server]'"
-    )
-    port = _free_port()
-    while 10002 <= port <= 19999:
-        port = _free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
-                break
-            time.sleep(0.1)
-        else:
-            pytest.skip("moto server did not start within 30 s")
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        process.terminate()
-        process.wait(10)
-
-
-def s3_options(endpoint: str) -> dict[str, object]:
-    """fsspec options for the local S3 (moto accepts any credentials)."""
-    return {"key": "testing", "secret": "testing", "client_kwargs": {"endpoint_url": endpoint}}
 
 
 def test_s3_out_dir_on_a_local_object_store(server: LocalServer, s3_endpoint: str) -> None:
