@@ -139,7 +139,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--latency-ms", type=float, default=100.0)
-    parser.add_argument("--rows-ours", type=int, default=3000)
+    parser.add_argument("--rows-ours", type=int, default=6000)
     parser.add_argument("--rows-ray", type=int, default=400)
     parser.add_argument("--write", action="store_true", help="update RESULTS.md")
     args = parser.parse_args()

@@ -116,7 +116,10 @@ class ClientSpec:
 
 def _default_client(spec: ClientSpec) -> AsyncFriendli:
     options = dict(spec.client_options)
-    options.setdefault("max_connections", spec.per_endpoint * spec.endpoints)
+    if spec.endpoints > 1:
+        # Over a fleet the stage bounds the whole client; with one URL (or a per-row
+        # server_url) its per-endpoint slots do, and the pool must not be smaller.
+        options.setdefault("max_connections", spec.per_endpoint * spec.endpoints)
     return AsyncFriendli(**options)
 
 
@@ -291,6 +294,10 @@ class ImageStage:
         loop = getattr(self, "_loop", None)
         if client is None or loop is None or loop.is_closed() or not loop.is_running():
             return
+        with contextlib.suppress(RuntimeError):
+            if asyncio.get_running_loop() is loop:  # collected on the loop's own thread
+                loop.create_task(client.close())
+                return
         future = asyncio.run_coroutine_threadsafe(client.close(), loop)
         with contextlib.suppress(Exception):
             future.result(timeout=5)
@@ -362,15 +369,15 @@ class ImageStage:
         try:
             fields, name = self._prepare(row)
             out["seed"] = fields.get("seed")
-            endpoint = fields.get("server_url")
-            key = endpoint if isinstance(endpoint, str) else _endpoint_key(client)
-            out["endpoint"] = key if key != _FLEET else None
             if self._out is not None and name is not None:
                 out["uri"] = f"{self._out.uri}/{name}"
                 if await asyncio.to_thread(self._out.complete, name):
                     out["status"] = "resumed"
                     out["latency_s"] = 0.0
                     return out
+            endpoint = fields.get("server_url")
+            key = endpoint if isinstance(endpoint, str) else _endpoint_key(client)
+            out["endpoint"] = key if key != _FLEET else None
             edit = self._edit if self._edit is not None else "image" in fields
             call = client.container.image.edit if edit else client.container.image.generate
             async with self._slot(key):

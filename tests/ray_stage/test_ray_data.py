@@ -6,9 +6,7 @@ import asyncio
 import json
 import os
 import pathlib
-import subprocess
 import sys
-import textwrap
 from collections.abc import Iterator
 from typing import Any
 
@@ -85,7 +83,7 @@ def test_2000_rows_through_2_actors(
     assert {r["status"] for r in by_id.values()} == {"ok"}
     assert {r["endpoint"] for r in by_id.values()} == set(urls)
     for srv in servers:
-        assert 1 <= srv.stats.max_in_flight <= PER_ENDPOINT, srv.stats
+        assert 2 <= srv.stats.max_in_flight <= PER_ENDPOINT, srv.stats
     seen = prompts_seen(*servers)  # a scripted 422 is answered before the body is recorded
     assert len(seen) == 1999
     assert set(seen.values()) == {1}
@@ -214,46 +212,3 @@ def test_outputs_to_a_local_s3_under_ray(
     assert {r["uri"] for r in first} == {f"s3://ray-out/x/{i}.jpg" for i in range(60)}
     again = generate_images(ds, servers[0].url, **stage).take_all()
     assert {r["status"] for r in again} == {"resumed"}
-
-
-_TWO_NODES = textwrap.dedent(
-    """
-    import ray
-    from ray.cluster_utils import Cluster
-    from friendli_image.ray import generate_images
-    from friendli_image.server import LocalServer, ServerConfig
-
-    cluster = Cluster(
-        initialize_head=True,
-        head_node_args={"num_cpus": 2, "object_store_memory": 256 * 2**20,
-                        "include_dashboard": False},
-    )
-    cluster.add_node(num_cpus=4, resources={"second_node": 4},
-                     object_store_memory=256 * 2**20)
-    ray.init(address=cluster.address, log_to_driver=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    with LocalServer(ServerConfig(image_size=64)) as srv:
-        ds = ray.data.from_items([{"id": i, "prompt": f"p{i}"} for i in range(40)])
-        out = generate_images(ds, srv.url, num_actors=1, request={"num_inference_steps": 1},
-                              map_batches_options={"resources": {"second_node": 1}})
-        rows = out.take_all()
-        print(sorted({r["status"] for r in rows}), len(rows), srv.stats.total_requests)
-    ray.shutdown()
-    cluster.shutdown()
-    """
-)
-
-
-def test_the_stage_pickles_and_runs_on_a_second_node(ray_local: Any) -> None:
-    """On a 2-node ray.cluster_utils.Cluster the actors can only run on node 2, and do."""
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-    done = subprocess.run(
-        [sys.executable, "-c", _TWO_NODES],
-        capture_output=True,
-        text=True,
-        timeout=180,
-        env=env,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.strip().splitlines()[-1] == "['ok'] 40 40"

@@ -77,6 +77,7 @@ def test_memory_out_dir_writes_each_image_and_a_rerun_sends_nothing(server: Loca
     assert server.stats.total_requests == 31
     again = stage.run(_table(40))
     assert again.column("status").to_pylist() == ["resumed"] * 30 + ["ok"] * 10
+    assert again.column("endpoint").to_pylist() == [None] * 30 + [server.url] * 10
     assert server.stats.total_requests == 41
 
 
@@ -174,6 +175,23 @@ def test_per_endpoint_limit_is_divided_across_actors(server: LocalServer) -> Non
         slow.reset_stats()
         ImageStage(slow.url, per_endpoint_limit=3, num_actors=8, request=STEPS).run(_table(10))
         assert slow.stats.max_in_flight == 1
+
+
+def test_per_row_endpoints_each_get_the_full_share() -> None:
+    """Rows sent to several endpoints (a server_url column) get the per-endpoint share on
+    each one, not one share in total."""
+    config = SMALL.__class__(image_size=64, step_latency_ms=20.0, max_concurrency=16)
+    with LocalServer(config) as one, LocalServer(config) as two:
+        urls = [one.url, two.url]
+        table = _table(40).append_column("endpoint", pa.array([urls[i % 2] for i in range(40)]))
+        stage = ImageStage(
+            per_endpoint_limit=3,
+            columns={"prompt": "prompt", "server_url": "endpoint"},
+            request=STEPS,
+        )
+        out = stage.run(table)
+        assert out.column("endpoint").to_pylist() == [urls[i % 2] for i in range(40)]
+        assert one.stats.max_in_flight == two.stats.max_in_flight == 3
 
 
 def test_the_client_is_closed_on_its_loop_when_the_stage_is_dropped(server: LocalServer) -> None:
