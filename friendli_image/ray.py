@@ -186,8 +186,9 @@ class ImageStage:
             seeds rows that have no seed, see `seed_for`).
         columns: request field -> column name, e.g. ``{"prompt": "text",
             "num_inference_steps": "steps"}``. Default ``prompt`` and ``seed`` from the
-            columns of those names (``image`` too when ``edit``). A null cell leaves the
-            field to its default. ``server_url`` may be mapped to send rows to a
+            columns of those names, when present (and ``image``). A null cell leaves the
+            field to its default. A mapped column the data lacks fails the batch at once
+            (`FriendliUsageError`): it is the job's configuration, not a bad row. ``server_url`` may be mapped to send rows to a
             per-row endpoint.
         request: fields sent with every row (``{"num_inference_steps": 30}``); a
             column value wins over them.
@@ -311,6 +312,7 @@ class ImageStage:
     async def process(self, batch: Any) -> pa.Table:
         """Send every row of ``batch`` concurrently; return the input with the output columns."""
         table = _as_table(batch)
+        self._check_columns(table)
         client = self._ready_client()
         rows = table.to_pylist()
         outputs = await asyncio.gather(*(self._row(client, row) for row in rows))
@@ -327,14 +329,19 @@ class ImageStage:
 
         return asyncio.run(once())
 
+    def _check_columns(self, table: pa.Table) -> None:
+        missing = {f: c for f, c in self._mapping.items() if c not in table.column_names}
+        if self._explicit and missing:
+            # The whole job is misconfigured, not one row: fail before sending anything.
+            raise FriendliUsageError(
+                f"columns= names {sorted(missing.values())} (for {sorted(missing)}), which the "
+                f"data does not have (it has {table.column_names}); fix the mapping"
+            )
+
     def _fields(self, row: Mapping[str, Any]) -> dict[str, Any]:
         fields = dict(self._constants)
         for field, column in self._mapping.items():
             if column not in row:
-                if self._explicit:
-                    raise FriendliValidationError(
-                        f"columns[{field!r}]", f"names {column!r}, which the data does not have"
-                    )
                 continue
             value = row[column]
             if value is not None:

@@ -135,6 +135,16 @@ def test_bad_rows_become_error_rows(server: LocalServer, tmp_path: pathlib.Path)
     assert sorted(os.listdir(tmp_path)) == ["1.jpg"]
 
 
+def test_a_mapped_column_the_data_lacks_fails_the_batch_before_any_request(
+    server: LocalServer,
+) -> None:
+    """A wrong columns= mapping is the job's error, raised at once, not a million failed rows."""
+    stage = ImageStage(server.url, columns={"prompt": "prompt", "seed": "my_seed"})
+    with pytest.raises(friendli_image.FriendliUsageError, match="my_seed"):
+        stage.run(_table(3))
+    assert server.stats.total_requests == 0
+
+
 def test_output_rows_keep_input_columns_and_follow_the_schema(server: LocalServer) -> None:
     """Input columns come first (an input 'seed' is replaced by the seed used), then the
     output columns of OUTPUT_SCHEMA; keep_columns=False keeps only the id."""
