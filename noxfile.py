@@ -96,7 +96,7 @@ def ray(session: nox.Session) -> None:
     """
     session.install("-e", ".[all]", *nox.project.dependency_groups(PYPROJECT, "test"))
     try:
-        session.install("-e", ".[all,ray]", "s3fs", "moto[server]", silent=True)
+        session.install("-e", ".[all,ray]", "s3fs", "moto[server]", "dask[dataframe]", silent=True)
     except nox.command.CommandFailed:
         session.warn("could not install Ray (friendli-image[ray]); its tests will skip")
     session.run("pytest", "tests/ray_stage", "-p", "no:cacheprovider", *session.posargs)

@@ -188,8 +188,8 @@ class ImageStage:
             "num_inference_steps": "steps"}``. Default ``prompt`` and ``seed`` from the
             columns of those names, when present (and ``image``). A null cell leaves the
             field to its default. A mapped column the data lacks fails the batch at once
-            (`FriendliUsageError`): it is the job's configuration, not a bad row. ``server_url`` may be mapped to send rows to a
-            per-row endpoint.
+            (`FriendliUsageError`): it is the job's configuration, not a bad row.
+            ``server_url`` may be mapped to send rows to a per-row endpoint.
         request: fields sent with every row (``{"num_inference_steps": 30}``); a
             column value wins over them.
         edit: send ``edit`` requests (the ``image`` field: bytes, a URL or a data: URI)
