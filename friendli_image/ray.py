@@ -38,6 +38,7 @@ import uuid
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Final
 
+import attrs
 import fsspec
 import pyarrow as pa
 
@@ -94,24 +95,20 @@ def _file_stem(row_id: object) -> str:
     return stem if not stem.startswith(".") else "%2E" + stem[1:]
 
 
+@attrs.frozen
 class ClientSpec:
     """What a ``client_factory`` gets: the options to build one actor's client with.
 
     ``client_options`` are the user's `AsyncFriendli` keyword arguments, ``server_url``
     included, passed unchanged. ``per_endpoint`` is this actor's share of the
     per-endpoint in-flight limit, ``max(1, per_endpoint_limit // num_actors)``: a client
-    over several endpoints should hold at most that many requests on each.
+    over ``endpoints`` endpoints should hold at most that many requests on each (set its
+    per-endpoint limit to it).
     """
 
-    __slots__ = ("client_options", "endpoints", "per_endpoint")
-
-    def __init__(self, client_options: Mapping[str, Any], per_endpoint: int, endpoints: int):
-        self.client_options = dict(client_options)
-        self.per_endpoint = per_endpoint
-        self.endpoints = endpoints
-
-    def __repr__(self) -> str:
-        return f"ClientSpec(per_endpoint={self.per_endpoint}, endpoints={self.endpoints})"
+    client_options: Mapping[str, Any]
+    per_endpoint: int
+    endpoints: int
 
 
 def _default_client(spec: ClientSpec) -> AsyncFriendli:
@@ -239,7 +236,10 @@ class ImageStage:
         if server_url is not None:
             options["server_url"] = server_url
         urls = options.get("server_url")
-        endpoints = 1 if urls is None or isinstance(urls, str) else max(1, len(list(urls)))
+        endpoints = 1
+        if urls is not None and not isinstance(urls, str):
+            options["server_url"] = urls = list(urls)
+            endpoints = max(1, len(urls))
         self._per_endpoint = max(1, per_endpoint_limit // num_actors)
         self._spec = ClientSpec(options, self._per_endpoint, endpoints)
         self._factory = client_factory or _default_client

@@ -19,7 +19,7 @@ from friendli_image.server import Action, LocalServer
 import pyarrow as pa  # isort: skip  (importorskip'd by conftest)
 import fsspec  # isort: skip
 
-from friendli_image.ray import OUTPUT_SCHEMA, ImageStage, seed_for
+from friendli_image.ray import OUTPUT_SCHEMA, ClientSpec, ImageStage, seed_for
 
 from .conftest import SMALL, prompts_seen, s3_options
 
@@ -202,6 +202,31 @@ def test_per_row_endpoints_each_get_the_full_share() -> None:
         out = stage.run(table)
         assert out.column("endpoint").to_pylist() == [urls[i % 2] for i in range(40)]
         assert one.stats.max_in_flight == two.stats.max_in_flight == 3
+
+
+def test_a_client_factory_gets_the_options_unchanged_and_the_actor_share(
+    server: LocalServer,
+) -> None:
+    """server_url (a list too) and client_options reach the factory as given, with this
+    actor's share of the per-endpoint limit."""
+    specs: list[ClientSpec] = []
+
+    def factory(spec: ClientSpec) -> AsyncFriendli:
+        specs.append(spec)
+        return AsyncFriendli(server_url=server.url)
+
+    fleet = ("http://10.0.0.1:8000", "http://10.0.0.2:8000")
+    stage = ImageStage(
+        fleet,
+        per_endpoint_limit=10,
+        num_actors=3,
+        client_options={"retries": 2},
+        client_factory=factory,
+        request=STEPS,
+    )
+    assert stage.run(_table(2)).column("status").to_pylist() == ["ok", "ok"]
+    options = {"retries": 2, "server_url": list(fleet)}
+    assert specs == [ClientSpec(client_options=options, per_endpoint=3, endpoints=2)]
 
 
 def test_the_client_is_closed_on_its_loop_when_the_stage_is_dropped(server: LocalServer) -> None:
