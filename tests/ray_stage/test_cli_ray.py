@@ -79,3 +79,27 @@ def test_cli_ray_resumes_after_sigkill(tmp_path: pathlib.Path) -> None:
     assert all(seen[f"a castle no. {i}"] == 1 for i in kept)
     assert max(seen.values()) <= 2
     assert list((out / "manifest").glob("*.parquet"))
+
+
+def test_cli_ray_refuses_stdin_and_zero_actors_before_starting_ray(
+    capsys: pytest.CaptureFixture[str], tmp_path: pathlib.Path
+) -> None:
+    """Bad --ray arguments exit 2 with a message, and no cluster is started."""
+    from friendli_image._cli import main
+
+    source = tmp_path / "p.txt"
+    source.write_text("a fox\n", encoding="utf-8")
+    assert main(["batch", "-", "--ray", "--out-dir", str(tmp_path)]) == 2
+    assert "stdin" in capsys.readouterr().err
+    assert main(["batch", str(source), "--ray", "--actors", "0", "--out-dir", "x"]) == 2
+    assert "--actors" in capsys.readouterr().err
+
+
+def test_an_object_store_out_dir_survives_argparse() -> None:
+    """--out-dir s3://bucket/x reaches Ray as the URI (argparse's Path collapses '//')."""
+    from friendli_image._cli._ray import _out_uri
+
+    assert _out_uri(pathlib.Path("s3://bucket/images")) == "s3://bucket/images"
+    assert _out_uri(pathlib.Path("gs://b/x/y")) == "gs://b/x/y"
+    assert _out_uri(pathlib.Path("/data/images")) == "/data/images"
+    assert _out_uri(pathlib.Path("out")) == "out"

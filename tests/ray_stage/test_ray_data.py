@@ -212,3 +212,60 @@ def test_outputs_to_a_local_s3_under_ray(
     assert {r["uri"] for r in first} == {f"s3://ray-out/x/{i}.jpg" for i in range(60)}
     again = generate_images(ds, servers[0].url, **stage).take_all()
     assert {r["status"] for r in again} == {"resumed"}
+
+
+class CloseProbe(ImageStage):
+    """Records, when Ray drops the stage, whether its client ended up closed."""
+
+    def __init__(self, *, probe_dir: str, **options: Any) -> None:
+        super().__init__(**options)
+        self._probe_dir = probe_dir
+
+    def __del__(self) -> None:
+        client = self._client
+        super().__del__()
+        closed = None if client is None else client.closed
+        path = pathlib.Path(self._probe_dir) / f"{os.getpid()}.json"
+        path.write_text(json.dumps({"closed": closed}), encoding="utf-8")
+
+
+def test_actors_close_their_client_when_they_stop(
+    ray_local: Any, servers: list[LocalServer], tmp_path: pathlib.Path
+) -> None:
+    """When the pool scales down, each actor's client is closed on Ray's loop (and the
+    workers' logs show no "Unclosed client session" / "Unclosed connector")."""
+    import time
+
+    from ray._private import worker
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    logs = pathlib.Path(worker._global_node.get_session_dir_path()) / "logs"
+    ds = ray.data.from_items(
+        [{"id": i, "prompt": f"a bay no. {i}"} for i in range(40)], override_num_blocks=4
+    )
+    out = ds.map_batches(
+        CloseProbe,
+        fn_constructor_kwargs={
+            "server_url": servers[0].url,
+            "request": STEPS,
+            "probe_dir": str(tmp_path),
+            "num_actors": 2,
+        },
+        batch_format="pyarrow",
+        compute=actor_pool(2, 2),
+    ).take_all()
+    assert {r["status"] for r in out} == {"ok"}
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and len(list(tmp_path.glob("*.json"))) < 2:
+        time.sleep(0.2)
+    probes = [json.loads(p.read_text(encoding="utf-8"))["closed"] for p in tmp_path.glob("*.json")]
+    # An actor that got no batch never opened a client (None).
+    assert True in probes
+    assert set(probes) <= {True, None}
+    time.sleep(1.0)  # the workers flush their logs as they exit
+    leaked = [
+        path.name
+        for path in logs.glob("worker-*")
+        if "Unclosed" in path.read_text(encoding="utf-8", errors="replace")
+    ]
+    assert leaked == []
