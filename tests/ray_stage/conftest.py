@@ -1,7 +1,8 @@
 """Fixtures of the Ray stage tests: bundled servers on loopback, a local Ray cluster.
 
-The whole directory needs pyarrow and fsspec (``friendli-image[ray]``); the tests that
-run Ray Data also need ``ray``. Where they are missing, the tests skip with the reason.
+Each module skips with the reason when what it needs is missing: pyarrow and fsspec
+(``friendli-image[ray]``) for the stage, ``ray`` for Ray Data, s3fs and moto for S3.
+This file imports none of them.
 """
 
 from __future__ import annotations
@@ -16,13 +17,6 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-
-pytest.importorskip(
-    "pyarrow", reason="the Ray stage needs pyarrow: pip install 'friendli-image[ray]'"
-)
-pytest.importorskip(
-    "fsspec", reason="the Ray stage needs fsspec: pip install 'friendli-image[ray]'"
-)
 
 from friendli_image.server import LocalServer, ServerConfig
 

@@ -12,6 +12,7 @@ import time
 
 import pytest
 
+pytest.importorskip("pyarrow", reason="the stage needs pyarrow: pip install 'friendli-image[ray]'")
 pytest.importorskip("ray", reason="Ray is not installed: pip install 'friendli-image[ray]'")
 
 from friendli_image.server import LocalServer, ServerConfig

@@ -13,6 +13,7 @@ import textwrap
 
 import pytest
 
+pytest.importorskip("pyarrow", reason="the stage needs pyarrow: pip install 'friendli-image[ray]'")
 pytest.importorskip("ray", reason="Ray is not installed: pip install 'friendli-image[ray]'")
 
 pytestmark = pytest.mark.subprocess

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+pytest.importorskip("pyarrow", reason="the stage needs pyarrow: pip install 'friendli-image[ray]'")
 ray = pytest.importorskip("ray", reason="Ray is not installed: pip install 'friendli-image[ray]'")
 
 from friendli_image import AsyncFriendli  # noqa: E402
