@@ -88,6 +88,21 @@ def reliability(session: nox.Session) -> None:
 
 
 @nox.session(python=DEFAULT_PYTHON)
+def ray(session: nox.Session) -> None:
+    """The Ray Data stage on a local Ray cluster (tests/ray_stage; friendli-image[ray]).
+
+    Where Ray cannot be installed (no wheel for this platform or Python), the tests that
+    need it skip with that reason; the stage's own tests still run.
+    """
+    session.install("-e", ".[all]", *nox.project.dependency_groups(PYPROJECT, "test"))
+    try:
+        session.install("-e", ".[all,ray]", "s3fs", "moto[server]", "dask[dataframe]", silent=True)
+    except nox.command.CommandFailed:
+        session.warn("could not install Ray (friendli-image[ray]); its tests will skip")
+    session.run("pytest", "tests/ray_stage", "-p", "no:cacheprovider", *session.posargs)
+
+
+@nox.session(python=DEFAULT_PYTHON)
 def lint(session: nox.Session) -> None:
     """Check style and common bugs with ruff."""
     session.install(*nox.project.dependency_groups(PYPROJECT, "lint"))

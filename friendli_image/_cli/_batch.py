@@ -38,6 +38,7 @@ from friendli_image._models import BatchItem, BatchProgress, BatchResult, Endpoi
 from friendli_image._sink import MANIFEST_NAME
 
 from ._options import EXIT_FAILED, EXIT_OK, EXIT_UNREACHABLE, add_client_options, make_client
+from ._ray import add_ray_options, run_ray_batch
 
 __all__ = ["add_batch_command"]
 
@@ -102,7 +103,14 @@ def add_batch_command(commands: Any) -> None:
         help=f"write DIR/{GALLERY_NAME}, a page of the images, at the end",
     )
     add_client_options(batch)
-    batch.set_defaults(run=_run_batch)
+    add_ray_options(batch)
+    batch.set_defaults(run=_run)
+
+
+def _run(args: argparse.Namespace) -> Any:
+    if args.ray:
+        return run_ray_batch(args, lambda stream: _requests(stream, _Input()))
+    return _run_batch(args)
 
 
 # -- input --------------------------------------------------------------------------------

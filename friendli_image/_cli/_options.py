@@ -17,6 +17,7 @@ __all__ = [
     "EXIT_USAGE",
     "add_client_options",
     "make_client",
+    "token_from_args",
 ]
 
 EXIT_OK = 0
@@ -64,7 +65,8 @@ def add_client_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _token(args: argparse.Namespace) -> str | None:
+def token_from_args(args: argparse.Namespace) -> str | None:
+    """The token --token or --token-file gives (None: FRIENDLI_TOKEN, read by the client)."""
     path: Path | None = args.token_file
     if path is None:
         token: str | None = args.token
@@ -87,7 +89,7 @@ def make_client(args: argparse.Namespace) -> AsyncFriendli:
     urls: list[str] | None = args.server_url
     return AsyncFriendli(
         server_url=",".join(urls) if urls else None,
-        token=_token(args),
+        token=token_from_args(args),
         timeout_ms=timeout_ms,
         retries=args.retries,
     )

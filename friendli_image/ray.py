@@ -1,0 +1,526 @@
+"""Image generation as a Ray Data stage (``pip install 'friendli-image[ray]'``).
+
+`ImageStage` is a callable class for ``Dataset.map_batches``: each actor opens one
+`AsyncFriendli` lazily on Ray's event loop, sends the rows of every batch concurrently
+(bounded per endpoint, the limit divided across the actors), writes each image to
+``out_dir`` as it arrives and returns one output row per input row. A bad row becomes
+an error row; it never fails the block.
+
+>>> import ray, friendli_image.ray as fr  # doctest: +SKIP
+>>> ds = ray.data.read_parquet("s3://bucket/prompts/")  # columns: id, prompt  # doctest: +SKIP
+>>> out = fr.generate_images(ds, server_url="http://gpu-1:8000", out_dir="s3://bucket/images",
+...                          num_actors=8, per_endpoint_limit=16)  # doctest: +SKIP
+>>> out.write_parquet("s3://bucket/manifest/")  # doctest: +SKIP
+
+Ray Data runs a block at least once: an actor that dies has its block run again. The
+outputs make that safe. An image is written under a name derived from its row's id
+(temporary file then rename on file systems; a single atomic PUT on object stores), and
+a row whose image already exists is answered from it without a request, so a retried
+block, or a whole job run again, only sends the rows that have no image yet.
+
+When a row has no seed, the seed is derived from its id (`seed_for`), so a row that has
+to be generated again gives the same picture.
+
+Only pyarrow and fsspec are needed to import this module; Ray itself is imported by
+`generate_images` and `actor_pool`, so the same core (`ImageStage.process` /
+`ImageStage.run`) also runs under Dask's ``map_partitions`` or Spark's ``mapInArrow``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import inspect
+import time
+import urllib.parse
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Final
+
+import attrs
+import fsspec
+import pyarrow as pa
+
+from ._client import AsyncFriendli
+from ._exceptions import FriendliUsageError, FriendliValidationError
+from ._fleet import Endpoint
+from ._models import MAX_SEED, ImageResult
+
+__all__ = [
+    "OUTPUT_SCHEMA",
+    "ClientSpec",
+    "ImageStage",
+    "actor_pool",
+    "generate_images",
+    "seed_for",
+]
+
+#: The columns `ImageStage` adds to every row (``uri`` or ``image``: see ``out_dir``).
+OUTPUT_SCHEMA: Final = pa.schema(
+    [
+        ("status", pa.string()),
+        ("error_type", pa.string()),
+        ("error", pa.string()),
+        ("attempts", pa.int32()),
+        ("endpoint", pa.string()),
+        ("latency_s", pa.float64()),
+        ("seed", pa.int64()),
+        ("uri", pa.string()),
+        ("image", pa.binary()),
+        ("format", pa.string()),
+        ("request_id", pa.string()),
+        ("maybe_duplicated", pa.bool_()),
+    ]
+)
+
+#: Protocols whose single PUT is atomic: an object is complete or absent.
+_ATOMIC_PUT: Final = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "memory"})
+_EXTENSIONS: Final[dict[object, str]] = {None: ".jpg", "jpeg": ".jpg", "raw": ".png"}
+_SEED_SALT: Final = b"friendli-image/seed/"
+
+
+def seed_for(row_id: object) -> int:
+    """The seed of a row that has none: a hash of its id, in ``[0, 2**32 - 1]``.
+
+    The first 4 bytes (big-endian) of ``sha256(b"friendli-image/seed/" + str(id))``.
+    The same id always gives the same seed (on every machine and Python version), so an
+    image generated again for that row is the same picture.
+    """
+    digest = hashlib.sha256(_SEED_SALT + str(row_id).encode("utf-8", "surrogatepass")).digest()
+    return int.from_bytes(digest[:4], "big") & MAX_SEED
+
+
+def _file_stem(row_id: object) -> str:
+    stem = urllib.parse.quote(str(row_id), safe="-_.")
+    return stem if not stem.startswith(".") else "%2E" + stem[1:]
+
+
+@attrs.frozen
+class ClientSpec:
+    """What a ``client_factory`` gets: the options to build one actor's client with.
+
+    ``client_options`` are the user's `AsyncFriendli` keyword arguments, ``server_url``
+    included, passed unchanged. ``per_endpoint`` is this actor's share of the
+    per-endpoint in-flight limit, ``max(1, per_endpoint_limit // num_actors)``: a client
+    over ``endpoints`` endpoints should hold at most that many requests on each (set its
+    per-endpoint limit to it).
+    """
+
+    client_options: Mapping[str, Any]
+    per_endpoint: int
+    endpoints: int
+
+
+def _default_client(spec: ClientSpec) -> AsyncFriendli:
+    options = dict(spec.client_options)
+    urls = options.get("server_url")
+    if spec.endpoints > 1 and isinstance(urls, list):
+        # Over a fleet each endpoint is held to this actor's share, so the cap across
+        # all actors holds per endpoint; with one URL (or a per-row server_url) the
+        # stage's own per-endpoint slots do it, and the pool must not be smaller.
+        options["server_url"] = [_capped(url, spec.per_endpoint) for url in urls]
+        options.setdefault("max_connections", spec.per_endpoint * spec.endpoints)
+    return AsyncFriendli(**options)
+
+
+def _capped(url: str | Endpoint, share: int) -> Endpoint:
+    """The endpoint held to at most ``share`` requests in flight (its own limit if lower)."""
+    if isinstance(url, Endpoint):
+        limit = share if url.max_connections is None else min(share, url.max_connections)
+        return attrs.evolve(url, max_connections=limit)
+    return Endpoint(url, max_connections=share)
+
+
+class _Output:
+    """``out_dir`` on any fsspec file system: complete-or-absent image objects."""
+
+    def __init__(self, uri: str, storage_options: Mapping[str, Any]) -> None:
+        fs, root = fsspec.core.url_to_fs(uri, **storage_options)
+        self.fs = fs
+        self.root = root.rstrip("/")
+        self.uri = uri.rstrip("/")
+        protocols = {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
+        self.atomic_put = bool(protocols & _ATOMIC_PUT)
+        self._made = False
+
+    def name(self, row_id: object, response_format: object) -> str:
+        return _file_stem(row_id) + _EXTENSIONS.get(response_format, ".bin")
+
+    def complete(self, name: str) -> bool:
+        """True if the image exists (blocking). Writes are atomic, so present is complete."""
+        try:
+            info = self.fs.info(f"{self.root}/{name}")
+        except FileNotFoundError:
+            return False
+        return info.get("type") == "file" and int(info.get("size") or 0) > 0
+
+    def write(self, name: str, data: bytes) -> None:
+        """Write atomically (blocking): one PUT on object stores, temp-then-rename elsewhere."""
+        if not self._made:
+            self.fs.makedirs(self.root, exist_ok=True)
+            self._made = True
+        target = f"{self.root}/{name}"
+        if self.atomic_put:
+            self.fs.pipe_file(target, data)
+            return
+        temp = f"{self.root}/.{name}.{uuid.uuid4().hex[:12]}.part"
+        try:
+            self.fs.pipe_file(temp, data)
+            self.fs.mv(temp, target)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                self.fs.rm_file(temp)
+            raise
+
+
+class ImageStage:
+    """A Ray Data stage that generates (or edits) one image per row.
+
+    Use it with ``ds.map_batches(ImageStage, fn_constructor_kwargs={...},
+    batch_format="pyarrow", compute=actor_pool(n))``, or let `generate_images` do that.
+    Every argument is picklable: the stage is built in each actor.
+
+    Args:
+        server_url: the endpoint (a URL); passed to `AsyncFriendli` with
+            ``client_options``. A list of URLs is passed unchanged, for clients that
+            route over a fleet.
+        out_dir: where images go: a local path or any fsspec URI (``s3://bucket/x``,
+            ``gs://...``, ``memory://...``). Each image is named ``<id><ext>`` from
+            ``id_column`` (quoted for safety; ``.jpg``, or ``.png`` for
+            ``response_format="raw"``) and written atomically; a row whose image exists
+            is not sent again (status ``"resumed"``). None: the bytes go in the
+            ``image`` column instead.
+        id_column: the column with each row's unique id (needed with ``out_dir``; also
+            seeds rows that have no seed, see `seed_for`).
+        columns: request field -> column name, e.g. ``{"prompt": "text",
+            "num_inference_steps": "steps"}``. Default ``prompt`` and ``seed`` from the
+            columns of those names, when present (and ``image``). A null cell leaves the
+            field to its default. A mapped column the data lacks fails the batch at once
+            (`FriendliUsageError`): it is the job's configuration, not a bad row.
+            ``server_url`` may be mapped to send rows to a per-row endpoint.
+        request: fields sent with every row (``{"num_inference_steps": 30}``); a
+            column value wins over them.
+        edit: send ``edit`` requests (the ``image`` field: bytes, a URL or a data: URI)
+            instead of ``generate``; default: edit the rows that have an image.
+        per_endpoint_limit: the most requests in flight on one endpoint, across all
+            actors.
+        num_actors: how many actors run the stage; each keeps
+            ``max(1, per_endpoint_limit // num_actors)`` requests in flight per endpoint,
+            so the global cap holds.
+        client_options: further `AsyncFriendli` keyword arguments (``token``,
+            ``retries``, ``timeout``, ...), passed unchanged.
+        client_factory: builds the actor's client from a `ClientSpec` instead of
+            ``AsyncFriendli(**client_options)`` (must be picklable: a module-level
+            function).
+        storage_options: passed to fsspec for ``out_dir`` (credentials, endpoint_url...).
+        keep_columns: keep the input columns in the output (default), else only the id.
+
+    Output columns (`OUTPUT_SCHEMA`): ``status`` (``ok``, ``resumed`` or ``failed``),
+    ``error_type`` and ``error``, ``attempts``, ``endpoint``, ``latency_s``, ``seed``
+    (the one used), ``uri`` or ``image``, ``format``, ``request_id``,
+    ``maybe_duplicated``.
+    """
+
+    def __init__(
+        self,
+        server_url: str | Sequence[str] | None = None,
+        *,
+        out_dir: str | None = None,
+        id_column: str = "id",
+        columns: Mapping[str, str] | None = None,
+        request: Mapping[str, Any] | None = None,
+        edit: bool | None = None,
+        per_endpoint_limit: int = 8,
+        num_actors: int = 1,
+        client_options: Mapping[str, Any] | None = None,
+        client_factory: Callable[[ClientSpec], AsyncFriendli] | None = None,
+        storage_options: Mapping[str, Any] | None = None,
+        keep_columns: bool = True,
+    ) -> None:
+        for name, number in (
+            ("per_endpoint_limit", per_endpoint_limit),
+            ("num_actors", num_actors),
+        ):
+            if isinstance(number, bool) or not isinstance(number, int) or number < 1:
+                raise FriendliValidationError(name, f"must be an int >= 1, got {number!r}")
+        options = dict(client_options or {})
+        if server_url is not None:
+            options["server_url"] = server_url
+        urls = options.get("server_url")
+        endpoints = 1
+        if urls is not None and not isinstance(urls, str):
+            options["server_url"] = urls = list(urls)
+            endpoints = max(1, len(urls))
+        self._per_endpoint = max(1, per_endpoint_limit // num_actors)
+        self._spec = ClientSpec(options, self._per_endpoint, endpoints)
+        self._factory = client_factory or _default_client
+        self._mapping = (
+            dict(columns)
+            if columns is not None
+            else {"prompt": "prompt", "seed": "seed", "image": "image"}
+        )
+        self._edit = edit
+        self._explicit = columns is not None
+        self._constants = dict(request or {})
+        self._id_column = id_column
+        self._keep = keep_columns
+        self._out = None if out_dir is None else _Output(str(out_dir), storage_options or {})
+        self._client: AsyncFriendli | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._slots: dict[str, asyncio.Semaphore] = {}
+
+    def __repr__(self) -> str:
+        where = "bytes" if self._out is None else self._out.uri
+        return f"ImageStage(per_endpoint={self._per_endpoint}, out={where!r})"
+
+    # -- the client, one per actor (per event loop) ----------------------------------
+
+    def _ready_client(self) -> AsyncFriendli:
+        loop = asyncio.get_running_loop()
+        if self._client is None or self._loop is not loop:
+            # Ray Data keeps one loop per actor; another loop (the blocking `run`) gets
+            # its own client, as aiohttp sessions belong to the loop that opened them.
+            self._client = self._factory(self._spec)
+            self._loop = loop
+            self._slots = {}
+        return self._client
+
+    def _slot(self, endpoint: str) -> asyncio.Semaphore:
+        slots = self._slots.get(endpoint)
+        if slots is None:
+            slots = self._slots[endpoint] = asyncio.Semaphore(
+                self._per_endpoint * self._spec.endpoints
+                if endpoint == _FLEET
+                else self._per_endpoint
+            )
+        return slots
+
+    async def aclose(self) -> None:
+        """Close the actor's client (Ray does it when the actor stops, via ``__del__``)."""
+        client, self._client, self._loop = self._client, None, None
+        if client is not None:
+            await client.close()
+
+    def __del__(self) -> None:
+        client = getattr(self, "_client", None)
+        loop = getattr(self, "_loop", None)
+        if client is None or loop is None or loop.is_closed() or not loop.is_running():
+            return
+        with contextlib.suppress(RuntimeError):
+            if asyncio.get_running_loop() is loop:  # collected on the loop's own thread
+                loop.create_task(client.close())
+                return
+        future = asyncio.run_coroutine_threadsafe(client.close(), loop)
+        with contextlib.suppress(Exception):
+            future.result(timeout=5)
+
+    # -- batches ----------------------------------------------------------------------
+
+    async def __call__(self, batch: Any) -> pa.Table:
+        """Process one batch (a pyarrow Table, a pandas DataFrame or a dict of columns)."""
+        return await self.process(batch)
+
+    async def process(self, batch: Any) -> pa.Table:
+        """Send every row of ``batch`` concurrently; return the input with the output columns."""
+        table = _as_table(batch)
+        self._check_columns(table)
+        client = self._ready_client()
+        rows = table.to_pylist()
+        outputs = await asyncio.gather(*(self._row(client, row) for row in rows))
+        return self._assemble(table, outputs)
+
+    def run(self, batch: Any) -> pa.Table:
+        """`process` for callers without an event loop (Dask, Spark, scripts): blocking."""
+
+        async def once() -> pa.Table:
+            try:
+                return await self.process(batch)
+            finally:
+                await self.aclose()
+
+        return asyncio.run(once())
+
+    def _check_columns(self, table: pa.Table) -> None:
+        missing = {f: c for f, c in self._mapping.items() if c not in table.column_names}
+        if self._explicit and missing:
+            # The whole job is misconfigured, not one row: fail before sending anything.
+            raise FriendliUsageError(
+                f"columns= names {sorted(missing.values())} (for {sorted(missing)}), which the "
+                f"data does not have (it has {table.column_names}); fix the mapping"
+            )
+
+    def _fields(self, row: Mapping[str, Any]) -> dict[str, Any]:
+        fields = dict(self._constants)
+        for field, column in self._mapping.items():
+            if column not in row:
+                continue
+            value = row[column]
+            if value is not None:
+                fields[field] = value
+        if isinstance(fields.get("image"), (bytearray, memoryview)):
+            fields["image"] = bytes(fields["image"])
+        return fields
+
+    def _prepare(self, row: Mapping[str, Any]) -> tuple[dict[str, Any], str | None]:
+        """The row's request fields (the seed filled in) and its output name."""
+        row_id = row.get(self._id_column)
+        fields = self._fields(row)
+        if not isinstance(fields.get("prompt"), str):
+            raise FriendliValidationError(
+                "prompt", "is null or missing in this row; every row needs a prompt"
+            )
+        if fields.get("seed") is None and row_id is not None:
+            fields["seed"] = seed_for(row_id)
+        if self._out is None:
+            return fields, None
+        if row_id is None:
+            raise FriendliValidationError(
+                self._id_column,
+                "is null or missing; with out_dir every row needs a unique id (pass id_column=)",
+            )
+        return fields, self._out.name(row_id, fields.get("response_format"))
+
+    async def _row(self, client: AsyncFriendli, row: Mapping[str, Any]) -> dict[str, Any]:
+        out: dict[str, Any] = dict.fromkeys(OUTPUT_SCHEMA.names)
+        out.update(status="failed", attempts=0, maybe_duplicated=False)
+        started = time.monotonic()
+        try:
+            fields, name = self._prepare(row)
+            out["seed"] = fields.get("seed")
+            if self._out is not None and name is not None:
+                out["uri"] = f"{self._out.uri}/{name}"
+                if await asyncio.to_thread(self._out.complete, name):
+                    out["status"] = "resumed"
+                    out["latency_s"] = 0.0
+                    return out
+            endpoint = fields.get("server_url")
+            key = endpoint if isinstance(endpoint, str) else _endpoint_key(client)
+            out["endpoint"] = key if key != _FLEET else None
+            edit = self._edit if self._edit is not None else "image" in fields
+            call = client.container.image.edit if edit else client.container.image.generate
+            async with self._slot(key):
+                started = time.monotonic()
+                result: ImageResult = await call(**fields)
+            out["latency_s"] = time.monotonic() - started
+            out.update(
+                attempts=result.attempts,
+                format=result.format,
+                request_id=result.request_id,
+                maybe_duplicated=result.maybe_duplicated,
+            )
+            # A client over a fleet says which endpoint served the call.
+            served = getattr(result, "endpoint", None)
+            if served is not None:
+                out["endpoint"] = str(served)
+            if self._out is not None and name is not None:
+                await asyncio.to_thread(self._out.write, name, result.data)
+            else:
+                out["image"] = result.data
+            out["status"] = "ok"
+        except Exception as exc:  # noqa: BLE001  (a bad row is a row, never a failed block)
+            out.update(
+                status="failed",
+                error_type=type(exc).__name__,
+                error=str(exc) or repr(exc),
+                attempts=int(getattr(exc, "attempts", 0) or 0),
+                latency_s=time.monotonic() - started,
+                image=None,
+            )
+            failed_at = getattr(exc, "endpoint", None)
+            if failed_at is not None:
+                out["endpoint"] = str(failed_at)
+        return out
+
+    def _assemble(self, table: pa.Table, outputs: list[dict[str, Any]]) -> pa.Table:
+        if self._keep:
+            base = table.drop_columns([n for n in OUTPUT_SCHEMA.names if n in table.column_names])
+        elif self._id_column in table.column_names:
+            base = table.select([self._id_column])
+        else:
+            base = pa.table({})
+        produced = pa.Table.from_pylist(outputs, schema=OUTPUT_SCHEMA)
+        drop = "image" if self._out is not None else "uri"
+        produced = produced.drop_columns([drop])
+        if base.num_columns == 0:
+            return produced
+        for field, column in zip(produced.schema, produced.columns, strict=True):
+            base = base.append_column(field, column)
+        return base
+
+
+_FLEET: Final = "<fleet>"
+
+
+def _endpoint_key(client: AsyncFriendli) -> str:
+    url = client.server_url
+    return url if isinstance(url, str) else _FLEET
+
+
+def _as_table(batch: Any) -> pa.Table:
+    if isinstance(batch, pa.Table):
+        return batch
+    if isinstance(batch, Mapping):
+        return pa.table({name: list(values) for name, values in batch.items()})
+    if hasattr(batch, "to_dict") and hasattr(batch, "columns"):  # a pandas DataFrame
+        return pa.Table.from_pandas(batch, preserve_index=False)
+    raise FriendliUsageError(
+        f"ImageStage takes a pyarrow Table, a pandas DataFrame or a dict of columns, "
+        f"got {type(batch).__name__}; use map_batches(..., batch_format='pyarrow')"
+    )
+
+
+# -- Ray helpers ------------------------------------------------------------------------
+
+
+def _ray_data() -> Any:
+    try:
+        import ray.data  # noqa: PLC0415  (the optional ray extra)
+    except ImportError as exc:
+        raise FriendliUsageError(
+            f"friendli_image.ray needs Ray Data ({exc}): pip install 'friendli-image[ray]'"
+        ) from None
+    return ray.data
+
+
+def actor_pool(size: int, calls_per_actor: int = 4) -> Any:
+    """The ``ActorPoolStrategy`` for ``size`` actors, ``calls_per_actor`` batches each.
+
+    Ray 2.60 spells it ``max_concurrent_calls_per_actor``; older versions have only
+    ``max_tasks_in_flight_per_actor`` (their async UDFs run up to
+    ``RAY_DATA_DEFAULT_ASYNC_BATCH_UDF_MAX_CONCURRENCY``, 4, batches at once).
+    """
+    strategy = _ray_data().ActorPoolStrategy
+    parameters = inspect.signature(strategy).parameters
+    if "max_concurrent_calls_per_actor" in parameters:
+        return strategy(size=size, max_concurrent_calls_per_actor=calls_per_actor)
+    return strategy(size=size, max_tasks_in_flight_per_actor=calls_per_actor)
+
+
+def generate_images(
+    ds: Any,
+    server_url: str | Sequence[str] | None = None,
+    *,
+    num_actors: int = 2,
+    calls_per_actor: int = 2,
+    batch_size: int = 64,
+    map_batches_options: Mapping[str, Any] | None = None,
+    **stage_options: Any,
+) -> Any:
+    """``ds.map_batches`` with `ImageStage` on an actor pool of ``num_actors``.
+
+    ``stage_options`` are `ImageStage`'s arguments; they are checked here, on the
+    driver, before anything runs. ``map_batches_options`` go to ``map_batches``
+    (``num_cpus``, ``max_task_retries``...). Returns the lazy output Dataset; its rows are
+    the manifest: ``.write_parquet(...)`` it.
+    """
+    kwargs = {"server_url": server_url, "num_actors": num_actors, **stage_options}
+    ImageStage(**kwargs)  # validates the options where the user can see the error
+    return ds.map_batches(
+        ImageStage,
+        fn_constructor_kwargs=kwargs,
+        batch_size=batch_size,
+        batch_format="pyarrow",
+        compute=actor_pool(num_actors, calls_per_actor),
+        **dict(map_batches_options or {}),
+    )

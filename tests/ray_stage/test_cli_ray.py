@@ -1,0 +1,106 @@
+"""``friendli-image batch --ray``: a local Ray cluster from the command line, resumable."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+pytest.importorskip("pyarrow", reason="the stage needs pyarrow: pip install 'friendli-image[ray]'")
+pytest.importorskip("ray", reason="Ray is not installed: pip install 'friendli-image[ray]'")
+
+from friendli_image.server import LocalServer, ServerConfig
+
+from .conftest import prompts_seen
+
+pytestmark = pytest.mark.subprocess
+
+_ENV = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONWARNINGS": "ignore"}
+
+
+def _batch(url: str, source: pathlib.Path, out: pathlib.Path) -> list[str]:
+    return [
+        sys.executable, "-m", "friendli_image", "batch", str(source), "--ray",
+        "--out-dir", str(out), "--server-url", url, "--actors", "2", "--concurrency", "4",
+        "--no-progress",
+    ]  # fmt: skip
+
+
+def test_cli_ray_resumes_after_sigkill(tmp_path: pathlib.Path) -> None:
+    """SIGKILL mid-run keeps the images written; the rerun requests only the rest, and
+    writes the manifest and a summary."""
+    source = tmp_path / "prompts.jsonl"
+    lines = [f'{{"prompt": "a castle no. {i}", "num_inference_steps": 10}}' for i in range(150)]
+    source.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    out = tmp_path / "out"
+    config = ServerConfig(image_size=64, step_latency_ms=10.0, max_concurrency=4)
+    with LocalServer(config) as srv:
+        first = subprocess.Popen(
+            _batch(srv.url, source, out),
+            env=_ENV,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        try:
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
+                if out.exists() and len(list(out.glob("*.jpg"))) >= 30:
+                    break
+                time.sleep(0.05)
+            else:
+                pytest.fail("the first run wrote no images within 120 s")
+        finally:
+            os.killpg(first.pid, signal.SIGKILL)
+            first.wait(30)
+        kept = {int(p.stem) for p in out.glob("*.jpg")}
+        assert 30 <= len(kept) < 150
+        second = subprocess.run(
+            _batch(srv.url, source, out),
+            env=_ENV,
+            capture_output=True,
+            text=True,
+            timeout=180,
+            check=False,
+        )
+        assert second.returncode == 0, second.stderr[-3000:]
+        assert "items     150" in second.stdout, second.stdout
+        # Actors of the killed driver may write a few more images before they notice.
+        resumed = re.search(r"ok +150 \((\d+) from earlier runs\)", second.stdout)
+        assert resumed is not None, second.stdout
+        assert len(kept) <= int(resumed.group(1)) < 150
+        seen = prompts_seen(srv)
+    assert sorted(int(p.stem) for p in out.glob("*.jpg")) == list(range(150))
+    assert all(seen[f"a castle no. {i}"] == 1 for i in kept)
+    assert max(seen.values()) <= 2
+    assert list((out / "manifest").glob("*.parquet"))
+
+
+def test_cli_ray_refuses_stdin_and_zero_actors_before_starting_ray(
+    capsys: pytest.CaptureFixture[str], tmp_path: pathlib.Path
+) -> None:
+    """Bad --ray arguments exit 2 with a message, and no cluster is started."""
+    from friendli_image._cli import main
+
+    source = tmp_path / "p.txt"
+    source.write_text("a fox\n", encoding="utf-8")
+    assert main(["batch", "-", "--ray", "--out-dir", str(tmp_path)]) == 2
+    assert "stdin" in capsys.readouterr().err
+    assert main(["batch", str(source), "--ray", "--actors", "0", "--out-dir", "x"]) == 2
+    assert "--actors" in capsys.readouterr().err
+
+
+def test_an_object_store_out_dir_survives_argparse() -> None:
+    """--out-dir s3://bucket/x reaches Ray as the URI (argparse's Path collapses '//')."""
+    from friendli_image._cli._ray import _out_uri
+
+    assert _out_uri(pathlib.Path("s3://bucket/images")) == "s3://bucket/images"
+    assert _out_uri(pathlib.Path("gs://b/x/y")) == "gs://b/x/y"
+    assert _out_uri(pathlib.Path("/data/images")) == "/data/images"
+    assert _out_uri(pathlib.Path("out")) == "out"
