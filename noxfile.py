@@ -76,13 +76,24 @@ def reliability(session: nox.Session) -> None:
     """Run the fault suite (tests/reliability) and write docs/reliability.md from its figures."""
     _install_for_tests(session)
     report = ROOT / "docs" / "reliability.md"
+    server_figures = Path(session.create_tmp()) / "server-figures.jsonl"
+    server_figures.unlink(missing_ok=True)
     session.run(
         "pytest",
         "tests/reliability",
+        # Scenarios 19-24: the blocking facade's lifecycle.
+        "tests/test_sync.py",
+        "tests/test_sync_lifecycle.py",
+        # The bundled server's own figures (slowloris, the fd limit, a 20 M-item body).
+        "tests/server/test_server_connections.py",
+        "tests/server/test_server_hardening.py::test_20m_integer_body_is_refused_without_a_memory_spike",
         "-p",
         "no:cacheprovider",
         *session.posargs,
-        env={"FRIENDLI_RELIABILITY_REPORT": str(report)},
+        env={
+            "FRIENDLI_RELIABILITY_REPORT": str(report),
+            "FRIENDLI_SERVER_FIGURES": str(server_figures),
+        },
     )
     session.log(f"wrote {report}")
 

@@ -171,6 +171,7 @@ def test_construction_starts_no_thread(client: SyncFriendli) -> None:
     assert not client.closed
 
 
+@pytest.mark.scenario(21)
 def test_many_threads_share_one_client(server: LocalServer, client: SyncFriendli) -> None:
     """32 threads x 20 calls on one client: 640 correct, distinct results, one loop thread."""
     server.reset_stats()
@@ -201,6 +202,7 @@ def test_many_threads_share_one_client(server: LocalServer, client: SyncFriendli
 # -- guard rails ---------------------------------------------------------------------------
 
 
+@pytest.mark.scenario(19)
 async def test_call_inside_running_loop_works_and_warns_once(
     server: LocalServer, client: SyncFriendli
 ) -> None:
@@ -219,6 +221,7 @@ def _call_here(client: SyncFriendli) -> ImageResult:
     return client.container.image.generate(prompt="in a loop")
 
 
+@pytest.mark.scenario(20)
 def test_call_from_the_loop_thread_raises_instead_of_deadlocking(
     server: LocalServer, client: SyncFriendli
 ) -> None:

@@ -154,6 +154,7 @@ else:
 """
 
 
+@pytest.mark.scenario(22)
 @pytest.mark.slow
 def test_ctrl_c_interrupts_promptly_and_cancels_the_request() -> None:
     """SIGINT mid-call raises KeyboardInterrupt in < 1 s; the request is cancelled, not retried."""
@@ -220,6 +221,7 @@ if mode == "exit":
     ("mode", "expected_code"),
     [("end", 0), ("exit", 3), ("raise", 1), ("log", 0), ("in-flight", 0)],
 )
+@pytest.mark.scenario(24)
 def test_never_closed_client_exits_fast_and_clean(
     server: LocalServer, mode: str, expected_code: int
 ) -> None:
@@ -278,6 +280,7 @@ friendli.close()
 """
 
 
+@pytest.mark.scenario(23)
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 @pytest.mark.parametrize("state", ["used", "unused"])
 def test_call_in_forked_child_works(server: LocalServer, state: str) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import time
@@ -44,37 +45,78 @@ def figures() -> Figures:
     return FIGURES
 
 
+class _ScenarioRecorder:
+    """Counts the outcome of every test marked scenario(n), in this directory or not.
+
+    Registered as a plugin, not as this conftest's own hooks, which pytest would call
+    only for tests under tests/reliability: scenarios 19-24 live in tests/test_sync*.py.
+    """
+
+    def pytest_collection_modifyitems(self, items: list[pytest.Item]) -> None:
+        # scenario(n) markers become plain keywords so the log report (which has no
+        # markers) can tell which scenario a test belongs to.
+        for item in items:
+            for marker in item.iter_markers("scenario"):
+                for number in marker.args:
+                    item.keywords[f"scenario_{number}"] = True
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        keywords = report.keywords
+        numbers = [int(k[len("scenario_") :]) for k in keywords if k.startswith("scenario_")]
+        if not numbers:
+            return
+        if report.when == "call" or (report.when == "setup" and not report.passed):
+            outcome = report.outcome
+            if outcome == "skipped" and hasattr(report, "wasxfail"):
+                outcome = "xfailed"
+            for number in numbers:
+                FIGURES.scenarios.setdefault(number, []).append(outcome)
+        elif report.when == "teardown" and report.failed:
+            for number in numbers:
+                FIGURES.scenarios.setdefault(number, []).append("failed")
+
+
 def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "scenario(n): the RELIABILITY.md scenario a test covers")
+    if not config.pluginmanager.has_plugin("friendli-scenarios"):
+        config.pluginmanager.register(_ScenarioRecorder(), "friendli-scenarios")
 
 
-def pytest_runtest_logreport(report: pytest.TestReport) -> None:
-    keywords = report.keywords
-    numbers = [int(k[len("scenario_") :]) for k in keywords if k.startswith("scenario_")]
-    if not numbers:
+def _server_figures() -> None:
+    """The bundled server's figures, measured by tests/server (see its helpers.figure)."""
+    source = os.environ.get("FRIENDLI_SERVER_FIGURES")
+    if not source or not Path(source).exists():
         return
-    if report.when == "call" or (report.when == "setup" and not report.passed):
-        outcome = report.outcome
-        if outcome == "skipped" and hasattr(report, "wasxfail"):
-            outcome = "xfailed"
-        for number in numbers:
-            FIGURES.scenarios.setdefault(number, []).append(outcome)
-    elif report.when == "teardown" and report.failed:
-        for number in numbers:
-            FIGURES.scenarios.setdefault(number, []).append("failed")
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    # scenario(n) markers become plain keywords so the log report (which has no
-    # markers) can tell which scenario a test belongs to.
-    for item in items:
-        for marker in item.iter_markers("scenario"):
-            for number in marker.args:
-                item.keywords[f"scenario_{number}"] = True
+    values: dict[str, Any] = {}
+    for line in Path(source).read_text(encoding="utf-8").splitlines():
+        record = json.loads(line)
+        values[record["name"]] = record["value"]
+    if "slowloris.connections" in values:
+        FIGURES.set(
+            "server.slowloris",
+            f"{values['slowloris.connections']} connections trickling a request head all "
+            f"closed after at most {values['slowloris.closed_after_max_s']} s (header "
+            f"timeout 1 s); a real request meanwhile answered in "
+            f"{values['slowloris.real_request_s']} s"
+            + (
+                f"; at a 256-fd limit with stderr a full pipe, "
+                f"{values['flood.connections_opened']} connections opened and real requests "
+                f"answered in at most {values['flood.real_request_max_s']} s"
+                if "flood.connections_opened" in values
+                else ""
+            ),
+        )
+    if "json20m.body_mib" in values:
+        FIGURES.set(
+            "server.memory",
+            f"a {values['json20m.body_mib']} MiB body of 20 M integers refused with 413 in "
+            f"{values['json20m.answer_s']} s; peak RSS growth "
+            f"{values['json20m.peak_rss_growth_mib']} MiB (its full parse took +534 MiB)",
+        )
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
     target = os.environ.get(REPORT_ENV)
+    _server_figures()
     if target and FIGURES.scenarios:
         Path(target).parent.mkdir(parents=True, exist_ok=True)
         Path(target).write_text(render_report(FIGURES), encoding="utf-8")

@@ -116,9 +116,10 @@ def render_report(f: Figures) -> str:
     ran = sum(1 for n in range(1, 40) if any(o != "skipped" for o in f.scenarios.get(n, [])))
     lines += [
         "",
-        f"Scenarios run here: {ran}; passed: {passed}. Scenarios 19-24 (sync facade, "
-        "process exit, fork, SIGINT) are covered by `tests/test_sync_lifecycle.py`; the "
-        "async parts of 24 run here.",
+        f"Scenarios run here: {ran}; passed: {passed}. Scenarios 19-24 (the blocking "
+        "facade: inside a running loop, on its own loop thread, 32 threads, SIGINT, fork, "
+        "exit without close) are `tests/test_sync.py` and `tests/test_sync_lifecycle.py`, "
+        "run in the same session.",
         "",
         "## Faults injected / survived",
         "",

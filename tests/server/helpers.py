@@ -3,12 +3,26 @@
 from __future__ import annotations
 
 import io
+import json
+import os
 
 import pybase64
 from PIL import Image
 
 GENERATE = "/v1/images/generations"
 EDIT = "/v1/images/edits"
+#: When set, measured figures are also appended to this file (JSON lines), which the
+#: reliability report (`nox -s reliability`) reads.
+FIGURES_ENV = "FRIENDLI_SERVER_FIGURES"
+
+
+def figure(name: str, value: float | int) -> None:
+    """Print a measured figure, and record it for docs/reliability.md when asked."""
+    print(f"FIGURE {name}={value}")
+    target = os.environ.get(FIGURES_ENV)
+    if target:
+        with open(target, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps({"name": name, "value": value}) + "\n")
 
 
 def png_bytes(color: tuple[int, int, int], size: tuple[int, int] = (48, 32)) -> bytes:

@@ -23,16 +23,11 @@ import pytest
 
 from friendli_image.server import LocalServer, ServerConfig
 
-from .helpers import GENERATE
+from .helpers import GENERATE, figure
 
 REPO = Path(__file__).resolve().parents[2]
 # A request head that never ends: one more byte of a header value every interval.
 SLOW_HEAD = b"POST /v1/images/generations HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: "
-
-
-def figure(name: str, value: float | int) -> None:
-    """Print a measured figure for docs/reliability.md."""
-    print(f"FIGURE {name}={value}")
 
 
 async def _slowloris(port: int, interval: float) -> float | None:

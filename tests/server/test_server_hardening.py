@@ -27,15 +27,10 @@ from aiohttp.test_utils import TestServer
 from friendli_image.server import Action, LocalServer, ServerConfig
 from friendli_image.server import _app as server_app
 
-from .helpers import EDIT, GENERATE, png_bytes
+from .helpers import EDIT, GENERATE, figure, png_bytes
 
 REPO = Path(__file__).resolve().parents[2]
 MiB = 1024 * 1024
-
-
-def figure(name: str, value: float | int) -> None:
-    """Print a measured figure for docs/reliability.md."""
-    print(f"FIGURE {name}={value}")
 
 
 def _wait_for_announcement(proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
