@@ -164,6 +164,7 @@ def _manifest_indexes(out_dir: Path) -> Counter[int]:
     return Counter(orjson.loads(line)["index"] for line in lines)
 
 
+@pytest.mark.scenario(47)
 @pytest.mark.scenario(38)
 async def test_resume_after_deleted_and_corrupted_images_keeps_one_line_per_index(
     make_client: MakeClient, tmp_path: Path, figures: Figures
@@ -218,6 +219,7 @@ async def test_a_manifest_with_duplicates_is_compacted_on_resume(
     assert all(orjson.loads(line)["attempts"] == 1 for line in manifest.read_bytes().splitlines())
 
 
+@pytest.mark.scenario(47)
 @pytest.mark.scenario(38)
 async def test_a_second_batch_on_the_same_out_dir_fails_at_once(
     make_client: MakeClient, tmp_path: Path, figures: Figures

@@ -196,6 +196,7 @@ async def _reset_after_first_mib(
     await writer.drain()
 
 
+@pytest.mark.scenario(46)
 @pytest.mark.slow
 @pytest.mark.scenario(31)
 @pytest.mark.parametrize("reconnect_reused", [True, False], ids=["default", "strict"])
@@ -294,6 +295,7 @@ async def test_malformed_200_bodies_map_to_response_errors(  # noqa: PLR0917
     secrets.check(error)
 
 
+@pytest.mark.scenario(40)
 @pytest.mark.scenario(28)
 async def test_png_under_response_format_jpeg_is_returned_as_png(
     server: LocalServer,

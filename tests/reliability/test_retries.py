@@ -533,6 +533,7 @@ def _budget_case(  # noqa: PLR0917
     return ratio
 
 
+@pytest.mark.scenario(41)
 @pytest.mark.slow
 @pytest.mark.scenario(8)
 async def test_a_brownout_fails_no_call_a_retry_would_save(figures: Figures) -> None:
@@ -556,6 +557,7 @@ async def test_a_brownout_fails_no_call_a_retry_would_save(figures: Figures) -> 
     assert ratio <= 1 / (1 - p) + 0.05
 
 
+@pytest.mark.scenario(41)
 @pytest.mark.slow
 @pytest.mark.scenario(8)
 async def test_a_429_storm_with_retry_after_fails_no_call(figures: Figures) -> None:
@@ -579,6 +581,7 @@ async def test_a_429_storm_with_retry_after_fails_no_call(figures: Figures) -> N
     assert srv.requests <= calls * 5
 
 
+@pytest.mark.scenario(41)
 @pytest.mark.slow
 @pytest.mark.scenario(8)
 async def test_a_quarter_transient_errors_fail_no_call(figures: Figures) -> None:

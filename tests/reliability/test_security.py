@@ -307,6 +307,7 @@ _CREDENTIAL_URLS = [
 ]
 
 
+@pytest.mark.scenario(43)
 @pytest.mark.scenario(37)
 @pytest.mark.parametrize("template", _CREDENTIAL_URLS)
 @pytest.mark.parametrize("with_token", [True, False], ids=["token", "no-token"])
@@ -367,6 +368,7 @@ _BAD_HEADERS: list[tuple[dict[str, str], str]] = [
 ]
 
 
+@pytest.mark.scenario(45)
 @pytest.mark.scenario(25)
 @pytest.mark.parametrize(("headers", "reason"), _BAD_HEADERS, ids=lambda v: repr(v)[:28])
 async def test_headers_that_corrupt_the_request_are_refused(

@@ -271,6 +271,7 @@ async def _cancel_at_the_deadline(
     return await accepted, outcome
 
 
+@pytest.mark.scenario(44)
 @pytest.mark.scenario(15)
 async def test_a_cancel_at_the_attempt_deadline_stays_a_cancel(
     raw_server: StartRaw, make_client: MakeClient, figures: Figures

@@ -168,6 +168,7 @@ async def _cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int
     return code, captured.out + captured.err
 
 
+@pytest.mark.scenario(42)
 @pytest.mark.slow
 @pytest.mark.scenario(36)
 async def test_no_echo_of_the_token_reaches_any_surface(

@@ -75,6 +75,7 @@ async def _timed_post(url: str, timeout: float) -> tuple[int, float]:
         return resp.status, time.monotonic() - started
 
 
+@pytest.mark.scenario(48)
 async def test_slowloris_heads_time_out_while_real_requests_are_served() -> None:
     """200 connections trickling a request head are closed after header_timeout_s; a real
     request made while they hang on is answered at once."""
@@ -209,6 +210,7 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+@pytest.mark.scenario(48)
 @pytest.mark.subprocess
 async def test_flood_beyond_the_fd_limit_with_stuck_stderr(stuck_stderr: int) -> None:
     """run_server at a 256-descriptor limit with stderr on a full, unread pipe: 400 slowloris

@@ -70,6 +70,7 @@ def _post(port: int, body: bytes, path: str = GENERATE) -> tuple[int, Any]:
 # -- bounded JSON -------------------------------------------------------------------------
 
 
+@pytest.mark.scenario(48)
 @pytest.mark.subprocess
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs /proc")
 def test_20m_integer_body_is_refused_without_a_memory_spike() -> None:
@@ -156,6 +157,7 @@ async def _edit_detail(session: aiohttp.ClientSession, url: str, image: str) -> 
         return resp.status, str(payload["detail"][0]["msg"])
 
 
+@pytest.mark.scenario(48)
 async def test_private_targets_are_refused_alike_open_or_closed(
     server: LocalServer,
     session: aiohttp.ClientSession,
