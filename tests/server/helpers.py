@@ -5,6 +5,9 @@ from __future__ import annotations
 import io
 import json
 import os
+import select
+import socket
+import subprocess
 
 import pybase64
 from PIL import Image
@@ -45,3 +48,18 @@ def decode_response_image(payload: dict[str, str]) -> Image.Image:
     picture = Image.open(io.BytesIO(pybase64.b64decode(payload["image"], validate=True)))
     picture.load()
     return picture
+
+
+def wait_for_announcement(proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
+    """Wait for run_server's "Serving ..." line; fail (not hang) if it never comes."""
+    assert proc.stdout is not None
+    ready, _, _ = select.select([proc.stdout], [], [], timeout)
+    assert ready, "the server did not start"
+    assert b"Serving" in proc.stdout.readline()
+
+
+def free_port() -> int:
+    """A TCP port on loopback that was free a moment ago."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])

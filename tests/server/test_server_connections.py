@@ -10,8 +10,6 @@ import asyncio
 import fcntl
 import os
 import resource
-import select
-import socket
 import subprocess
 import sys
 import time
@@ -23,7 +21,7 @@ import pytest
 
 from friendli_image.server import LocalServer, ServerConfig
 
-from .helpers import GENERATE, figure
+from .helpers import GENERATE, figure, free_port, wait_for_announcement
 
 REPO = Path(__file__).resolve().parents[2]
 # A request head that never ends: one more byte of a header value every interval.
@@ -196,26 +194,12 @@ def stuck_stderr() -> Iterator[int]:
         os.close(read_end)
 
 
-def _wait_for_announcement(proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
-    """Wait for run_server's "Serving ..." line; fail (not hang) if it never comes."""
-    assert proc.stdout is not None
-    ready, _, _ = select.select([proc.stdout], [], [], timeout)
-    assert ready, "the server did not start"
-    assert b"Serving" in proc.stdout.readline()
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.mark.scenario(48)
 @pytest.mark.subprocess
 async def test_flood_beyond_the_fd_limit_with_stuck_stderr(stuck_stderr: int) -> None:
     """run_server at a 256-descriptor limit with stderr on a full, unread pipe: 400 slowloris
     connections neither exhaust its descriptors nor wedge it; real requests are answered."""
-    port = _free_port()
+    port = free_port()
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     code = (
         "import resource\n"
@@ -228,7 +212,7 @@ async def test_flood_beyond_the_fd_limit_with_stuck_stderr(stuck_stderr: int) ->
         [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=stuck_stderr, env=env
     ) as proc:
         try:
-            _wait_for_announcement(proc)
+            wait_for_announcement(proc)
             url = f"http://127.0.0.1:{port}"
             holders = [asyncio.ensure_future(_slowloris(port, 0.2)) for _ in range(400)]
             await asyncio.sleep(1.5)

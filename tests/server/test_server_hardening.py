@@ -10,7 +10,6 @@ import asyncio
 import http.client
 import json
 import os
-import select
 import socket
 import subprocess
 import sys
@@ -27,24 +26,10 @@ from aiohttp.test_utils import TestServer
 from friendli_image.server import Action, LocalServer, ServerConfig
 from friendli_image.server import _app as server_app
 
-from .helpers import EDIT, GENERATE, figure, png_bytes
+from .helpers import EDIT, GENERATE, figure, free_port, png_bytes, wait_for_announcement
 
 REPO = Path(__file__).resolve().parents[2]
 MiB = 1024 * 1024
-
-
-def _wait_for_announcement(proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
-    """Wait for run_server's "Serving ..." line; fail (not hang) if it never comes."""
-    assert proc.stdout is not None
-    ready, _, _ = select.select([proc.stdout], [], [], timeout)
-    assert ready, "the server did not start"
-    assert b"Serving" in proc.stdout.readline()
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _memory_kib(pid: int) -> dict[str, int]:
@@ -76,7 +61,7 @@ def _post(port: int, body: bytes, path: str = GENERATE) -> tuple[int, Any]:
 def test_20m_integer_body_is_refused_without_a_memory_spike() -> None:
     """A 38 MiB body of 20 M integers gets 413 before parsing; the server's peak memory
     grows by about the body's size, not the ~500 MiB its parse would take."""
-    port = _free_port()
+    port = free_port()
     code = (
         "from friendli_image.server import run_server, ServerConfig\n"
         f"run_server(ServerConfig(image_size=8), port={port})\n"
@@ -89,7 +74,7 @@ def test_20m_integer_body_is_refused_without_a_memory_spike() -> None:
         env=env,
     ) as proc:
         try:
-            _wait_for_announcement(proc)
+            wait_for_announcement(proc)
             assert _post(port, b'{"prompt": "warm up"}')[0] == 200
             before = _memory_kib(proc.pid)
             body = b'{"prompt": "p", "seed": [' + b"1," * 20_000_000 + b"1]}"
@@ -166,7 +151,7 @@ async def test_private_targets_are_refused_alike_open_or_closed(
     """By default no loopback, private, link-local or unspecified target is fetched, by IP
     literal or by name; an open and a closed port get the same answer, without a connect."""
     host, seen = counted_host
-    open_port, closed_port = host.port, _free_port()
+    open_port, closed_port = host.port, free_port()
     targets = [
         f"http://127.0.0.1:{open_port}/red.png",
         f"http://127.0.0.1:{closed_port}/red.png",
@@ -290,7 +275,7 @@ def test_token_file_keeps_the_token_out_of_the_process_list(tmp_path: Path) -> N
     token = "proc-list-s3cret-7431"
     path = tmp_path / "token"
     path.write_text(token)
-    port = _free_port()
+    port = free_port()
     code = (
         "import sys\n"
         "from friendli_image.server import run_server, ServerConfig\n"
@@ -304,7 +289,7 @@ def test_token_file_keeps_the_token_out_of_the_process_list(tmp_path: Path) -> N
         env=env,
     ) as proc:
         try:
-            _wait_for_announcement(proc)
+            wait_for_announcement(proc)
             cmdline = Path(f"/proc/{proc.pid}/cmdline").read_bytes()
             conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
             conn.request("POST", GENERATE, body=b'{"prompt": "p"}')
