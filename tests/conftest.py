@@ -9,6 +9,7 @@
   aiohttp's server would normalise.
 - ``mock_http``: ``aioresponses`` patched to build responses on aiohttp 3.14+.
 - ``fast_retry``: a retry policy with millisecond backoff, to keep retry tests fast.
+- ``dev_mode_stderr``: a child's stderr without asyncio debug mode's slow-callback reports.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import asyncio
 import base64
 import inspect
 import io
+import re
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
@@ -40,6 +42,21 @@ def _isolated_env(monkeypatch: pytest.MonkeyPatch) -> None:
     """Tests never see the developer's FRIENDLI_* variables; a test sets what it needs."""
     for name in _ENV_VARS:
         monkeypatch.delenv(name, raising=False)
+
+
+# Under -X dev, asyncio logs every loop step over 0.1 s. On a loaded machine a step of
+# ordinary work can take that long; the line reports a stall, not a fault of the code.
+_SLOW_CALLBACK_REPORT = re.compile(r"^Executing <.*> took \d+\.\d+ seconds\n", re.MULTILINE)
+
+
+@pytest.fixture
+def dev_mode_stderr() -> Callable[[str], str]:
+    """``dev_mode_stderr(text)``: a ``-X dev`` child's stderr minus slow-callback reports."""
+
+    def strip(text: str) -> str:
+        return _SLOW_CALLBACK_REPORT.sub("", text)
+
+    return strip
 
 
 # -- images -----------------------------------------------------------------------------

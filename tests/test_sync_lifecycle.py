@@ -14,7 +14,7 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -80,7 +80,8 @@ class _Lines:
         return self.seen
 
 
-def _finish(proc: subprocess.Popen[str]) -> tuple[int, str]:
+def _finish(proc: subprocess.Popen[str], clean: Callable[[str], str]) -> tuple[int, str]:
+    """Wait for the script under the hard timeout; its exit code and ``clean``-ed stderr."""
     try:
         proc.wait(timeout=HARD_TIMEOUT_S)
     except subprocess.TimeoutExpired:
@@ -92,7 +93,7 @@ def _finish(proc: subprocess.Popen[str]) -> tuple[int, str]:
     proc.stderr.close()
     assert proc.stdout is not None
     proc.stdout.close()
-    return proc.returncode, stderr
+    return proc.returncode, clean(stderr)
 
 
 @pytest.fixture
@@ -110,12 +111,14 @@ SEED_EDIT = (SEED_DIR / "edit.py.txt").read_text()
 
 
 @pytest.mark.parametrize("snippet", [SEED_GENERATE, SEED_EDIT], ids=["generate", "edit"])
-def test_seed_snippet_runs_verbatim(snippet: str, tiny_jpeg: bytes) -> None:
+def test_seed_snippet_runs_verbatim(
+    snippet: str, tiny_jpeg: bytes, dev_mode_stderr: Callable[[str], str]
+) -> None:
     """The seed's snippet runs with only the import changed and sends no Authorization header."""
     # Static mode: the server answers without fetching the snippet's URL (no internet here).
     with LocalServer(ServerConfig(static_image=tiny_jpeg)) as srv:
         proc = _run(snippet, env=_env(FRIENDLI_SERVER_URL=srv.url))
-        code, stderr = _finish(proc)
+        code, stderr = _finish(proc, dev_mode_stderr)
         records = srv.records
     assert (code, stderr) == (0, "")
     assert len(records) == 1
@@ -123,12 +126,14 @@ def test_seed_snippet_runs_verbatim(snippet: str, tiny_jpeg: bytes) -> None:
     assert records[0].body["model"] == "(adapter-route)"
 
 
-def test_seed_snippet_prints_a_short_result(tiny_jpeg: bytes) -> None:
+def test_seed_snippet_prints_a_short_result(
+    tiny_jpeg: bytes, dev_mode_stderr: Callable[[str], str]
+) -> None:
     """``print(res)`` prints one short line naming the format, size and request id."""
     with LocalServer(ServerConfig(static_image=tiny_jpeg)) as srv:
         proc = _run(SEED_GENERATE, env=_env(FRIENDLI_SERVER_URL=srv.url))
         lines = _Lines(proc)
-        code, stderr = _finish(proc)
+        code, stderr = _finish(proc, dev_mode_stderr)
     (line,) = lines.rest()
     assert (code, stderr) == (0, "")
     assert line.startswith("ImageResult(format='jpeg', 4x3")
@@ -156,7 +161,9 @@ else:
 
 @pytest.mark.scenario(22)
 @pytest.mark.slow
-def test_ctrl_c_interrupts_promptly_and_cancels_the_request() -> None:
+def test_ctrl_c_interrupts_promptly_and_cancels_the_request(
+    dev_mode_stderr: Callable[[str], str],
+) -> None:
     """SIGINT mid-call raises KeyboardInterrupt in < 1 s; the request is cancelled, not retried."""
     # 20 steps x 500 ms: the generation would take 10 s.
     with LocalServer(ServerConfig(image_size=32, step_latency_ms=500)) as srv:
@@ -177,7 +184,7 @@ def test_ctrl_c_interrupts_promptly_and_cancels_the_request() -> None:
         while not srv.stats.disconnects and time.monotonic() < deadline:
             time.sleep(0.01)
         disconnects_while_alive = srv.stats.disconnects
-        code, stderr = _finish(proc)
+        code, stderr = _finish(proc, dev_mode_stderr)
         records, stats = srv.records, srv.stats
     assert interrupted_at - sent_at < 1.0
     assert disconnects_while_alive == 1
@@ -223,7 +230,7 @@ if mode == "exit":
 )
 @pytest.mark.scenario(24)
 def test_never_closed_client_exits_fast_and_clean(
-    server: LocalServer, mode: str, expected_code: int
+    server: LocalServer, mode: str, expected_code: int, dev_mode_stderr: Callable[[str], str]
 ) -> None:
     """A script that never closes its client exits in < 2 s with its code and no warnings."""
     server.script("slow", [Action.delay(30)])
@@ -231,7 +238,7 @@ def test_never_closed_client_exits_fast_and_clean(
     lines = _Lines(proc)
     lines.wait_for("called")
     started = time.monotonic()
-    code, stderr = _finish(proc)
+    code, stderr = _finish(proc, dev_mode_stderr)
     elapsed = time.monotonic() - started
     assert elapsed < 2.0
     assert code == expected_code
@@ -283,11 +290,13 @@ friendli.close()
 @pytest.mark.scenario(23)
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 @pytest.mark.parametrize("state", ["used", "unused"])
-def test_call_in_forked_child_works(server: LocalServer, state: str) -> None:
+def test_call_in_forked_child_works(
+    server: LocalServer, state: str, dev_mode_stderr: Callable[[str], str]
+) -> None:
     """After os.fork(), a call in the child gets a fresh loop and succeeds; nothing hangs."""
     proc = _run(FORK, server.url, state)
     lines = _Lines(proc)
-    code, stderr = _finish(proc)
+    code, stderr = _finish(proc, dev_mode_stderr)
     assert (code, stderr) == (0, "")
     assert lines.rest() == ["child ok jpeg", "child exit 0", "parent ok jpeg"]
     prompts = [record.body["prompt"] for record in server.records]
