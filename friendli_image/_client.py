@@ -455,7 +455,7 @@ class AsyncFriendli:
         self._session, self._session_guard = session, guard
         self._slots = asyncio.Semaphore(self._settings.max_connections)
         if self._fleet is not None:
-            self._fleet.start_health(session)
+            self._fleet.start_health(session, lambda: self._transport.client_headers()[0])
         return session
 
     # -- the one request path ------------------------------------------------------

@@ -27,9 +27,8 @@ import contextlib
 import math
 import random
 import time
-import types
 from collections import deque
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any, Final, Literal, TypeAlias
 
 import aiohttp
@@ -563,11 +562,17 @@ class Fleet:
 
     # -- the active health probe ---------------------------------------------------------
 
-    def start_health(self, session: aiohttp.ClientSession) -> None:
-        """Start the active probe on the running loop, when ``health_path`` is set."""
+    def start_health(
+        self, session: aiohttp.ClientSession, headers: Callable[[], Mapping[str, str]]
+    ) -> None:
+        """Start the active probe on the running loop, when ``health_path`` is set.
+
+        Each probe sends ``headers()`` (the client's own headers and credentials: an
+        endpoint behind an authenticating proxy answers its health route only with them).
+        """
         if self.config.health_path is None or (self._health and not self._health.done()):
             return
-        self._health = asyncio.get_running_loop().create_task(self._probe_forever(session))
+        self._health = asyncio.get_running_loop().create_task(self._probe_forever(session, headers))
 
     async def stop_health(self) -> None:
         """Stop the active probe (idempotent)."""
@@ -577,13 +582,19 @@ class Fleet:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
 
-    async def _probe_forever(self, session: aiohttp.ClientSession) -> None:
+    async def _probe_forever(
+        self, session: aiohttp.ClientSession, headers: Callable[[], Mapping[str, str]]
+    ) -> None:
         config = self.config
         assert config.health_path is not None  # noqa: S101  (started only with one)
         timeout = aiohttp.ClientTimeout(total=config.health_timeout)
         while not session.closed:
+            sent = headers()
             await asyncio.gather(
-                *(self._probe(session, e, config.health_path, timeout) for e in self.endpoints)
+                *(
+                    self._probe(session, e, config.health_path, timeout, sent)
+                    for e in self.endpoints
+                )
             )
             await asyncio.sleep(config.health_interval)
 
@@ -593,16 +604,13 @@ class Fleet:
         endpoint: EndpointState,
         path: str,
         timeout: aiohttp.ClientTimeout,
+        headers: Mapping[str, str],
     ) -> None:
         healthy = False
         # RuntimeError: the session closed under the probe (the client is closing).
         with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError, OSError, RuntimeError):
             async with session.get(
-                endpoint.url_for(path),
-                timeout=timeout,
-                allow_redirects=False,
-                # The session's tracing hooks record onto the request's context.
-                trace_request_ctx=types.SimpleNamespace(connected=False, reused=False),
+                endpoint.url_for(path), headers=headers, timeout=timeout, allow_redirects=False
             ) as response:
                 healthy = response.status == 200
         key = "health"

@@ -220,9 +220,8 @@ class Transport:
         self._format_mismatch_logged = False
         self._buffers = BodyBuffers()
 
-    def prepare(self, path: str, request: RequestModel, options: CallOptions) -> Call:
-        """The parts of a call that stay the same across its attempts."""
-        request_id = uuid.uuid4().hex
+    def client_headers(self) -> tuple[dict[str, str], tuple[str, ...]]:
+        """The client's own headers with its credentials, and the secrets among them."""
         settings = self._settings
         headers = dict(settings.headers)
         token = settings.token if settings.token_source is None else settings.token_source()
@@ -234,6 +233,12 @@ class Transport:
             headers[AUTHORIZATION] = settings.authorization.reveal()
         elif token is not None:
             headers[AUTHORIZATION] = _bearer(token)
+        return headers, secrets
+
+    def prepare(self, path: str, request: RequestModel, options: CallOptions) -> Call:
+        """The parts of a call that stay the same across its attempts."""
+        request_id = uuid.uuid4().hex
+        headers, secrets = self.client_headers()
         if options.headers:
             headers.update(options.headers)
         authorization = headers.get(AUTHORIZATION)

@@ -567,12 +567,14 @@ class _HealthApp:
     def __init__(self) -> None:
         self.health = 200
         self.health_hits = 0
+        self.health_authorization: str | None = None
         self.image_hits = 0
         self.url = ""
         self._runner: web.AppRunner | None = None
 
-    async def _health(self, _request: web.Request) -> web.Response:
+    async def _health(self, request: web.Request) -> web.Response:
         self.health_hits += 1
+        self.health_authorization = request.headers.get("Authorization")
         return web.Response(status=self.health)
 
     async def _image(self, request: web.Request) -> web.Response:
@@ -626,6 +628,26 @@ async def test_the_active_health_probe_is_off_by_default_and_ejects_and_restores
             )
             assert {r.endpoint for r in results} == {apps[0].url, apps[1].url}
         assert client.endpoints[1].failures.get("health", 0) >= 1
+    finally:
+        for app in apps:
+            await app.stop()
+
+
+async def test_the_health_probe_sends_the_clients_credentials() -> None:
+    """A probe carries the client's Authorization, as its requests do: an endpoint behind
+    an authenticating proxy answers /health only with it."""
+    apps = [_HealthApp(), _HealthApp()]
+    for app in apps:
+        await app.start()
+    try:
+        config = FleetConfig(health_path="/health", health_interval=0.05)
+        async with AsyncFriendli(
+            server_url=[a.url for a in apps], token="sk-probe", fleet=config
+        ) as client:
+            await client.container.image.generate(prompt="a fox")
+            await asyncio.sleep(0.15)
+        assert all(a.health_hits >= 1 for a in apps)
+        assert [a.health_authorization for a in apps] == ["Bearer sk-probe"] * 2
     finally:
         for app in apps:
             await app.stop()
