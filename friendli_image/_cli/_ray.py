@@ -83,13 +83,14 @@ def run_ray_batch(
     args: argparse.Namespace, read: Callable[[IO[str]], Iterator[dict[str, Any]]]
 ) -> int:
     """Run the batch command on Ray; ``read`` parses INPUT as the local batch does."""
-    if args.input == "-":
-        raise FriendliUsageError("--ray reads INPUT from a file; '-' (stdin) is not supported")
     if args.actors < 1:
         raise FriendliUsageError(f"--actors must be >= 1, got {args.actors}")
     try:
-        with open(args.input, encoding="utf-8") as stream:
-            rows = _rows(read(stream))
+        if args.input == "-":
+            rows = _rows(read(sys.stdin))
+        else:
+            with open(args.input, encoding="utf-8") as stream:
+                rows = _rows(read(stream))
     except (OSError, UnicodeDecodeError) as exc:
         raise FriendliUsageError(
             f"cannot read INPUT {args.input!r}: {exc}; pass a UTF-8 text or JSONL file"

@@ -82,16 +82,35 @@ def test_cli_ray_resumes_after_sigkill(tmp_path: pathlib.Path) -> None:
     assert list((out / "manifest").glob("*.parquet"))
 
 
-def test_cli_ray_refuses_stdin_and_zero_actors_before_starting_ray(
+def test_cli_ray_reads_stdin(tmp_path: pathlib.Path) -> None:
+    """INPUT '-' reads the requests from stdin, as the local batch does."""
+    out = tmp_path / "out"
+    prompts = "".join(f"a lighthouse no. {i}\n" for i in range(6))
+    with LocalServer(ServerConfig(image_size=32, step_latency_ms=1.0)) as srv:
+        done = subprocess.run(
+            _batch(srv.url, pathlib.Path("-"), out),
+            input=prompts,
+            env=_ENV,
+            capture_output=True,
+            text=True,
+            timeout=180,
+            check=False,
+        )
+        seen = prompts_seen(srv)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "items     6" in done.stdout, done.stdout
+    assert sorted(int(p.stem) for p in out.glob("*.jpg")) == list(range(6))
+    assert seen == {f"a lighthouse no. {i}": 1 for i in range(6)}
+
+
+def test_cli_ray_refuses_zero_actors_before_starting_ray(
     capsys: pytest.CaptureFixture[str], tmp_path: pathlib.Path
 ) -> None:
-    """Bad --ray arguments exit 2 with a message, and no cluster is started."""
+    """A bad --actors exits 2 with a message, and no cluster is started."""
     from friendli_image._cli import main
 
     source = tmp_path / "p.txt"
     source.write_text("a fox\n", encoding="utf-8")
-    assert main(["batch", "-", "--ray", "--out-dir", str(tmp_path)]) == 2
-    assert "stdin" in capsys.readouterr().err
     assert main(["batch", str(source), "--ray", "--actors", "0", "--out-dir", "x"]) == 2
     assert "--actors" in capsys.readouterr().err
 
