@@ -66,6 +66,8 @@ class PrismProxy:
         self.url = url
         self.log = log
         self.process = process
+        self.expected: list[str] = []
+        """Violation lines a test caused on purpose (`unexpected_violations` skips them)."""
 
     def text(self) -> str:
         """Everything Prism has printed so far."""
@@ -96,10 +98,30 @@ class PrismProxy:
                 return self.text()[mark:].splitlines()
             time.sleep(0.02)
 
-    def violations_since(self, mark: int, *, requests: int) -> list[str]:
-        """Prism's violation and error lines after ``mark`` (see `lines_since`)."""
+    def violations_since(self, mark: int, *, requests: int, at_least: int = 0) -> list[str]:
+        """Prism's violation and error lines after ``mark`` (see `lines_since`).
+
+        With ``at_least``, wait (a few seconds at most) until that many are in the log.
+        """
+        deadline = time.monotonic() + 10.0
+        while True:
+            lines = self.lines_since(mark, requests=requests)
+            found = [line for line in lines if _VIOLATION.search(line)]
+            if len(found) >= at_least or time.monotonic() > deadline:
+                return found
+            time.sleep(0.05)
+
+    def unexpected_violations(self) -> list[str]:
+        """Every violation line in the whole log that no test caused on purpose.
+
+        The per-test checks read the log as soon as the test's requests are logged; this
+        one, at the end of the session, also sees a line Prism printed later than that.
+        """
+        expected = set(self.expected)
         return [
-            line for line in self.lines_since(mark, requests=requests) if _VIOLATION.search(line)
+            line
+            for line in self.text().splitlines()
+            if _VIOLATION.search(line) and line not in expected
         ]
 
 
@@ -200,6 +222,9 @@ def prism_pair(
         _wait_listening(validating)
         _wait_listening(forwarding)
         yield validating, forwarding
+        time.sleep(0.5)  # for lines of the last requests still being written
+        for proxy in (validating, forwarding):
+            assert proxy.unexpected_violations() == [], proxy.log
     finally:
         _stop(validating)
         _stop(forwarding)
