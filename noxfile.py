@@ -143,6 +143,69 @@ def bench(session: nox.Session) -> None:
     session.run("python", "benchmarks/run.py", "--command", "nox -s bench", *session.posargs)
 
 
+#: Stoplight Prism, the validating proxy of the contract session (npm's @stoplight/prism-cli).
+PRISM_PACKAGE = "@stoplight/prism-cli@5.14.2"
+MIN_NODE = 18
+
+
+def _node_major() -> int | None:
+    try:
+        version = subprocess.run(
+            ["node", "--version"], check=True, capture_output=True, text=True, timeout=30
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    try:
+        return int(version.strip().lstrip("v").split(".")[0])
+    except ValueError:
+        return None
+
+
+@nox.session(python=DEFAULT_PYTHON)
+def contract(session: nox.Session) -> None:
+    """The SDK and the bundled server against the OpenAPI file: Prism and schemathesis.
+
+    Installs Stoplight Prism with npm into this session's folder (under .nox, not
+    globally) and schemathesis (pinned in the ``contract`` dependency group), then runs
+    tests/contract. Needs Node.js 18+ and npm; without them the session fails.
+    """
+    npm = shutil.which("npm")
+    node = _node_major()
+    if npm is None or node is None or node < MIN_NODE:
+        found = "no npm" if npm is None else f"node {node}" if node else "no node"
+        session.error(
+            f"nox -s contract needs Node.js {MIN_NODE}+ and npm to install Stoplight Prism "
+            f"({found} on PATH): install Node.js, then run it again"
+        )
+    _install_for_tests(session)
+    session.install(*nox.project.dependency_groups(PYPROJECT, "contract"))
+    prefix = Path(session.virtualenv.location) / "prism"
+    prism = prefix / "node_modules" / ".bin" / "prism"
+    marker = prefix / "installed.txt"
+    if not prism.exists() or not marker.exists() or marker.read_text() != PRISM_PACKAGE:
+        session.run(
+            npm,
+            "install",
+            "--prefix",
+            str(prefix),
+            "--no-audit",
+            "--no-fund",
+            "--loglevel",
+            "error",
+            PRISM_PACKAGE,
+            external=True,
+        )
+        marker.write_text(PRISM_PACKAGE)
+    session.run(
+        "pytest",
+        "tests/contract",
+        "-p",
+        "no:cacheprovider",
+        *session.posargs,
+        env={"FRIENDLI_PRISM": str(prism)},
+    )
+
+
 @nox.session(python=DEFAULT_PYTHON)
 def official(session: nox.Session) -> None:
     """Official-SDK compatibility: the bundled server, and the differential suite.

@@ -22,6 +22,7 @@ import re
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -35,6 +36,15 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from friendli_image import RetryConfig
 
 _ENV_VARS = ("FRIENDLI_TOKEN", "FRIENDLI_SERVER_URL", "FRIENDLI_LOG")
+_CONTRACT = Path(__file__).parent / "contract"
+
+
+def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
+    """tests/contract runs only when named (`nox -s contract`): it needs Node and Prism."""
+    if collection_path != _CONTRACT:
+        return None
+    named = (Path(arg.split("::")[0]).resolve() for arg in config.args)
+    return not any(path == _CONTRACT or _CONTRACT in path.parents for path in named)
 
 
 @pytest.fixture(autouse=True)

@@ -119,14 +119,34 @@ def _reject_constant(name: str) -> None:
     raise ValueError(f"{name} is not valid JSON")
 
 
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def _is_number(value: object) -> bool:
     return (isinstance(value, (int, float)) and not isinstance(value, bool)) and math.isfinite(
         value
     )
+
+
+def _integer(value: object, loc: tuple[str | int, ...], errors: list[ErrorDetail]) -> int | None:
+    """The value as an int, or None with the error recorded.
+
+    A float with no fractional part counts: it is an integer to the contract's JSON Schema
+    (``20.0`` is valid for ``type: integer``) and to pydantic's lax mode, which the real
+    container validates with.
+    """
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, float) and math.isfinite(value):
+        if value.is_integer():
+            return int(value)
+        errors.append(
+            error(
+                loc,
+                "Input should be a valid integer, got a number with a fractional part",
+                "int_from_float",
+            )
+        )
+        return None
+    errors.append(error(loc, "Input should be a valid integer", "int_type"))
+    return None
 
 
 def _image_input(
@@ -174,12 +194,8 @@ def validate_request(body: object, operation: Operation) -> ParsedRequest:
     if model is not None and not isinstance(model, str):
         errors.append(error(("model",), "Input should be a valid string", "string_type"))
 
-    steps = body.get("num_inference_steps", 20)
-    if not _is_int(steps):
-        errors.append(
-            error(("num_inference_steps",), "Input should be a valid integer", "int_type")
-        )
-    elif steps < MIN_STEPS:
+    steps = _integer(body.get("num_inference_steps", 20), ("num_inference_steps",), errors)
+    if steps is not None and steps < MIN_STEPS:
         errors.append(
             error(
                 ("num_inference_steps",),
@@ -187,7 +203,7 @@ def validate_request(body: object, operation: Operation) -> ParsedRequest:
                 "greater_than_equal",
             )
         )
-    elif steps > MAX_STEPS:
+    elif steps is not None and steps > MAX_STEPS:
         errors.append(
             error(
                 ("num_inference_steps",),
@@ -202,9 +218,8 @@ def validate_request(body: object, operation: Operation) -> ParsedRequest:
 
     seed = body.get("seed")
     if seed is not None:
-        if not _is_int(seed):
-            errors.append(error(("seed",), "Input should be a valid integer", "int_type"))
-        elif not 0 <= seed <= MAX_SEED:
+        seed = _integer(seed, ("seed",), errors)
+        if seed is not None and not 0 <= seed <= MAX_SEED:
             errors.append(
                 error(
                     ("seed",),
@@ -284,11 +299,12 @@ def validate_request(body: object, operation: Operation) -> ParsedRequest:
     if errors:
         raise RequestValidationError(errors)
     assert isinstance(prompt, str)  # noqa: S101 -- narrowed by the checks above
+    assert steps is not None  # noqa: S101 -- likewise
     return ParsedRequest(
         operation=operation,
         prompt=prompt,
         model=model,
-        steps=int(steps),
+        steps=steps,
         guidance=float(guidance),
         seed=seed,
         image_format="png" if response_format == "raw" else "jpeg",

@@ -28,7 +28,7 @@ GENERATE_CASES: list[tuple[dict[str, Any], list[str | int]]] = [
     ({"prompt": "p", "seed": -1}, ["body", "seed"]),
     ({"prompt": "p", "seed": 2**32}, ["body", "seed"]),
     ({"prompt": "p", "seed": 2**64}, ["body", "seed"]),
-    ({"prompt": "p", "seed": 3.0}, ["body", "seed"]),
+    ({"prompt": "p", "seed": 3.5}, ["body", "seed"]),
     ({"prompt": "p", "response_format": "png"}, ["body", "response_format"]),
     ({"prompt": "p", "model": 5}, ["body", "model"]),
     ({"prompt": "p", "control_images": "x"}, ["body", "control_images"]),
@@ -100,6 +100,35 @@ async def test_edit_422_names_the_field(
     status, payload = await _post(session, server.url + EDIT, json=body)
     assert status == 422
     assert loc in [error["loc"] for error in payload["detail"]]
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"prompt": "p", "num_inference_steps": 20.0}',
+        b'{"prompt": "p", "num_inference_steps": 1e1, "seed": 42.0}',
+        b'{"prompt": "p", "seed": 0.0}',
+    ],
+)
+async def test_integral_floats_are_integers(
+    server: LocalServer, session: aiohttp.ClientSession, raw: bytes
+) -> None:
+    """``20.0`` is an integer to the contract (JSON Schema) and to the real container (pydantic)."""
+    status, payload = await _post(session, server.url + GENERATE, data=raw)
+    assert status == 200, payload
+
+
+async def test_fractional_integer_is_int_from_float(
+    server: LocalServer, session: aiohttp.ClientSession
+) -> None:
+    """A fraction where an integer belongs gets pydantic's int_from_float error."""
+    body = {"prompt": "p", "num_inference_steps": 2.5, "seed": 1.5}
+    status, payload = await _post(session, server.url + GENERATE, json=body)
+    assert status == 422
+    assert {(tuple(error["loc"]), error["type"]) for error in payload["detail"]} == {
+        (("body", "num_inference_steps"), "int_from_float"),
+        (("body", "seed"), "int_from_float"),
+    }
 
 
 async def test_every_problem_is_reported(
