@@ -8,7 +8,11 @@ batch, batch, gather, ...) so drift on a shared machine hits both alike; each ro
 reports throughput and this process's CPU (user + sys, ``getrusage``) per item. The
 summary is the median of the per-pair ratios (batch / gather) and their spread. With
 ``--profile FILE`` the batch rounds alone are run under cProfile instead; ``--only batch``
-(or ``gather``) runs one of them alone, to be sampled by py-spy.
+(or ``gather``) runs one of them alone, to be sampled by py-spy. ``--stub`` measures the
+engines alone, without a server: both run on a stub request path (the package's private
+`RequestPath`) that answers every call with one prebuilt result after one loop iteration,
+so CPU per item is the fan-out machinery only (gather's semaphore and tasks against the
+batch's dispatch, request ids, gate and items).
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 from friendli_image import AsyncFriendli
 
@@ -105,6 +111,48 @@ async def _main(url: str, args: argparse.Namespace) -> None:
         )
 
 
+async def _stub_main(args: argparse.Namespace) -> None:
+    from friendli_image import ImageResult
+    from friendli_image._models import RequestPath
+    from friendli_image._resources import Image
+
+    result = ImageResult(data=b"\xff\xd8\xff\xe0" + bytes(args.size))
+    client = AsyncFriendli(server_url="http://127.0.0.1:9", token="")
+
+    async def send(path: str, model: object, options: object, gate: Any) -> ImageResult:
+        ticket = None if gate is None else await gate.acquire()
+        await asyncio.sleep(0)
+        if gate is not None:
+            gate.release(ticket, "ok")
+        return result
+
+    image = Image(RequestPath(send=send, resolve=client._resolve))  # type: ignore[arg-type]
+    stub = SimpleNamespace(container=SimpleNamespace(image=image))
+    size = len(result.data)
+    ratios = []
+    costs: dict[str, list[float]] = {"gather": [], "batch": []}
+    for r in range(args.rounds):
+        figures = {}
+        for kind in ("gather", "batch") if r % 2 == 0 else ("batch", "gather"):
+            run = _batch if kind == "batch" else _gather
+            cpu0 = _cpu()
+            await run(stub, args.n, args.c, size)  # type: ignore[arg-type]
+            figures[kind] = (_cpu() - cpu0) / args.n * 1e6
+            costs[kind].append(figures[kind])
+        ratios.append(figures["batch"] / figures["gather"])
+        print(
+            f"round {r}: gather {figures['gather']:5.1f} us/item, batch "
+            f"{figures['batch']:5.1f} us/item ({ratios[-1]:.3f}x)",
+            flush=True,
+        )
+    ratios.sort()
+    print(
+        f"stub: gather {statistics.median(costs['gather']):.1f} us/item, batch "
+        f"{statistics.median(costs['batch']):.1f} us/item; batch/gather CPU per item "
+        f"median {statistics.median(ratios):.3f}x (range {ratios[0]:.3f}-{ratios[-1]:.3f})"
+    )
+
+
 def main() -> None:
     """Start the server, run the interleaved rounds, print each and the medians."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -117,7 +165,11 @@ def main() -> None:
     parser.add_argument(
         "--only", choices=("batch", "gather"), help="run one of them alone (e.g. under py-spy)"
     )
+    parser.add_argument("--stub", action="store_true", help="the engines alone, no server")
     args = parser.parse_args()
+    if args.stub:
+        asyncio.run(_stub_main(args))
+        return
     command = [sys.executable, str(Path(__file__).with_name("server.py")), "--size", str(args.size)]
     if args.bundled:
         command.append("--bundled")
