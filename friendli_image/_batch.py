@@ -38,7 +38,6 @@ from collections.abc import (
 from typing import Any, Final
 
 import attrs
-import orjson
 
 from ._config import CallOptions, CallOverrides
 from ._exceptions import (
@@ -66,7 +65,7 @@ from ._models import (
     RequestPath,
     public_fields,
 )
-from ._serde import converter
+from ._serde import canonical_request
 from ._sink import Sink, file_name, manifest_record
 
 __all__ = ["Batch", "BatchOperation", "BatchStopped", "Gate"]
@@ -89,6 +88,7 @@ class BatchOperation:
     accepts_prompt: bool = False
     fields: frozenset[str] = attrs.field(init=False)
     required: frozenset[str] = attrs.field(init=False)
+    id_prefix: bytes = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
         fields = attrs.fields(self.model)
@@ -98,6 +98,14 @@ class BatchOperation:
             "required",
             frozenset(field.name for field in fields if field.default is attrs.NOTHING),
         )
+        object.__setattr__(self, "id_prefix", self.path.encode() + b"\n")
+
+    def request_id(self, model: RequestModel) -> str:
+        """The item id: sha256 of the path, a newline and the request's canonical JSON.
+
+        Stable across runs and versions (resume matches it against earlier manifests).
+        """
+        return hashlib.sha256(self.id_prefix + canonical_request(model)).hexdigest()
 
 
 def _fatal(error: FriendliAPIError) -> bool:
@@ -113,20 +121,28 @@ def _fatal(error: FriendliAPIError) -> bool:
     return isinstance(error, FriendliConnectionError) and not error.maybe_processed
 
 
-def _request_id_of(prepared_path: str, model: RequestModel) -> str:
-    canonical = orjson.dumps(converter.unstructure(model), option=orjson.OPT_SORT_KEYS)
-    digest = hashlib.sha256(prepared_path.encode())
-    digest.update(b"\n")
-    digest.update(canonical)
-    return digest.hexdigest()
-
-
-@attrs.frozen
 class _Prepared:
-    request: Mapping[str, Any]
-    model: RequestModel
-    options: CallOptions
-    id: str
+    """One valid request of a batch: what it was given as, its model, options and id."""
+
+    # A plain slotted class: built once per item, and attrs' frozen __init__ costs more.
+    __slots__ = ("id", "model", "options", "request")
+
+    def __init__(
+        self, request: Mapping[str, Any], model: RequestModel, options: CallOptions, item_id: str
+    ) -> None:
+        self.request = request
+        self.model = model
+        self.options = options
+        self.id = item_id
+
+
+class _Crashed:
+    """An item task that raised instead of producing its item (a defect, not a failure)."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
 
 
 class BatchStopped(Exception):
@@ -416,7 +432,7 @@ class Batch:
             model = operation.model(**arguments)
             if has_options:
                 options = self._call_options(spec)
-        return _Prepared(request, model, options, _request_id_of(operation.path, model))
+        return _Prepared(request, model, options, operation.request_id(model))
 
     # -- running ----------------------------------------------------------------------
 
@@ -434,8 +450,8 @@ class Batch:
             async_source = aiter(self._requests)
         else:
             sync_source = iter(self._requests)
-        finished: asyncio.Queue[asyncio.Task[BatchItem]] = asyncio.Queue()
-        pending: set[asyncio.Task[BatchItem]] = set()
+        finished: asyncio.Queue[BatchItem | _Crashed] = asyncio.Queue()
+        pending: dict[int, asyncio.Task[None]] = {}
         parked: dict[int, BatchItem] = {}
         next_index = 0
         next_out = 0
@@ -457,16 +473,18 @@ class Batch:
                     except (StopIteration, StopAsyncIteration):
                         exhausted = True
                         break
-                    task = loop.create_task(self._process(next_index, spec))
-                    task.add_done_callback(finished.put_nowait)
-                    pending.add(task)
+                    pending[next_index] = loop.create_task(
+                        self._deliver(next_index, spec, finished)
+                    )
                     next_index += 1
                 if not pending:
                     break
-                task = await finished.get()
+                outcome = await finished.get()
                 while True:
-                    pending.discard(task)
-                    item = task.result()
+                    if isinstance(outcome, _Crashed):
+                        raise outcome.error
+                    item = outcome
+                    del pending[item.index]
                     self._count(item)
                     if ordered:
                         parked[item.index] = item
@@ -474,7 +492,7 @@ class Batch:
                         yield item
                     if finished.empty():
                         break
-                    task = finished.get_nowait()
+                    outcome = finished.get_nowait()
                 while next_out in parked:
                     yield parked.pop(next_out)
                     next_out += 1
@@ -495,10 +513,10 @@ class Batch:
                 yield item
             self._report(final=True)
         finally:
-            for task in pending:
+            for task in pending.values():
                 task.cancel()
             if pending:
-                await asyncio.gather(*pending, return_exceptions=True)
+                await asyncio.gather(*pending.values(), return_exceptions=True)
             if self._sink is not None:
                 self._sink.close()
 
@@ -529,6 +547,23 @@ class Batch:
             attempts=attempts,
             elapsed=elapsed,
         )
+
+    async def _deliver(
+        self, index: int, spec: object, finished: asyncio.Queue[BatchItem | _Crashed]
+    ) -> None:
+        # The item goes to the queue from the task itself, not from a done callback:
+        # that would run one loop iteration later, and the freed slot would stay idle
+        # for one more iteration before the next request is dispatched.
+        try:
+            item = await self._process(index, spec)
+        except BaseException as exc:
+            # A defect, or a cancel from outside the batch: re-raised by the iterator,
+            # as the task's own result() would.
+            finished.put_nowait(_Crashed(exc))
+            if not isinstance(exc, Exception):
+                raise
+            return
+        finished.put_nowait(item)
 
     async def _process(self, index: int, spec: object) -> BatchItem:
         started = time.monotonic()

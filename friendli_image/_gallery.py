@@ -13,7 +13,6 @@ from __future__ import annotations
 import base64
 import concurrent.futures
 import hashlib
-import html
 import os
 import pathlib
 import tempfile
@@ -283,6 +282,8 @@ def _make_thumbnail(source: pathlib.Path, thumb: pathlib.Path) -> bool:
 
 
 def _text(value: object) -> str:
+    import html  # noqa: PLC0415  (its entity tables load when a gallery is written)
+
     return html.escape(str(value), quote=True)
 
 

@@ -8,7 +8,6 @@ before any I/O; they are the one definition of each operation's fields.
 from __future__ import annotations
 
 import binascii
-import html
 import importlib.util
 import io
 import json
@@ -818,8 +817,16 @@ def _image_mimebundle(result: ImageResult) -> dict[str, str]:
     return bundle
 
 
+def _escape(text: str) -> str:
+    # html (with its entity tables) is imported by the first table shown, not with the
+    # package.
+    import html  # noqa: PLC0415
+
+    return html.escape(text, quote=True)
+
+
 def _html_cell(value: object) -> str:
-    return f"<td>{html.escape(str(value), quote=True)}</td>"
+    return f"<td>{_escape(str(value))}</td>"
 
 
 def _item_prompt(item: BatchItem) -> str:
@@ -846,7 +853,7 @@ def _html_rows(items: Sequence[BatchItem]) -> list[str]:
     for item in items:
         seed = item.request.get("seed")
         rows.append(
-            f'<tr class="{html.escape(item.status)}">'
+            f'<tr class="{_escape(item.status)}">'
             + _html_cell(item.index)
             + _html_cell(item.status)
             + _html_cell(_item_prompt(item))
@@ -883,6 +890,6 @@ def _batch_html(result: BatchResult) -> str:
     )
     return (
         '<table class="friendli-batch">'
-        f'<caption style="text-align:left">{html.escape(caption)}</caption>'
+        f'<caption style="text-align:left">{_escape(caption)}</caption>'
         f"<thead><tr>{header}</tr></thead><tbody>{''.join(body)}</tbody></table>"
     )

@@ -4,38 +4,69 @@ Requests leave out ``None`` fields (the server treats a missing key and ``null``
 and the body stays minimal); JSON is written by orjson. We do not use cattrs' JSON
 preset: it writes bytes as base85, while the wire wants base64 strings built by the
 image coercion.
+
+The converter is built, and cattrs imported, at the first request serialized, not with
+the package: cattrs costs several milliseconds of import time.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import cattrs
 import orjson
-from cattrs.gen import make_dict_unstructure_fn
 
 from ._models import EditRequest, GenerateRequest, ImageInput
 
-__all__ = ["converter", "dumps_request"]
+if TYPE_CHECKING:
+    import cattrs
 
-converter = cattrs.Converter()
+__all__ = ["canonical_request", "converter", "dumps_request", "unstructure_request"]
 
-
-def _without_none(cls: type[Any]) -> Callable[[Any], dict[str, Any]]:
-    unstructure = make_dict_unstructure_fn(cls, converter)
-
-    def hook(instance: Any) -> dict[str, Any]:
-        return {key: value for key, value in unstructure(instance).items() if value is not None}
-
-    return hook
+_Unstructure = Callable[[Any], dict[str, Any]]
 
 
-for _cls in (GenerateRequest, EditRequest):
-    converter.register_unstructure_hook(_cls, _without_none(_cls))
-converter.register_unstructure_hook(ImageInput, lambda item: {"image": item.image})
+@functools.cache
+def converter() -> cattrs.Converter:
+    """The converter, with a hook per request model that leaves ``None`` fields out."""
+    import cattrs  # noqa: PLC0415
+    from cattrs.gen import make_dict_unstructure_fn  # noqa: PLC0415
+
+    built = cattrs.Converter()
+
+    def without_none(cls: type[Any]) -> _Unstructure:
+        unstructure = make_dict_unstructure_fn(cls, built)
+
+        def hook(instance: Any) -> dict[str, Any]:
+            return {key: value for key, value in unstructure(instance).items() if value is not None}
+
+        return hook
+
+    for cls in (GenerateRequest, EditRequest):
+        built.register_unstructure_hook(cls, without_none(cls))
+    built.register_unstructure_hook(ImageInput, lambda item: {"image": item.image})
+    return built
+
+
+#: The converter's own hook per model class, looked up once instead of per call.
+_hooks: dict[type[Any], _Unstructure] = {}
+
+
+def unstructure_request(request: GenerateRequest | EditRequest) -> dict[str, Any]:
+    """The request model as the dict of the wire (``None`` fields left out)."""
+    hook = _hooks.get(type(request))
+    if hook is None:
+        hook = _hooks[type(request)] = converter().get_unstructure_hook(type(request))
+    return hook(request)
 
 
 def dumps_request(request: GenerateRequest | EditRequest) -> bytes:
     """Serialize a request model to the JSON body sent on the wire."""
-    return orjson.dumps(converter.unstructure(request))
+    return orjson.dumps(unstructure_request(request))
+
+
+def canonical_request(request: GenerateRequest | EditRequest) -> bytes:
+    """The request's canonical JSON (its wire fields, keys sorted): equal requests, equal
+    bytes."""
+    return orjson.dumps(unstructure_request(request), option=orjson.OPT_SORT_KEYS)

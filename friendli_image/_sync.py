@@ -30,16 +30,16 @@ import weakref
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from functools import cached_property, wraps
-from typing import Any, Concatenate, Final, ParamSpec, TypeVar
-
-import anyio
-from anyio.from_thread import BlockingPortal
+from typing import TYPE_CHECKING, Any, Concatenate, Final, ParamSpec, TypeVar
 
 from ._batch import Batch
 from ._client import AsyncFriendli, describe
 from ._exceptions import FriendliUsageError, FriendliUsageWarning
 from ._models import BatchItem, BatchResult, EndpointStats
 from ._resources import Image as AsyncImage
+
+if TYPE_CHECKING:
+    from anyio.from_thread import BlockingPortal
 
 __all__ = ["LOOP_THREAD_NAME", "SyncBatch", "SyncFriendli"]
 
@@ -101,6 +101,8 @@ def _serve(
     client: AsyncFriendli,
 ) -> None:
     async def run_portal() -> None:
+        from anyio.from_thread import BlockingPortal  # noqa: PLC0415
+
         try:
             async with BlockingPortal() as portal:
                 loop = asyncio.get_running_loop()
@@ -116,6 +118,10 @@ def _serve(
             await client.close()
 
     try:
+        # Imported by the first loop thread, not with the package: anyio.from_thread
+        # costs ~10 ms of import time that async-only programs would pay for nothing.
+        import anyio  # noqa: PLC0415
+
         anyio.run(run_portal, backend="asyncio")
     except BaseException as exc:  # noqa: BLE001  (handed to the thread that waits for us)
         if not ready.done():

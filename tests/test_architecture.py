@@ -289,3 +289,44 @@ async def test_large_body_buffers_are_reused_only_while_bodies_are_in_flight() -
     assert fourth is not second
     assert len(fourth) == 1000
     buffers.give(fourth)
+
+
+@pytest.mark.subprocess
+def test_importing_the_package_leaves_the_heavy_dependencies_for_first_use() -> None:
+    """``import friendli_image`` loads neither anyio's portal, cattrs nor html; each loads
+    when first needed (a SyncFriendli's loop thread, the first request body, a table)."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys\n"
+        "before = set(sys.modules)\n"  # whatever the interpreter's start-up loaded
+        "import friendli_image\n"
+        "print(sorted(m for m in ('anyio', 'anyio.from_thread', 'cattrs', 'html')"
+        " if m in set(sys.modules) - before))\n"
+        "from friendli_image import GenerateRequest\n"
+        "from friendli_image._serde import dumps_request\n"
+        "dumps_request(GenerateRequest(prompt='p'))\n"
+        "print('cattrs' in sys.modules)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert done.stdout.split("\n")[:2] == ["[]", "True"], done.stdout + done.stderr
+
+
+def test_batch_item_ids_are_stable_across_versions() -> None:
+    """The id is sha256(path + newline + canonical JSON): resume matches it against
+    manifests written by earlier runs, so its value must never change."""
+    from friendli_image import EditRequest, GenerateRequest
+    from friendli_image._batch import BatchOperation
+    from friendli_image._resources import EDITS_PATH, GENERATIONS_PATH
+
+    generate = BatchOperation(GENERATIONS_PATH, GenerateRequest)
+    edit = BatchOperation(EDITS_PATH, EditRequest)
+    assert generate.request_id(GenerateRequest(prompt="x", seed=1)) == (
+        "67908cf8db6471654ee6be2257fceb1dea0c91b24cba9a736d1425caa586f109"
+    )
+    assert edit.request_id(EditRequest(image="https://example.com/a.png", prompt="hat")) == (
+        "859c085c89b55da5f3e76b5aecb3fe19757b6ec8afef1651a65283c25a49d6c2"
+    )

@@ -753,3 +753,33 @@ def test_sync_batch_errors_reach_the_caller(thread_server: LocalServer, tmp_path
         with pytest.raises(FriendliUsageError, match="runs once"):
             batch.collect()
     assert result[0].status == "failed"
+
+
+async def test_an_unexpected_exception_in_an_item_is_raised_by_the_iterator() -> None:
+    """A defect (not an API failure) ends the batch with that exception, and the other
+    items in flight are cancelled rather than left running."""
+    from friendli_image._batch import Batch, BatchOperation
+    from friendli_image._models import BatchOptions, GenerateRequest, RequestPath
+    from friendli_image._resources import GENERATIONS_PATH
+
+    client = AsyncFriendli(server_url="http://127.0.0.1:9", token="")
+    cancelled = []
+
+    async def send(path: str, model: Any, options: Any, gate: Any) -> Any:
+        if model.seed == 1:
+            raise RuntimeError("a bug")
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            cancelled.append(model.seed)
+            raise
+
+    batch = Batch(
+        RequestPath(send=send, resolve=client._resolve),
+        BatchOperation(GENERATIONS_PATH, GenerateRequest, accepts_prompt=True),
+        [{"prompt": "p", "seed": seed} for seed in range(4)],
+        BatchOptions(concurrency=4),
+    )
+    with pytest.raises(RuntimeError, match="a bug"):
+        await asyncio.wait_for(batch.collect(), 10)
+    assert sorted(cancelled) == [0, 2, 3]
