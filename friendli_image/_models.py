@@ -8,6 +8,7 @@ before any I/O; they are the one definition of each operation's fields.
 from __future__ import annotations
 
 import binascii
+import contextlib
 import importlib.util
 import io
 import json
@@ -95,44 +96,87 @@ def check_prompt(value: object) -> str:
     return value
 
 
+def _real(value: object) -> float | None:
+    """``value`` as a finite float, or None if it is no number.
+
+    Taken as the official SDK's models take it: any real number (NumPy's and
+    ``Fraction`` too) and its text, such as a CSV cell ``"3.5"``; never a bool.
+    """
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, bytes | bytearray):
+        value = value.decode("ascii", "replace")
+    if isinstance(value, str):
+        try:
+            number = float(value.strip())
+        except ValueError:
+            return None
+    elif isinstance(value, numbers.Real):
+        number = float(value)
+    else:
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _integer(value: object) -> int | None:
+    """``value`` as an int, or None if it is not a whole number.
+
+    Any integer (NumPy's too), a float with no fractional part (``20.0`` from a JSON or
+    YAML config) and the text of either (``"7"`` from a CSV file or an environment
+    variable), as the official SDK's models take them; never a bool.
+    """
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, str | bytes | bytearray):
+        with contextlib.suppress(ValueError):
+            return int(value.strip())
+    number = _real(value)
+    return int(number) if number is not None and number.is_integer() else None
+
+
 def check_steps(value: object) -> int | None:
-    """Return the step count, or raise unless it is None (omitted) or an int in [1, 50]."""
+    """Return the step count, or raise unless it is None (omitted) or a whole number in
+    [1, 50]."""
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int):
+    steps = _integer(value)
+    if steps is None:
         raise FriendliValidationError(
             "num_inference_steps", f"must be an int in [1, {MAX_STEPS}], got {value!r}"
         )
-    if not 1 <= value <= MAX_STEPS:
+    if not 1 <= steps <= MAX_STEPS:
         raise FriendliInvalidValueError(
-            "num_inference_steps", f"must be in [1, {MAX_STEPS}], got {value}"
+            "num_inference_steps", f"must be in [1, {MAX_STEPS}], got {steps}"
         )
-    return value
+    return steps
 
 
 def check_guidance(value: object) -> float | None:
     """Return the guidance scale as a float, or raise unless it is None or a finite number."""
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise FriendliValidationError(
-            "guidance_scale", f"must be a finite number, got {type(value).__name__}"
-        )
-    number = float(value)
-    if not math.isfinite(number):
+    number = _real(value)
+    if number is not None:
+        return number
+    if not isinstance(value, bool) and isinstance(value, numbers.Real):
         raise FriendliInvalidValueError("guidance_scale", f"must be finite, got {value!r}")
-    return number
+    raise FriendliValidationError(
+        "guidance_scale", f"must be a finite number, got {type(value).__name__} {value!r}"
+    )
 
 
 def check_seed(value: object) -> int | None:
     """Return the seed, or raise unless it is None or an int in [0, 2**32 - 1]."""
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int):
+    seed = _integer(value)
+    if seed is None:
         raise FriendliValidationError("seed", f"must be an int in [0, {MAX_SEED}], got {value!r}")
-    if not 0 <= value <= MAX_SEED:
-        raise FriendliInvalidValueError("seed", f"must be in [0, {MAX_SEED}], got {value}")
-    return value
+    if not 0 <= seed <= MAX_SEED:
+        raise FriendliInvalidValueError("seed", f"must be in [0, {MAX_SEED}], got {seed}")
+    return seed
 
 
 def check_response_format(value: object) -> ResponseFormat | None:
@@ -161,9 +205,11 @@ def check_weights(value: object, control_images: list[ImageInput] | None) -> lis
     weights = []
     for index, weight in enumerate(as_list(value, "controlnet_weights", "numbers")):
         field = f"controlnet_weights[{index}]"
-        if isinstance(weight, bool) or not isinstance(weight, numbers.Real):
+        number = _real(weight)
+        if number is None and not isinstance(weight, bool) and isinstance(weight, numbers.Real):
+            number = float(weight)  # NaN or infinite: refused by the range check below
+        if number is None:
             raise FriendliValidationError(field, f"must be a number in [0, 1], got {weight!r}")
-        number = float(weight)
         if not 0.0 <= number <= 1.0:  # NaN fails this too
             raise FriendliInvalidValueError(field, f"must be in [0, 1], got {weight!r}")
         weights.append(number)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import base64
+import fractions
 import json
+import numbers
 import pickle
 import random
 from typing import Any
@@ -184,7 +186,7 @@ def test_values_the_server_refuses_are_sdkerror_422(kwargs: dict[str, Any], loc:
     assert error.raw_response.json() == json.loads(error.body)
 
 
-@pytest.mark.parametrize("kwargs", [{"num_inference_steps": "20"}, {"seed": 1.5}])
+@pytest.mark.parametrize("kwargs", [{"num_inference_steps": "twenty"}, {"seed": 1.5}])
 def test_wrong_types_are_not_sdkerror(kwargs: dict[str, Any]) -> None:
     """A wrong type (refused client-side by the official SDK too) is a plain validation error."""
     from friendli_image._models import GenerateRequest as build_generate
@@ -192,6 +194,78 @@ def test_wrong_types_are_not_sdkerror(kwargs: dict[str, Any]) -> None:
     with pytest.raises(FriendliValidationError) as caught:
         build_generate(prompt="p", **kwargs)
     assert not isinstance(caught.value, SDKError)
+
+
+_PNG_URI = (
+    "data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR4nGP4z8DwHwAF"
+    "AAH/q842AAAAAElFTkSuQmCC"
+)
+
+
+class _Count:
+    """An integer type of a third-party library (as NumPy's are): numbers.Integral only."""
+
+    def __init__(self, value: int) -> None:
+        self.value = value
+
+    def __int__(self) -> int:
+        return self.value
+
+    def __index__(self) -> int:
+        return self.value
+
+
+numbers.Integral.register(_Count)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "sent"),
+    [
+        # A CSV cell or an environment variable is text.
+        ({"seed": "7", "num_inference_steps": " 12 "}, {"seed": 7, "num_inference_steps": 12}),
+        ({"guidance_scale": "3.5"}, {"guidance_scale": 3.5}),
+        # A JSON or YAML config, or arithmetic, gives floats with no fractional part.
+        ({"seed": 7.0, "num_inference_steps": 12.0}, {"seed": 7, "num_inference_steps": 12}),
+        ({"seed": "7.0"}, {"seed": 7}),
+        ({"seed": fractions.Fraction(14, 2)}, {"seed": 7}),
+        (
+            {"seed": _Count(7), "num_inference_steps": _Count(12)},
+            {"seed": 7, "num_inference_steps": 12},
+        ),
+        (
+            {"control_images": [_PNG_URI], "controlnet_weights": ["0.5"]},
+            {"controlnet_weights": [0.5]},
+        ),
+    ],
+)
+def test_numbers_are_taken_as_the_official_sdk_takes_them(
+    kwargs: dict[str, Any], sent: dict[str, Any]
+) -> None:
+    """What the official SDK's pydantic models accept for a number, ours send as that number:
+    code fed from CSV files, configs or NumPy keeps working (a fraction stays refused)."""
+    from friendli_image._models import GenerateRequest as build_generate
+
+    body = json.loads(dumps_request(build_generate(prompt="p", **kwargs)))
+    assert {key: body[key] for key in sent} == sent
+    assert all(type(body[key]) is type(value) for key, value in sent.items())
+
+
+def test_numpy_numbers_are_taken() -> None:
+    """NumPy scalars (a pandas row's values) are numbers to the official SDK, and to ours."""
+    np = pytest.importorskip("numpy")
+    from friendli_image._models import GenerateRequest as build_generate
+
+    request = build_generate(
+        prompt="p", seed=np.int64(7), num_inference_steps=np.int32(12), guidance_scale=np.float32(2)
+    )
+    assert json.loads(dumps_request(request)) == {
+        "prompt": "p",
+        "seed": 7,
+        "num_inference_steps": 12,
+        "guidance_scale": 2.0,
+    }
+    with pytest.raises(FriendliValidationError, match="seed"):
+        build_generate(prompt="p", seed=np.float64(1.5))
 
 
 def test_none_optional_numbers_are_omitted() -> None:
