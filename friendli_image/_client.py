@@ -35,6 +35,7 @@ from ._config import (
     ClientSettings,
     RetryConfig,
     Timeout,
+    check_count,
     check_headers,
     check_server_url,
     check_token,
@@ -206,12 +207,8 @@ class AsyncFriendli:
         client: object = None,
         async_client: object = None,
     ) -> None:
-        for name, number in (
-            ("max_connections", max_connections),
-            ("max_response_bytes", max_response_bytes),
-        ):
-            if isinstance(number, bool) or not isinstance(number, int) or number < 1:
-                raise FriendliValidationError(name, f"must be an int >= 1, got {number!r}")
+        check_count("max_connections", max_connections)
+        check_count("max_response_bytes", max_response_bytes)
         if timeout is not None and not isinstance(timeout, Timeout):
             raise FriendliValidationError("timeout", "must be a friendli_image.Timeout")
         if not isinstance(trust_env, bool):

@@ -37,6 +37,7 @@ __all__ = [
     "RetryConfig",
     "Secret",
     "Timeout",
+    "check_count",
     "check_headers",
     "check_server_url",
     "check_token",
@@ -107,9 +108,15 @@ class Timeout:
     total: float | None = attrs.field(default=None, validator=_positive_or_none("total"))
 
 
-def _attempts(_instance: object, _attribute: object, value: int) -> None:
+def check_count(name: str, value: object) -> int:
+    """Return ``value``, or raise unless it is an int >= 1 (a bool is not a count)."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise FriendliValidationError("max_attempts", f"must be an int >= 1, got {value!r}")
+        raise FriendliValidationError(name, f"must be an int >= 1, got {value!r}")
+    return value
+
+
+def _attempts(_instance: object, _attribute: object, value: int) -> None:
+    check_count("max_attempts", value)
 
 
 def _non_negative(name: str) -> Callable[[Any, Any, Any], None]:

@@ -35,7 +35,7 @@ import aiohttp
 import attrs
 from yarl import URL
 
-from ._config import RetryConfig, check_server_url
+from ._config import RetryConfig, check_count, check_server_url
 from ._exceptions import (
     FriendliAPIError,
     FriendliAPIStatusError,
@@ -85,8 +85,7 @@ def _count(name: str, *, optional: bool = False) -> Callable[[Any, Any, Any], No
     def check(_instance: object, _attribute: object, value: object) -> None:
         if value is None and optional:
             return
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise FriendliValidationError(name, f"must be an int >= 1, got {value!r}")
+        check_count(name, value)
 
     return check
 

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Final, Literal, Protocol, TypeAlias, Type
 import attrs
 import pybase64
 
-from ._config import CallOptions, CallOverrides
+from ._config import CallOptions, CallOverrides, check_count
 from ._exceptions import (
     FriendliAPIError,
     FriendliBatchAborted,
@@ -540,8 +540,7 @@ RequestSpec: TypeAlias = "Mapping[str, Any] | GenerateRequest | EditRequest | st
 
 
 def _positive_int(_instance: object, attribute: attrs.Attribute[Any], value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise FriendliValidationError(attribute.name, f"must be an int >= 1, got {value!r}")
+    check_count(attribute.name, value)
 
 
 def _optional_positive_int(

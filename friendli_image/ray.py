@@ -43,6 +43,7 @@ import fsspec
 import pyarrow as pa
 
 from ._client import AsyncFriendli
+from ._config import check_count
 from ._exceptions import FriendliUsageError, FriendliValidationError
 from ._fleet import Endpoint
 from ._models import MAX_SEED, ImageResult
@@ -238,12 +239,8 @@ class ImageStage:
         storage_options: Mapping[str, Any] | None = None,
         keep_columns: bool = True,
     ) -> None:
-        for name, number in (
-            ("per_endpoint_limit", per_endpoint_limit),
-            ("num_actors", num_actors),
-        ):
-            if isinstance(number, bool) or not isinstance(number, int) or number < 1:
-                raise FriendliValidationError(name, f"must be an int >= 1, got {number!r}")
+        check_count("per_endpoint_limit", per_endpoint_limit)
+        check_count("num_actors", num_actors)
         options = dict(client_options or {})
         if server_url is not None:
             options["server_url"] = server_url
