@@ -64,11 +64,27 @@ def _install_for_tests(session: nox.Session) -> None:
     session.install("-e", ".[all]", *nox.project.dependency_groups(PYPROJECT, "test"))
 
 
+#: The mypy checks of tests/typing: run once, by the typecheck session.
+TYPING_TESTS = "tests/test_typing.py"
+
+
 @nox.session(python=PYTHONS)
 def tests(session: nox.Session) -> None:
-    """Run the test suite (unit tests and tests against the bundled server)."""
+    """Run the test suite: the fast tests on every Python, the slow ones once.
+
+    The fast tests run in parallel over the machine's cores (pytest-xdist); the slow
+    scenarios (long fault runs, memory ceilings, the benchmark smoke run) run on the
+    default Python only, one at a time, since they measure what the machine does. The
+    mypy checks of tests/typing are the typecheck session's. Arguments after ``--`` go
+    to pytest instead (one plain run).
+    """
     _install_for_tests(session)
-    session.run("pytest", *session.posargs)
+    if session.posargs:
+        session.run("pytest", *session.posargs)
+        return
+    session.run("pytest", "-n", "auto", "-m", "not slow", f"--ignore={TYPING_TESTS}")
+    if session.python == DEFAULT_PYTHON:
+        session.run("pytest", "-m", "slow", f"--ignore={TYPING_TESTS}")
 
 
 @nox.session(python=DEFAULT_PYTHON)
@@ -124,9 +140,11 @@ def lint(session: nox.Session) -> None:
 
 @nox.session(python=DEFAULT_PYTHON)
 def typecheck(session: nox.Session) -> None:
-    """Type-check the package with mypy --strict."""
-    session.install("-e", ".[all]", *nox.project.dependency_groups(PYPROJECT, "typecheck"))
+    """Type-check the package with mypy --strict, and the typed delegation (tests/typing)."""
+    session.install("-e", ".[all]", *nox.project.dependency_groups(PYPROJECT, "test"))
+    session.install(*nox.project.dependency_groups(PYPROJECT, "typecheck"))
     session.run("mypy")
+    session.run("pytest", TYPING_TESTS, "-p", "no:cacheprovider")
 
 
 @nox.session(python=DEFAULT_PYTHON)
