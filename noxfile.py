@@ -148,6 +148,28 @@ def typecheck(session: nox.Session) -> None:
 
 
 @nox.session(python=DEFAULT_PYTHON)
+def docs(session: nox.Session) -> None:
+    """Build the documentation site into site/ (Zensical, strict), and check it.
+
+    Rewrites docs/reference/cli.md from the parser first, then runs the checks of
+    tests/test_docs.py that need the site: every public name in the API reference, and
+    every Python block of its pages against the bundled server.
+    """
+    session.install("-e", ".[all]", *nox.project.dependency_groups(PYPROJECT, "test"))
+    session.install(*nox.project.dependency_groups(PYPROJECT, "docs"))
+    session.run(
+        "pytest",
+        "tests/test_docs.py",
+        "-k",
+        "cli_reference or reference or docs/",
+        "-p",
+        "no:cacheprovider",
+        env={"FRIENDLI_UPDATE_DOCS": "1"},
+    )
+    session.log(f"built {ROOT / 'site' / 'index.html'}")
+
+
+@nox.session(python=DEFAULT_PYTHON)
 def demo(session: nox.Session) -> None:
     """The main job: start the bundled server, generate and edit images, save them."""
     session.install(".[all]")
