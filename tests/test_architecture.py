@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-import logging
 import pathlib
-import random
 import warnings
 from collections.abc import AsyncIterator
 
@@ -19,21 +17,6 @@ from friendli_image import (
     FriendliValidationError,
     RetryConfig,
     SyncFriendli,
-)
-from friendli_image._config import RetryConfig as _RetryConfig
-from friendli_image._exceptions import (
-    FriendliConnectionError,
-    FriendliServerError,
-    FriendliTimeoutError,
-)
-from friendli_image._retry import (
-    RetryBudget,
-    RetryState,
-    backoff_delay,
-    is_retryable,
-    retry_wait,
-    spends_budget,
-    stop_reason,
 )
 from friendli_image.server import Action, LocalServer, ServerConfig
 
@@ -147,119 +130,6 @@ def test_batch_options_are_one_value_object() -> None:
         assert "concurrency" in (method.__doc__ or "")
     with pytest.raises(FriendliValidationError):
         BatchOptions(rps=-1)
-
-
-# -- the pure policy, without sleeping ----------------------------------------------------
-
-
-def _status(status: int, retry_after: float | None = None) -> FriendliServerError:
-    return FriendliServerError("x", status=status, retry_after=retry_after)
-
-
-@pytest.mark.parametrize(
-    ("error", "retryable"),
-    [
-        (_status(503), True),
-        (_status(500), False),
-        (FriendliRateLimitError("x", status=429), True),
-        (FriendliConnectionError("refused"), True),
-        (FriendliConnectionError("tls", permanent=True), False),
-        (FriendliConnectionError("dropped", maybe_processed=True), False),
-        (FriendliConnectionError("idle", maybe_processed=True, stale_connection=True), True),
-        (FriendliTimeoutError("connect", kind="connect"), True),
-        (FriendliTimeoutError("read", kind="read", maybe_processed=True), False),
-        (ValueError("not ours"), False),
-    ],
-)
-def test_retryable_per_status_and_error(error: BaseException, retryable: bool) -> None:
-    """Which failures the default policy retries."""
-    assert is_retryable(error, _RetryConfig()) is retryable
-
-
-def test_ambiguous_failures_are_retried_only_when_asked() -> None:
-    """retry_ambiguous resends a request the server may have read; reconnect_reused=False not."""
-    dropped = FriendliConnectionError("x", maybe_processed=True)
-    stale = FriendliConnectionError("x", maybe_processed=True, stale_connection=True)
-    assert is_retryable(dropped, _RetryConfig(retry_ambiguous=True))
-    assert not is_retryable(stale, _RetryConfig(reconnect_reused=False))
-
-
-def test_backoff_is_exponential_capped_and_jittered_within_bounds() -> None:
-    """Backoff doubles from initial_delay, stops at max_delay, adds at most jitter."""
-    config = _RetryConfig(initial_delay=0.5, max_delay=4.0, jitter=0.25)
-    rng = random.Random(1)
-    for retry_number, floor in [(1, 0.5), (2, 1.0), (3, 2.0), (4, 4.0), (9, 4.0)]:
-        for _ in range(50):
-            assert floor <= backoff_delay(retry_number, config, rng) <= floor + 0.25
-
-
-def test_a_server_hint_replaces_the_backoff() -> None:
-    """With a Retry-After, the wait is the hint plus at most 0.25 s of jitter."""
-    config = _RetryConfig(jitter=1.0)
-    wait = retry_wait(_status(503, retry_after=3.0), 1, config, random.Random(2))
-    assert 3.0 <= wait <= 3.25
-
-
-@pytest.mark.parametrize(
-    ("kwargs", "reason"),
-    [
-        ({"counted_attempts": 5}, "attempts"),
-        ({"error": _status(503, retry_after=61.0)}, "retry_after"),
-        ({"wake": 121.0}, "max_elapsed"),
-        ({"deadline": 10.0, "wake": 10.0}, "deadline"),
-        ({}, None),
-    ],
-)
-def test_stop_reasons(kwargs: dict[str, object], reason: str | None) -> None:
-    """Attempts, the hint cap, max_elapsed and Timeout.total each stop the retries."""
-    arguments: dict[str, object] = {
-        "error": _status(503),
-        "counted_attempts": 1,
-        "wake": 1.0,
-        "started": 0.0,
-        "deadline": None,
-        "config": _RetryConfig(),
-    }
-    arguments.update(kwargs)
-    error = arguments.pop("error")
-    assert stop_reason(error, **arguments) == reason  # type: ignore[arg-type]
-
-
-def test_budget_arithmetic() -> None:
-    """Each call adds budget_ratio up to budget_cap; each spend takes one whole token."""
-    config = _RetryConfig(budget_ratio=0.5, budget_cap=2.0)
-    budget = RetryBudget(1.0)
-    assert budget.try_spend()
-    assert not budget.try_spend()
-    budget.deposit(config)
-    assert not budget.try_spend()
-    budget.deposit(config)
-    assert budget.try_spend()
-    for _ in range(10):
-        budget.deposit(config)
-    assert budget.tokens == 2.0
-
-
-def test_a_successful_call_gets_its_retry_tokens_back() -> None:
-    """botocore's refund: the retries of a call that succeeds cost the budget nothing."""
-    config = _RetryConfig(budget_ratio=0.0, budget_cap=3.0)
-    budget = RetryBudget(3.0)
-    state = RetryState(config, budget, random.Random(0), None, logging.getLogger("t"))
-    assert budget.try_spend()
-    assert budget.try_spend()
-    state._spent = 2  # two retries made by this call
-    state.succeeded()
-    assert budget.tokens == 3.0
-    state.succeeded()  # nothing left to refund
-    assert budget.tokens == 3.0
-
-
-def test_what_spends_the_budget() -> None:
-    """Unsent requests and server-paced retries are free; other resends cost a token."""
-    assert not spends_budget(FriendliConnectionError("refused"))
-    assert not spends_budget(_status(503, retry_after=1.0))
-    assert spends_budget(_status(503))
-    assert spends_budget(FriendliConnectionError("x", maybe_processed=True))
 
 
 async def test_the_success_path_builds_no_retry_controller(server: LocalServer) -> None:

@@ -187,36 +187,13 @@ async def test_retry_after_http_date_is_waited_for(
     assert advertised - 0.05 <= gap <= advertised + 0.5
 
 
-_JUNK_HINTS = [
-    {"Retry-After": "soon"},
-    {"Retry-After": "-1"},
-    {"Retry-After": "1e309"},
-    {"Retry-After": "nan"},
-    {"Retry-After": "Sat, 01 Jan 100000 00:00:00 GMT"},
-    {"Retry-After": "Mon, 01 Jan 2001 00:00:00 GMT"},  # in the past
-    {"Retry-After": ""},
-    {"retry-after-ms": "inf", "Retry-After": "junk"},
-    # Not RFC 9110 delay-seconds (1*DIGIT), though Python's float() reads them as 10:
-    {"Retry-After": "1e1"},
-    {"Retry-After": "1_0"},
-    {"Retry-After": "10.0"},
-    {"Retry-After": "+10"},
-    {"Retry-After": "\u0661\u0660"},  # Arabic-Indic digits
-    {"retry-after-ms": "1e4"},
-]
-
-
 @pytest.mark.scenario(5)
-@pytest.mark.parametrize("headers", _JUNK_HINTS, ids=lambda h: repr(h)[:40])
 async def test_hostile_retry_after_falls_back_to_backoff(
-    server: LocalServer,
-    make_client: MakeClient,
-    tid: str,
-    figures: Figures,
-    headers: dict[str, str],
+    server: LocalServer, make_client: MakeClient, tid: str, figures: Figures
 ) -> None:
-    """Junk, negative, infinite, NaN, far-future or past hints use the normal backoff."""
-    server.script(tid, [Action.status(503, headers=headers)])
+    """A junk hint on the wire is retried after the normal backoff (every hostile value is
+    tests/test_retry.py's table)."""
+    server.script(tid, [Action.status(503, headers={"Retry-After": "1e309"})])
     client = make_client(server.url)
     result = await gen(client)
     figures.add("inject.retry_after")
@@ -259,41 +236,6 @@ async def test_retry_after_above_cap_raises_at_once(
     assert server.stats.total_requests == 1
     figures.add("fail.typed")
     secrets.check(caught.value)
-
-
-_FAR_HINTS = [
-    {"Retry-After": "300000000"},
-    {"Retry-After": "1000000000"},
-    {"Retry-After": "9" * 400},
-    {"retry-after-ms": "1" + "0" * 30},
-    {"Retry-After": "Fri, 31 Dec 9999 23:59:59 GMT"},
-]
-
-
-@pytest.mark.scenario(5)
-@pytest.mark.parametrize("headers", _FAR_HINTS, ids=lambda h: repr(h)[:40])
-async def test_every_hint_beyond_the_cap_stops_the_same_way(
-    server: LocalServer,
-    make_client: MakeClient,
-    tid: str,
-    figures: Figures,
-    headers: dict[str, str],
-) -> None:
-    """Hints of years, of 400 digits or of the year 9999 all stop at once with retry_after
-    set (before, 1000000000 counted as junk and was retried after 0.5 s)."""
-    server.script(tid, [Action.status(429, headers=headers)] * 3)
-    client = make_client(server.url, retries=RetryConfig(max_retry_after=60))
-    started = time.monotonic()
-    with pytest.raises(FriendliRateLimitError) as caught:
-        await gen(client)
-    figures.add("inject.retry_after")
-    figures.add("fail.expected")
-    assert time.monotonic() - started < 1.0
-    assert server.stats.total_requests == 1
-    assert caught.value.retry_after is not None
-    assert caught.value.retry_after > 60
-    assert math.isfinite(caught.value.retry_after)
-    figures.add("fail.typed")
 
 
 def _closed_port() -> int:
