@@ -19,6 +19,7 @@ from friendli_image import (
     SyncFriendli,
 )
 from friendli_image.server import Action, LocalServer, ServerConfig
+from friendli_image.testing import RecordedWaits, no_wait
 
 POLICY = RetryConfig(max_attempts=5, max_elapsed=0.5, jitter=0.0, initial_delay=0.05)
 RATE_LIMITED = [Action.status(429, headers={"retry-after-ms": "300"})] * 10
@@ -30,37 +31,28 @@ async def server() -> AsyncIterator[LocalServer]:
         yield local
 
 
-def _arrivals(server: LocalServer, test_id: str) -> list[float]:
-    return [
-        record.received_at
-        for record in server.records
-        if record.headers.get("x-test-id") == test_id
-    ]
-
-
 async def test_a_batch_item_retries_exactly_like_a_single_call(server: LocalServer) -> None:
-    """One 429 script (Retry-After 0.3 s, max_elapsed 0.5 s): same attempts, same spacing."""
+    """One 429 script (Retry-After 0.3 s, max_elapsed 0.5 s): same attempts, same waits."""
     server.script("single", RATE_LIMITED)
     server.script("batch", RATE_LIMITED)
     async with AsyncFriendli(server_url=server.url, retries=POLICY) as client:
         image = client.container.image
-        with pytest.raises(FriendliRateLimitError) as caught:
+        with no_wait() as single, pytest.raises(FriendliRateLimitError) as caught:
             await image.generate(prompt="p", http_headers={"x-test-id": "single"})
-        result = await image.generate_batch(
-            [{"prompt": "p", "http_headers": {"x-test-id": "batch"}}]
-        )
+        with no_wait() as batch:
+            result = await image.generate_batch(
+                [{"prompt": "p", "http_headers": {"x-test-id": "batch"}}]
+            )
     (item,) = result.items
     assert isinstance(item.error, FriendliRateLimitError)
     assert caught.value.attempts == item.attempts == item.error.attempts == 2
-    single, batch = _arrivals(server, "single"), _arrivals(server, "batch")
-    assert len(single) == len(batch) == 2
-    gaps = [single[1] - single[0], batch[1] - batch[0]]
-    for gap in gaps:
-        assert 0.3 <= gap < 0.45
-    assert abs(gaps[0] - gaps[1]) < 0.1
+    # 0.3 s, then a second 0.3 s would end at 0.6 s, past max_elapsed.
+    assert single.delays == batch.delays == [0.3]
 
 
-async def test_a_batch_honours_timeout_total_across_429_retries(server: LocalServer) -> None:
+async def test_a_batch_honours_timeout_total_across_429_retries(
+    server: LocalServer, friendli_no_wait: RecordedWaits
+) -> None:
     """Timeout.total bounds a batch item's 429 retries as it bounds a single call's."""
     from friendli_image import Timeout
 
@@ -74,9 +66,12 @@ async def test_a_batch_honours_timeout_total_across_429_retries(server: LocalSer
             [{"prompt": "p", "http_headers": {"x-test-id": "t"}}]
         )
     assert result.items[0].attempts == 3  # sent at 0, 0.3, 0.6; 0.9 is past the total
+    assert friendli_no_wait.delays == [0.3, 0.3]
 
 
-async def test_the_batch_gate_still_shrinks_on_429(server: LocalServer) -> None:
+async def test_the_batch_gate_still_shrinks_on_429(
+    server: LocalServer, friendli_no_wait: RecordedWaits
+) -> None:
     """429s seen by the one retry loop reach the batch's in-flight limit."""
     limits: list[int] = []
     for index in range(8):
