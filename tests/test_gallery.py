@@ -236,7 +236,7 @@ def test_ten_thousand_images_take_about_ten_times_a_thousand(
     """10,000 manifest lines give 10,000 lazy tiles, in time linear in the run: at most 30x
     what 1,000 take (a per-tile rescan of the manifest or the page would be 100x). A ratio
     measured on the same machine holds on a loaded one, where a fixed number of seconds
-    (this used to be "< 5 s") does not; benchmarks/ has the absolute figures."""
+    (this used to be "< 5 s") does not."""
     small = _gallery_seconds(tmp_path / "small", 1_000, tiny_jpeg, rounds=3)
     large = _gallery_seconds(tmp_path / "large", 10_000, tiny_jpeg, rounds=2)
     page = (tmp_path / "large" / "index.html").read_text(encoding="utf-8")
