@@ -21,8 +21,10 @@ from friendli_image import (
 from friendli_image.server import Action, LocalServer, ServerConfig
 from friendli_image.testing import RecordedWaits, no_wait
 
-POLICY = RetryConfig(max_attempts=5, max_elapsed=0.5, jitter=0.0, initial_delay=0.05)
-RATE_LIMITED = [Action.status(429, headers={"retry-after-ms": "300"})] * 10
+#: Waits are recorded, not slept, so they can be long next to a requests real time on
+#: a loaded machine, which the clock that max_elapsed and Timeout.total read still counts.
+POLICY = RetryConfig(max_attempts=5, max_elapsed=5.0, jitter=0.0, initial_delay=0.05)
+RATE_LIMITED = [Action.status(429, headers={"retry-after-ms": "3000"})] * 10
 
 
 @pytest.fixture
@@ -32,7 +34,7 @@ async def server() -> AsyncIterator[LocalServer]:
 
 
 async def test_a_batch_item_retries_exactly_like_a_single_call(server: LocalServer) -> None:
-    """One 429 script (Retry-After 0.3 s, max_elapsed 0.5 s): same attempts, same waits."""
+    """One 429 script (Retry-After 3 s, max_elapsed 5 s): same attempts, same waits."""
     server.script("single", RATE_LIMITED)
     server.script("batch", RATE_LIMITED)
     async with AsyncFriendli(server_url=server.url, retries=POLICY) as client:
@@ -46,8 +48,8 @@ async def test_a_batch_item_retries_exactly_like_a_single_call(server: LocalServ
     (item,) = result.items
     assert isinstance(item.error, FriendliRateLimitError)
     assert caught.value.attempts == item.attempts == item.error.attempts == 2
-    # 0.3 s, then a second 0.3 s would end at 0.6 s, past max_elapsed.
-    assert single.delays == batch.delays == [0.3]
+    # 3 s, then a second 3 s would end at 6 s, past max_elapsed.
+    assert single.delays == batch.delays == [3.0]
 
 
 async def test_a_batch_honours_timeout_total_across_429_retries(
@@ -60,13 +62,13 @@ async def test_a_batch_honours_timeout_total_across_429_retries(
     async with AsyncFriendli(
         server_url=server.url,
         retries=RetryConfig(max_attempts=10, max_elapsed=None, jitter=0.0),
-        timeout=Timeout(total=0.7),
+        timeout=Timeout(total=7.0),
     ) as client:
         result = await client.container.image.generate_batch(
             [{"prompt": "p", "http_headers": {"x-test-id": "t"}}]
         )
-    assert result.items[0].attempts == 3  # sent at 0, 0.3, 0.6; 0.9 is past the total
-    assert friendli_no_wait.delays == [0.3, 0.3]
+    assert result.items[0].attempts == 3  # sent at 0, 3, 6; 9 is past the total
+    assert friendli_no_wait.delays == [3.0, 3.0]
 
 
 async def test_the_batch_gate_still_shrinks_on_429(
