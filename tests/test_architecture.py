@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-import logging
 import pathlib
-import random
 import warnings
 from collections.abc import AsyncIterator
 
@@ -20,25 +18,13 @@ from friendli_image import (
     RetryConfig,
     SyncFriendli,
 )
-from friendli_image._config import RetryConfig as _RetryConfig
-from friendli_image._exceptions import (
-    FriendliConnectionError,
-    FriendliServerError,
-    FriendliTimeoutError,
-)
-from friendli_image._retry import (
-    RetryBudget,
-    RetryState,
-    backoff_delay,
-    is_retryable,
-    retry_wait,
-    spends_budget,
-    stop_reason,
-)
 from friendli_image.server import Action, LocalServer, ServerConfig
+from friendli_image.testing import RecordedWaits, no_wait
 
-POLICY = RetryConfig(max_attempts=5, max_elapsed=0.5, jitter=0.0, initial_delay=0.05)
-RATE_LIMITED = [Action.status(429, headers={"retry-after-ms": "300"})] * 10
+#: Waits are recorded, not slept, so they can be long next to a requests real time on
+#: a loaded machine, which the clock that max_elapsed and Timeout.total read still counts.
+POLICY = RetryConfig(max_attempts=5, max_elapsed=5.0, jitter=0.0, initial_delay=0.05)
+RATE_LIMITED = [Action.status(429, headers={"retry-after-ms": "3000"})] * 10
 
 
 @pytest.fixture
@@ -47,37 +33,28 @@ async def server() -> AsyncIterator[LocalServer]:
         yield local
 
 
-def _arrivals(server: LocalServer, test_id: str) -> list[float]:
-    return [
-        record.received_at
-        for record in server.records
-        if record.headers.get("x-test-id") == test_id
-    ]
-
-
 async def test_a_batch_item_retries_exactly_like_a_single_call(server: LocalServer) -> None:
-    """One 429 script (Retry-After 0.3 s, max_elapsed 0.5 s): same attempts, same spacing."""
+    """One 429 script (Retry-After 3 s, max_elapsed 5 s): same attempts, same waits."""
     server.script("single", RATE_LIMITED)
     server.script("batch", RATE_LIMITED)
     async with AsyncFriendli(server_url=server.url, retries=POLICY) as client:
         image = client.container.image
-        with pytest.raises(FriendliRateLimitError) as caught:
+        with no_wait() as single, pytest.raises(FriendliRateLimitError) as caught:
             await image.generate(prompt="p", http_headers={"x-test-id": "single"})
-        result = await image.generate_batch(
-            [{"prompt": "p", "http_headers": {"x-test-id": "batch"}}]
-        )
+        with no_wait() as batch:
+            result = await image.generate_batch(
+                [{"prompt": "p", "http_headers": {"x-test-id": "batch"}}]
+            )
     (item,) = result.items
     assert isinstance(item.error, FriendliRateLimitError)
     assert caught.value.attempts == item.attempts == item.error.attempts == 2
-    single, batch = _arrivals(server, "single"), _arrivals(server, "batch")
-    assert len(single) == len(batch) == 2
-    gaps = [single[1] - single[0], batch[1] - batch[0]]
-    for gap in gaps:
-        assert 0.3 <= gap < 0.45
-    assert abs(gaps[0] - gaps[1]) < 0.1
+    # 3 s, then a second 3 s would end at 6 s, past max_elapsed.
+    assert single.delays == batch.delays == [3.0]
 
 
-async def test_a_batch_honours_timeout_total_across_429_retries(server: LocalServer) -> None:
+async def test_a_batch_honours_timeout_total_across_429_retries(
+    server: LocalServer, friendli_no_wait: RecordedWaits
+) -> None:
     """Timeout.total bounds a batch item's 429 retries as it bounds a single call's."""
     from friendli_image import Timeout
 
@@ -85,15 +62,18 @@ async def test_a_batch_honours_timeout_total_across_429_retries(server: LocalSer
     async with AsyncFriendli(
         server_url=server.url,
         retries=RetryConfig(max_attempts=10, max_elapsed=None, jitter=0.0),
-        timeout=Timeout(total=0.7),
+        timeout=Timeout(total=7.0),
     ) as client:
         result = await client.container.image.generate_batch(
             [{"prompt": "p", "http_headers": {"x-test-id": "t"}}]
         )
-    assert result.items[0].attempts == 3  # sent at 0, 0.3, 0.6; 0.9 is past the total
+    assert result.items[0].attempts == 3  # sent at 0, 3, 6; 9 is past the total
+    assert friendli_no_wait.delays == [3.0, 3.0]
 
 
-async def test_the_batch_gate_still_shrinks_on_429(server: LocalServer) -> None:
+async def test_the_batch_gate_still_shrinks_on_429(
+    server: LocalServer, friendli_no_wait: RecordedWaits
+) -> None:
     """429s seen by the one retry loop reach the batch's in-flight limit."""
     limits: list[int] = []
     for index in range(8):
@@ -147,119 +127,6 @@ def test_batch_options_are_one_value_object() -> None:
         assert "concurrency" in (method.__doc__ or "")
     with pytest.raises(FriendliValidationError):
         BatchOptions(rps=-1)
-
-
-# -- the pure policy, without sleeping ----------------------------------------------------
-
-
-def _status(status: int, retry_after: float | None = None) -> FriendliServerError:
-    return FriendliServerError("x", status=status, retry_after=retry_after)
-
-
-@pytest.mark.parametrize(
-    ("error", "retryable"),
-    [
-        (_status(503), True),
-        (_status(500), False),
-        (FriendliRateLimitError("x", status=429), True),
-        (FriendliConnectionError("refused"), True),
-        (FriendliConnectionError("tls", permanent=True), False),
-        (FriendliConnectionError("dropped", maybe_processed=True), False),
-        (FriendliConnectionError("idle", maybe_processed=True, stale_connection=True), True),
-        (FriendliTimeoutError("connect", kind="connect"), True),
-        (FriendliTimeoutError("read", kind="read", maybe_processed=True), False),
-        (ValueError("not ours"), False),
-    ],
-)
-def test_retryable_per_status_and_error(error: BaseException, retryable: bool) -> None:
-    """Which failures the default policy retries."""
-    assert is_retryable(error, _RetryConfig()) is retryable
-
-
-def test_ambiguous_failures_are_retried_only_when_asked() -> None:
-    """retry_ambiguous resends a request the server may have read; reconnect_reused=False not."""
-    dropped = FriendliConnectionError("x", maybe_processed=True)
-    stale = FriendliConnectionError("x", maybe_processed=True, stale_connection=True)
-    assert is_retryable(dropped, _RetryConfig(retry_ambiguous=True))
-    assert not is_retryable(stale, _RetryConfig(reconnect_reused=False))
-
-
-def test_backoff_is_exponential_capped_and_jittered_within_bounds() -> None:
-    """Backoff doubles from initial_delay, stops at max_delay, adds at most jitter."""
-    config = _RetryConfig(initial_delay=0.5, max_delay=4.0, jitter=0.25)
-    rng = random.Random(1)
-    for retry_number, floor in [(1, 0.5), (2, 1.0), (3, 2.0), (4, 4.0), (9, 4.0)]:
-        for _ in range(50):
-            assert floor <= backoff_delay(retry_number, config, rng) <= floor + 0.25
-
-
-def test_a_server_hint_replaces_the_backoff() -> None:
-    """With a Retry-After, the wait is the hint plus at most 0.25 s of jitter."""
-    config = _RetryConfig(jitter=1.0)
-    wait = retry_wait(_status(503, retry_after=3.0), 1, config, random.Random(2))
-    assert 3.0 <= wait <= 3.25
-
-
-@pytest.mark.parametrize(
-    ("kwargs", "reason"),
-    [
-        ({"counted_attempts": 5}, "attempts"),
-        ({"error": _status(503, retry_after=61.0)}, "retry_after"),
-        ({"wake": 121.0}, "max_elapsed"),
-        ({"deadline": 10.0, "wake": 10.0}, "deadline"),
-        ({}, None),
-    ],
-)
-def test_stop_reasons(kwargs: dict[str, object], reason: str | None) -> None:
-    """Attempts, the hint cap, max_elapsed and Timeout.total each stop the retries."""
-    arguments: dict[str, object] = {
-        "error": _status(503),
-        "counted_attempts": 1,
-        "wake": 1.0,
-        "started": 0.0,
-        "deadline": None,
-        "config": _RetryConfig(),
-    }
-    arguments.update(kwargs)
-    error = arguments.pop("error")
-    assert stop_reason(error, **arguments) == reason  # type: ignore[arg-type]
-
-
-def test_budget_arithmetic() -> None:
-    """Each call adds budget_ratio up to budget_cap; each spend takes one whole token."""
-    config = _RetryConfig(budget_ratio=0.5, budget_cap=2.0)
-    budget = RetryBudget(1.0)
-    assert budget.try_spend()
-    assert not budget.try_spend()
-    budget.deposit(config)
-    assert not budget.try_spend()
-    budget.deposit(config)
-    assert budget.try_spend()
-    for _ in range(10):
-        budget.deposit(config)
-    assert budget.tokens == 2.0
-
-
-def test_a_successful_call_gets_its_retry_tokens_back() -> None:
-    """botocore's refund: the retries of a call that succeeds cost the budget nothing."""
-    config = _RetryConfig(budget_ratio=0.0, budget_cap=3.0)
-    budget = RetryBudget(3.0)
-    state = RetryState(config, budget, random.Random(0), None, logging.getLogger("t"))
-    assert budget.try_spend()
-    assert budget.try_spend()
-    state._spent = 2  # two retries made by this call
-    state.succeeded()
-    assert budget.tokens == 3.0
-    state.succeeded()  # nothing left to refund
-    assert budget.tokens == 3.0
-
-
-def test_what_spends_the_budget() -> None:
-    """Unsent requests and server-paced retries are free; other resends cost a token."""
-    assert not spends_budget(FriendliConnectionError("refused"))
-    assert not spends_budget(_status(503, retry_after=1.0))
-    assert spends_budget(_status(503))
-    assert spends_budget(FriendliConnectionError("x", maybe_processed=True))
 
 
 async def test_the_success_path_builds_no_retry_controller(server: LocalServer) -> None:

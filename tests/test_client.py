@@ -115,14 +115,6 @@ async def test_default_server_url_is_localhost_8000(mock_http: Any) -> None:
     ]
 
 
-@pytest.mark.parametrize("url", ["ftp://host", "localhost:8000", "", 8000])
-def test_invalid_server_url_is_refused(url: object) -> None:
-    """A server_url that is not an http(s) URL is refused at construction."""
-    with pytest.raises(FriendliValidationError) as caught:
-        AsyncFriendli(server_url=url)  # type: ignore[arg-type]
-    assert caught.value.field == "server_url"
-
-
 async def test_invalid_per_call_server_url_sends_nothing(
     capture_client: Any, capture_server: Any
 ) -> None:

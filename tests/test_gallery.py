@@ -213,20 +213,36 @@ def test_a_torn_last_line_is_ignored_and_the_title_is_escaped(
     assert "<title>Run &lt;1&gt;</title>" in page
 
 
-def test_ten_thousand_images_are_written_in_a_few_seconds(tmp_path: Path, tiny_jpeg: bytes) -> None:
-    """10,000 manifest lines with small images: the page is written in well under 5 s."""
+def _gallery_seconds(out: Path, count: int, image: bytes, rounds: int) -> float:
+    """Write a run of ``count`` images into ``out``; the best of ``rounds`` write_gallery."""
     records = []
-    for index in range(10_000):
+    out.mkdir()
+    for index in range(count):
         name = f"{index:06d}-x.jpg"
-        (tmp_path / name).write_bytes(tiny_jpeg)
+        (out / name).write_bytes(image)
         records.append(_record(index, file=name))
-    _write_manifest(tmp_path, records)
-    started = time.perf_counter()
-    page = _page(tmp_path)
-    elapsed = time.perf_counter() - started
+    _write_manifest(out, records)
+    best = float("inf")
+    for _ in range(rounds):
+        started = time.perf_counter()
+        write_gallery(out)
+        best = min(best, time.perf_counter() - started)
+    return best
+
+
+def test_ten_thousand_images_take_about_ten_times_a_thousand(
+    tmp_path: Path, tiny_jpeg: bytes
+) -> None:
+    """10,000 manifest lines give 10,000 lazy tiles, in time linear in the run: at most 30x
+    what 1,000 take (a per-tile rescan of the manifest or the page would be 100x). A ratio
+    measured on the same machine holds on a loaded one, where a fixed number of seconds
+    (this used to be "< 5 s") does not."""
+    small = _gallery_seconds(tmp_path / "small", 1_000, tiny_jpeg, rounds=3)
+    large = _gallery_seconds(tmp_path / "large", 10_000, tiny_jpeg, rounds=2)
+    page = (tmp_path / "large" / "index.html").read_text(encoding="utf-8")
     assert len(TILE.findall(page)) == 10_000
     assert page.count('loading="lazy"') == 10_000
-    assert elapsed < 5.0, f"write_gallery took {elapsed:.2f} s for 10,000 images"
+    assert large < 30 * small, f"1,000 images: {small:.3f} s, 10,000: {large:.3f} s"
 
 
 # -- in a real browser ------------------------------------------------------------------------

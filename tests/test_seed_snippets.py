@@ -8,7 +8,6 @@ from typing import Any
 
 import pytest
 
-import friendli_image
 from friendli_image import AsyncFriendli
 from friendli_image.server import LocalServer, ServerConfig
 
@@ -112,8 +111,6 @@ def test_seed_snippet_verbatim_with_sync_friendli(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     """The seed snippet itself runs against the bundled server, sending no Authorization header."""
-    if not hasattr(friendli_image, "SyncFriendli"):
-        pytest.skip("SyncFriendli arrives with the sync-facade issue")
     snippet, path, body = case
     with LocalServer(ServerConfig(static_image=tiny_png)) as server:
         monkeypatch.setenv("FRIENDLI_SERVER_URL", server.url)

@@ -238,7 +238,7 @@ def test_call_from_the_loop_thread_raises_instead_of_deadlocking(
         _within(HANG_S, lambda: client._run(calls_back))
     with pytest.raises(FriendliUsageError, match="own event loop thread"):
         _within(HANG_S, lambda: client._run(closes))
-    assert time.monotonic() - started < 2.0
+    assert time.monotonic() - started < HANG_S / 2  # a hang would take HANG_S or more
     assert server.stats.total_requests == 0
     assert client.container.image.generate(prompt="still usable").format == "jpeg"
 
@@ -294,7 +294,7 @@ def test_close_cancels_calls_in_flight_in_other_threads(server: LocalServer) -> 
         friendli.close()
         with pytest.raises(FriendliUsageError, match="closed while this call was in flight"):
             pending.result(timeout=HANG_S)
-    assert time.monotonic() - started < 2.0
+    assert time.monotonic() - started < HANG_S / 2  # a hang would take HANG_S or more
     assert server.stats.total_requests == 1
 
 

@@ -175,10 +175,6 @@ def test_a_fleet_fails_over_when_a_server_dies(ray_local: Any, tmp_path: pathlib
     fleet = [LocalServer(SMALL).start() for _ in range(3)]
     try:
         urls = [srv.url for srv in fleet]
-        try:
-            AsyncFriendli(server_url=urls)  # type: ignore[arg-type]
-        except Exception as exc:
-            pytest.skip(f"AsyncFriendli takes one server_url in this version ({exc})")
         rows = [{"id": i, "prompt": f"a reef no. {i}"} for i in range(600)]
         ds = ray.data.from_items(rows, override_num_blocks=8)
         out = generate_images(

@@ -44,6 +44,12 @@ async def _wait_until(predicate: Callable[[], bool], limit: float = 3.0) -> bool
     return predicate()
 
 
+def late(seconds: float) -> float:
+    """The latest a timer of ``seconds`` may be seen to fire: half as long again plus a
+    second, which two busy loops on two cores stay well inside."""
+    return seconds * 1.5 + 1.0
+
+
 @pytest.mark.scenario(9)
 async def test_read_timeout_fires_and_discards_the_connection(
     server: LocalServer, make_client: MakeClient, tid: str, figures: Figures, secrets: SecretProbe
@@ -60,7 +66,7 @@ async def test_read_timeout_fires_and_discards_the_connection(
     figures.high("timeout.read", elapsed - 1.0)
     error = caught.value
     assert error.kind == "read"
-    assert 1.0 <= elapsed <= 1.5
+    assert 1.0 <= elapsed <= late(1.0) < 3.0  # fired, long before the silence ended
     # The server may have started generating: not resent by default, and it says so.
     assert error.maybe_processed
     assert server.stats.total_requests == 1
@@ -84,7 +90,7 @@ async def test_trickle_keeps_the_read_timer_quiet_until_the_deadline(
     figures.add("inject.timeout")
     figures.high("timeout.deadline", elapsed - 3.0)
     assert caught.value.kind == "deadline"
-    assert 3.0 <= elapsed <= 3.5
+    assert 3.0 <= elapsed <= late(3.0) < 20 * 0.4  # long before the trickle ended
     assert server.stats.total_requests == 1
 
 
@@ -101,7 +107,7 @@ async def test_timers_start_after_a_pool_slot_is_acquired(
     figures.add("recover.expected", 3)
     figures.add("recover.ok", len(results))
     assert all(r.attempts == 1 for r in results)
-    assert 3.0 <= elapsed <= 4.5
+    assert 3.0 <= elapsed <= late(3.0)
     assert server.stats.max_in_flight == 1
 
 
@@ -213,7 +219,7 @@ async def test_outer_timeout_wins_and_is_not_converted(
     elapsed = time.monotonic() - started
     assert not isinstance(caught.value, FriendliError)
     figures.high("timeout.outer asyncio.timeout", elapsed - 0.5)
-    assert 0.5 <= elapsed <= 0.9
+    assert 0.5 <= elapsed <= late(0.5) < 3.0  # long before the server answered
     assert server.stats.total_requests == 1
     assert pool(client)[0] == 0
 
@@ -246,7 +252,7 @@ async def test_random_cancellations_leave_the_pool_clean(
         assert pool(client)[0] == 0
     started = time.monotonic()
     await gen(client, num_inference_steps=10)
-    assert time.monotonic() - started < 0.05 + 0.5
+    assert time.monotonic() - started < late(0.05)  # a leaked slot would block it
 
 
 async def _never_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
