@@ -17,7 +17,7 @@ pytest.importorskip("ray", reason="Ray is not installed: pip install 'friendli-i
 
 from friendli_image.server import LocalServer, ServerConfig
 
-from .conftest import prompts_seen
+from .conftest import prompts_seen, row_of
 
 pytestmark = pytest.mark.subprocess
 
@@ -59,7 +59,7 @@ def test_cli_ray_resumes_after_sigkill(tmp_path: pathlib.Path) -> None:
         finally:
             os.killpg(first.pid, signal.SIGKILL)
             first.wait(30)
-        kept = {int(p.stem) for p in out.glob("*.jpg")}
+        kept = {int(row_of(p.name)) for p in out.glob("*.jpg")}
         assert 30 <= len(kept) < 150
         second = subprocess.run(
             _batch(srv.url, source, out),
@@ -76,7 +76,7 @@ def test_cli_ray_resumes_after_sigkill(tmp_path: pathlib.Path) -> None:
         assert resumed is not None, second.stdout
         assert len(kept) <= int(resumed.group(1)) < 150
         seen = prompts_seen(srv)
-    assert sorted(int(p.stem) for p in out.glob("*.jpg")) == list(range(150))
+    assert sorted(int(row_of(p.name)) for p in out.glob("*.jpg")) == list(range(150))
     assert all(seen[f"a castle no. {i}"] == 1 for i in kept)
     assert max(seen.values()) <= 2
     assert list((out / "manifest").glob("*.parquet"))
@@ -99,7 +99,7 @@ def test_cli_ray_reads_stdin(tmp_path: pathlib.Path) -> None:
         seen = prompts_seen(srv)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "items     6" in done.stdout, done.stdout
-    assert sorted(int(p.stem) for p in out.glob("*.jpg")) == list(range(6))
+    assert sorted(int(row_of(p.name)) for p in out.glob("*.jpg")) == list(range(6))
     assert seen == {f"a lighthouse no. {i}": 1 for i in range(6)}
 
 
