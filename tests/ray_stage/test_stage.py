@@ -270,3 +270,44 @@ def test_s3_out_dir_on_a_local_object_store(server: LocalServer, s3_endpoint: st
     assert again.run(_table(12)).column("status").to_pylist() == ["resumed"] * 12
     assert server.stats.total_requests == before
     assert prompts_seen(server)["a lake no. 0"] == 1
+
+
+def test_changed_parameters_are_regenerated(server: LocalServer) -> None:
+    """A row is its id with its request: other steps make other images, sent again."""
+    out_dir = "memory://stage-params/out"
+    ImageStage(server.url, out_dir=out_dir, request=STEPS).run(_table(8))
+    before = server.stats.total_requests
+    changed = ImageStage(server.url, out_dir=out_dir, request={"num_inference_steps": 3})
+    out = changed.run(_table(8))
+    assert out.column("status").to_pylist() == ["ok"] * 8
+    assert server.stats.total_requests == before + 8
+    fs = fsspec.filesystem("memory")
+    assert len(fs.ls("/stage-params/out")) == 16
+
+
+def test_two_rows_with_one_id_and_two_prompts_get_two_correct_images(
+    server: LocalServer, tmp_path: pathlib.Path
+) -> None:
+    table = pa.table({"id": [1, 1], "prompt": ["a red kite", "a blue kite"]})
+    out = ImageStage(server.url, out_dir=str(tmp_path), request=STEPS).run(table).to_pylist()
+    assert [row["status"] for row in out] == ["ok", "ok"]
+    assert out[0]["uri"] != out[1]["uri"]
+    for row in out:
+        direct = asyncio.run(_direct(server.url, row["prompt"], seed_for(1)))
+        assert pathlib.Path(row["uri"]).read_bytes() == direct
+
+
+def test_a_text_seed_is_taken_as_the_batch_takes_it_or_fails_its_row_only(
+    server: LocalServer, tmp_path: pathlib.Path
+) -> None:
+    """A CSV's "1" is seed 1; "x" fails its row; neither fails the block (ArrowInvalid)."""
+    table = pa.table({"id": [1, 2, 3], "prompt": ["a", "b", "c"], "seed": ["1", "x", None]})
+    stage = ImageStage(server.url, out_dir=str(tmp_path), request=STEPS)
+    for _ in range(2):  # the rerun too
+        out = stage.run(table).to_pylist()
+        assert [row["status"] in ("ok", "resumed") for row in out] == [True, False, True]
+        assert [row["seed"] for row in out] == [1, None, seed_for(3)]
+        assert out[1]["error_type"] == "FriendliValidationError"
+        assert "seed" in out[1]["error"]
+    image = pathlib.Path(out[0]["uri"]).read_bytes()
+    assert image == asyncio.run(_direct(server.url, "a", 1))
