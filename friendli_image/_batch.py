@@ -17,13 +17,14 @@ typed errors as single calls; on top of it the batch adds:
   `FriendliBatchAborted`. Items already in flight then that fail the same way are
   ``skipped`` too, not failed: one problem is reported once, by the item that met it
   first, and a rerun retries the others (skipped items are not in the manifest).
-- **A sink** (``out_dir``, see ``_sink``): images and a resumable ``manifest.jsonl``.
+- **A store** (``out_dir``, see ``_store``): images and a ``manifest.jsonl``. An item
+  is its request and its occurrence among identical requests, not its index, so a
+  rerun resumes every item already stored wherever it sits in the input now.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import time
 from collections import deque
 from collections.abc import (
@@ -66,8 +67,7 @@ from ._models import (
     RequestPath,
     public_fields,
 )
-from ._serde import canonical_request
-from ._sink import Sink, file_name, manifest_record
+from ._store import BatchStore, Occurrences, Unmatched, image_name, manifest_record, request_digest
 
 __all__ = ["Batch", "BatchOperation", "BatchStopped", "Gate"]
 
@@ -89,7 +89,6 @@ class BatchOperation:
     accepts_prompt: bool = False
     fields: frozenset[str] = attrs.field(init=False)
     required: frozenset[str] = attrs.field(init=False)
-    id_prefix: bytes = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
         fields = attrs.fields(self.model)
@@ -99,14 +98,10 @@ class BatchOperation:
             "required",
             frozenset(field.name for field in fields if field.default is attrs.NOTHING),
         )
-        object.__setattr__(self, "id_prefix", self.path.encode() + b"\n")
 
     def request_id(self, model: RequestModel) -> str:
-        """The item id: sha256 of the path, a newline and the request's canonical JSON.
-
-        Stable across runs and versions (resume matches it against earlier manifests).
-        """
-        return hashlib.sha256(self.id_prefix + canonical_request(model)).hexdigest()
+        """The item id: `request_digest` of this route and the request."""
+        return request_digest(self.path, model)
 
 
 def _fatal(error: FriendliAPIError) -> bool:
@@ -126,7 +121,7 @@ class _Prepared:
     """One valid request of a batch: what it was given as, its model, options and id."""
 
     # A plain slotted class: built once per item, and attrs' frozen __init__ costs more.
-    __slots__ = ("id", "model", "options", "request")
+    __slots__ = ("id", "model", "occurrence", "options", "request")
 
     def __init__(
         self, request: Mapping[str, Any], model: RequestModel, options: CallOptions, item_id: str
@@ -135,6 +130,7 @@ class _Prepared:
         self.model = model
         self.options = options
         self.id = item_id
+        self.occurrence = 0
 
 
 class _Crashed:
@@ -306,7 +302,9 @@ class Batch:
         self._started = False
         self._iterator: AsyncIterator[BatchItem] | None = None
         self._gate = Gate(self._concurrency, options.rps)
-        self._sink: Sink | None = None
+        self._store: BatchStore | None = None
+        self._occurrences = Occurrences()
+        self._unmatched: Unmatched | None = None
         self._aborted: FriendliBatchAborted | None = None
         self._counts = {"ok": 0, "failed": 0, "skipped": 0, "resumed": 0}
         self._t0 = 0.0
@@ -323,6 +321,12 @@ class Batch:
     def aborted(self) -> FriendliBatchAborted | None:
         """Set once the batch stopped early (items after it are ``skipped``)."""
         return self._aborted
+
+    @property
+    def unmatched(self) -> Unmatched | None:
+        """Once a batch with ``out_dir`` has seen its whole input: the images of earlier
+        runs that match none of its items (kept; ``count`` and ``listing``)."""
+        return self._unmatched
 
     def progress(self) -> BatchProgress:
         """A snapshot of the batch so far."""
@@ -369,7 +373,14 @@ class Batch:
         async with self:
             items = [item async for item in self]
         items.sort(key=_index_of)
-        return BatchResult(items=items, elapsed=time.monotonic() - self._t0, aborted=self._aborted)
+        unmatched = self._unmatched
+        return BatchResult(
+            items=items,
+            elapsed=time.monotonic() - self._t0,
+            aborted=self._aborted,
+            unmatched=0 if unmatched is None else unmatched.count,
+            unmatched_listing=None if unmatched is None else unmatched.listing,
+        )
 
     def __await__(self) -> Generator[Any, None, BatchResult]:
         return self.collect().__await__()
@@ -435,6 +446,19 @@ class Batch:
                 options = self._call_options(spec)
         return _Prepared(request, model, options, operation.request_id(model))
 
+    def _identify(self, spec: object) -> _Prepared | FriendliValidationError:
+        """The prepared request with its occurrence, in input order; or why it is invalid."""
+        try:
+            prepared = self._prepare(spec)
+        except (FriendliValidationError, TypeError, ValueError) as exc:
+            # A value of a type no check expected (e.g. controlnet_weights=5) fails its
+            # item like any invalid argument, instead of ending the batch.
+            if isinstance(exc, FriendliValidationError):
+                return exc
+            return FriendliValidationError("request", f"invalid arguments: {exc}")
+        prepared.occurrence = self._occurrences.next(prepared.id)
+        return prepared
+
     # -- running ----------------------------------------------------------------------
 
     async def _run(self, *, ordered: bool) -> AsyncIterator[BatchItem]:
@@ -442,9 +466,9 @@ class Batch:
         self._t0 = time.monotonic()
         loop = asyncio.get_running_loop()
         if self._options.out_dir is not None:
-            sink = Sink(self._options.out_dir, self._options.resume)
-            await loop.run_in_executor(None, sink.open)
-            self._sink = sink
+            store = BatchStore(self._options.out_dir, self._options.resume)
+            await loop.run_in_executor(None, store.open)
+            self._store = store
         sync_source: Iterator[Any] | None = None
         async_source: AsyncIterator[Any] | None = None
         if isinstance(self._requests, AsyncIterable):
@@ -457,6 +481,7 @@ class Batch:
         next_index = 0
         next_out = 0
         exhausted = False
+        complete = False
         try:
             while True:
                 while (
@@ -475,7 +500,7 @@ class Batch:
                         exhausted = True
                         break
                     pending[next_index] = loop.create_task(
-                        self._deliver(next_index, spec, finished)
+                        self._deliver(next_index, spec, self._identify(spec), finished)
                     )
                     next_index += 1
                 if not pending:
@@ -512,14 +537,16 @@ class Batch:
                 next_index += 1
                 self._count(item)
                 yield item
+            complete = self._aborted is None
             self._report(final=True)
         finally:
             for task in pending.values():
                 task.cancel()
             if pending:
                 await asyncio.gather(*pending.values(), return_exceptions=True)
-            if self._sink is not None:
-                self._sink.close()
+            if self._store is not None:
+                # Only a run that saw every item knows which stored images match none.
+                self._unmatched = self._store.close(complete=complete)
 
     def _count(self, item: BatchItem) -> None:
         self._counts[item.status] += 1
@@ -550,13 +577,17 @@ class Batch:
         )
 
     async def _deliver(
-        self, index: int, spec: object, finished: asyncio.Queue[BatchItem | _Crashed]
+        self,
+        index: int,
+        spec: object,
+        prepared: _Prepared | FriendliValidationError,
+        finished: asyncio.Queue[BatchItem | _Crashed],
     ) -> None:
         # The item goes to the queue from the task itself, not from a done callback:
         # that would run one loop iteration later, and the freed slot would stay idle
         # for one more iteration before the next request is dispatched.
         try:
-            item = await self._process(index, spec)
+            item = await self._process(index, spec, prepared)
         except BaseException as exc:
             # A defect, or a cancel from outside the batch: re-raised by the iterator,
             # as the task's own result() would.
@@ -566,34 +597,33 @@ class Batch:
             return
         finished.put_nowait(item)
 
-    async def _process(self, index: int, spec: object) -> BatchItem:
+    async def _process(
+        self, index: int, spec: object, prepared: _Prepared | FriendliValidationError
+    ) -> BatchItem:
         started = time.monotonic()
-        try:
-            prepared = self._prepare(spec)
-        except (FriendliValidationError, TypeError, ValueError) as exc:
-            # A value of a type no check expected (e.g. controlnet_weights=5) fails its
-            # item like any invalid argument, instead of ending the batch.
-            error = (
-                exc
-                if isinstance(exc, FriendliValidationError)
-                else FriendliValidationError("request", f"invalid arguments: {exc}")
-            )
+        if isinstance(prepared, FriendliValidationError):
             request = spec if isinstance(spec, Mapping) else _request_view(spec)
             return self._failed(
-                index, item_id="", request=request, error=error, attempts=0, started=started
+                index, item_id="", request=request, error=prepared, attempts=0, started=started
             )
-        sink = self._sink
-        if sink is not None and sink.has_previous(index):
-            record = await asyncio.get_running_loop().run_in_executor(
-                None, sink.previous, index, prepared.id
+        store = self._store
+        if store is not None:
+            record = (
+                await asyncio.get_running_loop().run_in_executor(
+                    None, store.claim, prepared.id, prepared.occurrence
+                )
+                if self._options.resume and store.has_earlier(prepared.id, prepared.occurrence)
+                else store.claim(prepared.id, prepared.occurrence)
             )
             if record is not None:
+                store.append({**record, "index": index})
                 return BatchItem(
                     index=index,
                     id=prepared.id,
+                    occurrence=prepared.occurrence,
                     request=prepared.request,
                     status="resumed",
-                    path=sink.directory / record["file"],
+                    path=store.directory / record["file"],
                     format=record.get("format"),
                     sha256=record.get("sha256"),
                     attempts=0,
@@ -628,11 +658,12 @@ class Batch:
         attempts: int,
         started: float,
     ) -> BatchItem:
-        sink = self._sink
-        if sink is None:
+        store = self._store
+        if store is None:
             return BatchItem(
                 index=index,
                 id=prepared.id,
+                occurrence=prepared.occurrence,
                 request=prepared.request,
                 status="ok",
                 result=result,
@@ -642,15 +673,16 @@ class Batch:
                 request_id=result.request_id,
                 maybe_duplicated=result.maybe_duplicated,
             )
-        name = file_name(index, prepared.id, result.format)
+        name = image_name(prepared.id, prepared.occurrence, result.format)
         digest = await asyncio.get_running_loop().run_in_executor(
-            None, sink.write_image, name, result.data
+            None, store.write_image, name, result.data
         )
         elapsed = time.monotonic() - started
-        sink.append(
+        store.append(
             manifest_record(
                 index=index,
                 item_id=prepared.id,
+                occurrence=prepared.occurrence,
                 prompt=prepared.model.prompt,
                 seed=prepared.model.seed,
                 attempts=attempts,
@@ -666,9 +698,10 @@ class Batch:
         return BatchItem(
             index=index,
             id=prepared.id,
+            occurrence=prepared.occurrence,
             request=prepared.request,
             status="ok",
-            path=sink.directory / name,
+            path=store.directory / name,
             format=result.format,
             sha256=digest,
             attempts=attempts,
@@ -688,16 +721,18 @@ class Batch:
         item_id: str = "",
         request: Mapping[str, Any] | None = None,
     ) -> BatchItem:
+        occurrence = 0
         if prepared is not None:
-            item_id, request = prepared.id, prepared.request
+            item_id, request, occurrence = prepared.id, prepared.request, prepared.occurrence
         assert request is not None  # noqa: S101  (given when prepared is not)
         elapsed = time.monotonic() - started
         request_id = error.request_id if isinstance(error, FriendliAPIError) else None
-        if self._sink is not None:
-            self._sink.append(
+        if self._store is not None:
+            self._store.append(
                 manifest_record(
                     index=index,
                     item_id=item_id,
+                    occurrence=occurrence,
                     prompt=prepared.model.prompt if prepared is not None else request.get("prompt"),
                     seed=prepared.model.seed if prepared is not None else request.get("seed"),
                     attempts=attempts,
@@ -709,6 +744,7 @@ class Batch:
         return BatchItem(
             index=index,
             id=item_id,
+            occurrence=occurrence,
             request=request,
             status="failed",
             error=error,

@@ -13,25 +13,19 @@ from __future__ import annotations
 import base64
 import concurrent.futures
 import hashlib
+import io
 import os
 import pathlib
-import tempfile
 import urllib.parse
 from collections.abc import Iterable, Mapping
 from typing import Any, Final
 
-import orjson
-
 from ._exceptions import FriendliUsageError
 from ._formats import image_dimensions, sniff_format
-from ._sink import MANIFEST_NAME
+from ._store import GALLERY_NAME, THUMBS_DIR, Directory, read_gallery_inputs, valid_name
 
 __all__ = ["GALLERY_NAME", "THUMBS_DIR", "write_gallery"]
 
-#: The page's file name inside ``out_dir``.
-GALLERY_NAME: Final = "index.html"
-#: Thumbnails live in this folder of ``out_dir``.
-THUMBS_DIR: Final = ".thumbs"
 #: Thumbnails fit in a square of this many pixels.
 THUMB_SIZE: Final = 256
 #: Formats every browser shows in an ``<img>`` (an original in these may stand in for its
@@ -117,27 +111,24 @@ def write_gallery(out_dir: str | os.PathLike[str], *, title: str | None = None) 
     installed (``pip install 'friendli-image[pil]'``) and kept while newer than their
     image; without Pillow, or for an image already small, the page shows the original.
     Indices missing from the manifest (items a stopped batch never reached) are shown as
-    missing. ``index.html#q=words`` opens the page with the filter set. Returns the path
-    of the page.
+    one tile per run of them. Manifest lines that are not valid records, or name a file
+    that is not a plain image name inside ``out_dir``, are left out; files are never
+    read or written through symbolic links. Images of earlier runs that match no item
+    of the latest run (``unmatched.jsonl``) are not shown. ``index.html#q=words`` opens
+    the page with the filter set. Returns the path of the page.
 
     Raises `FriendliUsageError` when ``out_dir`` has no readable manifest or the page
     cannot be written.
     """
     directory = pathlib.Path(out_dir)
-    records = _read_manifest(directory / MANIFEST_NAME)
-    thumbs = _thumbnails(directory, records)
-    page_title = title if title is not None else f"{directory.resolve().name or directory} gallery"
-    page = _render(page_title, records, thumbs)
+    records = read_gallery_inputs(directory)
     target = directory / GALLERY_NAME
     try:
-        fd, temp = tempfile.mkstemp(dir=directory, prefix=f".{GALLERY_NAME}.", suffix=".part")
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(page.encode("utf-8"))
-            os.replace(temp, target)
-        except BaseException:
-            pathlib.Path(temp).unlink(missing_ok=True)
-            raise
+        with Directory(directory) as folder:
+            thumbs = _thumbnails(folder, records)
+            name = directory.resolve().name or directory
+            page = _render(title if title is not None else f"{name} gallery", records, thumbs)
+            folder.write_atomic(GALLERY_NAME, page.encode("utf-8"))
     except OSError as exc:
         raise FriendliUsageError(
             f"cannot write {str(target)!r}: {exc}; check that the directory is writable"
@@ -145,57 +136,19 @@ def write_gallery(out_dir: str | os.PathLike[str], *, title: str | None = None) 
     return target
 
 
-# -- reading the manifest ---------------------------------------------------------------
-
-
-def _read_manifest(path: pathlib.Path) -> list[dict[str, Any]]:
-    """The manifest's records in input order, the last line of each index winning."""
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise FriendliUsageError(
-            f"{str(path)!r} does not exist; pass the out_dir of a batch "
-            "(generate_batch(..., out_dir=...) or 'friendli-image batch --out-dir')"
-        ) from None
-    except OSError as exc:
-        raise FriendliUsageError(f"cannot read {str(path)!r}: {exc}") from exc
-    latest: dict[int, dict[str, Any]] = {}
-    for line in data.splitlines():
-        if not line.strip():
-            continue
-        try:
-            record = orjson.loads(line)
-        except orjson.JSONDecodeError:
-            continue  # a line cut short by a crash: the rerun writes the item again
-        if not isinstance(record, dict):
-            continue
-        index = record.get("index")
-        if isinstance(index, int) and not isinstance(index, bool) and index >= 0:
-            latest[index] = record
-    if not latest:
-        return []
-    records = []
-    for index in range(max(latest) + 1):
-        record = latest.get(index)
-        records.append(record if record is not None else {"index": index, "status": "missing"})
-    return records
-
-
 def _file_name(record: Mapping[str, Any]) -> str | None:
-    """The record's image file name, if it is a plain name inside the directory."""
-    name = record.get("file")
-    if not isinstance(name, str) or not name or name in {".", ".."}:
-        return None
-    return name if pathlib.PurePath(name).name == name and "\\" not in name else None
+    """The record's image file name, if it is a plain image name inside the directory."""
+    return valid_name(record.get("file"))
 
 
 # -- thumbnails ---------------------------------------------------------------------------
 
 
-def _thumbnails(directory: pathlib.Path, records: Iterable[Mapping[str, Any]]) -> dict[str, str]:
+def _thumbnails(folder: Directory, records: Iterable[Mapping[str, Any]]) -> dict[str, str]:
     """Map each image file name to the path the page shows for it (relative, ``/``-separated).
 
-    Files that do not exist are left out.
+    Files that do not exist (or are not regular files) are left out. A ``.thumbs`` that
+    is not a directory of its own (a link, a file) is not used: the originals show.
     """
     try:
         from PIL import Image  # noqa: PLC0415, F401  (Pillow is an optional extra)
@@ -203,51 +156,50 @@ def _thumbnails(directory: pathlib.Path, records: Iterable[Mapping[str, Any]]) -
         have_pillow = False
     else:
         have_pillow = True
-    thumbs_dir = directory / THUMBS_DIR
-    shown: dict[str, str] = {}
-    to_make: list[tuple[str, pathlib.Path, pathlib.Path]] = []
-    for record in records:
-        name = _file_name(record)
-        if name is None or name in shown:
-            continue
-        source = directory / name
+    thumbs: Directory | None = None
+    if have_pillow:
         try:
-            source_mtime = source.stat().st_mtime_ns
+            thumbs = folder.subdirectory(THUMBS_DIR, create=True)
         except OSError:
-            continue
-        shown[name] = name
-        if not have_pillow:
-            continue
-        thumb = thumbs_dir / f"{name}.jpg"
-        try:
-            if thumb.stat().st_mtime_ns >= source_mtime:
-                shown[name] = f"{THUMBS_DIR}/{name}.jpg"
+            thumbs = None  # read-only, or not a plain directory: the originals still show
+    try:
+        shown: dict[str, str] = {}
+        to_make: list[str] = []
+        for record in records:
+            name = _file_name(record)
+            if name is None or name in shown:
                 continue
-        except OSError:
-            pass
-        if not _needs_thumbnail(source):
-            continue
-        to_make.append((name, source, thumb))
-    if to_make:
-        try:
-            thumbs_dir.mkdir(exist_ok=True)
-        except OSError:
-            return shown  # a read-only directory: the originals still show
-        workers = min(4, os.cpu_count() or 1)
-        with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-            made_all = pool.map(lambda job: _make_thumbnail(job[1], job[2]), to_make)
-            for (name, _source, _thumb), made in zip(to_make, made_all, strict=True):
-                if made:
-                    shown[name] = f"{THUMBS_DIR}/{name}.jpg"
+            source = folder.size_and_mtime(name)
+            if source is None:
+                continue
+            shown[name] = name
+            if thumbs is None:
+                continue
+            made = thumbs.size_and_mtime(f"{name}.jpg")
+            if made is not None and made[1] >= source[1]:
+                shown[name] = f"{THUMBS_DIR}/{name}.jpg"
+            elif _needs_thumbnail(folder, name):
+                to_make.append(name)
+        if to_make and thumbs is not None:
+            workers = min(4, os.cpu_count() or 1)
+            target = thumbs
+            with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+                results = pool.map(lambda name: _make_thumbnail(folder, name, target), to_make)
+                for name, made_one in zip(to_make, results, strict=True):
+                    if made_one:
+                        shown[name] = f"{THUMBS_DIR}/{name}.jpg"
+    finally:
+        if thumbs is not None:
+            thumbs.close()
     return shown
 
 
-def _needs_thumbnail(source: pathlib.Path) -> bool:
+def _needs_thumbnail(folder: Directory, name: str) -> bool:
     """False when the original is a browser format already within the thumbnail size."""
     try:
-        with source.open("rb") as handle:
+        with folder.read(name) as handle:
             head = handle.read(_HEAD_BYTES)
-    except OSError:
+    except (OSError, FriendliUsageError):
         return False
     fmt = sniff_format(head)
     if fmt not in _BROWSER_FORMATS:
@@ -256,13 +208,13 @@ def _needs_thumbnail(source: pathlib.Path) -> bool:
     return size is None or max(size) > THUMB_SIZE
 
 
-def _make_thumbnail(source: pathlib.Path, thumb: pathlib.Path) -> bool:
-    """Write a JPEG thumbnail of ``source``; False if Pillow cannot read it."""
+def _make_thumbnail(folder: Directory, name: str, thumbs: Directory) -> bool:
+    """Write a JPEG thumbnail of the image ``name``; False if Pillow cannot read it."""
     from PIL import Image  # noqa: PLC0415  (only called when Pillow is installed)
 
-    temp = thumb.with_name(f".{thumb.name}.part")
+    out = io.BytesIO()
     try:
-        with Image.open(source) as opened:
+        with folder.read(name) as source, Image.open(source) as opened:
             opened.draft("RGB", (THUMB_SIZE, THUMB_SIZE))  # JPEG: decode at a reduced scale
             opened.thumbnail((THUMB_SIZE, THUMB_SIZE))
             picture = opened
@@ -270,10 +222,9 @@ def _make_thumbnail(source: pathlib.Path, thumb: pathlib.Path) -> bool:
                 rgba = picture.convert("RGBA")
                 picture = Image.new("RGB", rgba.size, (255, 255, 255))
                 picture.paste(rgba, mask=rgba.getchannel("A"))
-            picture.save(temp, "JPEG", quality=82)
-        os.replace(temp, thumb)
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
-        temp.unlink(missing_ok=True)
+            picture.save(out, "JPEG", quality=82)
+        thumbs.write_atomic(f"{name}.jpg", out.getbuffer())
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, FriendliUsageError):
         return False
     return True
 
@@ -307,7 +258,8 @@ def _tile(record: Mapping[str, Any], thumbs: Mapping[str, str]) -> str:
     error = record.get("error")
     error_type = record.get("error_type")
 
-    facts = [f"#{_text(index)}"]
+    last = record.get("last")
+    facts = [f"#{_text(index)}" + (f"-{_text(last)}" if last not in (None, index) else "")]
     if isinstance(seed, int) and not isinstance(seed, bool):
         facts.append(f"seed {seed}")
     if isinstance(attempts, int) and not isinstance(attempts, bool):

@@ -600,9 +600,12 @@ class BatchOptions(CallOverrides):
         out_dir: write each image to this directory as it arrives (the items then hold
             the path, not the bytes) and record every finished item in its
             ``manifest.jsonl``. One batch at a time per directory.
-        resume: with ``out_dir``, skip items an earlier run over the same input already
-            finished (same index and request id, file present with the recorded
-            sha256); False starts the manifest over.
+        resume: with ``out_dir``, skip items an earlier run into it already finished:
+            the same request (and the same occurrence among identical requests), its
+            file present with the recorded sha256, wherever it sits in the input now;
+            False sends every request again. Either way, images of earlier runs that
+            match no item are kept and listed in ``unmatched.jsonl`` (see
+            `BatchResult.unmatched`).
         on_progress: called with a `BatchProgress` at most ten times a second and once
             at the end, on the event loop: keep it quick.
         stop_on_fatal: after an error every remaining item would meet (401, 403, 404, a
@@ -640,7 +643,8 @@ class BatchItem:
     index: int
     """The position of the request in the input (0-based)."""
     id: str
-    """sha256 of the request's canonical JSON: equal requests have equal ids ("" if invalid)."""
+    """sha256 of the route and the request's canonical JSON: equal requests have equal
+    ids ("" if invalid). With ``occurrence`` it is the item's identity in ``out_dir``."""
     request: Mapping[str, Any]
     """The request as given (a model is shown as its fields)."""
     status: BatchStatus
@@ -665,6 +669,8 @@ class BatchItem:
     maybe_duplicated: bool = False
     """True when the image came from a resend of a request the server may already have
     run (see ``ImageResult.maybe_duplicated``)."""
+    occurrence: int = 0
+    """How many identical requests (same ``id``) came before this one in the input."""
 
     @property
     def ok(self) -> bool:
@@ -765,6 +771,11 @@ class BatchResult:
     """Seconds the batch took."""
     aborted: FriendliBatchAborted | None = None
     """Set when the batch stopped early; the items it did not attempt are ``skipped``."""
+    unmatched: int = 0
+    """Images of earlier runs in ``out_dir`` that match no item of this batch: kept,
+    left out of this run's manifest, listed in ``unmatched_listing``."""
+    unmatched_listing: pathlib.Path | None = None
+    """``out_dir/unmatched.jsonl``, the manifest lines of those images (None: none)."""
 
     @property
     def ok(self) -> bool:

@@ -13,10 +13,12 @@ an error row; it never fails the block.
 >>> out.write_parquet("s3://bucket/manifest/")  # doctest: +SKIP
 
 Ray Data runs a block at least once: an actor that dies has its block run again. The
-outputs make that safe. An image is written under a name derived from its row's id
-(temporary file then rename on file systems; a single atomic PUT on object stores), and
-a row whose image already exists is answered from it without a request, so a retried
-block, or a whole job run again, only sends the rows that have no image yet.
+outputs make that safe. A row is its id together with its request: its image is written
+under a name made of both (``<id>-<request digest><ext>``: temporary file then rename
+on file systems, never through a link; a single atomic PUT on object stores), and a row
+whose image already exists is answered from it without a request, so a retried block,
+or a whole job run again, only sends the rows that have no image yet, and a row whose
+parameters changed is generated again.
 
 When a row has no seed, the seed is derived from its id (`seed_for`), so a row that has
 to be generated again gives the same picture.
@@ -33,20 +35,19 @@ import contextlib
 import hashlib
 import inspect
 import time
-import urllib.parse
-import uuid
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Final
 
 import attrs
-import fsspec
 import pyarrow as pa
 
 from ._client import AsyncFriendli
 from ._config import check_count
 from ._exceptions import FriendliUsageError, FriendliValidationError
 from ._fleet import Endpoint
-from ._models import MAX_SEED, ImageResult
+from ._models import MAX_SEED, EditRequest, GenerateRequest, ImageResult
+from ._resources import EDITS_PATH, GENERATIONS_PATH
+from ._store import Location, request_digest, row_image_name
 
 __all__ = [
     "OUTPUT_SCHEMA",
@@ -75,9 +76,8 @@ OUTPUT_SCHEMA: Final = pa.schema(
     ]
 )
 
-#: Protocols whose single PUT is atomic: an object is complete or absent.
-_ATOMIC_PUT: Final = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "memory"})
-_EXTENSIONS: Final[dict[object, str]] = {None: ".jpg", "jpeg": ".jpg", "raw": ".png"}
+_GENERATE_FIELDS: Final = frozenset(field.name for field in attrs.fields(GenerateRequest))
+_EDIT_FIELDS: Final = frozenset(field.name for field in attrs.fields(EditRequest))
 _SEED_SALT: Final = b"friendli-image/seed/"
 
 
@@ -90,11 +90,6 @@ def seed_for(row_id: object) -> int:
     """
     digest = hashlib.sha256(_SEED_SALT + str(row_id).encode("utf-8", "surrogatepass")).digest()
     return int.from_bytes(digest[:4], "big") & MAX_SEED
-
-
-def _file_stem(row_id: object) -> str:
-    stem = urllib.parse.quote(str(row_id), safe="-_.")
-    return stem if not stem.startswith(".") else "%2E" + stem[1:]
 
 
 @attrs.frozen
@@ -133,48 +128,6 @@ def _capped(url: str | Endpoint, share: int) -> Endpoint:
     return Endpoint(url, max_connections=share)
 
 
-class _Output:
-    """``out_dir`` on any fsspec file system: complete-or-absent image objects."""
-
-    def __init__(self, uri: str, storage_options: Mapping[str, Any]) -> None:
-        fs, root = fsspec.core.url_to_fs(uri, **storage_options)
-        self.fs = fs
-        self.root = root.rstrip("/")
-        self.uri = uri.rstrip("/")
-        protocols = {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
-        self.atomic_put = bool(protocols & _ATOMIC_PUT)
-        self._made = False
-
-    def name(self, row_id: object, response_format: object) -> str:
-        return _file_stem(row_id) + _EXTENSIONS.get(response_format, ".bin")
-
-    def complete(self, name: str) -> bool:
-        """True if the image exists (blocking). Writes are atomic, so present is complete."""
-        try:
-            info = self.fs.info(f"{self.root}/{name}")
-        except FileNotFoundError:
-            return False
-        return info.get("type") == "file" and int(info.get("size") or 0) > 0
-
-    def write(self, name: str, data: bytes) -> None:
-        """Write atomically (blocking): one PUT on object stores, temp-then-rename elsewhere."""
-        if not self._made:
-            self.fs.makedirs(self.root, exist_ok=True)
-            self._made = True
-        target = f"{self.root}/{name}"
-        if self.atomic_put:
-            self.fs.pipe_file(target, data)
-            return
-        temp = f"{self.root}/.{name}.{uuid.uuid4().hex[:12]}.part"
-        try:
-            self.fs.pipe_file(temp, data)
-            self.fs.mv(temp, target)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                self.fs.rm_file(temp)
-            raise
-
-
 class ImageStage:
     """A Ray Data stage that generates (or edits) one image per row.
 
@@ -187,11 +140,13 @@ class ImageStage:
             ``client_options``. A list of URLs is passed unchanged, for clients that
             route over a fleet.
         out_dir: where images go: a local path or any fsspec URI (``s3://bucket/x``,
-            ``gs://...``, ``memory://...``). Each image is named ``<id><ext>`` from
-            ``id_column`` (quoted for safety; ``.jpg``, or ``.png`` for
+            ``gs://...``, ``memory://...``). Each image is named
+            ``<id>-<digest><ext>`` from ``id_column`` (quoted for safety) and the first
+            16 hex digits of the request's digest (``.jpg``, or ``.png`` for
             ``response_format="raw"``) and written atomically; a row whose image exists
-            is not sent again (status ``"resumed"``). None: the bytes go in the
-            ``image`` column instead.
+            is not sent again (status ``"resumed"``), while one whose request changed
+            (other parameters, another prompt under the same id) is. None: the bytes
+            go in the ``image`` column instead.
         id_column: the column with each row's unique id (needed with ``out_dir``; also
             seeds rows that have no seed, see `seed_for`).
         columns: request field -> column name, e.g. ``{"prompt": "text",
@@ -262,7 +217,7 @@ class ImageStage:
         self._constants = dict(request or {})
         self._id_column = id_column
         self._keep = keep_columns
-        self._out = None if out_dir is None else _Output(str(out_dir), storage_options or {})
+        self._out = None if out_dir is None else Location(str(out_dir), storage_options or {})
         self._client: AsyncFriendli | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._slots: dict[str, asyncio.Semaphore] = {}
@@ -359,8 +314,11 @@ class ImageStage:
             fields["image"] = bytes(fields["image"])
         return fields
 
-    def _prepare(self, row: Mapping[str, Any]) -> tuple[dict[str, Any], str | None]:
-        """The row's request fields (the seed filled in) and its output name."""
+    def _prepare(
+        self, row: Mapping[str, Any]
+    ) -> tuple[GenerateRequest | EditRequest, dict[str, Any], str | None]:
+        """The row's request (validated as a batch validates it, the seed filled in), its
+        fields and its output name (the row id with the request's digest)."""
         row_id = row.get(self._id_column)
         fields = self._fields(row)
         if not isinstance(fields.get("prompt"), str):
@@ -369,22 +327,27 @@ class ImageStage:
             )
         if fields.get("seed") is None and row_id is not None:
             fields["seed"] = seed_for(row_id)
+        edit = self._edit if self._edit is not None else "image" in fields
+        names = _EDIT_FIELDS if edit else _GENERATE_FIELDS
+        arguments = {key: value for key, value in fields.items() if key in names}
+        request = EditRequest(**arguments) if edit else GenerateRequest(**arguments)
         if self._out is None:
-            return fields, None
+            return request, fields, None
         if row_id is None:
             raise FriendliValidationError(
                 self._id_column,
                 "is null or missing; with out_dir every row needs a unique id (pass id_column=)",
             )
-        return fields, self._out.name(row_id, fields.get("response_format"))
+        digest = request_digest(EDITS_PATH if edit else GENERATIONS_PATH, request)
+        return request, fields, row_image_name(row_id, digest, request.response_format)
 
     async def _row(self, client: AsyncFriendli, row: Mapping[str, Any]) -> dict[str, Any]:
         out: dict[str, Any] = dict.fromkeys(OUTPUT_SCHEMA.names)
         out.update(status="failed", attempts=0, maybe_duplicated=False)
         started = time.monotonic()
         try:
-            fields, name = self._prepare(row)
-            out["seed"] = fields.get("seed")
+            request, fields, name = self._prepare(row)
+            out["seed"] = request.seed
             if self._out is not None and name is not None:
                 out["uri"] = f"{self._out.uri}/{name}"
                 if await asyncio.to_thread(self._out.complete, name):
@@ -394,8 +357,8 @@ class ImageStage:
             endpoint = fields.get("server_url")
             key = endpoint if isinstance(endpoint, str) else _endpoint_key(client)
             out["endpoint"] = key if key != _FLEET else None
-            edit = self._edit if self._edit is not None else "image" in fields
-            call = client.container.image.edit if edit else client.container.image.generate
+            image = client.container.image
+            call = image.edit if isinstance(request, EditRequest) else image.generate
             async with self._slot(key):
                 started = time.monotonic()
                 result: ImageResult = await call(**fields)

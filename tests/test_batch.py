@@ -30,7 +30,7 @@ from friendli_image import (
     RetryConfig,
 )
 from friendli_image._batch import Gate
-from friendli_image._sink import MANIFEST_NAME
+from friendli_image._store import MANIFEST_NAME
 from friendli_image.server import Action, FaultRates, LocalServer, ServerConfig
 
 MakeServer = Callable[..., Awaitable[LocalServer]]

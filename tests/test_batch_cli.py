@@ -19,7 +19,7 @@ import orjson
 import pytest
 
 from friendli_image._cli import main
-from friendli_image._sink import MANIFEST_NAME
+from friendli_image._store import MANIFEST_NAME
 from friendli_image.server import FaultRates, LocalServer, ServerConfig
 
 

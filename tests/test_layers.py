@@ -23,7 +23,7 @@ LAYERS: tuple[frozenset[str], ...] = (
     frozenset({"_retry"}),
     frozenset({"_transport"}),
     frozenset({"_fleet"}),
-    frozenset({"_sink"}),
+    frozenset({"_store"}),
     frozenset({"_batch"}),
     frozenset({"_resources"}),
     frozenset({"_client"}),

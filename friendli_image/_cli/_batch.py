@@ -5,10 +5,11 @@ rest: a JSON object makes it JSONL (every line a JSON object of arguments; with 
 ``"image"`` key the whole file is edits, without it generations), plain text makes it a
 list of prompts. A line that breaks the rules is an error naming both lines. Blank lines
 are skipped. ``-`` reads standard input. Images and ``manifest.jsonl`` go to
-``--out-dir``; running the same command again resumes (items done are skipped), so
-Ctrl-C or a crash loses nothing; ``--no-resume`` moves an earlier run's manifest and
-images into ``previous-run-<time>/`` first, so a fresh manifest never sits beside old
-images.
+``--out-dir``; running the same command again resumes (items done are skipped, wherever
+they sit in INPUT now), so Ctrl-C or a crash loses nothing; images of earlier runs that
+match no line of INPUT are kept, listed in ``unmatched.jsonl`` and counted in the
+summary. ``--no-resume`` moves an earlier run's manifests and images into
+``previous-run-<time>/`` first, so a fresh manifest never sits beside old images.
 
 Exit status: 0 every item has an image; 1 some failed or were skipped; 2 bad arguments
 or input; 3 the batch stopped because the server could not be reached; 130 interrupted.
@@ -19,7 +20,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import os
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -33,9 +33,9 @@ from friendli_image._exceptions import (
     FriendliUsageError,
     FriendliValidationError,
 )
-from friendli_image._gallery import GALLERY_NAME, THUMBS_DIR, write_gallery
+from friendli_image._gallery import GALLERY_NAME, write_gallery
 from friendli_image._models import BatchItem, BatchProgress, BatchResult, EndpointStats
-from friendli_image._sink import MANIFEST_NAME
+from friendli_image._store import MANIFEST_NAME, set_aside_previous_run
 
 from ._options import EXIT_FAILED, EXIT_OK, EXIT_UNREACHABLE, add_client_options, make_client
 from ._ray import add_ray_options, run_ray_batch
@@ -57,9 +57,12 @@ file is edits and every line needs one; image values may be local paths, URLs or
 data: URIs), plain text makes every line a prompt. Blank lines are skipped; '-' reads
 standard input.
 
-Running the same command again resumes: items already in the manifest, with their
-file intact, are skipped, and counted apart from the rate. --no-resume moves the
-earlier run's manifest and images into DIR/previous-run-<time>/ and starts over.
+Running the same command again resumes: an item is its request (and its occurrence
+among identical lines), not its line number, so items already made, with their file
+intact, are skipped wherever they sit in INPUT now, and counted apart from the rate.
+Images of earlier runs that match no line of INPUT (say, after --steps changed) are
+kept, listed in DIR/unmatched.jsonl and counted in the summary. --no-resume moves the
+earlier run's manifests and images into DIR/previous-run-<time>/ and starts over.
 When the server is unreachable, the first item to exhaust its retries fails, the
 batch stops, and the rest (those in flight included) are skipped.
 
@@ -312,6 +315,14 @@ def _summary(result: BatchResult, out_dir: Path, final: BatchProgress | None) ->
         ("elapsed", f"{elapsed:.1f}s ({rate:.1f} img/s)"),
         ("manifest", str(out_dir / MANIFEST_NAME)),
     ]
+    if result.unmatched:
+        rows.append(
+            (
+                "unmatched",
+                f"{result.unmatched:,} image(s) of earlier runs match no item of this input: "
+                f"kept in {out_dir}, listed in {result.unmatched_listing}",
+            )
+        )
     lines = ["batch summary:"] + [f"  {name:<9} {value}" for name, value in rows]
     failed: list[BatchItem] = result.failed
     listed = failed[:_LISTED_FAILURES]
@@ -375,7 +386,7 @@ async def _run_batch(args: argparse.Namespace) -> int:
             requests = _chain(first, requests)
         if not args.resume:
             moved = await asyncio.get_running_loop().run_in_executor(
-                None, _move_previous_run, args.out_dir
+                None, set_aside_previous_run, args.out_dir
             )
             if moved is not None:
                 print(
@@ -411,47 +422,6 @@ async def _run_batch(args: argparse.Namespace) -> int:
     if result.aborted is not None and isinstance(result.aborted.cause, FriendliConnectionError):
         return EXIT_UNREACHABLE
     return EXIT_FAILED
-
-
-def _move_previous_run(out_dir: Path) -> tuple[Path, int] | None:
-    """Move an earlier run's manifest, images and gallery into ``previous-run-<time>/``.
-
-    Only the files the manifest names (and the gallery) move; anything else in the
-    directory is left alone. Returns the folder and the number of images moved.
-    """
-    manifest = out_dir / MANIFEST_NAME
-    if not manifest.is_file():
-        return None
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    target = out_dir / f"previous-run-{stamp}"
-    suffix = 1
-    while target.exists():
-        suffix += 1
-        target = out_dir / f"previous-run-{stamp}-{suffix}"
-    try:
-        names: set[str] = set()
-        with manifest.open("rb") as lines:
-            for line in lines:
-                record = _json_object(line)
-                name = record.get("file") if record is not None else None
-                if isinstance(name, str) and Path(name).name == name:
-                    names.add(name)
-        target.mkdir()
-        moved = 0
-        for name in sorted(names):
-            with contextlib.suppress(FileNotFoundError):
-                os.replace(out_dir / name, target / name)
-                moved += 1
-        for extra in (GALLERY_NAME, THUMBS_DIR):
-            with contextlib.suppress(FileNotFoundError):
-                os.replace(out_dir / extra, target / extra)
-        os.replace(manifest, target / MANIFEST_NAME)
-    except OSError as exc:
-        raise FriendliUsageError(
-            f"--no-resume cannot move the earlier run in {str(out_dir)!r} aside: {exc}; "
-            "move or delete it yourself, or pass another --out-dir"
-        ) from None
-    return target, moved
 
 
 def _open_text(path: Path) -> IO[str]:

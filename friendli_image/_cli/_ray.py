@@ -1,30 +1,37 @@
 """``friendli-image batch --ray``: the batch command on a Ray cluster (``friendli-image[ray]``).
 
-The requests of INPUT become a Ray Dataset (one row each, its id the request's position
-in INPUT), `friendli_image.ray.ImageStage` runs on an actor pool, images go to
-``--out-dir`` (a path or any fsspec URI) and the output rows to ``<out-dir>/manifest/``
-as parquet. A rerun skips every request whose image exists, so a killed job resumes.
+The requests of INPUT become a Ray Dataset (one row each, its id the request's
+occurrence among identical lines of INPUT, so that with the request's digest in the
+image name an item is the same one wherever its line moves), `friendli_image.ray.ImageStage`
+runs on an actor pool, images go to ``--out-dir`` (a path or any fsspec URI) and the
+output rows to ``<out-dir>/manifest/`` as parquet. A rerun skips every request whose
+image exists, so a killed job resumes, and an inserted or moved line costs nothing.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import re
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any, Final
 
 from friendli_image._exceptions import FriendliUsageError
+from friendli_image._store import Location
 
 from ._options import EXIT_FAILED, EXIT_OK, token_from_args
 
 __all__ = ["add_ray_options", "run_ray_batch"]
 
-#: The id column: a name no request field has.
-ID_COLUMN: Final = "_row"
+#: The line column (its position in INPUT) and the id column (its occurrence among
+#: identical lines): names no request field has.
+LINE_COLUMN: Final = "_line"
+ID_COLUMN: Final = "_item"
 MANIFEST_DIR: Final = "manifest"
 _LISTED_FAILURES: Final = 10
 #: argparse's Path turns "s3://b/x" into "s3:/b/x"; the URI is put back together.
@@ -55,10 +62,15 @@ def _out_uri(value: object) -> str:
 
 def _rows(requests: Iterator[dict[str, Any]]) -> list[dict[str, Any]]:
     rows = []
+    seen: Counter[bytes] = Counter()
     for index, request in enumerate(requests):
-        row: dict[str, Any] = {ID_COLUMN: index}
+        row: dict[str, Any] = {}
         for key, value in request.items():
             row[key] = value.read_bytes() if isinstance(value, Path) else value
+        same = hashlib.sha256(repr(sorted(row.items())).encode()).digest()
+        row[ID_COLUMN] = seen[same]
+        row[LINE_COLUMN] = index
+        seen[same] += 1
         rows.append(row)
     keys = {key for row in rows for key in row}
     return [{key: row.get(key) for key in sorted(keys)} for row in rows]
@@ -107,7 +119,9 @@ def run_ray_batch(
         ray.data.DataContext.get_current().enable_progress_bars = (
             sys.stderr.isatty() if args.progress is None else args.progress
         )
-        columns = {key: key for key in (rows[0] if rows else {}) if key != ID_COLUMN}
+        columns = {
+            key: key for key in (rows[0] if rows else {}) if key not in (ID_COLUMN, LINE_COLUMN)
+        }
         timeout_ms = None if args.timeout is None else int(args.timeout * 1000)
         out = generate_images(
             ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows) // 64, 512))),
@@ -122,8 +136,9 @@ def run_ray_batch(
                 "retries": args.retries,
                 "token": token_from_args(args),
             },
-            keep_columns=False,
-        ).materialize()
+        )
+        images = [name for name in ("control_images",) if name in columns]
+        out = (out.drop_columns(images) if images else out).materialize()
         fs, root = fsspec.core.url_to_fs(out_dir)
         from pyarrow.fs import FSSpecHandler, PyFileSystem  # noqa: PLC0415
 
@@ -133,6 +148,8 @@ def run_ray_batch(
     finally:
         ray.shutdown()
     statuses = table.column("status").to_pylist()
+    used = {uri.rsplit("/", 1)[-1] for uri in table.column("uri").to_pylist() if uri}
+    unmatched = len(Location(out_dir, {}).image_names() - used)
     failed = [row for row in table.to_pylist() if row["status"] == "failed"]
     elapsed = time.monotonic() - started
     lines = [
@@ -144,8 +161,13 @@ def run_ray_batch(
         f"  {'elapsed':<9} {elapsed:.1f}s",
         f"  {'manifest':<9} {out_dir.rstrip('/')}/{MANIFEST_DIR}/ (parquet)",
     ]
+    if unmatched:
+        lines.append(
+            f"  {'unmatched':<9} {unmatched:,} image(s) of earlier runs match no item of this "
+            f"input: kept in {out_dir}"
+        )
     lines.extend(
-        f"  failed #{row[ID_COLUMN]}: {row['error_type']}: {row['error']}"
+        f"  failed #{row[LINE_COLUMN]}: {row['error_type']}: {row['error']}"
         for row in failed[:_LISTED_FAILURES]
     )
     if len(failed) > _LISTED_FAILURES:

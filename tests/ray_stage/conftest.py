@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -103,3 +104,14 @@ def s3_endpoint() -> Iterator[str]:
 def s3_options(endpoint: str) -> dict[str, object]:
     """fsspec options for the local S3 (moto accepts any credentials)."""
     return {"key": "testing", "secret": "testing", "client_kwargs": {"endpoint_url": endpoint}}
+
+
+def row_of(name: str) -> str:
+    """The row id in an image's name or URI (``<id>-<request digest>.jpg``)."""
+    return name.rstrip("/").rsplit("/", 1)[-1].rsplit("-", 1)[0]
+
+
+def image_of(directory: Path, row_id: object) -> Path:
+    """The one image of a row in a local out_dir."""
+    (found,) = directory.glob(f"{row_id}-*.*")
+    return found

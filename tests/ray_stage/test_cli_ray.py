@@ -15,6 +15,10 @@ import pytest
 pytest.importorskip("pyarrow", reason="the stage needs pyarrow: pip install 'friendli-image[ray]'")
 pytest.importorskip("ray", reason="Ray is not installed: pip install 'friendli-image[ray]'")
 
+from friendli_image._models import GenerateRequest
+from friendli_image._resources import GENERATIONS_PATH
+from friendli_image._store import request_digest, row_image_name
+from friendli_image.ray import seed_for
 from friendli_image.server import LocalServer, ServerConfig
 
 from .conftest import prompts_seen
@@ -30,6 +34,15 @@ def _batch(url: str, source: pathlib.Path, out: pathlib.Path) -> list[str]:
         "--out-dir", str(out), "--server-url", url, "--actors", "2", "--concurrency", "4",
         "--no-progress",
     ]  # fmt: skip
+
+
+def _prompt_of_image(prompts: list[str], **fields: object) -> dict[str, str]:
+    """Image name -> prompt, for distinct prompts without seeds (each row id 0)."""
+    named = {}
+    for prompt in prompts:
+        request = GenerateRequest(prompt=prompt, seed=seed_for(0), **fields)  # type: ignore[arg-type]
+        named[row_image_name(0, request_digest(GENERATIONS_PATH, request), None)] = prompt
+    return named
 
 
 def test_cli_ray_resumes_after_sigkill(tmp_path: pathlib.Path) -> None:
@@ -59,7 +72,10 @@ def test_cli_ray_resumes_after_sigkill(tmp_path: pathlib.Path) -> None:
         finally:
             os.killpg(first.pid, signal.SIGKILL)
             first.wait(30)
-        kept = {int(p.stem) for p in out.glob("*.jpg")}
+        prompt_of = _prompt_of_image(
+            [f"a castle no. {i}" for i in range(150)], num_inference_steps=10
+        )
+        kept = {prompt_of[p.name] for p in out.glob("*.jpg")}
         assert 30 <= len(kept) < 150
         second = subprocess.run(
             _batch(srv.url, source, out),
@@ -76,8 +92,8 @@ def test_cli_ray_resumes_after_sigkill(tmp_path: pathlib.Path) -> None:
         assert resumed is not None, second.stdout
         assert len(kept) <= int(resumed.group(1)) < 150
         seen = prompts_seen(srv)
-    assert sorted(int(p.stem) for p in out.glob("*.jpg")) == list(range(150))
-    assert all(seen[f"a castle no. {i}"] == 1 for i in kept)
+    assert sorted(prompt_of[p.name] for p in out.glob("*.jpg")) == sorted(prompt_of.values())
+    assert all(seen[prompt] == 1 for prompt in kept)
     assert max(seen.values()) <= 2
     assert list((out / "manifest").glob("*.parquet"))
 
@@ -99,7 +115,8 @@ def test_cli_ray_reads_stdin(tmp_path: pathlib.Path) -> None:
         seen = prompts_seen(srv)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "items     6" in done.stdout, done.stdout
-    assert sorted(int(p.stem) for p in out.glob("*.jpg")) == list(range(6))
+    prompt_of = _prompt_of_image([f"a lighthouse no. {i}" for i in range(6)])
+    assert sorted(prompt_of[p.name] for p in out.glob("*.jpg")) == sorted(prompt_of.values())
     assert seen == {f"a lighthouse no. {i}": 1 for i in range(6)}
 
 

@@ -14,7 +14,7 @@ import friendli_image
 from friendli_image import AsyncFriendli
 from friendli_image.server import Action, LocalServer
 
-from .conftest import SMALL, prompts_seen, s3_options
+from .conftest import SMALL, image_of, prompts_seen, row_of, s3_options
 
 pa = pytest.importorskip(
     "pyarrow", reason="the stage needs pyarrow: pip install 'friendli-image[ray]'"
@@ -52,16 +52,18 @@ def test_seed_for_is_stable_and_in_range() -> None:
 
 
 def test_memory_out_dir_writes_each_image_and_a_rerun_sends_nothing(server: LocalServer) -> None:
-    """Images land under <id>.jpg in memory://, match a direct call with the derived seed,
-    and the same rows run again are all 'resumed' with no request sent."""
+    """Images land under <id>-<digest>.jpg in memory://, match a direct call with the
+    derived seed, and the same rows run again are all 'resumed' with no request sent."""
     stage = ImageStage(server.url, out_dir="memory://stage-a/out", request=STEPS)
     out = stage.run(_table(30))
     assert out.column("status").to_pylist() == ["ok"] * 30
-    assert out.column("uri").to_pylist() == [f"memory://stage-a/out/{i}.jpg" for i in range(30)]
+    uris = out.column("uri").to_pylist()
+    assert [row_of(uri) for uri in uris] == [str(i) for i in range(30)]
+    assert all(uri.startswith("memory://stage-a/out/") and uri.endswith(".jpg") for uri in uris)
     assert "image" not in out.column_names
     fs = fsspec.filesystem("memory")
     assert asyncio.run(_direct(server.url, "a lake no. 3", seed_for(3))) == fs.cat_file(
-        "/stage-a/out/3.jpg"
+        uris[3].removeprefix("memory:/")
     )
     assert out.column("seed").to_pylist() == [seed_for(i) for i in range(30)]
     assert server.stats.total_requests == 31
@@ -76,13 +78,13 @@ def test_local_out_dir_is_written_atomically(server: LocalServer, tmp_path: path
     target = tmp_path / "images"
     stage = ImageStage(server.url, out_dir=str(target), request=STEPS)
     out = stage.run(_table(10))
-    assert sorted(p.name for p in target.iterdir()) == sorted(f"{i}.jpg" for i in range(10))
-    assert out.column("uri").to_pylist()[0] == f"{target}/0.jpg"
-    (target / "4.jpg").write_bytes(b"")  # a zero-length leftover is not a finished image
+    assert sorted(int(row_of(p.name)) for p in target.iterdir()) == list(range(10))
+    assert out.column("uri").to_pylist()[0] == str(image_of(target, 0))
+    image_of(target, 4).write_bytes(b"")  # a zero-length leftover is not a finished image
     again = stage.run(_table(10))
     assert again.column("status").to_pylist()[4] == "ok"
     assert again.column("status").to_pylist().count("resumed") == 9
-    assert (target / "4.jpg").read_bytes()[:2] == b"\xff\xd8"
+    assert image_of(target, 4).read_bytes()[:2] == b"\xff\xd8"
 
 
 def test_bytes_without_out_dir_and_given_seeds_win(server: LocalServer) -> None:
@@ -122,7 +124,7 @@ def test_bad_rows_become_error_rows(server: LocalServer, tmp_path: pathlib.Path)
     assert out[2]["error_type"] == "FriendliValidationError"
     assert "prompt" in out[2]["error"]
     assert out[3]["error_type"] == "FriendliInvalidValueError"
-    assert sorted(os.listdir(tmp_path)) == ["1.jpg"]
+    assert [row_of(name) for name in os.listdir(tmp_path)] == ["1"]
 
 
 def test_a_mapped_column_the_data_lacks_fails_the_batch_before_any_request(
@@ -258,10 +260,9 @@ def test_s3_out_dir_on_a_local_object_store(server: LocalServer, s3_endpoint: st
     out = stage.run(_table(12))
     assert out.column("status").to_pylist() == ["ok"] * 12
     fs.invalidate_cache()
-    assert sorted(fs.ls("images-a/run")) == sorted(f"images-a/run/{i}.jpg" for i in range(12))
-    assert fs.cat_file("images-a/run/5.jpg") == asyncio.run(
-        _direct(server.url, "a lake no. 5", seed_for(5))
-    )
+    listed = {int(row_of(name)): name for name in fs.ls("images-a/run")}
+    assert sorted(listed) == list(range(12))
+    assert fs.cat_file(listed[5]) == asyncio.run(_direct(server.url, "a lake no. 5", seed_for(5)))
     before = server.stats.total_requests
     again = ImageStage(
         server.url, out_dir="s3://images-a/run", storage_options=options, request=STEPS
@@ -269,3 +270,44 @@ def test_s3_out_dir_on_a_local_object_store(server: LocalServer, s3_endpoint: st
     assert again.run(_table(12)).column("status").to_pylist() == ["resumed"] * 12
     assert server.stats.total_requests == before
     assert prompts_seen(server)["a lake no. 0"] == 1
+
+
+def test_changed_parameters_are_regenerated(server: LocalServer) -> None:
+    """A row is its id with its request: other steps make other images, sent again."""
+    out_dir = "memory://stage-params/out"
+    ImageStage(server.url, out_dir=out_dir, request=STEPS).run(_table(8))
+    before = server.stats.total_requests
+    changed = ImageStage(server.url, out_dir=out_dir, request={"num_inference_steps": 3})
+    out = changed.run(_table(8))
+    assert out.column("status").to_pylist() == ["ok"] * 8
+    assert server.stats.total_requests == before + 8
+    fs = fsspec.filesystem("memory")
+    assert len(fs.ls("/stage-params/out")) == 16
+
+
+def test_two_rows_with_one_id_and_two_prompts_get_two_correct_images(
+    server: LocalServer, tmp_path: pathlib.Path
+) -> None:
+    table = pa.table({"id": [1, 1], "prompt": ["a red kite", "a blue kite"]})
+    out = ImageStage(server.url, out_dir=str(tmp_path), request=STEPS).run(table).to_pylist()
+    assert [row["status"] for row in out] == ["ok", "ok"]
+    assert out[0]["uri"] != out[1]["uri"]
+    for row in out:
+        direct = asyncio.run(_direct(server.url, row["prompt"], seed_for(1)))
+        assert pathlib.Path(row["uri"]).read_bytes() == direct
+
+
+def test_a_text_seed_is_taken_as_the_batch_takes_it_or_fails_its_row_only(
+    server: LocalServer, tmp_path: pathlib.Path
+) -> None:
+    """A CSV's "1" is seed 1; "x" fails its row; neither fails the block (ArrowInvalid)."""
+    table = pa.table({"id": [1, 2, 3], "prompt": ["a", "b", "c"], "seed": ["1", "x", None]})
+    stage = ImageStage(server.url, out_dir=str(tmp_path), request=STEPS)
+    for _ in range(2):  # the rerun too
+        out = stage.run(table).to_pylist()
+        assert [row["status"] in ("ok", "resumed") for row in out] == [True, False, True]
+        assert [row["seed"] for row in out] == [1, None, seed_for(3)]
+        assert out[1]["error_type"] == "FriendliValidationError"
+        assert "seed" in out[1]["error"]
+    image = pathlib.Path(out[0]["uri"]).read_bytes()
+    assert image == asyncio.run(_direct(server.url, "a", 1))

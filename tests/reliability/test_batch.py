@@ -20,7 +20,7 @@ import orjson
 import pytest
 
 from friendli_image import AsyncFriendli, FriendliUsageError
-from friendli_image._sink import MANIFEST_NAME
+from friendli_image._store import MANIFEST_NAME
 from friendli_image.server import LocalServer, ServerConfig
 
 from .harness import TINY_PNG, Figures
@@ -135,10 +135,10 @@ async def test_a_second_batch_on_the_same_out_dir_fails_at_once(
 _HOLD_LOCK = """
 import sys, time
 from pathlib import Path
-from friendli_image._sink import Sink
+from friendli_image._store import BatchStore
 
-sink = Sink(Path(sys.argv[1]), resume=True)
-sink.open()
+store = BatchStore(Path(sys.argv[1]), resume=True)
+store.open()
 print("locked", flush=True)
 time.sleep(30)
 """

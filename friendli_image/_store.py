@@ -1,0 +1,762 @@
+"""An output location: item identity, images, the manifest, the lock and the gallery's inputs.
+
+Every batch path writes through this module and no other: ``generate_batch`` /
+``edit_batch`` (`BatchStore`), the ``batch`` command (`set_aside_previous_run`), the
+gallery (`read_gallery_inputs`, `Directory`) and the Ray stage (`Location`).
+
+**Identity.** An item is its request, not its position: `request_digest` is the sha256
+of the route, a newline and the request's canonical JSON (`canonical_request`: every
+wire field, keys sorted), and the item is that digest together with its *occurrence*,
+how many identical requests came before it in the input (`Occurrences`). Duplicates
+stay distinct; inserting, deleting or reordering other lines changes nothing. The index
+is only the order. On Ray, where rows are spread over blocks, an item is its row id
+together with the digest (`row_image_name`).
+
+**Files.** Names written or read are plain names inside the location (`valid_name`: no
+path separator, no NUL, no leading dot, an image extension). On a local file system
+every file is opened relative to the location's directory descriptor with
+``O_NOFOLLOW`` and checked to be a regular file, so a planted symbolic link is refused,
+never followed; a write goes to a new temporary file created with the mode the umask
+asks for, then replaces its target (`Directory.write_atomic`). On object stores a write
+is one PUT.
+
+**The manifest.** ``manifest.jsonl`` holds one line per item of the latest run (ok,
+failed or resumed, with its index in that run). When a run starts, the lines of earlier
+runs move to ``unmatched.jsonl``, where resume looks them up by identity; when the run
+has seen its whole input, the lines no item claimed stay there, one per stored image
+that matches no item, and the run reports how many (`BatchStore.close`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import pathlib
+import secrets
+import stat
+import sys
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from typing import IO, TYPE_CHECKING, Any, Final
+
+import orjson
+
+from ._exceptions import FriendliAPIError, FriendliError, FriendliUsageError
+from ._formats import EXTENSIONS, FORMATS_BY_EXTENSION
+from ._serde import canonical_request
+
+if sys.platform != "win32":
+    import fcntl
+
+if TYPE_CHECKING:
+    from ._models import EditRequest, GenerateRequest
+
+__all__ = [
+    "GALLERY_NAME",
+    "LOCK_NAME",
+    "MANIFEST_NAME",
+    "THUMBS_DIR",
+    "UNMATCHED_NAME",
+    "BatchStore",
+    "Directory",
+    "Location",
+    "Occurrences",
+    "StoredRecord",
+    "Unmatched",
+    "image_name",
+    "manifest_record",
+    "read_gallery_inputs",
+    "read_records",
+    "request_digest",
+    "row_image_name",
+    "set_aside_previous_run",
+    "valid_name",
+]
+
+#: The manifest of the latest run, inside the location.
+MANIFEST_NAME: Final = "manifest.jsonl"
+#: Records of stored images that match no item of the latest complete run.
+UNMATCHED_NAME: Final = "unmatched.jsonl"
+#: The lock file a running batch holds inside the location.
+LOCK_NAME: Final = ".friendli-batch.lock"
+#: The gallery page inside the location.
+GALLERY_NAME: Final = "index.html"
+#: The gallery's thumbnails live in this folder of the location.
+THUMBS_DIR: Final = ".thumbs"
+
+_TEMP_SUFFIX: Final = ".part"
+#: Extensions an image (or a thumbnail) written by this package may have.
+_IMAGE_SUFFIXES: Final = frozenset({*EXTENSIONS.values(), *FORMATS_BY_EXTENSION, ".bin"})
+_NOFOLLOW: Final = getattr(os, "O_NOFOLLOW", 0)
+_CLOEXEC: Final = getattr(os, "O_CLOEXEC", 0)
+_DIRECTORY: Final = getattr(os, "O_DIRECTORY", 0)
+#: Relative opens through a directory descriptor (POSIX); elsewhere, joined paths.
+_AT: Final = os.open in os.supports_dir_fd and os.replace in os.supports_dir_fd
+#: Manifest lines longer than this are not remembered for resuming (packing limit).
+_MAX_LINE: Final = (1 << 24) - 1
+
+
+# -- identity ---------------------------------------------------------------------------------
+
+
+def request_digest(path: str, request: GenerateRequest | EditRequest) -> str:
+    """The request's identity: sha256 of the route, a newline and its canonical JSON.
+
+    Stable across runs, machines and versions (resume matches it against manifests).
+    """
+    return hashlib.sha256(path.encode() + b"\n" + canonical_request(request)).hexdigest()
+
+
+class Occurrences:
+    """Numbers identical requests in input order: 0 for the first, 1 for the next, ...
+
+    Holds 8 bytes of each digest seen (and a count for repeated ones only).
+    """
+
+    __slots__ = ("_repeats", "_seen")
+
+    def __init__(self) -> None:
+        self._seen: set[int] = set()
+        self._repeats: dict[str, int] = {}
+
+    def next(self, digest: str) -> int:
+        """The occurrence of this digest, counting it."""
+        short = int(digest[:16], 16)
+        if short not in self._seen:
+            self._seen.add(short)
+            return 0
+        occurrence = self._repeats.get(digest, 0) + 1
+        self._repeats[digest] = occurrence
+        return occurrence
+
+
+def image_name(digest: str, occurrence: int, fmt: str | None) -> str:
+    """The file name of a batch item's image: its identity and the format's extension."""
+    return f"{digest[:20]}-{occurrence}{EXTENSIONS.get(fmt or '', '.bin')}"
+
+
+def row_image_name(row_id: object, digest: str, response_format: object) -> str:
+    """The file name of a Ray row's image: its id (quoted), its request digest, extension."""
+    import urllib.parse  # noqa: PLC0415  (only the Ray stage names files by row)
+
+    stem = urllib.parse.quote(str(row_id), safe="-_.")
+    stem = stem if not stem.startswith(".") else "%2E" + stem[1:]
+    extension = ".png" if response_format == "raw" else ".jpg"
+    return f"{stem}-{digest[:16]}{extension}"
+
+
+def valid_name(name: object) -> str | None:
+    """``name`` if it is a plain image file name inside a location, else None.
+
+    Refused: anything but text, a path separator, a NUL byte, a leading dot (hidden and
+    temporary files, ``.``, ``..``), an extension that is not an image's (a manifest
+    naming ``page.html`` is not linked).
+    """
+    if not isinstance(name, str) or not name or len(name) > 255:
+        return None
+    if "/" in name or "\\" in name or "\0" in name or name.startswith("."):
+        return None
+    suffix = pathlib.PurePosixPath(name).suffix.lower()
+    return name if suffix in _IMAGE_SUFFIXES else None
+
+
+# -- one directory, opened safely -------------------------------------------------------------
+
+
+def _check_regular(fd: int, where: str) -> None:
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise FriendliUsageError(
+            f"{where} is not a regular file; remove it (a batch never writes through links "
+            "or special files)"
+        )
+
+
+class Directory:
+    """A local directory whose files are opened relative to it, never through a link.
+
+    On POSIX the directory is held open (``O_DIRECTORY``) and every name is resolved
+    against that descriptor with ``O_NOFOLLOW``, so a link planted under a name (the
+    lock, the manifest, ``.thumbs``) is refused instead of followed.
+    """
+
+    def __init__(self, path: pathlib.Path, *, create: bool = False, parent: int | None = None):
+        self.path = path
+        if create and parent is None:
+            path.mkdir(parents=True, exist_ok=True)
+        self._fd: int | None = None
+        if _AT:
+            flags = os.O_RDONLY | _DIRECTORY | _CLOEXEC
+            if parent is None:
+                self._fd = os.open(path, flags)
+            else:
+                self._fd = os.open(path.name, flags | _NOFOLLOW, dir_fd=parent)
+        elif parent is not None and path.is_symlink():  # pragma: no cover - not POSIX
+            raise OSError(f"{path} is a symbolic link")
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> Directory:
+        return self
+
+    def __exit__(self, *_exc_info: object) -> None:
+        self.close()
+
+    def _at(self, name: str) -> tuple[str, dict[str, int]]:
+        if self._fd is None:
+            return str(self.path / name), {}
+        return name, {"dir_fd": self._fd}
+
+    def subdirectory(self, name: str, *, create: bool = False) -> Directory:
+        """A directory inside this one (never through a link); OSError if it cannot be."""
+        target, at = self._at(name)
+        if create:
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(target, 0o777, **at)
+        return Directory(self.path / name, parent=self._fd)
+
+    def open(self, name: str, flags: int = os.O_RDONLY) -> int:
+        """A descriptor of the regular file ``name`` (``O_NOFOLLOW``; mode from the umask)."""
+        target, at = self._at(name)
+        try:
+            fd = os.open(target, flags | _NOFOLLOW | _CLOEXEC, 0o666, **at)
+        except OSError as exc:
+            if os.path.islink(self.path / name):
+                raise FriendliUsageError(
+                    f"{str(self.path / name)!r} is a symbolic link; remove it (a batch never "
+                    "writes or reads through links)"
+                ) from None
+            raise exc from None
+        _check_regular(fd, repr(str(self.path / name)))
+        return fd
+
+    def read(self, name: str) -> IO[bytes]:
+        """The regular file ``name``, open for reading."""
+        return os.fdopen(self.open(name), "rb")
+
+    def size_and_mtime(self, name: str) -> tuple[int, int] | None:
+        """Size and mtime (ns) of the regular file ``name``, None if it is not one."""
+        target, at = self._at(name)
+        try:
+            info = os.stat(target, follow_symlinks=False, **at)
+        except OSError:
+            return None
+        return (info.st_size, info.st_mtime_ns) if stat.S_ISREG(info.st_mode) else None
+
+    def write_atomic(self, name: str, data: bytes | memoryview, *, sync: bool = False) -> None:
+        """Write ``name`` completely or not at all: a new temporary file, then a rename.
+
+        The temporary file is created exclusively (``O_EXCL | O_NOFOLLOW``) with the mode
+        the umask asks for; the rename replaces a link planted at ``name`` (it never
+        writes through it).
+        """
+        temp = f".{name}.{secrets.token_hex(6)}{_TEMP_SUFFIX}"
+        fd = self.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+        temp_path, at = self._at(temp)
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+                if sync:
+                    handle.flush()
+                    os.fsync(handle.fileno())
+            target, _ = self._at(name)
+            if at:
+                os.replace(temp_path, target, src_dir_fd=at["dir_fd"], dst_dir_fd=at["dir_fd"])
+            else:
+                os.replace(temp_path, target)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(temp_path, **at)
+            raise
+
+    def move(self, name: str, into: Directory) -> bool:
+        """Move ``name`` into another directory (same name); False if it is not there."""
+        source, at = self._at(name)
+        target, into_at = into._at(name)
+        try:
+            if at:
+                os.replace(source, target, src_dir_fd=at["dir_fd"], dst_dir_fd=into_at["dir_fd"])
+            else:
+                os.replace(source, target)
+        except FileNotFoundError:
+            return False
+        return True
+
+    def remove(self, name: str) -> None:
+        """Delete ``name`` if it is there (a link is removed, not followed)."""
+        target, at = self._at(name)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(target, **at)
+
+    def remove_temporaries(self) -> None:
+        """Delete temporary files a killed writer left behind."""
+        for name in os.listdir(self._fd if self._fd is not None else self.path):
+            if name.startswith(".") and name.endswith(_TEMP_SUFFIX):
+                target, at = self._at(name)
+                with contextlib.suppress(OSError):
+                    os.unlink(target, **at)
+
+    def sha256(self, name: str) -> str | None:
+        """The sha256 of the regular file ``name``, None if it is missing or not one."""
+        try:
+            with self.read(name) as handle:
+                digest = hashlib.sha256()
+                while chunk := handle.read(1 << 20):
+                    digest.update(chunk)
+                return digest.hexdigest()
+        except (OSError, FriendliUsageError):
+            return None
+
+
+def _usage(where: pathlib.Path, exc: OSError, what: str) -> FriendliUsageError:
+    return FriendliUsageError(
+        f"cannot {what} {str(where)!r}: {exc}; check that the directory is writable and "
+        "has space, then rerun (finished items are kept)"
+    )
+
+
+# -- manifest records -------------------------------------------------------------------------
+
+
+def manifest_record(
+    *,
+    index: int,
+    item_id: str,
+    occurrence: int,
+    prompt: object,
+    seed: object,
+    attempts: int,
+    elapsed: float,
+    request_id: str | None,
+    file: str | None = None,
+    fmt: str | None = None,
+    size: int | None = None,
+    sha256: str | None = None,
+    maybe_duplicated: bool = False,
+    error: FriendliError | None = None,
+) -> dict[str, Any]:
+    """One line of ``manifest.jsonl``: an ``ok`` item when ``error`` is None, else ``failed``."""
+    return {
+        "index": index,
+        "id": item_id,
+        "occurrence": occurrence,
+        "status": "ok" if error is None else "failed",
+        "prompt": prompt if isinstance(prompt, str) else None,
+        "seed": seed if isinstance(seed, int) and not isinstance(seed, bool) else None,
+        "file": file,
+        "format": fmt,
+        "bytes": size,
+        "sha256": sha256,
+        "attempts": attempts,
+        "elapsed": round(elapsed, 4),
+        "request_id": request_id,
+        "maybe_duplicated": maybe_duplicated,
+        "error": None if error is None else str(error),
+        "error_type": None if error is None else type(error).__name__,
+        "maybe_processed": isinstance(error, FriendliAPIError) and error.maybe_processed,
+    }
+
+
+StoredRecord = dict[str, Any]
+
+
+def _valid_record(line: bytes) -> StoredRecord | None:
+    """The record of a manifest line, or None when it is not a valid one.
+
+    Valid: a JSON object with a non-negative int ``index``; an ``ok`` record also names
+    a `valid_name` file and a sha256. Anything else is ignored, as if absent.
+    """
+    try:
+        record = orjson.loads(line)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(record, dict):
+        return None
+    index = record.get("index")
+    if not isinstance(index, int) or isinstance(index, bool) or index < 0:
+        return None
+    if record.get("status") == "ok" and (
+        valid_name(record.get("file")) is None or not isinstance(record.get("sha256"), str)
+    ):
+        return None
+    return record
+
+
+def _identity(record: StoredRecord) -> tuple[str, int] | None:
+    item_id = record.get("id")
+    occurrence = record.get("occurrence", 0)
+    if not isinstance(item_id, str) or not item_id:
+        return None
+    if not isinstance(occurrence, int) or isinstance(occurrence, bool) or occurrence < 0:
+        return None
+    return item_id, occurrence
+
+
+def read_records(handle: IO[bytes]) -> Iterator[tuple[int, bytes, StoredRecord | None]]:
+    """(offset, line, valid record or None) of each complete line of a manifest."""
+    offset = 0
+    for line in handle:
+        if not line.endswith(b"\n"):
+            return  # cut short by a crash mid-append
+        yield offset, line, _valid_record(line)
+        offset += len(line)
+
+
+# -- the store of a batch ---------------------------------------------------------------------
+
+
+class Unmatched:
+    """What a finished batch left in its location that no item of it claimed."""
+
+    __slots__ = ("count", "listing")
+
+    def __init__(self, count: int, listing: pathlib.Path) -> None:
+        self.count = count
+        self.listing = listing
+
+
+def _pack(offset: int, length: int) -> int:
+    return (offset << 24) | length
+
+
+class BatchStore:
+    """A batch's output directory: lock, images, ``manifest.jsonl`` and resume lookups.
+
+    `open` takes the lock and moves the earlier runs' lines to ``unmatched.jsonl`` (the
+    latest line of each identity), which `previous` answers from; `append` adds this
+    run's lines to a fresh ``manifest.jsonl``; `close` releases the lock and, when the
+    run saw its whole input, leaves in ``unmatched.jsonl`` only the images no item
+    claimed.
+    """
+
+    def __init__(self, directory: pathlib.Path, resume: bool) -> None:
+        self.directory = directory
+        self._resume = resume
+        self._dir: Directory | None = None
+        self._lock: int | None = None
+        self._manifest: IO[bytes] | None = None
+        self._reader: IO[bytes] | None = None
+        self._reader_lock = threading.Lock()
+        # hash((id, occurrence)) -> (offset << 24 | length) of its earlier ok line.
+        self._earlier: dict[int, int] = {}
+        self._claimed: set[int] = set()
+
+    @property
+    def manifest_path(self) -> pathlib.Path:
+        return self.directory / MANIFEST_NAME
+
+    # -- opening and closing (blocking; run on a worker thread) ---------------------
+
+    def open(self) -> None:
+        try:
+            self._dir = Directory(self.directory, create=True)
+            self._acquire_lock()
+            self._dir.remove_temporaries()
+            self._gather_earlier()
+            self._dir.write_atomic(MANIFEST_NAME, b"", sync=True)
+            appending = self._dir.open(MANIFEST_NAME, os.O_WRONLY | os.O_APPEND)
+            self._manifest = os.fdopen(appending, "wb", 0)
+            if self._resume and self._earlier:
+                self._reader = self._dir.read(UNMATCHED_NAME)
+        except OSError as exc:
+            self.close(complete=False)
+            raise FriendliUsageError(
+                f"cannot use out_dir {str(self.directory)!r}: {exc}; pass a writable directory"
+            ) from exc
+        except BaseException:
+            self.close(complete=False)
+            raise
+
+    def _acquire_lock(self) -> None:
+        assert self._dir is not None  # noqa: S101
+        fd = self._dir.open(LOCK_NAME, os.O_RDWR | os.O_CREAT)
+        if sys.platform == "win32":  # pragma: no cover - no fcntl: no lock
+            self._lock = fd
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+            os.close(fd)
+            raise FriendliUsageError(
+                f"out_dir {str(self.directory)!r} is in use by another batch"
+                f"{f' (process {holder})' if holder.isdigit() else ''}: two batches in one "
+                "directory would send every request twice and interleave the manifest; "
+                "wait for it to finish (then rerun to resume) or pass another out_dir"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        self._lock = fd
+
+    def _gather_earlier(self) -> None:
+        """Move every earlier line (unmatched.jsonl, then the manifest) into unmatched.jsonl,
+        the latest line of each identity, ok ones only."""
+        assert self._dir is not None  # noqa: S101
+        latest: dict[tuple[str, int], bytes] = {}
+        for name in (UNMATCHED_NAME, MANIFEST_NAME):
+            try:
+                handle = self._dir.read(name)
+            except FileNotFoundError:
+                continue
+            with handle:
+                for _offset, line, record in read_records(handle):
+                    identity = None if record is None else _identity(record)
+                    if identity is None:
+                        continue
+                    assert record is not None  # noqa: S101
+                    if record.get("status") == "ok":
+                        latest[identity] = line
+                    else:
+                        latest.pop(identity, None)
+        body = b"".join(latest.values())
+        offset = 0
+        for identity, line in latest.items():
+            if len(line) <= _MAX_LINE:
+                self._earlier[hash(identity)] = _pack(offset, len(line))
+            offset += len(line)
+        if body:
+            self._dir.write_atomic(UNMATCHED_NAME, body, sync=True)
+        else:
+            self._dir.remove(UNMATCHED_NAME)
+
+    def close(self, *, complete: bool) -> Unmatched | None:
+        """Release everything; with ``complete`` (the run saw its whole input), keep in
+        ``unmatched.jsonl`` only the stored images no item claimed and report them."""
+        for handle in (self._manifest, self._reader):
+            if handle is not None:
+                handle.close()
+        self._manifest = self._reader = None
+        unmatched = None
+        try:
+            if complete and self._dir is not None:
+                with contextlib.suppress(OSError, FriendliUsageError):
+                    unmatched = self._settle()
+        finally:
+            if self._lock is not None:
+                os.close(self._lock)  # closing the descriptor releases the lock
+                self._lock = None
+            if self._dir is not None:
+                self._dir.close()
+                self._dir = None
+        return unmatched
+
+    def _settle(self) -> Unmatched | None:
+        assert self._dir is not None  # noqa: S101
+        try:
+            handle = self._dir.read(UNMATCHED_NAME)
+        except FileNotFoundError:
+            return None
+        kept: list[bytes] = []
+        with handle:
+            for _offset, line, record in read_records(handle):
+                identity = None if record is None else _identity(record)
+                if identity is None or hash(identity) in self._claimed:
+                    continue
+                assert record is not None  # noqa: S101
+                if self._dir.size_and_mtime(record["file"]) is not None:
+                    kept.append(line)
+        if not kept:
+            self._dir.remove(UNMATCHED_NAME)
+            return None
+        self._dir.write_atomic(UNMATCHED_NAME, b"".join(kept), sync=True)
+        return Unmatched(len(kept), self.directory / UNMATCHED_NAME)
+
+    # -- per item -------------------------------------------------------------------
+
+    def claim(self, item_id: str, occurrence: int) -> StoredRecord | None:
+        """Claim the identity for this run; return its earlier record if its image is
+        intact (blocking: hashes the file), else None."""
+        key = hash((item_id, occurrence))
+        self._claimed.add(key)
+        packed = self._earlier.pop(key, None)
+        if packed is None or self._reader is None or self._dir is None:
+            return None
+        offset, length = packed >> 24, packed & _MAX_LINE
+        with self._reader_lock:
+            self._reader.seek(offset)
+            line = self._reader.read(length)
+        record = _valid_record(line)
+        if record is None or _identity(record) != (item_id, occurrence):
+            return None
+        return record if self._dir.sha256(record["file"]) == record["sha256"] else None
+
+    def has_earlier(self, item_id: str, occurrence: int) -> bool:
+        """True if an earlier run may have this item (so `claim` is worth a thread)."""
+        return hash((item_id, occurrence)) in self._earlier
+
+    def write_image(self, name: str, image: bytes | memoryview) -> str:
+        """Write the image atomically; return its sha256 (blocking)."""
+        assert self._dir is not None  # noqa: S101
+        try:
+            self._dir.write_atomic(name, image)
+        except OSError as exc:
+            raise _usage(self.directory / name, exc, "write") from exc
+        return hashlib.sha256(image).hexdigest()
+
+    def append(self, record: Mapping[str, Any]) -> None:
+        """Append one manifest line with a single write (unbuffered)."""
+        assert self._manifest is not None  # noqa: S101
+        try:
+            self._manifest.write(orjson.dumps(record) + b"\n")
+        except OSError as exc:
+            raise _usage(self.manifest_path, exc, "append to") from exc
+
+
+# -- the gallery's inputs ---------------------------------------------------------------------
+
+
+def read_gallery_inputs(directory: pathlib.Path) -> list[StoredRecord]:
+    """The manifest's valid records in input order, the last line of an index winning,
+    with each run of absent indices as one ``missing`` entry (``index`` to ``last``).
+
+    The list has at most twice as many entries as the manifest has valid lines, however
+    large an index is. Raises `FriendliUsageError` when there is no readable manifest.
+    """
+    path = directory / MANIFEST_NAME
+    latest: dict[int, StoredRecord] = {}
+    try:
+        with Directory(directory) as folder, folder.read(MANIFEST_NAME) as handle:
+            for _offset, _line, record in read_records(handle):
+                if record is not None:
+                    latest[record["index"]] = record
+    except FileNotFoundError:
+        raise FriendliUsageError(
+            f"{str(path)!r} does not exist; pass the out_dir of a batch "
+            "(generate_batch(..., out_dir=...) or 'friendli-image batch --out-dir')"
+        ) from None
+    except OSError as exc:
+        raise FriendliUsageError(f"cannot read {str(path)!r}: {exc}") from exc
+    entries: list[StoredRecord] = []
+    expected = 0
+    for index in sorted(latest):
+        if index > expected:
+            entries.append({"index": expected, "last": index - 1, "status": "missing"})
+        entries.append(latest[index])
+        expected = index + 1
+    return entries
+
+
+# -- --no-resume ------------------------------------------------------------------------------
+
+
+def set_aside_previous_run(directory: pathlib.Path) -> tuple[pathlib.Path, int] | None:
+    """Move an earlier run's manifests, images and gallery into ``previous-run-<time>/``.
+
+    Only the files the manifests name (and the gallery) move; anything else in the
+    directory is left alone. Returns the folder and the number of images moved, None
+    when there is no earlier run.
+    """
+    try:
+        with Directory(directory) as folder:
+            names: set[str] = set()
+            listings = []
+            for listing in (MANIFEST_NAME, UNMATCHED_NAME):
+                try:
+                    handle = folder.read(listing)
+                except FileNotFoundError:
+                    continue
+                listings.append(listing)
+                with handle:
+                    names.update(
+                        record["file"]
+                        for _o, _l, record in read_records(handle)
+                        if record is not None and record.get("status") == "ok"
+                    )
+            if not listings:
+                return None
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            target = f"previous-run-{stamp}"
+            suffix = 1
+            while (directory / target).exists():
+                suffix += 1
+                target = f"previous-run-{stamp}-{suffix}"
+            with folder.subdirectory(target, create=True) as aside:
+                moved = sum(folder.move(name, aside) for name in sorted(names))
+                for extra in (GALLERY_NAME, THUMBS_DIR, *listings):
+                    folder.move(extra, aside)
+    except OSError as exc:
+        raise FriendliUsageError(
+            f"--no-resume cannot move the earlier run in {str(directory)!r} aside: {exc}; "
+            "move or delete it yourself, or pass another --out-dir"
+        ) from None
+    return directory / target, moved
+
+
+# -- any fsspec location (the Ray stage) ------------------------------------------------------
+
+#: Protocols whose single PUT is atomic: an object is complete or absent.
+_ATOMIC_PUT: Final = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "memory"})
+
+
+class Location:
+    """An output location on any fsspec file system: complete-or-absent image objects.
+
+    A local path (``file``) goes through `Directory` (``O_NOFOLLOW``, the umask's mode);
+    an object store gets one PUT per image; other file systems a temporary object, then
+    a move.
+    """
+
+    def __init__(self, uri: str, storage_options: Mapping[str, Any]) -> None:
+        import fsspec  # noqa: PLC0415  (the optional ray extra)
+
+        fs, root = fsspec.core.url_to_fs(uri, **storage_options)
+        self.fs = fs
+        self.root = root.rstrip("/")
+        self.uri = uri.rstrip("/")
+        protocols = {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
+        self.local = "file" in protocols or "local" in protocols
+        self.atomic_put = bool(protocols & _ATOMIC_PUT)
+        self._made = False
+
+    def complete(self, name: str) -> bool:
+        """True if the image exists (blocking). Writes are atomic, so present is complete."""
+        if self.local:
+            with contextlib.suppress(OSError), Directory(pathlib.Path(self.root)) as folder:
+                size = folder.size_and_mtime(name)
+                return size is not None and size[0] > 0
+            return False
+        try:
+            info = self.fs.info(f"{self.root}/{name}")
+        except FileNotFoundError:
+            return False
+        return info.get("type") == "file" and int(info.get("size") or 0) > 0
+
+    def write(self, name: str, data: bytes) -> None:
+        """Write atomically (blocking): one PUT on object stores, temp-then-rename elsewhere."""
+        if self.local:
+            with Directory(pathlib.Path(self.root), create=True) as folder:
+                folder.write_atomic(name, data)
+            return
+        if not self._made:
+            self.fs.makedirs(self.root, exist_ok=True)
+            self._made = True
+        target = f"{self.root}/{name}"
+        if self.atomic_put:
+            self.fs.pipe_file(target, data)
+            return
+        temp = f"{self.root}/.{name}.{secrets.token_hex(6)}{_TEMP_SUFFIX}"
+        try:
+            self.fs.pipe_file(temp, data)
+            self.fs.mv(temp, target)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                self.fs.rm_file(temp)
+            raise
+
+    def image_names(self) -> set[str]:
+        """The image files directly in the location (blocking)."""
+        try:
+            listed = self.fs.ls(self.root, detail=True)
+        except FileNotFoundError:
+            return set()
+        names = set()
+        for info in listed:
+            name = valid_name(str(info.get("name", "")).rstrip("/").rsplit("/", 1)[-1])
+            if name is not None and info.get("type") == "file":
+                names.add(name)
+        return names

@@ -1,0 +1,301 @@
+"""The output store: item identity across reruns, unmatched images, and a location that
+holds planted links, hostile manifests and huge indices without touching anything else."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from friendli_image import AsyncFriendli, FriendliUsageError, write_gallery
+from friendli_image._cli import main
+from friendli_image._store import (
+    GALLERY_NAME,
+    LOCK_NAME,
+    MANIFEST_NAME,
+    THUMBS_DIR,
+    UNMATCHED_NAME,
+    read_gallery_inputs,
+)
+from friendli_image.server import LocalServer, ServerConfig
+
+
+@pytest.fixture
+def server() -> Iterator[LocalServer]:
+    """A bundled server rendering small pictures: each request has its own bytes."""
+    with LocalServer(ServerConfig(image_size=16, max_concurrency=16)) as local:
+        yield local
+
+
+@pytest.fixture
+async def client(server: LocalServer) -> AsyncIterator[AsyncFriendli]:
+    server.reset_stats()
+    async with AsyncFriendli(server_url=server.url) as opened:
+        yield opened
+
+
+def _manifest(directory: Path) -> list[dict[str, Any]]:
+    return [orjson.loads(line) for line in (directory / MANIFEST_NAME).read_bytes().splitlines()]
+
+
+def _images(directory: Path) -> list[Path]:
+    return sorted(directory.glob("*.jpg"))
+
+
+def _requests(count: int, steps: int = 2) -> list[dict[str, Any]]:
+    return [
+        {"prompt": f"a harbour no. {i}", "seed": i, "num_inference_steps": steps}
+        for i in range(count)
+    ]
+
+
+async def _check_images(client: AsyncFriendli, result: Any, requests: list[Any]) -> None:
+    """Every item is ok or resumed, with the bytes the server returns for its request."""
+    assert [item.index for item in result] == list(range(len(requests)))
+    for item, request in zip(result, requests, strict=True):
+        assert item.ok, item
+        direct = await client.container.image.generate(**request)
+        assert item.path.read_bytes() == direct.data, item.index
+
+
+# -- identity ---------------------------------------------------------------------------------
+
+
+async def test_inserting_one_line_in_twenty_sends_one_request(
+    client: AsyncFriendli, server: LocalServer, tmp_path: Path
+) -> None:
+    requests = _requests(20)
+    await client.container.image.generate_batch(requests, out_dir=tmp_path)
+    assert server.stats.total_requests == 20
+    server.reset_stats()
+    inserted = [{"prompt": "a new first line", "seed": 99, "num_inference_steps": 2}, *requests]
+    again = await client.container.image.generate_batch(inserted, out_dir=tmp_path)
+    assert server.stats.total_requests == 1
+    assert [item.status for item in again] == ["ok"] + ["resumed"] * 20
+    assert again.unmatched == 0
+    assert len(_images(tmp_path)) == 21
+    assert sorted(line["index"] for line in _manifest(tmp_path)) == list(range(21))
+    await _check_images(client, again, inserted)
+
+
+async def test_reordering_the_input_sends_nothing(
+    client: AsyncFriendli, server: LocalServer, tmp_path: Path
+) -> None:
+    requests = _requests(20)
+    await client.container.image.generate_batch(requests, out_dir=tmp_path)
+    server.reset_stats()
+    shuffled = requests[::-1]
+    again = await client.container.image.generate_batch(shuffled, out_dir=tmp_path)
+    assert server.stats.total_requests == 0
+    assert {item.status for item in again} == {"resumed"}
+    lines = {line["index"]: line["prompt"] for line in _manifest(tmp_path)}
+    assert lines == {i: request["prompt"] for i, request in enumerate(shuffled)}
+    await _check_images(client, again, shuffled)
+
+
+async def test_changing_the_steps_regenerates_all_and_keeps_the_old_images_counted(
+    client: AsyncFriendli, server: LocalServer, tmp_path: Path
+) -> None:
+    first = await client.container.image.generate_batch(_requests(20), out_dir=tmp_path)
+    old = {item.path: item.path.read_bytes() for item in first if item.path is not None}
+    server.reset_stats()
+    changed = _requests(20, steps=3)
+    again = await client.container.image.generate_batch(changed, out_dir=tmp_path)
+    assert server.stats.total_requests == 20
+    assert {item.status for item in again} == {"ok"}
+    assert again.unmatched == 20
+    assert again.unmatched_listing == tmp_path / UNMATCHED_NAME
+    assert all(path.read_bytes() == data for path, data in old.items())
+    listed = [orjson.loads(line) for line in (tmp_path / UNMATCHED_NAME).read_bytes().splitlines()]
+    assert sorted(tmp_path / line["file"] for line in listed) == sorted(old)
+    assert len(_manifest(tmp_path)) == 20
+    assert {line["file"] for line in _manifest(tmp_path)}.isdisjoint(p.name for p in old)
+    await _check_images(client, again, changed)
+    # Changing the steps back finds the first images again: nothing is sent.
+    server.reset_stats()
+    back = await client.container.image.generate_batch(_requests(20), out_dir=tmp_path)
+    assert server.stats.total_requests == 0
+    assert back.unmatched == 20
+
+
+async def test_identical_requests_stay_distinct_and_resume_by_occurrence(
+    client: AsyncFriendli, server: LocalServer, tmp_path: Path
+) -> None:
+    requests = ["a heron", "a heron", "an owl", "a heron"]
+    first = await client.container.image.generate_batch(requests, out_dir=tmp_path)
+    assert [item.occurrence for item in first] == [0, 1, 0, 2]
+    assert len({item.path for item in first}) == 4
+    server.reset_stats()
+    fewer = await client.container.image.generate_batch(["an owl", "a heron"], out_dir=tmp_path)
+    assert server.stats.total_requests == 0
+    assert fewer.unmatched == 2  # the second and third heron
+
+
+def test_no_resume_keeps_its_meaning_on_the_command_line(
+    server: LocalServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    source = tmp_path / "in.jsonl"
+    out = tmp_path / "out"
+    source.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in _requests(4)))
+    arguments = ["batch", str(source), "--out-dir", str(out), "--server-url", server.url]
+    assert main([*arguments, "--no-progress"]) == 0
+    source.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in _requests(4, steps=3)))
+    assert main([*arguments, "--no-progress"]) == 0
+    summary = capsys.readouterr().out
+    assert "4 image(s) of earlier runs match no item of this input" in summary
+    assert str(out / UNMATCHED_NAME) in summary
+    server.reset_stats()
+    assert main([*arguments, "--no-progress", "--no-resume"]) == 0
+    assert server.stats.total_requests == 4
+    aside = next(out.glob("previous-run-*"))
+    assert len(list(aside.glob("*.jpg"))) == 8
+    assert not (out / UNMATCHED_NAME).exists()
+    assert len(list(out.glob("*.jpg"))) == 4
+
+
+# -- a location that holds traps ------------------------------------------------------------
+
+
+@pytest.fixture
+def outside(tmp_path: Path) -> Path:
+    """A file outside the location that nothing may change."""
+    target = tmp_path / "outside.txt"
+    target.write_text("precious\n")
+    return target
+
+
+def _untouched(target: Path) -> None:
+    assert target.read_text() == "precious\n"
+
+
+@pytest.mark.parametrize("name", [LOCK_NAME, MANIFEST_NAME])
+@pytest.mark.parametrize("resume", [True, False])
+async def test_a_symlinked_lock_or_manifest_is_refused(
+    client: AsyncFriendli, tmp_path: Path, outside: Path, name: str, resume: bool
+) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / name).symlink_to(outside)
+    with pytest.raises(FriendliUsageError, match="symbolic link"):
+        await client.container.image.generate_batch(["a"], out_dir=out, resume=resume)
+    _untouched(outside)
+
+
+async def test_symlinked_thumbs_are_not_used(
+    client: AsyncFriendli, tmp_path: Path, make_image: Any
+) -> None:
+    pytest.importorskip("PIL")
+    out = tmp_path / "out"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    out.mkdir()
+    (out / THUMBS_DIR).symlink_to(elsewhere)
+    await client.container.image.generate_batch(["a", "b"], out_dir=out)
+    page = write_gallery(out).read_text()
+    assert list(elsewhere.iterdir()) == []
+    assert THUMBS_DIR + "/" not in page
+
+
+def _plant(directory: Path, *lines: dict[str, Any] | bytes) -> None:
+    directory.mkdir(exist_ok=True)
+    (directory / MANIFEST_NAME).write_bytes(
+        b"".join(
+            (line if isinstance(line, bytes) else orjson.dumps(line)) + b"\n" for line in lines
+        )
+    )
+
+
+def _ok(index: int, name: str, item_id: str = "0" * 64) -> dict[str, Any]:
+    return {"index": index, "id": item_id, "status": "ok", "file": name, "sha256": "0" * 64}
+
+
+@pytest.mark.parametrize(
+    "name", ["../outside.txt", "/etc/passwd", "a/b.jpg", "x\u0000.jpg", "evil.html", ".hidden.jpg"]
+)
+def test_a_manifest_naming_files_outside_or_not_images_is_ignored(
+    tmp_path: Path, outside: Path, name: str
+) -> None:
+    out = tmp_path / "out"
+    (tmp_path / "evil.html").write_text("<script>alert(1)</script>")
+    _plant(out, _ok(0, name), _ok(1, "fine.jpg"))
+    (out / "evil.html").write_text("<script>alert(1)</script>")
+    entries = read_gallery_inputs(out)
+    assert [entry.get("file") for entry in entries] == [None, "fine.jpg"]
+    page = write_gallery(out).read_text()
+    assert "evil.html" not in page
+    assert "outside" not in page
+    moved = main(
+        [
+            "batch",
+            str(outside),
+            "--out-dir",
+            str(out),
+            "--no-resume",
+            "--server-url",
+            "http://127.0.0.1:9",
+            "--no-progress",
+            "--retries",
+            "0",
+        ]
+    )
+    assert moved == 3
+    _untouched(outside)
+    assert (tmp_path / "evil.html").exists()
+
+
+def test_a_nul_byte_in_a_manifest_line_is_ignored(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    _plant(out, b'{"index": 0, "status": "ok", "file": "a\\u0000b.jpg", "sha256": "x"}')
+    assert write_gallery(out).stat().st_size < 20_000
+
+
+def test_a_huge_index_makes_a_small_page(tmp_path: Path) -> None:
+    """One 50-byte line with index 1,000,000 once made a 407 MiB page."""
+    out = tmp_path / "out"
+    _plant(out, {"index": 1_000_000, "status": "failed", "error": "x"})
+    entries = read_gallery_inputs(out)
+    assert len(entries) == 2
+    assert entries[0] == {"index": 0, "last": 999_999, "status": "missing"}
+    assert write_gallery(out).stat().st_size < 20_000
+
+
+async def test_images_manifest_and_gallery_follow_the_umask(
+    client: AsyncFriendli, tmp_path: Path
+) -> None:
+    previous = os.umask(0o022)
+    try:
+        out = tmp_path / "out"
+        await client.container.image.generate_batch(["a", "b"], out_dir=out)
+        await client.container.image.generate_batch(["c"], out_dir=out)  # and unmatched.jsonl
+        write_gallery(out)
+    finally:
+        os.umask(previous)
+    files = [*_images(out), out / MANIFEST_NAME, out / UNMATCHED_NAME, out / GALLERY_NAME]
+    assert len(files) == 6
+    for path in files:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644, path
+    assert not [p for p in out.iterdir() if p.name.endswith(".part")]
+
+
+async def test_a_resumed_image_is_hashed_again_and_a_link_is_not_read(
+    client: AsyncFriendli, server: LocalServer, tmp_path: Path, outside: Path
+) -> None:
+    """An image replaced by a link to a file outside is regenerated, never read through."""
+    first = await client.container.image.generate_batch(["a", "b"], out_dir=tmp_path / "out")
+    path = first[0].path
+    assert path is not None
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    path.unlink()
+    path.symlink_to(outside)
+    server.reset_stats()
+    again = await client.container.image.generate_batch(["a", "b"], out_dir=tmp_path / "out")
+    assert [item.status for item in again] == ["ok", "resumed"]
+    assert not path.is_symlink()
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == digest
+    _untouched(outside)

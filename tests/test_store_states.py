@@ -1,0 +1,257 @@
+"""Batches into one out_dir as a state machine: random inputs, edits, kills and reruns.
+
+Hypothesis drives a `RuleBasedStateMachine` over an input of requests. Rules edit the
+input (insert, delete, reorder, change a parameter), run the batch to the end, cancel
+it in process after some items, or SIGKILL a ``friendli-image batch`` subprocess. After
+every step:
+
+- every image in out_dir has the bytes the bundled server returns for its request
+  (renders are deterministic per request, so the oracle is a direct call);
+- the manifest (and ``unmatched.jsonl``) parse, every line a valid record;
+- nothing outside out_dir changed;
+
+and after a run to the end, each current item has exactly one ``ok`` manifest line whose
+image is right, and the run sent exactly one request per item not stored before it.
+
+The budget is fixed and derandomized for CI (``FRIENDLI_STATE_EXAMPLES`` raises it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, ClassVar
+
+import orjson
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
+
+from friendli_image import AsyncFriendli
+from friendli_image._models import GenerateRequest
+from friendli_image._resources import GENERATIONS_PATH
+from friendli_image._store import MANIFEST_NAME, UNMATCHED_NAME, request_digest, valid_name
+from friendli_image.server import LocalServer, ServerConfig
+
+EXAMPLES = int(os.environ.get("FRIENDLI_STATE_EXAMPLES", "100"))
+
+_PROMPTS = st.sampled_from(["a fox", "an owl", "a heron", "a lake", "a pier", "dunes"])
+_REQUESTS = st.fixed_dictionaries(
+    {"prompt": _PROMPTS, "seed": st.integers(0, 3), "num_inference_steps": st.integers(1, 2)}
+)
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[LocalServer]:
+    """Small deterministic renders, slow enough per step that a kill lands mid-run."""
+    config = ServerConfig(image_size=16, step_latency_ms=15, max_concurrency=8)
+    with LocalServer(config) as local:
+        yield local
+
+
+def _digest(request: dict[str, Any]) -> str:
+    return request_digest(GENERATIONS_PATH, GenerateRequest(**request))
+
+
+class BatchStates(RuleBasedStateMachine):
+    """One out_dir, one input, and the server's answer for every request seen."""
+
+    server: LocalServer
+    #: How often each kind of step ran (printed with the timing).
+    steps: ClassVar[Counter[str]] = Counter()
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.root = Path(tempfile.mkdtemp(prefix="friendli-states-"))
+        self.out = self.root / "out"
+        self.outside = self.root / "outside.txt"
+        self.outside.write_text("precious\n")
+        self.source = self.root / "input.jsonl"
+        self.items: list[dict[str, Any]] = []
+        self.requests_by_digest: dict[str, dict[str, Any]] = {}
+        self.expected: dict[str, bytes] = {}
+
+    def teardown(self) -> None:
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    # -- the oracle --------------------------------------------------------------------------
+
+    def _server_bytes(self, request: dict[str, Any]) -> bytes:
+        digest = _digest(request)
+        if digest not in self.expected:
+
+            async def direct() -> bytes:
+                async with AsyncFriendli(server_url=self.server.url) as client:
+                    return (await client.container.image.generate(**request)).data
+
+            self.expected[digest] = asyncio.run(direct())
+        return self.expected[digest]
+
+    def _identities(self) -> list[str]:
+        """The current items as their image names' stems: digest prefix and occurrence."""
+        seen: Counter[str] = Counter()
+        stems = []
+        for digest in map(_digest, self.items):
+            stems.append(f"{digest[:20]}-{seen[digest]}")
+            seen[digest] += 1
+        return stems
+
+    def _stored(self) -> set[str]:
+        """The stems of the images recorded (manifest or unmatched.jsonl) and present.
+
+        An image a kill left without its manifest line is not known to the store: it is
+        made again (atomic writes make that safe), so it does not count as stored.
+        """
+        lines = [*self._lines(UNMATCHED_NAME), *self._lines(MANIFEST_NAME)]
+        return {
+            line["file"].rsplit(".", 1)[0]
+            for line in lines
+            if line["status"] == "ok" and (self.out / line["file"]).exists()
+        }
+
+    # -- editing the input ----------------------------------------------------------------------
+
+    @initialize(items=st.lists(_REQUESTS, min_size=1, max_size=8))
+    def start(self, items: list[dict[str, Any]]) -> None:
+        self.items = items
+        for request in items:
+            self.requests_by_digest[_digest(request)] = request
+
+    @rule(data=st.data(), request=_REQUESTS)
+    def insert(self, data: st.DataObject, request: dict[str, Any]) -> None:
+        at = data.draw(st.integers(0, len(self.items)))
+        self.items.insert(at, request)
+        self.requests_by_digest[_digest(request)] = request
+
+    @rule(data=st.data())
+    def delete(self, data: st.DataObject) -> None:
+        if len(self.items) > 1:
+            del self.items[data.draw(st.integers(0, len(self.items) - 1))]
+
+    @rule(data=st.data())
+    def reorder(self, data: st.DataObject) -> None:
+        self.items = data.draw(st.permutations(self.items))
+
+    @rule(data=st.data(), steps=st.integers(1, 3))
+    def change_steps(self, data: st.DataObject, steps: int) -> None:
+        at = data.draw(st.integers(0, len(self.items) - 1))
+        self.items[at] = {**self.items[at], "num_inference_steps": steps}
+        self.requests_by_digest[_digest(self.items[at])] = self.items[at]
+
+    # -- running ----------------------------------------------------------------------------------
+
+    async def _batch(self, stop_after: int | None) -> Any:
+        async with AsyncFriendli(server_url=self.server.url) as client:
+            batch = client.container.image.generate_batch(
+                list(self.items), out_dir=self.out, concurrency=3
+            )
+            if stop_after is None:
+                return await batch
+            seen = 0
+            async with batch:
+                async for _item in batch:
+                    seen += 1
+                    if seen >= stop_after:
+                        break  # leaving `async with` cancels the requests in flight
+            return None
+
+    @rule()
+    def run_to_the_end(self) -> None:
+        self.steps["run"] += 1
+        stored_before = self._stored()
+        self.server.reset_stats()
+        result = asyncio.run(self._batch(None))
+        sent = self.server.stats.total_requests
+        assert sent == sum(1 for stem in self._identities() if stem not in stored_before)
+        assert result.ok
+        lines = self._lines(MANIFEST_NAME)
+        assert sorted(line["index"] for line in lines) == list(range(len(self.items)))
+        for line in lines:
+            request = self.items[line["index"]]
+            assert line["status"] == "ok"
+            assert line["id"] == _digest(request)
+            assert (self.out / line["file"]).read_bytes() == self._server_bytes(request)
+        assert len({line["file"] for line in lines}) == len(lines)
+
+    @rule(data=st.data())
+    def cancel_in_process(self, data: st.DataObject) -> None:
+        self.steps["cancel"] += 1
+        asyncio.run(self._batch(data.draw(st.integers(0, len(self.items)))))
+
+    @rule(wait=st.sampled_from([0.0, 0.05, 0.2]))
+    def sigkill_a_subprocess(self, wait: float) -> None:
+        self.source.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in self.items))
+        command = [
+            sys.executable, "-m", "friendli_image", "batch", str(self.source),
+            "--out-dir", str(self.out), "--server-url", self.server.url,
+            "--concurrency", "2", "--no-progress",
+        ]  # fmt: skip
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        manifest = self.out / MANIFEST_NAME
+        deadline = time.monotonic() + 30
+        while process.poll() is None and time.monotonic() < deadline:
+            if manifest.exists() and manifest.stat().st_size > 0:
+                time.sleep(wait)
+                break
+            time.sleep(0.01)
+        self.steps["sigkill" if process.poll() is None else "finished before the kill"] += 1
+        process.send_signal(signal.SIGKILL)
+        process.wait(30)
+
+    # -- after every step -----------------------------------------------------------------
+
+    def _lines(self, name: str) -> list[dict[str, Any]]:
+        path = self.out / name
+        if not path.exists():
+            return []
+        return [orjson.loads(line) for line in path.read_bytes().splitlines()]
+
+    @invariant()
+    def manifests_parse(self) -> None:
+        for name in (MANIFEST_NAME, UNMATCHED_NAME):
+            for line in self._lines(name):
+                assert isinstance(line["index"], int)
+                assert line["index"] >= 0
+                if line["status"] == "ok":
+                    assert valid_name(line["file"]) == line["file"]
+
+    @invariant()
+    def every_image_is_the_servers_answer_to_its_request(self) -> None:
+        if not self.out.exists():
+            return
+        by_prefix = {digest[:20]: request for digest, request in self.requests_by_digest.items()}
+        for path in self.out.glob("*.jpg"):
+            request = by_prefix[path.name[:20]]
+            assert path.read_bytes() == self._server_bytes(request), path.name
+
+    @invariant()
+    def nothing_outside_changed(self) -> None:
+        assert self.outside.read_text() == "precious\n"
+        assert {p.name for p in self.root.iterdir()} <= {"out", "outside.txt", "input.jsonl"}
+
+
+def test_batches_killed_edited_and_rerun(server: LocalServer) -> None:
+    BatchStates.server = server
+    started = time.monotonic()
+    run = BatchStates.TestCase
+    run.settings = settings(
+        max_examples=EXAMPLES,
+        stateful_step_count=10,
+        derandomize=True,
+        deadline=None,
+        database=None,
+        suppress_health_check=[HealthCheck.too_slow],
+    )
+    run("runTest").runTest()
+    elapsed = time.monotonic() - started
+    print(f"state machine: {EXAMPLES} examples in {elapsed:.1f} s, {dict(BatchStates.steps)}")
