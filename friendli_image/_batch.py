@@ -56,6 +56,7 @@ from ._exceptions import (
 from ._models import (
     AttemptOutcome,
     BatchItem,
+    BatchMonitor,
     BatchOptions,
     BatchProgress,
     BatchResult,
@@ -311,6 +312,7 @@ class Batch:
         self._counts = {"ok": 0, "failed": 0, "skipped": 0, "resumed": 0}
         self._t0 = 0.0
         self._last_progress = 0.0
+        self._monitor: BatchMonitor | None = None
 
     # -- public surface -------------------------------------------------------------
 
@@ -440,6 +442,7 @@ class Batch:
     async def _run(self, *, ordered: bool) -> AsyncIterator[BatchItem]:
         self._started = True
         self._t0 = time.monotonic()
+        self._monitor = self._path.monitor_batch(self.progress)
         loop = asyncio.get_running_loop()
         if self._options.out_dir is not None:
             sink = Sink(self._options.out_dir, self._options.resume)
@@ -520,9 +523,13 @@ class Batch:
                 await asyncio.gather(*pending.values(), return_exceptions=True)
             if self._sink is not None:
                 self._sink.close()
+            if self._monitor is not None:
+                self._monitor.close()
 
     def _count(self, item: BatchItem) -> None:
         self._counts[item.status] += 1
+        if self._monitor is not None:
+            self._monitor.item(item.status)
 
     def _report(self, *, final: bool = False) -> None:
         if self._on_progress is None:
