@@ -605,12 +605,16 @@ class CallObserver:
             if number > 1:
                 span.set_attribute("http.request.resend_count", number - 1)
             otel.inject(headers, span)
-        hooks = instrumentation.hooks
-        if hooks is not None and hooks.on_request is not None:
+        hook = self._hook("on_request")
+        if hook is not None:
             instrumentation.call_hook(
-                hooks.on_request,
+                hook,
                 RequestEvent(model=self._request.model, **self._event_fields()),
             )
+
+    def _hook(self, name: str) -> Callable[[Any], object] | None:
+        hooks = self._instrumentation.hooks
+        return None if hooks is None else getattr(hooks, name)
 
     def _event_fields(self) -> dict[str, Any]:
         return {
@@ -673,11 +677,10 @@ class CallObserver:
         self._end_attempt()
         if self._instruments is not None:
             self._instruments.retries.add(1, {_REASON: reason, _ENDPOINT: self._endpoint})
-        instrumentation = self._instrumentation
-        hooks = instrumentation.hooks
-        if hooks is not None and hooks.on_retry is not None:
-            instrumentation.call_hook(
-                hooks.on_retry,
+        hook = self._hook("on_retry")
+        if hook is not None:
+            self._instrumentation.call_hook(
+                hook,
                 RetryEvent(
                     error=error,
                     reason=reason,
@@ -713,11 +716,10 @@ class CallObserver:
                 span.set_attribute("friendli_image.response.width", result.width)
                 span.set_attribute("friendli_image.response.height", result.height)
             span.end()
-        instrumentation = self._instrumentation
-        hooks = instrumentation.hooks
-        if hooks is not None and hooks.on_response is not None:
-            instrumentation.call_hook(
-                hooks.on_response,
+        hook = self._hook("on_response")
+        if hook is not None:
+            self._instrumentation.call_hook(
+                hook,
                 ResponseEvent(
                     result=result,
                     elapsed=elapsed,
@@ -745,11 +747,10 @@ class CallObserver:
             )
             span.set_status(_otel_module().trace.StatusCode.ERROR, reason)
             span.end()
-        instrumentation = self._instrumentation
-        hooks = instrumentation.hooks
-        if hooks is not None and hooks.on_error is not None:
-            instrumentation.call_hook(
-                hooks.on_error,
+        hook = self._hook("on_error")
+        if hook is not None:
+            self._instrumentation.call_hook(
+                hook,
                 ErrorEvent(
                     error=error, reason=reason, call_elapsed=call_elapsed, **self._event_fields()
                 ),
