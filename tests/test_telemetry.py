@@ -114,6 +114,16 @@ def _points(metrics: dict[str, list[tuple[dict[str, Any], Any]]], name: str) -> 
     }
 
 
+def _recording(events: list[Any]) -> Hooks:
+    """Hooks that append every event to ``events``."""
+    return Hooks(
+        on_request=events.append,
+        on_response=events.append,
+        on_retry=events.append,
+        on_error=events.append,
+    )
+
+
 def _test_id(request: pytest.FixtureRequest) -> str:
     return request.node.name.replace("[", "-").replace("]", "")
 
@@ -251,12 +261,7 @@ async def test_a_call_that_fails_for_good_ends_both_spans_in_error_and_calls_on_
     test_id = _test_id(request)
     server.script(test_id, [Action.status(400)])
     events: list[object] = []
-    hooks = Hooks(
-        on_request=events.append,
-        on_response=events.append,
-        on_retry=events.append,
-        on_error=events.append,
-    )
+    hooks = _recording(events)
     async with AsyncFriendli(
         server_url=server.url,
         http_headers={"x-test-id": test_id},
@@ -291,12 +296,7 @@ async def test_hooks_see_each_attempt_once_in_order(
     test_id = _test_id(request)
     server.script(test_id, [Action.status(503, {"Retry-After": "3"})])
     events: list[RequestEvent | ResponseEvent | RetryEvent | ErrorEvent] = []
-    hooks = Hooks(
-        on_request=events.append,
-        on_response=events.append,
-        on_retry=events.append,
-        on_error=events.append,
-    )
+    hooks = _recording(events)
     with no_wait() as waits:
         async with AsyncFriendli(
             server_url=server.url,
@@ -518,12 +518,7 @@ def test_the_token_never_appears_in_a_span_a_metric_a_log_or_a_hook_event(
         ],
     )
     events: list[object] = []
-    hooks = Hooks(
-        on_request=events.append,
-        on_response=events.append,
-        on_retry=events.append,
-        on_error=events.append,
-    )
+    hooks = _recording(events)
     caplog.clear()
     try:
         with (
