@@ -15,8 +15,14 @@ One run measures, against ``benchmarks/server.py``'s static server in its own pr
 
 Each cell is a fresh worker process that makes ``--n`` calls (``--c`` at a time, after a
 warm-up) on one `AsyncFriendli` and reports its own CPU (user + sys, ``getrusage``) per
-call. Rounds run the setups in turn, so drift on a shared machine hits them alike; the
-summary is each setup's median, and its ratio to ``off`` and to ``base``.
+call. Rounds run the setups in turn (each round in another order), so drift on a shared
+machine hits them alike; the summary is each setup's median, and its ratio to ``off``
+and to ``base``.
+
+Whole calls cost a few hundred µs and vary by more than the few µs at stake on a busy
+machine, so the run also times what the retry loop adds when nothing listens, alone:
+the call to ``Instrumentation.start`` that returns None, without OpenTelemetry (``off``)
+and with the API but no provider (``api``), in ns per call (best of 7 timeit repeats).
 """
 
 from __future__ import annotations
@@ -82,6 +88,25 @@ def _worker(setup: str, url: str, n: int, c: int, warmup: int) -> None:
     print(f"{asyncio.run(run()) * 1e6:.2f}")
 
 
+def _micro(setup: str) -> None:
+    """ns per ``Instrumentation.start`` that finds nobody listening."""
+    if setup == "off":
+        sys.modules["opentelemetry"] = None  # type: ignore[assignment]
+    import logging
+    import timeit
+
+    from friendli_image import GenerateRequest
+    from friendli_image._telemetry import Instrumentation
+
+    watch = Instrumentation(None, None, logging.getLogger("bench"))
+    request = GenerateRequest(prompt="p")
+    if watch.start(request, "id") is not None:
+        raise RuntimeError("something listens")
+    number = 200_000
+    best = min(timeit.repeat(lambda: watch.start(request, "id"), number=number, repeat=7))
+    print(f"{best / number * 1e9:.0f}")
+
+
 def _export(ref: str, into: Path) -> Path:
     """The package at git ``ref``, unpacked under ``into``."""
     archive = subprocess.run(
@@ -104,8 +129,12 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=200)
     parser.add_argument("--base", help="a git ref to measure as 'base' (e.g. main)")
     parser.add_argument("--worker", choices=SETUPS, help=argparse.SUPPRESS)
+    parser.add_argument("--micro", choices=("off", "api"), help=argparse.SUPPRESS)
     parser.add_argument("--url", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.micro:
+        _micro(args.micro)
+        return
     if args.worker:
         _worker(args.worker, args.url, args.n, args.c, args.warmup)
         return
@@ -123,7 +152,8 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as scratch:
             base_path = _export(args.base, Path(scratch)) if args.base else None
             for round_number in range(args.rounds):
-                for setup in setups:
+                shift = round_number % len(setups)
+                for setup in setups[shift:] + setups[:shift]:
                     env = dict(os.environ)
                     if setup == "base" and base_path is not None:
                         env["PYTHONPATH"] = str(base_path)
@@ -168,6 +198,14 @@ def main() -> None:
         if "base" in medians:
             line += f"   vs base {medians[setup] / medians['base']:.3f}"
         print(line)
+    print("\nwhat the retry loop adds per call when nothing listens (Instrumentation.start):")
+    for setup in ("off", "api"):
+        done = subprocess.run(
+            [sys.executable, __file__, "--micro", setup], capture_output=True, text=True, check=True
+        )
+        nanos = float(done.stdout)
+        share = nanos / 1000 / medians["off"] * 100
+        print(f"  {setup:6} {nanos:8.0f} ns   = {share:.2f} % of off's CPU per call")
 
 
 if __name__ == "__main__":

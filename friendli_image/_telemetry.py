@@ -12,7 +12,7 @@ module builds
 * the `Hooks` callbacks, for people without OpenTelemetry.
 
 Without the extra nothing of OpenTelemetry is imported; with the API but no SDK (no
-provider set), a call costs one provider check per signal. The token is never recorded:
+provider set), a call costs a clock read (the providers are looked for once a second). The token is never recorded:
 URLs are recorded without user info, the headers are never read, and the errors handed
 to spans and hooks are the transport's, already cleaned of the credentials. The prompt
 is recorded only when asked (`Telemetry.record_prompt`).
@@ -23,6 +23,7 @@ from __future__ import annotations
 import importlib
 import json
 import logging
+import math
 import os
 import time
 import weakref
@@ -72,6 +73,8 @@ __all__ = [
 ATTRIBUTE_PREFIX: Final = "friendli_image."
 #: The GenAI conventions' opt-in for recording prompts (read when ``record_prompt`` is None).
 ENV_CAPTURE_CONTENT: Final = "OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT"
+#: Seconds between two looks for a provider while none is set.
+_LOOK_AGAIN: Final = 1.0
 #: The instrumentation scope of our tracer and meter.
 SCOPE: Final = "friendli_image"
 
@@ -217,8 +220,9 @@ class Hooks:
 class Telemetry:
     """How a client reports to OpenTelemetry (needs ``pip install friendli-image[otel]``).
 
-    By default a client uses the global tracer and meter providers, so it reports as
-    soon as the application sets them up, and costs next to nothing until then.
+    By default a client uses the global tracer and meter providers: it reports once the
+    application sets them up (looked for at most once a second) and costs next to nothing
+    until then.
 
     Args:
         enabled: False: this client makes no spans and records no metrics.
@@ -385,6 +389,7 @@ class Instrumentation:
         "_endpoints",
         "_instruments",
         "_logger",
+        "_next_look",
         "_tracer",
         "_urls",
         "hooks",
@@ -409,6 +414,7 @@ class Instrumentation:
         self._tracer: Tracer | None = None
         self._instruments: _Instruments | None = None
         self._urls: dict[URL, str] = {}
+        self._next_look = 0.0
 
     def endpoints(self) -> tuple[EndpointStats, ...]:
         """The client's fleet, for the ejection metric."""
@@ -417,24 +423,33 @@ class Instrumentation:
     def _signals(self) -> tuple[Tracer | None, _Instruments | None]:
         """The tracer and instruments in use, None for each signal nobody collects."""
         tracer, instruments = self._tracer, self._instruments
-        if (tracer is not None and instruments is not None) or not self.telemetry.enabled:
-            return tracer, instruments
-        otel = _load_otel()
+        if tracer is None or instruments is None:
+            now = time.monotonic()
+            if now >= self._next_look:
+                # Asking OpenTelemetry costs microseconds (it reads the environment), a
+                # few percent of a call: while a provider is missing, ask once a second.
+                self._next_look = now + _LOOK_AGAIN
+                tracer, instruments = self._look()
+        return tracer, instruments
+
+    def _look(self) -> tuple[Tracer | None, _Instruments | None]:
+        otel = _load_otel() if self.telemetry.enabled else None
         if otel is None:
+            self._next_look = math.inf  # off for good: disabled, or not installed
             return None, None
         # A provider once set is never replaced (OpenTelemetry sets the global once), so
-        # what is found is kept; while none is set, every call looks again.
-        if tracer is None:
+        # what is found is kept.
+        if self._tracer is None:
             provider = otel.tracer_provider(self.telemetry.tracer_provider)
             if provider is not None:
-                tracer = self._tracer = provider.get_tracer(SCOPE, __version__)
-        if instruments is None:
+                self._tracer = provider.get_tracer(SCOPE, __version__)
+        if self._instruments is None:
             meter_provider = otel.meter_provider(self.telemetry.meter_provider)
             if meter_provider is not None:
-                instruments = self._instruments = _instruments_for(meter_provider)
+                self._instruments = _instruments_for(meter_provider)
                 if self._endpoints is not None:
-                    instruments.fleets.add(self)
-        return tracer, instruments
+                    self._instruments.fleets.add(self)
+        return self._tracer, self._instruments
 
     def start(self, request: RequestModel, request_id: str) -> CallObserver | None:
         """Observe one call; None (nothing to do) when no span, metric or hook listens."""
