@@ -12,10 +12,11 @@ module builds
 * the `Hooks` callbacks, for people without OpenTelemetry.
 
 Without the extra nothing of OpenTelemetry is imported; with the API but no SDK (no
-provider set), a call costs a clock read (the providers are looked for once a second). The token is never recorded:
-URLs are recorded without user info, the headers are never read, and the errors handed
-to spans and hooks are the transport's, already cleaned of the credentials. The prompt
-is recorded only when asked (`Telemetry.record_prompt`).
+provider set), a call costs a clock read (the providers are looked for once a second).
+The token is never recorded: URLs are recorded without user info, the headers are only
+written to (the ``traceparent``), and the errors handed to spans and hooks are the
+transport's, already cleaned of the credentials. The prompt is recorded only when asked
+(`Telemetry.record_prompt`).
 """
 
 from __future__ import annotations
