@@ -49,6 +49,7 @@ from ._models import (
     ImageResult,
 )
 from ._sync import SyncBatch, SyncFriendli
+from ._telemetry import ErrorEvent, Hooks, RequestEvent, ResponseEvent, RetryEvent, Telemetry
 from ._version import __version__
 
 APIConnectionError = FriendliConnectionError
@@ -70,6 +71,7 @@ __all__ = [
     "EditRequest",
     "Endpoint",
     "EndpointStats",
+    "ErrorEvent",
     "FleetConfig",
     "FriendliAPIError",
     "FriendliAPIStatusError",
@@ -95,12 +97,17 @@ __all__ = [
     "FriendliUsageWarning",
     "FriendliValidationError",
     "GenerateRequest",
+    "Hooks",
     "ImageInput",
     "ImageResult",
+    "RequestEvent",
     "ResponseError",
+    "ResponseEvent",
     "RetryConfig",
+    "RetryEvent",
     "SyncBatch",
     "SyncFriendli",
+    "Telemetry",
     "Timeout",
     "__version__",
     "write_gallery",

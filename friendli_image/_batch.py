@@ -57,6 +57,7 @@ from ._exceptions import (
 from ._models import (
     AttemptOutcome,
     BatchItem,
+    BatchMonitor,
     BatchOptions,
     BatchProgress,
     BatchResult,
@@ -309,6 +310,7 @@ class Batch:
         self._counts = {"ok": 0, "failed": 0, "skipped": 0, "resumed": 0}
         self._t0 = 0.0
         self._last_progress = 0.0
+        self._monitor: BatchMonitor | None = None
 
     # -- public surface -------------------------------------------------------------
 
@@ -464,6 +466,7 @@ class Batch:
     async def _run(self, *, ordered: bool) -> AsyncIterator[BatchItem]:
         self._started = True
         self._t0 = time.monotonic()
+        self._monitor = self._path.monitor_batch(self.progress)
         loop = asyncio.get_running_loop()
         if self._options.out_dir is not None:
             store = BatchStore(self._options.out_dir, self._options.resume)
@@ -547,9 +550,13 @@ class Batch:
             if self._store is not None:
                 # Only a run that saw every item knows which stored images match none.
                 self._unmatched = self._store.close(complete=complete)
+            if self._monitor is not None:
+                self._monitor.close()
 
     def _count(self, item: BatchItem) -> None:
         self._counts[item.status] += 1
+        if self._monitor is not None:
+            self._monitor.item(item.status)
 
     def _report(self, *, final: bool = False) -> None:
         if self._on_progress is None:

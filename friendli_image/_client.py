@@ -73,6 +73,7 @@ from ._models import (
 )
 from ._resources import Container
 from ._retry import RetryBudget, RetryState, server_wait
+from ._telemetry import Hooks, Instrumentation, Telemetry
 from ._transport import Connector, Transport
 from ._version import __version__
 
@@ -175,6 +176,11 @@ class AsyncFriendli:
             of the ``friendli_image`` logger (the token never appears in them).
         fleet: how a client with several endpoints routes, ejects and probes them (a
             `FleetConfig`); giving one makes a fleet even of one `Endpoint`.
+        telemetry: OpenTelemetry options (a `Telemetry`): spans and metrics go to the
+            global providers by default, once the application sets them up (extra
+            ``otel``).
+        hooks: plain callbacks on each attempt's request, response, retry and error
+            (a `Hooks`), for people without OpenTelemetry.
         server_idx: accepted for code written for the official SDK, where it picks a
             hosted server; it means nothing for a container, and warns.
         url_params: accepted and warned about, as ``server_idx``.
@@ -204,6 +210,8 @@ class AsyncFriendli:
         retry_config: RetryConfig | None = None,
         debug_logger: logging.Logger | None = None,
         fleet: FleetConfig | None = None,
+        telemetry: Telemetry | None = None,
+        hooks: Hooks | None = None,
         server_idx: int | None = None,
         url_params: Mapping[str, str] | None = None,
         client: object = None,
@@ -276,6 +284,7 @@ class AsyncFriendli:
             ),
             endpoints,
             fleet or FleetConfig(),
+            (telemetry, hooks),
         )
 
     def _setup(
@@ -283,8 +292,13 @@ class AsyncFriendli:
         settings: ClientSettings,
         endpoints: tuple[Endpoint, ...] = (),
         fleet: FleetConfig | None = None,
+        observe: tuple[Telemetry | None, Hooks | None] = (None, None),
     ) -> None:
         self._settings = settings
+        self._observe = observe
+        self._instrumentation = Instrumentation(
+            *observe, settings.logger, self._snapshot if endpoints else None
+        )
         self._endpoints = endpoints
         self._fleet_config = fleet or FleetConfig()
         # No fleet for one URL: that path stays exactly as cheap as it always was.
@@ -313,7 +327,12 @@ class AsyncFriendli:
     def container(self) -> Container:
         """The Friendli Container API: ``client.container.image.generate(...)``."""
         return Container(
-            RequestPath(send=self._send, resolve=self._resolve, endpoints=self._snapshot)
+            RequestPath(
+                send=self._send,
+                resolve=self._resolve,
+                endpoints=self._snapshot,
+                monitor_batch=self._instrumentation.monitor_batch,
+            )
         )
 
     @property
@@ -349,7 +368,7 @@ class AsyncFriendli:
         loop that opened it. Nothing is validated or read from the environment again.
         """
         clone = AsyncFriendli.__new__(AsyncFriendli)
-        clone._setup(self._settings, self._endpoints, self._fleet_config)
+        clone._setup(self._settings, self._endpoints, self._fleet_config, self._observe)
         return clone
 
     async def __aenter__(self) -> AsyncFriendli:
@@ -497,6 +516,7 @@ class AsyncFriendli:
                     else attrs.evolve(options, server_url=self._endpoints[0].url)
                 )
         call = self._transport.prepare(path, request, options)
+        observed = None
         retry: RetryState | None = None
         attempt_number = 0
         endpoint: EndpointState | None = None
@@ -507,7 +527,12 @@ class AsyncFriendli:
         resent_elsewhere = False
         while True:
             attempt_number += 1
-            ticket = 0 if gate is None else await gate.acquire()
+            try:
+                ticket = 0 if gate is None else await gate.acquire()
+            except BaseException as stopped:
+                if observed is not None:  # a batch stopped while this call waited to retry
+                    observed.abandoned(stopped, in_attempt=False)
+                raise
             if retry is None:
                 # The call's clock starts once the gate admits it, as its timers start
                 # once a connection slot is its own.
@@ -518,16 +543,29 @@ class AsyncFriendli:
                     options.timeout.total,
                     self._settings.logger,
                 )
+                # Observed from here: a call the gate never admits made no request.
+                observed = self._instrumentation.start(request, call.request_id)
+                if observed is not None:
+                    retry.on_retry = observed.retrying
             if fleet is not None:
                 try:
                     endpoint = await fleet.acquire(tried, strict=moving)
-                except BaseException:
+                except BaseException as stopped:
                     if gate is not None:
                         gate.release(ticket, "other")
+                    if observed is not None:
+                        observed.abandoned(stopped, in_attempt=False)
                     raise
                 epoch = endpoint.epoch
                 call.url = endpoint.url_for(path, self._transport.url)
                 began = time.monotonic()
+            if observed is not None:
+                observed.attempt(
+                    attempt_number,
+                    call.url,
+                    options.server_url if endpoint is None else endpoint.url,
+                    call.headers,
+                )
             try:
                 result = await self._transport.send(
                     session,
@@ -538,6 +576,8 @@ class AsyncFriendli:
                     deadline=retry.deadline,
                 )
             except FriendliAPIError as error:
+                if observed is not None:
+                    observed.failed(error)
                 outcome = _outcome(error)
                 if fleet is not None and endpoint is not None:
                     error.endpoint = endpoint.url
@@ -556,21 +596,31 @@ class AsyncFriendli:
                     if moved is not None:
                         resent_elsewhere = resent_elsewhere or moved
                         moving = True
+                        if observed is not None:
+                            observed.retrying(error, 0.0, failover=True)
                         continue
                     moving = False
                 try:
                     await retry.after_failure(error)
                 except FriendliAPIError as final:
                     final.attempts = attempt_number
+                    if observed is not None:
+                        observed.gave_up(final)
+                    raise
+                except BaseException as stopped:
+                    if observed is not None:
+                        observed.abandoned(stopped, in_attempt=False)
                     raise
                 # A new round: every endpoint may be tried again, the last one last.
                 del tried[:-1]
                 continue
-            except BaseException:
+            except BaseException as stopped:
                 if gate is not None:
                     gate.release(ticket, "other")
                 if fleet is not None and endpoint is not None:
                     fleet.abandoned(endpoint)
+                if observed is not None:
+                    observed.abandoned(stopped, in_attempt=True)
                 raise
             if gate is not None:
                 gate.release(ticket, "ok")
@@ -579,13 +629,15 @@ class AsyncFriendli:
             retry.succeeded()
             if fleet is not None and endpoint is not None:
                 fleet.succeeded(endpoint, time.monotonic() - began)
-                return attrs.evolve(
+                result = attrs.evolve(
                     result,
                     endpoint=endpoint.url,
                     maybe_duplicated=retry.resent_ambiguous or resent_elsewhere,
                 )
-            if retry.resent_ambiguous:
+            elif retry.resent_ambiguous:
                 result = attrs.evolve(result, maybe_duplicated=True)
+            if observed is not None:
+                observed.succeeded(result)
             return result
 
     async def _fail_over(

@@ -50,6 +50,7 @@ __all__ = [
     "AttemptGate",
     "AttemptOutcome",
     "BatchItem",
+    "BatchMonitor",
     "BatchOptions",
     "BatchProgress",
     "BatchResult",
@@ -835,6 +836,22 @@ class AttemptGate(Protocol):
         ...
 
 
+class BatchMonitor(Protocol):
+    """What a batch tells the client's telemetry: each finished item, and that it ended."""
+
+    def item(self, status: str) -> None:
+        """One item finished with ``status`` (a `BatchItem.status`)."""
+        ...
+
+    def close(self) -> None:
+        """The batch ended."""
+        ...
+
+
+def _no_monitor(_progress: Callable[[], BatchProgress]) -> BatchMonitor | None:
+    return None
+
+
 @attrs.frozen
 class RequestPath:
     """A client's one request path, as the resources and the batch engine use it.
@@ -848,6 +865,8 @@ class RequestPath:
     resolve: Callable[[CallOverrides], CallOptions]
     endpoints: Callable[[], tuple[EndpointStats, ...]] = tuple
     """A snapshot of the client's endpoints (for the batch progress)."""
+    monitor_batch: Callable[[Callable[[], BatchProgress]], BatchMonitor | None] = _no_monitor
+    """A monitor for a batch's metrics, given its progress (None: no metric is collected)."""
 
 
 # -- display in notebooks: pictures without Pillow, batches as tables --------------------

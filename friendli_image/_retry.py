@@ -15,7 +15,7 @@ import logging
 import random
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Final
 
 from ._clock import monotonic, pause
@@ -229,6 +229,7 @@ class RetryState:
         "_rng",
         "_spent",
         "deadline",
+        "on_retry",
         "resent_ambiguous",
         "stale_reconnect_used",
         "started",
@@ -257,6 +258,8 @@ class RetryState:
         self.deadline = None if total is None else self.started + total
         self.resent_ambiguous = False
         self.stale_reconnect_used = False
+        #: Told of each retry as it is decided, before its wait: (the failure, the delay).
+        self.on_retry: Callable[[FriendliAPIError, float], None] | None = None
 
     async def after_failure(self, error: FriendliAPIError) -> None:
         """Wait for the next attempt, or raise ``error`` when the policy says stop."""
@@ -353,6 +356,10 @@ class RetryState:
         return False
 
     def _log_retry(self, retry_state: _t.RetryCallState) -> None:
+        if self.on_retry is not None:
+            error = _failure(retry_state)
+            assert isinstance(error, FriendliAPIError)  # noqa: S101  (after_failure takes only these)
+            self.on_retry(error, self._decision or 0.0)
         if self._logger.isEnabledFor(logging.INFO):
             # The error's str names the status and the request id, never the token.
             self._logger.info(

@@ -21,6 +21,7 @@ LAYERS: tuple[frozenset[str], ...] = (
     frozenset({"_models"}),
     frozenset({"_serde", "models", "testing", "utils"}),
     frozenset({"_retry"}),
+    frozenset({"_telemetry"}),
     frozenset({"_transport"}),
     frozenset({"_fleet"}),
     frozenset({"_store"}),

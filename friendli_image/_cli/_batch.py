@@ -39,6 +39,7 @@ from friendli_image._store import MANIFEST_NAME, set_aside_previous_run
 
 from ._options import EXIT_FAILED, EXIT_OK, EXIT_UNREACHABLE, add_client_options, make_client
 from ._ray import add_ray_options, run_ray_batch
+from ._watch import RUN_NAME, JobWatch, fingerprint
 
 __all__ = ["add_batch_command"]
 
@@ -104,6 +105,20 @@ def add_batch_command(commands: Any) -> None:
         "--gallery",
         action="store_true",
         help=f"write DIR/{GALLERY_NAME}, a page of the images, at the end",
+    )
+    batch.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        metavar="PORT",
+        help="serve the job's metrics for Prometheus at http://HOST:PORT/metrics while it "
+        "runs (needs friendli-image[prometheus])",
+    )
+    batch.add_argument(
+        "--metrics-host",
+        default="127.0.0.1",
+        metavar="HOST",
+        help="the address --metrics-port listens on (127.0.0.1; 0.0.0.0 for every interface)",
     )
     add_client_options(batch)
     add_ray_options(batch)
@@ -376,7 +391,23 @@ async def _run_batch(args: argparse.Namespace) -> int:
     else:
         stream = sys.stdin
     enabled = sys.stderr.isatty() if args.progress is None else args.progress
+    watch = JobWatch(
+        args.out_dir,
+        args.input,
+        None
+        if args.input == "-"
+        else await asyncio.get_running_loop().run_in_executor(None, fingerprint, source),
+    )
+    if args.metrics_port is not None:
+        try:
+            metrics_page = watch.serve(args.metrics_port, args.metrics_host)
+        except FriendliUsageError:
+            if stream is not sys.stdin:
+                stream.close()
+            raise
+        print(f"friendli-image: metrics at {metrics_page}", file=sys.stderr)
     progress = _Progress(total, enabled=enabled)
+    finished = "interrupted"
     try:
         rules = _Input()
         requests = _requests(stream, rules)
@@ -394,7 +425,7 @@ async def _run_batch(args: argparse.Namespace) -> int:
                     f"{moved[1]:,} image(s) to {moved[0]}",
                     file=sys.stderr,
                 )
-        async with make_client(args) as client:
+        async with make_client(args, watch.hooks) as client:
             image = client.container.image
             start: Callable[..., Any] = image.edit_batch if edits else image.generate_batch
             result: BatchResult = await start(
@@ -403,15 +434,22 @@ async def _run_batch(args: argparse.Namespace) -> int:
                 rps=args.rps,
                 out_dir=args.out_dir,
                 resume=args.resume,
-                on_progress=progress,
+                on_progress=watch.on_progress(progress),
                 total=total,
             )
             endpoints = client.endpoints
+        finished = "completed"
+    except Exception:
+        finished = "failed"
+        raise
     finally:
         progress.close()
+        # Written however the job ends (Ctrl-C included), beside the manifest.
+        await asyncio.get_running_loop().run_in_executor(None, watch.finish, finished)
         if stream is not sys.stdin:
             stream.close()
     print(_summary(result, args.out_dir, progress.last))
+    print(f"  run       {args.out_dir / RUN_NAME}")
     if endpoints:
         print(_endpoint_table(endpoints))
     if args.gallery:

@@ -8,6 +8,7 @@ from pathlib import Path
 from friendli_image._client import AsyncFriendli
 from friendli_image._config import ENV_SERVER_URL, ENV_TOKEN
 from friendli_image._exceptions import FriendliUsageError
+from friendli_image._telemetry import Hooks
 
 __all__ = [
     "EXIT_FAILED",
@@ -83,7 +84,7 @@ def token_from_args(args: argparse.Namespace) -> str | None:
     return text
 
 
-def make_client(args: argparse.Namespace) -> AsyncFriendli:
+def make_client(args: argparse.Namespace, hooks: Hooks | None = None) -> AsyncFriendli:
     """The client the command line asks for (token: --token, --token-file, or the env)."""
     timeout_ms = None if args.timeout is None else int(args.timeout * 1000)
     urls: list[str] | None = args.server_url
@@ -92,4 +93,5 @@ def make_client(args: argparse.Namespace) -> AsyncFriendli:
         token=token_from_args(args),
         timeout_ms=timeout_ms,
         retries=args.retries,
+        hooks=hooks,
     )
