@@ -357,6 +357,16 @@ _RULES = [
     "- **Logging**: logger `friendli_image`; DEBUG per attempt (method, path, status or "
     "error, attempt, elapsed, request id), INFO per retry; `FRIENDLI_LOG=debug` turns "
     "it on. No record, error, result or repr contains the token.",
+    "- **Fleet**: endpoints are judged by outcomes: connection failures, resets, "
+    "timeouts, 5xx and 2xx bodies that are not an image count toward ejection. A call "
+    "whose answer from one endpoint is not an image goes at once to another (the result "
+    "flagged `maybe_duplicated`); a single server's such answer is not resent.",
+    "- **Fork**: a fork waits for a starting facade loop thread and finishes the "
+    "facade's lazy imports first, so no child inherits a held import lock.",
+    "- **Bundled server**: records only requests past the token check, at most "
+    "`max_records` and `max_record_bytes` (16 MiB) of them, credential headers as "
+    "`Credential`; `run_server` (`friendli-image serve`) keeps none; an `X-Request-ID` "
+    "over 200 characters is not echoed.",
     "- **Known differences from RELIABILITY.md**: an unknown keyword argument is Python's "
     "own `TypeError` (it names the keyword; nothing is sent). The 10 ms-ticker loop-lag "
     "bound is asserted at 400 ms because other test runs share the machine; the measured "

@@ -180,6 +180,6 @@ def test_fork_at_random_points_never_hangs_the_child(server: LocalServer, figure
         "fork.random",
         f"{TRIALS} forks at random points (0-30 ms into three threads' first calls; from "
         f"the main thread, a calling thread or another), {PARALLEL} at a time: "
-        f"{outcomes[HUNG]} hung children (before: 11-15 of 20), {outcomes[OK]} made their "
-        f"calls with a new client and the inherited one, {outcomes[TYPED]} typed errors",
+        f"{outcomes[HUNG]} hung children (before the fix: 225 of 240 here), {outcomes[OK]} made "
+        f"their calls with a new client and the inherited one, {outcomes[TYPED]} typed errors",
     )

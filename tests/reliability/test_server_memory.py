@@ -96,6 +96,6 @@ def test_refused_flood_with_large_headers_keeps_server_memory_flat(
         "server.flood",
         f"{FLOOD:,} refused requests with {HEADER_BYTES // 1024} KiB of headers each to "
         f"`friendli-image serve --token` in {elapsed:.1f} s: RSS {before:.1f} -> "
-        f"{after:.1f} MiB ({growth:+.1f} MiB; before the fix 65 -> 302 MiB); 0 records "
+        f"{after:.1f} MiB ({growth:+.1f} MiB; before the fix 57 -> 319 MiB here); 0 records "
         "kept (refused requests leave none, `serve` keeps none)",
     )
