@@ -653,7 +653,8 @@ class AsyncFriendli:
         """Send the call to another endpoint at once? None: no, the retry policy decides.
 
         True: yes, and the request may have run on the endpoint it leaves (its
-        server died with it), so the result is flagged ``maybe_duplicated``. Such moves
+        server died with it, or answered with something that is not an image), so the
+        result is flagged ``maybe_duplicated``. Such moves
         do not count toward ``max_attempts``; only a 429/503 move spends the budget
         (when a retry of it would), see `failover_kind`.
         """
@@ -668,8 +669,8 @@ class AsyncFriendli:
             return False
         if not fleet.has_other(tried):
             return None
-        if kind == "unsent":
-            return False
+        if kind in ("unsent", "bad_answer"):
+            return kind == "bad_answer"
         connect = options.timeout.connect
         dead = await fleet.is_dead(endpoint, min(1.0, connect) if connect else 1.0)
         return True if dead else None

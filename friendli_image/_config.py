@@ -43,6 +43,7 @@ __all__ = [
     "check_token",
     "env_server_url",
     "env_token",
+    "hide_credentials",
     "resolve_retries",
     "split_authorization",
     "ssl_setting",
@@ -241,8 +242,13 @@ def token_source(value: Callable[[], str | None]) -> Callable[[], Secret | None]
     return current
 
 
-def check_token(value: str | None) -> Secret | None:
-    """Wrap the token (None or "" for none), or raise if it cannot go into a header."""
+def check_token(value: str | Secret | None) -> Secret | None:
+    """Wrap the token (None or "" for none), or raise if it cannot go into a header.
+
+    A `Secret` is taken as the token it holds (a `ClientSpec` hands the token on so).
+    """
+    if isinstance(value, Secret):
+        value = value.reveal()
     if value is not None and not isinstance(value, str):
         raise FriendliValidationError("token", f"must be a str or None, got {type(value)}")
     if not value:
@@ -355,12 +361,13 @@ def check_headers(value: object) -> dict[str, str]:
     if value is None:
         return {}
     if not isinstance(value, Mapping) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+        isinstance(k, str) and isinstance(v, str | Secret) for k, v in value.items()
     ):
         raise FriendliValidationError("http_headers", "must be a mapping of str to str")
     checked: dict[str, str] = {}
     seen: set[str] = set()
-    for name, text in value.items():
+    for name, given in value.items():
+        text = given.reveal() if isinstance(given, Secret) else given
         if not _TOKEN_NAME.fullmatch(name):
             what = "is empty" if not name else "is not a valid HTTP header name"
             raise FriendliValidationError(
@@ -387,6 +394,25 @@ def check_headers(value: object) -> dict[str, str]:
             )
         checked[AUTHORIZATION if lower == "authorization" else name] = text
     return checked
+
+
+def hide_credentials(headers: Mapping[str, str | Secret]) -> dict[str, str | Secret]:
+    """A copy of ``headers`` with the ``Authorization`` value held as a `Secret`.
+
+    What keeps headers a user gave (`CallOverrides`, a batch item's request, a Ray
+    `ClientSpec`) keeps them so: no repr, str or pickle of it shows the credential.
+    """
+    return {
+        name: Secret(value)
+        if isinstance(value, str) and name.lower() == AUTHORIZATION.lower()
+        else value
+        for name, value in headers.items()
+    }
+
+
+def _hidden_headers(value: Mapping[str, str | Secret] | None) -> Mapping[str, str | Secret] | None:
+    # Anything else is left for the validator to refuse with its message.
+    return hide_credentials(value) if isinstance(value, Mapping) else value
 
 
 def split_authorization(headers: dict[str, str]) -> tuple[dict[str, str], Secret | None]:
@@ -452,9 +478,10 @@ class CallOverrides:
     )
     server_url: str | None = attrs.field(default=None, validator=_validated(_optional_url))
     timeout_ms: float | None = attrs.field(default=None, validator=_validated(_check_timeout_ms))
-    http_headers: Mapping[str, str] | None = attrs.field(
-        default=None, validator=_validated(check_headers)
+    http_headers: Mapping[str, str | Secret] | None = attrs.field(
+        default=None, converter=_hidden_headers, validator=_validated(check_headers)
     )
+    """Held with the ``Authorization`` value as a `Secret` (see `hide_credentials`)."""
 
     def merged(self, item: CallOverrides) -> CallOverrides:
         """These options with ``item``'s set values on top (headers are merged)."""
@@ -483,6 +510,9 @@ class CallOptions:
     timeout: Timeout
     retry: RetryConfig
     headers: Mapping[str, str]
+    """The call's extra headers, without ``Authorization`` (see ``authorization``)."""
+    authorization: Secret | None = None
+    """The call's own ``Authorization`` value: sent instead of the client's."""
 
 
 @attrs.frozen(kw_only=True)
@@ -513,11 +543,13 @@ class ClientSettings:
 
     def call_options(self, overrides: CallOverrides) -> CallOptions:
         """The options of one call: the client's, with ``overrides`` on top."""
+        headers, authorization = split_authorization(check_headers(overrides.http_headers))
         return CallOptions(
             server_url=self.server_url if overrides.server_url is None else overrides.server_url,
             timeout=timeout_from_ms(overrides.timeout_ms, self.timeout),
             retry=resolve_retries(overrides.retries, self.retry),
-            headers=check_headers(overrides.http_headers),
+            headers=headers,
+            authorization=authorization,
         )
 
 

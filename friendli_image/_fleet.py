@@ -10,10 +10,12 @@ it how the attempt went; everything else is decided here:
   round of successes up to its cap (slow start), shrinks by 0.7 at most once per round
   on 429/503 and then grows back by one per round (AIMD). A ``Retry-After`` holds only
   the endpoint that sent it.
-- **Ejection**: ``failures_to_eject`` consecutive connection failures or 5xx eject an
-  endpoint for ``base_ejection * 2**(n-1)`` seconds (n: its recent ejections, capped at
-  ``max_ejection``), never more than ``max_ejected_share`` of the fleet at once. When the
-  time is up one request probes it; a success returns it to full load.
+- **Ejection**: ``failures_to_eject`` consecutive failures that are the endpoint's
+  doing (a connection failure, a reset, a timeout, a 5xx, a 200 whose body is not an
+  image) eject an endpoint for ``base_ejection * 2**(n-1)`` seconds (n: its recent
+  ejections, capped at ``max_ejection``), never more than ``max_ejected_share`` of the
+  fleet at once. When the time is up one request probes it; a success returns it to
+  full load.
 - **Failover** (`failover_kind`): what may go to another endpoint at once, and why.
 
 The decisions are plain functions (`failover_kind`, `failure_kind`, `ejection_time`,
@@ -40,6 +42,7 @@ from ._exceptions import (
     FriendliAPIError,
     FriendliAPIStatusError,
     FriendliConnectionError,
+    FriendliResponseError,
     FriendliTimeoutError,
     FriendliValidationError,
 )
@@ -120,8 +123,9 @@ class FleetConfig:
     """How a client with several endpoints balances, ejects and probes them.
 
     Attributes:
-        failures_to_eject: consecutive connection failures or 5xx answers that eject an
-            endpoint.
+        failures_to_eject: consecutive failures of the endpoint's doing (connection
+            failures, resets, timeouts, 5xx, 2xx bodies that are not an image) that eject
+            it.
         base_ejection: seconds of the first ejection; each further ejection of the same
             endpoint doubles it, up to ``max_ejection``.
         max_ejection: the longest ejection, in seconds.
@@ -188,7 +192,7 @@ def parse_servers(value: str | Sequence[str | Endpoint]) -> list[Endpoint]:
 
 # -- the pure decisions ------------------------------------------------------------------
 
-Failover: TypeAlias = Literal["unsent", "busy", "maybe_dead"]
+Failover: TypeAlias = Literal["unsent", "busy", "maybe_dead", "bad_answer"]
 
 
 def failover_kind(error: FriendliAPIError, config: RetryConfig) -> Failover | None:
@@ -203,8 +207,15 @@ def failover_kind(error: FriendliAPIError, config: RetryConfig) -> Failover | No
       endpoint takes the request (flagged ``maybe_duplicated``). If it still accepts
       them, a live server dropped one connection and the retry policy decides, as
       for a single server (not resent unless ``retry_ambiguous``).
-    - None: the retry policy decides (other 5xx, timeouts after sending, 4xx, bad bodies).
+    - ``"bad_answer"``: the endpoint answered 2xx with a body that is not an image (not
+      JSON, no ``image``, bad base64, over the size cap). It finished the request and
+      holds nothing back, so another endpoint takes it at once (the result is flagged
+      ``maybe_duplicated``: the work ran where the answer broke). Resending it to the
+      same server would get the same answer, so a single server does not.
+    - None: the retry policy decides (other 5xx, timeouts after sending, 4xx).
     """
+    if isinstance(error, FriendliResponseError):
+        return "bad_answer"
     if isinstance(error, FriendliConnectionError):
         if error.permanent:
             return None
@@ -237,7 +248,7 @@ def failure_kind(error: FriendliAPIError) -> str:
 
 def _ejects(kind: str) -> bool:
     """Does a failure of this kind count toward ejecting its endpoint?"""
-    return kind in ("connect", "timeout", "dropped", "status_503", "status_5xx")
+    return kind in ("connect", "timeout", "dropped", "status_503", "status_5xx", "response")
 
 
 def ejection_time(ejections: int, config: FleetConfig) -> float:

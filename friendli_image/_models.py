@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Final, Literal, Protocol, TypeAlias, Type
 import attrs
 import pybase64
 
-from ._config import CallOptions, CallOverrides, check_count
+from ._config import CallOptions, CallOverrides, check_count, hide_credentials
 from ._exceptions import (
     FriendliAPIError,
     FriendliBatchAborted,
@@ -637,6 +637,13 @@ class BatchOptions(CallOverrides):
         return max(4 * self.concurrency, 64) if self.reorder_window is None else self.reorder_window
 
 
+def _request_as_kept(request: Mapping[str, Any]) -> Mapping[str, Any]:
+    headers = request.get("http_headers") if isinstance(request, Mapping) else None
+    if not isinstance(headers, Mapping):
+        return request
+    return {**request, "http_headers": hide_credentials(headers)}
+
+
 @attrs.frozen(kw_only=True, repr=False, eq=False)
 class BatchItem:
     """The outcome of one request of a batch."""
@@ -646,8 +653,9 @@ class BatchItem:
     id: str
     """sha256 of the route and the request's canonical JSON: equal requests have equal
     ids ("" if invalid). With ``occurrence`` it is the item's identity in ``out_dir``."""
-    request: Mapping[str, Any]
-    """The request as given (a model is shown as its fields)."""
+    request: Mapping[str, Any] = attrs.field(converter=_request_as_kept)
+    """The request as given (a model is shown as its fields; an ``Authorization`` in its
+    ``http_headers`` is held as a secret)."""
     status: BatchStatus
     """``ok``; ``failed`` (see ``error``); ``skipped`` (not attempted, the batch stopped);
     ``resumed`` (done by an earlier run into the same ``out_dir``)."""

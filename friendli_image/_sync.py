@@ -12,7 +12,9 @@ is not retried. There is no second implementation: the sync methods are delegati
 Lifecycle: the loop thread starts on the first call (or ``with``), stops on ``close()``;
 a client nobody closed is closed when it is garbage collected or at interpreter exit
 (``weakref.finalize``). After ``os.fork()`` the child forgets the parent's loop (its
-thread does not exist there) and builds its own on the next call.
+thread does not exist there) and builds its own on the next call. A fork waits for a
+loop thread that is starting and finishes the imports the facade makes lazily, so no
+child inherits an import lock held by a thread it does not have (see `_before_fork`).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import importlib
 import inspect
 import logging
 import os
@@ -37,6 +40,7 @@ from ._client import AsyncFriendli, describe
 from ._exceptions import FriendliUsageError, FriendliUsageWarning
 from ._models import BatchItem, BatchResult, EndpointStats
 from ._resources import Image as AsyncImage
+from ._serde import converter
 
 if TYPE_CHECKING:
     from anyio.from_thread import BlockingPortal
@@ -71,12 +75,18 @@ class _Runtime:
         self.thread = threading.Thread(
             target=_serve, args=(ready, client), name=LOOP_THREAD_NAME, daemon=True
         )
-        self.thread.start()
-        try:
-            self.portal, self.loop, self.client, self.loop_thread_id = ready.result()
-        except BaseException:
-            self.thread.join()
-            raise
+        global _started  # noqa: PLW0603  (set once, read by the fork hook)
+        _started = True
+        # A fork waits while a loop thread starts: it imports anyio as it goes, and a
+        # child forked meanwhile would inherit that module's import lock, held by a
+        # thread it does not have, and hang at its own first call.
+        with _starting:
+            self.thread.start()
+            try:
+                self.portal, self.loop, self.client, self.loop_thread_id = ready.result()
+            except BaseException:
+                self.thread.join()
+                raise
         self.pid = os.getpid()
 
     def shutdown(self) -> None:
@@ -136,13 +146,72 @@ _live: weakref.WeakSet[SyncFriendli] = weakref.WeakSet()
 _inherited: list[_Runtime] = []
 
 
+#: Held while a loop thread starts; a fork waits for it (see `_before_fork`).
+_starting = threading.RLock()
+#: Whether this process ever started a loop thread (else forks need no care).
+_started = False
+#: Whether the forking thread holds `_starting` (released after the fork in the parent).
+_fork_holds = False
+#: How long a fork waits for a loop thread to finish starting before going ahead.
+_FORK_WAIT_S: Final = 10.0
+#: Modules a facade's loop imports on its first calls (startup, the request's
+#: serialization, the first retry, an error's excerpt, a host name's lookup).
+_LAZY_MODULES: Final = (
+    "anyio",
+    "anyio.from_thread",
+    "queue",
+    "tenacity",
+    "html",
+    "encodings.idna",
+)
+
+
+def _import_lazy_modules() -> None:
+    """Finish importing what a facade's threads import lazily, waiting for any thread
+    that is importing one of them now."""
+    for name in _LAZY_MODULES:
+        with contextlib.suppress(ImportError):
+            importlib.import_module(name)
+    converter()
+
+
+def _before_fork() -> None:
+    """Let no fork catch a facade thread halfway through an import.
+
+    A module being imported is locked by the importing thread; a child forked then
+    inherits the lock but not the thread, and its first import of that module waits
+    forever. So the forking thread waits for a starting loop thread, then imports the
+    lazily loaded modules itself (waiting for any thread importing one now): the child
+    finds them complete.
+    """
+    global _fork_holds  # noqa: PLW0603
+    if not _started:
+        return
+    _fork_holds = _starting.acquire(timeout=_FORK_WAIT_S)
+    _import_lazy_modules()
+
+
+def _after_fork_in_parent() -> None:
+    global _fork_holds  # noqa: PLW0603
+    if _fork_holds:
+        _fork_holds = False
+        _starting.release()
+
+
 def _after_fork_in_child() -> None:
+    global _starting, _fork_holds  # noqa: PLW0603
+    _starting = threading.RLock()  # the parent's may be held by a thread we lack
+    _fork_holds = False
     for client in list(_live):
         client._forget_parent()
 
 
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
+    os.register_at_fork(
+        before=_before_fork,
+        after_in_parent=_after_fork_in_parent,
+        after_in_child=_after_fork_in_child,
+    )
 
 
 def _in_ipython_kernel() -> bool:

@@ -241,6 +241,8 @@ class Transport:
         headers, secrets = self.client_headers()
         if options.headers:
             headers.update(options.headers)
+        if options.authorization is not None:
+            headers[AUTHORIZATION] = options.authorization.reveal()
         authorization = headers.get(AUTHORIZATION)
         if authorization is not None:
             secrets += _credential_parts(authorization)

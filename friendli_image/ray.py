@@ -42,7 +42,7 @@ import attrs
 import pyarrow as pa
 
 from ._client import AsyncFriendli
-from ._config import check_count
+from ._config import Secret, check_count, hide_credentials
 from ._exceptions import FriendliUsageError, FriendliValidationError
 from ._fleet import Endpoint
 from ._models import MAX_SEED, EditRequest, GenerateRequest, ImageResult
@@ -92,6 +92,17 @@ def seed_for(row_id: object) -> int:
     return int.from_bytes(digest[:4], "big") & MAX_SEED
 
 
+def _hidden_options(options: Mapping[str, Any]) -> Mapping[str, Any]:
+    hidden = dict(options)
+    token = hidden.get("token")
+    if isinstance(token, str):
+        hidden["token"] = Secret(token)
+    headers = hidden.get("http_headers")
+    if isinstance(headers, Mapping):
+        hidden["http_headers"] = hide_credentials(headers)
+    return hidden
+
+
 @attrs.frozen
 class ClientSpec:
     """What a ``client_factory`` gets: the options to build one actor's client with.
@@ -101,9 +112,13 @@ class ClientSpec:
     per-endpoint in-flight limit, ``max(1, per_endpoint_limit // num_actors)``: a client
     over ``endpoints`` endpoints should hold at most that many requests on each (set its
     per-endpoint limit to it).
+
+    The ``token`` option and an ``Authorization`` in ``http_headers`` are held as
+    secrets (no repr, str or pickle shows them); `AsyncFriendli` takes them as they are,
+    so ``AsyncFriendli(**spec.client_options)`` still builds the client.
     """
 
-    client_options: Mapping[str, Any]
+    client_options: Mapping[str, Any] = attrs.field(converter=_hidden_options)
     per_endpoint: int
     endpoints: int
 

@@ -29,6 +29,7 @@ from friendli_image import (
     FriendliBadRequestError,
     FriendliConnectionError,
     FriendliRateLimitError,
+    FriendliResponseError,
     FriendliServerError,
     FriendliTimeoutError,
     FriendliValidationError,
@@ -125,6 +126,8 @@ def test_what_fails_over_and_what_the_policy_decides() -> None:
     assert failover_kind(FriendliServerError("x", status=503), policy) == "busy"
     assert failover_kind(FriendliServerError("x", status=502), policy) is None
     assert failover_kind(FriendliBadRequestError("x", status=400), policy) is None
+    # A 200 that is not an image: that endpoint's fault, another one takes the call.
+    assert failover_kind(FriendliResponseError("not JSON", status=200), policy) == "bad_answer"
     no_503 = RetryConfig(retry_statuses=frozenset({429}))
     assert failover_kind(FriendliServerError("x", status=503), no_503) is None
 

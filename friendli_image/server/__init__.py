@@ -16,12 +16,13 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     ) from exc
 
 from ._app import create_app
-from ._config import Action, FaultRates, ServerConfig
+from ._config import Action, Credential, FaultRates, ServerConfig
 from ._local import LocalServer, run_server
 from ._state import RequestRecord, ServerStats
 
 __all__ = [
     "Action",
+    "Credential",
     "FaultRates",
     "LocalServer",
     "RequestRecord",

@@ -26,7 +26,7 @@ from aiohttp.abc import AbstractResolver
 from PIL import Image
 
 from . import _render
-from ._config import Action, ServerConfig
+from ._config import Action, Credential, ServerConfig, credential
 from ._guard import ConnectionGuard
 from ._state import RequestRecord, ServerState, action_label
 from ._validation import (
@@ -55,7 +55,7 @@ class _Runtime:
     slots: asyncio.Semaphore
     executor: ThreadPoolExecutor
     static_body: bytes | None
-    token: str | None
+    token: Credential | None
     session: aiohttp.ClientSession | None = None
 
 
@@ -75,6 +75,7 @@ _current: contextvars.ContextVar[_Current] = contextvars.ContextVar("friendli_im
 # under test (async LocalServer), whose latency measurements must not include our work.
 _PARSE_OFF_LOOP_BYTES = 256 * 1024
 _MALFORMED_BODY = b'{"image": "<html>this is not JSON'
+_MAX_REQUEST_ID = 200
 
 
 def _json(status: int, payload: Any, headers: dict[str, str] | None = None) -> web.Response:
@@ -144,7 +145,10 @@ def _redact(body: Any) -> Any:
 async def _outer_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Count and record every request, echo its id, and turn surprises into JSON errors."""
     state = request.app[STATE_KEY]
-    request_id = request.headers.get("X-Request-ID") or uuid.uuid4().hex
+    # Echoed in the response: a client's own id is kept only while it is short, so the
+    # server never sends back more than it must.
+    given = request.headers.get("X-Request-ID", "")
+    request_id = given if 0 < len(given) <= _MAX_REQUEST_ID else uuid.uuid4().hex
     probe = request.path == "/health"
     record = state.begin(request.path, request.method, request.headers, probe=probe)
     _current.set(_Current(request_id=request_id, record=record))
@@ -430,7 +434,9 @@ async def _serve(
             )
         else:
             data = parse_json(body, config.max_json_items)
-        _current.get().record.body = _redact(data) if config.record_requests else None
+        record = _current.get().record
+        if record.kept:
+            request.app[STATE_KEY].keep_body(record, _redact(data))
         parsed = validate_request(data, operation)
         images = (
             [] if runtime.static_body is not None else await _load_images(parsed, runtime, config)
@@ -505,11 +511,12 @@ def _image_route(operation: Operation) -> Handler:
         token = request.app[_RUNTIME_KEY].token
         if token is not None:
             auth = request.headers.get("Authorization", "").encode("utf-8", "surrogatepass")
-            expected = f"Bearer {token}".encode("utf-8", "surrogatepass")
+            expected = f"Bearer {token.reveal()}".encode("utf-8", "surrogatepass")
             if not hmac.compare_digest(auth, expected):
                 return _detail(
                     401, "Invalid or missing bearer token", {"WWW-Authenticate": "Bearer"}
                 )
+        state.keep(_current.get().record)
         action = state.next_action(request.headers.get("x-test-id"))
         kind = "ok" if action is None else action.kind
         if action is not None:
@@ -578,7 +585,7 @@ def create_app(
             max_workers=max(2, config.max_concurrency), thread_name_prefix="friendli-image-render"
         ),
         static_body=static_body,
-        token=config.resolve_token(),
+        token=credential(config.resolve_token()),
     )
     app.router.add_post("/v1/images/generations", _image_route("generate"))
     app.router.add_post("/v1/images/edits", _image_route("edit"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hmac
 import math
 import os
 from collections.abc import Mapping
@@ -54,6 +55,52 @@ def _delay_range(
 def _pair(value: tuple[float, float] | list[float]) -> tuple[float, float]:
     low, high = value
     return (float(low), float(high))
+
+
+class Credential:
+    """A credential the server holds (its token, a recorded ``Authorization`` value).
+
+    No repr, str or pickle shows it: ``reveal()`` is the one way to the text. Two
+    credentials are equal when their texts are (compared in constant time).
+    """
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        if not isinstance(value, str):
+            raise TypeError(f"a credential is a str, got {type(value).__name__}")
+        self._value = value
+
+    def reveal(self) -> str:
+        """The credential itself."""
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Credential('***')"
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Credential):
+            return NotImplemented
+        return hmac.compare_digest(
+            self._value.encode("utf-8", "surrogatepass"),
+            other._value.encode("utf-8", "surrogatepass"),
+        )
+
+    def __hash__(self) -> int:
+        return hash((Credential, len(self._value)))
+
+    def __reduce__(self) -> Any:
+        raise TypeError(
+            "a credential is not picklable; pass token_file= or token_env= to hand a "
+            "server's token to another process"
+        )
+
+
+def credential(value: str | Credential | None) -> Credential | None:
+    """``value`` as a `Credential` (None stays None)."""
+    if value is None or isinstance(value, Credential):
+        return value
+    return Credential(value)
 
 
 @attrs.frozen(kw_only=True)
@@ -109,8 +156,10 @@ class ServerConfig:
     non-public addresses (refused by default, so the server cannot be used to probe the
     network it runs in). ``static_image``: encoded image bytes returned for every valid
     request without rendering (benchmark mode). ``faults``: random fault rates.
-    ``echo_prompt_hash``: send ``x-prompt-sha256``. ``record_requests``: keep a bounded list
-    of `RequestRecord`.
+    ``echo_prompt_hash``: send ``x-prompt-sha256``. ``record_requests``: keep a list of
+    `RequestRecord` for the requests the server accepts (past the token check), at most
+    ``max_records`` of them and ``max_record_bytes`` of headers and bodies (the oldest
+    go first); a refused request leaves no record. ``token`` is held as a `Credential`.
 
     Connection limits (applied by `LocalServer` and `run_server`): a request line and headers
     must arrive within ``header_timeout_s`` of the connection opening or of the request's
@@ -121,7 +170,7 @@ class ServerConfig:
     no request in progress is closed to admit a new one.
     """
 
-    token: str | None = attrs.field(default=None, repr=False)
+    token: Credential | None = attrs.field(default=None, converter=credential, repr=False)
     token_file: str | os.PathLike[str] | None = None
     token_env: str | None = None
     image_size: int = attrs.field(default=512, validator=_positive_int)
@@ -141,6 +190,7 @@ class ServerConfig:
     echo_prompt_hash: bool = True
     record_requests: bool = True
     max_records: int = attrs.field(default=100_000, validator=_positive_int)
+    max_record_bytes: int = attrs.field(default=16 * _MiB, validator=_positive_int)
 
     def __attrs_post_init__(self) -> None:
         if self.image_size > 4096:
@@ -177,7 +227,7 @@ class ServerConfig:
                     "export the token in it",
                 )
             return value
-        return self.token
+        return None if self.token is None else self.token.reveal()
 
 
 def _body_bytes(body: bytes | str | Mapping[str, Any] | None, code: int) -> bytes:

@@ -15,6 +15,7 @@ from concurrent.futures import Future
 from types import TracebackType
 from typing import Any, Literal, TypeVar
 
+import attrs
 from aiohttp import web
 
 from ._app import GUARD_KEY, create_app
@@ -119,7 +120,8 @@ class LocalServer:
 
     @property
     def records(self) -> list[RequestRecord]:
-        """The recorded requests, oldest first (bounded by ``ServerConfig.max_records``)."""
+        """The accepted requests, oldest first (bounded by ``ServerConfig.max_records`` and
+        ``max_record_bytes``); requests refused at the token check leave no record."""
         return self._state.records()
 
     def reset_stats(self) -> None:
@@ -409,9 +411,12 @@ def run_server(
     Call it from the main thread. Unless logging is configured, warnings go to stderr from
     a background thread and are dropped when stderr does not keep up, so a full pipe cannot
     stop the server. With ``ServerConfig(token_file=...)`` or ``token_env=...`` the token is
-    read before the port is bound and never appears in the process list.
+    read before the port is bound and never appears in the process list. No
+    `RequestRecord` is kept (nothing could read it): use `LocalServer` for that.
     """
-    config = config if config is not None else ServerConfig()
+    # Nothing can read the records of a server run this way: keeping them would only
+    # grow the process (``friendli-image serve`` runs this).
+    config = attrs.evolve(config or ServerConfig(), record_requests=False)
     config.resolve_token()
     with _stderr_off_the_loop(), contextlib.suppress(KeyboardInterrupt):
         asyncio.run(_serve_until_signalled(config, host, port))

@@ -11,19 +11,27 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import attrs
+import orjson
 
-from ._config import Action, ServerConfig
+from ._config import Action, Credential, ServerConfig
+
+#: Request headers that carry credentials: recorded as `Credential`, not as text.
+CREDENTIAL_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie", "x-api-key"})
 
 
 @attrs.define(kw_only=True)
 class RequestRecord:
-    """What the server saw of one request (image strings in the body replaced by their length)."""
+    """What the server saw of one request it accepted (image strings in the body replaced by
+    their length; credential headers held apart, as `Credential`)."""
 
     path: str
     method: str
     headers: dict[str, str]
+    """The request headers, except the credential ones (``Authorization``, ``Cookie``...)."""
+    credentials: dict[str, Credential] = attrs.field(factory=dict)
+    """The credential headers, by name as sent: ``record.credentials["Authorization"]``."""
     body: Any | None = None
-    """The parsed JSON body, or None when it was not read or not JSON."""
+    """The parsed JSON body, or None when it was not read, not JSON, or over the byte bound."""
     received_at: float
     """``time.monotonic()`` when the request arrived."""
     action: str | None = None
@@ -34,6 +42,35 @@ class RequestRecord:
     """True when the client went away before the response was sent."""
     probe: bool = attrs.field(default=False, repr=False)
     """True for a ``GET /health`` probe (not counted in flight)."""
+    size: int = attrs.field(default=0, repr=False, eq=False)
+    """The bytes this record counts against ``ServerConfig.max_record_bytes``."""
+    kept: bool = attrs.field(default=False, repr=False, eq=False)
+    """True while the server's list holds this record."""
+
+    @classmethod
+    def arriving(
+        cls, path: str, method: str, headers: Mapping[str, str], *, probe: bool = False
+    ) -> RequestRecord:
+        """The record of a request that just arrived: its headers split, its size counted."""
+        plain: dict[str, str] = {}
+        credentials: dict[str, Credential] = {}
+        size = len(path) + len(method)
+        for name, value in headers.items():
+            size += len(name) + len(value)
+            if name.lower() in CREDENTIAL_HEADERS:
+                credentials[name] = Credential(value)
+            else:
+                plain[name] = value
+        record = cls(
+            path=path,
+            method=method,
+            headers=plain,
+            credentials=credentials,
+            received_at=time.monotonic(),
+            probe=probe,
+        )
+        record.size = size
+        return record
 
 
 @attrs.frozen(kw_only=True)
@@ -77,7 +114,8 @@ class ServerState:
         self._rng = random.Random(  # noqa: S311 -- fault injection, not secrets
             config.faults.seed if config.faults else None
         )
-        self._records: deque[RequestRecord] = deque(maxlen=config.max_records)
+        self._records: deque[RequestRecord] = deque()
+        self._record_bytes = 0
         self._in_flight = 0
         self._connections = 0
         self.healthy = True
@@ -93,7 +131,10 @@ class ServerState:
         self._disconnects = 0
         self._max_connections = self._connections
         self._connection_events = {"timed_out": 0, "evicted": 0, "refused": 0}
+        for record in self._records:
+            record.kept = False
         self._records.clear()
+        self._record_bytes = 0
 
     def reset_stats(self) -> None:
         """Zero the counters and forget the records (requests in flight stay counted)."""
@@ -155,20 +196,62 @@ class ServerState:
     def begin(
         self, path: str, method: str, headers: Mapping[str, str], *, probe: bool = False
     ) -> RequestRecord:
-        """Count an arriving request and return its record (``probe``: a health check)."""
-        record = RequestRecord(
-            path=path, method=method, headers=dict(headers), received_at=time.monotonic()
-        )
-        record.probe = probe
+        """Count an arriving request and return its record (not kept until `keep`)."""
+        record = RequestRecord.arriving(path, method, headers, probe=probe)
         with self._lock:
             self._total += 1
             self._by_path[path] = self._by_path.get(path, 0) + 1
             if not probe:
                 self._in_flight += 1
                 self._max_in_flight = max(self._max_in_flight, self._in_flight)
-            if self.config.record_requests:
-                self._records.append(record)
         return record
+
+    def keep(self, record: RequestRecord) -> None:
+        """Add an accepted request's record to the list (when ``record_requests``).
+
+        Called once the request passed the token check, so a refused request costs
+        nothing beyond its counters. The list is bounded by ``max_records`` and by
+        ``max_record_bytes``: the oldest records go first; one larger than the whole
+        byte bound is not kept.
+        """
+        config = self.config
+        if not config.record_requests or record.size > config.max_record_bytes:
+            return
+        with self._lock:
+            record.kept = True
+            self._records.append(record)
+            self._record_bytes += record.size
+            self._trim()
+
+    def keep_body(self, record: RequestRecord, body: Any) -> None:
+        """Attach the (redacted) JSON body to a kept record, if it fits the byte bound."""
+        if not record.kept:
+            return
+        try:
+            cost = len(orjson.dumps(body))
+        except (TypeError, orjson.JSONEncodeError):
+            return
+        with self._lock:
+            if not record.kept or record.size + cost > self.config.max_record_bytes:
+                return
+            record.body = body
+            record.size += cost
+            self._record_bytes += cost
+            self._trim()
+
+    def _trim(self) -> None:
+        records, config = self._records, self.config
+        while records and (
+            len(records) > config.max_records or self._record_bytes > config.max_record_bytes
+        ):
+            oldest = records.popleft()
+            oldest.kept = False
+            self._record_bytes -= oldest.size
+
+    def record_bytes(self) -> int:
+        """The bytes the kept records count against ``ServerConfig.max_record_bytes``."""
+        with self._lock:
+            return self._record_bytes
 
     def end(self, record: RequestRecord) -> None:
         """Count a finished request (answered, dropped or abandoned)."""

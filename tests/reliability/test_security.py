@@ -126,7 +126,7 @@ async def test_token_is_absent_from_every_surface(
     with pytest.raises(TypeError):
         pickle.dumps(client)
     # The token really was sent (so the probe is meaningful).
-    assert server.records[-1].headers["Authorization"] == f"Bearer {TOKEN}"
+    assert server.records[-1].credentials["Authorization"].reveal() == f"Bearer {TOKEN}"
 
 
 @pytest.mark.scenario(36)

@@ -255,7 +255,7 @@ def test_pytest_plugin_fixtures(tmp_path: Path) -> None:
                     return ServerConfig(token="t")
 
                 def test_token(self, friendli_server):
-                    assert friendli_server.config.token == "t"
+                    assert friendli_server.config.token.reveal() == "t"
             """
         )
     )

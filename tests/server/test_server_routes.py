@@ -150,14 +150,74 @@ async def test_records_redact_images(server: LocalServer, session: aiohttp.Clien
 
 
 async def test_records_can_be_disabled_and_are_bounded(session: aiohttp.ClientSession) -> None:
-    """record_requests=False keeps no records; max_records bounds the list."""
+    """record_requests=False keeps no records; max_records bounds the list; probes leave none."""
     async with LocalServer(ServerConfig(record_requests=False)) as srv:
-        async with session.get(srv.url + "/health") as resp:
+        async with session.post(srv.url + GENERATE, json={"prompt": "p"}) as resp:
             await resp.read()
         assert srv.records == []
         assert srv.stats.total_requests == 1
     async with LocalServer(ServerConfig(max_records=2)) as srv:
-        for _ in range(3):
-            async with session.get(srv.url + "/health") as resp:
+        for prompt in ("a", "b", "c"):
+            async with session.post(srv.url + GENERATE, json={"prompt": prompt}) as resp:
                 await resp.read()
-        assert len(srv.records) == 2
+        async with session.get(srv.url + "/health") as resp:
+            await resp.read()
+        assert [record.body["prompt"] for record in srv.records] == ["b", "c"]
+
+
+async def test_records_are_bounded_in_bytes(session: aiohttp.ClientSession) -> None:
+    """Headers and bodies count against max_record_bytes; the oldest records go first."""
+    bound = 64 * 1024
+    async with LocalServer(ServerConfig(max_record_bytes=bound)) as srv:
+        for index in range(40):
+            headers = {"x-test-id": f"big-{index}", "x-pad": "p" * 4000}
+            body = {"prompt": "q" * 2000}
+            async with session.post(srv.url + GENERATE, json=body, headers=headers) as resp:
+                assert resp.status == 200
+        records = srv.records
+        kept = sum(len(k) + len(v) for r in records for k, v in r.headers.items())
+        assert 0 < kept <= bound
+        assert 8 <= len(records) < 40
+        # The newest are the ones kept, with their bodies.
+        assert records[-1].headers["x-test-id"] == "big-39"
+        assert records[-1].body == {"prompt": "q" * 2000}
+        # A request larger than the whole bound is served but not kept.
+        huge = {"x-test-id": "huge", **{f"x-pad-{i}": "h" * 8000 for i in range(10)}}
+        async with session.post(srv.url + GENERATE, json={"prompt": "p"}, headers=huge) as resp:
+            assert resp.status == 200
+        assert all(r.headers["x-test-id"] != "huge" for r in srv.records)
+
+
+async def test_refused_requests_leave_no_record(session: aiohttp.ClientSession) -> None:
+    """A request refused at the token check is counted, answered 401 and not recorded; an
+    accepted one keeps its Authorization as a Credential, which no repr shows."""
+    async with LocalServer(ServerConfig(token="sk-server-secret")) as srv:
+        for token in (None, "wrong"):
+            headers = {"x-pad": "x" * 8000}
+            if token is not None:
+                headers["Authorization"] = f"Bearer {token}"
+            async with session.post(
+                srv.url + GENERATE, json={"prompt": "p"}, headers=headers
+            ) as resp:
+                assert resp.status == 401
+        assert srv.records == []
+        assert srv.stats.responses_by_status == {401: 2}
+        good = {"Authorization": "Bearer sk-server-secret"}
+        async with session.post(srv.url + GENERATE, json={"prompt": "p"}, headers=good) as resp:
+            assert resp.status == 200
+        (record,) = srv.records
+        assert "Authorization" not in record.headers
+        assert record.credentials["Authorization"].reveal() == "Bearer sk-server-secret"
+        assert "sk-server-secret" not in repr(srv.records) + str(srv.records)
+        assert "sk-server-secret" not in repr(srv.config)
+
+
+async def test_long_request_ids_are_not_echoed(
+    server: LocalServer, session: aiohttp.ClientSession
+) -> None:
+    """An X-Request-ID over 200 characters is replaced, not sent back."""
+    headers = {"X-Request-ID": "r" * 5000}
+    async with session.post(server.url + GENERATE, json={"prompt": "p"}, headers=headers) as resp:
+        echoed = resp.headers["x-request-id"]
+    assert 0 < len(echoed) <= 200
+    assert echoed != headers["X-Request-ID"]
