@@ -48,6 +48,8 @@ SAMPLES: dict[str, Callable[[], Any]] = {
     "image": lambda: "https://example.com/a.png",
     "kind": lambda: "ok",
     "cause": lambda: friendli_image.FriendliServerError("boom", status=500),
+    "error": lambda: friendli_image.FriendliServerError("boom", status=500),
+    "result": lambda: friendli_image.ImageResult(data=b"\xff\xd8\xff\xe0 a jpeg"),
     "index": lambda: 0,
     "id": lambda: "id",
     "request": lambda: {"prompt": "p", "http_headers": dict(HEADERS)},
