@@ -68,11 +68,27 @@ def _install_for_tests(session: nox.Session) -> None:
     session.install("-e", ".[all]", *nox.project.dependency_groups(PYPROJECT, "test"))
 
 
+#: The mypy checks of tests/typing: run once, by the typecheck session.
+TYPING_TESTS = "tests/test_typing.py"
+
+
 @nox.session(python=PYTHONS)
 def tests(session: nox.Session) -> None:
-    """Run the test suite (unit tests and tests against the bundled server)."""
+    """Run the test suite: the fast tests on every Python, the slow ones once.
+
+    The fast tests run in parallel over the machine's cores (pytest-xdist); the slow
+    scenarios (long fault runs, memory ceilings, the benchmark smoke run) run on the
+    default Python only, one at a time, since they measure what the machine does. The
+    mypy checks of tests/typing are the typecheck session's. Arguments after ``--`` go
+    to pytest instead (one plain run).
+    """
     _install_for_tests(session)
-    session.run("pytest", *session.posargs)
+    if session.posargs:
+        session.run("pytest", *session.posargs)
+        return
+    session.run("pytest", "-n", "auto", "-m", "not slow", f"--ignore={TYPING_TESTS}")
+    if session.python == DEFAULT_PYTHON:
+        session.run("pytest", "-m", "slow", f"--ignore={TYPING_TESTS}")
 
 
 @nox.session(python=DEFAULT_PYTHON)
@@ -128,9 +144,33 @@ def lint(session: nox.Session) -> None:
 
 @nox.session(python=DEFAULT_PYTHON)
 def typecheck(session: nox.Session) -> None:
-    """Type-check the package with mypy --strict."""
-    session.install("-e", ".[all]", *nox.project.dependency_groups(PYPROJECT, "typecheck"))
+    """Type-check the package with mypy --strict, and the typed delegation (tests/typing)."""
+    session.install("-e", ".[all]", *nox.project.dependency_groups(PYPROJECT, "test"))
+    session.install(*nox.project.dependency_groups(PYPROJECT, "typecheck"))
     session.run("mypy")
+    session.run("pytest", TYPING_TESTS, "-p", "no:cacheprovider")
+
+
+@nox.session(python=DEFAULT_PYTHON)
+def docs(session: nox.Session) -> None:
+    """Build the documentation site into site/ (Zensical, strict), and check it.
+
+    Rewrites docs/reference/cli.md from the parser first, then runs the checks of
+    tests/test_docs.py that need the site: every public name in the API reference, and
+    every Python block of its pages against the bundled server.
+    """
+    session.install("-e", ".[all]", *nox.project.dependency_groups(PYPROJECT, "test"))
+    session.install(*nox.project.dependency_groups(PYPROJECT, "docs"))
+    session.run(
+        "pytest",
+        "tests/test_docs.py",
+        "-k",
+        "cli_reference or reference or docs/",
+        "-p",
+        "no:cacheprovider",
+        env={"FRIENDLI_UPDATE_DOCS": "1"},
+    )
+    session.log(f"built {ROOT / 'site' / 'index.html'}")
 
 
 @nox.session(python=DEFAULT_PYTHON)
@@ -260,7 +300,8 @@ def tests_lowest(session: nox.Session) -> None:
 
     The floors (and the Pillow and tqdm of the ``all`` extra) are read from
     pyproject.toml and pinned with ``==`` in a pip constraints file; the test tools
-    resolve freely. Without arguments the slow scenarios are left out.
+    resolve freely. Without arguments it runs what ``tests`` runs on every Python: the
+    fast tests over the machine's cores (not the slow scenarios, not tests/typing).
     """
     constraints = Path(session.create_tmp()) / "lowest-constraints.txt"
     constraints.write_text("".join(f"{name}=={version}\n" for name, version in LOWEST.items()))
@@ -286,4 +327,5 @@ def tests_lowest(session: nox.Session) -> None:
     ]
     if off:
         session.error(f"pip installed above the floor: {', '.join(off)}")
-    session.run("pytest", *(session.posargs or ["-m", "not slow"]), "-p", "no:cacheprovider")
+    default = ["-n", "auto", "-m", "not slow", f"--ignore={TYPING_TESTS}"]
+    session.run("pytest", *(session.posargs or default), "-p", "no:cacheprovider")

@@ -39,6 +39,7 @@ from typing import Any, Final
 
 import attrs
 
+from ._clock import monotonic, pause
 from ._config import CallOptions, CallOverrides
 from ._exceptions import (
     FriendliAPIError,
@@ -207,12 +208,12 @@ class Gate:
             if not granted:
                 raise BatchStopped
         if self._interval:
-            now = time.monotonic()
+            now = monotonic()
             send_at = max(now, self._next_send)
             self._next_send = send_at + self._interval
             if send_at > now:
                 try:
-                    await asyncio.sleep(send_at - now)
+                    await pause(send_at - now, "pace")
                 except asyncio.CancelledError:
                     self._free()
                     raise
@@ -228,7 +229,7 @@ class Gate:
         if outcome == "rate_limited":
             # One decrease per round: 429s answering requests sent before the last
             # decrease, or within the Retry-After the server gave with it, say nothing new.
-            now = time.monotonic()
+            now = monotonic()
             if epoch == self._epoch and now >= self._hold_until:
                 self._limit = max(1.0, self._limit * _DECREASE)
                 self._epoch += 1

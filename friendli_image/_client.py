@@ -175,9 +175,11 @@ class AsyncFriendli:
             of the ``friendli_image`` logger (the token never appears in them).
         fleet: how a client with several endpoints routes, ejects and probes them (a
             `FleetConfig`); giving one makes a fleet even of one `Endpoint`.
-        server_idx, url_params: accepted for code written for the official SDK, where
-            they pick a hosted server; they mean nothing for a container, and warn.
-        client, async_client: refused: they take httpx clients, and this SDK uses aiohttp.
+        server_idx: accepted for code written for the official SDK, where it picks a
+            hosted server; it means nothing for a container, and warns.
+        url_params: accepted and warned about, as ``server_idx``.
+        client: refused: it takes an httpx client, and this SDK sends with aiohttp.
+        async_client: refused, as ``client``.
 
     Redirects are never followed: a 3xx raises ``FriendliAPIStatusError`` with
     ``location`` set, so a POST is never replayed elsewhere and the token never leaves

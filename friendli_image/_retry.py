@@ -10,7 +10,6 @@ stays private: no tenacity type is part of the public API.
 
 from __future__ import annotations
 
-import asyncio
 import email.utils
 import logging
 import random
@@ -19,6 +18,7 @@ import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Final
 
+from ._clock import monotonic, pause
 from ._config import RetryConfig
 from ._exceptions import (
     FriendliAPIError,
@@ -158,7 +158,7 @@ def stop_reason(
 
     ``counted_attempts`` are the attempts so far that count against ``max_attempts``;
     ``wake`` is when the next attempt would start, ``started`` when the call started,
-    ``deadline`` the end of ``Timeout.total`` (all ``time.monotonic()`` values).
+    ``deadline`` the end of ``Timeout.total`` (all `_clock.monotonic` values).
     """
     if counted_attempts >= config.max_attempts:
         return "attempts"
@@ -211,19 +211,23 @@ class RetryState:
     """One call's retry state: its policy, clock, budget and history.
 
     The call makes its attempts; after each failure it awaits `after_failure`, which
-    either sleeps until the next attempt is due or raises the failure. The tenacity
-    controller is built at the first failure, so a call that succeeds at once costs no
-    controller; from then on tenacity sees every real outcome, first attempt included.
+    either waits until the next attempt is due or raises the failure. The decisions are
+    this module's functions; tenacity applies them through its public iteration API
+    (``AsyncRetrying`` as an async iterator of attempts, with our ``retry`` / ``stop`` /
+    ``wait`` hooks and our clock's ``sleep``). The controller is built at the first
+    failure, so a call that succeeds at once costs none.
     """
 
     __slots__ = (
+        "_attempt",
+        "_attempts",
         "_budget",
         "_config",
-        "_controller",
+        "_decision",
+        "_failures",
         "_logger",
         "_rng",
         "_spent",
-        "_state",
         "deadline",
         "resent_ambiguous",
         "stale_reconnect_used",
@@ -242,10 +246,14 @@ class RetryState:
         self._config = config
         self._budget = budget
         self._rng = rng
-        self._controller: _t.AsyncRetrying | None = None
-        self._state: _t.RetryCallState | None = None
+        self._attempts: _t.AsyncRetrying | None = None
+        self._attempt: _t.AttemptManager | None = None
+        #: The decision on the latest failure: the wait before the next attempt, or None
+        #: to stop. Made once, in the ``retry`` hook, which tenacity consults first.
+        self._decision: float | None = None
+        self._failures = 0
         self._spent = 0
-        self.started = time.monotonic()
+        self.started = monotonic()
         self.deadline = None if total is None else self.started + total
         self.resent_ambiguous = False
         self.stale_reconnect_used = False
@@ -253,15 +261,16 @@ class RetryState:
     async def after_failure(self, error: FriendliAPIError) -> None:
         """Wait for the next attempt, or raise ``error`` when the policy says stop."""
         self.resent_ambiguous = self.resent_ambiguous or error.maybe_processed
-        state = self._state
-        if state is None:
-            state = self._start()
-        state.set_exception((type(error), error, error.__traceback__))
-        assert self._controller is not None  # noqa: S101  (built with the state)
-        # Raises ``error`` itself (reraise=True) when a hook says stop.
-        await self._controller.iter(retry_state=state)
-        state.prepare_for_next_attempt()
-        await asyncio.sleep(state.upcoming_sleep)
+        self._failures += 1
+        attempts = self._attempts
+        if attempts is None:
+            attempts = self._start()
+            self._attempt = await attempts.__anext__()  # attempt 1: the one just made
+        assert self._attempt is not None  # noqa: S101  (set with the controller)
+        self._attempt.retry_state.set_exception((type(error), error, error.__traceback__))
+        # Decides through the hooks; waits through `pause`; raises ``error``
+        # itself (reraise=True) when the policy says stop.
+        self._attempt = await attempts.__anext__()
 
     def succeeded(self) -> None:
         """The call got its image: credit the budget and refund the tokens it spent."""
@@ -271,25 +280,22 @@ class RetryState:
     @property
     def counted_attempts(self) -> int:
         """Attempts made so far that count against ``max_attempts``."""
-        made = 0 if self._state is None else self._state.attempt_number
-        return made - (1 if self.stale_reconnect_used else 0)
+        return self._failures - (1 if self.stale_reconnect_used else 0)
 
-    def _start(self) -> _t.RetryCallState:
+    def _start(self) -> _t.AsyncRetrying:
         # Imported here: only a failed attempt gets this far, and tenacity is a tenth of
         # what `import friendli_image` adds to `import aiohttp`.
         import tenacity as _t  # noqa: PLC0415
 
-        controller = _t.AsyncRetrying(
-            retry=_t.retry_if_exception(self._retry),
-            wait=self._wait,
+        self._attempts = _t.AsyncRetrying(
+            sleep=pause,
+            retry=self._retry,
             stop=self._stop,
+            wait=self._wait,
             reraise=True,
             before_sleep=self._log_retry,
-        )
-        controller.begin()
-        self._controller = controller
-        self._state = _t.RetryCallState(controller, fn=None, args=(), kwargs={})
-        return self._state
+        ).__aiter__()
+        return self._attempts
 
     def _is_free_reconnect(self, error: BaseException) -> bool:
         return (
@@ -299,36 +305,40 @@ class RetryState:
             and not self.stale_reconnect_used
         )
 
-    # -- tenacity hooks ---------------------------------------------------------------
-
-    def _retry(self, error: BaseException) -> bool:
-        return is_retryable(error, self._config)
-
-    def _wait(self, state: _t.RetryCallState) -> float:
-        error = _failure(state)
-        if self._is_free_reconnect(error):
-            return 0.0
-        return retry_wait(error, self.counted_attempts, self._config, self._rng)
-
-    def _stop(self, state: _t.RetryCallState) -> bool:
-        error = _failure(state)
+    def _decide(self, error: BaseException) -> float | None:
+        """The wait before the next attempt after ``error``, or None: stop."""
         if self._is_free_reconnect(error):
             # One reconnect for the keep-alive race, outside attempts and budget, as
             # the request most likely never reached a live server.
             self.stale_reconnect_used = True
-            return False
-        wake = time.monotonic() + state.upcoming_sleep
+            return 0.0
+        delay = retry_wait(error, self.counted_attempts, self._config, self._rng)
         reason = stop_reason(
             error,
             counted_attempts=self.counted_attempts,
-            wake=wake,
+            wake=monotonic() + delay,
             started=self.started,
             deadline=self.deadline,
             config=self._config,
         )
-        if reason is not None:
-            return True
-        return not self.spend_for(error)
+        if reason is not None or not self.spend_for(error):
+            return None
+        return delay
+
+    # -- tenacity hooks (each takes tenacity's RetryCallState) ---------------------------
+
+    def _retry(self, retry_state: _t.RetryCallState) -> bool:
+        error = _failure(retry_state)
+        if not is_retryable(error, self._config):
+            return False
+        self._decision = self._decide(error)
+        return True
+
+    def _stop(self, _retry_state: _t.RetryCallState) -> bool:
+        return self._decision is None
+
+    def _wait(self, _retry_state: _t.RetryCallState) -> float:
+        return self._decision or 0.0
 
     def spend_for(self, error: BaseException) -> bool:
         """May a resend of ``error`` go out? Takes a budget token when it needs one.
@@ -342,14 +352,14 @@ class RetryState:
             return True
         return False
 
-    def _log_retry(self, state: _t.RetryCallState) -> None:
+    def _log_retry(self, retry_state: _t.RetryCallState) -> None:
         if self._logger.isEnabledFor(logging.INFO):
             # The error's str names the status and the request id, never the token.
             self._logger.info(
                 "retrying in %.2fs after attempt %d failed: %s",
-                state.upcoming_sleep,
-                state.attempt_number,
-                _failure(state),
+                self._decision or 0.0,
+                self._failures,
+                _failure(retry_state),
             )
 
 

@@ -20,7 +20,6 @@ import netrc
 import os
 import re
 import sys
-import time
 import urllib.request
 import uuid
 from collections.abc import Coroutine
@@ -33,6 +32,7 @@ import orjson
 import pybase64
 from yarl import URL
 
+from ._clock import monotonic
 from ._config import AUTHORIZATION, ENV_TOKEN, CallOptions, ClientSettings, Secret, Timeout
 from ._exceptions import (
     FriendliAPIError,
@@ -306,7 +306,7 @@ class Transport:
         """Make attempt ``attempt_number`` of ``call``; return its image or raise its error.
 
         ``started`` is when the call started and ``deadline`` when ``Timeout.total``
-        ends (``time.monotonic()`` values, None: no deadline).
+        ends (`monotonic()` values, None: no deadline).
         """
         url, request_id = call.url, call.request_id
         logger = self._settings.logger
@@ -326,7 +326,7 @@ class Transport:
             redactor = redactor.with_secrets(*_credential_parts(login))
         try:
             async with slots:
-                attempt_started = time.monotonic()
+                attempt_started = monotonic()
                 status, data, pooled = await self._attempt(
                     session,
                     call,
@@ -345,7 +345,7 @@ class Transport:
                     url.path,
                     status,
                     attempt_number,
-                    time.monotonic() - attempt_started,
+                    monotonic() - attempt_started,
                     request_id,
                     len(data),
                 )
@@ -376,7 +376,7 @@ class Transport:
             height=size[1] if size else None,
             request_id=request_id,
             attempts=attempt_number,
-            elapsed=time.monotonic() - started,
+            elapsed=monotonic() - started,
         )
 
     async def _attempt(
@@ -546,7 +546,7 @@ def _log_failed_attempt(
             url.path,
             outcome,
             attempt_number,
-            time.monotonic() - started,
+            monotonic() - started,
             error.request_id,
         )
 
@@ -559,9 +559,9 @@ def _attempt_end(timeout: Timeout, deadline: float | None, now: float) -> float 
         limit = remaining if limit is None else min(limit, remaining)
     if limit is None:
         return None
-    # ``deadline`` and ``now`` are time.monotonic() values; the loop's clock (uvloop's
+    # ``deadline`` and ``now`` are `monotonic()` values; the loop's clock (uvloop's
     # included) may count from another origin.
-    return asyncio.get_running_loop().time() + limit - (time.monotonic() - now)
+    return asyncio.get_running_loop().time() + limit - (monotonic() - now)
 
 
 _CLIENT_TIMEOUTS: dict[Timeout, aiohttp.ClientTimeout] = {}
@@ -834,7 +834,7 @@ def _transport_error(  # noqa: PLR0917
             maybe_processed=True,
         )
     if isinstance(exc, asyncio.TimeoutError):
-        past_deadline = deadline is not None and time.monotonic() >= deadline - 0.005
+        past_deadline = deadline is not None and monotonic() >= deadline - 0.005
         kind = "deadline" if past_deadline else "attempt"
         return FriendliTimeoutError(
             f"the call to {target} timed out ({kind} timeout); raise timeout_ms or Timeout "

@@ -35,6 +35,9 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from friendli_image import RetryConfig
 
+#: The zero-wait testing mode's fixture (``friendli_no_wait``), as users enable it.
+pytest_plugins = ["friendli_image.testing"]
+
 _ENV_VARS = ("FRIENDLI_TOKEN", "FRIENDLI_SERVER_URL", "FRIENDLI_LOG")
 _CONTRACT = Path(__file__).parent / "contract"
 

@@ -8,12 +8,14 @@ functions is run with pytest, as the README says to. A block can opt out with th
 
 from __future__ import annotations
 
+import argparse
 import http.server
 import os
 import re
 import subprocess
 import sys
 import threading
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
@@ -64,6 +66,13 @@ def python_blocks(text: str) -> list[Block]:
 
 
 README_BLOCKS = python_blocks(README.read_text(encoding="utf-8")) if README.is_file() else []
+DOCS = ROOT / "docs"
+#: Every python block of the documentation site's pages, with its page.
+SITE_BLOCKS = [
+    (page.relative_to(ROOT).as_posix(), block)
+    for page in sorted(DOCS.rglob("*.md"))
+    for block in python_blocks(page.read_text(encoding="utf-8"))
+]
 
 
 def test_block_parser_reads_fences_and_skip_markers() -> None:
@@ -112,8 +121,12 @@ def _check(done: subprocess.CompletedProcess[str], what: str) -> None:
     assert "ResourceWarning" not in done.stderr, output  # a file or socket left open
 
 
-@pytest.mark.parametrize("block", README_BLOCKS, ids=[f"README.md:{b.line}" for b in README_BLOCKS])
-def test_readme_block_runs(block: Block, server: LocalServer, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("page", "block"),
+    [("README.md", block) for block in README_BLOCKS] + SITE_BLOCKS,
+    ids=[f"README.md:{b.line}" for b in README_BLOCKS] + [f"{p}:{b.line}" for p, b in SITE_BLOCKS],
+)
+def test_readme_block_runs(page: str, block: Block, server: LocalServer, tmp_path: Path) -> None:
     """The block runs to the end, warning-free (pytest for test functions, else python)."""
     if block.skip is not None:
         pytest.skip(block.skip)
@@ -133,9 +146,95 @@ def test_readme_block_runs(block: Block, server: LocalServer, tmp_path: Path) ->
         timeout=TIMEOUT,
         check=False,
     )
-    _check(done, f"README.md line {block.line}")
+    _check(done, f"{page} line {block.line}")
     if script.name.startswith("test_"):
         assert re.search(r"\b1 passed\b", done.stdout), done.stdout
+
+
+# -- the documentation site -------------------------------------------------------------------
+
+REFERENCE = DOCS / "reference"
+CLI_REFERENCE = REFERENCE / "cli.md"
+
+
+def cli_reference() -> str:
+    """The command-line reference page: every command's ``--help``, as argparse prints it."""
+    from friendli_image._cli import build_parser
+
+    parser = build_parser()
+    parser.prog = "friendli-image"
+    sections = [
+        "# Command line\n",
+        "Generated from the parser (`tests/test_docs.py` checks it is current; "
+        "`nox -s docs` rewrites it).\n",
+        f"```text\n{parser.format_help()}```\n",
+    ]
+    commands = next(
+        action for action in parser._actions if isinstance(action, argparse._SubParsersAction)
+    )
+    for name, sub in commands.choices.items():
+        sections.append(f"## `friendli-image {name}`\n\n```text\n{sub.format_help()}```\n")
+    return "\n".join(sections)
+
+
+def test_cli_reference_is_current(monkeypatch: pytest.MonkeyPatch) -> None:
+    """docs/reference/cli.md is what the parser prints (FRIENDLI_UPDATE_DOCS=1 rewrites it)."""
+    monkeypatch.setenv("COLUMNS", "100")
+    expected = cli_reference()
+    if os.environ.get("FRIENDLI_UPDATE_DOCS") == "1":
+        CLI_REFERENCE.write_text(expected, encoding="utf-8")
+    assert CLI_REFERENCE.read_text(encoding="utf-8") == expected
+
+
+@pytest.fixture(scope="module")
+def built_site() -> Path:
+    """The documentation site, built as ``nox -s docs`` builds it (strict, no warnings)."""
+    pytest.importorskip("zensical", reason="the docs group is not installed (nox -s docs)")
+    done = subprocess.run(
+        [sys.executable, "-m", "zensical", "build", "--clean"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        check=False,
+    )
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output
+    # Zensical reports mkdocstrings' (griffe's) docstring warnings without failing on them.
+    assert "griffe:" not in output, output
+    assert "WARNING" not in output, output
+    return ROOT / "site"
+
+
+def _inventory(site: Path) -> set[str]:
+    """The Python objects the site documents, from its Sphinx inventory (objects.inv)."""
+    raw = (site / "objects.inv").read_bytes()
+    header_end = 0
+    for _ in range(4):
+        header_end = raw.index(b"\n", header_end) + 1
+    lines = zlib.decompress(raw[header_end:]).decode().splitlines()
+    return {line.split(" ", 1)[0] for line in lines if " py:" in line}
+
+
+PUBLIC_MODULES = (
+    "friendli_image",
+    "friendli_image.models",
+    "friendli_image.ray",
+    "friendli_image.server",
+    "friendli_image.testing",
+    "friendli_image.utils",
+)
+
+
+@pytest.mark.parametrize("module", PUBLIC_MODULES)
+def test_every_public_name_is_in_the_reference(module: str, built_site: Path) -> None:
+    """Each name of each public module's ``__all__`` has its entry in the API reference."""
+    import importlib
+
+    public = importlib.import_module(module).__all__
+    documented = _inventory(built_site)
+    missing = [name for name in public if f"{module}.{name}" not in documented]
+    assert missing == []
 
 
 # -- examples/ --------------------------------------------------------------------------------

@@ -16,10 +16,10 @@ PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "friendli_image"
 
 #: Bottom to top. A module may import modules of its own layer or of lower layers only.
 LAYERS: tuple[frozenset[str], ...] = (
-    frozenset({"_version", "_exceptions", "_formats", "_config"}),
+    frozenset({"_version", "_clock", "_exceptions", "_formats", "_config"}),
     frozenset({"_images"}),
     frozenset({"_models"}),
-    frozenset({"_serde", "models", "utils"}),
+    frozenset({"_serde", "models", "testing", "utils"}),
     frozenset({"_retry"}),
     frozenset({"_transport"}),
     frozenset({"_fleet"}),
