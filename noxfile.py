@@ -7,6 +7,7 @@ installed (3.10-3.13), including pyenv-managed ones that are not on PATH.
 from __future__ import annotations
 
 import glob
+import json
 import os
 import shutil
 import subprocess
@@ -14,6 +15,9 @@ import sys
 from pathlib import Path
 
 import nox
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+from packaging.version import Version
 
 ROOT = Path(__file__).parent
 PYPROJECT = nox.project.load_toml(ROOT / "pyproject.toml")
@@ -264,3 +268,64 @@ def official(session: nox.Session) -> None:
         "no:cacheprovider",
         *session.posargs,
     )
+
+
+def _floors(requirements: list[str]) -> dict[str, str]:
+    """Each requirement's floor (its ``>=`` bound) by project name; a requirement named
+    twice (Pillow in several extras) takes the higher floor, the lowest both allow."""
+    floors: dict[str, str] = {}
+    for text in requirements:
+        requirement = Requirement(text)
+        bounds = [spec.version for spec in requirement.specifier if spec.operator == ">="]
+        if len(bounds) != 1:
+            raise ValueError(f"{text!r} in pyproject.toml states no single >= floor; add one")
+        name = canonicalize_name(requirement.name)
+        if name not in floors or Version(bounds[0]) > Version(floors[name]):
+            floors[name] = bounds[0]
+    return floors
+
+
+#: What `nox -s tests_lowest` pins to its floor: the runtime dependencies and the extra
+#: the test sessions install (`.[all]`).
+LOWEST = _floors(
+    [*PYPROJECT["project"]["dependencies"], *PYPROJECT["project"]["optional-dependencies"]["all"]]
+)
+#: The lowest Python that requires-python allows: the floors' oldest wheels are built for it.
+LOWEST_PYTHON = _floors([f"python{PYPROJECT['project']['requires-python']}"])["python"]
+
+
+@nox.session(python=LOWEST_PYTHON)
+def tests_lowest(session: nox.Session) -> None:
+    """The suite with every runtime dependency at the lowest version pyproject.toml allows.
+
+    The floors (and the Pillow and tqdm of the ``all`` extra) are read from
+    pyproject.toml and pinned with ``==`` in a pip constraints file; the test tools
+    resolve freely. Without arguments it runs what ``tests`` runs on every Python: the
+    fast tests over the machine's cores (not the slow scenarios, not tests/typing).
+    """
+    constraints = Path(session.create_tmp()) / "lowest-constraints.txt"
+    constraints.write_text("".join(f"{name}=={version}\n" for name, version in LOWEST.items()))
+    session.install(
+        "-c", str(constraints), "-e", ".[all]", *nox.project.dependency_groups(PYPROJECT, "test")
+    )
+    installed = json.loads(
+        session.run(
+            "python",
+            "-c",
+            "import importlib.metadata as m, json, sys\n"
+            "print(json.dumps({name: m.version(name) for name in sys.argv[1:]}))",
+            *LOWEST,
+            silent=True,
+        )
+    )
+    for name, version in installed.items():
+        session.log(f"{name}=={version}")
+    off = [
+        f"{name} {installed[name]}"
+        for name in LOWEST
+        if Version(installed[name]) != Version(LOWEST[name])
+    ]
+    if off:
+        session.error(f"pip installed above the floor: {', '.join(off)}")
+    default = ["-n", "auto", "-m", "not slow", f"--ignore={TYPING_TESTS}"]
+    session.run("pytest", *(session.posargs or default), "-p", "no:cacheprovider")

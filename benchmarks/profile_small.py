@@ -13,9 +13,10 @@ Three views of the 64 KiB path against ``benchmarks/server.py`` (its own process
    request (each share of the samples times the worker's measured CPU per request),
    and the difference to the expert by package.
 2. **ab**: in-process A/B runs without a profiler, interleaved rounds: the expert client,
-   the expert plus one SDK ingredient at a time (the TraceConfig, a second semaphore, a
-   ``ClientTimeout`` per request, the SDK's header set), and AsyncFriendli; client CPU
-   µs per request (``getrusage``), medians over rounds.
+   the expert plus one SDK ingredient at a time (the TraceConfig, the SDK's connector
+   subclass that replaced it, a second semaphore, a ``ClientTimeout`` per request, the
+   SDK's header set), and AsyncFriendli; client CPU µs per request (``getrusage``),
+   medians over rounds.
 3. **micro**: ``timeit`` of each pure-Python step the SDK adds (validation, attrs,
    cattrs, ``uuid4``, header merging, the timeout object, format sniffing and
    dimensions, the result object, the trace signals, the semaphore, the decode).
@@ -349,6 +350,7 @@ def expert_variant(
     semaphore: bool = False,
     timeout: bool = False,
     headers: bool = False,
+    connector: bool = False,
 ) -> Callable[[int], Awaitable[tuple[float, float]]]:
     """The expert client of ``client.py``, plus the named SDK ingredients."""
 
@@ -361,8 +363,10 @@ def expert_variant(
             "Accept": "application/json",
         }
         fixed_id = uuid.uuid4().hex
+        # The SDK's connector subclass (what replaced the TraceConfig), if it still exists.
+        connector_class = (internal("Connector") if connector else None) or aiohttp.TCPConnector
         session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=c),
+            connector=connector_class(limit=c),
             trace_configs=[_sdk_like_trace_config()] if trace else None,
         )
         extra = asyncio.Semaphore(c)
@@ -423,6 +427,7 @@ def ab(url: str, n: int, c: int, rounds: int) -> None:
     variants = {
         "expert": expert_variant(url, c),
         "expert + TraceConfig": expert_variant(url, c, trace=True),
+        "expert + SDK Connector": expert_variant(url, c, connector=True),
         "expert + 2nd semaphore": expert_variant(url, c, semaphore=True),
         "expert + ClientTimeout/req": expert_variant(url, c, timeout=True),
         "expert + SDK headers": expert_variant(url, c, headers=True),

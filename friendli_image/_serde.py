@@ -27,6 +27,11 @@ __all__ = ["canonical_request", "converter", "dumps_request", "unstructure_reque
 _Unstructure = Callable[[Any], dict[str, Any]]
 
 
+#: The hook per request model, kept as the converter is built: called directly, with no
+#: dispatch per request (and no ``get_unstructure_hook``, which cattrs 23.2 lacks).
+_hooks: dict[type[Any], _Unstructure] = {}
+
+
 @functools.cache
 def converter() -> cattrs.Converter:
     """The converter, with a hook per request model that leaves ``None`` fields out."""
@@ -43,21 +48,19 @@ def converter() -> cattrs.Converter:
 
         return hook
 
-    for cls in (GenerateRequest, EditRequest):
-        built.register_unstructure_hook(cls, without_none(cls))
     built.register_unstructure_hook(ImageInput, lambda item: {"image": item.image})
+    for cls in (GenerateRequest, EditRequest):
+        _hooks[cls] = without_none(cls)
+        built.register_unstructure_hook(cls, _hooks[cls])
     return built
-
-
-#: The converter's own hook per model class, looked up once instead of per call.
-_hooks: dict[type[Any], _Unstructure] = {}
 
 
 def unstructure_request(request: GenerateRequest | EditRequest) -> dict[str, Any]:
     """The request model as the dict of the wire (``None`` fields left out)."""
     hook = _hooks.get(type(request))
     if hook is None:
-        hook = _hooks[type(request)] = converter().get_unstructure_hook(type(request))
+        converter()
+        hook = _hooks[type(request)]
     return hook(request)
 
 

@@ -330,11 +330,17 @@ def _summary_rate(output: str) -> str:
 
 
 def test_resumed_items_are_apart_and_the_bar_ends_on_the_summary_rate(
-    server: LocalServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    server: LocalServer,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A resumed run: the summary counts resumed items apart, and the last rate the bar
     drew is the summary's (both this run's items only)."""
     pytest.importorskip("tqdm")
+    # Wide enough for the whole bar: where tqdm before 4.68 cannot read the width (in an
+    # xdist worker) it cuts the line short, and the rate's tail with it.
+    monkeypatch.setenv("COLUMNS", "200")
     source = tmp_path / "prompts.txt"
     out = tmp_path / "out"
     source.write_text("".join(f"prompt {i}\n" for i in range(6)), encoding="utf-8")

@@ -274,21 +274,36 @@ class _PublicOnlyResolver(AbstractResolver):
 
 
 def _check_target(url: yarl.URL, config: ServerConfig) -> None:
-    """Refuse a URL before connecting: not http(s), or an IP literal that is not public.
+    """Refuse a URL before connecting: not http(s), an IP literal that is not public, or
+    IPv4 in a legacy form (``2130706433``, ``0x7f.1``, ``127.1``).
 
-    Host names are checked by `_PublicOnlyResolver` as they are resolved.
+    Host names are checked by `_PublicOnlyResolver` as they are resolved. aiohttp
+    connects to a legacy-form address without asking the resolver (3.14.5 refuses it
+    itself, older releases do not), so it is refused here, whatever allow_private_urls.
     """
     if url.scheme not in ("http", "https") or not url.host:
         raise ValueError("could not fetch image from URL: only http(s) URLs with a host")
-    if config.allow_private_urls:
-        return
     host = url.host.strip("[]")
     try:
         ipaddress.ip_address(host.split("%", 1)[0])
     except ValueError:
+        if _is_legacy_ipv4(host):
+            raise ValueError(
+                f"could not fetch image from URL: {host} is not a canonical IPv4 address; "
+                "write it as four decimal numbers (a.b.c.d)"
+            ) from None
         return
-    if not _is_public(host):
+    if not config.allow_private_urls and not _is_public(host):
         raise ValueError(_REFUSED_TARGET)
+
+
+def _is_legacy_ipv4(host: str) -> bool:
+    """Whether the C library reads ``host`` as an IPv4 address (``ipaddress`` did not)."""
+    try:
+        socket.inet_aton(host)
+    except (OSError, ValueError):
+        return False
+    return True
 
 
 def _session(runtime: _Runtime, config: ServerConfig) -> aiohttp.ClientSession:
