@@ -45,9 +45,26 @@ def server() -> Iterator[LocalServer]:
 
 @pytest.fixture
 async def client(server: LocalServer) -> AsyncIterator[AsyncFriendli]:
-    server.reset_stats()
     async with AsyncFriendli(server_url=server.url) as opened:
         yield opened
+
+
+def _shards(out: Path, pattern: str = "train-*") -> list[str]:
+    return sorted(str(path) for path in out.glob(pattern))
+
+
+def _written(server: LocalServer, out: Path, output_format: str, shard_size: int) -> Any:
+    """Run REQUESTS into ``out``; return what each item should hold."""
+
+    async def run() -> dict[str, Any]:
+        async with AsyncFriendli(server_url=server.url) as client:
+            expected = await _expected(client, REQUESTS)
+            await client.container.image.generate_batch(
+                REQUESTS, out_dir=out, output_format=output_format, shard_size=shard_size
+            )
+            return expected
+
+    return asyncio.run(run())
 
 
 async def _expected(client: AsyncFriendli, requests: list[dict[str, Any]]) -> dict[str, Any]:
@@ -111,7 +128,7 @@ async def test_datasets_loads_every_item_with_its_image_and_fields(
         rows = []
         for row in loaded:
             image = row.pop("image")
-            data = image["bytes"] or Path(image["path"]).read_bytes()
+            data = image["bytes"] or await asyncio.to_thread(Path(image["path"]).read_bytes)
             rows.append((row, data))
     assert sorted(row["key"] for row, _ in rows) == sorted(expected)
     for row, data in rows:
@@ -121,19 +138,14 @@ async def test_datasets_loads_every_item_with_its_image_and_fields(
         assert item.path is not None
         assert item.path.exists()
     if output_format != "files":
-        shards = sorted(tmp_path.glob("train-*"))
+        shards = _shards(tmp_path)
         assert len(shards) == 3  # 13 items, 5 per shard
-        assert {item.path for item in result} == set(shards)
+        assert {str(item.path) for item in result} == set(shards)
 
 
-async def test_webdataset_reads_the_shards_in_name_order(
-    client: AsyncFriendli, tmp_path: Path
-) -> None:
-    expected = await _expected(client, REQUESTS)
-    await client.container.image.generate_batch(
-        REQUESTS, out_dir=tmp_path, output_format="webdataset", shard_size=4
-    )
-    shards = sorted(str(path) for path in tmp_path.glob("train-*.tar"))
+def test_webdataset_reads_the_shards_in_name_order(server: LocalServer, tmp_path: Path) -> None:
+    expected = _written(server, tmp_path, "webdataset", 4)
+    shards = _shards(tmp_path, "train-*.tar")
     assert len(shards) == 4
     with warnings.catch_warnings():
         # webdataset leaves its last shard's file to the garbage collector.
@@ -148,14 +160,9 @@ async def test_webdataset_reads_the_shards_in_name_order(
         _check_row(row, sample["jpg"], expected)
 
 
-async def test_parquet_shards_carry_the_image_feature_schema(
-    client: AsyncFriendli, tmp_path: Path
-) -> None:
-    expected = await _expected(client, REQUESTS)
-    await client.container.image.generate_batch(
-        REQUESTS, out_dir=tmp_path, output_format="parquet", shard_size=6
-    )
-    table = pq.read_table(sorted(str(path) for path in tmp_path.glob("train-*.parquet")))
+def test_parquet_shards_carry_the_image_feature_schema(server: LocalServer, tmp_path: Path) -> None:
+    expected = _written(server, tmp_path, "parquet", 6)
+    table = pq.read_table(_shards(tmp_path, "train-*.parquet"))
     assert table.num_rows == len(REQUESTS)
     features = orjson.loads(table.schema.metadata[b"huggingface"])["info"]["features"]
     assert features["image"] == {"_type": "Image"}
@@ -180,7 +187,7 @@ async def test_a_rerun_resumes_from_the_shards_and_a_cancel_publishes_the_open_s
             if done == 7:
                 break
     # One full shard, and the open one with the two items finished before the cancel.
-    assert len(list(tmp_path.glob("train-*"))) == 2
+    assert len(_shards(tmp_path)) == 2
     server.reset_stats()
     result = await client.container.image.generate_batch(
         REQUESTS, out_dir=tmp_path, output_format=output_format, shard_size=5
@@ -205,10 +212,10 @@ async def test_a_lost_shard_is_made_again_and_a_truncated_manifest_is_survived(
     await client.container.image.generate_batch(
         REQUESTS, out_dir=tmp_path, output_format="webdataset", shard_size=5
     )
-    lost = sorted(tmp_path.glob("train-*.tar"))[0]
+    lost = _shards(tmp_path)[0]
     with tarfile.open(lost) as tar:
         in_lost = {name.split(".")[0] for name in tar.getnames()}
-    lost.unlink()
+    await asyncio.to_thread(Path(lost).unlink)
     server.reset_stats()
     result = await client.container.image.generate_batch(
         REQUESTS, out_dir=tmp_path, output_format="webdataset", shard_size=5
@@ -257,5 +264,5 @@ def test_the_cli_writes_a_dataset(server: LocalServer, tmp_path: Path) -> None:
          "--output-format", "parquet", "--shard-size", "2", "--no-progress"]
     )  # fmt: skip
     assert code == 0
-    table = pq.read_table(sorted(str(path) for path in out.glob("train-*.parquet")))
+    table = pq.read_table(_shards(out))
     assert sorted(table.column("prompt").to_pylist()) == ["a gull", "a kite", "a tern"]
