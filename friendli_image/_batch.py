@@ -626,7 +626,11 @@ class Batch:
                 await asyncio.get_running_loop().run_in_executor(
                     None, store.claim, prepared.id, prepared.occurrence
                 )
-                if self._options.resume and store.has_earlier(prepared.id, prepared.occurrence)
+                # A file's sha256 is checked on a thread; a shard's presence is one
+                # cached stat, cheaper than the hop to a thread.
+                if self._options.resume
+                and not store.sharded
+                and store.has_earlier(prepared.id, prepared.occurrence)
                 else store.claim(prepared.id, prepared.occurrence)
             )
             if record is not None:
