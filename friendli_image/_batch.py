@@ -54,6 +54,7 @@ from ._exceptions import (
     FriendliUsageError,
     FriendliValidationError,
 )
+from ._formats import EXTENSIONS
 from ._models import (
     AttemptOutcome,
     BatchItem,
@@ -68,7 +69,16 @@ from ._models import (
     RequestPath,
     public_fields,
 )
-from ._store import BatchStore, Occurrences, Unmatched, image_name, manifest_record, request_digest
+from ._store import (
+    BatchStore,
+    Occurrences,
+    Unmatched,
+    dataset_fields,
+    image_name,
+    item_key,
+    manifest_record,
+    request_digest,
+)
 
 __all__ = ["Batch", "BatchOperation", "BatchStopped", "Gate"]
 
@@ -468,8 +478,11 @@ class Batch:
         self._t0 = time.monotonic()
         self._monitor = self._path.monitor_batch(self.progress)
         loop = asyncio.get_running_loop()
-        if self._options.out_dir is not None:
-            store = BatchStore(self._options.out_dir, self._options.resume)
+        options = self._options
+        if options.out_dir is not None:
+            store = BatchStore(
+                options.out_dir, options.resume, options.output_format, options.shard_size
+            )
             await loop.run_in_executor(None, store.open)
             self._store = store
         sync_source: Iterator[Any] | None = None
@@ -549,6 +562,7 @@ class Batch:
                 await asyncio.gather(*pending.values(), return_exceptions=True)
             if self._store is not None:
                 # Only a run that saw every item knows which stored images match none.
+                # Blocking: it publishes the open shard, and must, even when cancelled.
                 self._unmatched = self._store.close(complete=complete)
             if self._monitor is not None:
                 self._monitor.close()
@@ -619,7 +633,11 @@ class Batch:
                 await asyncio.get_running_loop().run_in_executor(
                     None, store.claim, prepared.id, prepared.occurrence
                 )
-                if self._options.resume and store.has_earlier(prepared.id, prepared.occurrence)
+                # A file's sha256 is checked on a thread; a shard's presence is one
+                # cached stat, cheaper than the hop to a thread.
+                if self._options.resume
+                and not store.sharded
+                and store.has_earlier(prepared.id, prepared.occurrence)
                 else store.claim(prepared.id, prepared.occurrence)
             )
             if record is not None:
@@ -680,28 +698,36 @@ class Batch:
                 request_id=result.request_id,
                 maybe_duplicated=result.maybe_duplicated,
             )
-        name = image_name(prepared.id, prepared.occurrence, result.format)
-        digest = await asyncio.get_running_loop().run_in_executor(
-            None, store.write_image, name, result.data
+        loop = asyncio.get_running_loop()
+        record = manifest_record(
+            index=index,
+            item_id=prepared.id,
+            occurrence=prepared.occurrence,
+            prompt=prepared.model.prompt,
+            seed=prepared.model.seed,
+            attempts=attempts,
+            elapsed=time.monotonic() - started,
+            request_id=result.request_id,
+            fmt=result.format,
+            size=len(result.data),
+            maybe_duplicated=result.maybe_duplicated,
+            fields=dataset_fields(prepared.model),
         )
-        elapsed = time.monotonic() - started
-        store.append(
-            manifest_record(
-                index=index,
-                item_id=prepared.id,
-                occurrence=prepared.occurrence,
-                prompt=prepared.model.prompt,
-                seed=prepared.model.seed,
-                attempts=attempts,
-                elapsed=elapsed,
-                request_id=result.request_id,
-                file=name,
-                fmt=result.format,
-                size=len(result.data),
-                sha256=digest,
-                maybe_duplicated=result.maybe_duplicated,
+        if store.sharded:
+            name, digest, full = store.add_to_shard(
+                item_key(prepared.id, prepared.occurrence),
+                result.data,
+                EXTENSIONS.get(result.format or "", ".bin"),
+                record,
             )
-        )
+            if full is not None:
+                await loop.run_in_executor(None, store.publish, full)
+        else:
+            name = image_name(prepared.id, prepared.occurrence, result.format)
+            digest = await loop.run_in_executor(None, store.write_image, name, result.data)
+            record["file"], record["sha256"] = name, digest
+            store.append(record)
+        elapsed = record["elapsed"]
         return BatchItem(
             index=index,
             id=prepared.id,
@@ -746,6 +772,7 @@ class Batch:
                     elapsed=elapsed,
                     request_id=request_id,
                     error=error,
+                    fields=None if prepared is None else dataset_fields(prepared.model),
                 )
             )
         return BatchItem(

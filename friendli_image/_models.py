@@ -47,6 +47,7 @@ if TYPE_CHECKING:
 __all__ = [
     "MAX_SEED",
     "NOTEBOOK_ROWS",
+    "OUTPUT_FORMATS",
     "AttemptGate",
     "AttemptOutcome",
     "BatchItem",
@@ -62,6 +63,7 @@ __all__ = [
     "ImageInput",
     "ImageInputTypedDict",
     "ImageResult",
+    "OutputFormat",
     "RequestModel",
     "RequestPath",
     "RequestSpec",
@@ -533,6 +535,8 @@ def public_fields(request: GenerateRequest | EditRequest) -> dict[str, Any]:
 # -- batches -------------------------------------------------------------------------------
 
 BatchStatus: TypeAlias = Literal["ok", "failed", "skipped", "resumed"]
+#: How a batch stores its images in ``out_dir`` (`BatchOptions.output_format`).
+OutputFormat: TypeAlias = Literal["files", "webdataset", "parquet"]
 RequestModel: TypeAlias = "GenerateRequest | EditRequest"
 #: One request of a batch: a mapping of ``generate`` / ``edit`` keyword arguments (per-call
 #: ``retries``, ``server_url``, ``timeout_ms`` and ``http_headers`` included), a request
@@ -585,6 +589,21 @@ def _path_or_none(value: str | os.PathLike[str] | None) -> pathlib.Path | None:
     return pathlib.Path(value)
 
 
+#: What a batch can write into ``out_dir`` (``output_format``).
+OUTPUT_FORMATS: Final = ("files", "webdataset", "parquet")
+
+
+def _output_format(_instance: object, _attribute: object, value: Any) -> None:
+    if value not in OUTPUT_FORMATS:
+        raise FriendliValidationError(
+            "output_format", f"must be one of {', '.join(OUTPUT_FORMATS)}, got {value!r}"
+        )
+    if value == "parquet" and importlib.util.find_spec("pyarrow") is None:
+        raise FriendliValidationError(
+            "output_format", "'parquet' needs pyarrow: pip install 'friendli-image[datasets]'"
+        )
+
+
 @attrs.frozen(kw_only=True)
 class BatchOptions(CallOverrides):
     """How a batch runs, checked when the batch is created (before anything is sent).
@@ -606,7 +625,18 @@ class BatchOptions(CallOverrides):
             file present with the recorded sha256, wherever it sits in the input now;
             False sends every request again. Either way, images of earlier runs that
             match no item are kept and listed in ``unmatched.jsonl`` (see
-            `BatchResult.unmatched`).
+            `BatchResult.unmatched`). With a shard format, False is refused when
+            ``out_dir`` holds an earlier run (its items would land in two shards).
+        output_format: how ``out_dir`` holds the images. ``"files"``: one file per
+            item and a ``metadata.jsonl`` (``file_name`` and every field), so
+            ``datasets.load_dataset("imagefolder", data_dir=out_dir)`` loads them.
+            ``"webdataset"``: tar shards of ``shard_size`` items, each item a
+            ``<key>.<ext>`` image and a ``<key>.json`` of its request and outcome.
+            ``"parquet"``: Parquet shards, one row per item with the image bytes (an
+            ``Image`` feature for ``datasets``) and every field (needs pyarrow). A
+            shard is written once full (and at the end), atomically: a kill loses at
+            most the items of the open shard, which a rerun makes again.
+        shard_size: items per shard (the shard formats); memory holds one open shard.
         on_progress: called with a `BatchProgress` at most ten times a second and once
             at the end, on the event loop: keep it quick.
         stop_on_fatal: after an error every remaining item would meet (401, 403, 404, a
@@ -625,6 +655,8 @@ class BatchOptions(CallOverrides):
     reorder_window: int | None = attrs.field(default=None, validator=_optional_positive_int)
     out_dir: pathlib.Path | None = attrs.field(default=None, converter=_path_or_none)
     resume: bool = attrs.field(default=True, converter=_flag)
+    output_format: OutputFormat = attrs.field(default="files", validator=_output_format)
+    shard_size: int = attrs.field(default=1000, validator=_positive_int)
     on_progress: Callable[[BatchProgress], object] | None = attrs.field(
         default=None, validator=_callable_or_none
     )

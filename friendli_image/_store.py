@@ -25,12 +25,26 @@ failed or resumed, with its index in that run). When a run starts, the lines of 
 runs move to ``unmatched.jsonl``, where resume looks them up by identity; when the run
 has seen its whole input, the lines no item claimed stay there, one per stored image
 that matches no item, and the run reports how many (`BatchStore.close`).
+
+**Formats** (``output_format``). ``files``: one image file per item, named by its
+identity, and a ``metadata.jsonl`` (``file_name`` and every field of each stored item)
+rewritten when a run ends, so ``datasets.load_dataset("imagefolder", data_dir=...)``
+loads the images with their fields. ``webdataset`` and ``parquet``: items are gathered
+into shards of ``shard_size`` items (`Shard`): a tar with ``<key>.<ext>`` and
+``<key>.json`` per item, or a Parquet file with the image bytes in a column that
+``datasets`` reads as an ``Image`` feature. The key is the item's identity (`item_key`).
+A shard's manifest lines are appended *before* the shard is published, and the shard
+is then written atomically under a name no run reuses (``train-<time>-<random>-<n>``,
+ordered by time), so a kill leaves no half shard visible and the lines of an unpublished
+shard name a file that is absent: a rerun makes those items again, and an item never
+lands in two shards. A kill loses at most the items of the open shard.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import os
 import pathlib
 import secrets
@@ -45,7 +59,8 @@ import orjson
 
 from ._exceptions import FriendliAPIError, FriendliError, FriendliUsageError
 from ._formats import EXTENSIONS, FORMATS_BY_EXTENSION
-from ._serde import canonical_request
+from ._models import OUTPUT_FORMATS
+from ._serde import canonical_request, unstructure_request
 
 if sys.platform != "win32":
     import fcntl
@@ -57,15 +72,20 @@ __all__ = [
     "GALLERY_NAME",
     "LOCK_NAME",
     "MANIFEST_NAME",
+    "METADATA_NAME",
+    "OUTPUT_FORMATS",
     "THUMBS_DIR",
     "UNMATCHED_NAME",
     "BatchStore",
     "Directory",
     "Location",
     "Occurrences",
+    "Shard",
     "StoredRecord",
     "Unmatched",
+    "dataset_fields",
     "image_name",
+    "item_key",
     "manifest_record",
     "read_gallery_inputs",
     "read_records",
@@ -73,6 +93,7 @@ __all__ = [
     "row_image_name",
     "set_aside_previous_run",
     "valid_name",
+    "valid_stored_name",
 ]
 
 #: The manifest of the latest run, inside the location.
@@ -81,12 +102,16 @@ MANIFEST_NAME: Final = "manifest.jsonl"
 UNMATCHED_NAME: Final = "unmatched.jsonl"
 #: The lock file a running batch holds inside the location.
 LOCK_NAME: Final = ".friendli-batch.lock"
+#: The ``imagefolder`` metadata of a ``files`` location (``file_name`` and every field).
+METADATA_NAME: Final = "metadata.jsonl"
 #: The gallery page inside the location.
 GALLERY_NAME: Final = "index.html"
 #: The gallery's thumbnails live in this folder of the location.
 THUMBS_DIR: Final = ".thumbs"
 
 _TEMP_SUFFIX: Final = ".part"
+#: The file extension of each shard format.
+_SHARD_SUFFIX: Final = {"webdataset": ".tar", "parquet": ".parquet"}
 #: Extensions an image (or a thumbnail) written by this package may have.
 _IMAGE_SUFFIXES: Final = frozenset({*EXTENSIONS.values(), *FORMATS_BY_EXTENSION, ".bin"})
 _NOFOLLOW: Final = getattr(os, "O_NOFOLLOW", 0)
@@ -132,9 +157,17 @@ class Occurrences:
         return occurrence
 
 
+def item_key(digest: str, occurrence: int) -> str:
+    """A batch item's identity as a name: its digest's first 20 digits and its occurrence.
+
+    The stem of its image file, its sample key in a WebDataset shard, its ``key`` column.
+    """
+    return f"{digest[:20]}-{occurrence}"
+
+
 def image_name(digest: str, occurrence: int, fmt: str | None) -> str:
     """The file name of a batch item's image: its identity and the format's extension."""
-    return f"{digest[:20]}-{occurrence}{EXTENSIONS.get(fmt or '', '.bin')}"
+    return item_key(digest, occurrence) + EXTENSIONS.get(fmt or "", ".bin")
 
 
 def row_image_name(row_id: object, digest: str, response_format: object) -> str:
@@ -160,6 +193,23 @@ def valid_name(name: object) -> str | None:
         return None
     suffix = pathlib.PurePosixPath(name).suffix.lower()
     return name if suffix in _IMAGE_SUFFIXES else None
+
+
+def valid_stored_name(name: object) -> str | None:
+    """``name`` if a manifest may name it: a `valid_name` image or a plain shard name."""
+    if valid_name(name) is not None:
+        return name  # type: ignore[return-value]  # valid_name checked it is a str
+    if not isinstance(name, str) or not name.startswith("train-") or len(name) > 255:
+        return None
+    if "/" in name or "\\" in name or "\0" in name:
+        return None
+    return name if pathlib.PurePosixPath(name).suffix in _SHARD_SUFFIX.values() else None
+
+
+def _format_of(name: str) -> str:
+    """The output format that writes a stored file of this name."""
+    suffix = pathlib.PurePosixPath(name).suffix
+    return next((fmt for fmt, ext in _SHARD_SUFFIX.items() if ext == suffix), "files")
 
 
 # -- one directory, opened safely -------------------------------------------------------------
@@ -339,8 +389,13 @@ def manifest_record(
     sha256: str | None = None,
     maybe_duplicated: bool = False,
     error: FriendliError | None = None,
+    fields: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """One line of ``manifest.jsonl``: an ``ok`` item when ``error`` is None, else ``failed``."""
+    """One line of ``manifest.jsonl``: an ``ok`` item when ``error`` is None, else ``failed``.
+
+    ``fields`` (`dataset_fields`) adds the request's fields, which the dataset formats
+    carry with each image.
+    """
     return {
         "index": index,
         "id": item_id,
@@ -359,7 +414,62 @@ def manifest_record(
         "error": None if error is None else str(error),
         "error_type": None if error is None else type(error).__name__,
         "maybe_processed": isinstance(error, FriendliAPIError) and error.maybe_processed,
+        **(fields or {}),
     }
+
+
+#: The request fields a dataset row has as columns of their own.
+_REQUEST_COLUMNS: Final = (
+    "prompt",
+    "model",
+    "num_inference_steps",
+    "guidance_scale",
+    "seed",
+    "response_format",
+)
+#: A dataset row's fields besides the image, in column order.
+_ROW_FIELDS: Final = (
+    "key",
+    "id",
+    "occurrence",
+    *_REQUEST_COLUMNS,
+    "request",
+    "format",
+    "bytes",
+    "sha256",
+    "attempts",
+    "elapsed",
+    "request_id",
+    "maybe_duplicated",
+)
+
+
+def _digest_local_images(value: Any) -> Any:
+    if isinstance(value, str):
+        if value.startswith("data:"):
+            return "sha256:" + hashlib.sha256(value.encode()).hexdigest()
+        return value
+    if isinstance(value, list):
+        return [_digest_local_images(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _digest_local_images(item) for key, item in value.items()}
+    return value
+
+
+def dataset_fields(request: GenerateRequest | EditRequest) -> dict[str, Any]:
+    """The request as a dataset row holds it: its scalar fields as columns of their own,
+    and the whole request (wire fields, keys sorted) as JSON text in ``request``, where
+    a local image (a ``data:`` URI) is replaced by ``sha256:<hex>`` of its text."""
+    fields: dict[str, Any] = {name: getattr(request, name) for name in _REQUEST_COLUMNS}
+    wire = _digest_local_images(unstructure_request(request))
+    fields["request"] = orjson.dumps(wire, option=orjson.OPT_SORT_KEYS).decode()
+    return fields
+
+
+def _dataset_row(record: Mapping[str, Any]) -> dict[str, Any]:
+    row = {name: record.get(name) for name in _ROW_FIELDS}
+    row["key"] = item_key(record["id"], record.get("occurrence", 0))
+    return row
 
 
 StoredRecord = dict[str, Any]
@@ -381,7 +491,7 @@ def _valid_record(line: bytes) -> StoredRecord | None:
     if not isinstance(index, int) or isinstance(index, bool) or index < 0:
         return None
     if record.get("status") == "ok" and (
-        valid_name(record.get("file")) is None or not isinstance(record.get("sha256"), str)
+        valid_stored_name(record.get("file")) is None or not isinstance(record.get("sha256"), str)
     ):
         return None
     return record
@@ -407,6 +517,76 @@ def read_records(handle: IO[bytes]) -> Iterator[tuple[int, bytes, StoredRecord |
         offset += len(line)
 
 
+def _parquet_schema() -> Any:
+    """The Parquet schema of a shard, with the ``huggingface`` metadata that makes
+    ``datasets`` read ``image`` as an ``Image`` feature."""
+    import pyarrow as pa  # noqa: PLC0415  (only the parquet format needs it)
+
+    types = {
+        "occurrence": pa.int64(),
+        "num_inference_steps": pa.int64(),
+        "guidance_scale": pa.float64(),
+        "seed": pa.int64(),
+        "bytes": pa.int64(),
+        "attempts": pa.int64(),
+        "elapsed": pa.float64(),
+        "maybe_duplicated": pa.bool_(),
+    }
+    image = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    fields = [pa.field("image", image)]
+    fields += [pa.field(name, types.get(name, pa.string())) for name in _ROW_FIELDS]
+    names = {"int64": "int64", "double": "float64", "bool": "bool", "string": "string"}
+    features: dict[str, Any] = {"image": {"_type": "Image"}}
+    for field in fields[1:]:
+        features[field.name] = {"dtype": names[str(field.type)], "_type": "Value"}
+    info = orjson.dumps({"info": {"features": features}})
+    return pa.schema(fields, metadata={b"huggingface": info})
+
+
+class Shard:
+    """A shard being filled: its items' images and manifest records, as they finish."""
+
+    __slots__ = ("images", "name", "output_format", "records")
+
+    def __init__(self, name: str, output_format: str) -> None:
+        self.name = name
+        self.output_format = output_format
+        self.images: list[tuple[str, bytes]] = []
+        self.records: list[dict[str, Any]] = []
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def build(self) -> bytes | memoryview:
+        """The shard's bytes: a tar (``<key><ext>`` and ``<key>.json`` per item, in the
+        order they finished) or a Parquet file (one row per item)."""
+        rows = [_dataset_row(record) for record in self.records]
+        if self.output_format == "parquet":
+            import pyarrow as pa  # noqa: PLC0415
+            import pyarrow.parquet as pq  # noqa: PLC0415
+
+            schema = _parquet_schema()
+            columns: dict[str, list[Any]] = {
+                "image": [{"bytes": data, "path": name} for name, data in self.images]
+            }
+            for name in _ROW_FIELDS:
+                columns[name] = [row[name] for row in rows]
+            sink = pa.BufferOutputStream()
+            pq.write_table(pa.table(columns, schema=schema), sink, row_group_size=256)
+            return memoryview(sink.getvalue())
+        import tarfile  # noqa: PLC0415
+
+        buffer = io.BytesIO()
+        now = time.time()
+        with tarfile.open(fileobj=buffer, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+            for (name, data), row in zip(self.images, rows, strict=True):
+                for member, body in ((name, data), (row["key"] + ".json", orjson.dumps(row))):
+                    info = tarfile.TarInfo(member)
+                    info.size, info.mtime, info.mode = len(body), now, 0o644
+                    tar.addfile(info, io.BytesIO(body))
+        return buffer.getbuffer()
+
+
 # -- the store of a batch ---------------------------------------------------------------------
 
 
@@ -428,14 +608,29 @@ class BatchStore:
     """A batch's output directory: lock, images, ``manifest.jsonl`` and resume lookups.
 
     `open` takes the lock and moves the earlier runs' lines to ``unmatched.jsonl`` (the
-    latest line of each identity), which `previous` answers from; `append` adds this
+    latest line of each identity), which `claim` answers from; `append` adds this
     run's lines to a fresh ``manifest.jsonl``; `close` releases the lock and, when the
     run saw its whole input, leaves in ``unmatched.jsonl`` only the images no item
-    claimed.
+    claimed. With a shard ``output_format``, images go to `add_to_shard` instead of
+    `write_image`, and `publish` writes each full shard.
     """
 
-    def __init__(self, directory: pathlib.Path, resume: bool) -> None:
+    def __init__(
+        self,
+        directory: pathlib.Path,
+        resume: bool,
+        output_format: str = "files",
+        shard_size: int = 1000,
+    ) -> None:
         self.directory = directory
+        self.output_format = output_format
+        self._shard_size = shard_size
+        self._shard: Shard | None = None
+        self._shards = 0
+        self._run_name = ""
+        # Shard name -> its size on disk (None: absent), looked up once per run.
+        self._shard_sizes: dict[str, int | None] = {}
+        self._earlier_formats: set[str] = set()
         self._resume = resume
         self._dir: Directory | None = None
         self._lock: int | None = None
@@ -450,6 +645,11 @@ class BatchStore:
     def manifest_path(self) -> pathlib.Path:
         return self.directory / MANIFEST_NAME
 
+    @property
+    def sharded(self) -> bool:
+        """True when images go into shards (`add_to_shard`), not files."""
+        return self.output_format != "files"
+
     # -- opening and closing (blocking; run on a worker thread) ---------------------
 
     def open(self) -> None:
@@ -458,6 +658,8 @@ class BatchStore:
             self._acquire_lock()
             self._dir.remove_temporaries()
             self._gather_earlier()
+            self._check_format()
+            self._run_name = f"train-{time.strftime('%Y%m%dT%H%M%S')}-{secrets.token_hex(3)}"
             self._dir.write_atomic(MANIFEST_NAME, b"", sync=True)
             appending = self._dir.open(MANIFEST_NAME, os.O_WRONLY | os.O_APPEND)
             self._manifest = os.fdopen(appending, "wb", 0)
@@ -471,6 +673,21 @@ class BatchStore:
         except BaseException:
             self.close(complete=False)
             raise
+
+    def _check_format(self) -> None:
+        others = self._earlier_formats - {self.output_format}
+        if others:
+            raise FriendliUsageError(
+                f"out_dir {str(self.directory)!r} holds a batch written as "
+                f"output_format={sorted(others)[0]!r}; rerun with that format to resume it, "
+                "or pass another out_dir"
+            )
+        if self.sharded and not self._resume and self._earlier:
+            raise FriendliUsageError(
+                f"resume=False into {str(self.directory)!r} would put items that are already "
+                "in its shards into new shards too; move the earlier run aside "
+                "('friendli-image batch --no-resume' does) or pass another out_dir"
+            )
 
     def _acquire_lock(self) -> None:
         assert self._dir is not None  # noqa: S101
@@ -511,6 +728,7 @@ class BatchStore:
                     assert record is not None  # noqa: S101
                     if record.get("status") == "ok":
                         latest[identity] = line
+                        self._earlier_formats.add(_format_of(record["file"]))
                     else:
                         latest.pop(identity, None)
         body = b"".join(latest.values())
@@ -525,8 +743,19 @@ class BatchStore:
             self._dir.remove(UNMATCHED_NAME)
 
     def close(self, *, complete: bool) -> Unmatched | None:
-        """Release everything; with ``complete`` (the run saw its whole input), keep in
-        ``unmatched.jsonl`` only the stored images no item claimed and report them."""
+        """Publish the open shard and release everything; with ``complete`` (the run saw
+        its whole input), keep in ``unmatched.jsonl`` only the stored images no item
+        claimed and report them. A ``files`` location gets its ``metadata.jsonl``."""
+        shard, self._shard = self._shard, None
+        try:
+            if shard is not None and self._manifest is not None:
+                self.publish(shard)
+        finally:
+            unmatched = self._close(complete=complete)
+        return unmatched
+
+    def _close(self, *, complete: bool) -> Unmatched | None:
+        opened = self._manifest is not None
         for handle in (self._manifest, self._reader):
             if handle is not None:
                 handle.close()
@@ -536,6 +765,9 @@ class BatchStore:
             if complete and self._dir is not None:
                 with contextlib.suppress(OSError, FriendliUsageError):
                     unmatched = self._settle()
+            if opened and self._dir is not None and not self.sharded:
+                with contextlib.suppress(OSError, FriendliUsageError):
+                    self._write_metadata(settled=complete)
         finally:
             if self._lock is not None:
                 os.close(self._lock)  # closing the descriptor releases the lock
@@ -566,6 +798,31 @@ class BatchStore:
         self._dir.write_atomic(UNMATCHED_NAME, b"".join(kept), sync=True)
         return Unmatched(len(kept), self.directory / UNMATCHED_NAME)
 
+    def _write_metadata(self, *, settled: bool) -> None:
+        """Rewrite ``metadata.jsonl``: one row per stored image (``file_name`` and every
+        field), this run's items in input order first, then the kept earlier images."""
+        assert self._dir is not None  # noqa: S101
+        rows: dict[str, tuple[int, bytes]] = {}
+        for name in (MANIFEST_NAME, UNMATCHED_NAME):
+            try:
+                handle = self._dir.read(name)
+            except FileNotFoundError:
+                continue
+            earlier = name == UNMATCHED_NAME
+            with handle:
+                for _offset, _line, record in read_records(handle):
+                    if record is None or record.get("status") != "ok" or record["file"] in rows:
+                        continue
+                    # This run's lines name images it wrote or checked; earlier lines
+                    # name images that may be gone (unless close settled them).
+                    if earlier and not settled and self._dir.size_and_mtime(record["file"]) is None:
+                        continue
+                    row = {"file_name": record["file"], **_dataset_row(record)}
+                    order = record["index"] if not earlier else 1 << 62
+                    rows[record["file"]] = (order, orjson.dumps(row) + b"\n")
+        body = b"".join(line for _order, line in sorted(rows.values(), key=_first))
+        self._dir.write_atomic(METADATA_NAME, body)
+
     # -- per item -------------------------------------------------------------------
 
     def claim(self, item_id: str, occurrence: int) -> StoredRecord | None:
@@ -583,7 +840,20 @@ class BatchStore:
         record = _valid_record(line)
         if record is None or _identity(record) != (item_id, occurrence):
             return None
+        if _format_of(record["file"]) != "files":
+            return record if self._shard_present(record) else None
         return record if self._dir.sha256(record["file"]) == record["sha256"] else None
+
+    def _shard_present(self, record: StoredRecord) -> bool:
+        """True if the record's shard was published (present with its recorded size)."""
+        assert self._dir is not None  # noqa: S101
+        name = record["file"]
+        with self._reader_lock:
+            if name not in self._shard_sizes:
+                found = self._dir.size_and_mtime(name)
+                self._shard_sizes[name] = None if found is None else found[0]
+            size = self._shard_sizes[name]
+        return size is not None and size == record.get("shard_bytes")
 
     def has_earlier(self, item_id: str, occurrence: int) -> bool:
         """True if an earlier run may have this item (so `claim` is worth a thread)."""
@@ -598,6 +868,48 @@ class BatchStore:
             raise _usage(self.directory / name, exc, "write") from exc
         return hashlib.sha256(image).hexdigest()
 
+    def add_to_shard(
+        self, key: str, image: bytes | memoryview, extension: str, record: dict[str, Any]
+    ) -> tuple[str, str, Shard | None]:
+        """Put an item into the open shard (no I/O): fills the record's ``file`` and
+        ``sha256``; returns them and, when the shard is now full, the shard to `publish`."""
+        shard = self._shard
+        if shard is None:
+            shard = self._shard = Shard(
+                f"{self._run_name}-{self._shards:05d}{_SHARD_SUFFIX[self.output_format]}",
+                self.output_format,
+            )
+            self._shards += 1
+        digest = hashlib.sha256(image).hexdigest()
+        record["file"], record["sha256"] = shard.name, digest
+        shard.images.append((key + extension, bytes(image)))
+        shard.records.append(record)
+        if len(shard) < self._shard_size:
+            return shard.name, digest, None
+        self._shard = None
+        return shard.name, digest, shard
+
+    def publish(self, shard: Shard) -> None:
+        """Write a shard (blocking): its manifest lines first, then the shard atomically,
+        so a kill between the two leaves lines that name an absent shard, never a shard
+        whose items the manifest does not know."""
+        assert self._dir is not None  # noqa: S101
+        try:
+            data = shard.build()
+            size = len(data)
+            self._write_lines(
+                b"".join(orjson.dumps({**r, "shard_bytes": size}) + b"\n" for r in shard.records)
+            )
+            self._dir.write_atomic(shard.name, data)
+        except OSError as exc:
+            raise _usage(self.directory / shard.name, exc, "write") from exc
+
+    def _write_lines(self, lines: bytes) -> None:
+        assert self._manifest is not None  # noqa: S101
+        view = memoryview(lines)
+        while view:
+            view = view[self._manifest.write(view) or 0 :]
+
     def append(self, record: Mapping[str, Any]) -> None:
         """Append one manifest line with a single write (unbuffered)."""
         assert self._manifest is not None  # noqa: S101
@@ -605,6 +917,10 @@ class BatchStore:
             self._manifest.write(orjson.dumps(record) + b"\n")
         except OSError as exc:
             raise _usage(self.manifest_path, exc, "append to") from exc
+
+
+def _first(pair: tuple[int, bytes]) -> int:
+    return pair[0]
 
 
 # -- the gallery's inputs ---------------------------------------------------------------------
@@ -677,7 +993,7 @@ def set_aside_previous_run(directory: pathlib.Path) -> tuple[pathlib.Path, int] 
                 target = f"previous-run-{stamp}-{suffix}"
             with folder.subdirectory(target, create=True) as aside:
                 moved = sum(folder.move(name, aside) for name in sorted(names))
-                for extra in (GALLERY_NAME, THUMBS_DIR, *listings):
+                for extra in (GALLERY_NAME, THUMBS_DIR, METADATA_NAME, *listings):
                     folder.move(extra, aside)
     except OSError as exc:
         raise FriendliUsageError(

@@ -34,7 +34,13 @@ from friendli_image._exceptions import (
     FriendliValidationError,
 )
 from friendli_image._gallery import GALLERY_NAME, write_gallery
-from friendli_image._models import BatchItem, BatchProgress, BatchResult, EndpointStats
+from friendli_image._models import (
+    OUTPUT_FORMATS,
+    BatchItem,
+    BatchProgress,
+    BatchResult,
+    EndpointStats,
+)
 from friendli_image._store import MANIFEST_NAME, set_aside_previous_run
 
 from ._options import EXIT_FAILED, EXIT_OK, EXIT_UNREACHABLE, add_client_options, make_client
@@ -94,6 +100,20 @@ def add_batch_command(commands: Any) -> None:
         default=True,
         help="skip items already done in --out-dir (default); --no-resume moves the "
         "earlier run into DIR/previous-run-<time>/ and starts over",
+    )
+    batch.add_argument(
+        "--output-format",
+        choices=OUTPUT_FORMATS,
+        default="files",
+        help="files: one image per item and metadata.jsonl (datasets' imagefolder); "
+        "webdataset: tar shards; parquet: Parquet shards (default: files)",
+    )
+    batch.add_argument(
+        "--shard-size",
+        type=int,
+        default=1000,
+        metavar="N",
+        help="items per shard for webdataset and parquet (1000)",
     )
     batch.add_argument(
         "--progress",
@@ -434,6 +454,8 @@ async def _run_batch(args: argparse.Namespace) -> int:
                 rps=args.rps,
                 out_dir=args.out_dir,
                 resume=args.resume,
+                output_format=args.output_format,
+                shard_size=args.shard_size,
                 on_progress=watch.on_progress(progress),
                 total=total,
             )

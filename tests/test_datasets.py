@@ -1,0 +1,268 @@
+"""The dataset formats, read back with the real readers: ``datasets.load_dataset`` for all
+three, the ``webdataset`` library for the tar shards, ``pyarrow.parquet`` for the Parquet
+shards. Every row's image is checked by sha256 against the server's own answer to its
+request, and every field against the request and the manifest."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import hashlib
+import tarfile
+import warnings
+from collections import Counter
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from friendli_image import AsyncFriendli, FriendliUsageError, FriendliValidationError
+from friendli_image._cli import main
+from friendli_image._models import GenerateRequest
+from friendli_image._resources import GENERATIONS_PATH
+from friendli_image._store import MANIFEST_NAME, METADATA_NAME, item_key, request_digest
+from friendli_image.server import LocalServer, ServerConfig
+
+datasets = pytest.importorskip("datasets")
+webdataset = pytest.importorskip("webdataset")
+pq = pytest.importorskip("pyarrow.parquet")
+
+#: Duplicates (two identical requests are two items), seeds given and not, other steps.
+REQUESTS: list[dict[str, Any]] = [
+    {"prompt": f"a dune no. {i % 5}", "num_inference_steps": 1 + i % 2}
+    | ({"seed": i} if i % 3 else {})
+    for i in range(13)
+]
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[LocalServer]:
+    with LocalServer(ServerConfig(image_size=16, max_concurrency=16)) as local:
+        yield local
+
+
+@pytest.fixture
+async def client(server: LocalServer) -> AsyncIterator[AsyncFriendli]:
+    async with AsyncFriendli(server_url=server.url) as opened:
+        yield opened
+
+
+def _shards(out: Path, pattern: str = "train-*") -> list[str]:
+    return sorted(str(path) for path in out.glob(pattern))
+
+
+def _written(server: LocalServer, out: Path, output_format: str, shard_size: int) -> Any:
+    """Run REQUESTS into ``out``; return what each item should hold."""
+
+    async def run() -> dict[str, Any]:
+        async with AsyncFriendli(server_url=server.url) as client:
+            expected = await _expected(client, REQUESTS)
+            await client.container.image.generate_batch(
+                REQUESTS, out_dir=out, output_format=output_format, shard_size=shard_size
+            )
+            return expected
+
+    return asyncio.run(run())
+
+
+async def _expected(client: AsyncFriendli, requests: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per item key: the request and the sha256 of the server's answer to it."""
+    answers = await asyncio.gather(*(client.container.image.generate(**r) for r in requests))
+    seen: Counter[str] = Counter()
+    expected = {}
+    for request, answer in zip(requests, answers, strict=True):
+        digest = request_digest(GENERATIONS_PATH, GenerateRequest(**request))
+        expected[item_key(digest, seen[digest])] = {
+            "request": request,
+            "sha256": hashlib.sha256(answer.data).hexdigest(),
+            "id": digest,
+            "occurrence": seen[digest],
+        }
+        seen[digest] += 1
+    return expected
+
+
+def _check_row(row: dict[str, Any], image: bytes, expected: dict[str, Any]) -> None:
+    """One loaded row: the server's image for its request, and every field."""
+    want = expected[row["key"]]
+    request = want["request"]
+    assert hashlib.sha256(image).hexdigest() == want["sha256"] == row["sha256"]
+    assert (row["id"], row["occurrence"]) == (want["id"], want["occurrence"])
+    assert row["prompt"] == request["prompt"]
+    assert row["seed"] == request.get("seed")
+    assert row["num_inference_steps"] == request["num_inference_steps"]
+    assert orjson.loads(row["request"]) == {"guidance_scale": 0.0, **request}
+    assert row["format"] == "jpeg"
+    assert row["bytes"] == len(image)
+    assert row["attempts"] == 1
+    assert isinstance(row["request_id"], str)
+
+
+def _load(out: Path, output_format: str) -> Any:
+    if output_format == "files":
+        return datasets.load_dataset("imagefolder", data_dir=str(out), split="train")
+    return datasets.load_dataset(str(out), split="train")
+
+
+@pytest.mark.parametrize("output_format", ["files", "webdataset", "parquet"])
+async def test_datasets_loads_every_item_with_its_image_and_fields(
+    client: AsyncFriendli, server: LocalServer, tmp_path: Path, output_format: str
+) -> None:
+    expected = await _expected(client, REQUESTS)
+    server.reset_stats()
+    result = await client.container.image.generate_batch(
+        REQUESTS, out_dir=tmp_path, output_format=output_format, shard_size=5
+    )
+    assert result.ok
+    assert server.stats.total_requests == len(REQUESTS)
+    loaded = await asyncio.to_thread(_load, tmp_path, output_format)
+    assert len(loaded) == len(REQUESTS)
+    if output_format == "webdataset":
+        loaded = loaded.cast_column("jpg", datasets.Image(decode=False))
+        rows = [(row["json"], row["jpg"]["bytes"]) for row in loaded]
+        assert all(row["__key__"] == row["json"]["key"] for row in loaded)
+    else:
+        loaded = loaded.cast_column("image", datasets.Image(decode=False))
+        rows = []
+        for row in loaded:
+            image = row.pop("image")
+            data = image["bytes"] or await asyncio.to_thread(Path(image["path"]).read_bytes)
+            rows.append((row, data))
+    assert sorted(row["key"] for row, _ in rows) == sorted(expected)
+    for row, data in rows:
+        _check_row(row, data, expected)
+    # The items point into the shards (or files) that hold them.
+    for item in result:
+        assert item.path is not None
+        assert item.path.exists()
+    if output_format != "files":
+        shards = _shards(tmp_path)
+        assert len(shards) == 3  # 13 items, 5 per shard
+        assert {str(item.path) for item in result} == set(shards)
+
+
+def test_webdataset_reads_the_shards_in_name_order(server: LocalServer, tmp_path: Path) -> None:
+    expected = _written(server, tmp_path, "webdataset", 4)
+    shards = _shards(tmp_path, "train-*.tar")
+    assert len(shards) == 4
+    with warnings.catch_warnings():
+        # webdataset leaves its last shard's file to the garbage collector.
+        warnings.simplefilter("ignore", ResourceWarning)
+        samples = list(webdataset.WebDataset(shards, shardshuffle=False, empty_check=False))
+        gc.collect()
+    assert [sample["__url__"] for sample in samples] == sorted(s["__url__"] for s in samples)
+    assert len(samples) == len(REQUESTS)
+    for sample in samples:
+        row = orjson.loads(sample["json"])
+        assert sample["__key__"] == row["key"]
+        _check_row(row, sample["jpg"], expected)
+
+
+def test_parquet_shards_carry_the_image_feature_schema(server: LocalServer, tmp_path: Path) -> None:
+    expected = _written(server, tmp_path, "parquet", 6)
+    table = pq.read_table(_shards(tmp_path, "train-*.parquet"))
+    assert table.num_rows == len(REQUESTS)
+    features = orjson.loads(table.schema.metadata[b"huggingface"])["info"]["features"]
+    assert features["image"] == {"_type": "Image"}
+    assert str(table.schema.field("seed").type) == "int64"
+    for row in table.to_pylist():
+        image = row.pop("image")
+        assert image["path"] == row["key"] + ".jpg"
+        _check_row(row, image["bytes"], expected)
+
+
+@pytest.mark.parametrize("output_format", ["webdataset", "parquet"])
+async def test_a_rerun_resumes_from_the_shards_and_a_cancel_publishes_the_open_shard(
+    client: AsyncFriendli, server: LocalServer, tmp_path: Path, output_format: str
+) -> None:
+    batch = client.container.image.generate_batch(
+        REQUESTS, out_dir=tmp_path, output_format=output_format, shard_size=5, concurrency=1
+    )
+    done = 0
+    async with batch:
+        async for _item in batch:
+            done += 1
+            if done == 7:
+                break
+    # One full shard, and the open one with the two items finished before the cancel.
+    assert len(_shards(tmp_path)) == 2
+    server.reset_stats()
+    result = await client.container.image.generate_batch(
+        REQUESTS, out_dir=tmp_path, output_format=output_format, shard_size=5
+    )
+    assert Counter(item.status for item in result) == {"resumed": 7, "ok": 6}
+    assert server.stats.total_requests == 6
+    server.reset_stats()
+    again = await client.container.image.generate_batch(
+        REQUESTS[::-1], out_dir=tmp_path, output_format=output_format, shard_size=5
+    )
+    assert all(item.status == "resumed" for item in again)
+    assert server.stats.total_requests == 0
+    loaded = await asyncio.to_thread(_load, tmp_path, output_format)
+    keys = [row["json"]["key"] if "json" in row else row["key"] for row in loaded]
+    assert sorted(keys) == sorted(Counter(keys))  # every item once
+    assert len(keys) == len(REQUESTS)
+
+
+async def test_a_lost_shard_is_made_again_and_a_truncated_manifest_is_survived(
+    client: AsyncFriendli, server: LocalServer, tmp_path: Path
+) -> None:
+    await client.container.image.generate_batch(
+        REQUESTS, out_dir=tmp_path, output_format="webdataset", shard_size=5
+    )
+    lost = _shards(tmp_path)[0]
+    with tarfile.open(lost) as tar:
+        in_lost = {name.split(".")[0] for name in tar.getnames()}
+    await asyncio.to_thread(Path(lost).unlink)
+    server.reset_stats()
+    result = await client.container.image.generate_batch(
+        REQUESTS, out_dir=tmp_path, output_format="webdataset", shard_size=5
+    )
+    assert {item_key(i.id, i.occurrence) for i in result if i.status == "ok"} == in_lost
+    assert server.stats.total_requests == len(in_lost)
+
+
+async def test_a_location_keeps_one_format(client: AsyncFriendli, tmp_path: Path) -> None:
+    await client.container.image.generate_batch(REQUESTS[:2], out_dir=tmp_path)
+    with pytest.raises(FriendliUsageError, match="output_format='files'"):
+        await client.container.image.generate_batch(
+            REQUESTS[:2], out_dir=tmp_path, output_format="parquet"
+        )
+    shards = tmp_path / "shards"
+    await client.container.image.generate_batch(
+        REQUESTS[:2], out_dir=shards, output_format="parquet"
+    )
+    with pytest.raises(FriendliUsageError, match="into new shards too"):
+        await client.container.image.generate_batch(
+            REQUESTS[:2], out_dir=shards, output_format="parquet", resume=False
+        )
+    with pytest.raises(FriendliValidationError, match="output_format"):
+        client.container.image.generate_batch(REQUESTS, out_dir=tmp_path, output_format="zip")
+
+
+async def test_metadata_lists_earlier_images_after_the_current_items(
+    client: AsyncFriendli, tmp_path: Path
+) -> None:
+    await client.container.image.generate_batch(REQUESTS[:6], out_dir=tmp_path)
+    await client.container.image.generate_batch(REQUESTS[3:9], out_dir=tmp_path)
+    rows = [orjson.loads(line) for line in (tmp_path / METADATA_NAME).read_bytes().splitlines()]
+    manifest = [orjson.loads(line) for line in (tmp_path / MANIFEST_NAME).read_bytes().splitlines()]
+    current = [line["file"] for line in sorted(manifest, key=lambda line: line["index"])]
+    assert [row["file_name"] for row in rows][:6] == current
+    assert len(rows) == 9  # the three images only the first run wanted are kept
+    assert len({row["file_name"] for row in rows}) == 9
+
+
+def test_the_cli_writes_a_dataset(server: LocalServer, tmp_path: Path) -> None:
+    source = tmp_path / "prompts.txt"
+    source.write_text("a gull\na kite\na tern\n")
+    out = tmp_path / "out"
+    code = main(
+        ["batch", str(source), "--out-dir", str(out), "--server-url", server.url,
+         "--output-format", "parquet", "--shard-size", "2", "--no-progress"]
+    )  # fmt: skip
+    assert code == 0
+    table = pq.read_table(_shards(out))
+    assert sorted(table.column("prompt").to_pylist()) == ["a gull", "a kite", "a tern"]
