@@ -154,8 +154,11 @@ _started = False
 _fork_holds = False
 #: How long a fork waits for a loop thread to finish starting before going ahead.
 _FORK_WAIT_S: Final = 10.0
-#: Modules a facade's loop imports on its first calls (startup, the request's
-#: serialization, the first retry, an error's excerpt, a host name's lookup).
+#: Modules the SDK imports lazily, on a facade's loop thread among others: at its start,
+#: a request's serialization, the first retry, an error's excerpt, a host name's lookup,
+#: telemetry's first call (when OpenTelemetry is installed). A fork imports them all first:
+#: after that no thread can be halfway through one (checking which are loaded would leave
+#: a window between the check and the fork in which a thread starts one).
 _LAZY_MODULES: Final = (
     "anyio",
     "anyio.from_thread",
@@ -163,15 +166,27 @@ _LAZY_MODULES: Final = (
     "tenacity",
     "html",
     "encodings.idna",
+    "urllib.parse",
+    "tarfile",
+    "opentelemetry.trace",
+    "opentelemetry.metrics",
+    "opentelemetry.propagate",
 )
+#: Heavy optional modules that only a batch's output formats or a picture's conversion
+#: import: completed at a fork when already being loaded, else not paid for.
+_HEAVY_LAZY_MODULES: Final = ("pyarrow", "pyarrow.parquet", "fsspec", "PIL.Image")
 
 
 def _import_lazy_modules() -> None:
-    """Finish importing what a facade's threads import lazily, waiting for any thread
-    that is importing one of them now."""
+    """Finish importing what the SDK's threads import lazily, waiting for any thread that
+    is importing one of them now."""
     for name in _LAZY_MODULES:
         with contextlib.suppress(ImportError):
             importlib.import_module(name)
+    for name in _HEAVY_LAZY_MODULES:
+        if name.partition(".")[0] in sys.modules:
+            with contextlib.suppress(ImportError):
+                importlib.import_module(name)
     converter()
 
 
