@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import itertools
 import statistics
 import time
 from typing import Any
@@ -19,10 +20,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from .sim import SimEndpoint, fleet_run, ideal_run
-from friendli_image import AsyncFriendli, Endpoint, FleetConfig
+from friendli_image import AsyncFriendli, BatchProgress, Endpoint
 from friendli_image._fleet import EndpointState
 from friendli_image.server import LocalServer, ServerConfig
+
+from .sim import SimEndpoint, fleet_run, ideal_run
 
 # -- the rule, sample by sample ------------------------------------------------------------
 
@@ -58,7 +60,7 @@ def test_queueing_sets_the_limit_to_the_slots_that_serve_the_latency() -> None:
         if state.learn_from(int(state.limit), 0.2 if state.limit == 1 else 0.4):
             raised_at.append(success)
     assert state.capacity == 1
-    gaps = [b - a for a, b in zip(raised_at, raised_at[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(raised_at)]
     assert gaps == sorted(gaps)
     assert gaps[-1] > gaps[0]
 
@@ -90,9 +92,7 @@ def fleets(draw: st.DrawFn) -> list[SimEndpoint]:
     ]
 
 
-SIMULATED = settings(
-    max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow]
-)
+SIMULATED = settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 @SIMULATED
@@ -198,15 +198,17 @@ async def test_loopback_fleet_keeps_each_server_just_full(slots: tuple[int, ...]
         for server in servers:
             await server.astart()
         async with AsyncFriendli(server_url=[s.url for s in servers]) as client:
-            requests = [{"prompt": "a fox", "seed": i, "num_inference_steps": 4} for i in range(480)]
+            requests = [
+                {"prompt": "a fox", "seed": i, "num_inference_steps": 4} for i in range(480)
+            ]
             started = time.monotonic()
-            result = await client.container.image.generate_batch(
-                requests, concurrency=16
-            ).collect()
+            result = await client.container.image.generate_batch(requests, concurrency=16).collect()
             elapsed = time.monotonic() - started
             learned = [e.capacity for e in client._fleet.endpoints]  # type: ignore[union-attr]
             p50 = statistics.median(
-                x for e in client._fleet.endpoints for x in e.latencies  # type: ignore[union-attr]
+                x
+                for e in client._fleet.endpoints
+                for x in e.latencies  # type: ignore[union-attr]
             )
     finally:
         for server in servers:
@@ -228,26 +230,30 @@ async def test_loopback_revived_server_serves_within_a_second_and_a_half() -> No
         victim = servers[2]
         async with AsyncFriendli(server_url=[s.url for s in servers]) as client:
             marks: dict[str, Any] = {}
+            served = asyncio.Event()
+
+            def progress(state: BatchProgress) -> None:
+                if "back" in marks and state.endpoints[2].successes > marks["before"]:
+                    marks.setdefault("served", time.monotonic())
+                    served.set()
 
             async def chaos() -> None:
                 await asyncio.sleep(0.5)
                 await victim.restart(down_for_s=2.0)
-                marks["back"] = time.monotonic()
                 marks["before"] = client.endpoints[2].successes
-                while client.endpoints[2].successes == marks["before"]:
-                    await asyncio.sleep(0.01)
-                marks["served"] = time.monotonic()
+                marks["back"] = time.monotonic()
 
             async def feed() -> Any:
                 index = 0
-                while "served" not in marks or index < 0:
+                while not served.is_set():
                     yield {"prompt": "a fox", "seed": index, "num_inference_steps": 4}
                     index += 1
 
             task = asyncio.ensure_future(chaos())
-            result = await asyncio.wait_for(
-                client.container.image.generate_batch(feed(), concurrency=24).collect(), 30
+            batch = client.container.image.generate_batch(
+                feed(), concurrency=24, on_progress=progress
             )
+            result = await asyncio.wait_for(batch.collect(), 30)
             await task
     finally:
         for server in servers:
