@@ -521,6 +521,7 @@ class AsyncFriendli:
         attempt_number = 0
         endpoint: EndpointState | None = None
         epoch = 0
+        level = 0  # requests in flight on the endpoint as this attempt was sent
         began = 0.0
         tried: list[EndpointState] = []
         moving = False  # failing over: the next attempt must go to an untried endpoint
@@ -556,7 +557,7 @@ class AsyncFriendli:
                     if observed is not None:
                         observed.abandoned(stopped, in_attempt=False)
                     raise
-                epoch = endpoint.epoch
+                epoch, level = endpoint.epoch, endpoint.in_flight
                 call.url = endpoint.url_for(path, self._transport.url)
                 began = time.monotonic()
             if observed is not None:
@@ -628,7 +629,7 @@ class AsyncFriendli:
             # would otherwise fill the budget at once, and an outage would refill it.
             retry.succeeded()
             if fleet is not None and endpoint is not None:
-                fleet.succeeded(endpoint, time.monotonic() - began)
+                fleet.succeeded(endpoint, time.monotonic() - began, level)
                 result = attrs.evolve(
                     result,
                     endpoint=endpoint.url,

@@ -744,7 +744,7 @@ class EndpointStats:
         url: the endpoint's base URL.
         weight: its routing weight.
         in_flight: requests on it now.
-        limit: its current in-flight limit (adapts to 429/503 and recovers).
+        limit: its current in-flight limit (learned from its latency, lowered on 429/503).
         max_connections: the cap of ``limit``.
         successes: attempts it answered with an image.
         failures: failed attempts by kind: ``connect`` (never reached it), ``timeout``,

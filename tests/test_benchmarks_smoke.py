@@ -73,9 +73,11 @@ def test_fleet_benchmark_runs(tmp_path: Path) -> None:
             sys.executable,
             str(ROOT / "benchmarks" / "fleet.py"),
             "--n",
-            "128",
-            "--repeats",
-            "1",
+            "32",
+            "--c",
+            "8",
+            "--scenarios",
+            "steady",
             "--cpu-n",
             "500",
             "--baseline",
@@ -88,8 +90,16 @@ def test_fleet_benchmark_runs(tmp_path: Path) -> None:
         cwd=tmp_path,
     )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
-    cpu, fleet = (json.loads(line) for line in done.stdout.splitlines())
+    cpu, table = (json.loads(line) for line in done.stdout.splitlines())
     assert cpu["this_us_per_request"] > 0
     assert cpu["baseline_us_per_request"] > 0
-    assert fleet["fleet_rps"] > 0
-    assert fleet["round_robin_rps"] > 0
+    schedulers = {row["scheduler"]: row for row in table["rows"]}
+    assert set(schedulers) == {
+        "ideal",
+        "ours, nothing configured",
+        "ours, hand-set to the slots",
+        "round-robin",
+    }
+    assert schedulers["ideal"]["share_of_ideal"] == 1
+    assert all(row["images_per_s"] > 0 and row["failed"] == 0 for row in table["rows"])
+    assert "| steady | round-robin | 8 |" in done.stderr

@@ -209,17 +209,18 @@ def test_parse_servers() -> None:
 
 
 async def test_limits_adapt_per_endpoint_and_retry_after_holds_only_its_endpoint() -> None:
-    """429 shrinks that endpoint's limit once per round and holds it; successes recover it."""
+    """429 shrinks that endpoint's limit once per round and holds it; successes recover it
+    (without learning from latency: limits move on 429/503 alone)."""
     fleet = Fleet(
         [Endpoint("http://127.0.0.1:1"), Endpoint("http://127.0.0.1:2")],
         default_cap=8,
-        config=FleetConfig(start_limit=2),
+        config=FleetConfig(start_limit=2, learn_limits=False),
     )
     first, second = fleet.endpoints
     assert first.limit == 2  # slow start
     for _ in range(6):
         first.in_flight += 1
-        fleet.succeeded(first, 0.01)
+        fleet.succeeded(first, 0.01, 1)
     assert first.limit == 8  # doubled per round up to the cap
     first.in_flight += 2
     epoch = first.epoch
@@ -237,7 +238,7 @@ async def test_limits_adapt_per_endpoint_and_retry_after_holds_only_its_endpoint
     assert taken[0] is first
     assert time.monotonic() - started >= 0.18
     before = first.limit
-    fleet.succeeded(first, 0.01)
+    fleet.succeeded(first, 0.01, 1)
     assert before < first.limit < before + 1  # additive recovery after a decrease
 
 
@@ -261,7 +262,7 @@ def test_an_ejected_endpoint_takes_one_probe_request_before_full_load() -> None:
     assert bad.ejected_until - time.monotonic() > 0.07
     bad.ejected_until = 0.0
     bad.in_flight += 1
-    fleet.succeeded(bad, 0.01)
+    fleet.succeeded(bad, 0.01, 1)
     assert not bad.probing
     assert bad.available(time.monotonic())
     bad.in_flight = 1

@@ -1,0 +1,1 @@
+"""The fleet\x27s learned limits: simulation and generated checks."""
