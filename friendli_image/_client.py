@@ -28,13 +28,18 @@ import attrs
 from ._config import (
     DEFAULT_MAX_CONNECTIONS,
     DEFAULT_MAX_RESPONSE_BYTES,
+    ENV_DEBUG,
     ENV_LOG,
     NO_OVERRIDES,
+    UNSET,
     CallOptions,
     CallOverrides,
     ClientSettings,
+    DebugLogger,
     RetryConfig,
     Timeout,
+    Unset,
+    as_logger,
     check_count,
     check_headers,
     check_server_url,
@@ -88,8 +93,12 @@ logger = logging.getLogger("friendli_image")
 _USER_AGENT = f"friendli-image/{__version__} (python; aiohttp/{aiohttp.__version__})"
 
 
-def _configure_logging_from_env() -> None:
+def _configure_logging_from_env(*, official: bool = False) -> None:
     level = os.environ.get(ENV_LOG, "").strip().upper()
+    if not level and official and os.environ.get(ENV_DEBUG):
+        # The official SDK's switch, read when a client is made (as there): every
+        # request is logged to the stderr of that moment.
+        level = "DEBUG"
     if not level:
         return
     known = logging.getLevelName(level)
@@ -170,9 +179,13 @@ class AsyncFriendli:
             token is set.
         x_friendli_team: sent as ``X-Friendli-Team`` (the official SDK's argument).
         retry_config: the official SDK's name for ``retries`` (a ``RetryConfig``, ours or
-            ``friendli_image.utils.RetryConfig``); pass one of the two.
-        debug_logger: a ``logging.Logger`` that receives the client's log records instead
-            of the ``friendli_image`` logger (the token never appears in them).
+            ``friendli_image.utils.RetryConfig``); pass one of the two. As there,
+            ``retry_config=None`` means no retries.
+        debug_logger: a ``logging.Logger`` (or, as in the official SDK, any object with a
+            ``debug(msg, *args)`` method) that receives the client's log records instead
+            of the ``friendli_image`` logger (the token never appears in them). Without
+            it, ``FRIENDLI_DEBUG=1`` (the official switch) or ``FRIENDLI_LOG=<level>``
+            log to stderr.
         fleet: how a client with several endpoints routes, ejects and probes them (a
             `FleetConfig`); giving one makes a fleet even of one `Endpoint`.
         server_idx, url_params: accepted for code written for the official SDK, where
@@ -199,8 +212,8 @@ class AsyncFriendli:
         verify: bool | str | os.PathLike[str] | ssl.SSLContext = True,
         trust_env: bool = False,
         x_friendli_team: str | None = None,
-        retry_config: RetryConfig | None = None,
-        debug_logger: logging.Logger | None = None,
+        retry_config: RetryConfig | Unset | None = UNSET,
+        debug_logger: DebugLogger | None = None,
         fleet: FleetConfig | None = None,
         server_idx: int | None = None,
         url_params: Mapping[str, str] | None = None,
@@ -219,12 +232,13 @@ class AsyncFriendli:
                 "drop the argument (set max_connections=, verify=, trust_env= or timeout= "
                 "for what the httpx client configured)"
             )
-        if retry_config is not None and retries is not None:
+        if retry_config is not UNSET and retries is not None:
             raise FriendliValidationError(
                 "retry_config", "is the official SDK's name for retries=; pass only one of them"
             )
-        if debug_logger is not None and not isinstance(debug_logger, logging.Logger):
-            raise FriendliValidationError("debug_logger", "must be a logging.Logger or None")
+        if debug_logger is None:
+            # Read at construction, as the official SDK reads it (not only at import).
+            _configure_logging_from_env(official=True)
         if server_idx is not None or url_params:
             warn_at_caller(
                 "server_idx= and url_params= choose among Friendli's hosted servers and mean "
@@ -256,9 +270,7 @@ class AsyncFriendli:
                 token_source=token_source(token) if callable(token) else None,
                 server_url=base_url,
                 timeout=timeout_from_ms(timeout_ms, timeout or Timeout()),
-                retry=resolve_retries(
-                    retries if retry_config is None else retry_config, RetryConfig()
-                ),
+                retry=_client_retry(retries, retry_config),
                 headers={
                     "User-Agent": _USER_AGENT,
                     "Content-Type": "application/json",
@@ -269,7 +281,7 @@ class AsyncFriendli:
                 max_response_bytes=max_response_bytes,
                 ssl=ssl_setting(verify),
                 trust_env=trust_env,
-                logger=debug_logger or logger,
+                logger=logger if debug_logger is None else as_logger(debug_logger),
                 authorization=authorization,
             ),
             endpoints,
@@ -459,7 +471,7 @@ class AsyncFriendli:
 
     def _resolve(self, overrides: CallOverrides) -> CallOptions:
         if overrides is NO_OVERRIDES or (
-            overrides.retries is None
+            overrides.retries is UNSET
             and overrides.server_url is None
             and overrides.timeout_ms is None
             and not overrides.http_headers
@@ -619,6 +631,18 @@ class AsyncFriendli:
         connect = options.timeout.connect
         dead = await fleet.is_dead(endpoint, min(1.0, connect) if connect else 1.0)
         return True if dead else None
+
+
+def _client_retry(
+    retries: RetryConfig | int | None, retry_config: RetryConfig | Unset | None
+) -> RetryConfig:
+    """The client's policy: ``retries`` (None: the default), or the official
+    ``retry_config`` (None: no retries, as the official SDK reads it)."""
+    if retry_config is UNSET:
+        return resolve_retries(retries, RetryConfig())
+    if retry_config is None:
+        return RetryConfig.disabled()
+    return resolve_retries(retry_config, RetryConfig())
 
 
 def _outcome(error: FriendliAPIError) -> AttemptOutcome:

@@ -16,8 +16,18 @@ import math
 import numbers
 import os
 import pathlib
+import types
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Final, Literal, Protocol, TypeAlias, TypedDict
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    ClassVar,
+    Final,
+    Literal,
+    Protocol,
+    TypeAlias,
+    TypedDict,
+)
 
 import attrs
 import pybase64
@@ -43,6 +53,7 @@ from ._images import ImageInput, ImageSource, as_list, coerce_edit_images, coerc
 
 if TYPE_CHECKING:
     from PIL import Image as PILImage
+    from typing_extensions import Self
 
 __all__ = [
     "MAX_SEED",
@@ -56,6 +67,9 @@ __all__ = [
     "BatchStatus",
     "ContainerImageEditBodyImage",
     "ContainerImageEditBodyImageTypedDict",
+    "ContainerImageEditBodyTypedDict",
+    "ContainerImageGenerateSuccessTypedDict",
+    "ContainerImageGenerationBodyTypedDict",
     "EditRequest",
     "GenerateRequest",
     "ImageInput",
@@ -65,6 +79,8 @@ __all__ = [
     "RequestPath",
     "RequestSpec",
     "ResponseFormat",
+    "ValidationError",
+    "pick_fields",
     "public_fields",
     "save_target",
 ]
@@ -87,12 +103,70 @@ ContainerImageEditBodyImage = ImageInput | list[ImageInput]
 ContainerImageEditBodyImageTypedDict = ImageInputTypedDict | list[ImageInputTypedDict]
 
 
+class _GenerationRequired(TypedDict):
+    prompt: str
+
+
+class ContainerImageGenerationBodyTypedDict(_GenerationRequired, total=False):
+    """``generate``'s arguments as a dict (official name): ``generate(**body)``."""
+
+    model: str | None
+    num_inference_steps: int
+    guidance_scale: float
+    seed: int | None
+    response_format: ResponseFormat | None
+    control_images: list[ImageInputTypedDict] | None
+    controlnet_weights: list[float] | None
+
+
+class _EditRequired(TypedDict):
+    image: ImageInputTypedDict | list[ImageInputTypedDict]
+    prompt: str
+
+
+class ContainerImageEditBodyTypedDict(_EditRequired, total=False):
+    """``edit``'s arguments as a dict (official name): ``edit(**body)``."""
+
+    model: str | None
+    num_inference_steps: int
+    guidance_scale: float
+    seed: int | None
+    response_format: ResponseFormat | None
+
+
+class ContainerImageGenerateSuccessTypedDict(TypedDict):
+    """A result as a dict (official name): ``{"image": <base64 bytes>}``."""
+
+    image: bytes
+
+
+@attrs.frozen(kw_only=True)
+class ValidationError:
+    """One entry of a 422's ``detail`` list (the official ``models.ValidationError``).
+
+    ``[ValidationError(**item) for item in json.loads(e.body)["detail"]]`` reads the
+    server's (or a local refusal's) details. Not an exception, as in the official SDK.
+    """
+
+    loc: list[str | int] = attrs.field(converter=list)
+    msg: str
+    type: str
+    input: Any = None
+    ctx: Mapping[str, Any] | None = None
+
+    def model_dump(self, **_pydantic: Any) -> dict[str, Any]:
+        """The entry as a dict (``input`` and ``ctx`` only when set)."""
+        return attrs.asdict(self, filter=lambda _attribute, value: value is not None)
+
+
 def check_prompt(value: object) -> str:
-    """Return the prompt, or raise if it is not a non-blank string."""
+    """Return the prompt, or raise if it is not a string.
+
+    An empty or blank prompt is allowed by the contract (a blank CSV cell), so it is
+    sent; the server judges it.
+    """
     if not isinstance(value, str):
         raise FriendliValidationError("prompt", f"must be a str, got {type(value).__name__}")
-    if not value.strip():
-        raise FriendliValidationError("prompt", "must not be empty or only whitespace")
     return value
 
 
@@ -146,9 +220,19 @@ def check_steps(value: object) -> int | None:
         raise FriendliValidationError(
             "num_inference_steps", f"must be an int in [1, {MAX_STEPS}], got {value!r}"
         )
-    if not 1 <= steps <= MAX_STEPS:
+    if steps < 1:
         raise FriendliInvalidValueError(
-            "num_inference_steps", f"must be in [1, {MAX_STEPS}], got {steps}"
+            "num_inference_steps",
+            f"must be in [1, {MAX_STEPS}], got {steps}",
+            msg="Input should be greater than or equal to 1",
+            kind="greater_than_equal",
+        )
+    if steps > MAX_STEPS:
+        raise FriendliInvalidValueError(
+            "num_inference_steps",
+            f"must be in [1, {MAX_STEPS}], got {steps}",
+            msg=f"Input should be less than or equal to {MAX_STEPS}",
+            kind="less_than_equal",
         )
     return steps
 
@@ -161,21 +245,28 @@ def check_guidance(value: object) -> float | None:
     if number is not None:
         return number
     if not isinstance(value, bool) and isinstance(value, numbers.Real):
-        raise FriendliInvalidValueError("guidance_scale", f"must be finite, got {value!r}")
+        # JSON has no NaN or infinity: pydantic sends null, which the server refuses.
+        raise FriendliInvalidValueError(
+            "guidance_scale",
+            f"must be finite, got {value!r}",
+            msg="Input should be a valid number",
+            kind="float_type",
+        )
     raise FriendliValidationError(
         "guidance_scale", f"must be a finite number, got {type(value).__name__} {value!r}"
     )
 
 
 def check_seed(value: object) -> int | None:
-    """Return the seed, or raise unless it is None or an int in [0, 2**32 - 1]."""
+    """Return the seed, or raise unless it is None or an integer.
+
+    The contract states no bound, so any integer is sent (the server judges it).
+    """
     if value is None:
         return None
     seed = _integer(value)
     if seed is None:
-        raise FriendliValidationError("seed", f"must be an int in [0, {MAX_SEED}], got {value!r}")
-    if not 0 <= seed <= MAX_SEED:
-        raise FriendliInvalidValueError("seed", f"must be in [0, {MAX_SEED}], got {seed}")
+        raise FriendliValidationError("seed", f"must be an int, got {value!r}")
     return seed
 
 
@@ -189,10 +280,10 @@ def check_response_format(value: object) -> ResponseFormat | None:
 
 
 def check_model(value: object) -> str | None:
-    """Return the model route, or raise unless it is None or a non-empty string."""
-    if value is None or (isinstance(value, str) and value):
+    """Return the model route, or raise unless it is None or a string (``""`` is sent)."""
+    if value is None or isinstance(value, str):
         return value
-    raise FriendliValidationError("model", f"must be a non-empty str or None, got {value!r}")
+    raise FriendliValidationError("model", f"must be a str or None, got {value!r}")
 
 
 def check_weights(value: object, control_images: list[ImageInput] | None) -> list[float] | None:
@@ -207,21 +298,28 @@ def check_weights(value: object, control_images: list[ImageInput] | None) -> lis
         field = f"controlnet_weights[{index}]"
         number = _real(weight)
         if number is None and not isinstance(weight, bool) and isinstance(weight, numbers.Real):
-            number = float(weight)  # NaN or infinite: refused by the range check below
+            # NaN or infinite: JSON has no such number (pydantic sends null).
+            raise FriendliInvalidValueError(
+                field,
+                f"must be a finite number in [0, 1], got {weight!r}",
+                msg="Input should be a valid number",
+                kind="float_type",
+            )
         if number is None:
             raise FriendliValidationError(field, f"must be a number in [0, 1], got {weight!r}")
-        if not 0.0 <= number <= 1.0:  # NaN fails this too
-            raise FriendliInvalidValueError(field, f"must be in [0, 1], got {weight!r}")
+        if not 0.0 <= number <= 1.0:
+            raise FriendliInvalidValueError(
+                field, f"must be in [0, 1], got {weight!r}", msg="Input should be within [0, 1]"
+            )
         weights.append(number)
-    if control_images is None:
-        raise FriendliInvalidValueError(
-            "controlnet_weights", "given without control_images; pass one weight per image"
-        )
-    if len(weights) != len(control_images):
+    images = 0 if control_images is None else len(control_images)
+    if len(weights) != images:
         raise FriendliInvalidValueError(
             "controlnet_weights",
-            f"has {len(weights)} values for {len(control_images)} control images; "
+            f"has {len(weights)} values for {images} control images; "
             "pass exactly one weight per control image",
+            msg="Value error, controlnet_weights must have as many entries as control_images "
+            f"({len(weights)} != {images})",
         )
     return weights
 
@@ -234,8 +332,34 @@ def _edit_images(value: ImageSource | Iterable[ImageSource]) -> ImageInput | lis
     return coerce_edit_images(value)
 
 
+class _OfficialRequestModel:
+    """The official request models' pydantic methods that ported code calls."""
+
+    __slots__ = ()
+
+    def model_dump(
+        self,
+        *,
+        mode: Literal["python", "json"] | str = "python",
+        include: Iterable[str] | Mapping[str, Any] | None = None,
+        exclude: Iterable[str] | Mapping[str, Any] | None = None,
+        exclude_defaults: bool = False,
+        **_pydantic: Any,
+    ) -> dict[str, Any]:
+        """The fields that go on the wire, as the official model dumps them (None left out).
+
+        Images are ``{"image": ...}`` dicts; ``include``, ``exclude`` and
+        ``exclude_defaults`` work as in pydantic, its other keywords are taken.
+        """
+        fields = attrs.asdict(self, filter=lambda _attribute, value: value is not None)  # type: ignore[arg-type]
+        if exclude_defaults:
+            defaults = {field.name: field.default for field in attrs.fields(type(self))}  # type: ignore[arg-type]
+            fields = {key: value for key, value in fields.items() if value != defaults[key]}
+        return pick_fields(fields, include, exclude)
+
+
 @attrs.frozen(kw_only=True)
-class GenerateRequest:
+class GenerateRequest(_OfficialRequestModel):
     """The body of ``POST /v1/images/generations``, validated."""
 
     prompt: str = attrs.field(converter=check_prompt)
@@ -250,10 +374,6 @@ class GenerateRequest:
     controlnet_weights: Iterable[float] | None = None
 
     def __attrs_post_init__(self) -> None:
-        if self.control_images is not None and not self.control_images:
-            raise FriendliValidationError(
-                "control_images", "is empty; pass None or at least one image"
-            )
         # Keep the checked floats, so int weights go on the wire as floats (and a tuple
         # or generator given by the caller becomes the list the type promises).
         weights = check_weights(self.controlnet_weights, self.control_images)
@@ -261,7 +381,7 @@ class GenerateRequest:
 
 
 @attrs.frozen(kw_only=True)
-class EditRequest:
+class EditRequest(_OfficialRequestModel):
     """The body of ``POST /v1/images/edits``, validated."""
 
     image: ImageInput | list[ImageInput] = attrs.field(converter=_edit_images)
@@ -273,10 +393,6 @@ class EditRequest:
     response_format: ResponseFormat | None = attrs.field(
         default=None, converter=check_response_format
     )
-
-    def __attrs_post_init__(self) -> None:
-        if isinstance(self.image, list) and not self.image:
-            raise FriendliInvalidValueError("image", "is an empty list; pass at least one image")
 
 
 def _human_size(size: int) -> str:
@@ -402,37 +518,102 @@ class ImageResult:
         picture.load()
         return picture
 
-    def model_dump(self, *, mode: Literal["python", "json"] = "python") -> dict[str, Any]:
+    #: The official model's one field (``ContainerImageGenerateSuccess.model_fields``).
+    model_fields: ClassVar[Mapping[str, str]] = types.MappingProxyType(
+        {"image": "The base64-encoded image."}
+    )
+
+    def model_dump(
+        self,
+        *,
+        mode: Literal["python", "json"] | str = "python",
+        include: Iterable[str] | Mapping[str, Any] | None = None,
+        exclude: Iterable[str] | Mapping[str, Any] | None = None,
+        **_pydantic: Any,
+    ) -> dict[str, Any]:
         """The official SDK's pydantic dump: ``{"image": <base64 bytes>}``.
 
-        ``mode="json"`` gives the base64 as text, as pydantic does.
+        ``mode="json"`` gives the base64 as text, as pydantic does. ``include`` and
+        ``exclude`` pick fields; pydantic's other keywords (``exclude_none``,
+        ``by_alias``, ``exclude_unset``, ...) are taken and change nothing: the one
+        field is always set and never None.
         """
-        if mode == "json":
-            return {"image": self.image.decode("ascii")}
-        if mode != "python":
+        if mode not in ("python", "json"):
             raise FriendliValidationError("mode", f"must be 'python' or 'json', got {mode!r}")
-        return {"image": self.image}
+        image = self.image
+        return pick_fields(
+            {"image": image.decode("ascii") if mode == "json" else image}, include, exclude
+        )
 
-    def model_dump_json(self, *, indent: int | None = None) -> str:
-        """The official SDK's JSON: ``{"image":"<base64>"}`` (pydantic's compact form)."""
+    def model_dump_json(self, *, indent: int | None = None, **keywords: Any) -> str:
+        """The official SDK's JSON: ``{"image":"<base64>"}`` (pydantic's compact form).
+
+        Takes ``model_dump``'s keywords (``include``, ``exclude``, ``exclude_none``, ...).
+        """
         separators = (",", ":") if indent is None else (",", ": ")
-        return json.dumps(self.model_dump(mode="json"), indent=indent, separators=separators)
+        dumped = self.model_dump(**{**keywords, "mode": "json"})
+        return json.dumps(dumped, indent=indent, separators=separators)
+
+    def model_copy(self, *, update: Mapping[str, Any] | None = None, deep: bool = False) -> Self:
+        """A copy (results are immutable, so ``deep`` changes nothing); ``update={"image":
+        <base64>}`` replaces the image."""
+        if not update:
+            return attrs.evolve(self)
+        if set(update) != {"image"}:
+            raise FriendliValidationError(
+                "update", f"only 'image' can be updated, got {sorted(update)!r}"
+            )
+        return type(self)(image=update["image"])
+
+    def keys(self) -> list[str]:
+        """The official model's field names, so ``dict(res)`` is ``{"image": res.image}``."""
+        return ["image"]
+
+    def __getitem__(self, key: str) -> bytes:
+        if key != "image":
+            raise KeyError(key)
+        return self.image
 
     @classmethod
-    def model_validate(cls, obj: Mapping[str, Any]) -> ImageResult:
-        """Build a result from ``{"image": <base64>}``, as the official model does."""
+    def model_validate(cls, obj: Any, **_pydantic: Any) -> Self:
+        """Build a result from ``{"image": <base64>}`` (or a result), as the official model does."""
+        if isinstance(obj, cls):
+            return obj
         if not isinstance(obj, Mapping) or "image" not in obj:
             raise FriendliValidationError("image", "expected a mapping with an 'image' key")
         return cls(image=obj["image"])
 
     @classmethod
-    def model_validate_json(cls, text: str | bytes) -> ImageResult:
+    def model_validate_json(cls, text: str | bytes, **_pydantic: Any) -> Self:
         """Build a result from the JSON ``{"image": "<base64>"}`` of an API answer."""
         try:
             parsed = json.loads(text)
         except ValueError:
             raise FriendliValidationError("image", "the text is not JSON") from None
         return cls.model_validate(parsed)
+
+    @classmethod
+    def __get_pydantic_core_schema__(cls, _source: Any, _handler: Any) -> Any:
+        """The schema that lets pydantic models (and FastAPI) use this type as a field.
+
+        Called by pydantic only, so pydantic is imported only where it is installed. The
+        field validates and serializes as the official model: ``{"image": <base64>}``.
+        """
+        from pydantic_core import core_schema  # noqa: PLC0415  (only pydantic calls this)
+
+        fields = core_schema.typed_dict_schema(
+            {"image": core_schema.typed_dict_field(core_schema.bytes_schema())}
+        )
+        from_fields = core_schema.no_info_after_validator_function(cls.model_validate, fields)
+        return core_schema.json_or_python_schema(
+            json_schema=from_fields,
+            python_schema=core_schema.union_schema(
+                [core_schema.is_instance_schema(cls), from_fields]
+            ),
+            serialization=core_schema.plain_serializer_function_ser_schema(
+                _pydantic_serialize, info_arg=True
+            ),
+        )
 
     def __repr__(self) -> str:
         size = f"{self.width}x{self.height}, " if self.width and self.height else ""
@@ -455,6 +636,23 @@ class ImageResult:
 
     def __hash__(self) -> int:
         return hash((self.data, self.format))
+
+
+def _pydantic_serialize(result: ImageResult, info: Any) -> dict[str, Any]:
+    return result.model_dump(mode="json" if info.mode_is_json() else "python")
+
+
+def pick_fields(
+    fields: dict[str, Any],
+    include: Iterable[str] | Mapping[str, Any] | None,
+    exclude: Iterable[str] | Mapping[str, Any] | None,
+) -> dict[str, Any]:
+    """``fields`` with pydantic's ``include`` / ``exclude`` applied (top-level names)."""
+    if include is not None:
+        fields = {key: value for key, value in fields.items() if key in set(include)}
+    if exclude is not None:
+        fields = {key: value for key, value in fields.items() if key not in set(exclude)}
+    return fields
 
 
 def save_target(path: str | os.PathLike[str], fmt: str) -> tuple[pathlib.Path, str]:

@@ -22,7 +22,7 @@ import re
 import sys
 import urllib.request
 import uuid
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Mapping
 from io import BytesIO
 from typing import Any, Final, TypeVar
 
@@ -321,7 +321,7 @@ class Transport:
         try:
             async with slots:
                 attempt_started = monotonic()
-                status, data, pooled = await self._attempt(
+                status, data, pooled, answer_headers = await self._attempt(
                     session,
                     call,
                     headers,
@@ -346,10 +346,10 @@ class Transport:
             try:
                 if len(data) > _OFFLOOP_DECODE_BYTES:
                     image = await asyncio.get_running_loop().run_in_executor(
-                        None, _decode_image, data, status, request_id, redactor
+                        None, _decode_image, data, status, request_id, redactor, answer_headers
                     )
                 else:
-                    image = _decode_image(data, status, request_id, redactor)
+                    image = _decode_image(data, status, request_id, redactor, answer_headers)
             finally:
                 if pooled is not None:
                     self._buffers.give(pooled)
@@ -386,8 +386,8 @@ class Transport:
         route: _EnvRoute,
         proxy_headers: dict[str, str] | None,
         attempt_number: int,
-    ) -> tuple[int, bytes | memoryview, bytearray | None]:
-        """The exchange under the attempt's timers: (status, body, pooled buffer) or an error."""
+    ) -> tuple[int, bytes | memoryview, bytearray | None, Mapping[str, str]]:
+        """The exchange under the attempt's timers: (status, body, pooled buffer, headers)."""
         url, request_id = call.url, call.request_id
         logger = self._settings.logger
         failure: FriendliConnectionError | None = None
@@ -419,7 +419,7 @@ class Transport:
         redactor: Redactor,
         route: _EnvRoute,
         proxy_headers: dict[str, str] | None,
-    ) -> tuple[int, bytes | memoryview, bytearray | None]:
+    ) -> tuple[int, bytes | memoryview, bytearray | None, Mapping[str, str]]:
         body: bytes | BytesIO
         if len(call.body) <= _INLINE_BODY_BYTES:
             body = call.body
@@ -449,7 +449,7 @@ class Transport:
                 )
         finally:
             _CURRENT_ATTEMPT.reset(current)
-        return status, data, pooled
+        return status, data, pooled, response.headers
 
     def _log_format_mismatch(self, fmt: str, request_id: str) -> None:
         # The image cost GPU time and is valid: it is returned as the server sent it.
@@ -663,7 +663,11 @@ async def _read_body(
 
 
 def _decode_image(
-    data: bytes | memoryview, status: int, request_id: str, redactor: Redactor
+    data: bytes | memoryview,
+    status: int,
+    request_id: str,
+    redactor: Redactor,
+    headers: Mapping[str, str] | None = None,
 ) -> bytes:
     """Parse ``{"image": "<base64>"}`` and decode it; raise FriendliResponseError if not."""
     head = _PREFIX.match(data, 0, 32)
@@ -691,7 +695,8 @@ def _decode_image(
                 f"{members:,} JSON members; an image response is one object "
                 '{"image": "<base64>"} (plus a few fields), so it was not parsed',
                 status=status,
-                body=redactor.excerpt(data),
+                body=_body_text(data, redactor),
+                headers=headers,
                 request_id=request_id,
             )
     try:
@@ -700,14 +705,16 @@ def _decode_image(
         raise FriendliResponseError(
             "the server answered 200 with a body that is not JSON",
             status=status,
-            body=redactor.excerpt(data),
+            body=_body_text(data, redactor),
+            headers=headers,
             request_id=request_id,
         ) from None
     if not isinstance(parsed, dict):
         raise FriendliResponseError(
             f"expected a JSON object with an 'image' field, got a JSON {type(parsed).__name__}",
             status=status,
-            body=redactor.excerpt(data),
+            body=_body_text(data, redactor),
+            headers=headers,
             request_id=request_id,
         )
     encoded = parsed.get("image")
@@ -716,7 +723,8 @@ def _decode_image(
         raise FriendliResponseError(
             f"the response's 'image' field {what}; expected base64 text",
             status=status,
-            body=redactor.excerpt(data),
+            body=_body_text(data, redactor),
+            headers=headers,
             request_id=request_id,
         )
     try:
@@ -725,14 +733,28 @@ def _decode_image(
         raise FriendliResponseError(
             "the response's 'image' field is not valid base64",
             status=status,
-            body=redactor.excerpt(encoded),
+            body=_body_text(data, redactor),
+            headers=headers,
             request_id=request_id,
         ) from None
     if not image:
         raise FriendliResponseError(
-            "the response's image is empty", status=status, request_id=request_id
+            "the response's image is empty",
+            status=status,
+            body=_body_text(data, redactor),
+            headers=headers,
+            request_id=request_id,
         )
     return image
+
+
+def _body_text(data: bytes | memoryview, redactor: Redactor) -> str:
+    """The start of a body as text for an error (64 KiB), with the credentials removed.
+
+    Redacted before it is cut, with a margin, so no credential shows half.
+    """
+    window = bytes(data[: _ERROR_BODY_LIMIT + 4096])
+    return redactor.data(window).decode("utf-8", "replace")[:_ERROR_BODY_LIMIT]
 
 
 async def _status_error(

@@ -6,9 +6,15 @@ Code written for the official ``friendli`` SDK keeps working when
 - ``SDKError`` is `FriendliStatusCodeError`, the base of every error with an HTTP status:
   4xx/5xx answers and values the server would refuse with 422 (refused before sending
   here). It has ``status_code``, ``body``, ``headers``, ``message`` and ``raw_response``.
+- ``FriendliCoreError`` is `FriendliStatusCodeError` too: the official base class of
+  ``SDKError``, ``ResponseValidationError`` and ``HTTPValidationError``.
 - ``HTTPValidationError`` is never raised by image calls, there or here.
 - ``NoResponseError`` is `FriendliConnectionError` (no usable answer from the server).
-- ``ResponseValidationError`` is `FriendliResponseError` (a 2xx body that is no image).
+- ``ResponseValidationError`` is `FriendliResponseError` (a 2xx body that is no image;
+  an ``SDKError`` too, so a 200 that is not the API is caught where ported code looks).
+- ``ContainerImageGenerationBody`` / ``ContainerImageEditBody`` are the request models
+  (`GenerateRequest`, `EditRequest`), with ``model_dump()``; ``ValidationError`` is one
+  entry of a 422's ``detail``.
 - ``ContainerImageGenerateSuccess`` is `ImageResult`: ``image`` is the base64 text as
   bytes, as in the official SDK; ``data`` is the decoded image.
 """
@@ -18,28 +24,42 @@ from __future__ import annotations
 from ._exceptions import FriendliConnectionError as NoResponseError
 from ._exceptions import FriendliHTTPValidationError as HTTPValidationError
 from ._exceptions import FriendliResponseError as ResponseValidationError
+from ._exceptions import FriendliStatusCodeError as FriendliCoreError
 from ._exceptions import FriendliStatusCodeError as SDKError
 from ._models import (
     ContainerImageEditBodyImage,
     ContainerImageEditBodyImageTypedDict,
+    ContainerImageEditBodyTypedDict,
+    ContainerImageGenerateSuccessTypedDict,
+    ContainerImageGenerationBodyTypedDict,
     ImageInput,
     ImageInputTypedDict,
     ResponseFormat,
+    ValidationError,
 )
+from ._models import EditRequest as ContainerImageEditBody
+from ._models import GenerateRequest as ContainerImageGenerationBody
 from ._models import ImageResult as ContainerImageGenerateSuccess
 
 __all__ = [
+    "ContainerImageEditBody",
     "ContainerImageEditBodyImage",
     "ContainerImageEditBodyImageTypedDict",
     "ContainerImageEditBodyResponseFormat",
+    "ContainerImageEditBodyTypedDict",
     "ContainerImageGenerateSuccess",
+    "ContainerImageGenerateSuccessTypedDict",
+    "ContainerImageGenerationBody",
     "ContainerImageGenerationBodyResponseFormat",
+    "ContainerImageGenerationBodyTypedDict",
+    "FriendliCoreError",
     "HTTPValidationError",
     "ImageInput",
     "ImageInputTypedDict",
     "NoResponseError",
     "ResponseValidationError",
     "SDKError",
+    "ValidationError",
 ]
 
 #: The ``response_format`` values of ``generate`` and ``edit``: ``"raw"`` or ``"jpeg"``.

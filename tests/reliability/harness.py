@@ -283,7 +283,7 @@ _RULES = [
     "## The rules these tests hold the SDK to",
     "",
     "- **Retried**: failures where nothing reached the server (refused, DNS, connect "
-    "timeout) always and free of the budget; 408, 429, 502, 503, 504. Not 500: on an "
+    "timeout) always and free of the budget; 429, 502, 503, 504. Not 500: on an "
     "inference server it usually means this input failed, and resending repeats paid GPU "
     "work. Other 4xx never.",
     "- **Bounds**: `max_attempts` (5), `max_elapsed` (120 s) and `Timeout.total`; "
