@@ -173,10 +173,10 @@ class AsyncFriendli:
         verify: TLS certificate verification: True (the system's CAs), a path to a CA
             bundle file (or directory), an ``ssl.SSLContext``, or False to turn it off
             (warns: anyone on the path can then read the token and the images).
-        trust_env: honour ``HTTP_PROXY`` / ``HTTPS_PROXY`` / ``NO_PROXY`` and ``.netrc``
-            (read once per host). Off by default, so an environment cannot silently
-            route the token through a proxy; a ``.netrc`` login is used only when no
-            token is set.
+        trust_env: None (the default) honours ``HTTP_PROXY`` / ``HTTPS_PROXY`` /
+            ``ALL_PROXY`` / ``NO_PROXY`` as httpx (the official SDK's client) does, read
+            once per host, and never reads ``.netrc``; True also sends a ``.netrc`` login
+            when no token is set; False ignores the environment.
         x_friendli_team: sent as ``X-Friendli-Team`` (the official SDK's argument).
         retry_config: the official SDK's name for ``retries`` (a ``RetryConfig``, ours or
             ``friendli_image.utils.RetryConfig``); pass one of the two. As there,
@@ -192,9 +192,11 @@ class AsyncFriendli:
             they pick a hosted server; they mean nothing for a container, and warn.
         client, async_client: refused: they take httpx clients, and this SDK uses aiohttp.
 
-    Redirects are never followed: a 3xx raises ``FriendliAPIStatusError`` with
-    ``location`` set, so a POST is never replayed elsewhere and the token never leaves
-    ``server_url``. A token sent over plain ``http://`` to a host other than loopback
+    Redirects are followed as httpx (the official SDK's client) follows them: 307/308
+    resend the request, 301/302/303 become a GET, up to 20; ``Authorization`` (the
+    token's or yours) is dropped when one leaves the origin, so the token never goes to
+    another host. Any other 3xx raises ``FriendliAPIStatusError`` with ``location``
+    set. A token sent over plain ``http://`` to a host other than loopback
     warns once per host.
     """
 
@@ -210,7 +212,7 @@ class AsyncFriendli:
         timeout: Timeout | None = None,
         max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
         verify: bool | str | os.PathLike[str] | ssl.SSLContext = True,
-        trust_env: bool = False,
+        trust_env: bool | None = None,
         x_friendli_team: str | None = None,
         retry_config: RetryConfig | Unset | None = UNSET,
         debug_logger: DebugLogger | None = None,
@@ -224,8 +226,10 @@ class AsyncFriendli:
         check_count("max_response_bytes", max_response_bytes)
         if timeout is not None and not isinstance(timeout, Timeout):
             raise FriendliValidationError("timeout", "must be a friendli_image.Timeout")
-        if not isinstance(trust_env, bool):
-            raise FriendliValidationError("trust_env", f"must be a bool, got {trust_env!r}")
+        if trust_env is not None and not isinstance(trust_env, bool):
+            raise FriendliValidationError(
+                "trust_env", f"must be True, False or None, got {trust_env!r}"
+            )
         if client is not None or async_client is not None:
             raise FriendliUsageError(
                 "client= / async_client= take httpx clients, and this SDK sends with aiohttp; "
@@ -280,7 +284,8 @@ class AsyncFriendli:
                 max_connections=max_connections,
                 max_response_bytes=max_response_bytes,
                 ssl=ssl_setting(verify),
-                trust_env=trust_env,
+                trust_env=trust_env is not False,
+                netrc=trust_env is True,
                 logger=logger if debug_logger is None else as_logger(debug_logger),
                 authorization=authorization,
             ),

@@ -556,10 +556,13 @@ class ClientSettings:
     max_response_bytes: int
     ssl: bool | ssl.SSLContext
     trust_env: bool
+    """Proxies from ``HTTP_PROXY`` / ``HTTPS_PROXY`` / ``ALL_PROXY`` / ``NO_PROXY``."""
     logger: logging.Logger
     """Where the client logs (``debug_logger``, else the ``friendli_image`` logger)."""
     authorization: Secret | None = None
     """An ``Authorization`` value from ``http_headers``: sent instead of the token's."""
+    netrc: bool = False
+    """A ``.netrc`` login is sent when no token is set (``trust_env=True`` only)."""
 
     @property
     def has_token(self) -> bool:

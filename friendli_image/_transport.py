@@ -280,11 +280,15 @@ class Transport:
         )
 
     def _env_route(self, url: URL) -> _EnvRoute:
-        """The proxy and ``.netrc`` login for ``url`` when ``trust_env`` (cached per host)."""
+        """The proxy (and, with ``trust_env=True``, the ``.netrc`` login) for ``url``.
+
+        Read once per host, as httpx reads the environment once per client.
+        """
         key = (url.scheme, url.host or "")
         route = self._env_routes.get(key)
         if route is None:
-            route = self._env_routes[key] = _EnvRoute.from_env(url, not self._settings.has_token)
+            use_netrc = self._settings.netrc and not self._settings.has_token
+            route = self._env_routes[key] = _EnvRoute.from_env(url, use_netrc)
         return route
 
     async def send(
@@ -429,27 +433,58 @@ class Transport:
             # fresh reader per attempt streams the same buffer instead, and counts it.
             body = _CountedBody(call.body, trace)
         current = _CURRENT_ATTEMPT.set(trace)
+        url, method = call.url, "POST"
+        sent: bytes | BytesIO | None = body
         try:
-            async with session.post(
-                call.url,
-                data=body,
-                headers=headers,
-                timeout=_client_timeout(call.timeout),
-                allow_redirects=False,
-                proxy=route.proxy,
-                proxy_headers=proxy_headers,
-            ) as response:
-                status = response.status
-                if status != 200:
-                    raise await _status_error(
-                        response, call.request_id, redactor, self._settings.has_token
+            for hop in range(_MAX_REDIRECTS + 1):
+                async with session.request(
+                    method,
+                    url,
+                    data=sent,
+                    headers=headers,
+                    timeout=_client_timeout(call.timeout),
+                    allow_redirects=False,
+                    proxy=route.proxy,
+                    proxy_headers=proxy_headers,
+                ) as response:
+                    status = response.status
+                    if status == 200:
+                        data, pooled = await _read_body(
+                            response,
+                            self._settings.max_response_bytes,
+                            call.request_id,
+                            self._buffers,
+                        )
+                        return status, data, pooled, response.headers
+                    target = _redirect_target(response, hop)
+                    if target is None:
+                        raise await _status_error(
+                            response, call.request_id, redactor, self._settings.has_token
+                        )
+                # Followed as httpx (the official SDK's client) follows it: 307/308
+                # resend the body, 301/302/303 become a GET; the credentials stay with
+                # their origin.
+                if status in (307, 308):
+                    sent = call.body if isinstance(body, bytes) else _CountedBody(call.body, trace)
+                else:
+                    method, sent = "GET", None
+                if not _keeps_credentials(url, target):
+                    headers = {
+                        name: value
+                        for name, value in headers.items()
+                        if name.lower() != "authorization"
+                    }
+                url = target
+                if self._settings.trust_env:
+                    route = self._env_route(url)
+                    proxy_headers = (
+                        None
+                        if route.proxy_authorization is None
+                        else {"Proxy-Authorization": route.proxy_authorization.reveal()}
                     )
-                data, pooled = await _read_body(
-                    response, self._settings.max_response_bytes, call.request_id, self._buffers
-                )
         finally:
             _CURRENT_ATTEMPT.reset(current)
-        return status, data, pooled, response.headers
+        raise AssertionError("unreachable: the last hop raises or returns")  # pragma: no cover
 
     def _log_format_mismatch(self, fmt: str, request_id: str) -> None:
         # The image cost GPU time and is valid: it is returned as the server sent it.
@@ -462,6 +497,36 @@ class Transport:
             fmt,
             request_id,
         )
+
+
+#: Redirects followed within one attempt, as httpx follows them (and as many).
+_REDIRECT_STATUSES: Final = frozenset({301, 302, 303, 307, 308})
+_MAX_REDIRECTS: Final = 20
+
+
+def _redirect_target(response: aiohttp.ClientResponse, hop: int) -> URL | None:
+    """Where a redirect sends the request, or None when it is not followed."""
+    location = response.headers.get("Location")
+    if response.status not in _REDIRECT_STATUSES or not location or hop >= _MAX_REDIRECTS:
+        return None
+    try:
+        target = response.url.join(URL(location))
+    except ValueError:
+        return None
+    return target if target.scheme in ("http", "https") and target.host else None
+
+
+def _keeps_credentials(origin: URL, target: URL) -> bool:
+    """httpx's rule: ``Authorization`` goes along to the same origin, or to its https."""
+    if (origin.scheme, origin.host, origin.port) == (target.scheme, target.host, target.port):
+        return True
+    return (
+        origin.host == target.host
+        and origin.scheme == "http"
+        and origin.port == 80
+        and target.scheme == "https"
+        and target.port == 443
+    )
 
 
 def _bearer(token: Secret) -> str:
@@ -482,7 +547,7 @@ def _basic(login: str, password: str) -> str:
 
 
 class _EnvRoute:
-    """Where ``trust_env`` sends requests for one host: proxy, proxy login, ``.netrc`` login.
+    """Where the environment sends requests for one host: proxy, proxy login, ``.netrc`` login.
 
     The logins are kept as `Secret`: a route is cached on the client between calls.
     """
@@ -505,7 +570,7 @@ class _EnvRoute:
         proxy = proxy_authorization = authorization = None
         if not urllib.request.proxy_bypass(host):
             proxies = urllib.request.getproxies()
-            found = proxies.get(url.scheme)
+            found = proxies.get(url.scheme) or proxies.get("all")
             if found:
                 proxy = URL(found if "://" in found else f"http://{found}")
                 if proxy.user is not None:
@@ -786,7 +851,10 @@ async def _status_error(
             detail = detail.get("message", detail)
     cls = status_error_class(status)
     if 300 <= status < 400:
-        message = "the server redirected the request and redirects are not followed"
+        message = (
+            "the server answered a redirect that is not followed (no http(s) Location, "
+            f"or more than {_MAX_REDIRECTS} redirects)"
+        )
     elif isinstance(detail, str) and detail:
         message = redactor.excerpt(detail)
     else:

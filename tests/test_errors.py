@@ -158,14 +158,16 @@ async def test_429_with_junk_retry_after_has_none(
     assert caught.value.retry_after is None
 
 
-async def test_redirect_is_not_followed(mock_http: Any, mocked_client: AsyncFriendli) -> None:
-    """A 302 raises FriendliAPIStatusError carrying the Location, without following it."""
-    mock_http.post(GENERATE, status=302, headers={"Location": "http://elsewhere.test/x"})
+async def test_redirect_off_http_is_not_followed(
+    mock_http: Any, mocked_client: AsyncFriendli
+) -> None:
+    """A 302 to a non-http(s) Location raises FriendliAPIStatusError carrying it."""
+    mock_http.post(GENERATE, status=302, headers={"Location": "ftp://elsewhere.test/x"})
     with pytest.raises(FriendliAPIStatusError) as caught:
         await mocked_client.container.image.generate(prompt="p")
     assert type(caught.value) is FriendliAPIStatusError
     assert caught.value.status == 302
-    assert caught.value.location == "http://elsewhere.test/x"
+    assert caught.value.location == "ftp://elsewhere.test/x"
     assert "redirect" in str(caught.value)
     assert len(mock_http.requests) == 1
 
@@ -352,7 +354,7 @@ async def test_status_errors_pickle_with_their_attributes(
     """Status errors survive pickle (e.g. from a worker process) with every attribute."""
     detail = [{"loc": ["body", "seed"], "msg": "too big", "type": "x"}]
     mock_http.post(GENERATE, status=422, payload={"detail": detail}, headers={"Retry-After": "3"})
-    mock_http.post(GENERATE, status=302, headers={"Location": "http://x.test/"})
+    mock_http.post(GENERATE, status=302, headers={"Location": "ftp://x.test/"})
     errors: list[FriendliAPIStatusError] = []
     for _ in range(2):
         with pytest.raises(FriendliAPIStatusError) as caught:
