@@ -636,6 +636,12 @@ class FriendliResponseError(FriendliAPIError, FriendliStatusCodeError):
         text = f"HTTP {self.status}: {super().__str__()}"
         return f"{text} — body starts: {excerpt(self.body)}" if self.body else text
 
+    @property
+    def cause(self) -> BaseException | None:
+        """The official ``ResponseValidationError.cause`` (``__cause__``: None here, the
+        message says what was wrong)."""
+        return self.__cause__
+
 
 class FriendliBatchAborted(FriendliError):
     """A batch stopped early because an error would have failed every remaining item.

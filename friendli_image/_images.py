@@ -203,7 +203,7 @@ def coerce_image(value: object, field: str) -> str:
             # The official SDK sends any string and the server refuses it with 422.
             raise FriendliInvalidValueError(exc.field, exc.reason) from None
     if isinstance(value, bytes | bytearray | memoryview):
-        if sniff_format(value) == "unknown" and bytes(value[:1]).isalnum():
+        if sniff_format(value) == "unknown":
             # Not image bytes: maybe a result's ``image``, the base64 text as bytes.
             try:
                 return _coerce_text(bytes(value).decode("ascii"), field)

@@ -8,6 +8,7 @@ before any I/O; they are the one definition of each operation's fields.
 from __future__ import annotations
 
 import binascii
+import builtins
 import contextlib
 import importlib.util
 import io
@@ -72,14 +73,18 @@ __all__ = [
     "ContainerImageGenerationBodyTypedDict",
     "EditRequest",
     "GenerateRequest",
+    "HTTPValidationErrorData",
     "ImageInput",
     "ImageInputTypedDict",
     "ImageResult",
+    "Loc",
+    "LocTypedDict",
     "RequestModel",
     "RequestPath",
     "RequestSpec",
     "ResponseFormat",
     "ValidationError",
+    "ValidationErrorTypedDict",
     "pick_fields",
     "public_fields",
     "save_target",
@@ -159,25 +164,63 @@ class ValidationError:
         return attrs.asdict(self, filter=lambda _attribute, value: value is not None)
 
 
+#: One part of a 422 detail's ``loc`` (official names).
+Loc: TypeAlias = str | int
+LocTypedDict: TypeAlias = str | int
+
+
+class ValidationErrorTypedDict(TypedDict):
+    """A 422 detail entry as a dict (official name)."""
+
+    loc: list[str | int]
+    msg: str
+    type: str
+
+
+def _details(value: Iterable[ValidationError | Mapping[str, Any]] | None) -> list[ValidationError]:
+    return [
+        item if isinstance(item, ValidationError) else ValidationError(**item)
+        for item in value or ()
+    ]
+
+
+@attrs.frozen(kw_only=True)
+class HTTPValidationErrorData:
+    """A 422 body, ``{"detail": [...]}`` (the official ``models.HTTPValidationErrorData``):
+    ``HTTPValidationErrorData(**json.loads(e.body))``."""
+
+    detail: list[ValidationError] = attrs.field(factory=list, converter=_details)
+
+
+def _text(field: str, value: object) -> str:
+    """``value`` as a string field takes it in the official models: a str, or bytes as
+    their UTF-8 text (pydantic's lax mode)."""
+    if isinstance(value, bytes | bytearray):
+        try:
+            return bytes(value).decode("utf-8")
+        except UnicodeDecodeError:
+            raise FriendliValidationError(field, "bytes that are not UTF-8 text") from None
+    if not isinstance(value, str):
+        raise FriendliValidationError(field, f"must be a str, got {type(value).__name__}")
+    return value
+
+
 def check_prompt(value: object) -> str:
-    """Return the prompt, or raise if it is not a string.
+    """Return the prompt, or raise if it is not a string (or UTF-8 bytes).
 
     An empty or blank prompt is allowed by the contract (a blank CSV cell), so it is
     sent; the server judges it.
     """
-    if not isinstance(value, str):
-        raise FriendliValidationError("prompt", f"must be a str, got {type(value).__name__}")
-    return value
+    return _text("prompt", value)
 
 
 def _real(value: object) -> float | None:
     """``value`` as a finite float, or None if it is no number.
 
     Taken as the official SDK's models take it: any real number (NumPy's and
-    ``Fraction`` too) and its text, such as a CSV cell ``"3.5"``; never a bool.
+    ``Fraction`` too) and its text, such as a CSV cell ``"3.5"``; a bool is 0 or 1, as
+    pydantic's lax mode takes it.
     """
-    if isinstance(value, bool):
-        return None
     if isinstance(value, bytes | bytearray):
         value = value.decode("ascii", "replace")
     if isinstance(value, str):
@@ -197,10 +240,9 @@ def _integer(value: object) -> int | None:
 
     Any integer (NumPy's too), a float with no fractional part (``20.0`` from a JSON or
     YAML config) and the text of either (``"7"`` from a CSV file or an environment
-    variable), as the official SDK's models take them; never a bool.
+    variable), as the official SDK's models take them; a bool is 0 or 1, as pydantic's
+    lax mode takes it.
     """
-    if isinstance(value, bool):
-        return None
     if isinstance(value, numbers.Integral):
         return int(value)
     if isinstance(value, str | bytes | bytearray):
@@ -211,8 +253,8 @@ def _integer(value: object) -> int | None:
 
 
 def check_steps(value: object) -> int | None:
-    """Return the step count, or raise unless it is None (omitted) or a whole number in
-    [1, 50]."""
+    """Return the step count as an int, or raise unless it is None (omitted) or a whole
+    number. Its range, [1, 50], is checked once every field has its type (`check_ranges`)."""
     if value is None:
         return None
     steps = _integer(value)
@@ -220,41 +262,52 @@ def check_steps(value: object) -> int | None:
         raise FriendliValidationError(
             "num_inference_steps", f"must be an int in [1, {MAX_STEPS}], got {value!r}"
         )
-    if steps < 1:
+    return steps
+
+
+def check_guidance(value: object) -> float | None:
+    """Return the guidance scale as a float, or raise unless it is None or a number
+    (finiteness is checked by `check_ranges`)."""
+    if value is None:
+        return None
+    number = _real(value)
+    if number is not None:
+        return number
+    if isinstance(value, numbers.Real):
+        return float(value)  # NaN or infinite: refused by check_ranges
+    raise FriendliValidationError(
+        "guidance_scale", f"must be a finite number, got {type(value).__name__} {value!r}"
+    )
+
+
+def check_ranges(steps: int | None, guidance: float | None) -> None:
+    """Refuse what the contract forbids of values of the right type, as the server's 422.
+
+    Run after every field has its type, so a wrong type anywhere is reported first, as
+    the official SDK's pydantic models report it before anything is sent.
+    """
+    if steps is not None and steps < 1:
         raise FriendliInvalidValueError(
             "num_inference_steps",
             f"must be in [1, {MAX_STEPS}], got {steps}",
             msg="Input should be greater than or equal to 1",
             kind="greater_than_equal",
         )
-    if steps > MAX_STEPS:
+    if steps is not None and steps > MAX_STEPS:
         raise FriendliInvalidValueError(
             "num_inference_steps",
             f"must be in [1, {MAX_STEPS}], got {steps}",
             msg=f"Input should be less than or equal to {MAX_STEPS}",
             kind="less_than_equal",
         )
-    return steps
-
-
-def check_guidance(value: object) -> float | None:
-    """Return the guidance scale as a float, or raise unless it is None or a finite number."""
-    if value is None:
-        return None
-    number = _real(value)
-    if number is not None:
-        return number
-    if not isinstance(value, bool) and isinstance(value, numbers.Real):
+    if guidance is not None and not math.isfinite(guidance):
         # JSON has no NaN or infinity: pydantic sends null, which the server refuses.
         raise FriendliInvalidValueError(
             "guidance_scale",
-            f"must be finite, got {value!r}",
+            f"must be finite, got {guidance!r}",
             msg="Input should be a valid number",
             kind="float_type",
         )
-    raise FriendliValidationError(
-        "guidance_scale", f"must be a finite number, got {type(value).__name__} {value!r}"
-    )
 
 
 def check_seed(value: object) -> int | None:
@@ -281,37 +334,46 @@ def check_response_format(value: object) -> ResponseFormat | None:
 
 def check_model(value: object) -> str | None:
     """Return the model route, or raise unless it is None or a string (``""`` is sent)."""
-    if value is None or isinstance(value, str):
-        return value
-    raise FriendliValidationError("model", f"must be a str or None, got {value!r}")
+    return None if value is None else _text("model", value)
 
 
-def check_weights(value: object, control_images: list[ImageInput] | None) -> list[float] | None:
-    """Return the ControlNet weights, or raise unless each is in [0, 1], one per image.
+def weights_as_floats(value: object) -> list[float] | None:
+    """The ControlNet weights as floats, or raise if one is not a number.
 
-    Any iterable is accepted; it is read once, before any check.
+    Any iterable is accepted; it is read once. Ranges are `check_weights`'.
     """
     if value is None:
         return None
     weights = []
     for index, weight in enumerate(as_list(value, "controlnet_weights", "numbers")):
-        field = f"controlnet_weights[{index}]"
         number = _real(weight)
-        if number is None and not isinstance(weight, bool) and isinstance(weight, numbers.Real):
-            # NaN or infinite: JSON has no such number (pydantic sends null).
+        if number is None and isinstance(weight, numbers.Real):
+            number = float(weight)  # NaN or infinite: refused by check_weights
+        if number is None:
+            raise FriendliValidationError(
+                f"controlnet_weights[{index}]", f"must be a number in [0, 1], got {weight!r}"
+            )
+        weights.append(number)
+    return weights
+
+
+def check_weights(weights: list[float] | None, control_images: list[ImageInput] | None) -> None:
+    """Raise unless each weight is in [0, 1] and there is one per control image."""
+    if weights is None:
+        return
+    for index, number in enumerate(weights):
+        field = f"controlnet_weights[{index}]"
+        if not math.isfinite(number):
             raise FriendliInvalidValueError(
                 field,
-                f"must be a finite number in [0, 1], got {weight!r}",
+                f"must be a finite number in [0, 1], got {number!r}",
                 msg="Input should be a valid number",
                 kind="float_type",
             )
-        if number is None:
-            raise FriendliValidationError(field, f"must be a number in [0, 1], got {weight!r}")
         if not 0.0 <= number <= 1.0:
             raise FriendliInvalidValueError(
-                field, f"must be in [0, 1], got {weight!r}", msg="Input should be within [0, 1]"
+                field, f"must be in [0, 1], got {number!r}", msg="Input should be within [0, 1]"
             )
-        weights.append(number)
     images = 0 if control_images is None else len(control_images)
     if len(weights) != images:
         raise FriendliInvalidValueError(
@@ -321,7 +383,6 @@ def check_weights(value: object, control_images: list[ImageInput] | None) -> lis
             msg="Value error, controlnet_weights must have as many entries as control_images "
             f"({len(weights)} != {images})",
         )
-    return weights
 
 
 def _control_images(value: Iterable[ImageSource] | None) -> list[ImageInput] | None:
@@ -374,10 +435,12 @@ class GenerateRequest(_OfficialRequestModel):
     controlnet_weights: Iterable[float] | None = None
 
     def __attrs_post_init__(self) -> None:
-        # Keep the checked floats, so int weights go on the wire as floats (and a tuple
-        # or generator given by the caller becomes the list the type promises).
-        weights = check_weights(self.controlnet_weights, self.control_images)
+        # Keep the floats, so int weights go on the wire as floats (and a tuple or
+        # generator given by the caller becomes the list the type promises).
+        weights = weights_as_floats(self.controlnet_weights)
         object.__setattr__(self, "controlnet_weights", weights)
+        check_ranges(self.num_inference_steps, self.guidance_scale)
+        check_weights(weights, self.control_images)
 
 
 @attrs.frozen(kw_only=True)
@@ -393,6 +456,9 @@ class EditRequest(_OfficialRequestModel):
     response_format: ResponseFormat | None = attrs.field(
         default=None, converter=check_response_format
     )
+
+    def __attrs_post_init__(self) -> None:
+        check_ranges(self.num_inference_steps, self.guidance_scale)
 
 
 def _human_size(size: int) -> str:
@@ -565,6 +631,54 @@ class ImageResult:
             )
         return type(self)(image=update["image"])
 
+    #: pydantic's bookkeeping, as the official model has it: no config, no computed or
+    #: extra fields, and its one field always set.
+    model_config: ClassVar[Mapping[str, Any]] = types.MappingProxyType({})
+    model_computed_fields: ClassVar[Mapping[str, Any]] = types.MappingProxyType({})
+    model_extra: ClassVar[None] = None
+
+    @property
+    def model_fields_set(self) -> set[str]:
+        """The fields set on the result: always ``{"image"}``."""
+        return {"image"}
+
+    @classmethod
+    def model_json_schema(cls, **_pydantic: Any) -> dict[str, Any]:
+        """The official model's JSON schema (``{"image": <base64 text>}``)."""
+        return {
+            "properties": {"image": {"format": "binary", "title": "Image", "type": "string"}},
+            "required": ["image"],
+            "title": "ContainerImageGenerateSuccess",
+            "type": "object",
+        }
+
+    @classmethod
+    def model_construct(cls, _fields_set: object = None, **values: Any) -> Self:
+        """Build a result from ``image=<base64>`` (checked: the bytes are decoded)."""
+        return cls.model_validate(values)
+
+    def dict(self, **keywords: Any) -> builtins.dict[str, Any]:
+        """pydantic v1's name for `model_dump`."""
+        return self.model_dump(**keywords)
+
+    def json(self, **keywords: Any) -> str:
+        """pydantic v1's name for `model_dump_json`."""
+        return self.model_dump_json(**keywords)
+
+    def copy(self, *, update: Mapping[str, Any] | None = None, deep: bool = False) -> Self:
+        """pydantic v1's name for `model_copy`."""
+        return self.model_copy(update=update, deep=deep)
+
+    @classmethod
+    def parse_obj(cls, obj: Any) -> Self:
+        """pydantic v1's name for `model_validate`."""
+        return cls.model_validate(obj)
+
+    @classmethod
+    def parse_raw(cls, text: str | bytes, **_pydantic: Any) -> Self:
+        """pydantic v1's name for `model_validate_json`."""
+        return cls.model_validate_json(text)
+
     def keys(self) -> list[str]:
         """The official model's field names, so ``dict(res)`` is ``{"image": res.image}``."""
         return ["image"]
@@ -626,7 +740,9 @@ class ImageResult:
 
     __str__ = __repr__
 
-    def _repr_mimebundle_(self, include: object = None, exclude: object = None) -> dict[str, str]:
+    def _repr_mimebundle_(
+        self, include: object = None, exclude: object = None
+    ) -> builtins.dict[str, str]:
         return _image_mimebundle(self)  # Jupyter shows the picture, no Pillow needed
 
     def __eq__(self, other: object) -> bool:

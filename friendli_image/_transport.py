@@ -822,14 +822,32 @@ def _body_text(data: bytes | memoryview, redactor: Redactor) -> str:
     return redactor.data(window).decode("utf-8", "replace")[:_ERROR_BODY_LIMIT]
 
 
+async def _read_up_to(response: aiohttp.ClientResponse, limit: int) -> bytes:
+    """An error body up to ``limit`` bytes, however many chunks it arrives in.
+
+    (``StreamReader.read(n)`` returns what has arrived so far: one chunk of a body that
+    trickles in.) The status alone is the error: a body that breaks off keeps the part
+    that came.
+    """
+    chunks: list[bytes] = []
+    size = 0
+    with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError, OSError):
+        while size < limit:
+            chunk = await response.content.read(limit - size)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+    return b"".join(chunks)
+
+
 async def _status_error(
     response: aiohttp.ClientResponse, request_id: str, redactor: Redactor, token_sent: bool
 ) -> FriendliAPIStatusError:
     status = response.status
     raw = b""
     # The status alone is the error; a broken error body only loses the excerpt.
-    with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError, OSError):
-        raw = await response.content.read(_ERROR_BODY_LIMIT)
+    raw = await _read_up_to(response, _ERROR_BODY_LIMIT)
     headers: dict[str, str] = dict(response.headers)
     reason = response.reason or ""
     if redactor:

@@ -21,6 +21,7 @@ Code written for the official ``friendli`` SDK keeps working when
 
 from __future__ import annotations
 
+from ._config import DEFAULT_SERVER_URL
 from ._exceptions import FriendliConnectionError as NoResponseError
 from ._exceptions import FriendliHTTPValidationError as HTTPValidationError
 from ._exceptions import FriendliResponseError as ResponseValidationError
@@ -32,16 +33,22 @@ from ._models import (
     ContainerImageEditBodyTypedDict,
     ContainerImageGenerateSuccessTypedDict,
     ContainerImageGenerationBodyTypedDict,
+    HTTPValidationErrorData,
     ImageInput,
     ImageInputTypedDict,
+    Loc,
+    LocTypedDict,
     ResponseFormat,
     ValidationError,
+    ValidationErrorTypedDict,
 )
 from ._models import EditRequest as ContainerImageEditBody
 from ._models import GenerateRequest as ContainerImageGenerationBody
 from ._models import ImageResult as ContainerImageGenerateSuccess
 
 __all__ = [
+    "CONTAINER_IMAGES_EDIT_OP_SERVERS",
+    "CONTAINER_IMAGES_GENERATE_OP_SERVERS",
     "ContainerImageEditBody",
     "ContainerImageEditBodyImage",
     "ContainerImageEditBodyImageTypedDict",
@@ -54,13 +61,21 @@ __all__ = [
     "ContainerImageGenerationBodyTypedDict",
     "FriendliCoreError",
     "HTTPValidationError",
+    "HTTPValidationErrorData",
     "ImageInput",
     "ImageInputTypedDict",
+    "Loc",
+    "LocTypedDict",
     "NoResponseError",
     "ResponseValidationError",
     "SDKError",
     "ValidationError",
+    "ValidationErrorTypedDict",
 ]
+
+#: The official default servers of the two operations (a container's default address).
+CONTAINER_IMAGES_GENERATE_OP_SERVERS = [DEFAULT_SERVER_URL]
+CONTAINER_IMAGES_EDIT_OP_SERVERS = [DEFAULT_SERVER_URL]
 
 #: The ``response_format`` values of ``generate`` and ``edit``: ``"raw"`` or ``"jpeg"``.
 ContainerImageGenerationBodyResponseFormat = ResponseFormat

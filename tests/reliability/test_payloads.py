@@ -59,7 +59,6 @@ _BAD_GENERATE: list[tuple[dict[str, Any], str]] = [
     ({"prompt": 42}, "prompt"),
     ({"num_inference_steps": 0}, "num_inference_steps"),
     ({"num_inference_steps": 51}, "num_inference_steps"),
-    ({"num_inference_steps": True}, "num_inference_steps"),
     ({"num_inference_steps": 2.5}, "num_inference_steps"),
     ({"guidance_scale": float("nan")}, "guidance_scale"),
     ({"guidance_scale": float("inf")}, "guidance_scale"),
