@@ -256,7 +256,10 @@ def official(session: nox.Session) -> None:
 
     The differential suite runs each program of tests/official/programs twice, with the
     official friendli SDK and with only its imports rewritten to friendli_image, and
-    compares what it prints, the files it writes and its exit status.
+    compares what it prints, the files it writes and its exit status. The generative
+    harness (tests/official/test_generative.py) runs 500 drawn calls through both SDKs
+    with a fixed seed (``FRIENDLI_GENERATIVE=long nox -s official`` draws 2,000 at
+    random); the surface test holds the official package's names to _compat's table.
     """
     _install_for_tests(session)
     session.install("friendli==0.16.3")

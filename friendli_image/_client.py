@@ -28,13 +28,18 @@ import attrs
 from ._config import (
     DEFAULT_MAX_CONNECTIONS,
     DEFAULT_MAX_RESPONSE_BYTES,
+    ENV_DEBUG,
     ENV_LOG,
     NO_OVERRIDES,
+    UNSET,
     CallOptions,
     CallOverrides,
     ClientSettings,
+    DebugLogger,
     RetryConfig,
     Timeout,
+    Unset,
+    as_logger,
     check_count,
     check_headers,
     check_server_url,
@@ -89,8 +94,12 @@ logger = logging.getLogger("friendli_image")
 _USER_AGENT = f"friendli-image/{__version__} (python; aiohttp/{aiohttp.__version__})"
 
 
-def _configure_logging_from_env() -> None:
+def _configure_logging_from_env(*, official: bool = False) -> None:
     level = os.environ.get(ENV_LOG, "").strip().upper()
+    if not level and official and os.environ.get(ENV_DEBUG):
+        # The official SDK's switch, read when a client is made (as there): every
+        # request is logged to the stderr of that moment.
+        level = "DEBUG"
     if not level:
         return
     known = logging.getLevelName(level)
@@ -165,15 +174,19 @@ class AsyncFriendli:
         verify: TLS certificate verification: True (the system's CAs), a path to a CA
             bundle file (or directory), an ``ssl.SSLContext``, or False to turn it off
             (warns: anyone on the path can then read the token and the images).
-        trust_env: honour ``HTTP_PROXY`` / ``HTTPS_PROXY`` / ``NO_PROXY`` and ``.netrc``
-            (read once per host). Off by default, so an environment cannot silently
-            route the token through a proxy; a ``.netrc`` login is used only when no
-            token is set.
+        trust_env: None (the default) honours ``HTTP_PROXY`` / ``HTTPS_PROXY`` /
+            ``ALL_PROXY`` / ``NO_PROXY`` as httpx (the official SDK's client) does, read
+            once per host, and never reads ``.netrc``; True also sends a ``.netrc`` login
+            when no token is set; False ignores the environment.
         x_friendli_team: sent as ``X-Friendli-Team`` (the official SDK's argument).
         retry_config: the official SDK's name for ``retries`` (a ``RetryConfig``, ours or
-            ``friendli_image.utils.RetryConfig``); pass one of the two.
-        debug_logger: a ``logging.Logger`` that receives the client's log records instead
-            of the ``friendli_image`` logger (the token never appears in them).
+            ``friendli_image.utils.RetryConfig``); pass one of the two. As there,
+            ``retry_config=None`` means no retries.
+        debug_logger: a ``logging.Logger`` (or, as in the official SDK, any object with a
+            ``debug(msg, *args)`` method) that receives the client's log records instead
+            of the ``friendli_image`` logger (the token never appears in them). Without
+            it, ``FRIENDLI_DEBUG=1`` (the official switch) or ``FRIENDLI_LOG=<level>``
+            log to stderr.
         fleet: how a client with several endpoints routes, ejects and probes them (a
             `FleetConfig`); giving one makes a fleet even of one `Endpoint`.
         telemetry: OpenTelemetry options (a `Telemetry`): spans and metrics go to the
@@ -187,9 +200,11 @@ class AsyncFriendli:
         client: refused: it takes an httpx client, and this SDK sends with aiohttp.
         async_client: refused, as ``client``.
 
-    Redirects are never followed: a 3xx raises ``FriendliAPIStatusError`` with
-    ``location`` set, so a POST is never replayed elsewhere and the token never leaves
-    ``server_url``. A token sent over plain ``http://`` to a host other than loopback
+    Redirects are followed as httpx (the official SDK's client) follows them: 307/308
+    resend the request, 301/302/303 become a GET, up to 20; ``Authorization`` (the
+    token's or yours) is dropped when one leaves the origin, so the token never goes to
+    another host. Any other 3xx raises ``FriendliAPIStatusError`` with ``location``
+    set. A token sent over plain ``http://`` to a host other than loopback
     warns once per host.
     """
 
@@ -205,10 +220,10 @@ class AsyncFriendli:
         timeout: Timeout | None = None,
         max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
         verify: bool | str | os.PathLike[str] | ssl.SSLContext = True,
-        trust_env: bool = False,
+        trust_env: bool | None = None,
         x_friendli_team: str | None = None,
-        retry_config: RetryConfig | None = None,
-        debug_logger: logging.Logger | None = None,
+        retry_config: RetryConfig | Unset | None = UNSET,
+        debug_logger: DebugLogger | None = None,
         fleet: FleetConfig | None = None,
         telemetry: Telemetry | None = None,
         hooks: Hooks | None = None,
@@ -221,20 +236,23 @@ class AsyncFriendli:
         check_count("max_response_bytes", max_response_bytes)
         if timeout is not None and not isinstance(timeout, Timeout):
             raise FriendliValidationError("timeout", "must be a friendli_image.Timeout")
-        if not isinstance(trust_env, bool):
-            raise FriendliValidationError("trust_env", f"must be a bool, got {trust_env!r}")
+        if trust_env is not None and not isinstance(trust_env, bool):
+            raise FriendliValidationError(
+                "trust_env", f"must be True, False or None, got {trust_env!r}"
+            )
         if client is not None or async_client is not None:
             raise FriendliUsageError(
                 "client= / async_client= take httpx clients, and this SDK sends with aiohttp; "
                 "drop the argument (set max_connections=, verify=, trust_env= or timeout= "
                 "for what the httpx client configured)"
             )
-        if retry_config is not None and retries is not None:
+        if retry_config is not UNSET and retries is not None:
             raise FriendliValidationError(
                 "retry_config", "is the official SDK's name for retries=; pass only one of them"
             )
-        if debug_logger is not None and not isinstance(debug_logger, logging.Logger):
-            raise FriendliValidationError("debug_logger", "must be a logging.Logger or None")
+        if debug_logger is None:
+            # Read at construction, as the official SDK reads it (not only at import).
+            _configure_logging_from_env(official=True)
         if server_idx is not None or url_params:
             warn_at_caller(
                 "server_idx= and url_params= choose among Friendli's hosted servers and mean "
@@ -266,9 +284,7 @@ class AsyncFriendli:
                 token_source=token_source(token) if callable(token) else None,
                 server_url=base_url,
                 timeout=timeout_from_ms(timeout_ms, timeout or Timeout()),
-                retry=resolve_retries(
-                    retries if retry_config is None else retry_config, RetryConfig()
-                ),
+                retry=_client_retry(retries, retry_config),
                 headers={
                     "User-Agent": _USER_AGENT,
                     "Content-Type": "application/json",
@@ -278,8 +294,9 @@ class AsyncFriendli:
                 max_connections=max_connections,
                 max_response_bytes=max_response_bytes,
                 ssl=ssl_setting(verify),
-                trust_env=trust_env,
-                logger=debug_logger or logger,
+                trust_env=trust_env is not False,
+                netrc=trust_env is True,
+                logger=logger if debug_logger is None else as_logger(debug_logger),
                 authorization=authorization,
             ),
             endpoints,
@@ -480,7 +497,7 @@ class AsyncFriendli:
 
     def _resolve(self, overrides: CallOverrides) -> CallOptions:
         if overrides is NO_OVERRIDES or (
-            overrides.retries is None
+            overrides.retries is UNSET
             and overrides.server_url is None
             and overrides.timeout_ms is None
             and not overrides.http_headers
@@ -675,6 +692,18 @@ class AsyncFriendli:
         connect = options.timeout.connect
         dead = await fleet.is_dead(endpoint, min(1.0, connect) if connect else 1.0)
         return True if dead else None
+
+
+def _client_retry(
+    retries: RetryConfig | int | None, retry_config: RetryConfig | Unset | None
+) -> RetryConfig:
+    """The client's policy: ``retries`` (None: the default), or the official
+    ``retry_config`` (None: no retries, as the official SDK reads it)."""
+    if retry_config is UNSET:
+        return resolve_retries(retries, RetryConfig())
+    if retry_config is None:
+        return RetryConfig.disabled()
+    return resolve_retries(retry_config, RetryConfig())
 
 
 def _outcome(error: FriendliAPIError) -> AttemptOutcome:

@@ -7,13 +7,14 @@ Every argument a user passes is checked here, once, into a frozen value object:
 
 from __future__ import annotations
 
+import enum
 import logging
 import math
 import os
 import re
 import ssl
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, Final
+from typing import Any, Final, Protocol, runtime_checkable
 
 import attrs
 
@@ -24,19 +25,24 @@ __all__ = [
     "DEFAULT_MAX_CONNECTIONS",
     "DEFAULT_MAX_RESPONSE_BYTES",
     "DEFAULT_SERVER_URL",
+    "ENV_DEBUG",
     "ENV_LOG",
     "ENV_SERVER_URL",
     "ENV_TOKEN",
     "MAX_IMAGE_BYTES",
     "NO_OVERRIDES",
+    "UNSET",
     "BackoffStrategy",
     "CallOptions",
     "CallOverrides",
     "ClientSettings",
+    "DebugLogger",
     "OfficialRetryConfig",
     "RetryConfig",
     "Secret",
     "Timeout",
+    "Unset",
+    "as_logger",
     "check_count",
     "check_headers",
     "check_server_url",
@@ -55,6 +61,8 @@ DEFAULT_SERVER_URL = "http://localhost:8000"
 ENV_TOKEN = "FRIENDLI_TOKEN"  # noqa: S105  (the variable name, not a secret)
 ENV_SERVER_URL = "FRIENDLI_SERVER_URL"
 ENV_LOG = "FRIENDLI_LOG"
+#: The official SDK's switch for debug logs to stderr.
+ENV_DEBUG = "FRIENDLI_DEBUG"
 
 #: The most connections (and so requests in flight) one client opens at once.
 DEFAULT_MAX_CONNECTIONS = 64
@@ -72,6 +80,38 @@ def env_token() -> str | None:
 def env_server_url() -> str:
     """Return ``FRIENDLI_SERVER_URL`` from the environment, else the default URL."""
     return os.environ.get(ENV_SERVER_URL) or DEFAULT_SERVER_URL
+
+
+@runtime_checkable
+class DebugLogger(Protocol):
+    """What ``debug_logger=`` takes: anything with ``debug`` (the official ``utils.Logger``)."""
+
+    def debug(self, msg: str, *args: Any, **kwargs: Any) -> None:
+        """Receive one debug message, %-formatted with ``args`` as ``logging`` does."""
+
+
+class _Forward(logging.Handler):
+    def __init__(self, target: DebugLogger) -> None:
+        super().__init__(logging.DEBUG)
+        self._target = target
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self._target.debug(record.getMessage())
+
+
+def as_logger(value: object) -> logging.Logger:
+    """``debug_logger=`` as a `logging.Logger`: itself, or one forwarding to its ``debug``."""
+    if isinstance(value, logging.Logger):
+        return value
+    if not isinstance(value, DebugLogger) or not callable(value.debug):
+        raise FriendliValidationError(
+            "debug_logger", "must be a logging.Logger or an object with a debug() method"
+        )
+    # Not registered with logging's manager: it lives and dies with the client.
+    forward = logging.Logger("friendli_image.debug_logger", logging.DEBUG)
+    forward.propagate = False
+    forward.addHandler(_Forward(value))
+    return forward
 
 
 def _positive_or_none(name: str) -> Callable[[Any, Any, Any], None]:
@@ -143,7 +183,8 @@ class RetryConfig:
     """When and how a failed attempt is tried again.
 
     Retried by default: failures where nothing reached the server (connection refused,
-    DNS, connect timeout: always safe), ``408``, ``429``, ``502``, ``503`` and ``504``.
+    DNS, connect timeout: always safe), ``429``, ``502``, ``503`` and ``504`` (not ``408``,
+    as in the official SDK: the server timed out on this very request).
     Not ``500``: on an inference server it usually means this very input failed, and
     sending it again repeats paid GPU work for the same error. Failures after the server
     may have read the request (a drop before the answer, a read timeout) are not resent
@@ -193,7 +234,7 @@ class RetryConfig:
         default=120.0, validator=_positive_or_none("max_elapsed")
     )
     retry_statuses: frozenset[int] = attrs.field(
-        default=frozenset({408, 429, 502, 503, 504}), converter=_statuses
+        default=frozenset({429, 502, 503, 504}), converter=_statuses
     )
     max_retry_after: float = attrs.field(default=60.0, validator=_non_negative("max_retry_after"))
     retry_ambiguous: bool = False
@@ -305,8 +346,22 @@ def timeout_from_ms(timeout_ms: float | None, base: Timeout) -> Timeout:
     return attrs.evolve(base, attempt=timeout_ms / 1000)
 
 
+class Unset(enum.Enum):
+    """The type of `UNSET`: an argument not given (where None has a meaning of its own)."""
+
+    UNSET = "UNSET"
+
+    def __repr__(self) -> str:
+        return "UNSET"
+
+
+#: A per-call ``retries`` not given: the client's policy applies. (``retries=None`` on a
+#: call means no retries, as in the official SDK.)
+UNSET: Final = Unset.UNSET
+
+
 def _check_retries(value: object) -> None:
-    if value is None or isinstance(value, RetryConfig):
+    if value is None or value is UNSET or isinstance(value, RetryConfig):
         return
     if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
         return
@@ -473,8 +528,8 @@ class CallOverrides:
         http_headers: extra headers for this call.
     """
 
-    retries: RetryConfig | int | None = attrs.field(
-        default=None, validator=_validated(_check_retries)
+    retries: RetryConfig | int | Unset | None = attrs.field(
+        default=UNSET, validator=_validated(_check_retries)
     )
     server_url: str | None = attrs.field(default=None, validator=_validated(_optional_url))
     timeout_ms: float | None = attrs.field(default=None, validator=_validated(_check_timeout_ms))
@@ -491,7 +546,7 @@ class CallOverrides:
             else self.http_headers
         )
         return CallOverrides(
-            retries=self.retries if item.retries is None else item.retries,
+            retries=self.retries if item.retries is UNSET else item.retries,
             server_url=self.server_url if item.server_url is None else item.server_url,
             timeout_ms=self.timeout_ms if item.timeout_ms is None else item.timeout_ms,
             http_headers=headers,
@@ -531,10 +586,13 @@ class ClientSettings:
     max_response_bytes: int
     ssl: bool | ssl.SSLContext
     trust_env: bool
+    """Proxies from ``HTTP_PROXY`` / ``HTTPS_PROXY`` / ``ALL_PROXY`` / ``NO_PROXY``."""
     logger: logging.Logger
     """Where the client logs (``debug_logger``, else the ``friendli_image`` logger)."""
     authorization: Secret | None = None
     """An ``Authorization`` value from ``http_headers``: sent instead of the token's."""
+    netrc: bool = False
+    """A ``.netrc`` login is sent when no token is set (``trust_env=True`` only)."""
 
     @property
     def has_token(self) -> bool:
@@ -544,10 +602,19 @@ class ClientSettings:
     def call_options(self, overrides: CallOverrides) -> CallOptions:
         """The options of one call: the client's, with ``overrides`` on top."""
         headers, authorization = split_authorization(check_headers(overrides.http_headers))
+        retries = overrides.retries
+        if retries is UNSET:
+            retry = self.retry
+        elif retries is None:
+            retry = attrs.evolve(self.retry, max_attempts=1)  # None: no retries (official)
+        else:
+            retry = resolve_retries(retries, self.retry)
         return CallOptions(
-            server_url=self.server_url if overrides.server_url is None else overrides.server_url,
+            server_url=self.server_url
+            if overrides.server_url is None
+            else check_server_url(overrides.server_url),
             timeout=timeout_from_ms(overrides.timeout_ms, self.timeout),
-            retry=resolve_retries(overrides.retries, self.retry),
+            retry=retry,
             headers=headers,
             authorization=authorization,
         )

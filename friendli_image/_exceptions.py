@@ -25,7 +25,7 @@ is never wrapped.
         │   ├── FriendliUnprocessableEntityError   422 (``details`` by field)
         │   ├── FriendliRateLimitError             429
         │   └── FriendliServerError                5xx
-        └── FriendliResponseError          a 2xx whose body is not a usable image
+        └── FriendliResponseError [S]      a 2xx whose body is not a usable image
             └── FriendliResponseTooLarge   the body exceeded ``max_response_bytes``
 
 [S]: also a ``FriendliStatusCodeError``; [C]: also the builtin ``ConnectionError``;
@@ -403,16 +403,20 @@ class FriendliInvalidValueError(FriendliValidationError, FriendliStatusCodeError
     Out-of-range numbers, too many or too few ControlNet weights, an empty image list,
     image text that does not decode. The official SDK sends such values and raises
     ``SDKError`` 422, so this is an ``SDKError`` too: ``status_code`` is 422 and ``body``
-    holds the FastAPI-style details the server would have sent.
+    holds the details as the server's pydantic writes them (``msg`` and ``kind`` give
+    the detail's ``msg`` and ``type``; the reason is what ``str()`` shows).
     """
 
-    def __init__(self, field: str, reason: str) -> None:
+    def __init__(
+        self, field: str, reason: str, *, msg: str | None = None, kind: str = "value_error"
+    ) -> None:
         super().__init__(field, reason)
         self.status = 422
         self.headers = CIMultiDict({"content-type": "application/json"})
         loc = ["body", *(int(part) if part.isdigit() else part for part in _loc(field))]
-        detail = {"loc": loc, "msg": reason, "type": "value_error"}
-        self.body = json.dumps({"detail": [detail]})
+        # The body the server's pydantic writes: compact JSON, keys loc, msg, type.
+        detail = {"loc": loc, "msg": reason if msg is None else msg, "type": kind}
+        self.body = json.dumps({"detail": [detail]}, separators=(",", ":"), ensure_ascii=False)
         self.message = str(self)
 
 
@@ -600,12 +604,17 @@ class FriendliHTTPValidationError(FriendliAPIStatusError):
     """
 
 
-class FriendliResponseError(FriendliAPIError):
+class FriendliResponseError(FriendliAPIError, FriendliStatusCodeError):
     """A 2xx response whose body is not a JSON object with a valid base64 image.
+
+    An HTML page from the wrong port or a proxy, a truncated or empty answer: also an
+    ``SDKError`` (`FriendliStatusCodeError`), as the official SDK raises for a 200 that
+    is not its API, with ``status_code``, ``headers``, ``body`` and ``raw_response``.
 
     Attributes:
         status: the HTTP status code.
-        body: at most 200 characters of the body.
+        headers: the response headers (case insensitive).
+        body: the response body text (read up to 64 KiB; messages show 200 characters).
     """
 
     def __init__(
@@ -614,16 +623,24 @@ class FriendliResponseError(FriendliAPIError):
         *,
         status: int,
         body: str = "",
+        headers: Mapping[str, str] | None = None,
         request_id: str | None = None,
         attempts: int = 1,
     ) -> None:
         super().__init__(message, request_id=request_id, attempts=attempts)
         self.status = status
         self.body = body
+        self.headers = CIMultiDict(headers or {})
 
     def __str__(self) -> str:
         text = f"HTTP {self.status}: {super().__str__()}"
-        return f"{text} — body starts: {self.body}" if self.body else text
+        return f"{text} — body starts: {excerpt(self.body)}" if self.body else text
+
+    @property
+    def cause(self) -> BaseException | None:
+        """The official ``ResponseValidationError.cause`` (``__cause__``: None here, the
+        message says what was wrong)."""
+        return self.__cause__
 
 
 class FriendliBatchAborted(FriendliError):

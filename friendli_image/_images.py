@@ -32,16 +32,30 @@ __all__ = [
 ]
 
 
+def _text(value: object) -> object:
+    """Bytes as the text they hold, as pydantic takes bytes for a ``str`` field.
+
+    So ``ImageInput(image=res.image)`` (a result's base64, as bytes) holds its text.
+    """
+    if isinstance(value, bytes | bytearray | memoryview):
+        try:
+            return bytes(value).decode("utf-8")
+        except UnicodeDecodeError:
+            raise FriendliValidationError("image", "bytes that are not UTF-8 text") from None
+    return value
+
+
 @attrs.frozen
 class ImageInput:
     """One input image on the wire: a URL, a ``data:`` URI, or base64 text.
 
     Build it from local data with the SDK's coercion (pass bytes, a path, a file object
     or a PIL image straight to ``image=`` / ``control_images=``); this class is the
-    already-encoded form, kept for code ported from the official SDK.
+    already-encoded form, kept for code ported from the official SDK. Bytes are taken as
+    their text, as the official model takes them: ``ImageInput(image=res.image)``.
     """
 
-    image: str = attrs.field()
+    image: str = attrs.field(converter=_text)
     """The URL, ``data:`` URI or base64 text of the image."""
 
     @image.validator
@@ -189,6 +203,12 @@ def coerce_image(value: object, field: str) -> str:
             # The official SDK sends any string and the server refuses it with 422.
             raise FriendliInvalidValueError(exc.field, exc.reason) from None
     if isinstance(value, bytes | bytearray | memoryview):
+        if sniff_format(value) == "unknown":
+            # Not image bytes: maybe a result's ``image``, the base64 text as bytes.
+            try:
+                return _coerce_text(bytes(value).decode("ascii"), field)
+            except (UnicodeDecodeError, FriendliValidationError):
+                pass  # not that either: refused as bytes below
         return _data_uri(value, field)
     if isinstance(value, os.PathLike):
         return _read_path(pathlib.Path(value), field)

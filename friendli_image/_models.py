@@ -8,6 +8,7 @@ before any I/O; they are the one definition of each operation's fields.
 from __future__ import annotations
 
 import binascii
+import builtins
 import contextlib
 import importlib.util
 import io
@@ -16,8 +17,18 @@ import math
 import numbers
 import os
 import pathlib
+import types
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Final, Literal, Protocol, TypeAlias, TypedDict
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    ClassVar,
+    Final,
+    Literal,
+    Protocol,
+    TypeAlias,
+    TypedDict,
+)
 
 import attrs
 import pybase64
@@ -43,6 +54,7 @@ from ._images import ImageInput, ImageSource, as_list, coerce_edit_images, coerc
 
 if TYPE_CHECKING:
     from PIL import Image as PILImage
+    from typing_extensions import Self
 
 __all__ = [
     "MAX_SEED",
@@ -58,16 +70,25 @@ __all__ = [
     "BatchStatus",
     "ContainerImageEditBodyImage",
     "ContainerImageEditBodyImageTypedDict",
+    "ContainerImageEditBodyTypedDict",
+    "ContainerImageGenerateSuccessTypedDict",
+    "ContainerImageGenerationBodyTypedDict",
     "EditRequest",
     "GenerateRequest",
+    "HTTPValidationErrorData",
     "ImageInput",
     "ImageInputTypedDict",
     "ImageResult",
+    "Loc",
+    "LocTypedDict",
     "OutputFormat",
     "RequestModel",
     "RequestPath",
     "RequestSpec",
     "ResponseFormat",
+    "ValidationError",
+    "ValidationErrorTypedDict",
+    "pick_fields",
     "public_fields",
     "save_target",
 ]
@@ -90,23 +111,119 @@ ContainerImageEditBodyImage = ImageInput | list[ImageInput]
 ContainerImageEditBodyImageTypedDict = ImageInputTypedDict | list[ImageInputTypedDict]
 
 
-def check_prompt(value: object) -> str:
-    """Return the prompt, or raise if it is not a non-blank string."""
+class _GenerationRequired(TypedDict):
+    prompt: str
+
+
+class ContainerImageGenerationBodyTypedDict(_GenerationRequired, total=False):
+    """``generate``'s arguments as a dict (official name): ``generate(**body)``."""
+
+    model: str | None
+    num_inference_steps: int
+    guidance_scale: float
+    seed: int | None
+    response_format: ResponseFormat | None
+    control_images: list[ImageInputTypedDict] | None
+    controlnet_weights: list[float] | None
+
+
+class _EditRequired(TypedDict):
+    image: ImageInputTypedDict | list[ImageInputTypedDict]
+    prompt: str
+
+
+class ContainerImageEditBodyTypedDict(_EditRequired, total=False):
+    """``edit``'s arguments as a dict (official name): ``edit(**body)``."""
+
+    model: str | None
+    num_inference_steps: int
+    guidance_scale: float
+    seed: int | None
+    response_format: ResponseFormat | None
+
+
+class ContainerImageGenerateSuccessTypedDict(TypedDict):
+    """A result as a dict (official name): ``{"image": <base64 bytes>}``."""
+
+    image: bytes
+
+
+@attrs.frozen(kw_only=True)
+class ValidationError:
+    """One entry of a 422's ``detail`` list (the official ``models.ValidationError``).
+
+    ``[ValidationError(**item) for item in json.loads(e.body)["detail"]]`` reads the
+    server's (or a local refusal's) details. Not an exception, as in the official SDK.
+    """
+
+    loc: list[str | int] = attrs.field(converter=list)
+    msg: str
+    type: str
+    input: Any = None
+    ctx: Mapping[str, Any] | None = None
+
+    def model_dump(self, **_pydantic: Any) -> dict[str, Any]:
+        """The entry as a dict (``input`` and ``ctx`` only when set)."""
+        return attrs.asdict(self, filter=lambda _attribute, value: value is not None)
+
+
+#: One part of a 422 detail's ``loc`` (official names).
+Loc: TypeAlias = str | int
+LocTypedDict: TypeAlias = str | int
+
+
+class ValidationErrorTypedDict(TypedDict):
+    """A 422 detail entry as a dict (official name)."""
+
+    loc: list[str | int]
+    msg: str
+    type: str
+
+
+def _details(value: Iterable[ValidationError | Mapping[str, Any]] | None) -> list[ValidationError]:
+    return [
+        item if isinstance(item, ValidationError) else ValidationError(**item)
+        for item in value or ()
+    ]
+
+
+@attrs.frozen(kw_only=True)
+class HTTPValidationErrorData:
+    """A 422 body, ``{"detail": [...]}`` (the official ``models.HTTPValidationErrorData``):
+    ``HTTPValidationErrorData(**json.loads(e.body))``."""
+
+    detail: list[ValidationError] = attrs.field(factory=list, converter=_details)
+
+
+def _text(field: str, value: object) -> str:
+    """``value`` as a string field takes it in the official models: a str, or bytes as
+    their UTF-8 text (pydantic's lax mode)."""
+    if isinstance(value, bytes | bytearray):
+        try:
+            return bytes(value).decode("utf-8")
+        except UnicodeDecodeError:
+            raise FriendliValidationError(field, "bytes that are not UTF-8 text") from None
     if not isinstance(value, str):
-        raise FriendliValidationError("prompt", f"must be a str, got {type(value).__name__}")
-    if not value.strip():
-        raise FriendliValidationError("prompt", "must not be empty or only whitespace")
+        raise FriendliValidationError(field, f"must be a str, got {type(value).__name__}")
     return value
+
+
+def check_prompt(value: object) -> str:
+    """Return the prompt, or raise if it is not a string (or UTF-8 bytes).
+
+    An empty or blank prompt is allowed by the contract (a blank CSV cell), so it is
+    sent; the server judges it.
+    """
+    return _text("prompt", value)
 
 
 def _real(value: object) -> float | None:
     """``value`` as a finite float, or None if it is no number.
 
     Taken as the official SDK's models take it: any real number (NumPy's and
-    ``Fraction`` too) and its text, such as a CSV cell ``"3.5"``; never a bool.
+    ``Fraction`` too) and its text, such as a CSV cell ``"3.5"``; a bool is 0 or 1, as
+    pydantic's lax mode takes it.
     """
-    if isinstance(value, bool):
-        return None
     if isinstance(value, bytes | bytearray):
         value = value.decode("ascii", "replace")
     if isinstance(value, str):
@@ -126,10 +243,9 @@ def _integer(value: object) -> int | None:
 
     Any integer (NumPy's too), a float with no fractional part (``20.0`` from a JSON or
     YAML config) and the text of either (``"7"`` from a CSV file or an environment
-    variable), as the official SDK's models take them; never a bool.
+    variable), as the official SDK's models take them; a bool is 0 or 1, as pydantic's
+    lax mode takes it.
     """
-    if isinstance(value, bool):
-        return None
     if isinstance(value, numbers.Integral):
         return int(value)
     if isinstance(value, str | bytes | bytearray):
@@ -140,8 +256,8 @@ def _integer(value: object) -> int | None:
 
 
 def check_steps(value: object) -> int | None:
-    """Return the step count, or raise unless it is None (omitted) or a whole number in
-    [1, 50]."""
+    """Return the step count as an int, or raise unless it is None (omitted) or a whole
+    number. Its range, [1, 50], is checked once every field has its type (`check_ranges`)."""
     if value is None:
         return None
     steps = _integer(value)
@@ -149,36 +265,64 @@ def check_steps(value: object) -> int | None:
         raise FriendliValidationError(
             "num_inference_steps", f"must be an int in [1, {MAX_STEPS}], got {value!r}"
         )
-    if not 1 <= steps <= MAX_STEPS:
-        raise FriendliInvalidValueError(
-            "num_inference_steps", f"must be in [1, {MAX_STEPS}], got {steps}"
-        )
     return steps
 
 
 def check_guidance(value: object) -> float | None:
-    """Return the guidance scale as a float, or raise unless it is None or a finite number."""
+    """Return the guidance scale as a float, or raise unless it is None or a number
+    (finiteness is checked by `check_ranges`)."""
     if value is None:
         return None
     number = _real(value)
     if number is not None:
         return number
-    if not isinstance(value, bool) and isinstance(value, numbers.Real):
-        raise FriendliInvalidValueError("guidance_scale", f"must be finite, got {value!r}")
+    if isinstance(value, numbers.Real):
+        return float(value)  # NaN or infinite: refused by check_ranges
     raise FriendliValidationError(
         "guidance_scale", f"must be a finite number, got {type(value).__name__} {value!r}"
     )
 
 
+def check_ranges(steps: int | None, guidance: float | None) -> None:
+    """Refuse what the contract forbids of values of the right type, as the server's 422.
+
+    Run after every field has its type, so a wrong type anywhere is reported first, as
+    the official SDK's pydantic models report it before anything is sent.
+    """
+    if steps is not None and steps < 1:
+        raise FriendliInvalidValueError(
+            "num_inference_steps",
+            f"must be in [1, {MAX_STEPS}], got {steps}",
+            msg="Input should be greater than or equal to 1",
+            kind="greater_than_equal",
+        )
+    if steps is not None and steps > MAX_STEPS:
+        raise FriendliInvalidValueError(
+            "num_inference_steps",
+            f"must be in [1, {MAX_STEPS}], got {steps}",
+            msg=f"Input should be less than or equal to {MAX_STEPS}",
+            kind="less_than_equal",
+        )
+    if guidance is not None and not math.isfinite(guidance):
+        # JSON has no NaN or infinity: pydantic sends null, which the server refuses.
+        raise FriendliInvalidValueError(
+            "guidance_scale",
+            f"must be finite, got {guidance!r}",
+            msg="Input should be a valid number",
+            kind="float_type",
+        )
+
+
 def check_seed(value: object) -> int | None:
-    """Return the seed, or raise unless it is None or an int in [0, 2**32 - 1]."""
+    """Return the seed, or raise unless it is None or an integer.
+
+    The contract states no bound, so any integer is sent (the server judges it).
+    """
     if value is None:
         return None
     seed = _integer(value)
     if seed is None:
-        raise FriendliValidationError("seed", f"must be an int in [0, {MAX_SEED}], got {value!r}")
-    if not 0 <= seed <= MAX_SEED:
-        raise FriendliInvalidValueError("seed", f"must be in [0, {MAX_SEED}], got {seed}")
+        raise FriendliValidationError("seed", f"must be an int, got {value!r}")
     return seed
 
 
@@ -192,41 +336,56 @@ def check_response_format(value: object) -> ResponseFormat | None:
 
 
 def check_model(value: object) -> str | None:
-    """Return the model route, or raise unless it is None or a non-empty string."""
-    if value is None or (isinstance(value, str) and value):
-        return value
-    raise FriendliValidationError("model", f"must be a non-empty str or None, got {value!r}")
+    """Return the model route, or raise unless it is None or a string (``""`` is sent)."""
+    return None if value is None else _text("model", value)
 
 
-def check_weights(value: object, control_images: list[ImageInput] | None) -> list[float] | None:
-    """Return the ControlNet weights, or raise unless each is in [0, 1], one per image.
+def weights_as_floats(value: object) -> list[float] | None:
+    """The ControlNet weights as floats, or raise if one is not a number.
 
-    Any iterable is accepted; it is read once, before any check.
+    Any iterable is accepted; it is read once. Ranges are `check_weights`'.
     """
     if value is None:
         return None
     weights = []
     for index, weight in enumerate(as_list(value, "controlnet_weights", "numbers")):
-        field = f"controlnet_weights[{index}]"
         number = _real(weight)
-        if number is None and not isinstance(weight, bool) and isinstance(weight, numbers.Real):
-            number = float(weight)  # NaN or infinite: refused by the range check below
+        if number is None and isinstance(weight, numbers.Real):
+            number = float(weight)  # NaN or infinite: refused by check_weights
         if number is None:
-            raise FriendliValidationError(field, f"must be a number in [0, 1], got {weight!r}")
-        if not 0.0 <= number <= 1.0:  # NaN fails this too
-            raise FriendliInvalidValueError(field, f"must be in [0, 1], got {weight!r}")
+            raise FriendliValidationError(
+                f"controlnet_weights[{index}]", f"must be a number in [0, 1], got {weight!r}"
+            )
         weights.append(number)
-    if control_images is None:
-        raise FriendliInvalidValueError(
-            "controlnet_weights", "given without control_images; pass one weight per image"
-        )
-    if len(weights) != len(control_images):
+    return weights
+
+
+def check_weights(weights: list[float] | None, control_images: list[ImageInput] | None) -> None:
+    """Raise unless each weight is in [0, 1] and there is one per control image."""
+    if weights is None:
+        return
+    for index, number in enumerate(weights):
+        field = f"controlnet_weights[{index}]"
+        if not math.isfinite(number):
+            raise FriendliInvalidValueError(
+                field,
+                f"must be a finite number in [0, 1], got {number!r}",
+                msg="Input should be a valid number",
+                kind="float_type",
+            )
+        if not 0.0 <= number <= 1.0:
+            raise FriendliInvalidValueError(
+                field, f"must be in [0, 1], got {number!r}", msg="Input should be within [0, 1]"
+            )
+    images = 0 if control_images is None else len(control_images)
+    if len(weights) != images:
         raise FriendliInvalidValueError(
             "controlnet_weights",
-            f"has {len(weights)} values for {len(control_images)} control images; "
+            f"has {len(weights)} values for {images} control images; "
             "pass exactly one weight per control image",
+            msg="Value error, controlnet_weights must have as many entries as control_images "
+            f"({len(weights)} != {images})",
         )
-    return weights
 
 
 def _control_images(value: Iterable[ImageSource] | None) -> list[ImageInput] | None:
@@ -237,8 +396,34 @@ def _edit_images(value: ImageSource | Iterable[ImageSource]) -> ImageInput | lis
     return coerce_edit_images(value)
 
 
+class _OfficialRequestModel:
+    """The official request models' pydantic methods that ported code calls."""
+
+    __slots__ = ()
+
+    def model_dump(
+        self,
+        *,
+        mode: Literal["python", "json"] | str = "python",
+        include: Iterable[str] | Mapping[str, Any] | None = None,
+        exclude: Iterable[str] | Mapping[str, Any] | None = None,
+        exclude_defaults: bool = False,
+        **_pydantic: Any,
+    ) -> dict[str, Any]:
+        """The fields that go on the wire, as the official model dumps them (None left out).
+
+        Images are ``{"image": ...}`` dicts; ``include``, ``exclude`` and
+        ``exclude_defaults`` work as in pydantic, its other keywords are taken.
+        """
+        fields = attrs.asdict(self, filter=lambda _attribute, value: value is not None)  # type: ignore[arg-type]
+        if exclude_defaults:
+            defaults = {field.name: field.default for field in attrs.fields(type(self))}  # type: ignore[arg-type]
+            fields = {key: value for key, value in fields.items() if value != defaults[key]}
+        return pick_fields(fields, include, exclude)
+
+
 @attrs.frozen(kw_only=True)
-class GenerateRequest:
+class GenerateRequest(_OfficialRequestModel):
     """The body of ``POST /v1/images/generations``, validated."""
 
     prompt: str = attrs.field(converter=check_prompt)
@@ -253,18 +438,16 @@ class GenerateRequest:
     controlnet_weights: Iterable[float] | None = None
 
     def __attrs_post_init__(self) -> None:
-        if self.control_images is not None and not self.control_images:
-            raise FriendliValidationError(
-                "control_images", "is empty; pass None or at least one image"
-            )
-        # Keep the checked floats, so int weights go on the wire as floats (and a tuple
-        # or generator given by the caller becomes the list the type promises).
-        weights = check_weights(self.controlnet_weights, self.control_images)
+        # Keep the floats, so int weights go on the wire as floats (and a tuple or
+        # generator given by the caller becomes the list the type promises).
+        weights = weights_as_floats(self.controlnet_weights)
         object.__setattr__(self, "controlnet_weights", weights)
+        check_ranges(self.num_inference_steps, self.guidance_scale)
+        check_weights(weights, self.control_images)
 
 
 @attrs.frozen(kw_only=True)
-class EditRequest:
+class EditRequest(_OfficialRequestModel):
     """The body of ``POST /v1/images/edits``, validated."""
 
     image: ImageInput | list[ImageInput] = attrs.field(converter=_edit_images)
@@ -278,8 +461,7 @@ class EditRequest:
     )
 
     def __attrs_post_init__(self) -> None:
-        if isinstance(self.image, list) and not self.image:
-            raise FriendliInvalidValueError("image", "is an empty list; pass at least one image")
+        check_ranges(self.num_inference_steps, self.guidance_scale)
 
 
 def _human_size(size: int) -> str:
@@ -405,37 +587,150 @@ class ImageResult:
         picture.load()
         return picture
 
-    def model_dump(self, *, mode: Literal["python", "json"] = "python") -> dict[str, Any]:
+    #: The official model's one field (``ContainerImageGenerateSuccess.model_fields``).
+    model_fields: ClassVar[Mapping[str, str]] = types.MappingProxyType(
+        {"image": "The base64-encoded image."}
+    )
+
+    def model_dump(
+        self,
+        *,
+        mode: Literal["python", "json"] | str = "python",
+        include: Iterable[str] | Mapping[str, Any] | None = None,
+        exclude: Iterable[str] | Mapping[str, Any] | None = None,
+        **_pydantic: Any,
+    ) -> dict[str, Any]:
         """The official SDK's pydantic dump: ``{"image": <base64 bytes>}``.
 
-        ``mode="json"`` gives the base64 as text, as pydantic does.
+        ``mode="json"`` gives the base64 as text, as pydantic does. ``include`` and
+        ``exclude`` pick fields; pydantic's other keywords (``exclude_none``,
+        ``by_alias``, ``exclude_unset``, ...) are taken and change nothing: the one
+        field is always set and never None.
         """
-        if mode == "json":
-            return {"image": self.image.decode("ascii")}
-        if mode != "python":
+        if mode not in ("python", "json"):
             raise FriendliValidationError("mode", f"must be 'python' or 'json', got {mode!r}")
-        return {"image": self.image}
+        image = self.image
+        return pick_fields(
+            {"image": image.decode("ascii") if mode == "json" else image}, include, exclude
+        )
 
-    def model_dump_json(self, *, indent: int | None = None) -> str:
-        """The official SDK's JSON: ``{"image":"<base64>"}`` (pydantic's compact form)."""
+    def model_dump_json(self, *, indent: int | None = None, **keywords: Any) -> str:
+        """The official SDK's JSON: ``{"image":"<base64>"}`` (pydantic's compact form).
+
+        Takes ``model_dump``'s keywords (``include``, ``exclude``, ``exclude_none``, ...).
+        """
         separators = (",", ":") if indent is None else (",", ": ")
-        return json.dumps(self.model_dump(mode="json"), indent=indent, separators=separators)
+        dumped = self.model_dump(**{**keywords, "mode": "json"})
+        return json.dumps(dumped, indent=indent, separators=separators)
+
+    def model_copy(self, *, update: Mapping[str, Any] | None = None, deep: bool = False) -> Self:
+        """A copy (results are immutable, so ``deep`` changes nothing); ``update={"image":
+        <base64>}`` replaces the image."""
+        if not update:
+            return attrs.evolve(self)
+        if set(update) != {"image"}:
+            raise FriendliValidationError(
+                "update", f"only 'image' can be updated, got {sorted(update)!r}"
+            )
+        return type(self)(image=update["image"])
+
+    #: pydantic's bookkeeping, as the official model has it: no config, no computed or
+    #: extra fields, and its one field always set.
+    model_config: ClassVar[Mapping[str, Any]] = types.MappingProxyType({})
+    model_computed_fields: ClassVar[Mapping[str, Any]] = types.MappingProxyType({})
+    model_extra: ClassVar[None] = None
+
+    @property
+    def model_fields_set(self) -> set[str]:
+        """The fields set on the result: always ``{"image"}``."""
+        return {"image"}
 
     @classmethod
-    def model_validate(cls, obj: Mapping[str, Any]) -> ImageResult:
-        """Build a result from ``{"image": <base64>}``, as the official model does."""
+    def model_json_schema(cls, **_pydantic: Any) -> dict[str, Any]:
+        """The official model's JSON schema (``{"image": <base64 text>}``)."""
+        return {
+            "properties": {"image": {"format": "binary", "title": "Image", "type": "string"}},
+            "required": ["image"],
+            "title": "ContainerImageGenerateSuccess",
+            "type": "object",
+        }
+
+    @classmethod
+    def model_construct(cls, _fields_set: object = None, **values: Any) -> Self:
+        """Build a result from ``image=<base64>`` (checked: the bytes are decoded)."""
+        return cls.model_validate(values)
+
+    def dict(self, **keywords: Any) -> builtins.dict[str, Any]:
+        """pydantic v1's name for `model_dump`."""
+        return self.model_dump(**keywords)
+
+    def json(self, **keywords: Any) -> str:
+        """pydantic v1's name for `model_dump_json`."""
+        return self.model_dump_json(**keywords)
+
+    def copy(self, *, update: Mapping[str, Any] | None = None, deep: bool = False) -> Self:
+        """pydantic v1's name for `model_copy`."""
+        return self.model_copy(update=update, deep=deep)
+
+    @classmethod
+    def parse_obj(cls, obj: Any) -> Self:
+        """pydantic v1's name for `model_validate`."""
+        return cls.model_validate(obj)
+
+    @classmethod
+    def parse_raw(cls, text: str | bytes, **_pydantic: Any) -> Self:
+        """pydantic v1's name for `model_validate_json`."""
+        return cls.model_validate_json(text)
+
+    def keys(self) -> list[str]:
+        """The official model's field names, so ``dict(res)`` is ``{"image": res.image}``."""
+        return ["image"]
+
+    def __getitem__(self, key: str) -> bytes:
+        if key != "image":
+            raise KeyError(key)
+        return self.image
+
+    @classmethod
+    def model_validate(cls, obj: Any, **_pydantic: Any) -> Self:
+        """Build a result from ``{"image": <base64>}`` (or a result), as the official model does."""
+        if isinstance(obj, cls):
+            return obj
         if not isinstance(obj, Mapping) or "image" not in obj:
             raise FriendliValidationError("image", "expected a mapping with an 'image' key")
         return cls(image=obj["image"])
 
     @classmethod
-    def model_validate_json(cls, text: str | bytes) -> ImageResult:
+    def model_validate_json(cls, text: str | bytes, **_pydantic: Any) -> Self:
         """Build a result from the JSON ``{"image": "<base64>"}`` of an API answer."""
         try:
             parsed = json.loads(text)
         except ValueError:
             raise FriendliValidationError("image", "the text is not JSON") from None
         return cls.model_validate(parsed)
+
+    @classmethod
+    def __get_pydantic_core_schema__(cls, _source: Any, _handler: Any) -> Any:
+        """The schema that lets pydantic models (and FastAPI) use this type as a field.
+
+        Called by pydantic only, so pydantic is imported only where it is installed. The
+        field validates and serializes as the official model: ``{"image": <base64>}``.
+        """
+        from pydantic_core import core_schema  # noqa: PLC0415  (only pydantic calls this)
+
+        fields = core_schema.typed_dict_schema(
+            {"image": core_schema.typed_dict_field(core_schema.bytes_schema())}
+        )
+        from_fields = core_schema.no_info_after_validator_function(cls.model_validate, fields)
+        return core_schema.json_or_python_schema(
+            json_schema=from_fields,
+            python_schema=core_schema.union_schema(
+                [core_schema.is_instance_schema(cls), from_fields]
+            ),
+            serialization=core_schema.plain_serializer_function_ser_schema(
+                _pydantic_serialize, info_arg=True
+            ),
+        )
 
     def __repr__(self) -> str:
         size = f"{self.width}x{self.height}, " if self.width and self.height else ""
@@ -448,7 +743,9 @@ class ImageResult:
 
     __str__ = __repr__
 
-    def _repr_mimebundle_(self, include: object = None, exclude: object = None) -> dict[str, str]:
+    def _repr_mimebundle_(
+        self, include: object = None, exclude: object = None
+    ) -> builtins.dict[str, str]:
         return _image_mimebundle(self)  # Jupyter shows the picture, no Pillow needed
 
     def __eq__(self, other: object) -> bool:
@@ -458,6 +755,23 @@ class ImageResult:
 
     def __hash__(self) -> int:
         return hash((self.data, self.format))
+
+
+def _pydantic_serialize(result: ImageResult, info: Any) -> dict[str, Any]:
+    return result.model_dump(mode="json" if info.mode_is_json() else "python")
+
+
+def pick_fields(
+    fields: dict[str, Any],
+    include: Iterable[str] | Mapping[str, Any] | None,
+    exclude: Iterable[str] | Mapping[str, Any] | None,
+) -> dict[str, Any]:
+    """``fields`` with pydantic's ``include`` / ``exclude`` applied (top-level names)."""
+    if include is not None:
+        fields = {key: value for key, value in fields.items() if key in set(include)}
+    if exclude is not None:
+        fields = {key: value for key, value in fields.items() if key not in set(exclude)}
+    return fields
 
 
 def save_target(path: str | os.PathLike[str], fmt: str) -> tuple[pathlib.Path, str]:

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Concatenate, ParamSpec, TypeAlias, TypeVar
 import attrs
 
 from ._batch import Batch, BatchOperation
-from ._config import NO_OVERRIDES, CallOverrides
+from ._config import NO_OVERRIDES, UNSET, CallOverrides, Unset
 from ._exceptions import FriendliArgumentError
 from ._models import (
     BatchOptions,
@@ -104,12 +104,12 @@ def _batch_method(
 
 
 def _overrides(
-    retries: RetryConfig | int | None,
+    retries: RetryConfig | int | Unset | None,
     server_url: str | None,
     timeout_ms: float | None,
     http_headers: Mapping[str, str] | None,
 ) -> CallOverrides:
-    if retries is None and server_url is None and timeout_ms is None and http_headers is None:
+    if retries is UNSET and server_url is None and timeout_ms is None and http_headers is None:
         return NO_OVERRIDES  # the common case skips four validators per call
     return CallOverrides(
         retries=retries, server_url=server_url, timeout_ms=timeout_ms, http_headers=http_headers
@@ -165,7 +165,7 @@ class Image:
         response_format: ResponseFormat | None = None,
         control_images: Iterable[ImageSource] | None = None,
         controlnet_weights: Iterable[float] | None = None,
-        retries: RetryConfig | int | None = None,
+        retries: RetryConfig | int | Unset | None = UNSET,
         server_url: str | None = None,
         timeout_ms: int | None = None,
         http_headers: Mapping[str, str] | None = None,
@@ -183,7 +183,8 @@ class Image:
             control_images: ControlNet conditioning images (URL, data: URI, base64,
                 bytes, path, binary file, PIL image or ``{"image": ...}``).
             controlnet_weights: one weight in [0, 1] per control image.
-            retries: this call's retry policy (a ``RetryConfig``, or a number of retries).
+            retries: this call's retry policy (a ``RetryConfig``, or a number of retries);
+                None: no retries, as in the official SDK; not given: the client's.
             server_url: this call's server, overriding the client's.
             timeout_ms: this call's per-attempt timeout in milliseconds.
             http_headers: extra headers for this call.
@@ -221,7 +222,7 @@ class Image:
         guidance_scale: float | None = 0.0,
         seed: int | None = None,
         response_format: ResponseFormat | None = None,
-        retries: RetryConfig | int | None = None,
+        retries: RetryConfig | int | Unset | None = UNSET,
         server_url: str | None = None,
         timeout_ms: int | None = None,
         http_headers: Mapping[str, str] | None = None,
@@ -238,7 +239,8 @@ class Image:
             guidance_scale: how closely to follow the prompt (None: the server default).
             seed: an int in [0, 2**32 - 1] for reproducible images.
             response_format: ``"jpeg"`` or ``"raw"`` (PNG); None for the server default.
-            retries: this call's retry policy (a ``RetryConfig``, or a number of retries).
+            retries: this call's retry policy (a ``RetryConfig``, or a number of retries);
+                None: no retries, as in the official SDK; not given: the client's.
             server_url: this call's server, overriding the client's.
             timeout_ms: this call's per-attempt timeout in milliseconds.
             http_headers: extra headers for this call.

@@ -93,6 +93,11 @@ class _Runtime:
         """Stop the loop thread, which closes the inner client (from close, GC or at exit)."""
         if self.pid != os.getpid():
             return  # a forked child: the loop thread is the parent's
+        if sys.is_finalizing():
+            # Past the atexit hooks (a client first used in one of them is collected
+            # here): daemon threads are frozen now, so waiting for the loop would hang
+            # the exit forever; the process is going, and its sockets with it.
+            return
         if threading.get_ident() == self.loop_thread_id:
             # Dropped by a callback on the loop itself, which cannot wait for itself.
             threading.Thread(target=self.shutdown, name=LOOP_THREAD_NAME + "-stop").start()

@@ -22,7 +22,7 @@ import re
 import sys
 import urllib.request
 import uuid
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Mapping
 from io import BytesIO
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
@@ -288,11 +288,15 @@ class Transport:
         )
 
     def _env_route(self, url: URL) -> _EnvRoute:
-        """The proxy and ``.netrc`` login for ``url`` when ``trust_env`` (cached per host)."""
+        """The proxy (and, with ``trust_env=True``, the ``.netrc`` login) for ``url``.
+
+        Read once per host, as httpx reads the environment once per client.
+        """
         key = (url.scheme, url.host or "")
         route = self._env_routes.get(key)
         if route is None:
-            route = self._env_routes[key] = _EnvRoute.from_env(url, not self._settings.has_token)
+            use_netrc = self._settings.netrc and not self._settings.has_token
+            route = self._env_routes[key] = _EnvRoute.from_env(url, use_netrc)
         return route
 
     async def send(
@@ -329,7 +333,7 @@ class Transport:
         try:
             async with slots:
                 attempt_started = monotonic()
-                status, data, pooled = await self._attempt(
+                status, data, pooled, answer_headers = await self._attempt(
                     session,
                     call,
                     headers,
@@ -354,10 +358,10 @@ class Transport:
             try:
                 if len(data) > _OFFLOOP_DECODE_BYTES:
                     image = await asyncio.get_running_loop().run_in_executor(
-                        None, _decode_image, data, status, request_id, redactor
+                        None, _decode_image, data, status, request_id, redactor, answer_headers
                     )
                 else:
-                    image = _decode_image(data, status, request_id, redactor)
+                    image = _decode_image(data, status, request_id, redactor, answer_headers)
             finally:
                 if pooled is not None:
                     self._buffers.give(pooled)
@@ -394,8 +398,8 @@ class Transport:
         route: _EnvRoute,
         proxy_headers: dict[str, str] | None,
         attempt_number: int,
-    ) -> tuple[int, bytes | memoryview, bytearray | None]:
-        """The exchange under the attempt's timers: (status, body, pooled buffer) or an error."""
+    ) -> tuple[int, bytes | memoryview, bytearray | None, Mapping[str, str]]:
+        """The exchange under the attempt's timers: (status, body, pooled buffer, headers)."""
         url, request_id = call.url, call.request_id
         logger = self._settings.logger
         failure: FriendliConnectionError | None = None
@@ -427,7 +431,7 @@ class Transport:
         redactor: Redactor,
         route: _EnvRoute,
         proxy_headers: dict[str, str] | None,
-    ) -> tuple[int, bytes | memoryview, bytearray | None]:
+    ) -> tuple[int, bytes | memoryview, bytearray | None, Mapping[str, str]]:
         body: bytes | BytesIO
         if len(call.body) <= _INLINE_BODY_BYTES:
             body = call.body
@@ -437,27 +441,58 @@ class Transport:
             # fresh reader per attempt streams the same buffer instead, and counts it.
             body = _CountedBody(call.body, trace)
         current = _CURRENT_ATTEMPT.set(trace)
+        url, method = call.url, "POST"
+        sent: bytes | BytesIO | None = body
         try:
-            async with session.post(
-                call.url,
-                data=body,
-                headers=headers,
-                timeout=_client_timeout(call.timeout),
-                allow_redirects=False,
-                proxy=route.proxy,
-                proxy_headers=proxy_headers,
-            ) as response:
-                status = response.status
-                if status != 200:
-                    raise await _status_error(
-                        response, call.request_id, redactor, self._settings.has_token
+            for hop in range(_MAX_REDIRECTS + 1):
+                async with session.request(
+                    method,
+                    url,
+                    data=sent,
+                    headers=headers,
+                    timeout=_client_timeout(call.timeout),
+                    allow_redirects=False,
+                    proxy=route.proxy,
+                    proxy_headers=proxy_headers,
+                ) as response:
+                    status = response.status
+                    if status == 200:
+                        data, pooled = await _read_body(
+                            response,
+                            self._settings.max_response_bytes,
+                            call.request_id,
+                            self._buffers,
+                        )
+                        return status, data, pooled, response.headers
+                    target = _redirect_target(response, hop)
+                    if target is None:
+                        raise await _status_error(
+                            response, call.request_id, redactor, self._settings.has_token
+                        )
+                # Followed as httpx (the official SDK's client) follows it: 307/308
+                # resend the body, 301/302/303 become a GET; the credentials stay with
+                # their origin.
+                if status in (307, 308):
+                    sent = call.body if isinstance(body, bytes) else _CountedBody(call.body, trace)
+                else:
+                    method, sent = "GET", None
+                if not _keeps_credentials(url, target):
+                    headers = {
+                        name: value
+                        for name, value in headers.items()
+                        if name.lower() != "authorization"
+                    }
+                url = target
+                if self._settings.trust_env:
+                    route = self._env_route(url)
+                    proxy_headers = (
+                        None
+                        if route.proxy_authorization is None
+                        else {"Proxy-Authorization": route.proxy_authorization.reveal()}
                     )
-                data, pooled = await _read_body(
-                    response, self._settings.max_response_bytes, call.request_id, self._buffers
-                )
         finally:
             _CURRENT_ATTEMPT.reset(current)
-        return status, data, pooled
+        raise AssertionError("unreachable: the last hop raises or returns")  # pragma: no cover
 
     def _log_format_mismatch(self, fmt: str, request_id: str) -> None:
         # The image cost GPU time and is valid: it is returned as the server sent it.
@@ -470,6 +505,36 @@ class Transport:
             fmt,
             request_id,
         )
+
+
+#: Redirects followed within one attempt, as httpx follows them (and as many).
+_REDIRECT_STATUSES: Final = frozenset({301, 302, 303, 307, 308})
+_MAX_REDIRECTS: Final = 20
+
+
+def _redirect_target(response: aiohttp.ClientResponse, hop: int) -> URL | None:
+    """Where a redirect sends the request, or None when it is not followed."""
+    location = response.headers.get("Location")
+    if response.status not in _REDIRECT_STATUSES or not location or hop >= _MAX_REDIRECTS:
+        return None
+    try:
+        target = response.url.join(URL(location))
+    except ValueError:
+        return None
+    return target if target.scheme in ("http", "https") and target.host else None
+
+
+def _keeps_credentials(origin: URL, target: URL) -> bool:
+    """httpx's rule: ``Authorization`` goes along to the same origin, or to its https."""
+    if (origin.scheme, origin.host, origin.port) == (target.scheme, target.host, target.port):
+        return True
+    return (
+        origin.host == target.host
+        and origin.scheme == "http"
+        and origin.port == 80
+        and target.scheme == "https"
+        and target.port == 443
+    )
 
 
 def _bearer(token: Secret) -> str:
@@ -490,7 +555,7 @@ def _basic(login: str, password: str) -> str:
 
 
 class _EnvRoute:
-    """Where ``trust_env`` sends requests for one host: proxy, proxy login, ``.netrc`` login.
+    """Where the environment sends requests for one host: proxy, proxy login, ``.netrc`` login.
 
     The logins are kept as `Secret`: a route is cached on the client between calls.
     """
@@ -513,7 +578,7 @@ class _EnvRoute:
         proxy = proxy_authorization = authorization = None
         if not urllib.request.proxy_bypass(host):
             proxies = urllib.request.getproxies()
-            found = proxies.get(url.scheme)
+            found = proxies.get(url.scheme) or proxies.get("all")
             if found:
                 proxy = URL(found if "://" in found else f"http://{found}")
                 if proxy.user is not None:
@@ -671,7 +736,11 @@ async def _read_body(
 
 
 def _decode_image(
-    data: bytes | memoryview, status: int, request_id: str, redactor: Redactor
+    data: bytes | memoryview,
+    status: int,
+    request_id: str,
+    redactor: Redactor,
+    headers: Mapping[str, str] | None = None,
 ) -> bytes:
     """Parse ``{"image": "<base64>"}`` and decode it; raise FriendliResponseError if not."""
     head = _PREFIX.match(data, 0, 32)
@@ -699,7 +768,8 @@ def _decode_image(
                 f"{members:,} JSON members; an image response is one object "
                 '{"image": "<base64>"} (plus a few fields), so it was not parsed',
                 status=status,
-                body=redactor.excerpt(data),
+                body=_body_text(data, redactor),
+                headers=headers,
                 request_id=request_id,
             )
     try:
@@ -708,14 +778,16 @@ def _decode_image(
         raise FriendliResponseError(
             "the server answered 200 with a body that is not JSON",
             status=status,
-            body=redactor.excerpt(data),
+            body=_body_text(data, redactor),
+            headers=headers,
             request_id=request_id,
         ) from None
     if not isinstance(parsed, dict):
         raise FriendliResponseError(
             f"expected a JSON object with an 'image' field, got a JSON {type(parsed).__name__}",
             status=status,
-            body=redactor.excerpt(data),
+            body=_body_text(data, redactor),
+            headers=headers,
             request_id=request_id,
         )
     encoded = parsed.get("image")
@@ -724,7 +796,8 @@ def _decode_image(
         raise FriendliResponseError(
             f"the response's 'image' field {what}; expected base64 text",
             status=status,
-            body=redactor.excerpt(data),
+            body=_body_text(data, redactor),
+            headers=headers,
             request_id=request_id,
         )
     try:
@@ -733,14 +806,47 @@ def _decode_image(
         raise FriendliResponseError(
             "the response's 'image' field is not valid base64",
             status=status,
-            body=redactor.excerpt(encoded),
+            body=_body_text(data, redactor),
+            headers=headers,
             request_id=request_id,
         ) from None
     if not image:
         raise FriendliResponseError(
-            "the response's image is empty", status=status, request_id=request_id
+            "the response's image is empty",
+            status=status,
+            body=_body_text(data, redactor),
+            headers=headers,
+            request_id=request_id,
         )
     return image
+
+
+def _body_text(data: bytes | memoryview, redactor: Redactor) -> str:
+    """The start of a body as text for an error (64 KiB), with the credentials removed.
+
+    Redacted before it is cut, with a margin, so no credential shows half.
+    """
+    window = bytes(data[: _ERROR_BODY_LIMIT + 4096])
+    return redactor.data(window).decode("utf-8", "replace")[:_ERROR_BODY_LIMIT]
+
+
+async def _read_up_to(response: aiohttp.ClientResponse, limit: int) -> bytes:
+    """An error body up to ``limit`` bytes, however many chunks it arrives in.
+
+    (``StreamReader.read(n)`` returns what has arrived so far: one chunk of a body that
+    trickles in.) The status alone is the error: a body that breaks off keeps the part
+    that came.
+    """
+    chunks: list[bytes] = []
+    size = 0
+    with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError, OSError):
+        while size < limit:
+            chunk = await response.content.read(limit - size)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+    return b"".join(chunks)
 
 
 async def _status_error(
@@ -749,8 +855,7 @@ async def _status_error(
     status = response.status
     raw = b""
     # The status alone is the error; a broken error body only loses the excerpt.
-    with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError, OSError):
-        raw = await response.content.read(_ERROR_BODY_LIMIT)
+    raw = await _read_up_to(response, _ERROR_BODY_LIMIT)
     headers: dict[str, str] = dict(response.headers)
     reason = response.reason or ""
     if redactor:
@@ -772,7 +877,10 @@ async def _status_error(
             detail = detail.get("message", detail)
     cls = status_error_class(status)
     if 300 <= status < 400:
-        message = "the server redirected the request and redirects are not followed"
+        message = (
+            "the server answered a redirect that is not followed (no http(s) Location, "
+            f"or more than {_MAX_REDIRECTS} redirects)"
+        )
     elif isinstance(detail, str) and detail:
         message = redactor.excerpt(detail)
     else:

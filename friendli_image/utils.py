@@ -1,4 +1,6 @@
-"""The official SDK's ``friendli.utils`` retry names, mapped onto our retry policy.
+"""The official SDK's ``friendli.utils`` names: the retry settings and ``Logger``.
+
+``Logger`` is the protocol of ``debug_logger=``: any object with a ``debug`` method.
 
 ``from friendli.utils import RetryConfig, BackoffStrategy`` becomes
 ``from friendli_image.utils import RetryConfig, BackoffStrategy``, with the official
@@ -13,8 +15,8 @@ seconds), so ``retries=`` takes either. What maps onto what:
   raises the cap);
 - ``initial_interval``, ``max_interval``, ``exponent``, ``max_elapsed_time``,
   ``jitter_ms``: the backoff, converted to seconds;
-- ``status_codes_override`` (``["503", "5XX"]``): the statuses retried; without it, 408,
-  429, 502, 503 and 504 (not 500, which on an inference server usually means this very
+- ``status_codes_override`` (``["503", "5XX"]``): the statuses retried; without it,
+  429, 502, 503 and 504, as there (but not 500, which on an inference server usually means this very
   input failed);
 - ``retry_connection_errors``: failures where nothing reached the server are always
   retried (they are safe); a request the server may have processed is not resent
@@ -24,6 +26,7 @@ seconds), so ``retries=`` takes either. What maps onto what:
 from __future__ import annotations
 
 from ._config import BackoffStrategy
+from ._config import DebugLogger as Logger
 from ._config import OfficialRetryConfig as RetryConfig
 
-__all__ = ["BackoffStrategy", "RetryConfig"]
+__all__ = ["BackoffStrategy", "Logger", "RetryConfig"]

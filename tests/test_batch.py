@@ -428,7 +428,8 @@ async def test_progress_reports_counts_rate_and_eta(client: AsyncFriendli) -> No
     """on_progress gets snapshots; the last one accounts for every item."""
     snapshots: list[BatchProgress] = []
     await client.container.image.generate_batch(
-        [f"p{i}" for i in range(30)] + [{"prompt": ""}], on_progress=snapshots.append
+        [f"p{i}" for i in range(30)] + [{"prompt": "bad", "num_inference_steps": 0}],
+        on_progress=snapshots.append,
     )
     last = snapshots[-1]
     assert (last.total, last.done, last.succeeded, last.failed) == (31, 31, 30, 1)
@@ -450,7 +451,7 @@ async def test_out_dir_writes_files_and_a_manifest(
     """Each image is written to out_dir, items hold the path (no bytes), and the manifest
     has one line per item with its file, sha256, seed, attempts and error."""
     requests: list[Any] = [{"prompt": f"p{i}", "seed": i} for i in range(12)]
-    requests.append({"prompt": "bad", "seed": -1})
+    requests.append({"prompt": "bad", "num_inference_steps": 0})
     result = await client.container.image.generate_batch(requests, out_dir=tmp_path)
     digest = hashlib.sha256(tiny_jpeg).hexdigest()
     for item in result.items[:12]:
@@ -468,7 +469,7 @@ async def test_out_dir_writes_files_and_a_manifest(
     assert first["attempts"] == 1
     assert first["error"] is None
     assert lines[12]["status"] == "failed"
-    assert "seed" in lines[12]["error"]
+    assert "num_inference_steps" in lines[12]["error"]
     assert not [name for name in os.listdir(tmp_path) if name.endswith(".part")]
 
 
@@ -751,7 +752,7 @@ def test_sync_batch_errors_reach_the_caller(thread_server: LocalServer, tmp_path
             image.generate_batch(["a"], concurrency=0).collect()
         with pytest.raises(FriendliUsageError, match="out_dir"):
             list(image.generate_batch(["a"], out_dir=blocker))
-        result = image.generate_batch([{"prompt": ""}]).collect()
+        result = image.generate_batch([{"prompt": "", "num_inference_steps": 0}]).collect()
         batch = image.generate_batch(["a"])
         batch.collect()
         with pytest.raises(FriendliUsageError, match="runs once"):

@@ -62,7 +62,7 @@ def test_jsonl_requests_and_failures_exit_1(
     source = tmp_path / "requests.jsonl"
     source.write_bytes(
         b'{"prompt": "a", "seed": 1, "num_inference_steps": 4}\n'
-        b'{"prompt": "b", "seed": -5}\n'
+        b'{"prompt": "b", "num_inference_steps": 0}\n'
         b'{"prompt": "c"}\n'
     )
     out = tmp_path / "out"
@@ -73,7 +73,7 @@ def test_jsonl_requests_and_failures_exit_1(
     assert lines[1]["status"] == "failed"
     assert lines[2]["status"] == "ok"
     output = capsys.readouterr().out
-    assert "failed #1: invalid seed" in output
+    assert "failed #1: invalid num_inference_steps" in output
     assert "rerun the same command" in output
 
 

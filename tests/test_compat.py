@@ -163,7 +163,6 @@ def test_status_error_offers_what_ported_code_reads() -> None:
     [
         ({"num_inference_steps": 0}, ["body", "num_inference_steps"]),
         ({"num_inference_steps": 51}, ["body", "num_inference_steps"]),
-        ({"seed": -1}, ["body", "seed"]),
         ({"guidance_scale": float("nan")}, ["body", "guidance_scale"]),
         (
             {"control_images": [b"\x89PNG\r\n\x1a\n" + bytes(40)], "controlnet_weights": [2]},
@@ -308,5 +307,4 @@ def test_generators_are_read_once_before_checking() -> None:
     edit = build_edit(image=({"image": url} for _ in range(3)), prompt="p")
     assert isinstance(edit.image, list)
     assert len(edit.image) == 3
-    with pytest.raises(SDKError):
-        build_edit(image=iter(()), prompt="p")
+    assert build_edit(image=iter(()), prompt="p").image == []  # sent: the server judges it

@@ -158,14 +158,16 @@ async def test_429_with_junk_retry_after_has_none(
     assert caught.value.retry_after is None
 
 
-async def test_redirect_is_not_followed(mock_http: Any, mocked_client: AsyncFriendli) -> None:
-    """A 302 raises FriendliAPIStatusError carrying the Location, without following it."""
-    mock_http.post(GENERATE, status=302, headers={"Location": "http://elsewhere.test/x"})
+async def test_redirect_off_http_is_not_followed(
+    mock_http: Any, mocked_client: AsyncFriendli
+) -> None:
+    """A 302 to a non-http(s) Location raises FriendliAPIStatusError carrying it."""
+    mock_http.post(GENERATE, status=302, headers={"Location": "ftp://elsewhere.test/x"})
     with pytest.raises(FriendliAPIStatusError) as caught:
         await mocked_client.container.image.generate(prompt="p")
     assert type(caught.value) is FriendliAPIStatusError
     assert caught.value.status == 302
-    assert caught.value.location == "http://elsewhere.test/x"
+    assert caught.value.location == "ftp://elsewhere.test/x"
     assert "redirect" in str(caught.value)
     assert len(mock_http.requests) == 1
 
@@ -213,7 +215,7 @@ async def test_bad_200_body_is_a_response_error(
     assert match in str(error)
     assert error.status == 200
     assert error.request_id == _sent_request_id(mock_http)
-    assert len(error.body) <= 200
+    assert len(error.body) <= 64 * 1024
     assert not isinstance(error, ValueError | KeyError | TypeError)
     assert error.__cause__ is None
     assert error.__suppress_context__ or error.__context__ is None
@@ -222,11 +224,11 @@ async def test_bad_200_body_is_a_response_error(
 async def test_huge_non_json_body_gives_a_short_excerpt(
     capture_client: Any, capture_server: Any
 ) -> None:
-    """A large non-JSON 200 body is reported with a short excerpt, not the whole body."""
+    """A large non-JSON 200 body keeps its first 64 KiB, and the message a short excerpt."""
     capture_server.respond(200, b"x" * 6_000_000)
     with pytest.raises(FriendliResponseError) as caught:
         await capture_client.container.image.generate(prompt="p")
-    assert len(caught.value.body) <= 200
+    assert caught.value.body == "x" * 64 * 1024
     assert len(str(caught.value)) < 500
 
 
@@ -352,7 +354,7 @@ async def test_status_errors_pickle_with_their_attributes(
     """Status errors survive pickle (e.g. from a worker process) with every attribute."""
     detail = [{"loc": ["body", "seed"], "msg": "too big", "type": "x"}]
     mock_http.post(GENERATE, status=422, payload={"detail": detail}, headers={"Retry-After": "3"})
-    mock_http.post(GENERATE, status=302, headers={"Location": "http://x.test/"})
+    mock_http.post(GENERATE, status=302, headers={"Location": "ftp://x.test/"})
     errors: list[FriendliAPIStatusError] = []
     for _ in range(2):
         with pytest.raises(FriendliAPIStatusError) as caught:
@@ -427,7 +429,7 @@ async def test_token_is_in_no_error(
             image.generate(prompt="p"),
             image.generate(prompt="p", server_url=refused, retries=0),
             image.edit(image=b"not an image", prompt="p"),
-            image.generate(prompt="p", seed=-1),
+            image.generate(prompt="p", num_inference_steps=0),
         ):
             with pytest.raises(FriendliError) as caught:
                 await call

@@ -19,7 +19,7 @@ LAYERS: tuple[frozenset[str], ...] = (
     frozenset({"_version", "_clock", "_exceptions", "_formats", "_config"}),
     frozenset({"_images"}),
     frozenset({"_models"}),
-    frozenset({"_serde", "models", "testing", "utils"}),
+    frozenset({"_serde", "_compat", "models", "testing", "utils"}),
     frozenset({"_retry"}),
     frozenset({"_telemetry"}),
     frozenset({"_transport"}),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import math
 from typing import Any
 
@@ -123,14 +124,11 @@ _PNG_1PX = base64.b64decode(
 _PNG_URI = "data:image/png;base64," + base64.b64encode(_PNG_1PX).decode()
 
 _GENERATE_CASES: list[tuple[str, dict[str, Any], str]] = [
-    ("prompt-empty", {"prompt": ""}, "prompt"),
-    ("prompt-whitespace", {"prompt": " \n\t "}, "prompt"),
     ("prompt-none", {"prompt": None}, "prompt"),
     ("prompt-int", {"prompt": 3}, "prompt"),
-    ("prompt-bytes", {"prompt": b"a cat"}, "prompt"),
+    ("prompt-bytes-not-utf8", {"prompt": b"\xff\xfe"}, "prompt"),
     ("steps-0", {"num_inference_steps": 0}, "num_inference_steps"),
     ("steps-51", {"num_inference_steps": 51}, "num_inference_steps"),
-    ("steps-true", {"num_inference_steps": True}, "num_inference_steps"),
     ("steps-float", {"num_inference_steps": 2.5}, "num_inference_steps"),
     ("steps-str", {"num_inference_steps": "three"}, "num_inference_steps"),
     ("steps-str-fraction", {"num_inference_steps": "2.5"}, "num_inference_steps"),
@@ -139,14 +137,9 @@ _GENERATE_CASES: list[tuple[str, dict[str, Any], str]] = [
     ("guidance-neg-inf", {"guidance_scale": -math.inf}, "guidance_scale"),
     ("guidance-str", {"guidance_scale": "high"}, "guidance_scale"),
     ("guidance-str-nan", {"guidance_scale": "nan"}, "guidance_scale"),
-    ("guidance-true", {"guidance_scale": True}, "guidance_scale"),
-    ("seed-negative", {"seed": -1}, "seed"),
-    ("seed-2**32", {"seed": 2**32}, "seed"),
     ("seed-float", {"seed": 3.5}, "seed"),
     ("seed-float-inf", {"seed": math.inf}, "seed"),
-    ("seed-true", {"seed": True}, "seed"),
     ("format-png", {"response_format": "png"}, "response_format"),
-    ("model-empty", {"model": ""}, "model"),
     (
         "weight-above-1",
         {"control_images": [_PNG_URI], "controlnet_weights": [1.5]},
@@ -173,7 +166,6 @@ _GENERATE_CASES: list[tuple[str, dict[str, Any], str]] = [
         "controlnet_weights",
     ),
     ("weights-without-images", {"controlnet_weights": [0.5]}, "controlnet_weights"),
-    ("control-images-empty", {"control_images": []}, "control_images"),
     ("control-images-not-a-list", {"control_images": _PNG_URI}, "control_images"),
 ]
 
@@ -199,11 +191,9 @@ async def test_generate_validation_fails_before_the_wire(
 
 _EDIT_CASES: list[tuple[str, dict[str, Any], str]] = [
     ("image-none", {"image": None}, "image"),
-    ("image-empty-list", {"image": []}, "image"),
-    ("prompt-whitespace", {"prompt": "  "}, "prompt"),
     ("steps-51", {"num_inference_steps": 51}, "num_inference_steps"),
     ("guidance-nan", {"guidance_scale": math.nan}, "guidance_scale"),
-    ("seed-2**32", {"seed": 2**32}, "seed"),
+    ("seed-float", {"seed": 2.5}, "seed"),
     ("format-webp", {"response_format": "webp"}, "response_format"),
 ]
 
@@ -255,6 +245,42 @@ async def test_positional_arguments_are_refused(capture_client: Any) -> None:
 def test_seed_range_bounds_are_accepted(seed: int) -> None:
     """Seeds from 0 to 2**32 - 1 inclusive are valid."""
     assert GenerateRequest(prompt="p", seed=seed).seed == seed
+
+
+_ALLOWED_BY_THE_CONTRACT: list[tuple[str, dict[str, Any], dict[str, Any]]] = [
+    ("prompt-empty", {"prompt": ""}, {"prompt": ""}),
+    ("prompt-blank", {"prompt": " \n\t "}, {"prompt": " \n\t "}),
+    ("model-empty", {"model": ""}, {"model": ""}),
+    ("seed-negative", {"seed": -1}, {"seed": -1}),
+    ("seed-beyond-32-bits", {"seed": 2**40}, {"seed": 2**40}),
+    ("control-images-empty", {"control_images": []}, {"control_images": []}),
+    (
+        "control-images-and-weights-empty",
+        {"control_images": [], "controlnet_weights": []},
+        {"control_images": [], "controlnet_weights": []},
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "sent"),
+    [pytest.param(kwargs, sent, id=name) for name, kwargs, sent in _ALLOWED_BY_THE_CONTRACT],
+)
+async def test_values_the_contract_allows_are_sent(
+    capture_client: Any, capture_server: Any, kwargs: dict[str, Any], sent: dict[str, Any]
+) -> None:
+    """What the OpenAPI file allows reaches the wire as given: the server judges it."""
+    await capture_client.container.image.generate(**{"prompt": "p", **kwargs})
+    (request,) = capture_server.requests
+    body = json.loads(request.body)
+    assert {key: body[key] for key in sent} == sent
+
+
+async def test_an_empty_edit_list_is_sent(capture_client: Any, capture_server: Any) -> None:
+    """``edit(image=[])``: the schema sets no minimum, so the server says what it thinks."""
+    await capture_client.container.image.edit(image=[], prompt="p")
+    (request,) = capture_server.requests
+    assert json.loads(request.body)["image"] == []
 
 
 @pytest.mark.parametrize("steps", [1, 50])

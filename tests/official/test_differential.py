@@ -12,11 +12,11 @@ A program states what it needs in header comments:
   ``# server: token=<value>``: the server requires that token.
 - ``# script: <expression>``: `Action` objects queued for each run's requests
   (e.g. ``[Action.status(503), Action.status(503)]``).
-- ``# differs: <reason>`` with ``# official-prints: <regex>`` and ``# ours-prints:
-  <regex>``: a deliberate difference. Lines fully matching the regex are taken out of
-  each run's output before comparing; each regex must match at least one line, so the
-  written difference stays true. The README section "Porting from `friendli`" lists
-  every such difference.
+- ``# differs: <key> — <reason>`` (``<key>`` one of ``_compat.DIFFERENCES``) with
+  ``# official-prints: <regex>`` and ``# ours-prints: <regex>``: a deliberate
+  difference. Lines fully matching the regex are taken out of each run's output before
+  comparing; each regex must match at least one line, so the written difference stays
+  true. The README section "Porting from `friendli`" lists every declared difference.
 - ``# pending: <reason>``: the program needs what is not built yet; it is expected to
   fail (not strictly).
 

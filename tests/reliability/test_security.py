@@ -64,22 +64,13 @@ async def _capture(raw_server: StartRaw) -> tuple[RawServer, list[bytes]]:
 
 @pytest.mark.scenario(35)
 @pytest.mark.parametrize("status", ["302 Found", "307 Temporary Redirect"])
-@pytest.mark.parametrize("target", ["other-port", "other-host"])
-async def test_redirects_are_not_followed(  # noqa: PLR0917
-    raw_server: StartRaw,
-    make_client: MakeClient,
-    figures: Figures,
-    secrets: SecretProbe,
-    status: str,
-    target: str,
+async def test_redirects_to_another_origin_never_carry_the_token(
+    raw_server: StartRaw, make_client: MakeClient, figures: Figures, status: str
 ) -> None:
-    """302/307 to another port or host: FriendliAPIStatusError with location, B sees nothing."""
+    """302/307 to another port are followed as httpx follows them (307 resends the POST,
+    302 becomes a GET), and the other origin never sees the token."""
     b, seen = await _capture(raw_server)
-    location = (
-        f"{b.url}/v1/images/generations"
-        if target == "other-port"
-        else f"http://attacker.invalid:{b.port}/v1/images/generations"
-    )
+    location = f"{b.url}/v1/images/generations"
 
     async def redirector(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         while await read_request(reader):
@@ -87,19 +78,44 @@ async def test_redirects_are_not_followed(  # noqa: PLR0917
             await writer.drain()
 
     a = await raw_server(redirector)
-    client = make_client(a.url)
-    with pytest.raises(FriendliAPIStatusError) as caught:
-        await gen(client)
     figures.add("inject.status")
-    figures.add("fail.expected")
-    error = caught.value
-    assert error.status == int(status[:3])
-    assert error.location == location
-    assert "not followed" in str(error)
-    assert b.connections == 0
-    assert seen == []
+    result = await gen(make_client(a.url))
+    assert result.data == TINY_PNG
+    (request,) = seen
+    head, _, body = request.partition(b"\r\n\r\n")
+    assert head.startswith(b"POST " if status.startswith("307") else b"GET ")
+    assert (b"prompt" in body) is status.startswith("307")
+    assert b"authorization" not in head.lower()
+    assert TOKEN.encode() not in request
     figures.add("fail.typed")
-    secrets.check(error)
+
+
+@pytest.mark.scenario(35)
+async def test_a_redirect_loop_stops_with_the_location(
+    raw_server: StartRaw, make_client: MakeClient, secrets: SecretProbe
+) -> None:
+    """More than 20 redirects raise FriendliAPIStatusError with the last Location."""
+    hops: list[bytes] = []
+
+    async def looper(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while request := await read_request(reader):
+            hops.append(request)
+            location = f"/v1/images/generations?hop={len(hops)}"
+            writer.write(
+                http_response(
+                    b"", status="307 Temporary Redirect", extra=f"Location: {location}\r\n"
+                )
+            )
+            await writer.drain()
+
+    a = await raw_server(looper)
+    with pytest.raises(FriendliAPIStatusError) as caught:
+        await gen(make_client(a.url))
+    assert caught.value.status == 307
+    assert caught.value.location == "/v1/images/generations?hop=21"
+    assert len(hops) == 21
+    assert all(f"bearer {TOKEN}".lower().encode() in hop.lower() for hop in hops)  # same origin
+    secrets.check(caught.value)
 
 
 @pytest.fixture
@@ -158,22 +174,24 @@ async def test_debug_log_has_one_line_per_attempt_without_the_token(
 
 
 @pytest.mark.scenario(37)
-async def test_proxy_environment_is_ignored_unless_trusted(
+async def test_proxy_environment_is_honoured_as_httpx_does(
     server: LocalServer,
     make_client: MakeClient,
     monkeypatch: pytest.MonkeyPatch,
     unused_tcp_port: int,
 ) -> None:
-    """HTTP(S)_PROXY/ALL_PROXY at a dead port: ignored by default, used with trust_env."""
+    """HTTP(S)_PROXY/ALL_PROXY at a dead port: used by default (as the official SDK's
+    httpx does) and with trust_env=True; ignored with trust_env=False."""
     dead = f"http://127.0.0.1:{unused_tcp_port}"
     for name in ("no_proxy", "NO_PROXY", "http_proxy", "https_proxy", "all_proxy"):
         monkeypatch.delenv(name, raising=False)
     for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY"):
         monkeypatch.setenv(name, dead)
-    assert (await gen(make_client(server.url))).attempts == 1
-    trusting = make_client(server.url, trust_env=True, retries=RetryConfig.disabled())
-    with pytest.raises(FriendliConnectionError):
-        await gen(trusting)
+    assert (await gen(make_client(server.url, trust_env=False))).attempts == 1
+    for trust_env in (None, True):
+        proxied = make_client(server.url, trust_env=trust_env, retries=RetryConfig.disabled())
+        with pytest.raises(FriendliConnectionError):
+            await gen(proxied)
     assert server.stats.total_requests == 1
 
 
@@ -184,7 +202,8 @@ async def test_netrc_is_ignored_unless_trusted(
     monkeypatch: pytest.MonkeyPatch,
     tmp_path: Path,
 ) -> None:
-    """A .netrc login for 127.0.0.1 is sent only with trust_env and no token."""
+    """A .netrc login for 127.0.0.1 is sent only with trust_env=True and no token (never
+    by default, where the proxy variables are read)."""
     netrc = tmp_path / "netrc"
     netrc.write_text("machine 127.0.0.1 login user password pass\n")
     netrc.chmod(0o600)

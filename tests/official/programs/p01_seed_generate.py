@@ -4,7 +4,7 @@ The official SDK ignores a client-level server_url for container calls, so the U
 on the call, as users of the official SDK must write it.
 """
 # server: static-image
-# differs: print(res) shows a one-line summary, not the whole base64 text
+# differs: repr — print(res) shows a one-line summary, not the whole base64 text
 # official-prints: image=b'[A-Za-z0-9+/=]+'
 # ours-prints: ImageResult\(format='png', 4x3, .*\)
 

@@ -1,6 +1,6 @@
 """The seed document's edit snippet; only server_url= is added to the call."""
 # server: static-image
-# differs: print(res) shows a one-line summary, not the whole base64 text
+# differs: repr — print(res) shows a one-line summary, not the whole base64 text
 # official-prints: image=b'[A-Za-z0-9+/=]+'
 # ours-prints: ImageResult\(format='png', 4x3, .*\)
 

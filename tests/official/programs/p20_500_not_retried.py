@@ -1,6 +1,6 @@
 """One 500, with the default retries: the official SDK sends the request again."""
 # script: [Action.status(500)]
-# differs: a 500 is not retried by default (it usually means this very input failed)
+# differs: retry-500 — a 500 is not retried by default (it usually means this very input failed)
 # official-prints: result: image
 # ours-prints: result: SDKError 500
 

@@ -1,5 +1,5 @@
 """Code that prints the class of the error it caught sees our class name."""
-# differs: the caught class has its own name (FriendliInvalidValueError), and is an SDKError
+# differs: error-classes — the caught class has its own name (FriendliInvalidValueError), and is an SDKError
 # official-prints: class: SDKError
 # ours-prints: class: FriendliInvalidValueError
 

@@ -1,5 +1,5 @@
 """Nothing listens: the official SDK raises httpx.ConnectError, ours a ConnectionError."""
-# differs: a refused connection is a builtin ConnectionError (FriendliConnectionError), not httpx's
+# differs: connection-error — a refused connection is a builtin ConnectionError (FriendliConnectionError), not httpx's
 # official-prints: caught: httpx.ConnectError
 # ours-prints: caught: other, ConnectionError=True
 

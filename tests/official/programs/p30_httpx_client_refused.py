@@ -1,5 +1,5 @@
 """client= (an httpx.Client) is refused with a usage error that says why."""
-# differs: client=/async_client= (httpx clients) are refused: the transport is aiohttp
+# differs: httpx-clients — client=/async_client= (httpx clients) are refused: the transport is aiohttp
 # official-prints: client: accepted
 # ours-prints: client: refused FriendliUsageError
 

@@ -1,5 +1,5 @@
 """token="" (what the seed snippets pass when FRIENDLI_TOKEN is unset) against an open server."""
-# differs: token="" sends no Authorization header; the official SDK sends "Bearer " and httpx refuses it
+# differs: empty-token — token="" sends no Authorization header; the official SDK sends "Bearer " and httpx refuses it
 # official-prints: token '': LocalProtocolError
 # ours-prints: token '': image
 
