@@ -43,7 +43,7 @@ from friendli_image._store import row_image_name
 from friendli_image.ray import generate_images
 from friendli_image.server import LocalServer
 
-EXAMPLES = int(os.environ.get("FRIENDLI_RAY_STATE_EXAMPLES", "15"))
+EXAMPLES = int(os.environ.get("FRIENDLI_RAY_STATE_EXAMPLES", "8"))
 
 # Ray Data warns about its own deprecated settings when it reads its context.
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:ray")
@@ -139,4 +139,4 @@ class RayStates(InputStates):
 def test_ray_batches_stopped_edited_and_rerun(ray_local: Any, server: LocalServer) -> None:
     RayStates.server = server
     RayStates.ray = ray_local
-    run_machine(RayStates, EXAMPLES, steps=8)
+    run_machine(RayStates, EXAMPLES, steps=6)
