@@ -229,3 +229,17 @@ def test_ray_input_errors_name_the_line_wherever_it_is(tmp_path: pathlib.Path) -
     source.write_text("\n".join(lines) + "\n", encoding="utf-8")
     with pytest.raises(FriendliValidationError, match=r"INPUT line 2501.*line 1 is plain text"):
         _read_as_ray_does(source)
+
+
+def test_ray_input_that_is_not_utf8_or_empty(tmp_path: pathlib.Path) -> None:
+    """A line that is not UTF-8 is a usage error naming it; an empty INPUT has no rows."""
+    from friendli_image._exceptions import FriendliUsageError
+
+    source = tmp_path / "in.txt"
+    source.write_bytes(b"a fox\n" * 2000 + b"an \xff owl\n")
+    with pytest.raises(FriendliUsageError, match=r"INPUT line 2001 is not UTF-8"):
+        _read_as_ray_does(source)
+    source.write_bytes(b"\n  \n")
+    keys, rows = _read_as_ray_does(source)
+    assert keys == []
+    assert rows.get("_line", []) == []
