@@ -140,8 +140,8 @@ class ImageStage:
 
     Args:
         server_url: the endpoint (a URL); passed to `AsyncFriendli` with
-            ``client_options``. A list of URLs is passed unchanged, for clients that
-            route over a fleet.
+            ``client_options``. A fleet (a list of URLs or `Endpoint`, or one
+            comma-separated string) gets the per-endpoint share on each endpoint.
         out_dir: where images go: a local path or any fsspec URI (``s3://bucket/x``,
             ``gs://...``, ``memory://...``). Each image is named
             ``<id>-<digest><ext>`` from ``id_column`` (quoted for safety) and the first
