@@ -189,7 +189,8 @@ def render_report(f: Figures) -> str:
         f"- Peak traced bytes ÷ body bytes, 8 x 40 MiB bodies in flight: "
         f"{_fmt(hi.get('memory.peak_ratio'), ' x', 2)} per in-flight response "
         "(raw aiohttp is about 3.75x)",
-        f"- Max event-loop lag while decoding them: {_fmt(hi.get('loop.lag_ms'), ' ms', 1)}",
+        f"- Max event-loop lag while decoding them: {_fmt(hi.get('loop.lag_ms'), ' ms', 1)} "
+        f"(the same eight decoded on the loop: {_fmt(hi.get('loop.lag_on_loop_ms'), ' ms', 1)})",
         f"- Decompression bomb (1 GiB of zeros, gzip): {v.get('bomb', 'not measured')}",
         "",
         "## Secret exposure",
@@ -335,9 +336,10 @@ _RULES = [
     "error, attempt, elapsed, request id), INFO per retry; `FRIENDLI_LOG=debug` turns "
     "it on. No record, error, result or repr contains the token.",
     "- **Known differences from RELIABILITY.md**: an unknown keyword argument is Python's "
-    "own `TypeError` (it names the keyword; nothing is sent). The 10 ms-ticker loop-lag "
-    "bound is asserted at 400 ms because other test runs share the machine; the measured "
-    "value is reported above against the 50 ms target. Scenario 38's \"401 on the first "
+    "own `TypeError` (it names the keyword; nothing is sent). Large bodies are asserted "
+    "to decode off the event loop's thread; the 10 ms ticker's lag is not asserted, since "
+    "other test runs share the machine: it is reported above against the 50 ms target, "
+    "beside the lag of the same decodes on the loop. Scenario 38's \"401 on the first "
     'item stops new dispatches" is a property of the batch API and is tested with it.',
     "",
 ]
