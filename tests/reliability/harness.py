@@ -148,9 +148,10 @@ def render_report(f: Figures) -> str:
         f"- Default policy: {int(c.get('ambiguous.resent.default', 0))} resends of a POST "
         "the server had read, every one through the single reconnect of a broken *reused* "
         "keep-alive connection (the benign idle-close race looks identical to the client), "
-        "each result flagged `maybe_duplicated`; a drop on a fresh connection is never "
-        "resent. In a keep-alive fan-out nearly every connection is reused, so this "
-        "reconnect, not `maybe_processed`, is what most read-then-dropped requests meet.",
+        "each such item flagged (`maybe_duplicated`, or `maybe_processed` when the "
+        "reconnect was dropped too); a drop on a fresh connection is never resent. In a "
+        "keep-alive fan-out nearly every connection is reused, so this reconnect, not "
+        "`maybe_processed`, is what most read-then-dropped requests meet.",
         f"- Calls ending in a typed error flagged `maybe_processed`: "
         f"{int(c.get('ambiguous.flagged', 0))}",
         f"- With `retry_ambiguous=True`: {int(c.get('ambiguous.resent.optin', 0))} resends, "

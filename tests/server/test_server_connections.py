@@ -98,6 +98,7 @@ async def test_slowloris_heads_time_out_while_real_requests_are_served(late: Lat
     assert max(times) <= late(header_timeout)
     assert stats.timed_out_connections == 200
     figure("slowloris.connections", len(times))
+    figure("slowloris.header_timeout_s", header_timeout)
     figure("slowloris.real_request_s", round(latency, 3))
     figure("slowloris.closed_after_max_s", round(max(times), 3))
 
