@@ -10,6 +10,8 @@
 - ``mock_http``: ``aioresponses`` patched to build responses on aiohttp 3.14+.
 - ``fast_retry``: a retry policy with millisecond backoff, to keep retry tests fast.
 - ``dev_mode_stderr``: a child's stderr without asyncio debug mode's slow-callback reports.
+- ``late``: the latest a timer may be seen to fire on a loaded machine, for checks where
+  time is the behaviour (a timeout fires, an idle connection closes).
 """
 
 from __future__ import annotations
@@ -119,6 +121,18 @@ def probe_token() -> str:
 def fast_retry() -> RetryConfig:
     """Three attempts with millisecond backoff and no jitter."""
     return RetryConfig(max_attempts=3, initial_delay=0.001, max_delay=0.002, jitter=0.0)
+
+
+def _late(seconds: float) -> float:
+    return seconds * 1.5 + 1.0
+
+
+@pytest.fixture
+def late() -> Callable[[float], float]:
+    """``late(seconds)``: the latest a timer of ``seconds`` may be seen to fire, half as
+    long again plus a second. Two busy loops on two cores stay well inside it; a timer
+    that does not fire, or fires at another setting's time, does not."""
+    return _late
 
 
 # -- the capture server -----------------------------------------------------------------

@@ -17,6 +17,7 @@ import friendli_image
 from friendli_image._cli import build_parser, main
 from friendli_image._formats import sniff_format
 from friendli_image.server import LocalServer, ServerConfig
+from friendli_image.testing import RecordedWaits
 
 
 @pytest.fixture
@@ -408,12 +409,13 @@ def test_a_401_names_the_token_options(
 
 
 def test_unreachable_with_retries_is_one_line(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], friendli_no_wait: RecordedWaits
 ) -> None:
     """Retries against a closed port print nothing per attempt: one line in all."""
     url = f"http://127.0.0.1:{_free_port()}"
     out = str(tmp_path / "x.jpg")
     assert main(["generate", "x", "-o", out, "--server-url", url, "--retries", "2"]) == 3
+    assert len(friendli_no_wait.delays) == 2  # two retries, their backoff recorded, not slept
     captured = capsys.readouterr()
     assert len(captured.err.strip().splitlines()) == 1
     assert "after 3 attempts" in captured.err

@@ -95,7 +95,8 @@ def _server_figures() -> None:
             "server.slowloris",
             f"{values['slowloris.connections']} connections trickling a request head all "
             f"closed after at most {values['slowloris.closed_after_max_s']} s (header "
-            f"timeout 1 s); a real request meanwhile answered in "
+            f"timeout {values.get('slowloris.header_timeout_s', '?')} s); a real request "
+            f"meanwhile answered in "
             f"{values['slowloris.real_request_s']} s"
             + (
                 f"; at a 256-fd limit with stderr a full pipe, "

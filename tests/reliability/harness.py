@@ -146,7 +146,7 @@ def render_report(f: Figures) -> str:
         f"- 5 % transient errors (503 / 429): {v.get('amplification.transient', 'not measured')}",
         f"- Full outage, 1000 concurrent calls: {v.get('amplification.outage', 'not measured')} "
         "(without the retry budget it would be up to `max_attempts` times)",
-        f"- 2000-item batch with faults and a restart: "
+        f"- 2000-item batch with faults and a restart (`retry_ambiguous=True`): "
         f"{v.get('amplification.batch', 'not measured')}",
         "",
         "## Ambiguous POST retries",
@@ -154,9 +154,10 @@ def render_report(f: Figures) -> str:
         f"- Default policy: {int(c.get('ambiguous.resent.default', 0))} resends of a POST "
         "the server had read, every one through the single reconnect of a broken *reused* "
         "keep-alive connection (the benign idle-close race looks identical to the client), "
-        "each result flagged `maybe_duplicated`; a drop on a fresh connection is never "
-        "resent. In a keep-alive fan-out nearly every connection is reused, so this "
-        "reconnect, not `maybe_processed`, is what most read-then-dropped requests meet.",
+        "each such item flagged (`maybe_duplicated`, or `maybe_processed` when the "
+        "reconnect was dropped too); a drop on a fresh connection is never resent. In a "
+        "keep-alive fan-out nearly every connection is reused, so this reconnect, not "
+        "`maybe_processed`, is what most read-then-dropped requests meet.",
         f"- Calls ending in a typed error flagged `maybe_processed`: "
         f"{int(c.get('ambiguous.flagged', 0))}",
         f"- With `retry_ambiguous=True`: {int(c.get('ambiguous.resent.optin', 0))} resends, "
@@ -195,7 +196,8 @@ def render_report(f: Figures) -> str:
         f"- Peak traced bytes ÷ body bytes, 8 x 40 MiB bodies in flight: "
         f"{_fmt(hi.get('memory.peak_ratio'), ' x', 2)} per in-flight response "
         "(raw aiohttp is about 3.75x)",
-        f"- Max event-loop lag while decoding them: {_fmt(hi.get('loop.lag_ms'), ' ms', 1)}",
+        f"- Max event-loop lag while decoding them: {_fmt(hi.get('loop.lag_ms'), ' ms', 1)} "
+        f"(the same eight decoded on the loop: {_fmt(hi.get('loop.lag_on_loop_ms'), ' ms', 1)})",
         f"- Decompression bomb (1 GiB of zeros, gzip): {v.get('bomb', 'not measured')}",
         "",
         "## Secret exposure",
@@ -205,10 +207,11 @@ def render_report(f: Figures) -> str:
         f"{int(c.get('secret.log_records', 0))} log records",
         f"- Occurrences of the token found: {int(c.get('secret.found', 0))} (target 0)",
         "",
-        "## Batch (2000 items, C=64, faults, one restart)",
+        "## Batch",
         "",
-        f"- {v.get('batch', 'not measured')}",
-        f"- With `retry_ambiguous=True`: {v.get('batch.optin', 'not measured')}",
+        f"- With `retry_ambiguous=True`, through faults and a restart: "
+        f"{v.get('batch.optin', 'not measured')}",
+        f"- Default policy, requests dropped after the read: {v.get('batch', 'not measured')}",
         "",
         "## Sync facade",
         "",
@@ -370,9 +373,10 @@ _RULES = [
     "`Credential`; `run_server` (`friendli-image serve`) keeps none; an `X-Request-ID` "
     "over 200 characters is not echoed.",
     "- **Known differences from RELIABILITY.md**: an unknown keyword argument is Python's "
-    "own `TypeError` (it names the keyword; nothing is sent). The 10 ms-ticker loop-lag "
-    "bound is asserted at 400 ms because other test runs share the machine; the measured "
-    "value is reported above against the 50 ms target. Scenario 38's \"401 on the first "
+    "own `TypeError` (it names the keyword; nothing is sent). Large bodies are asserted "
+    "to decode off the event loop's thread; the 10 ms ticker's lag is not asserted, since "
+    "other test runs share the machine: it is reported above against the 50 ms target, "
+    "beside the lag of the same decodes on the loop. Scenario 38's \"401 on the first "
     'item stops new dispatches" is a property of the batch API and is tested with it.',
     "",
 ]

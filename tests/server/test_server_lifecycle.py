@@ -39,31 +39,14 @@ async def _until(condition: Callable[[], bool]) -> None:
     raise AssertionError("condition not met within 5 s")
 
 
-async def test_gpu_slots_queue_requests(session: aiohttp.ClientSession) -> None:
-    """With one GPU slot, two concurrent requests take about twice the simulated compute."""
-    config = ServerConfig(image_size=8, max_concurrency=1, step_latency_ms=20)
-    async with LocalServer(config) as srv:
-
-        async def one() -> None:
-            body = {"prompt": "p", "num_inference_steps": 10}
-            async with session.post(srv.url + GENERATE, json=body) as resp:
-                assert resp.status == 200
-
-        started = time.monotonic()
-        await one()
-        single = time.monotonic() - started
-        started = time.monotonic()
-        await asyncio.gather(one(), one())
-        double = time.monotonic() - started
-        assert srv.stats.max_in_flight == 2
-    assert single >= 0.2
-    assert double >= 0.4
-    assert double >= 1.7 * single
-
-
-async def test_gpu_slots_run_in_parallel(session: aiohttp.ClientSession) -> None:
-    """With two GPU slots, two concurrent requests take about one request's compute."""
-    config = ServerConfig(image_size=8, max_concurrency=2, step_latency_ms=20)
+@pytest.mark.parametrize("slots", [1, 2])
+async def test_gpu_slots_queue_or_run_in_parallel(
+    session: aiohttp.ClientSession, slots: int
+) -> None:
+    """Two concurrent requests of one compute each: one GPU slot runs them one after the
+    other (two computes at the least), two slots side by side (under two computes)."""
+    compute = 0.5  # 10 steps of 50 ms: against a loaded machine's overhead, half a compute
+    config = ServerConfig(image_size=8, max_concurrency=slots, step_latency_ms=50)
     async with LocalServer(config) as srv:
         body = {"prompt": "p", "num_inference_steps": 10}
 
@@ -73,7 +56,12 @@ async def test_gpu_slots_run_in_parallel(session: aiohttp.ClientSession) -> None
 
         started = time.monotonic()
         await asyncio.gather(one(), one())
-        assert time.monotonic() - started < 0.38
+        elapsed = time.monotonic() - started
+        assert srv.stats.max_in_flight == 2
+    if slots == 1:
+        assert elapsed >= 2 * compute
+    else:
+        assert compute <= elapsed < 2 * compute
 
 
 async def test_client_disconnect_is_recorded(session: aiohttp.ClientSession) -> None:
