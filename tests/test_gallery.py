@@ -6,6 +6,7 @@ import base64
 import hashlib
 import html
 import io
+import json
 import os
 import re
 import shutil
@@ -312,13 +313,18 @@ def test_the_page_in_headless_chromium(batch_gallery: Path, tmp_path: Path) -> N
     assert "#3" in failed[0]
     assert len(list((batch_gallery / ".thumbs").iterdir())) == 199
 
+    # One item's file name (its request digest): a word no other tile has.
+    lines = (batch_gallery / "manifest.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    name = next(record["file"] for record in records if record["index"] == 17)
     filtered = _run_chromium(
-        binary, tmp_path / "profile", "--dump-dom", url + "#q=000017-%20OK"
+        binary, tmp_path / "profile", "--dump-dom", f"{url}#q={name[:12]}%20OK"
     ).stdout.decode()
     assert 'id="count">1 of 200 shown<' in filtered
     visible = re.findall(r'<article class="tile ok"[^>]*?data-search="([^"]*)">', filtered)
     assert len(visible) == 1
-    assert "000017-" in visible[0]
+    assert "variation 17" in visible[0]
+    assert name[:12].lower() in visible[0]
     assert len(re.findall(r'<article class="tile [a-z]+"[^>]* hidden', filtered)) == 199
 
     shot = tmp_path / "gallery.png"
