@@ -42,12 +42,11 @@ from ._models import (
     BatchProgress,
     BatchResult,
     ContainerImageGenerateSuccess,
-    EditRequest,
     EndpointStats,
-    GenerateRequest,
     ImageInput,
     ImageResult,
 )
+from ._requests import EditRequest, GenerateRequest
 from ._sync import SyncBatch, SyncFriendli
 from ._telemetry import ErrorEvent, Hooks, RequestEvent, ResponseEvent, RetryEvent, Telemetry
 from ._version import __version__

@@ -62,13 +62,10 @@ from ._models import (
     BatchOptions,
     BatchProgress,
     BatchResult,
-    EditRequest,
-    GenerateRequest,
     ImageResult,
-    RequestModel,
     RequestPath,
-    public_fields,
 )
+from ._requests import EditRequest, GenerateRequest, RequestModel, public_fields
 from ._store import (
     BatchStore,
     Occurrences,

@@ -68,14 +68,8 @@ from ._fleet import (
     failover_kind,
     parse_servers,
 )
-from ._models import (
-    AttemptGate,
-    AttemptOutcome,
-    EndpointStats,
-    ImageResult,
-    RequestModel,
-    RequestPath,
-)
+from ._models import AttemptGate, AttemptOutcome, EndpointStats, ImageResult, RequestPath
+from ._requests import RequestModel
 from ._resources import Container
 from ._retry import RetryBudget, RetryState, server_wait
 from ._telemetry import Hooks, Instrumentation, Telemetry

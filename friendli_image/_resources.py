@@ -17,15 +17,8 @@ import attrs
 from ._batch import Batch, BatchOperation
 from ._config import NO_OVERRIDES, UNSET, CallOverrides, Unset
 from ._exceptions import FriendliArgumentError
-from ._models import (
-    BatchOptions,
-    EditRequest,
-    GenerateRequest,
-    ImageResult,
-    RequestPath,
-    RequestSpec,
-    ResponseFormat,
-)
+from ._models import BatchOptions, ImageResult, RequestPath
+from ._requests import EditRequest, GenerateRequest, RequestSpec, ResponseFormat
 
 if TYPE_CHECKING:
     from ._config import RetryConfig

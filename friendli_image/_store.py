@@ -66,7 +66,7 @@ if sys.platform != "win32":
     import fcntl
 
 if TYPE_CHECKING:
-    from ._models import EditRequest, GenerateRequest
+    from ._requests import EditRequest, GenerateRequest
 
 __all__ = [
     "GALLERY_NAME",

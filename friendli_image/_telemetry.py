@@ -43,7 +43,8 @@ from ._exceptions import (
     FriendliTimeoutError,
     FriendliValidationError,
 )
-from ._models import BatchProgress, EditRequest, EndpointStats, ImageResult, RequestModel
+from ._models import BatchProgress, EndpointStats, ImageResult
+from ._requests import EditRequest, RequestModel
 from ._version import __version__
 
 if TYPE_CHECKING:

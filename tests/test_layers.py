@@ -18,6 +18,7 @@ PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "friendli_image"
 LAYERS: tuple[frozenset[str], ...] = (
     frozenset({"_version", "_clock", "_exceptions", "_formats", "_config"}),
     frozenset({"_images"}),
+    frozenset({"_requests"}),
     frozenset({"_models"}),
     frozenset({"_serde", "_compat", "models", "testing", "utils"}),
     frozenset({"_retry"}),
