@@ -36,17 +36,9 @@ from ._exceptions import (
 )
 from ._fleet import Endpoint, FleetConfig
 from ._gallery import write_gallery
-from ._models import (
-    BatchItem,
-    BatchOptions,
-    BatchProgress,
-    BatchResult,
-    ContainerImageGenerateSuccess,
-    EndpointStats,
-    ImageInput,
-    ImageResult,
-)
+from ._models import BatchItem, BatchOptions, BatchProgress, BatchResult, EndpointStats, ImageInput
 from ._requests import EditRequest, GenerateRequest
+from ._results import ContainerImageGenerateSuccess, ImageResult
 from ._sync import SyncBatch, SyncFriendli
 from ._telemetry import ErrorEvent, Hooks, RequestEvent, ResponseEvent, RetryEvent, Telemetry
 from ._version import __version__

@@ -62,10 +62,10 @@ from ._models import (
     BatchOptions,
     BatchProgress,
     BatchResult,
-    ImageResult,
     RequestPath,
 )
 from ._requests import EditRequest, GenerateRequest, RequestModel, public_fields
+from ._results import ImageResult
 from ._store import (
     BatchStore,
     Occurrences,

@@ -68,9 +68,10 @@ from ._fleet import (
     failover_kind,
     parse_servers,
 )
-from ._models import AttemptGate, AttemptOutcome, EndpointStats, ImageResult, RequestPath
+from ._models import AttemptGate, AttemptOutcome, EndpointStats, RequestPath
 from ._requests import RequestModel
 from ._resources import Container
+from ._results import ImageResult
 from ._retry import RetryBudget, RetryState, server_wait
 from ._telemetry import Hooks, Instrumentation, Telemetry
 from ._transport import Connector, Transport

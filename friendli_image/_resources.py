@@ -17,8 +17,9 @@ import attrs
 from ._batch import Batch, BatchOperation
 from ._config import NO_OVERRIDES, UNSET, CallOverrides, Unset
 from ._exceptions import FriendliArgumentError
-from ._models import BatchOptions, ImageResult, RequestPath
+from ._models import BatchOptions, RequestPath
 from ._requests import EditRequest, GenerateRequest, RequestSpec, ResponseFormat
+from ._results import ImageResult
 
 if TYPE_CHECKING:
     from ._config import RetryConfig

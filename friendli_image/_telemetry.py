@@ -43,8 +43,9 @@ from ._exceptions import (
     FriendliTimeoutError,
     FriendliValidationError,
 )
-from ._models import BatchProgress, EndpointStats, ImageResult
+from ._models import BatchProgress, EndpointStats
 from ._requests import EditRequest, RequestModel
+from ._results import ImageResult
 from ._version import __version__
 
 if TYPE_CHECKING:

@@ -47,8 +47,8 @@ from ._exceptions import (
     warn_at_caller,
 )
 from ._formats import image_dimensions, sniff_format
-from ._models import ImageResult
 from ._requests import RequestModel
+from ._results import ImageResult
 from ._retry import parse_retry_after
 from ._serde import dumps_request
 

@@ -28,7 +28,6 @@ from ._exceptions import FriendliResponseError as ResponseValidationError
 from ._exceptions import FriendliStatusCodeError as FriendliCoreError
 from ._exceptions import FriendliStatusCodeError as SDKError
 from ._models import ImageInput
-from ._models import ImageResult as ContainerImageGenerateSuccess
 from ._requests import (
     ContainerImageEditBodyImage,
     ContainerImageEditBodyImageTypedDict,
@@ -45,6 +44,7 @@ from ._requests import (
 )
 from ._requests import EditRequest as ContainerImageEditBody
 from ._requests import GenerateRequest as ContainerImageGenerationBody
+from ._results import ImageResult as ContainerImageGenerateSuccess
 
 __all__ = [
     "CONTAINER_IMAGES_EDIT_OP_SERVERS",

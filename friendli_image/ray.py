@@ -45,9 +45,9 @@ from ._client import AsyncFriendli
 from ._config import Secret, check_count, hide_credentials
 from ._exceptions import FriendliUsageError, FriendliValidationError
 from ._fleet import Endpoint
-from ._models import ImageResult
 from ._requests import MAX_SEED, EditRequest, GenerateRequest
 from ._resources import EDITS_PATH, GENERATIONS_PATH
+from ._results import ImageResult
 from ._store import Location, request_digest, row_image_name
 
 __all__ = [

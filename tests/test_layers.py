@@ -19,6 +19,7 @@ LAYERS: tuple[frozenset[str], ...] = (
     frozenset({"_version", "_clock", "_exceptions", "_formats", "_config"}),
     frozenset({"_images"}),
     frozenset({"_requests"}),
+    frozenset({"_results"}),
     frozenset({"_models"}),
     frozenset({"_serde", "_compat", "models", "testing", "utils"}),
     frozenset({"_retry"}),
