@@ -142,7 +142,7 @@ STEPS = (
     ("base64 decode (_decode_image)", "_decode_image", None),
     ("format sniffing (sniff_format)", "sniff_format", None),
     ("JPEG dimensions (image_dimensions)", "image_dimensions", None),
-    ("the result object (ImageResult.__init__)", "@friendli_image._models.ImageResult", None),
+    ("the result object (ImageResult.__init__)", "@friendli_image._results.ImageResult", None),
     ("the harness's semaphore (asyncio/locks.py)", "@asyncio/locks.py", "guarded"),
 )
 

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 import attrs
 
+from ._batch_models import EndpointStats
 from ._config import (
     DEFAULT_MAX_CONNECTIONS,
     DEFAULT_MAX_RESPONSE_BYTES,
@@ -68,7 +69,7 @@ from ._fleet import (
     failover_kind,
     parse_servers,
 )
-from ._models import AttemptGate, AttemptOutcome, EndpointStats, RequestPath
+from ._request_path import AttemptGate, AttemptOutcome, RequestPath
 from ._requests import RequestModel
 from ._resources import Container
 from ._results import ImageResult

@@ -27,7 +27,7 @@ from ._exceptions import FriendliHTTPValidationError as HTTPValidationError
 from ._exceptions import FriendliResponseError as ResponseValidationError
 from ._exceptions import FriendliStatusCodeError as FriendliCoreError
 from ._exceptions import FriendliStatusCodeError as SDKError
-from ._models import ImageInput
+from ._images import ImageInput
 from ._requests import (
     ContainerImageEditBodyImage,
     ContainerImageEditBodyImageTypedDict,

@@ -764,7 +764,8 @@ async def test_an_unexpected_exception_in_an_item_is_raised_by_the_iterator() ->
     """A defect (not an API failure) ends the batch with that exception, and the other
     items in flight are cancelled rather than left running."""
     from friendli_image._batch import Batch, BatchOperation
-    from friendli_image._models import BatchOptions, RequestPath
+    from friendli_image._batch_models import BatchOptions
+    from friendli_image._request_path import RequestPath
     from friendli_image._requests import GenerateRequest
     from friendli_image._resources import GENERATIONS_PATH
 

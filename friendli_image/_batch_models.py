@@ -1,8 +1,6 @@
-"""Value models: request bodies, call results, batch outcomes, and the request path.
+"""Batch types: options, items, progress, results and endpoint snapshots, and their display.
 
 Models are frozen attrs classes: immutable, slotted, safe to share between threads.
-Request models validate (and coerce image inputs) at construction, so a bad value fails
-before any I/O; they are the one definition of each operation's fields.
 """
 
 from __future__ import annotations
@@ -11,43 +9,31 @@ import importlib.util
 import math
 import os
 import pathlib
-from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Final, Literal, Protocol, TypeAlias
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, Final, Literal, TypeAlias
 
 import attrs
 
-from ._config import CallOptions, CallOverrides, check_count, hide_credentials
+from ._config import CallOverrides, check_count, hide_credentials
 from ._exceptions import (
     FriendliAPIError,
     FriendliBatchAborted,
     FriendliError,
     FriendliValidationError,
 )
-from ._images import ImageInput
-from ._requests import RequestModel
 from ._results import ImageResult
-
-if TYPE_CHECKING:
-    pass
 
 __all__ = [
     "NOTEBOOK_ROWS",
     "OUTPUT_FORMATS",
-    "AttemptGate",
-    "AttemptOutcome",
     "BatchItem",
-    "BatchMonitor",
     "BatchOptions",
     "BatchProgress",
     "BatchResult",
     "BatchStatus",
-    "ImageInput",
     "OutputFormat",
-    "RequestPath",
 ]
 
-
-# -- batches -------------------------------------------------------------------------------
 
 BatchStatus: TypeAlias = Literal["ok", "failed", "skipped", "resumed"]
 #: How a batch stores its images in ``out_dir`` (`BatchOptions.output_format`).
@@ -359,64 +345,6 @@ class BatchResult:
 
     def _repr_html_(self) -> str:
         return _batch_html(self)  # Jupyter shows a table of the items
-
-
-# -- the request path ------------------------------------------------------------------------
-
-AttemptOutcome: TypeAlias = Literal["ok", "rate_limited", "other"]
-
-
-class AttemptGate(Protocol):
-    """Admission to each attempt of a call (a batch's adaptive in-flight limit).
-
-    The client's retry loop acquires the gate before every attempt and releases it
-    with how the attempt went, so the gate sees every 429, retried ones included.
-    ``acquire`` may raise to stop the call (the batch stopped); that exception passes
-    through the retry loop unchanged.
-    """
-
-    async def acquire(self) -> int:
-        """Wait for admission; return a ticket to hand back to `release`."""
-        ...
-
-    def release(
-        self, ticket: int, outcome: AttemptOutcome, retry_after: float | None = None
-    ) -> None:
-        """Hand the admission back, with the attempt's outcome."""
-        ...
-
-
-class BatchMonitor(Protocol):
-    """What a batch tells the client's telemetry: each finished item, and that it ended."""
-
-    def item(self, status: str) -> None:
-        """One item finished with ``status`` (a `BatchItem.status`)."""
-        ...
-
-    def close(self) -> None:
-        """The batch ended."""
-        ...
-
-
-def _no_monitor(_progress: Callable[[], BatchProgress]) -> BatchMonitor | None:
-    return None
-
-
-@attrs.frozen
-class RequestPath:
-    """A client's one request path, as the resources and the batch engine use it.
-
-    ``send`` runs one call through the retry loop (every attempt admitted by ``gate``
-    when given); ``resolve`` turns per-call options into the call's settings;
-    ``endpoints`` reports the client's endpoints.
-    """
-
-    send: Callable[[str, RequestModel, CallOptions, AttemptGate | None], Awaitable[ImageResult]]
-    resolve: Callable[[CallOverrides], CallOptions]
-    endpoints: Callable[[], tuple[EndpointStats, ...]] = tuple
-    """A snapshot of the client's endpoints (for the batch progress)."""
-    monitor_batch: Callable[[Callable[[], BatchProgress]], BatchMonitor | None] = _no_monitor
-    """A monitor for a batch's metrics, given its progress (None: no metric is collected)."""
 
 
 # -- display in notebooks: pictures without Pillow, batches as tables --------------------
