@@ -14,7 +14,7 @@ from typing import Any, Final, Literal, TypeAlias
 
 import attrs
 
-from ._config import CallOverrides, check_count, hide_credentials
+from ._config import CallOverrides, check_count
 from ._exceptions import (
     FriendliAPIError,
     FriendliBatchAborted,
@@ -22,6 +22,7 @@ from ._exceptions import (
     FriendliValidationError,
 )
 from ._results import ImageResult
+from ._secrets import hide_credentials
 
 __all__ = [
     "NOTEBOOK_ROWS",

@@ -44,14 +44,11 @@ from ._config import (
     check_count,
     check_headers,
     check_server_url,
-    check_token,
     env_server_url,
     env_token,
     resolve_retries,
-    split_authorization,
     ssl_setting,
     timeout_from_ms,
-    token_source,
 )
 from ._exceptions import (
     FriendliAPIError,
@@ -74,6 +71,7 @@ from ._requests import RequestModel
 from ._resources import Container
 from ._results import ImageResult
 from ._retry import RetryBudget, RetryState, server_wait
+from ._secrets import check_token, split_authorization, token_source
 from ._telemetry import Hooks, Instrumentation, Telemetry
 from ._transport import Connector, Transport
 from ._version import __version__

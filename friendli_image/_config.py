@@ -19,9 +19,9 @@ from typing import Any, Final, Protocol, runtime_checkable
 import attrs
 
 from ._exceptions import FriendliValidationError, warn_at_caller
+from ._secrets import AUTHORIZATION, Secret, hide_credentials, split_authorization
 
 __all__ = [
-    "AUTHORIZATION",
     "DEFAULT_MAX_CONNECTIONS",
     "DEFAULT_MAX_RESPONSE_BYTES",
     "DEFAULT_SERVER_URL",
@@ -39,22 +39,17 @@ __all__ = [
     "DebugLogger",
     "OfficialRetryConfig",
     "RetryConfig",
-    "Secret",
     "Timeout",
     "Unset",
     "as_logger",
     "check_count",
     "check_headers",
     "check_server_url",
-    "check_token",
     "env_server_url",
     "env_token",
-    "hide_credentials",
     "resolve_retries",
-    "split_authorization",
     "ssl_setting",
     "timeout_from_ms",
-    "token_source",
 ]
 
 DEFAULT_SERVER_URL = "http://localhost:8000"
@@ -249,61 +244,6 @@ class RetryConfig:
         return cls(max_attempts=1)
 
 
-#: What HTTP forbids in header names and values (RFC 9110 5.5): aiohttp raises a bare
-#: ValueError for them at send time, so they are refused up front.
-_FORBIDDEN_HEADER_CHARS: Final = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
-
-
-class Secret:
-    """Holds a credential (the token, a user's ``Authorization`` value) so that no repr,
-    str or pickle of ours can show it."""
-
-    __slots__ = ("_value",)
-
-    def __init__(self, value: str) -> None:
-        self._value = value
-
-    def reveal(self) -> str:
-        """The credential itself, for the ``Authorization`` header (and redaction) only."""
-        return self._value
-
-    def __repr__(self) -> str:
-        return "'***'"
-
-    def __reduce__(self) -> Any:
-        raise TypeError("the token is not picklable")
-
-
-def token_source(value: Callable[[], str | None]) -> Callable[[], Secret | None]:
-    """Wrap a callable token: each call's token is checked as a static one is."""
-
-    def current() -> Secret | None:
-        return check_token(value())
-
-    return current
-
-
-def check_token(value: str | Secret | None) -> Secret | None:
-    """Wrap the token (None or "" for none), or raise if it cannot go into a header.
-
-    A `Secret` is taken as the token it holds (a `ClientSpec` hands the token on so).
-    """
-    if isinstance(value, Secret):
-        value = value.reveal()
-    if value is not None and not isinstance(value, str):
-        raise FriendliValidationError("token", f"must be a str or None, got {type(value)}")
-    if not value:
-        return None
-    if _FORBIDDEN_HEADER_CHARS.search(value):
-        # Typically a trailing newline from a file; the token itself is not shown.
-        raise FriendliValidationError(
-            "token",
-            "contains a line break or control character (often a trailing newline read "
-            "from a file); pass token.strip()",
-        )
-    return Secret(value)
-
-
 def check_server_url(value: object, field: str = "server_url") -> str:
     """Return the URL without a trailing slash, or raise unless it is an http(s) URL.
 
@@ -399,8 +339,6 @@ _CLIENT_OWNED_HEADERS: Final = {
     "trailer": "the request has no trailers",
     "upgrade": "the client speaks HTTP/1.1 only; a protocol upgrade is not supported",
 }
-#: The header a user-supplied ``Authorization`` goes under (see `split_authorization`).
-AUTHORIZATION: Final = "Authorization"
 
 
 def check_headers(value: object) -> dict[str, str]:
@@ -451,31 +389,9 @@ def check_headers(value: object) -> dict[str, str]:
     return checked
 
 
-def hide_credentials(headers: Mapping[str, str | Secret]) -> dict[str, str | Secret]:
-    """A copy of ``headers`` with the ``Authorization`` value held as a `Secret`.
-
-    What keeps headers a user gave (`CallOverrides`, a batch item's request, a Ray
-    `ClientSpec`) keeps them so: no repr, str or pickle of it shows the credential.
-    """
-    return {
-        name: Secret(value)
-        if isinstance(value, str) and name.lower() == AUTHORIZATION.lower()
-        else value
-        for name, value in headers.items()
-    }
-
-
 def _hidden_headers(value: Mapping[str, str | Secret] | None) -> Mapping[str, str | Secret] | None:
     # Anything else is left for the validator to refuse with its message.
     return hide_credentials(value) if isinstance(value, Mapping) else value
-
-
-def split_authorization(headers: dict[str, str]) -> tuple[dict[str, str], Secret | None]:
-    """``headers`` without ``Authorization``, and that header's value as a `Secret`."""
-    if AUTHORIZATION not in headers:
-        return headers, None
-    rest = dict(headers)
-    return rest, Secret(rest.pop(AUTHORIZATION))
 
 
 def ssl_setting(verify: object) -> bool | ssl.SSLContext:

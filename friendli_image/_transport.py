@@ -33,7 +33,7 @@ import pybase64
 from yarl import URL
 
 from ._clock import monotonic
-from ._config import AUTHORIZATION, ENV_TOKEN, CallOptions, ClientSettings, Secret, Timeout
+from ._config import ENV_TOKEN, CallOptions, ClientSettings, Timeout
 from ._exceptions import (
     FriendliAPIError,
     FriendliAPIStatusError,
@@ -42,7 +42,6 @@ from ._exceptions import (
     FriendliResponseTooLarge,
     FriendliTimeoutError,
     FriendliUnprocessableEntityError,
-    Redactor,
     status_error_class,
     warn_at_caller,
 )
@@ -50,6 +49,7 @@ from ._formats import image_dimensions, sniff_format
 from ._requests import RequestModel
 from ._results import ImageResult
 from ._retry import parse_retry_after
+from ._secrets import AUTHORIZATION, Redactor, Secret
 from ._serde import dumps_request
 
 if TYPE_CHECKING:

@@ -21,8 +21,8 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from friendli_image import FriendliConnectionError, FriendliTimeoutError, RetryConfig
-from friendli_image._exceptions import Redactor
 from friendli_image._retry import is_retryable
+from friendli_image._secrets import Redactor
 from friendli_image._transport import _AttemptTrace, _transport_error
 
 URL_ = URL("http://gpu.example:8000/v1/images/generations")
