@@ -74,6 +74,8 @@ __all__ = [
     "MANIFEST_NAME",
     "METADATA_NAME",
     "OUTPUT_FORMATS",
+    "RAY_INDEX_COLUMN",
+    "RAY_MANIFEST_DIR",
     "THUMBS_DIR",
     "UNMATCHED_NAME",
     "BatchStore",
@@ -100,6 +102,10 @@ __all__ = [
 MANIFEST_NAME: Final = "manifest.jsonl"
 #: Records of stored images that match no item of the latest complete run.
 UNMATCHED_NAME: Final = "unmatched.jsonl"
+#: The folder of parquet files ``batch --ray`` writes its manifest to, inside the location.
+RAY_MANIFEST_DIR: Final = "manifest"
+#: The column of that manifest with each request's index in INPUT.
+RAY_INDEX_COLUMN: Final = "_line"
 #: The lock file a running batch holds inside the location.
 LOCK_NAME: Final = ".friendli-batch.lock"
 #: The ``imagefolder`` metadata of a ``files`` location (``file_name`` and every field).
@@ -941,12 +947,18 @@ def read_gallery_inputs(directory: pathlib.Path) -> list[StoredRecord]:
                 if record is not None:
                     latest[record["index"]] = record
     except FileNotFoundError:
+        if (directory / RAY_MANIFEST_DIR).is_dir():
+            return _with_missing(_ray_records(directory / RAY_MANIFEST_DIR))
         raise FriendliUsageError(
             f"{str(path)!r} does not exist; pass the out_dir of a batch "
             "(generate_batch(..., out_dir=...) or 'friendli-image batch --out-dir')"
         ) from None
     except OSError as exc:
         raise FriendliUsageError(f"cannot read {str(path)!r}: {exc}") from exc
+    return _with_missing(latest)
+
+
+def _with_missing(latest: Mapping[int, StoredRecord]) -> list[StoredRecord]:
     entries: list[StoredRecord] = []
     expected = 0
     for index in sorted(latest):
@@ -955,6 +967,41 @@ def read_gallery_inputs(directory: pathlib.Path) -> list[StoredRecord]:
         entries.append(latest[index])
         expected = index + 1
     return entries
+
+
+def _ray_records(manifest: pathlib.Path) -> dict[int, StoredRecord]:
+    """The records of a ``batch --ray`` manifest (parquet), as manifest.jsonl has them."""
+    try:
+        import pyarrow.dataset  # noqa: PLC0415  (the optional ray extra)
+    except ImportError as exc:
+        raise FriendliUsageError(
+            f"{str(manifest)!r} is the parquet manifest of 'batch --ray'; reading it needs "
+            f"pyarrow ({exc}): pip install 'friendli-image[ray]'"
+        ) from None
+    try:
+        data = pyarrow.dataset.dataset(str(manifest), format="parquet")
+        names = set(data.schema.names)
+        wanted = ["status", "prompt", "seed", "uri", "attempts", "latency_s", "error"]
+        columns = [name for name in (*wanted, "error_type", RAY_INDEX_COLUMN) if name in names]
+        latest: dict[int, StoredRecord] = {}
+        for position, row in enumerate(data.to_table(columns=columns).to_pylist()):
+            index = row.get(RAY_INDEX_COLUMN, position)
+            uri = row.get("uri")
+            status = row.get("status")
+            latest[index] = {
+                "index": index,
+                "status": "ok" if status == "resumed" else status,
+                "prompt": row.get("prompt"),
+                "seed": row.get("seed"),
+                "file": valid_name(uri.rsplit("/", 1)[-1]) if isinstance(uri, str) else None,
+                "attempts": row.get("attempts"),
+                "elapsed": row.get("latency_s"),
+                "error": row.get("error"),
+                "error_type": row.get("error_type"),
+            }
+    except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError
+        raise FriendliUsageError(f"cannot read {str(manifest)!r}: {exc}") from exc
+    return latest
 
 
 # -- --no-resume ------------------------------------------------------------------------------

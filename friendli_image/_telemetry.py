@@ -227,7 +227,7 @@ class Telemetry:
     application sets them up (looked for at most once a second) and costs next to nothing
     until then.
 
-    Args:
+    Attributes:
         enabled: False: this client makes no spans and records no metrics.
         record_prompt: record the prompt on the call span (``gen_ai.input.messages``).
             None (the default) follows ``OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT``

@@ -34,6 +34,7 @@ import asyncio
 import contextlib
 import hashlib
 import inspect
+import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Final
@@ -44,7 +45,7 @@ import pyarrow as pa
 from ._client import AsyncFriendli
 from ._config import check_count
 from ._exceptions import FriendliUsageError, FriendliValidationError
-from ._fleet import Endpoint
+from ._fleet import Endpoint, parse_servers
 from ._requests import MAX_SEED, EditRequest, GenerateRequest
 from ._resources import EDITS_PATH, GENERATIONS_PATH
 from ._results import ImageResult
@@ -52,10 +53,12 @@ from ._secrets import Secret, hide_credentials
 from ._store import Location, request_digest, row_image_name
 
 __all__ = [
+    "ACTOR_CPUS",
     "OUTPUT_SCHEMA",
     "ClientSpec",
     "ImageStage",
     "actor_pool",
+    "default_num_cpus",
     "generate_images",
     "seed_for",
 ]
@@ -154,8 +157,8 @@ class ImageStage:
 
     Args:
         server_url: the endpoint (a URL); passed to `AsyncFriendli` with
-            ``client_options``. A list of URLs is passed unchanged, for clients that
-            route over a fleet.
+            ``client_options``. A fleet (a list of URLs or `Endpoint`, or one
+            comma-separated string) gets the per-endpoint share on each endpoint.
         out_dir: where images go: a local path or any fsspec URI (``s3://bucket/x``,
             ``gs://...``, ``memory://...``). Each image is named
             ``<id>-<digest><ext>`` from ``id_column`` (quoted for safety) and the first
@@ -218,9 +221,17 @@ class ImageStage:
             options["server_url"] = server_url
         urls = options.get("server_url")
         endpoints = 1
-        if urls is not None and not isinstance(urls, str):
-            options["server_url"] = urls = list(urls)
-            endpoints = max(1, len(urls))
+        if urls is not None:
+            # A fleet is a list or a comma-separated string: either way the per-endpoint
+            # share applies to each of its endpoints, not to the fleet as one.
+            fleet = (
+                [endpoint.url for endpoint in parse_servers(urls)]
+                if isinstance(urls, str) and "," in urls
+                else urls
+            )
+            if not isinstance(fleet, str):
+                options["server_url"] = urls = list(fleet)
+                endpoints = max(1, len(urls))
         self._per_endpoint = max(1, per_endpoint_limit // num_actors)
         self._spec = ClientSpec(options, self._per_endpoint, endpoints)
         self._factory = client_factory or _default_client
@@ -372,7 +383,11 @@ class ImageStage:
                     out["latency_s"] = 0.0
                     return out
             endpoint = fields.get("server_url")
-            key = endpoint if isinstance(endpoint, str) else _endpoint_key(client)
+            if isinstance(endpoint, str):
+                key = endpoint
+            else:
+                # Over a fleet the client holds each endpoint to this actor's share.
+                key = _FLEET if self._spec.endpoints > 1 else client.server_url
             out["endpoint"] = key if key != _FLEET else None
             image = client.container.image
             call = image.edit if isinstance(request, EditRequest) else image.generate
@@ -429,11 +444,6 @@ class ImageStage:
 _FLEET: Final = "<fleet>"
 
 
-def _endpoint_key(client: AsyncFriendli) -> str:
-    url = client.server_url
-    return url if isinstance(url, str) else _FLEET
-
-
 def _as_table(batch: Any) -> pa.Table:
     if isinstance(batch, pa.Table):
         return batch
@@ -474,6 +484,82 @@ def actor_pool(size: int, calls_per_actor: int = 4) -> Any:
     return strategy(size=size, max_tasks_in_flight_per_actor=calls_per_actor)
 
 
+#: The most CPU one actor reserves by default: it waits on the network, not the CPU.
+ACTOR_CPUS: Final = 0.25
+#: The largest share of the cluster's CPUs the pool reserves by default, so that the
+#: tasks reading and transforming the input (1 CPU each) always find one.
+_POOL_CPU_SHARE: Final = 0.25
+#: Ray's resource granularity.
+_RESOLUTION: Final = 10_000
+
+
+def _ray() -> Any:
+    _ray_data()  # says how to install Ray when it is missing
+    import ray  # noqa: PLC0415  (the optional ray extra)
+
+    if not ray.is_initialized():
+        ray.init()  # what Ray Data itself does on its first run
+    return ray
+
+
+def default_num_cpus(cluster_cpus: float, num_actors: int) -> float:
+    """The CPUs each actor reserves when ``map_batches_options`` name none.
+
+    ``min(0.25, cluster_cpus / 4 / num_actors)``, rounded down to Ray's 1/10,000: the
+    whole pool reserves at most a quarter of the cluster's CPUs, so it never takes the
+    CPUs the tasks that read the input need (on 2 CPUs, 16 actors reserve 0.0312 each).
+    """
+    share = math.floor(cluster_cpus * _POOL_CPU_SHARE / num_actors * _RESOLUTION) / _RESOLUTION
+    return min(ACTOR_CPUS, share)
+
+
+def _bundle(options: Mapping[str, Any]) -> dict[str, float]:
+    """One actor's resources as a placement-group bundle (zero amounts left out)."""
+    wanted = {
+        "CPU": options.get("num_cpus"),
+        "GPU": options.get("num_gpus"),
+        "memory": options.get("memory"),
+        **dict(options.get("resources") or {}),
+    }
+    return {name: float(amount) for name, amount in wanted.items() if amount}
+
+
+def _check_placement(ray: Any, num_actors: int, options: Mapping[str, Any], timeout: float) -> None:
+    """Raise `FriendliUsageError` unless the cluster places the pool (and one CPU for the
+    tasks that read the input) within ``timeout`` seconds."""
+    from ray.util import placement_group, remove_placement_group  # noqa: PLC0415
+
+    actor = _bundle(options)
+    bundles = [actor] * num_actors if actor else []
+    bundles.append({"CPU": 1.0})
+    total = {name: float(amount) for name, amount in ray.cluster_resources().items()}
+    needed: dict[str, float] = {}
+    for bundle in bundles:
+        for name, amount in bundle.items():
+            needed[name] = needed.get(name, 0.0) + amount
+    short = any(total.get(name, 0.0) + 1e-9 < amount for name, amount in needed.items())
+    if not short:
+        group = placement_group(bundles, strategy="PACK")
+        try:
+            if group.wait(timeout_seconds=timeout):
+                return
+        finally:
+            remove_placement_group(group)
+    free = ray.available_resources()
+
+    def shown(resources: Mapping[str, float]) -> str:
+        return ", ".join(f"{name} {resources.get(name, 0.0):g}" for name in sorted(needed))
+
+    raise FriendliUsageError(
+        f"the Ray cluster cannot place {num_actors} actor(s) of {actor or 'no resources'} "
+        f"and 1 CPU for the tasks that read the input"
+        f"{'' if short else f' within {timeout:g} s'}: it has {shown(total)} in total, "
+        f"{shown(free)} free. Lower num_actors, ask less per actor "
+        "(map_batches_options={'num_cpus': 0.1}: an actor mostly waits on the network), add "
+        "nodes, or pass placement_timeout=None to wait (an autoscaling cluster)"
+    )
+
+
 def generate_images(
     ds: Any,
     server_url: str | Sequence[str] | None = None,
@@ -482,22 +568,44 @@ def generate_images(
     calls_per_actor: int = 2,
     batch_size: int = 64,
     map_batches_options: Mapping[str, Any] | None = None,
+    placement_timeout: float | None = 20.0,
     **stage_options: Any,
 ) -> Any:
     """``ds.map_batches`` with `ImageStage` on an actor pool of ``num_actors``.
 
     ``stage_options`` are `ImageStage`'s arguments; they are checked here, on the
     driver, before anything runs. ``map_batches_options`` go to ``map_batches``
-    (``num_cpus``, ``max_task_retries``...). Returns the lazy output Dataset; its rows are
-    the manifest: ``.write_parquet(...)`` it.
+    (``num_cpus``, ``num_gpus``, ``resources``, ``max_task_retries``...). Without
+    ``num_cpus`` each actor reserves `default_num_cpus` (at most 0.25, and the whole pool
+    at most a quarter of the cluster's CPUs), so the pool runs on a laptop.
+
+    Before returning, the cluster must be able to place the pool and one CPU for the
+    tasks that read the input, within ``placement_timeout`` seconds: otherwise
+    `FriendliUsageError` says what it lacks, instead of a job that waits forever for
+    actors. None skips the check (an autoscaling cluster that adds nodes on demand).
+
+    Returns the lazy output Dataset; its rows are the manifest: ``.write_parquet(...)``
+    it.
     """
     kwargs = {"server_url": server_url, "num_actors": num_actors, **stage_options}
     ImageStage(**kwargs)  # validates the options where the user can see the error
+    if placement_timeout is not None and not placement_timeout > 0:
+        raise FriendliUsageError(
+            f"placement_timeout must be a positive number of seconds or None, got "
+            f"{placement_timeout!r}"
+        )
+    ray = _ray()
+    options = dict(map_batches_options or {})
+    if options.get("num_cpus") is None:
+        cpus = float(ray.cluster_resources().get("CPU", 0.0))
+        options["num_cpus"] = default_num_cpus(cpus, num_actors)
+    if placement_timeout is not None:
+        _check_placement(ray, num_actors, options, placement_timeout)
     return ds.map_batches(
         ImageStage,
         fn_constructor_kwargs=kwargs,
         batch_size=batch_size,
         batch_format="pyarrow",
         compute=actor_pool(num_actors, calls_per_actor),
-        **dict(map_batches_options or {}),
+        **options,
     )

@@ -150,7 +150,7 @@ def _status(status: int, retry_after: float | None = None) -> FriendliServerErro
         (_status(503), True),
         (_status(502), True),
         (_status(504), True),
-        (FriendliServerError("x", status=408), True),
+        (FriendliServerError("x", status=408), False),  # as the official SDK: not retried
         (_status(500), False),
         (FriendliRateLimitError("x", status=429), True),
         (FriendliConnectionError("refused"), True),

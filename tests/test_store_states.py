@@ -25,100 +25,49 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import signal
 import subprocess
 import sys
 import tarfile
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any, ClassVar
 
 import orjson
 import pytest
-from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
+from hypothesis.stateful import invariant, rule
+from input_states import InputStates, digest, run_machine, small_server
 
 from friendli_image import AsyncFriendli
-from friendli_image._requests import GenerateRequest
-from friendli_image._resources import GENERATIONS_PATH
-from friendli_image._store import (
-    MANIFEST_NAME,
-    UNMATCHED_NAME,
-    item_key,
-    request_digest,
-    valid_stored_name,
-)
-from friendli_image.server import LocalServer, ServerConfig
+from friendli_image._store import MANIFEST_NAME, UNMATCHED_NAME, item_key, valid_stored_name
+from friendli_image.server import LocalServer
 
 EXAMPLES = int(os.environ.get("FRIENDLI_STATE_EXAMPLES", "100"))
 SHARD_EXAMPLES = max(1, EXAMPLES // 4)
 
-_PROMPTS = st.sampled_from(["a fox", "an owl", "a heron", "a lake", "a pier", "dunes"])
-_REQUESTS = st.fixed_dictionaries(
-    {"prompt": _PROMPTS, "seed": st.integers(0, 3), "num_inference_steps": st.integers(1, 2)}
-)
-
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[LocalServer]:
-    """Small deterministic renders, slow enough per step that a kill lands mid-run."""
-    config = ServerConfig(image_size=16, step_latency_ms=15, max_concurrency=8)
-    with LocalServer(config) as local:
-        yield local
+    yield from small_server(step_latency_ms=15)
 
 
-def _digest(request: dict[str, Any]) -> str:
-    return request_digest(GENERATIONS_PATH, GenerateRequest(**request))
+class BatchStates(InputStates):
+    """The input run by ``generate_batch`` and the ``batch`` command into one out_dir."""
 
-
-class BatchStates(RuleBasedStateMachine):
-    """One out_dir, one input, and the server's answer for every request seen."""
-
-    server: LocalServer
     #: How often each kind of step ran (printed with the timing).
     steps: ClassVar[Counter[str]] = Counter()
     output_format: ClassVar[str] = "files"
     shard_size: ClassVar[int] = 1000
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.root = Path(tempfile.mkdtemp(prefix="friendli-states-"))
-        self.out = self.root / "out"
-        self.outside = self.root / "outside.txt"
-        self.outside.write_text("precious\n")
-        self.source = self.root / "input.jsonl"
-        self.items: list[dict[str, Any]] = []
-        self.requests_by_digest: dict[str, dict[str, Any]] = {}
-        self.expected: dict[str, bytes] = {}
-
-    def teardown(self) -> None:
-        shutil.rmtree(self.root, ignore_errors=True)
-
-    # -- the oracle --------------------------------------------------------------------------
-
-    def _server_bytes(self, request: dict[str, Any]) -> bytes:
-        digest = _digest(request)
-        if digest not in self.expected:
-
-            async def direct() -> bytes:
-                async with AsyncFriendli(server_url=self.server.url) as client:
-                    return (await client.container.image.generate(**request)).data
-
-            self.expected[digest] = asyncio.run(direct())
-        return self.expected[digest]
-
     def _identities(self) -> list[str]:
         """The current items as their image names' stems: digest prefix and occurrence."""
         seen: Counter[str] = Counter()
         stems = []
-        for digest in map(_digest, self.items):
-            stems.append(f"{digest[:20]}-{seen[digest]}")
-            seen[digest] += 1
+        for key in map(digest, self.items):
+            stems.append(f"{key[:20]}-{seen[key]}")
+            seen[key] += 1
         return stems
 
     def _stored(self) -> set[str]:
@@ -157,35 +106,6 @@ class BatchStates(RuleBasedStateMachine):
                         images.setdefault(key, []).append(handle.read())
         return images
 
-    # -- editing the input ----------------------------------------------------------------------
-
-    @initialize(items=st.lists(_REQUESTS, min_size=1, max_size=8))
-    def start(self, items: list[dict[str, Any]]) -> None:
-        self.items = items
-        for request in items:
-            self.requests_by_digest[_digest(request)] = request
-
-    @rule(data=st.data(), request=_REQUESTS)
-    def insert(self, data: st.DataObject, request: dict[str, Any]) -> None:
-        at = data.draw(st.integers(0, len(self.items)))
-        self.items.insert(at, request)
-        self.requests_by_digest[_digest(request)] = request
-
-    @rule(data=st.data())
-    def delete(self, data: st.DataObject) -> None:
-        if len(self.items) > 1:
-            del self.items[data.draw(st.integers(0, len(self.items) - 1))]
-
-    @rule(data=st.data())
-    def reorder(self, data: st.DataObject) -> None:
-        self.items = data.draw(st.permutations(self.items))
-
-    @rule(data=st.data(), steps=st.integers(1, 3))
-    def change_steps(self, data: st.DataObject, steps: int) -> None:
-        at = data.draw(st.integers(0, len(self.items) - 1))
-        self.items[at] = {**self.items[at], "num_inference_steps": steps}
-        self.requests_by_digest[_digest(self.items[at])] = self.items[at]
-
     # -- running ----------------------------------------------------------------------------------
 
     async def _batch(self, stop_after: int | None) -> Any:
@@ -222,12 +142,12 @@ class BatchStates(RuleBasedStateMachine):
         for line in lines:
             request = self.items[line["index"]]
             assert line["status"] == "ok"
-            assert line["id"] == _digest(request)
+            assert line["id"] == digest(request)
             if self.output_format == "files":
-                assert (self.out / line["file"]).read_bytes() == self._server_bytes(request)
+                assert (self.out / line["file"]).read_bytes() == self.server_bytes(request)
             else:  # each current item in exactly one published shard
                 key = item_key(line["id"], line["occurrence"])
-                assert shards[key] == [self._server_bytes(request)], key
+                assert shards[key] == [self.server_bytes(request)], key
         keys = {(line["id"], line["occurrence"]) for line in lines}
         assert len(keys) == len(lines)
 
@@ -281,15 +201,10 @@ class BatchStates(RuleBasedStateMachine):
         by_prefix = {digest[:20]: request for digest, request in self.requests_by_digest.items()}
         for path in self.out.glob("*.jpg"):
             request = by_prefix[path.name[:20]]
-            assert path.read_bytes() == self._server_bytes(request), path.name
+            assert path.read_bytes() == self.server_bytes(request), path.name
         for key, images in self._shard_images().items():
             assert len(images) == 1, f"{key} is in {len(images)} shards"
-            assert images[0] == self._server_bytes(by_prefix[key[:20]]), key
-
-    @invariant()
-    def nothing_outside_changed(self) -> None:
-        assert self.outside.read_text() == "precious\n"
-        assert {p.name for p in self.root.iterdir()} <= {"out", "outside.txt", "input.jsonl"}
+            assert images[0] == self.server_bytes(by_prefix[key[:20]]), key
 
 
 class ShardStates(BatchStates):
@@ -311,25 +226,10 @@ class ShardStates(BatchStates):
 
 
 def test_batches_killed_edited_and_rerun(server: LocalServer) -> None:
-    _explore(BatchStates, server, EXAMPLES)
+    BatchStates.server = server
+    run_machine(BatchStates, EXAMPLES, steps=10)
 
 
 def test_shard_batches_killed_edited_and_rerun(server: LocalServer) -> None:
-    _explore(ShardStates, server, SHARD_EXAMPLES)
-
-
-def _explore(machine: type[BatchStates], server: LocalServer, examples: int) -> None:
-    machine.server = server
-    started = time.monotonic()
-    run = machine.TestCase
-    run.settings = settings(
-        max_examples=examples,
-        stateful_step_count=10,
-        derandomize=True,
-        deadline=None,
-        database=None,
-        suppress_health_check=[HealthCheck.too_slow],
-    )
-    run("runTest").runTest()
-    elapsed = time.monotonic() - started
-    print(f"{machine.__name__}: {examples} examples in {elapsed:.1f} s, {dict(machine.steps)}")
+    ShardStates.server = server
+    run_machine(ShardStates, SHARD_EXAMPLES, steps=10)

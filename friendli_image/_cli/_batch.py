@@ -147,7 +147,7 @@ def add_batch_command(commands: Any) -> None:
 
 def _run(args: argparse.Namespace) -> Any:
     if args.ray:
-        return run_ray_batch(args, lambda stream: _requests(stream, _Input()))
+        return run_ray_batch(args, _Input)
     return _run_batch(args)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pathlib
 import re
@@ -9,7 +10,9 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 
+import orjson
 import pytest
 
 pytest.importorskip("pyarrow", reason="the stage needs pyarrow: pip install 'friendli-image[ray]'")
@@ -46,8 +49,10 @@ def _prompt_of_image(prompts: list[str], **fields: object) -> dict[str, str]:
 
 
 def test_cli_ray_resumes_after_sigkill(tmp_path: pathlib.Path) -> None:
-    """SIGKILL mid-run keeps the images written; the rerun requests only the rest, and
-    writes the manifest and a summary."""
+    """SIGKILL of the driver alone mid-run leaves no process of its local cluster behind
+    and keeps the images written; the rerun requests only the rest, and writes the
+    manifest and a summary."""
+    psutil = pytest.importorskip("psutil", reason="Ray ships psutil")
     source = tmp_path / "prompts.jsonl"
     lines = [f'{{"prompt": "a castle no. {i}", "num_inference_steps": 10}}' for i in range(150)]
     source.write_text("\n".join(lines) + "\n", encoding="utf-8")
@@ -69,8 +74,15 @@ def test_cli_ray_resumes_after_sigkill(tmp_path: pathlib.Path) -> None:
                 time.sleep(0.05)
             else:
                 pytest.fail("the first run wrote no images within 120 s")
+            started = psutil.Process(first.pid).children(recursive=True)
+            assert len(started) > 3  # Ray's processes
+            first.send_signal(signal.SIGKILL)
+            first.wait(30)
+            _, alive = psutil.wait_procs(started, timeout=30)
+            assert alive == [], [" ".join(p.cmdline()) for p in alive]
         finally:
-            os.killpg(first.pid, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(first.pid, signal.SIGKILL)
             first.wait(30)
         prompt_of = _prompt_of_image(
             [f"a castle no. {i}" for i in range(150)], num_inference_steps=10
@@ -98,13 +110,14 @@ def test_cli_ray_resumes_after_sigkill(tmp_path: pathlib.Path) -> None:
     assert list((out / "manifest").glob("*.parquet"))
 
 
-def test_cli_ray_reads_stdin(tmp_path: pathlib.Path) -> None:
-    """INPUT '-' reads the requests from stdin, as the local batch does."""
+def test_cli_ray_reads_stdin_and_writes_a_gallery(tmp_path: pathlib.Path) -> None:
+    """INPUT '-' reads the requests from stdin, as the local batch does; --gallery
+    writes the page of the Ray output, and the gallery command reads it too."""
     out = tmp_path / "out"
     prompts = "".join(f"a lighthouse no. {i}\n" for i in range(6))
     with LocalServer(ServerConfig(image_size=32, step_latency_ms=1.0)) as srv:
         done = subprocess.run(
-            _batch(srv.url, pathlib.Path("-"), out),
+            [*_batch(srv.url, pathlib.Path("-"), out), "--gallery"],
             input=prompts,
             env=_ENV,
             capture_output=True,
@@ -118,6 +131,15 @@ def test_cli_ray_reads_stdin(tmp_path: pathlib.Path) -> None:
     prompt_of = _prompt_of_image([f"a lighthouse no. {i}" for i in range(6)])
     assert sorted(prompt_of[p.name] for p in out.glob("*.jpg")) == sorted(prompt_of.values())
     assert seen == {f"a lighthouse no. {i}": 1 for i in range(6)}
+    page = (out / "index.html").read_text(encoding="utf-8")
+    assert f"gallery   {out / 'index.html'}" in done.stdout
+    assert all(f"a lighthouse no. {i}" in page for i in range(6))
+    assert all(f'href="{p.name}"' in page for p in out.glob("*.jpg"))
+    (out / "index.html").unlink()
+    from friendli_image._cli import main
+
+    assert main(["gallery", str(out)]) == 0
+    assert (out / "index.html").read_text(encoding="utf-8") == page
 
 
 def test_cli_ray_refuses_zero_actors_before_starting_ray(
@@ -140,3 +162,84 @@ def test_an_object_store_out_dir_survives_argparse() -> None:
     assert _out_uri(pathlib.Path("gs://b/x/y")) == "gs://b/x/y"
     assert _out_uri(pathlib.Path("/data/images")) == "/data/images"
     assert _out_uri(pathlib.Path("out")) == "out"
+
+
+def _read_as_ray_does(source: pathlib.Path) -> tuple[list[str], dict[str, list[object]]]:
+    """Both passes of batch --ray over INPUT, range by range, without a cluster."""
+    from friendli_image._cli._batch import _Input
+    from friendli_image._cli._ray import (
+        _check_rules,
+        _occurrences_before,
+        _parse_ranges,
+        _ranges,
+        _scan_range,
+    )
+
+    common = {"uri": str(source), "cwd": str(source.parent), "rules": _Input}
+    specs = [{**common, "start": s, "end": e} for s, e in _ranges(str(source), actors=8)]
+    scans = [_scan_range(spec) for spec in specs]
+    first_line, first_number = _check_rules(scans, _Input)
+    keys = sorted({key for scan in scans for key in scan["keys"]})
+    parts, line, index = [], 0, 0
+    for spec, scan, earlier in zip(specs, scans, _occurrences_before(scans), strict=True):
+        parts.append(
+            {**spec, "line": line + 1, "index": index, "earlier": earlier, "keys": keys,
+             "first_line": first_line, "first_number": first_number}
+        )  # fmt: skip
+        line += scan["lines"]
+        index += scan["requests"]
+    rows = _parse_ranges({"part": list(range(len(parts)))}, parts, _Input)
+    return keys, rows
+
+
+def test_ray_reads_input_in_ranges_with_the_ids_and_indices_of_one_pass(
+    tmp_path: pathlib.Path,
+) -> None:
+    """INPUT cut into byte ranges (many here) gives the rows a single pass gives: each
+    request once, in order, its index, and its occurrence among identical requests,
+    duplicates spread over ranges included; blank lines skipped."""
+    source = tmp_path / "in.jsonl"
+    requests = [{"prompt": f"a fox {i % 37}", "seed": i % 5} for i in range(3000)]
+    lines = [orjson.dumps(r).decode() for r in requests]
+    lines[10:10] = ["", "   "]
+    source.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    keys, rows = _read_as_ray_does(source)
+    assert keys == ["prompt", "seed"]
+    assert rows["_line"] == list(range(3000))
+    assert [
+        {"prompt": p, "seed": s} for p, s in zip(rows["prompt"], rows["seed"], strict=True)
+    ] == requests
+    seen: Counter[str] = Counter()
+    expected = []
+    for request in requests:
+        expected.append(seen[repr(request)])
+        seen[repr(request)] += 1
+    assert rows["_item"] == expected
+    assert max(expected) > 0  # duplicates across ranges
+
+
+def test_ray_input_errors_name_the_line_wherever_it_is(tmp_path: pathlib.Path) -> None:
+    """A line breaking the first line's rules far into INPUT (another range) is the
+    same error the local batch gives, with its line number, before anything runs."""
+    from friendli_image._exceptions import FriendliValidationError
+
+    source = tmp_path / "in.txt"
+    lines = [f"a fox {i}" for i in range(3000)]
+    lines[2500] = '{"prompt": "json among text"}'
+    source.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    with pytest.raises(FriendliValidationError, match=r"INPUT line 2501.*line 1 is plain text"):
+        _read_as_ray_does(source)
+
+
+def test_ray_input_that_is_not_utf8_or_empty(tmp_path: pathlib.Path) -> None:
+    """A line that is not UTF-8 is a usage error naming it; an empty INPUT has no rows."""
+    from friendli_image._exceptions import FriendliUsageError
+
+    source = tmp_path / "in.txt"
+    source.write_bytes(b"a fox\n" * 2000 + b"an \xff owl\n")
+    with pytest.raises(FriendliUsageError, match=r"INPUT line 2001 is not UTF-8"):
+        _read_as_ray_does(source)
+    source.write_bytes(b"\n  \n")
+    keys, rows = _read_as_ray_does(source)
+    assert keys == []
+    assert rows.get("_line", []) == []

@@ -160,7 +160,7 @@ def test_an_actor_killed_mid_run(
     assert marker.exists(), "the injected crash did not happen"
     assert sorted(r["id"] for r in result) == list(range(400))
     assert {r["status"] for r in result} <= {"ok", "resumed"}
-    written_before = {int(name.split(".")[0]) for name in json.loads(marker.read_text())}
+    written_before = {int(row_of(name)) for name in json.loads(marker.read_text())}
     seen = prompts_seen(srv)
     assert len(seen) == 400
     assert all(seen[f"a meadow no. {i}"] == 1 for i in written_before)

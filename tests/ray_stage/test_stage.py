@@ -196,6 +196,27 @@ def test_per_row_endpoints_each_get_the_full_share() -> None:
         assert one.stats.max_in_flight == two.stats.max_in_flight == 3
 
 
+@pytest.mark.parametrize("joined", [True, False], ids=["comma-joined", "list"])
+def test_a_fleet_gets_the_actor_share_on_each_endpoint(joined: bool) -> None:
+    """A fleet (the CLI's comma-joined server_url, or a list) holds each endpoint to the
+    actor's share, and every endpoint gets it: the stage runs at the configured rate,
+    not at one endpoint's share for the whole fleet."""
+    config = SMALL.__class__(image_size=64, step_latency_ms=20.0, max_concurrency=16)
+    with LocalServer(config) as one, LocalServer(config) as two, LocalServer(config) as three:
+        fleet = [one, two, three]
+        urls = [srv.url for srv in fleet]
+        stage = ImageStage(
+            ",".join(urls) if joined else urls,
+            per_endpoint_limit=8,
+            num_actors=2,
+            request=STEPS,
+        )
+        out = stage.run(_table(120))
+        assert out.column("status").to_pylist() == ["ok"] * 120
+        assert {srv.stats.max_in_flight for srv in fleet} == {4}
+        assert set(out.column("endpoint").to_pylist()) == set(urls)
+
+
 def test_a_client_factory_gets_the_options_unchanged_and_the_actor_share(
     server: LocalServer,
 ) -> None:

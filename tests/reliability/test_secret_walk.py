@@ -20,6 +20,7 @@ import logging
 import pickle
 import pkgutil
 import types
+import typing
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,7 @@ SAMPLES: dict[str, Callable[[], Any]] = {
     "client_options": lambda: {"token": TOKEN, "http_headers": dict(HEADERS)},
     "url": lambda: URL,
     "message": lambda: "boom",
+    "loc": lambda: ["body", "prompt"],
     "field": lambda: "prompt",
     "status": lambda: 500,
     "prompt": lambda: "a lighthouse",
@@ -292,7 +294,10 @@ def public_classes(module_name: str) -> list[type]:
     classes = []
     for name in getattr(module, "__all__", ()):
         value = getattr(module, name)
-        if inspect.isclass(value) and value.__module__.startswith("friendli_image"):
+        if not inspect.isclass(value) or not value.__module__.startswith("friendli_image"):
+            continue
+        # A Protocol is an interface, never an instance that could hold a token.
+        if typing.Protocol not in value.__mro__:
             classes.append(value)
     return classes
 
