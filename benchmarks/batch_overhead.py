@@ -113,7 +113,7 @@ async def _main(url: str, args: argparse.Namespace) -> None:
 
 async def _stub_main(args: argparse.Namespace) -> None:
     from friendli_image import ImageResult
-    from friendli_image._models import RequestPath
+    from friendli_image._request_path import RequestPath
     from friendli_image._resources import Image
 
     result = ImageResult(data=b"\xff\xd8\xff\xe0" + bytes(args.size))

@@ -35,7 +35,7 @@ def _cpu() -> float:
 
 
 def _stub(size: int) -> Any:
-    from friendli_image._models import RequestPath
+    from friendli_image._request_path import RequestPath
     from friendli_image._resources import Image
 
     result = ImageResult(data=b"\xff\xd8\xff\xe0" + bytes(size - 4))

@@ -90,11 +90,13 @@ def internal(name: str) -> Any:
     """The SDK object called ``name``, from whichever ``friendli_image`` module has it."""
     import friendli_image
 
-    for info in pkgutil.iter_modules(friendli_image.__path__):
-        if info.name.startswith("_") and not info.name.startswith("__") and not info.ispkg:
-            module = importlib.import_module(f"friendli_image.{info.name}")
-            if name in vars(module):
-                return vars(module)[name]
+    for info in pkgutil.walk_packages(friendli_image.__path__, "friendli_image."):
+        parts = info.name.split(".")[1:]
+        if parts[0] in {"_cli", "server"} or not all(part.startswith("_") for part in parts):
+            continue
+        module = importlib.import_module(info.name)
+        if name in vars(module):
+            return vars(module)[name]
     return None
 
 
@@ -138,11 +140,11 @@ STEPS = (
     ("trace signals: all of tracing.py", "@aiohttp/tracing.py", None),
     ("the SDK's slot semaphore (asyncio/locks.py)", "@asyncio/locks.py", "AsyncFriendli._attempt"),
     ("ClientTimeout per attempt (_client_timeout)", "_client_timeout", None),
-    ("reading the body (_read_body)", "_read_body", None),
-    ("base64 decode (_decode_image)", "_decode_image", None),
+    ("reading the body (read_body)", "read_body", None),
+    ("base64 decode (decode_image)", "decode_image", None),
     ("format sniffing (sniff_format)", "sniff_format", None),
     ("JPEG dimensions (image_dimensions)", "image_dimensions", None),
-    ("the result object (ImageResult.__init__)", "@friendli_image._models.ImageResult", None),
+    ("the result object (ImageResult.__init__)", "@friendli_image._results.ImageResult", None),
     ("the harness's semaphore (asyncio/locks.py)", "@asyncio/locks.py", "guarded"),
 )
 
@@ -338,7 +340,7 @@ def _sdk_like_trace_config() -> aiohttp.TraceConfig:
 
 def _attempt_trace() -> Any:
     """What the SDK passes as ``trace_request_ctx`` (its listeners set flags on it)."""
-    made = internal("_AttemptTrace")
+    made = internal("AttemptTrace")
     return made() if made is not None else SimpleNamespace(connected=False, reused=False)
 
 
@@ -573,8 +575,8 @@ def micro(response_chunks: int) -> None:
         ),
     )
     body = body_for(SIZE)
-    decode = internal("_decode_image")
-    add("SDK decode: _decode_image (64 KiB)", lambda: _us(lambda: decode(body, 200, "x"), 2000))
+    decode = internal("decode_image")
+    add("SDK decode: decode_image (64 KiB)", lambda: _us(lambda: decode(body, 200, "x"), 2000))
     add(
         "expert decode: orjson.loads + pybase64.b64decode",
         lambda: _us(lambda: pybase64.b64decode(orjson.loads(body)["image"]), 2000),

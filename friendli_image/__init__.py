@@ -7,6 +7,7 @@
 """
 
 from ._batch import Batch
+from ._batch_models import BatchItem, BatchOptions, BatchProgress, BatchResult, EndpointStats
 from ._client import AsyncFriendli
 from ._config import RetryConfig, Timeout
 from ._exceptions import (
@@ -36,18 +37,9 @@ from ._exceptions import (
 )
 from ._fleet import Endpoint, FleetConfig
 from ._gallery import write_gallery
-from ._models import (
-    BatchItem,
-    BatchOptions,
-    BatchProgress,
-    BatchResult,
-    ContainerImageGenerateSuccess,
-    EditRequest,
-    EndpointStats,
-    GenerateRequest,
-    ImageInput,
-    ImageResult,
-)
+from ._images import ImageInput
+from ._requests import EditRequest, GenerateRequest
+from ._results import ContainerImageGenerateSuccess, ImageResult
 from ._sync import SyncBatch, SyncFriendli
 from ._telemetry import ErrorEvent, Hooks, RequestEvent, ResponseEvent, RetryEvent, Telemetry
 from ._version import __version__

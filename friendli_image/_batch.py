@@ -40,6 +40,7 @@ from typing import Any, Final
 
 import attrs
 
+from ._batch_models import BatchItem, BatchOptions, BatchProgress, BatchResult
 from ._clock import monotonic, pause
 from ._config import CallOptions, CallOverrides
 from ._exceptions import (
@@ -55,20 +56,9 @@ from ._exceptions import (
     FriendliValidationError,
 )
 from ._formats import EXTENSIONS
-from ._models import (
-    AttemptOutcome,
-    BatchItem,
-    BatchMonitor,
-    BatchOptions,
-    BatchProgress,
-    BatchResult,
-    EditRequest,
-    GenerateRequest,
-    ImageResult,
-    RequestModel,
-    RequestPath,
-    public_fields,
-)
+from ._request_path import AttemptOutcome, BatchMonitor, RequestPath
+from ._requests import EditRequest, GenerateRequest, RequestModel, public_fields
+from ._results import ImageResult
 from ._store import (
     BatchStore,
     Occurrences,

@@ -20,11 +20,12 @@ import time
 import weakref
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from functools import cached_property
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import aiohttp
 import attrs
 
+from ._batch_models import EndpointStats
 from ._config import (
     DEFAULT_MAX_CONNECTIONS,
     DEFAULT_MAX_RESPONSE_BYTES,
@@ -43,14 +44,11 @@ from ._config import (
     check_count,
     check_headers,
     check_server_url,
-    check_token,
     env_server_url,
     env_token,
     resolve_retries,
-    split_authorization,
     ssl_setting,
     timeout_from_ms,
-    token_source,
 )
 from ._exceptions import (
     FriendliAPIError,
@@ -68,21 +66,19 @@ from ._fleet import (
     failover_kind,
     parse_servers,
 )
-from ._models import (
-    AttemptGate,
-    AttemptOutcome,
-    EndpointStats,
-    ImageResult,
-    RequestModel,
-    RequestPath,
-)
+from ._request_path import AttemptGate, AttemptOutcome, RequestPath
+from ._requests import RequestModel
 from ._resources import Container
+from ._results import ImageResult
 from ._retry import RetryBudget, RetryState, server_wait
+from ._secrets import check_token, split_authorization, token_source
 from ._telemetry import Hooks, Instrumentation, Telemetry
-from ._transport import Connector, Transport
+from ._transport import Call, Connector, Transport
 from ._version import __version__
 
 if TYPE_CHECKING:
+    from yarl import URL
+
     _DropFinalizer = weakref.finalize[
         [asyncio.AbstractEventLoop, AsyncIterator[None]], "AsyncFriendli"
     ]
@@ -514,35 +510,30 @@ class AsyncFriendli:
     ) -> ImageResult:
         """Send one validated request and return its image: THE retry loop.
 
-        Every attempt, the first included, runs the same code: admission by ``gate``
-        (a batch's in-flight limit, told how each attempt went), then the transport.
-        After a failure the call's `RetryState` sleeps until the next attempt is due,
-        or raises the failure with the number of attempts made.
+        Every attempt, the first included, runs the same steps: admission by ``gate``
+        (a batch's in-flight limit, told how each attempt went), the route picks the
+        endpoint, the transport makes the attempt, the route and the gate are told how
+        it went, and the route (fail over at once) or the call's `RetryState` (sleep
+        until the next attempt is due, or raise with the number of attempts made)
+        decides what follows.
         """
         session = self._ready_session() or await self._open_session()
         slots = self._slots
         assert slots is not None  # noqa: S101  (set with the session)
+        route: _Route = _ONE_URL
         fleet = self._fleet
-        if fleet is not None:
-            if options.server_url != self._settings.server_url:
-                fleet = None  # the call names its own server: the fleet is not asked
-            else:
-                options = (
-                    self._fleet_defaults
-                    if options is self._defaults and self._fleet_defaults is not None
-                    else attrs.evolve(options, server_url=self._endpoints[0].url)
-                )
+        # A call that names its own server is sent there: the fleet is not asked.
+        if fleet is not None and options.server_url == self._settings.server_url:
+            route = _FleetRoute(fleet, path, self._transport.url)
+            options = (
+                self._fleet_defaults
+                if options is self._defaults and self._fleet_defaults is not None
+                else attrs.evolve(options, server_url=self._endpoints[0].url)
+            )
         call = self._transport.prepare(path, request, options)
         observed = None
         retry: RetryState | None = None
         attempt_number = 0
-        endpoint: EndpointState | None = None
-        epoch = 0
-        level = 0  # requests in flight on the endpoint as this attempt was sent
-        began = 0.0
-        tried: list[EndpointState] = []
-        moving = False  # failing over: the next attempt must go to an untried endpoint
-        resent_elsewhere = False
         while True:
             attempt_number += 1
             try:
@@ -565,25 +556,16 @@ class AsyncFriendli:
                 observed = self._instrumentation.start(request, call.request_id)
                 if observed is not None:
                     retry.on_retry = observed.retrying
-            if fleet is not None:
-                try:
-                    endpoint = await fleet.acquire(tried, strict=moving)
-                except BaseException as stopped:
-                    if gate is not None:
-                        gate.release(ticket, "other")
-                    if observed is not None:
-                        observed.abandoned(stopped, in_attempt=False)
-                    raise
-                epoch, level = endpoint.epoch, endpoint.in_flight
-                call.url = endpoint.url_for(path, self._transport.url)
-                began = time.monotonic()
+            try:
+                await route.pick(call)
+            except BaseException as stopped:
+                if gate is not None:
+                    gate.release(ticket, "other")
+                if observed is not None:
+                    observed.abandoned(stopped, in_attempt=False)
+                raise
             if observed is not None:
-                observed.attempt(
-                    attempt_number,
-                    call.url,
-                    options.server_url if endpoint is None else endpoint.url,
-                    call.headers,
-                )
+                observed.attempt(attempt_number, call.url, route.server_url(options), call.headers)
             try:
                 result = await self._transport.send(
                     session,
@@ -596,28 +578,13 @@ class AsyncFriendli:
             except FriendliAPIError as error:
                 if observed is not None:
                     observed.failed(error)
-                outcome = _outcome(error)
-                if fleet is not None and endpoint is not None:
-                    error.endpoint = endpoint.url
-                    fleet.failed(endpoint, epoch, error)
-                    tried.append(endpoint)
-                    if outcome == "rate_limited" and fleet.has_unheld(tried):
-                        # One endpoint's 429 is that endpoint's limit (lowered above),
-                        # not a reason to slow the whole batch down.
-                        outcome = "other"
+                outcome = route.failed(error, _outcome(error))
                 if gate is not None:
                     gate.release(ticket, outcome, server_wait(error))
-                if fleet is not None and endpoint is not None:
-                    moved = await self._fail_over(
-                        fleet, endpoint, error, options, tried=tried, retry=retry
-                    )
-                    if moved is not None:
-                        resent_elsewhere = resent_elsewhere or moved
-                        moving = True
-                        if observed is not None:
-                            observed.retrying(error, 0.0, failover=True)
-                        continue
-                    moving = False
+                if await route.fail_over(error, options, retry):
+                    if observed is not None:
+                        observed.retrying(error, 0.0, failover=True)
+                    continue
                 try:
                     await retry.after_failure(error)
                 except FriendliAPIError as final:
@@ -629,14 +596,12 @@ class AsyncFriendli:
                     if observed is not None:
                         observed.abandoned(stopped, in_attempt=False)
                     raise
-                # A new round: every endpoint may be tried again, the last one last.
-                del tried[:-1]
+                route.new_round()
                 continue
             except BaseException as stopped:
                 if gate is not None:
                     gate.release(ticket, "other")
-                if fleet is not None and endpoint is not None:
-                    fleet.abandoned(endpoint)
+                route.abandoned()
                 if observed is not None:
                     observed.abandoned(stopped, in_attempt=True)
                 raise
@@ -645,27 +610,151 @@ class AsyncFriendli:
             # Credited as calls succeed, not as they start: a burst of queued calls
             # would otherwise fill the budget at once, and an outage would refill it.
             retry.succeeded()
-            if fleet is not None and endpoint is not None:
-                fleet.succeeded(endpoint, time.monotonic() - began, level)
-                result = attrs.evolve(
-                    result,
-                    endpoint=endpoint.url,
-                    maybe_duplicated=retry.resent_ambiguous or resent_elsewhere,
-                )
-            elif retry.resent_ambiguous:
-                result = attrs.evolve(result, maybe_duplicated=True)
+            result = route.succeeded(result, retry)
             if observed is not None:
                 observed.succeeded(result)
             return result
 
-    async def _fail_over(
+
+class _Route(Protocol):
+    """Where a call's attempts go: one URL, or the endpoint a fleet picks per attempt.
+
+    The retry loop tells the route about every attempt; the route learns (a fleet's
+    limits and health) and may move a failed call to another endpoint at once.
+    """
+
+    async def pick(self, call: Call) -> None:
+        """Point ``call`` at this attempt's endpoint (may wait for one to have room)."""
+
+    def server_url(self, options: CallOptions) -> str:
+        """The server this attempt goes to, for telemetry."""
+
+    def failed(self, error: FriendliAPIError, outcome: AttemptOutcome) -> AttemptOutcome:
+        """The attempt failed with ``error``: learn from it; the outcome for the gate."""
+
+    async def fail_over(
+        self, error: FriendliAPIError, options: CallOptions, retry: RetryState
+    ) -> bool:
+        """Send the call again at once, elsewhere? (False: the retry policy decides.)"""
+
+    def new_round(self) -> None:
+        """The retry policy waited: every endpoint may be tried again."""
+
+    def abandoned(self) -> None:
+        """The attempt was cancelled (or failed outside the error tree)."""
+
+    def succeeded(self, result: ImageResult, retry: RetryState) -> ImageResult:
+        """The attempt's image came back: learn from it; the result the caller gets."""
+
+
+class _OneUrl:
+    """The route of a call to one URL: the URL was set when the call was prepared.
+
+    Stateless and shared by every such call, so the single-server path costs a few
+    method calls per attempt.
+    """
+
+    __slots__ = ()
+
+    async def pick(self, call: Call) -> None:
+        return
+
+    def server_url(self, options: CallOptions) -> str:
+        return options.server_url
+
+    def failed(self, error: FriendliAPIError, outcome: AttemptOutcome) -> AttemptOutcome:
+        return outcome
+
+    async def fail_over(
+        self, error: FriendliAPIError, options: CallOptions, retry: RetryState
+    ) -> bool:
+        return False
+
+    def new_round(self) -> None:
+        return
+
+    def abandoned(self) -> None:
+        return
+
+    def succeeded(self, result: ImageResult, retry: RetryState) -> ImageResult:
+        if retry.resent_ambiguous:
+            return attrs.evolve(result, maybe_duplicated=True)
+        return result
+
+
+_ONE_URL: Final = _OneUrl()
+
+
+class _FleetRoute:
+    """The route of one call through a fleet: an endpoint per attempt, fail-over between."""
+
+    __slots__ = (
+        "_began",
+        "_build",
+        "_endpoint",
+        "_epoch",
+        "_fleet",
+        "_level",
+        "_moving",
+        "_path",
+        "_resent_elsewhere",
+        "_tried",
+    )
+
+    def __init__(self, fleet: Fleet, path: str, build: Callable[[str, str], URL]) -> None:
+        self._fleet = fleet
+        self._path = path
+        self._build = build
+        self._endpoint: EndpointState | None = None
+        self._epoch = 0
+        self._level = 0  # requests in flight on the endpoint as this attempt was sent
+        self._began = 0.0
+        self._tried: list[EndpointState] = []
+        self._moving = False  # failing over: the next attempt must go to an untried endpoint
+        self._resent_elsewhere = False
+
+    async def pick(self, call: Call) -> None:
+        endpoint = await self._fleet.acquire(self._tried, strict=self._moving)
+        self._endpoint = endpoint
+        self._epoch, self._level = endpoint.epoch, endpoint.in_flight
+        call.url = endpoint.url_for(self._path, self._build)
+        self._began = time.monotonic()
+
+    def server_url(self, options: CallOptions) -> str:
+        return options.server_url if self._endpoint is None else self._endpoint.url
+
+    def failed(self, error: FriendliAPIError, outcome: AttemptOutcome) -> AttemptOutcome:
+        endpoint = self._endpoint
+        if endpoint is None:
+            return outcome
+        error.endpoint = endpoint.url
+        self._fleet.failed(endpoint, self._epoch, error)
+        self._tried.append(endpoint)
+        if outcome == "rate_limited" and self._fleet.has_unheld(self._tried):
+            # One endpoint's 429 is that endpoint's limit (lowered above),
+            # not a reason to slow the whole batch down.
+            return "other"
+        return outcome
+
+    async def fail_over(
+        self, error: FriendliAPIError, options: CallOptions, retry: RetryState
+    ) -> bool:
+        endpoint = self._endpoint
+        if endpoint is None:
+            return False
+        moved = await self._move(endpoint, error, options, retry)
+        if moved is None:
+            self._moving = False
+            return False
+        self._resent_elsewhere = self._resent_elsewhere or moved
+        self._moving = True
+        return True
+
+    async def _move(
         self,
-        fleet: Fleet,
         endpoint: EndpointState,
         error: FriendliAPIError,
         options: CallOptions,
-        *,
-        tried: list[EndpointState],
         retry: RetryState,
     ) -> bool | None:
         """Send the call to another endpoint at once? None: no, the retry policy decides.
@@ -676,6 +765,7 @@ class AsyncFriendli:
         do not count toward ``max_attempts``; only a 429/503 move spends the budget
         (when a retry of it would), see `failover_kind`.
         """
+        fleet, tried = self._fleet, self._tried
         kind = failover_kind(error, options.retry)
         if kind is None:
             return None
@@ -692,6 +782,25 @@ class AsyncFriendli:
         connect = options.timeout.connect
         dead = await fleet.is_dead(endpoint, min(1.0, connect) if connect else 1.0)
         return True if dead else None
+
+    def new_round(self) -> None:
+        # Every endpoint may be tried again, the last one last.
+        del self._tried[:-1]
+
+    def abandoned(self) -> None:
+        if self._endpoint is not None:
+            self._fleet.abandoned(self._endpoint)
+
+    def succeeded(self, result: ImageResult, retry: RetryState) -> ImageResult:
+        endpoint = self._endpoint
+        if endpoint is None:
+            return result
+        self._fleet.succeeded(endpoint, time.monotonic() - self._began, self._level)
+        return attrs.evolve(
+            result,
+            endpoint=endpoint.url,
+            maybe_duplicated=retry.resent_ambiguous or self._resent_elsewhere,
+        )
 
 
 def _client_retry(

@@ -1,4 +1,7 @@
-"""Where friendli_image is not the official ``friendli`` 0.16.3 SDK: two tables, one each.
+"""The official ``friendli`` 0.16.3 SDK's own names, and where friendli_image differs from it.
+
+`BackoffStrategy` and `OfficialRetryConfig` (``friendli_image.utils``' ``RetryConfig``)
+take the official retry settings, positional and in milliseconds, and map them onto ours.
 
 `UNSUPPORTED` names the parts of the official surface (``friendli.models``,
 ``friendli.utils``, the client, its resources, the result and the errors) that this SDK
@@ -17,11 +20,25 @@ renders them; a test checks that it does.
 from __future__ import annotations
 
 import fnmatch
-from typing import Final
+import math
+from collections.abc import Iterable
+from typing import Any, Final
 
 import attrs
 
-__all__ = ["DIFFERENCES", "UNSUPPORTED", "Difference", "Unsupported", "porting_markdown"]
+from ._config import RetryConfig
+from ._exceptions import FriendliValidationError
+
+__all__ = [
+    "DIFFERENCES",
+    "UNSUPPORTED",
+    "BackoffStrategy",
+    "Difference",
+    "OfficialRetryConfig",
+    "Unsupported",
+    "official_policy",
+    "porting_markdown",
+]
 
 
 @attrs.frozen
@@ -259,3 +276,139 @@ def porting_markdown() -> str:
     lines += ["", "Different on purpose:", ""]
     lines += [f"- **{difference.key}**: {difference.what}" for difference in DIFFERENCES]
     return "\n".join(lines)
+
+
+class BackoffStrategy:
+    """The official SDK's backoff settings, in milliseconds (``friendli_image.utils``).
+
+    Args:
+        initial_interval: the first backoff, in milliseconds.
+        max_interval: the longest backoff, in milliseconds.
+        exponent: the growth factor of the backoff on each retry.
+        max_elapsed_time: no retry sleep ends later than this many milliseconds after
+            the call started.
+        jitter_ms: random delay added to each backoff, in milliseconds (default 1000,
+            as in the official SDK).
+    """
+
+    __slots__ = ("exponent", "initial_interval", "jitter_ms", "max_elapsed_time", "max_interval")
+
+    def __init__(
+        self,
+        initial_interval: int,
+        max_interval: int,
+        exponent: float,
+        max_elapsed_time: int,
+        jitter_ms: int | None = None,
+    ) -> None:
+        for name, value in (
+            ("initial_interval", initial_interval),
+            ("max_interval", max_interval),
+            ("exponent", exponent),
+            ("max_elapsed_time", max_elapsed_time),
+            ("jitter_ms", 0 if jitter_ms is None else jitter_ms),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise FriendliValidationError(name, f"must be a number, got {value!r}")
+            if not math.isfinite(value) or value < 0:
+                raise FriendliValidationError(name, f"must be finite and >= 0, got {value!r}")
+        self.initial_interval = initial_interval
+        self.max_interval = max_interval
+        self.exponent = exponent
+        self.max_elapsed_time = max_elapsed_time
+        self.jitter_ms = jitter_ms
+
+    def __repr__(self) -> str:
+        return (
+            f"BackoffStrategy({self.initial_interval}, {self.max_interval}, {self.exponent}, "
+            f"{self.max_elapsed_time}, jitter_ms={self.jitter_ms})"
+        )
+
+
+_OFFICIAL_STRATEGIES = ("backoff", "none")
+
+
+def _status_codes(codes: Iterable[str | int]) -> frozenset[int]:
+    """Expand the official SDK's status patterns (``"503"``, ``"5XX"``) into statuses."""
+    statuses: set[int] = set()
+    for code in codes:
+        text = str(code).strip().upper()
+        if len(text) == 3 and text[0] in "12345" and text[1:] == "XX":
+            first = int(text[0]) * 100
+            statuses.update(range(first, first + 100))
+        elif text.isdigit():
+            statuses.add(int(text))
+        else:
+            raise FriendliValidationError(
+                "status_codes_override", f"{code!r} is not a status code or a pattern like '5XX'"
+            )
+    return frozenset(statuses)  # RetryConfig's converter checks that each is a status
+
+
+def official_policy(
+    strategy: str,
+    backoff: BackoffStrategy | None,
+    retry_connection_errors: bool,
+    status_codes_override: Iterable[str | int] | None = None,
+) -> dict[str, Any]:
+    """Map the official SDK's retry settings onto ``RetryConfig`` fields.
+
+    ``"none"`` makes one attempt; ``"backoff"`` keeps our attempt cap (5), the statuses
+    retried by default (not 500) unless ``status_codes_override`` names others, and
+    the rule that a request the server may have processed is not resent.
+    ``retry_connection_errors`` is accepted for its meaning there: failures where nothing
+    reached the server are always retried, as they are safe.
+    """
+    if strategy not in _OFFICIAL_STRATEGIES:
+        raise FriendliValidationError("strategy", f"must be 'backoff' or 'none', got {strategy!r}")
+    if not isinstance(retry_connection_errors, bool):
+        raise FriendliValidationError(
+            "retry_connection_errors", f"must be True or False, got {retry_connection_errors!r}"
+        )
+    fields: dict[str, Any] = {}
+    if strategy == "none":
+        fields["max_attempts"] = 1
+    if backoff is not None:
+        if not isinstance(backoff, BackoffStrategy):
+            raise FriendliValidationError(
+                "backoff", f"must be a BackoffStrategy, got {type(backoff).__name__}"
+            )
+        fields["initial_delay"] = backoff.initial_interval / 1000
+        fields["max_delay"] = backoff.max_interval / 1000
+        fields["multiplier"] = float(backoff.exponent)
+        fields["max_elapsed"] = backoff.max_elapsed_time / 1000 or None
+        fields["jitter"] = (1000 if backoff.jitter_ms is None else backoff.jitter_ms) / 1000
+    if status_codes_override:
+        fields["retry_statuses"] = _status_codes(status_codes_override)
+    return fields
+
+
+class OfficialRetryConfig(RetryConfig):
+    """The official SDK's ``RetryConfig``, positional and in milliseconds.
+
+    ``friendli_image.utils.RetryConfig`` is this class: a `RetryConfig` built from the
+    official arguments (see `official_policy` for the mapping), so ``retries=`` and
+    ``retry_config=`` take it wherever they take ours. The official arguments stay
+    readable as attributes. Keyword arguments of `RetryConfig` (``max_attempts=``, ...)
+    are applied on top.
+    """
+
+    strategy: str
+    backoff: BackoffStrategy | None
+    retry_connection_errors: bool
+    status_codes_override: list[str] | None
+
+    def __init__(
+        self,
+        strategy: str = "backoff",
+        backoff: BackoffStrategy | None = None,
+        retry_connection_errors: bool = True,
+        status_codes_override: list[str] | None = None,
+        **policy: Any,
+    ) -> None:
+        fields = official_policy(strategy, backoff, retry_connection_errors, status_codes_override)
+        super().__init__(**{**fields, **policy})
+        object.__setattr__(self, "strategy", strategy)
+        object.__setattr__(self, "backoff", backoff)
+        object.__setattr__(self, "retry_connection_errors", retry_connection_errors)
+        object.__setattr__(self, "status_codes_override", status_codes_override)

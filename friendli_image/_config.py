@@ -19,9 +19,9 @@ from typing import Any, Final, Protocol, runtime_checkable
 import attrs
 
 from ._exceptions import FriendliValidationError, warn_at_caller
+from ._secrets import AUTHORIZATION, Secret, hide_credentials, split_authorization
 
 __all__ = [
-    "AUTHORIZATION",
     "DEFAULT_MAX_CONNECTIONS",
     "DEFAULT_MAX_RESPONSE_BYTES",
     "DEFAULT_SERVER_URL",
@@ -32,29 +32,22 @@ __all__ = [
     "MAX_IMAGE_BYTES",
     "NO_OVERRIDES",
     "UNSET",
-    "BackoffStrategy",
     "CallOptions",
     "CallOverrides",
     "ClientSettings",
     "DebugLogger",
-    "OfficialRetryConfig",
     "RetryConfig",
-    "Secret",
     "Timeout",
     "Unset",
     "as_logger",
     "check_count",
     "check_headers",
     "check_server_url",
-    "check_token",
     "env_server_url",
     "env_token",
-    "hide_credentials",
     "resolve_retries",
-    "split_authorization",
     "ssl_setting",
     "timeout_from_ms",
-    "token_source",
 ]
 
 DEFAULT_SERVER_URL = "http://localhost:8000"
@@ -249,61 +242,6 @@ class RetryConfig:
         return cls(max_attempts=1)
 
 
-#: What HTTP forbids in header names and values (RFC 9110 5.5): aiohttp raises a bare
-#: ValueError for them at send time, so they are refused up front.
-_FORBIDDEN_HEADER_CHARS: Final = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
-
-
-class Secret:
-    """Holds a credential (the token, a user's ``Authorization`` value) so that no repr,
-    str or pickle of ours can show it."""
-
-    __slots__ = ("_value",)
-
-    def __init__(self, value: str) -> None:
-        self._value = value
-
-    def reveal(self) -> str:
-        """The credential itself, for the ``Authorization`` header (and redaction) only."""
-        return self._value
-
-    def __repr__(self) -> str:
-        return "'***'"
-
-    def __reduce__(self) -> Any:
-        raise TypeError("the token is not picklable")
-
-
-def token_source(value: Callable[[], str | None]) -> Callable[[], Secret | None]:
-    """Wrap a callable token: each call's token is checked as a static one is."""
-
-    def current() -> Secret | None:
-        return check_token(value())
-
-    return current
-
-
-def check_token(value: str | Secret | None) -> Secret | None:
-    """Wrap the token (None or "" for none), or raise if it cannot go into a header.
-
-    A `Secret` is taken as the token it holds (a `ClientSpec` hands the token on so).
-    """
-    if isinstance(value, Secret):
-        value = value.reveal()
-    if value is not None and not isinstance(value, str):
-        raise FriendliValidationError("token", f"must be a str or None, got {type(value)}")
-    if not value:
-        return None
-    if _FORBIDDEN_HEADER_CHARS.search(value):
-        # Typically a trailing newline from a file; the token itself is not shown.
-        raise FriendliValidationError(
-            "token",
-            "contains a line break or control character (often a trailing newline read "
-            "from a file); pass token.strip()",
-        )
-    return Secret(value)
-
-
 def check_server_url(value: object, field: str = "server_url") -> str:
     """Return the URL without a trailing slash, or raise unless it is an http(s) URL.
 
@@ -399,8 +337,6 @@ _CLIENT_OWNED_HEADERS: Final = {
     "trailer": "the request has no trailers",
     "upgrade": "the client speaks HTTP/1.1 only; a protocol upgrade is not supported",
 }
-#: The header a user-supplied ``Authorization`` goes under (see `split_authorization`).
-AUTHORIZATION: Final = "Authorization"
 
 
 def check_headers(value: object) -> dict[str, str]:
@@ -451,31 +387,9 @@ def check_headers(value: object) -> dict[str, str]:
     return checked
 
 
-def hide_credentials(headers: Mapping[str, str | Secret]) -> dict[str, str | Secret]:
-    """A copy of ``headers`` with the ``Authorization`` value held as a `Secret`.
-
-    What keeps headers a user gave (`CallOverrides`, a batch item's request, a Ray
-    `ClientSpec`) keeps them so: no repr, str or pickle of it shows the credential.
-    """
-    return {
-        name: Secret(value)
-        if isinstance(value, str) and name.lower() == AUTHORIZATION.lower()
-        else value
-        for name, value in headers.items()
-    }
-
-
 def _hidden_headers(value: Mapping[str, str | Secret] | None) -> Mapping[str, str | Secret] | None:
     # Anything else is left for the validator to refuse with its message.
     return hide_credentials(value) if isinstance(value, Mapping) else value
-
-
-def split_authorization(headers: dict[str, str]) -> tuple[dict[str, str], Secret | None]:
-    """``headers`` without ``Authorization``, and that header's value as a `Secret`."""
-    if AUTHORIZATION not in headers:
-        return headers, None
-    rest = dict(headers)
-    return rest, Secret(rest.pop(AUTHORIZATION))
 
 
 def ssl_setting(verify: object) -> bool | ssl.SSLContext:
@@ -618,139 +532,3 @@ class ClientSettings:
             headers=headers,
             authorization=authorization,
         )
-
-
-class BackoffStrategy:
-    """The official SDK's backoff settings, in milliseconds (``friendli_image.utils``).
-
-    Args:
-        initial_interval: the first backoff, in milliseconds.
-        max_interval: the longest backoff, in milliseconds.
-        exponent: the growth factor of the backoff on each retry.
-        max_elapsed_time: no retry sleep ends later than this many milliseconds after
-            the call started.
-        jitter_ms: random delay added to each backoff, in milliseconds (default 1000,
-            as in the official SDK).
-    """
-
-    __slots__ = ("exponent", "initial_interval", "jitter_ms", "max_elapsed_time", "max_interval")
-
-    def __init__(
-        self,
-        initial_interval: int,
-        max_interval: int,
-        exponent: float,
-        max_elapsed_time: int,
-        jitter_ms: int | None = None,
-    ) -> None:
-        for name, value in (
-            ("initial_interval", initial_interval),
-            ("max_interval", max_interval),
-            ("exponent", exponent),
-            ("max_elapsed_time", max_elapsed_time),
-            ("jitter_ms", 0 if jitter_ms is None else jitter_ms),
-        ):
-            if isinstance(value, bool) or not isinstance(value, int | float):
-                raise FriendliValidationError(name, f"must be a number, got {value!r}")
-            if not math.isfinite(value) or value < 0:
-                raise FriendliValidationError(name, f"must be finite and >= 0, got {value!r}")
-        self.initial_interval = initial_interval
-        self.max_interval = max_interval
-        self.exponent = exponent
-        self.max_elapsed_time = max_elapsed_time
-        self.jitter_ms = jitter_ms
-
-    def __repr__(self) -> str:
-        return (
-            f"BackoffStrategy({self.initial_interval}, {self.max_interval}, {self.exponent}, "
-            f"{self.max_elapsed_time}, jitter_ms={self.jitter_ms})"
-        )
-
-
-_OFFICIAL_STRATEGIES = ("backoff", "none")
-
-
-def _status_codes(codes: Iterable[str | int]) -> frozenset[int]:
-    """Expand the official SDK's status patterns (``"503"``, ``"5XX"``) into statuses."""
-    statuses: set[int] = set()
-    for code in codes:
-        text = str(code).strip().upper()
-        if len(text) == 3 and text[0] in "12345" and text[1:] == "XX":
-            first = int(text[0]) * 100
-            statuses.update(range(first, first + 100))
-        elif text.isdigit():
-            statuses.add(int(text))
-        else:
-            raise FriendliValidationError(
-                "status_codes_override", f"{code!r} is not a status code or a pattern like '5XX'"
-            )
-    return _statuses(statuses)
-
-
-def official_policy(
-    strategy: str,
-    backoff: BackoffStrategy | None,
-    retry_connection_errors: bool,
-    status_codes_override: Iterable[str | int] | None = None,
-) -> dict[str, Any]:
-    """Map the official SDK's retry settings onto ``RetryConfig`` fields.
-
-    ``"none"`` makes one attempt; ``"backoff"`` keeps our attempt cap (5), the statuses
-    retried by default (not 500) unless ``status_codes_override`` names others, and
-    the rule that a request the server may have processed is not resent.
-    ``retry_connection_errors`` is accepted for its meaning there: failures where nothing
-    reached the server are always retried, as they are safe.
-    """
-    if strategy not in _OFFICIAL_STRATEGIES:
-        raise FriendliValidationError("strategy", f"must be 'backoff' or 'none', got {strategy!r}")
-    if not isinstance(retry_connection_errors, bool):
-        raise FriendliValidationError(
-            "retry_connection_errors", f"must be True or False, got {retry_connection_errors!r}"
-        )
-    fields: dict[str, Any] = {}
-    if strategy == "none":
-        fields["max_attempts"] = 1
-    if backoff is not None:
-        if not isinstance(backoff, BackoffStrategy):
-            raise FriendliValidationError(
-                "backoff", f"must be a BackoffStrategy, got {type(backoff).__name__}"
-            )
-        fields["initial_delay"] = backoff.initial_interval / 1000
-        fields["max_delay"] = backoff.max_interval / 1000
-        fields["multiplier"] = float(backoff.exponent)
-        fields["max_elapsed"] = backoff.max_elapsed_time / 1000 or None
-        fields["jitter"] = (1000 if backoff.jitter_ms is None else backoff.jitter_ms) / 1000
-    if status_codes_override:
-        fields["retry_statuses"] = _status_codes(status_codes_override)
-    return fields
-
-
-class OfficialRetryConfig(RetryConfig):
-    """The official SDK's ``RetryConfig``, positional and in milliseconds.
-
-    ``friendli_image.utils.RetryConfig`` is this class: a `RetryConfig` built from the
-    official arguments (see `official_policy` for the mapping), so ``retries=`` and
-    ``retry_config=`` take it wherever they take ours. The official arguments stay
-    readable as attributes. Keyword arguments of `RetryConfig` (``max_attempts=``, ...)
-    are applied on top.
-    """
-
-    strategy: str
-    backoff: BackoffStrategy | None
-    retry_connection_errors: bool
-    status_codes_override: list[str] | None
-
-    def __init__(
-        self,
-        strategy: str = "backoff",
-        backoff: BackoffStrategy | None = None,
-        retry_connection_errors: bool = True,
-        status_codes_override: list[str] | None = None,
-        **policy: Any,
-    ) -> None:
-        fields = official_policy(strategy, backoff, retry_connection_errors, status_codes_override)
-        super().__init__(**{**fields, **policy})
-        object.__setattr__(self, "strategy", strategy)
-        object.__setattr__(self, "backoff", backoff)
-        object.__setattr__(self, "retry_connection_errors", retry_connection_errors)
-        object.__setattr__(self, "status_codes_override", status_codes_override)

@@ -62,7 +62,6 @@ import http
 import json
 import os
 import sys
-import urllib.parse
 import warnings
 from collections.abc import Mapping, Sequence
 from types import FrameType
@@ -95,7 +94,6 @@ __all__ = [
     "FriendliUsageWarning",
     "FriendliValidationError",
     "RawResponse",
-    "Redactor",
     "status_error_class",
     "warn_at_caller",
 ]
@@ -113,124 +111,6 @@ def excerpt(body: bytes | bytearray | memoryview | str | None, limit: int = EXCE
         text = body[: limit * 4]
     text = " ".join(text.split())
     return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
-class Redactor:
-    """Removes a call's credentials from every text a server (or a proxy) sent back.
-
-    The one place where response-derived text is cleaned: bodies of any status, reason
-    phrases, headers (``Location`` included), aiohttp's messages about the answer, and
-    finally every text field of the error raised. Each credential is looked for as sent
-    and as a server may echo it: JSON-escaped (``\\/`` for ``/``) and percent-encoded.
-    The variants are built at the first use, which only a failure reaches.
-    """
-
-    __slots__ = ("_needles", "_secrets")
-
-    MASK = "***"
-
-    def __init__(self, secrets: tuple[str, ...] = ()) -> None:
-        self._secrets = tuple(secret for secret in secrets if secret)
-        self._needles: tuple[str, ...] | None = None
-
-    def __repr__(self) -> str:
-        return f"Redactor({len(self._secrets)} secrets)"
-
-    def __bool__(self) -> bool:
-        return bool(self._secrets)
-
-    def with_secrets(self, *secrets: str) -> Redactor:
-        """This redactor with more credentials to remove."""
-        return Redactor(self._secrets + secrets)
-
-    def needles(self) -> tuple[str, ...]:
-        """Every form of every credential that is removed, longest first."""
-        if self._needles is None:
-            forms: set[str] = set()
-            for secret in self._secrets:
-                escaped = json.dumps(secret)[1:-1]
-                forms.update(
-                    (
-                        secret,
-                        escaped,
-                        escaped.replace("/", "\\/"),
-                        urllib.parse.quote(secret, safe=""),
-                        urllib.parse.quote(secret, safe="/"),
-                        urllib.parse.quote_plus(secret),
-                    )
-                )
-            self._needles = tuple(sorted(forms, key=len, reverse=True))
-        return self._needles
-
-    def text(self, text: str) -> str:
-        """``text`` with every credential form replaced by ``***``."""
-        for needle in self.needles():
-            if needle in text:
-                text = text.replace(needle, self.MASK)
-        return text
-
-    def data(self, data: bytes | bytearray | memoryview) -> bytes:
-        """``data`` (a body) with every credential form replaced by ``***``."""
-        raw = bytes(data)
-        for needle in self.needles():
-            encoded = needle.encode()
-            if encoded in raw:
-                raw = raw.replace(encoded, self.MASK.encode())
-        return raw
-
-    def excerpt(self, body: bytes | bytearray | memoryview | str | None) -> str:
-        """`excerpt` of ``body``, redacted before it is cut (no credential half-shown)."""
-        if not body or not self._secrets:
-            return excerpt(body)
-        margin = max(len(needle) for needle in self.needles())
-        window = EXCERPT_CHARS * 4 + margin
-        if isinstance(body, str):
-            text = body[:window]
-        else:
-            text = bytes(body[:window]).decode("utf-8", "replace")
-        cut = len(body) > window
-        text = self.text(text)
-        if cut:
-            # A credential cut by the window can only start in its last ``margin``
-            # characters: drop them rather than show its first half.
-            text = text[: max(0, len(text) - margin)]
-        return excerpt(text)
-
-    def contains(self, text: str) -> bool:
-        """True when ``text`` holds a credential in any form."""
-        return any(needle in text for needle in self.needles())
-
-    def error(self, error: BaseException) -> BaseException:
-        """Clean every text of ``error`` in place (message, args, body, headers, details).
-
-        A chained exception (aiohttp's, about the answer) whose text holds a
-        credential is cut off: it cannot be cleaned, and the error says what it said.
-        """
-        if not self._secrets:
-            return error
-        error.args = tuple(self._clean(arg) for arg in error.args)
-        for name, value in vars(error).items():
-            setattr(error, name, self._clean(value))
-        for chained in (error.__cause__, error.__context__):
-            if chained is not None and self.contains(f"{chained!r} {chained}"):
-                error.__cause__ = None
-                error.__context__ = None
-                error.__suppress_context__ = True
-                break
-        return error
-
-    def _clean(self, value: Any) -> Any:
-        if isinstance(value, str):
-            return self.text(value)
-        if isinstance(value, CIMultiDict):
-            return CIMultiDict((self.text(k), self.text(v)) for k, v in value.items())
-        if isinstance(value, dict):
-            return {self._clean(k): self._clean(v) for k, v in value.items()}
-        if isinstance(value, list):
-            return [self._clean(item) for item in value]
-        if isinstance(value, tuple):
-            return tuple(self._clean(item) for item in value)
-        return value
 
 
 class FriendliError(Exception):

@@ -52,6 +52,7 @@ import aiohttp
 import attrs
 from yarl import URL
 
+from ._batch_models import EndpointStats
 from ._config import RetryConfig, check_count, check_server_url
 from ._exceptions import (
     FriendliAPIError,
@@ -61,7 +62,6 @@ from ._exceptions import (
     FriendliTimeoutError,
     FriendliValidationError,
 )
-from ._models import EndpointStats
 
 __all__ = [
     "Endpoint",

@@ -15,17 +15,12 @@ from typing import TYPE_CHECKING, Concatenate, ParamSpec, TypeAlias, TypeVar
 import attrs
 
 from ._batch import Batch, BatchOperation
+from ._batch_models import BatchOptions
 from ._config import NO_OVERRIDES, UNSET, CallOverrides, Unset
 from ._exceptions import FriendliArgumentError
-from ._models import (
-    BatchOptions,
-    EditRequest,
-    GenerateRequest,
-    ImageResult,
-    RequestPath,
-    RequestSpec,
-    ResponseFormat,
-)
+from ._request_path import RequestPath
+from ._requests import EditRequest, GenerateRequest, RequestSpec, ResponseFormat
+from ._results import ImageResult
 
 if TYPE_CHECKING:
     from ._config import RetryConfig

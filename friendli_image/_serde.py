@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from ._models import EditRequest, GenerateRequest, ImageInput
+from ._images import ImageInput
+from ._requests import EditRequest, GenerateRequest
 
 if TYPE_CHECKING:
     import cattrs

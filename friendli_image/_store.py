@@ -57,16 +57,16 @@ from typing import IO, TYPE_CHECKING, Any, Final
 
 import orjson
 
+from ._batch_models import OUTPUT_FORMATS
 from ._exceptions import FriendliAPIError, FriendliError, FriendliUsageError
 from ._formats import EXTENSIONS, FORMATS_BY_EXTENSION
-from ._models import OUTPUT_FORMATS
 from ._serde import canonical_request, unstructure_request
 
 if sys.platform != "win32":
     import fcntl
 
 if TYPE_CHECKING:
-    from ._models import EditRequest, GenerateRequest
+    from ._requests import EditRequest, GenerateRequest
 
 __all__ = [
     "GALLERY_NAME",

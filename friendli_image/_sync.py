@@ -36,9 +36,9 @@ from functools import cached_property, wraps
 from typing import TYPE_CHECKING, Any, Concatenate, Final, ParamSpec, TypeVar
 
 from ._batch import Batch
+from ._batch_models import BatchItem, BatchResult, EndpointStats
 from ._client import AsyncFriendli, describe
 from ._exceptions import FriendliUsageError, FriendliUsageWarning
-from ._models import BatchItem, BatchResult, EndpointStats
 from ._resources import Image as AsyncImage
 from ._serde import converter
 

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any, Final
 import attrs
 from yarl import URL
 
+from ._batch_models import BatchProgress, EndpointStats
 from ._exceptions import (
     FriendliAPIError,
     FriendliAPIStatusError,
@@ -43,7 +44,8 @@ from ._exceptions import (
     FriendliTimeoutError,
     FriendliValidationError,
 )
-from ._models import BatchProgress, EditRequest, EndpointStats, ImageResult, RequestModel
+from ._requests import EditRequest, RequestModel
+from ._results import ImageResult
 from ._version import __version__
 
 if TYPE_CHECKING:

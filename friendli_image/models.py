@@ -27,14 +27,14 @@ from ._exceptions import FriendliHTTPValidationError as HTTPValidationError
 from ._exceptions import FriendliResponseError as ResponseValidationError
 from ._exceptions import FriendliStatusCodeError as FriendliCoreError
 from ._exceptions import FriendliStatusCodeError as SDKError
-from ._models import (
+from ._images import ImageInput
+from ._requests import (
     ContainerImageEditBodyImage,
     ContainerImageEditBodyImageTypedDict,
     ContainerImageEditBodyTypedDict,
     ContainerImageGenerateSuccessTypedDict,
     ContainerImageGenerationBodyTypedDict,
     HTTPValidationErrorData,
-    ImageInput,
     ImageInputTypedDict,
     Loc,
     LocTypedDict,
@@ -42,9 +42,9 @@ from ._models import (
     ValidationError,
     ValidationErrorTypedDict,
 )
-from ._models import EditRequest as ContainerImageEditBody
-from ._models import GenerateRequest as ContainerImageGenerationBody
-from ._models import ImageResult as ContainerImageGenerateSuccess
+from ._requests import EditRequest as ContainerImageEditBody
+from ._requests import GenerateRequest as ContainerImageGenerationBody
+from ._results import ImageResult as ContainerImageGenerateSuccess
 
 __all__ = [
     "CONTAINER_IMAGES_EDIT_OP_SERVERS",

@@ -43,11 +43,13 @@ import attrs
 import pyarrow as pa
 
 from ._client import AsyncFriendli
-from ._config import Secret, check_count, hide_credentials
+from ._config import check_count
 from ._exceptions import FriendliUsageError, FriendliValidationError
 from ._fleet import Endpoint, parse_servers
-from ._models import MAX_SEED, EditRequest, GenerateRequest, ImageResult
+from ._requests import MAX_SEED, EditRequest, GenerateRequest
 from ._resources import EDITS_PATH, GENERATIONS_PATH
+from ._results import ImageResult
+from ._secrets import Secret, hide_credentials
 from ._store import Location, request_digest, row_image_name
 
 __all__ = [

@@ -25,8 +25,8 @@ seconds), so ``retries=`` takes either. What maps onto what:
 
 from __future__ import annotations
 
-from ._config import BackoffStrategy
+from ._compat import BackoffStrategy
+from ._compat import OfficialRetryConfig as RetryConfig
 from ._config import DebugLogger as Logger
-from ._config import OfficialRetryConfig as RetryConfig
 
 __all__ = ["BackoffStrategy", "Logger", "RetryConfig"]

@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 from friendli_image import AsyncFriendli
-from friendli_image._models import GenerateRequest
+from friendli_image._requests import GenerateRequest
 from friendli_image._resources import GENERATIONS_PATH
 from friendli_image._store import request_digest
 from friendli_image.server import LocalServer, ServerConfig

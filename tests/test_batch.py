@@ -137,7 +137,7 @@ async def test_prompts_and_models_and_async_iterables_are_accepted(
     client: AsyncFriendli,
 ) -> None:
     """Requests may be prompt strings, mappings or models, from an async iterable."""
-    from friendli_image._models import GenerateRequest
+    from friendli_image._requests import GenerateRequest
 
     async def source() -> AsyncIterator[Any]:
         yield "plain prompt"
@@ -696,7 +696,9 @@ async def test_an_unexpected_exception_in_an_item_is_raised_by_the_iterator() ->
     """A defect (not an API failure) ends the batch with that exception, and the other
     items in flight are cancelled rather than left running."""
     from friendli_image._batch import Batch, BatchOperation
-    from friendli_image._models import BatchOptions, GenerateRequest, RequestPath
+    from friendli_image._batch_models import BatchOptions
+    from friendli_image._request_path import RequestPath
+    from friendli_image._requests import GenerateRequest
     from friendli_image._resources import GENERATIONS_PATH
 
     client = AsyncFriendli(server_url="http://127.0.0.1:9", token="")

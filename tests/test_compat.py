@@ -174,7 +174,7 @@ def test_status_error_offers_what_ported_code_reads() -> None:
 )
 def test_values_the_server_refuses_are_sdkerror_422(kwargs: dict[str, Any], loc: list[Any]) -> None:
     """A value of the right type that the server refuses raises SDKError 422 before sending."""
-    from friendli_image._models import GenerateRequest as build_generate
+    from friendli_image._requests import GenerateRequest as build_generate
 
     with pytest.raises(SDKError) as caught:
         build_generate(prompt="p", **kwargs)
@@ -188,7 +188,7 @@ def test_values_the_server_refuses_are_sdkerror_422(kwargs: dict[str, Any], loc:
 @pytest.mark.parametrize("kwargs", [{"num_inference_steps": "twenty"}, {"seed": 1.5}])
 def test_wrong_types_are_not_sdkerror(kwargs: dict[str, Any]) -> None:
     """A wrong type (refused client-side by the official SDK too) is a plain validation error."""
-    from friendli_image._models import GenerateRequest as build_generate
+    from friendli_image._requests import GenerateRequest as build_generate
 
     with pytest.raises(FriendliValidationError) as caught:
         build_generate(prompt="p", **kwargs)
@@ -242,7 +242,7 @@ def test_numbers_are_taken_as_the_official_sdk_takes_them(
 ) -> None:
     """What the official SDK's pydantic models accept for a number, ours send as that number:
     code fed from CSV files, configs or NumPy keeps working (a fraction stays refused)."""
-    from friendli_image._models import GenerateRequest as build_generate
+    from friendli_image._requests import GenerateRequest as build_generate
 
     body = json.loads(dumps_request(build_generate(prompt="p", **kwargs)))
     assert {key: body[key] for key in sent} == sent
@@ -252,7 +252,7 @@ def test_numbers_are_taken_as_the_official_sdk_takes_them(
 def test_numpy_numbers_are_taken() -> None:
     """NumPy scalars (a pandas row's values) are numbers to the official SDK, and to ours."""
     np = pytest.importorskip("numpy")
-    from friendli_image._models import GenerateRequest as build_generate
+    from friendli_image._requests import GenerateRequest as build_generate
 
     request = build_generate(
         prompt="p", seed=np.int64(7), num_inference_steps=np.int32(12), guidance_scale=np.float32(2)
@@ -269,8 +269,8 @@ def test_numpy_numbers_are_taken() -> None:
 
 def test_none_optional_numbers_are_omitted() -> None:
     """num_inference_steps=None and guidance_scale=None leave the fields out of the body."""
-    from friendli_image._models import EditRequest as build_edit
-    from friendli_image._models import GenerateRequest as build_generate
+    from friendli_image._requests import EditRequest as build_edit
+    from friendli_image._requests import GenerateRequest as build_generate
 
     body = json.loads(
         dumps_request(build_generate(prompt="p", num_inference_steps=None, guidance_scale=None))
@@ -290,8 +290,8 @@ def test_none_optional_numbers_are_omitted() -> None:
 
 def test_generators_are_read_once_before_checking() -> None:
     """Generators for images and weights work; a wrong count names the real count."""
-    from friendli_image._models import EditRequest as build_edit
-    from friendli_image._models import GenerateRequest as build_generate
+    from friendli_image._requests import EditRequest as build_edit
+    from friendli_image._requests import GenerateRequest as build_generate
 
     url = "https://example.test/a.png"
     request = build_generate(

@@ -13,7 +13,8 @@ from typing import Any
 import pytest
 
 from friendli_image import AsyncFriendli, FriendliValidationError, RetryConfig, Timeout
-from friendli_image._config import check_headers, check_server_url, check_token, resolve_retries
+from friendli_image._config import check_headers, check_server_url, resolve_retries
+from friendli_image._secrets import check_token
 
 NAN, INF = math.nan, math.inf
 

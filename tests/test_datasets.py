@@ -20,7 +20,7 @@ import pytest
 
 from friendli_image import AsyncFriendli, FriendliUsageError, FriendliValidationError
 from friendli_image._cli import main
-from friendli_image._models import GenerateRequest
+from friendli_image._requests import GenerateRequest
 from friendli_image._resources import GENERATIONS_PATH
 from friendli_image._store import MANIFEST_NAME, METADATA_NAME, item_key, request_digest
 from friendli_image.server import LocalServer, ServerConfig

@@ -16,9 +16,14 @@ PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "friendli_image"
 
 #: Bottom to top. A module may import modules of its own layer or of lower layers only.
 LAYERS: tuple[frozenset[str], ...] = (
-    frozenset({"_version", "_clock", "_exceptions", "_formats", "_config"}),
+    frozenset({"_version", "_clock", "_exceptions", "_formats"}),
+    frozenset({"_secrets"}),
+    frozenset({"_config"}),
     frozenset({"_images"}),
-    frozenset({"_models"}),
+    frozenset({"_requests"}),
+    frozenset({"_results"}),
+    frozenset({"_batch_models"}),
+    frozenset({"_request_path"}),
     frozenset({"_serde", "_compat", "models", "testing", "utils"}),
     frozenset({"_retry"}),
     frozenset({"_telemetry"}),

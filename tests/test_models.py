@@ -11,9 +11,9 @@ import orjson
 import pytest
 
 from friendli_image import FriendliValidationError, ImageInput
-from friendli_image._models import MAX_SEED, EditRequest, GenerateRequest
-from friendli_image._models import EditRequest as build_edit
-from friendli_image._models import GenerateRequest as build_generate
+from friendli_image._requests import MAX_SEED, EditRequest, GenerateRequest
+from friendli_image._requests import EditRequest as build_edit
+from friendli_image._requests import GenerateRequest as build_generate
 from friendli_image._serde import dumps_request
 
 URL = "https://example.com/cat.png"
@@ -307,7 +307,7 @@ def test_numpy_like_reals_are_accepted() -> None:
     """Real numbers that are not floats (Fraction, numpy scalars) are sent as JSON floats."""
     from fractions import Fraction
 
-    from friendli_image._models import GenerateRequest as build_generate
+    from friendli_image._requests import GenerateRequest as build_generate
     from friendli_image._serde import dumps_request
 
     request = build_generate(
@@ -323,7 +323,7 @@ def test_numpy_like_reals_are_accepted() -> None:
 @pytest.mark.parametrize("weights", [5, 0.5, "0.5", None.__class__])
 def test_non_list_controlnet_weights_are_a_validation_error(weights: object) -> None:
     """A scalar or string for controlnet_weights is a FriendliValidationError, not a TypeError."""
-    from friendli_image._models import GenerateRequest as build_generate
+    from friendli_image._requests import GenerateRequest as build_generate
 
     with pytest.raises(FriendliValidationError) as caught:
         build_generate(

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from friendli_image import BatchItem, BatchResult, FriendliBadRequestError, ImageResult
-from friendli_image._models import NOTEBOOK_ROWS as MAX_ROWS
+from friendli_image._batch_models import NOTEBOOK_ROWS as MAX_ROWS
 
 
 def _item(index: int, **fields: Any) -> BatchItem:

@@ -21,9 +21,10 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from friendli_image import FriendliConnectionError, FriendliTimeoutError, RetryConfig
-from friendli_image._exceptions import Redactor
 from friendli_image._retry import is_retryable
-from friendli_image._transport import _AttemptTrace, _transport_error
+from friendli_image._secrets import Redactor
+from friendli_image._transport._errors import transport_error
+from friendli_image._transport._trace import AttemptTrace
 
 URL_ = URL("http://gpu.example:8000/v1/images/generations")
 BODY = 100
@@ -31,8 +32,8 @@ SECRET = "sk-transport-table-5e1f"
 KEY = ConnectionKey("gpu.example", 8000, False, True, None, None, None, None)
 
 
-def _trace(*, connected: bool, created: bool = True, sent: int = 0) -> _AttemptTrace:
-    trace = _AttemptTrace()
+def _trace(*, connected: bool, created: bool = True, sent: int = 0) -> AttemptTrace:
+    trace = AttemptTrace()
     trace.connected, trace.created, trace.body_sent = connected, created, sent
     return trace
 
@@ -149,9 +150,7 @@ def test_a_transport_failure_becomes_a_typed_error(
 ) -> None:
     """Each aiohttp / OS failure maps to one typed error that says whether the server may
     have read the request, whether the connection was a reused one, and what to do."""
-    error = _transport_error(
-        make(), _trace(**where), "req-1", None, URL_, BODY, Redactor((SECRET,))
-    )
+    error = transport_error(make(), _trace(**where), "req-1", None, URL_, BODY, Redactor((SECRET,)))
     assert type(error) is mapped.cls
     assert error.request_id == "req-1"
     assert (error.maybe_processed, error.stale_connection, error.permanent) == (
@@ -166,7 +165,7 @@ def test_a_transport_failure_becomes_a_typed_error(
 
 def test_a_timeout_at_the_deadline_says_deadline() -> None:
     """A timeout when Timeout.total has run out is kind="deadline", not "attempt"."""
-    error = _transport_error(
+    error = transport_error(
         asyncio.TimeoutError(),
         _trace(**FRESH_SENT),
         "req-1",
@@ -198,7 +197,7 @@ def test_what_the_default_policy_does_with_each_mapped_failure(
 ) -> None:
     """Never-sent and half-sent requests are retried, a reused connection's break is
     reconnected, a request the server may have read is not, TLS failures are final."""
-    error = _transport_error(make(), _trace(**where), "r", None, URL_, BODY, Redactor())
+    error = transport_error(make(), _trace(**where), "r", None, URL_, BODY, Redactor())
     assert is_retryable(error, RetryConfig()) is retried
 
 

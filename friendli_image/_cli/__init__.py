@@ -24,7 +24,7 @@ from friendli_image._exceptions import (
 )
 from friendli_image._formats import FORMATS_BY_EXTENSION
 from friendli_image._gallery import write_gallery
-from friendli_image._models import ImageResult, save_target
+from friendli_image._results import ImageResult, save_target
 from friendli_image._version import __version__
 
 from ._batch import add_batch_command

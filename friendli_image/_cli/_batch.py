@@ -28,19 +28,19 @@ from typing import IO, Any, Final
 
 import orjson
 
-from friendli_image._exceptions import (
-    FriendliConnectionError,
-    FriendliUsageError,
-    FriendliValidationError,
-)
-from friendli_image._gallery import GALLERY_NAME, write_gallery
-from friendli_image._models import (
+from friendli_image._batch_models import (
     OUTPUT_FORMATS,
     BatchItem,
     BatchProgress,
     BatchResult,
     EndpointStats,
 )
+from friendli_image._exceptions import (
+    FriendliConnectionError,
+    FriendliUsageError,
+    FriendliValidationError,
+)
+from friendli_image._gallery import GALLERY_NAME, write_gallery
 from friendli_image._store import MANIFEST_NAME, set_aside_previous_run
 
 from ._options import EXIT_FAILED, EXIT_OK, EXIT_UNREACHABLE, add_client_options, make_client

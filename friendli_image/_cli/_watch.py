@@ -24,8 +24,8 @@ from typing import Any, Final
 
 import orjson
 
+from friendli_image._batch_models import BatchProgress
 from friendli_image._exceptions import FriendliUsageError
-from friendli_image._models import BatchProgress
 from friendli_image._telemetry import ErrorEvent, Hooks, ResponseEvent, RetryEvent
 from friendli_image._version import __version__
 

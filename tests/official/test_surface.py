@@ -37,7 +37,7 @@ from friendli_image._exceptions import (
     FriendliConnectionError,
     FriendliResponseError,
 )
-from friendli_image._models import ImageResult
+from friendli_image._results import ImageResult
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 _TINY_PNG_B64 = (

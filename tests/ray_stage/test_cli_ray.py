@@ -18,7 +18,7 @@ import pytest
 pytest.importorskip("pyarrow", reason="the stage needs pyarrow: pip install 'friendli-image[ray]'")
 pytest.importorskip("ray", reason="Ray is not installed: pip install 'friendli-image[ray]'")
 
-from friendli_image._models import GenerateRequest
+from friendli_image._requests import GenerateRequest
 from friendli_image._resources import GENERATIONS_PATH
 from friendli_image._store import request_digest, row_image_name
 from friendli_image.ray import seed_for

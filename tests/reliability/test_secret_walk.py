@@ -216,7 +216,7 @@ def _build(cls: type, stack: contextlib.ExitStack) -> list[object]:
 
 def _plain_credentials(value: object, where: str, seen: set[int], depth: int = 0) -> list[str]:
     """Paths under ``value`` where the token sits in a plain str or bytes."""
-    from friendli_image._config import Secret
+    from friendli_image._secrets import Secret
     from friendli_image.server import Credential
 
     if isinstance(value, str):
