@@ -277,6 +277,45 @@ def test_an_ejected_endpoint_takes_one_probe_request_before_full_load() -> None:
     assert other.consecutive == 0
 
 
+async def test_a_freed_slot_goes_to_the_request_that_waited_not_to_a_newcomer() -> None:
+    """A failover that may go only to one endpoint waits for its slot; when the slot
+    frees it is the failover's, not that of a request arriving at the same moment (a
+    stream of new requests would otherwise starve it for as long as the stream lasts)."""
+    fleet = Fleet(
+        [Endpoint(f"http://127.0.0.1:{p}", max_connections=1) for p in (1, 2)],
+        8,
+        FleetConfig(),
+        random.Random(0),
+    )
+    first, second = await fleet.acquire(), await fleet.acquire()
+    failover = asyncio.ensure_future(fleet.acquire([second], strict=True))
+    await asyncio.sleep(0)
+    assert not failover.done()
+
+    async def finish_and_send_the_next() -> EndpointState:
+        # As a batch worker does: its call returns and its next one asks at once.
+        fleet.succeeded(first, 0.1, 1)
+        return await fleet.acquire()
+
+    newcomer = asyncio.ensure_future(finish_and_send_the_next())
+    for _ in range(3):  # the newcomer's step, then the failover's
+        await asyncio.sleep(0)
+    assert failover.done()
+    assert failover.result() is first
+    assert (first.in_flight, first.reserved) == (1, 0)
+    assert not newcomer.done()  # it waits behind the failover ...
+    fleet.succeeded(second, 0.1, 1)
+    assert await newcomer is second  # ... and takes the next slot that frees
+    # A waiter cancelled after a slot was handed to it passes the slot on.
+    late = asyncio.ensure_future(fleet.acquire())
+    later = asyncio.ensure_future(fleet.acquire())
+    await asyncio.sleep(0)
+    fleet.succeeded(first, 0.1, 1)
+    late.cancel()
+    assert await later is first
+    assert (first.in_flight, first.reserved) == (1, 0)
+
+
 # -- against real sockets ---------------------------------------------------------------------
 
 
