@@ -344,7 +344,10 @@ async def test_load_follows_capacity_and_no_endpoint_exceeds_its_limit() -> None
     assert samples
     assert all(len(snap) == 4 for snap in samples)
     for stats in (s for snap in samples for s in snap):
-        assert stats.in_flight <= stats.limit <= stats.max_connections
+        # A learned limit falls at once on queueing while those already sent finish,
+        # so in flight may briefly exceed the limit, never the cap.
+        assert stats.in_flight <= stats.max_connections
+        assert stats.limit <= stats.max_connections
     for server, cap in zip(servers, caps, strict=True):
         assert 0 < server.stats.max_in_flight <= cap
     served = [s.stats.total_requests for s in servers]
@@ -377,7 +380,14 @@ async def test_a_10x_slower_server_gets_proportionally_fewer_requests() -> None:
     """
     configs = (_config(25, 64), _config(25, 64), _config(25, 64), _config(250, 64))
     async with _servers(*configs) as servers:
-        client = AsyncFriendli(server_url=[s.url for s in servers])
+        # Limits not learned: these servers share the client's loop, so on a loaded
+        # machine their latency grows with the load though they have 64 slots, and the
+        # learned limits (and so the requests in flight) end unequal, e.g. 10, 4 and 4 on
+        # the three fast ones. What is checked is the routing: with equal limits, equal
+        # requests in flight. The simulation checks learned limits with a slow endpoint.
+        client = AsyncFriendli(
+            server_url=[s.url for s in servers], fleet=FleetConfig(learn_limits=False)
+        )
         async with client:
             result = await client.container.image.generate_batch(
                 _requests(900), concurrency=64
@@ -392,7 +402,7 @@ async def test_a_10x_slower_server_gets_proportionally_fewer_requests() -> None:
     assert latency[3] > 2 * fast_latency, numbers  # the slow one is still slow, loaded or not
     # Twice the expected share: the first requests go out before any latency is known.
     assert 0 < slow < 2 * expected * sum(fast) / 3, numbers
-    assert max(fast) < 1.5 * min(fast)
+    assert max(fast) < 1.5 * min(fast), numbers
 
 
 async def test_a_killed_server_fails_over_and_gets_load_again_after_it_returns() -> None:
