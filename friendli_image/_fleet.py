@@ -314,8 +314,8 @@ def choose(candidates: Sequence[EndpointState], rng: random.Random) -> EndpointS
         return candidates[0]
     first, second = rng.sample(range(count), 2)
     a, b = candidates[first], candidates[second]
-    load_a = (a.in_flight + 1) / (a.weight * a.capacity)
-    load_b = (b.in_flight + 1) / (b.weight * b.capacity)
+    load_a = (a.taken + 1) / (a.weight * a.capacity)
+    load_b = (b.taken + 1) / (b.weight * b.capacity)
     return a if load_a <= load_b else b
 
 
@@ -355,6 +355,7 @@ class EndpointState:
         "probing",
         "queueing_seen",
         "refused",
+        "reserved",
         "spread",
         "successes",
         "url",
@@ -372,6 +373,8 @@ class EndpointState:
         self.learn = learn
         self.decreased = False
         self.in_flight = 0
+        #: Slots handed to waiting requests that have not resumed to send yet.
+        self.reserved = 0
         self.epoch = 0
         self.successes = 0
         self.failures: dict[str, int] = {}
@@ -499,8 +502,8 @@ class EndpointState:
         if now < self.ejected_until or now < self.hold_until:
             return 0
         if self.probing:
-            return 1 if self.in_flight == 0 else 0
-        return max(0, max(1, int(self.limit)) - self.in_flight)
+            return 1 if self.taken == 0 else 0
+        return max(0, max(1, int(self.limit)) - self.taken)
 
     def available(self, now: float) -> bool:
         """Can it take one more request at ``now``?"""
@@ -508,7 +511,12 @@ class EndpointState:
 
     def free(self, now: float) -> bool:
         """Has it a slot known to run a request at once (not only a probe's)?"""
-        return self.available(now) and (self.probing or self.in_flight < self.capacity)
+        return self.available(now) and (self.probing or self.taken < self.capacity)
+
+    @property
+    def taken(self) -> int:
+        """Its slots in use: requests in flight and slots handed to waiting ones."""
+        return self.in_flight + self.reserved
 
     def stats(self, now: float) -> EndpointStats:
         """A snapshot of this endpoint."""
@@ -535,6 +543,15 @@ def _percentile(ordered: Sequence[float], q: float) -> float | None:
     if not ordered:
         return None
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+@attrs.define(eq=False)
+class _Waiter:
+    """A request waiting for a slot, and where it may go."""
+
+    handed: asyncio.Future[EndpointState]
+    exclude: Collection[EndpointState]
+    strict: bool
 
 
 class Fleet:
@@ -566,7 +583,8 @@ class Fleet:
         self._rng = rng or random.Random()  # noqa: S311  (load balancing, not secrets)
         self._clock = clock
         self._connects = connects or _connects
-        self._waiters: deque[asyncio.Future[None]] = deque()
+        self._waiters: deque[_Waiter] = deque()
+        self._timer: asyncio.TimerHandle | None = None
         self._health: asyncio.Task[None] | None = None
         self._revival: asyncio.Task[None] | None = None
 
@@ -624,30 +642,33 @@ class Fleet:
 
         Endpoints in ``exclude`` are taken only when no other can take it now, and never
         when ``strict`` (a failover: the request must go elsewhere). When none can take
-        it, it waits for the first slot that frees on any endpoint.
+        it, it waits for the first slot that frees on any endpoint. Waiting requests are
+        served first come, first served: a freed slot goes to the oldest one that may
+        take it before a request that arrives later can pick it (a failover bound to a
+        few endpoints is not starved by new requests).
         """
-        loop: asyncio.AbstractEventLoop | None = None
-        while True:
+        if not self._waiters:
             endpoint = self.pick(exclude, strict=strict)
             if endpoint is not None:
                 endpoint.in_flight += 1
                 return endpoint
-            loop = loop or asyncio.get_running_loop()
-            waiter: asyncio.Future[None] = loop.create_future()
-            self._waiters.append(waiter)
-            wake = self._next_change()
-            timer = None if wake is None else loop.call_later(wake, _wake, waiter)
-            try:
-                await waiter
-            except asyncio.CancelledError:
-                if waiter.done() and not waiter.cancelled():
-                    self._wake()  # pass the wake-up on
-                raise
-            finally:
-                if timer is not None:
-                    timer.cancel()
-                with contextlib.suppress(ValueError):
-                    self._waiters.remove(waiter)
+        waiter: asyncio.Future[EndpointState] = asyncio.get_running_loop().create_future()
+        self._waiters.append(_Waiter(waiter, exclude, strict))
+        self._hand_over()  # behind waiters that cannot take the free slot it can
+        try:
+            endpoint = await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                waiter.result().reserved -= 1
+                self._hand_over()  # its slot goes to the next one
+            else:
+                self._waiters = deque(w for w in self._waiters if w.handed is not waiter)
+            raise
+        # Counted in flight only now, as it is sent: a request that took a slot
+        # meanwhile and is sent first must not count it among those ahead of it.
+        endpoint.reserved -= 1
+        endpoint.in_flight += 1
+        return endpoint
 
     def _next_change(self) -> float | None:
         """Seconds until an ejection or a ``Retry-After`` hold ends, if one is pending."""
@@ -655,17 +676,24 @@ class Fleet:
         ends = [end for e in self.endpoints for end in (e.ejected_until, e.hold_until) if end > now]
         return min(ends) - now + 0.001 if ends else None
 
-    def _wake(self) -> None:
-        """Wake as many waiting requests as there are slots to take (at least one)."""
-        if not self._waiters:
-            return
-        now = self._clock()
-        room = max(1, sum(e.room(now) for e in self.endpoints))
-        while self._waiters and room:
-            waiter = self._waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(None)
-                room -= 1
+    def _hand_over(self) -> None:
+        """Give free slots to the waiting requests, oldest first, each where it may go;
+        one that can go nowhere yet keeps its place and holds up none behind it."""
+        for waiter in list(self._waiters):
+            if not self.has_capacity(()):
+                break
+            endpoint = self.pick(waiter.exclude, strict=waiter.strict)
+            if endpoint is not None:
+                endpoint.reserved += 1
+                self._waiters.remove(waiter)
+                waiter.handed.set_result(endpoint)
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        # No slot frees when an ejection or a hold ends: a timer hands over then.
+        wake = self._next_change() if self._waiters else None
+        if wake is not None:
+            self._timer = asyncio.get_running_loop().call_later(wake, self._hand_over)
 
     # -- outcomes --------------------------------------------------------------------
 
@@ -689,7 +717,7 @@ class Fleet:
             if now - endpoint.healthy_since > ejection_time(endpoint.ejections, self.config) * 4:
                 endpoint.ejections -= 1
                 endpoint.healthy_since = now
-        self._wake()
+        self._hand_over()
 
     def failed(self, endpoint: EndpointState, epoch: int, error: FriendliAPIError) -> None:
         """An attempt on ``endpoint`` (admitted in ``epoch``) failed with ``error``."""
@@ -709,12 +737,12 @@ class Fleet:
                 self.eject(endpoint, now, refused=kind == "connect")
         else:
             endpoint.consecutive = 0
-        self._wake()
+        self._hand_over()
 
     def abandoned(self, endpoint: EndpointState) -> None:
         """An attempt on ``endpoint`` was cancelled: no outcome to learn from."""
         endpoint.in_flight -= 1
-        self._wake()
+        self._hand_over()
 
     def eject(
         self, endpoint: EndpointState, now: float | None = None, *, refused: bool = False
@@ -747,7 +775,7 @@ class Fleet:
         endpoint.refused = False
         if endpoint.ejected_until > self._clock():
             endpoint.ejected_until = 0.0
-            self._wake()
+            self._hand_over()
 
     def _watch_revival(self) -> None:
         """Check endpoints ejected for refusing connections, on the running loop."""
@@ -861,11 +889,6 @@ class Fleet:
         else:
             endpoint.failures[key] = endpoint.failures.get(key, 0) + 1
             self.eject(endpoint)
-
-
-def _wake(waiter: asyncio.Future[None]) -> None:
-    if not waiter.done():
-        waiter.set_result(None)
 
 
 async def _connects(url: URL, timeout: float) -> bool | None:

@@ -279,6 +279,45 @@ def test_an_ejected_endpoint_takes_one_probe_request_before_full_load() -> None:
     assert other.consecutive == 0
 
 
+async def test_a_freed_slot_goes_to_the_request_that_waited_not_to_a_newcomer() -> None:
+    """A failover that may go only to one endpoint waits for its slot; when the slot
+    frees it is the failover's, not that of a request arriving at the same moment (a
+    stream of new requests would otherwise starve it for as long as the stream lasts)."""
+    fleet = Fleet(
+        [Endpoint(f"http://127.0.0.1:{p}", max_connections=1) for p in (1, 2)],
+        8,
+        FleetConfig(),
+        random.Random(0),
+    )
+    first, second = await fleet.acquire(), await fleet.acquire()
+    failover = asyncio.ensure_future(fleet.acquire([second], strict=True))
+    await asyncio.sleep(0)
+    assert not failover.done()
+
+    async def finish_and_send_the_next() -> EndpointState:
+        # As a batch worker does: its call returns and its next one asks at once.
+        fleet.succeeded(first, 0.1, 1)
+        return await fleet.acquire()
+
+    newcomer = asyncio.ensure_future(finish_and_send_the_next())
+    for _ in range(3):  # the newcomer's step, then the failover's
+        await asyncio.sleep(0)
+    assert failover.done()
+    assert failover.result() is first
+    assert (first.in_flight, first.reserved) == (1, 0)
+    assert not newcomer.done()  # it waits behind the failover ...
+    fleet.succeeded(second, 0.1, 1)
+    assert await newcomer is second  # ... and takes the next slot that frees
+    # A waiter cancelled after a slot was handed to it passes the slot on.
+    late = asyncio.ensure_future(fleet.acquire())
+    later = asyncio.ensure_future(fleet.acquire())
+    await asyncio.sleep(0)
+    fleet.succeeded(first, 0.1, 1)
+    late.cancel()
+    assert await later is first
+    assert (first.in_flight, first.reserved) == (1, 0)
+
+
 # -- against real sockets ---------------------------------------------------------------------
 
 
@@ -307,7 +346,10 @@ async def test_load_follows_capacity_and_no_endpoint_exceeds_its_limit() -> None
     assert samples
     assert all(len(snap) == 4 for snap in samples)
     for stats in (s for snap in samples for s in snap):
-        assert stats.in_flight <= stats.limit <= stats.max_connections
+        # A learned limit falls at once on queueing while those already sent finish,
+        # so in flight may briefly exceed the limit, never the cap.
+        assert stats.in_flight <= stats.max_connections
+        assert stats.limit <= stats.max_connections
     for server, cap in zip(servers, caps, strict=True):
         assert 0 < server.stats.max_in_flight <= cap
     served = [s.stats.total_requests for s in servers]
@@ -340,7 +382,14 @@ async def test_a_10x_slower_server_gets_proportionally_fewer_requests() -> None:
     """
     configs = (_config(25, 64), _config(25, 64), _config(25, 64), _config(250, 64))
     async with _servers(*configs) as servers:
-        client = AsyncFriendli(server_url=[s.url for s in servers])
+        # Limits not learned: these servers share the client's loop, so on a loaded
+        # machine their latency grows with the load though they have 64 slots, and the
+        # learned limits (and so the requests in flight) end unequal, e.g. 10, 4 and 4 on
+        # the three fast ones. What is checked is the routing: with equal limits, equal
+        # requests in flight. The simulation checks learned limits with a slow endpoint.
+        client = AsyncFriendli(
+            server_url=[s.url for s in servers], fleet=FleetConfig(learn_limits=False)
+        )
         async with client:
             result = await client.container.image.generate_batch(
                 _requests(900), concurrency=64
@@ -355,7 +404,7 @@ async def test_a_10x_slower_server_gets_proportionally_fewer_requests() -> None:
     assert latency[3] > 2 * fast_latency, numbers  # the slow one is still slow, loaded or not
     # Twice the expected share: the first requests go out before any latency is known.
     assert 0 < slow < 2 * expected * sum(fast) / 3, numbers
-    assert max(fast) < 1.5 * min(fast)
+    assert max(fast) < 1.5 * min(fast), numbers
 
 
 async def test_a_killed_server_fails_over_and_gets_load_again_after_it_returns() -> None:

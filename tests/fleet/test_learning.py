@@ -17,7 +17,7 @@ import time
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from friendli_image import AsyncFriendli, BatchProgress, Endpoint
@@ -135,6 +135,14 @@ def outages(draw: st.DrawFn) -> tuple[list[SimEndpoint], int]:
 
 @SIMULATED
 @given(outage=outages(), seed=st.integers(0, 2**16), mult=st.sampled_from((1, 2)))
+# The 8 requests failed over from the dead endpoint may go only to the 2-slot one; when
+# a freed slot went to whichever request asked first, new requests took every slot of
+# it and 2 of the 10 workers waited for most of the run (0.82 of the ideal).
+@example(
+    outage=([SimEndpoint(8, 0.2, 0.0, (0.5, 0.8)), SimEndpoint(2, 0.2, 0.0, None)], 0),
+    seed=0,
+    mult=1,
+)
 def test_a_dead_endpoint_costs_no_call_and_works_again_within_a_second_of_returning(
     outage: tuple[list[SimEndpoint], int], seed: int, mult: int
 ) -> None:

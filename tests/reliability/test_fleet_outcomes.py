@@ -28,6 +28,7 @@ from friendli_image import (
     Endpoint,
     FleetConfig,
     FriendliAPIError,
+    FriendliTimeoutError,
     ImageResult,
     RetryConfig,
 )
@@ -196,7 +197,11 @@ def _check_outcomes(
             assert outcome.maybe_processed, (outcome, trail)
             assert outcome.endpoint not in healthy, (outcome, trail)
             assert whats, outcome
-            assert whats[-1] in AMBIGUOUS, (outcome, trail)
+            # The log is written as the server answers; on a loaded machine (servers and
+            # client share one loop) its answer can still miss the attempt's 0.3 s, and
+            # an answer that did not arrive in time is one the policy does not resend.
+            late = isinstance(outcome, FriendliTimeoutError) and whats[-1] == "image"
+            assert whats[-1] in AMBIGUOUS or late, (outcome, trail)
         else:
             assert whats[-1] == "image", trail
         # Nothing unsafe resent: after an ambiguous event nothing follows (unless the
