@@ -92,7 +92,15 @@ def fleets(draw: st.DrawFn) -> list[SimEndpoint]:
     ]
 
 
-SIMULATED = settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+#: A fixed set of examples (the simulation runs in virtual time, so each gives the same
+#: figures on any machine): CI checks the same fleets every run.
+SIMULATED = settings(
+    max_examples=20,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
 
 
 @SIMULATED
@@ -195,6 +203,9 @@ def _server(slots: int, step_ms: float) -> ServerConfig:
     )
 
 
+# Slow: run once, alone, in CI. The servers share the client's CPU, so under parallel
+# test load their latency rises as if they queued, and the learned limits follow it.
+@pytest.mark.slow
 @pytest.mark.parametrize("slots", [(1, 1, 2, 4)])
 async def test_loopback_fleet_keeps_each_server_just_full(slots: tuple[int, ...]) -> None:
     """Four servers of 1, 1, 2 and 4 slots at 100 ms per image, C = 16: the learned limits
