@@ -10,11 +10,8 @@ and the figures of each endpoint.
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import hashlib
-import os
-import tempfile
 import threading
 import time
 from collections import Counter
@@ -26,6 +23,7 @@ import orjson
 
 from friendli_image._batch_models import BatchProgress
 from friendli_image._exceptions import FriendliUsageError
+from friendli_image._store import Directory
 from friendli_image._telemetry import ErrorEvent, Hooks, ResponseEvent, RetryEvent
 from friendli_image._version import __version__
 
@@ -219,18 +217,16 @@ class JobWatch:
         }
 
     def _write(self, report: dict[str, Any]) -> Path:
-        self._out_dir.mkdir(parents=True, exist_ok=True)
-        target = self._out_dir / RUN_NAME
-        handle, temporary = tempfile.mkstemp(prefix=".run-", suffix=".tmp", dir=self._out_dir)
+        # Through the store, like every file in an output location: atomic, never through
+        # a link, with the umask's mode.
+        location = Directory(self._out_dir, create=True)
         try:
-            with os.fdopen(handle, "wb") as out:
-                out.write(orjson.dumps(report, option=orjson.OPT_INDENT_2) + b"\n")
-            os.replace(temporary, target)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(temporary)
-            raise
-        return target
+            location.write_atomic(
+                RUN_NAME, orjson.dumps(report, option=orjson.OPT_INDENT_2) + b"\n"
+            )
+        finally:
+            location.close()
+        return self._out_dir / RUN_NAME
 
 
 class _Collector:
