@@ -112,7 +112,8 @@ async def test_collect_returns_every_item_in_input_order(
 
 async def test_async_for_yields_as_items_finish(client: AsyncFriendli, server: LocalServer) -> None:
     """Iterating yields an item as soon as it finishes: a slow first item comes last."""
-    server.script("slow", [Action.delay(0.5)])
+    # 2 s: ten fast items took over 0.5 s on a loaded 2-core machine.
+    server.script("slow", [Action.delay(2.0)])
     requests: list[Any] = [{"prompt": "slow", "http_headers": {"x-test-id": "slow"}}]
     requests += [f"fast {i}" for i in range(10)]
     order = [item.index async for item in client.container.image.generate_batch(requests)]
