@@ -360,15 +360,27 @@ def markdown(table: dict[str, Any]) -> str:
 def _load_baseline(checkout: str) -> Any:
     """Import ``checkout``'s package as ``friendli_image_baseline``, beside this one.
 
-    Its modules import each other relatively, so a renamed copy loads on its own and both
+    The copy's imports of the package are renamed with it, so it loads on its own and both
     clients can alternate in one process, under the same load.
     """
     target = tempfile.mkdtemp(prefix="fleet-bench-")
+    copy = os.path.join(target, "friendli_image_baseline")
     shutil.copytree(
         os.path.join(checkout, "friendli_image"),
-        os.path.join(target, "friendli_image_baseline"),
+        copy,
         ignore=shutil.ignore_patterns("_cli", "server", "__pycache__"),
     )
+    # Subpackages (the transport) import the package's modules by absolute name: point
+    # those at the copy too, or the baseline would run half on this checkout's code.
+    for folder, _dirs, files in os.walk(copy):
+        for name in files:
+            if name.endswith(".py"):
+                path = os.path.join(folder, name)
+                with open(path, encoding="utf-8") as source:
+                    text = source.read()
+                text = text.replace("from friendli_image.", "from friendli_image_baseline.")
+                with open(path, "w", encoding="utf-8") as source:
+                    source.write(text)
     sys.path.insert(0, target)
     return importlib.import_module("friendli_image_baseline")
 

@@ -31,8 +31,8 @@ from friendli_image import (
     FriendliValidationError,
     RetryConfig,
     Timeout,
-    _transport,
 )
+from friendli_image._transport import _attempt
 from friendli_image.server import Action, LocalServer, ServerConfig
 
 from .harness import (
@@ -614,13 +614,13 @@ async def test_large_bodies_decode_off_the_loop(
     config = ServerConfig(static_image=image, max_concurrency=8, record_requests=False)
     srv = LocalServer(config).start()  # its own thread: the client loop is measured alone
     decoded_on: list[int] = []
-    decode = _transport._decode_image
+    decode = _attempt.decode_image
 
     def spied(data: Any, *args: Any) -> Any:
         decoded_on.append(threading.get_ident())
         return decode(data, *args)
 
-    monkeypatch.setattr(_transport, "_decode_image", spied)
+    monkeypatch.setattr(_attempt, "decode_image", spied)
     try:
         # The default timeouts, not the factory's 10 s attempt: on a loaded machine eight
         # 40 MiB answers can take longer, and their speed is not what is tested here.
@@ -630,7 +630,7 @@ async def test_large_bodies_decode_off_the_loop(
         results, peak, lag = await _eight_at_once(client)
         off_loop = [ident != threading.get_ident() for ident in decoded_on]
         # The same eight decoded on the loop, as before they moved off it, for the report.
-        monkeypatch.setattr(_transport, "_OFFLOOP_DECODE_BYTES", sys.maxsize)
+        monkeypatch.setattr(_attempt, "OFFLOOP_DECODE_BYTES", sys.maxsize)
         _, _, on_loop_lag = await _eight_at_once(client)
     finally:
         await srv.aclose()
