@@ -194,10 +194,13 @@ def cli_reference() -> str:
     return "\n".join(sections)
 
 
+@pytest.mark.skipif(
+    sys.version_info[:2] not in {(3, 11), (3, 12)},
+    reason="argparse words its help differently before 3.11 and from 3.13; nox -s docs "
+    "writes the page on 3.11",
+)
 def test_cli_reference_is_current(monkeypatch: pytest.MonkeyPatch) -> None:
     """docs/reference/cli.md is what the parser prints (FRIENDLI_UPDATE_DOCS=1 rewrites it)."""
-    if sys.version_info < (3, 11):
-        pytest.skip("argparse before 3.11 adds '(default: …)' to the --[no-] flags' help")
     monkeypatch.setenv("COLUMNS", "100")
     expected = cli_reference()
     if os.environ.get("FRIENDLI_UPDATE_DOCS") == "1":
