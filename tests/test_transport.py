@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import inspect
 import ssl
 import time
 from collections.abc import Callable
@@ -31,9 +32,8 @@ BODY = 100
 SECRET = "sk-transport-table-5e1f"
 # Its fields vary across aiohttp versions (the floor, 3.10, has one fewer): only the
 # host and port matter to the messages, the rest are None or their safe defaults.
-KEY = ConnectionKey(
-    *("gpu.example", 8000, False, True), *(None,) * (len(ConnectionKey._fields) - 4)
-)
+_FIELDS = len(inspect.signature(ConnectionKey).parameters)  # a dataclass there, a tuple now
+KEY = ConnectionKey(*("gpu.example", 8000, False, True), *(None,) * (_FIELDS - 4))
 
 
 def _trace(*, connected: bool, created: bool = True, sent: int = 0) -> AttemptTrace:
