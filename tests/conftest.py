@@ -21,6 +21,7 @@ import base64
 import inspect
 import io
 import re
+import signal
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
@@ -57,6 +58,25 @@ def _isolated_env(monkeypatch: pytest.MonkeyPatch) -> None:
     """Tests never see the developer's FRIENDLI_* variables; a test sets what it needs."""
     for name in _ENV_VARS:
         monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture(autouse=True)
+def _signal_dispositions_kept() -> Iterator[None]:
+    """A test leaves SIGINT and SIGTERM as it found them.
+
+    A child process inherits an ignored SIGINT, and Python then installs no
+    KeyboardInterrupt handler: the Ctrl-C tests of a later child would see it run on.
+    """
+    before = {signum: signal.getsignal(signum) for signum in _WATCHED_SIGNALS}
+    yield
+    after = {signum: signal.getsignal(signum) for signum in _WATCHED_SIGNALS}
+    changed = [signal.Signals(signum).name for signum in before if before[signum] != after[signum]]
+    for signum, handler in before.items():
+        signal.signal(signum, handler)
+    assert not changed, f"the test changed the disposition of {', '.join(changed)}"
+
+
+_WATCHED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 # Under -X dev, asyncio logs every loop step over 0.1 s. On a loaded machine a step of

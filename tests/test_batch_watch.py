@@ -113,7 +113,9 @@ def test_an_interrupted_job_still_writes_run_json(
     server: LocalServer, tmp_path: Path, unused_tcp_port: int
 ) -> None:
     count = 200
-    server.script(None, [Action.delay(0.2)] * count)
+    # Four answers, then the server holds the rest: the job is still running when the
+    # signal comes, however loaded the machine.
+    server.script(None, [Action.ok()] * 4 + [Action.delay(600)] * (count - 4))
     out = tmp_path / "out"
     process = _start(_prompts(tmp_path, count), out, server, unused_tcp_port)
     try:
