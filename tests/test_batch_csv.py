@@ -46,7 +46,8 @@ def test_a_csv_with_a_header_quoted_prompts_and_seeds(
     out = tmp_path / "out"
     assert _batch(source, out, server) == 0
     assert "ok        3" in capsys.readouterr().out
-    sent = sorted((record.body for record in server.records), key=lambda body: body["seed"])
+    bodies = [dict(record.body or {}) for record in server.records]
+    sent = sorted(bodies, key=lambda body: int(body["seed"]))
     assert [(body["prompt"], body["seed"]) for body in sent] == [
         ("a red fox, in snow", 7),
         ('an owl, "wise", at night', 8),
