@@ -88,7 +88,7 @@ _LAPTOP = textwrap.dedent(
     ray.data.DataContext.get_current().enable_progress_bars = False
     with LocalServer(ServerConfig(image_size=32)) as srv:
         endpoints = [srv.url] * 8
-        # The Ray guide's example (docs/guides/ray.md): read_parquet, a map task, 16 actors, on 2 CPUs.
+        # The Ray guide's example (docs/guides/ray.md): read_parquet, a map task, 16 actors.
         prompts = ray.data.read_parquet(source).repartition(16)
         prompts = prompts.add_column(
             "endpoint",
