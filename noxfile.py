@@ -166,7 +166,7 @@ def docs(session: nox.Session) -> None:
         "pytest",
         "tests/test_docs.py",
         "-k",
-        "cli_reference or llms or reference or porting or docs/",
+        "cli_reference or llms or reference or porting or snippet or docs/",
         "-p",
         "no:cacheprovider",
         env={"FRIENDLI_UPDATE_DOCS": "1"},

@@ -458,6 +458,19 @@ def test_the_site_publishes_llms_txt(built_site: Path) -> None:
         assert (built_site / url / "index.html").is_file(), url
 
 
+def test_the_site_expands_every_snippet(built_site: Path) -> None:
+    """No page shows a snippet line (``--8<--``) instead of the file it includes: a
+    formatter that rewrote one in a code block would leave it so."""
+    shown = [
+        page.relative_to(built_site).as_posix()
+        for page in built_site.rglob("*.html")
+        if "--8&lt;--" in page.read_text(encoding="utf-8")
+        or '<span class="mi">8</span> <span class="o">&lt;</span>'
+        in page.read_text(encoding="utf-8")
+    ]
+    assert shown == []
+
+
 # -- the examples type-check -------------------------------------------------------------------
 
 #: mypy settings for the examples: strict, as a user's project with strict settings checks
