@@ -157,8 +157,9 @@ def typecheck(session: nox.Session) -> None:
 def docs(session: nox.Session) -> None:
     """Build the documentation site into site/ (Zensical, strict), and check it.
 
-    Rewrites docs/reference/cli.md from the parser first, then runs the checks of
-    tests/test_docs.py that need the site: every public name in the API reference, and
+    Rewrites docs/reference/cli.md from the parser and docs/llms.txt from the nav first,
+    then runs the checks of tests/test_docs.py that need the site: every public name in
+    the API reference, llms.txt published at its root, the porting tables current, and
     every Python block of its pages against the bundled server.
     """
     session.install("-e", ".[all]", *nox.project.dependency_groups(PYPROJECT, "test"))
@@ -167,7 +168,7 @@ def docs(session: nox.Session) -> None:
         "pytest",
         "tests/test_docs.py",
         "-k",
-        "cli_reference or reference or docs/",
+        "cli_reference or llms or reference or porting or snippet or docs/",
         "-p",
         "no:cacheprovider",
         env={"FRIENDLI_UPDATE_DOCS": "1"},

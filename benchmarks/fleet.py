@@ -340,7 +340,7 @@ def table_part(n: int, concurrencies: Sequence[int], scenarios: Sequence[str]) -
 
 
 def markdown(table: dict[str, Any]) -> str:
-    """The table as the README shows it."""
+    """The table as the fleet guide (docs/guides/fleet.md) shows it."""
     lines = [
         "| scenario | scheduler | C | share of the ideal | p50 server latency | failed "
         "| revived server's first image |",

@@ -45,9 +45,14 @@ from ._telemetry import ErrorEvent, Hooks, RequestEvent, ResponseEvent, RetryEve
 from ._version import __version__
 
 APIConnectionError = FriendliConnectionError
+"""openai-python's name for `FriendliConnectionError`: the server could not be reached."""
 APITimeoutError = FriendliTimeoutError
+"""openai-python's name for `FriendliTimeoutError`: an attempt or the call ran out of time."""
 APIStatusError = FriendliAPIStatusError
+"""openai-python's name for `FriendliAPIStatusError`: the server answered 4xx or 5xx."""
 ResponseError = FriendliResponseError
+"""The common client libraries' name for `FriendliResponseError`: a 2xx answer that is no
+image (not JSON, no ``image`` field, bad base64, over the size cap)."""
 
 __all__ = [
     "APIConnectionError",

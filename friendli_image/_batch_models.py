@@ -5,6 +5,7 @@ Models are frozen attrs classes: immutable, slotted, safe to share between threa
 
 from __future__ import annotations
 
+import collections
 import importlib.util
 import math
 import os
@@ -37,6 +38,8 @@ __all__ = [
 
 
 BatchStatus: TypeAlias = Literal["ok", "failed", "skipped", "resumed"]
+#: The order of the statuses in a `BatchResult`'s summary.
+_STATUS_ORDER: Final[tuple[BatchStatus, ...]] = ("ok", "resumed", "failed", "skipped")
 #: How a batch stores its images in ``out_dir`` (`BatchOptions.output_format`).
 OutputFormat: TypeAlias = Literal["files", "webdataset", "parquet"]
 
@@ -343,6 +346,20 @@ class BatchResult:
 
     def __getitem__(self, index: int) -> BatchItem:
         return self.items[index]
+
+    def __repr__(self) -> str:
+        # A summary, not the items: a batch of millions prints on one short line.
+        counts = collections.Counter(item.status for item in self.items)
+        statuses = ", ".join(
+            f"{counts[status]:,} {status}" for status in _STATUS_ORDER if counts[status]
+        )
+        parts = [f"{len(self.items):,} items" + (f": {statuses}" if statuses else "")]
+        parts.append(f"elapsed={self.elapsed:.2f}s")
+        if self.aborted is not None:
+            parts.append(f"aborted={type(self.aborted.cause).__name__}")
+        if self.unmatched:
+            parts.append(f"unmatched={self.unmatched}")
+        return f"BatchResult({', '.join(parts)})"
 
     def _repr_html_(self) -> str:
         return _batch_html(self)  # Jupyter shows a table of the items

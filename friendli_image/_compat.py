@@ -13,7 +13,7 @@ it (and every entry still covers something missing).
 harness (``tests/official/test_generative.py``) runs both SDKs on the same calls and
 excuses a mismatch only by one of these keys.
 
-The README's "Porting from `friendli`" section shows both tables as `porting_markdown`
+The porting guide (docs/guides/porting.md) shows both tables as `porting_markdown`
 renders them; a test checks that it does.
 """
 
@@ -268,7 +268,8 @@ DIFFERENCES: Final[tuple[Difference, ...]] = (
 
 
 def porting_markdown() -> str:
-    """The two tables as the README shows them (between its ``porting`` markers)."""
+    """The two tables as the porting guide shows them (docs/guides/porting.md, between
+    its ``porting`` markers)."""
     lines = ["| not offered | why |", "|---|---|"]
     for entry in UNSUPPORTED:
         names = ", ".join(f"`{name}`" for name in entry.names)

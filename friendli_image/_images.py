@@ -177,7 +177,12 @@ def _pil_to_uri(image: _PILImageLike, field: str) -> str:
     try:
         image.save(buffer, format="PNG")
     except (OSError, ValueError) as exc:
-        raise FriendliValidationError(field, f"cannot encode the PIL image: {exc}") from None
+        mode = getattr(image, "mode", None)
+        raise FriendliValidationError(
+            field,
+            f"cannot encode the PIL image{f' of mode {mode}' if mode else ''} as PNG ({exc}); "
+            "convert it first, e.g. image.convert('RGB') (or 'RGBA' to keep transparency)",
+        ) from None
     return _data_uri(buffer.getbuffer(), field)
 
 

@@ -270,8 +270,10 @@ class SyncFriendli:
     is garbage collected or when the interpreter exits. Ctrl-C during a call raises
     ``KeyboardInterrupt`` at once and cancels the request.
 
-    In async code (``async def``, Jupyter), use `AsyncFriendli` instead: a blocking call
-    there works but stalls the running loop, and warns once with `FriendliUsageWarning`.
+    In async code (``async def``), use `AsyncFriendli` instead: a blocking call there
+    works but stalls the running loop, and warns once with `FriendliUsageWarning`. A
+    Jupyter cell gets no warning: there a blocking call is what the cell is for (in
+    Jupyter, ``await`` on an `AsyncFriendli` call works in a cell too).
 
     Takes exactly the arguments of `AsyncFriendli` (see there), checked once, here.
     """

@@ -21,6 +21,7 @@ from friendli_image import (
     AsyncFriendli,
     BatchItem,
     BatchProgress,
+    BatchResult,
     FriendliAuthenticationError,
     FriendliBatchAborted,
     FriendliConnectionError,
@@ -723,3 +724,15 @@ async def test_an_unexpected_exception_in_an_item_is_raised_by_the_iterator() ->
     with pytest.raises(RuntimeError, match="a bug"):
         await asyncio.wait_for(batch.collect(), 10)
     assert sorted(cancelled) == [0, 2, 3]
+
+
+def test_a_batch_result_prints_as_a_one_line_summary() -> None:
+    """``print(result)`` of 2,000 items is a short line of counts, not every item."""
+    statuses = ["ok"] * 1990 + ["resumed"] * 5 + ["failed"] * 3 + ["skipped"] * 2
+    items = [BatchItem(index=i, id=str(i), request={}, status=s) for i, s in enumerate(statuses)]
+    result = BatchResult(items=items, elapsed=12.345, unmatched=4)
+    assert repr(result) == (
+        "BatchResult(2,000 items: 1,990 ok, 5 resumed, 3 failed, 2 skipped, "
+        "elapsed=12.35s, unmatched=4)"
+    )
+    assert repr(BatchResult(items=[], elapsed=0.0)) == "BatchResult(0 items, elapsed=0.00s)"

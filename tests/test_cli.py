@@ -463,16 +463,22 @@ def test_gallery_without_a_manifest_is_exit_2(
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
 
 
-def test_every_readme_command_line_parses(capsys: pytest.CaptureFixture[str]) -> None:
-    """The friendli-image lines of the README's console blocks are valid invocations."""
-    readme = Path(__file__).resolve().parent.parent / "README.md"
+def test_every_documented_command_line_parses(capsys: pytest.CaptureFixture[str]) -> None:
+    """The friendli-image lines of the console blocks of the README and the documentation
+    site's pages are valid invocations."""
+    root = Path(__file__).resolve().parent.parent
+    readme = root / "README.md"
     if not readme.is_file():
         pytest.skip("README.md is not beside the tests")
-    lines = [
-        line.split("  #")[0].strip()
-        for line in readme.read_text(encoding="utf-8").splitlines()
-        if line.startswith("friendli-image ")
-    ]
+    pages = [readme, *sorted((root / "docs").rglob("*.md"))]
+    lines = []
+    for page in pages:
+        console = False
+        for line in page.read_text(encoding="utf-8").splitlines():
+            if line.startswith("```"):
+                console = line.strip() == "```console"
+            elif console and line.startswith("friendli-image "):
+                lines.append(line.split("  #")[0].strip())
     assert len(lines) >= 8
     for line in (line for line in lines if line != "friendli-image --version"):
         build_parser().parse_args(shlex.split(line)[1:])

@@ -1,4 +1,6 @@
-"""Every Python block of the README and every script in examples/ runs against the bundled server.
+"""Every Python block of the README and the docs, and every script in examples/, runs
+against the bundled server; the examples pass mypy --strict; the site's generated pages
+(the CLI reference, llms.txt, the porting tables) are current.
 
 Each README block runs in a fresh interpreter in an empty directory, with
 ``FRIENDLI_SERVER_URL`` pointing at a `LocalServer`; a block that defines ``test_*``
@@ -92,7 +94,7 @@ def test_block_parser_reads_fences_and_skip_markers() -> None:
 
 def test_readme_has_python_blocks() -> None:
     """The README still has the code this test runs (so an empty parse cannot pass)."""
-    assert len(README_BLOCKS) >= 4
+    assert len(README_BLOCKS) >= 3
 
 
 def test_readme_links_work_on_a_package_index() -> None:
@@ -182,7 +184,8 @@ def cli_reference() -> str:
     parser.prog = "friendli-image"
     sections = [
         "# Command line\n",
-        "Generated from the parser (`tests/test_docs.py` checks it is current; "
+        "Every command of `friendli-image` with its options, as `--help` prints them; "
+        "generated from the parser (`tests/test_docs.py` checks it is current, "
         "`nox -s docs` rewrites it).\n",
         f"```text\n{parser.format_help()}```\n",
     ]
@@ -359,3 +362,153 @@ def test_example_without_arguments_prints_usage(
         assert bare.returncode == 2, bare.stderr
         assert bare.stderr.startswith("usage:"), bare.stderr
         assert "Traceback" not in bare.stderr
+
+
+# -- generated pages: the porting tables and llms.txt ---------------------------------------
+
+PORTING = DOCS / "guides" / "porting.md"
+
+
+def test_the_porting_guide_shows_the_tables() -> None:
+    """The porting guide's tables are ``_compat``'s two tables as rendered."""
+    from friendli_image._compat import DIFFERENCES, porting_markdown
+
+    text = PORTING.read_text(encoding="utf-8")
+    match = re.search(r"<!-- porting:start -->\n(.*?)\n<!-- porting:end -->", text, re.DOTALL)
+    assert match, f"{PORTING} needs the <!-- porting:start --> ... <!-- porting:end --> block"
+    assert match.group(1) == porting_markdown(), (
+        f"{PORTING}'s porting block is stale; paste friendli_image._compat.porting_markdown()"
+    )
+    assert len({difference.key for difference in DIFFERENCES}) == len(DIFFERENCES)
+
+
+LLMS_TXT = DOCS / "llms.txt"
+
+
+def _summary(page: Path) -> str:
+    """The first sentence of a page's first paragraph, as plain text (or "")."""
+    paragraph: list[str] = []
+    for line in page.read_text(encoding="utf-8").splitlines():
+        text = line.strip()
+        if line[:1].isspace():
+            continue  # a directive's options (mkdocstrings' ``:::``)
+        if not text:
+            if paragraph:
+                break
+            continue
+        if text.startswith(("#", "<!--", "```", "|", "--8<--", ":::", "-", ">")):
+            if paragraph:
+                break
+            continue
+        paragraph.append(text)
+    plain = re.sub(r"\[([^\]]*)\]\([^)]*\)", r"\1", " ".join(paragraph)).replace("**", "")
+    sentence = re.split(r"(?<=[.:;?])\s", plain, maxsplit=1)[0]
+    return sentence.rstrip(":;.") + "." * (not sentence.endswith("?")) if sentence else ""
+
+
+def llms_txt() -> str:
+    """The site's llms.txt (https://llmstxt.org): the nav's pages, each with its first
+    sentence, under the nav's sections."""
+    import yaml
+
+    config = yaml.safe_load((ROOT / "mkdocs.yml").read_text(encoding="utf-8"))
+    lines = [f"# {config['site_name']}", "", f"> {config['site_description']}", ""]
+    lines += [
+        "The package is installed from a checkout (`pip install '.[all]'`); `friendli-image "
+        "serve` starts the bundled server the examples talk to.",
+        "",
+    ]
+
+    def entry(title: str, path: str) -> str:
+        url = path.removesuffix("index.md") if path.endswith("index.md") else f"{path[:-3]}/"
+        summary = _summary(DOCS / path)
+        return f"- [{title}]({url or './'})" + (f": {summary}" if summary else "")
+
+    # Pages before the first section start the file; the ones after it are optional.
+    sections: list[str] = []
+    start: list[str] = []
+    loose: list[str] = []
+    for item in config["nav"]:
+        ((title, value),) = item.items()
+        if isinstance(value, str):
+            (loose if sections else start).append(entry(title, value))
+        else:
+            sections += [f"## {title}", "", *(entry(*child.popitem()) for child in value), ""]
+    lines += ["## Start here", "", *start, "", *sections, "## Optional", "", *loose, ""]
+    return "\n".join(lines)
+
+
+def test_llms_txt_is_current() -> None:
+    """docs/llms.txt lists the nav's pages (FRIENDLI_UPDATE_DOCS=1 rewrites it); the site
+    publishes it at its root."""
+    pytest.importorskip("yaml")
+    expected = llms_txt()
+    if os.environ.get("FRIENDLI_UPDATE_DOCS") == "1":
+        LLMS_TXT.write_text(expected, encoding="utf-8")
+    assert LLMS_TXT.read_text(encoding="utf-8") == expected
+    nav_pages = re.findall(r"\]\(([^)]+)\)", expected)
+    assert len(nav_pages) >= 20
+
+
+def test_the_site_publishes_llms_txt(built_site: Path) -> None:
+    """llms.txt is at the site's root, and every page it links to was built."""
+    published = (built_site / "llms.txt").read_text(encoding="utf-8")
+    assert published == LLMS_TXT.read_text(encoding="utf-8")
+    for url in re.findall(r"\]\(([^)]+)\)", published):
+        assert (built_site / url / "index.html").is_file(), url
+
+
+def test_the_site_expands_every_snippet(built_site: Path) -> None:
+    """No page shows a snippet line (``--8<--``) instead of the file it includes: a
+    formatter that rewrote one in a code block would leave it so."""
+    shown = [
+        page.relative_to(built_site).as_posix()
+        for page in built_site.rglob("*.html")
+        if "--8&lt;--" in page.read_text(encoding="utf-8")
+        or '<span class="mi">8</span> <span class="o">&lt;</span>'
+        in page.read_text(encoding="utf-8")
+    ]
+    assert shown == []
+
+
+# -- the examples type-check -------------------------------------------------------------------
+
+#: mypy settings for the examples: strict, as a user's project with strict settings checks
+#: them; the untyped third-party packages are the project's own list (pyproject.toml).
+_MYPY_CONFIG = """\
+[mypy]
+strict = True
+python_version = 3.10
+warn_unreachable = True
+
+[mypy-aioresponses.*,tqdm.*,ray.*,pyarrow.*,fsspec.*,datasets.*,webdataset.*]
+ignore_missing_imports = True
+"""
+
+
+@pytest.mark.subprocess
+def test_the_examples_pass_mypy_strict(tmp_path: Path) -> None:
+    """Every README and docs block that the tests run, and the recipes, pass mypy --strict."""
+    pytest.importorskip("mypy")
+    blocks = [("README.md", block) for block in README_BLOCKS] + SITE_BLOCKS
+    files = []
+    for page, block in blocks:
+        if block.skip is not None or _missing_imports(block.code):
+            continue
+        name = re.sub(r"\W", "_", f"{page}_{block.line}").lower()
+        path = tmp_path / f"{name}.py"
+        path.write_text(block.code, encoding="utf-8")
+        files.append(str(path))
+    assert len(files) >= 10
+    recipes = sorted(str(path) for path in (EXAMPLES / "recipes").rglob("*.py"))
+    config = tmp_path / "mypy.ini"
+    config.write_text(_MYPY_CONFIG, encoding="utf-8")
+    done = subprocess.run(
+        [sys.executable, "-m", "mypy", "--config-file", str(config), *files, *recipes],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr

@@ -170,6 +170,13 @@ def test_non_image_bytes_are_refused() -> None:
     _refused(b"just some text, not a picture", "not an image")
 
 
+@pytest.mark.parametrize("mode", ["CMYK", "F"])
+def test_a_pil_mode_png_cannot_hold_is_refused_with_the_convert_hint(mode: str) -> None:
+    """A CMYK or float image cannot be sent as PNG: the error says to convert it."""
+    error = _refused(Image.new(mode, (4, 4)), f"of mode {mode}")
+    assert "image.convert('RGB')" in str(error)
+
+
 def test_over_50_mib_is_refused() -> None:
     """One byte over 50 MiB is refused before anything is encoded."""
     error = _refused(b"\x89PNG\r\n\x1a\n" + bytes(MAX_IMAGE_BYTES - 8 + 1), "at most 50 MiB")

@@ -4,7 +4,8 @@ INPUT is read lazily, one line per request, and its first line sets the rules fo
 rest: a JSON object makes it JSONL (every line a JSON object of arguments; with an
 ``"image"`` key the whole file is edits, without it generations), plain text makes it a
 list of prompts. A line that breaks the rules is an error naming both lines. Blank lines
-are skipped. ``-`` reads standard input. Images and ``manifest.jsonl`` go to
+are skipped. ``-`` reads standard input. A ``*.csv`` INPUT is CSV instead (``_csv``):
+a header row names the columns. Images and ``manifest.jsonl`` go to
 ``--out-dir``; running the same command again resumes (items done are skipped, wherever
 they sit in INPUT now), so Ctrl-C or a crash loses nothing; images of earlier runs that
 match no line of INPUT are kept, listed in ``unmatched.jsonl`` and counted in the
@@ -43,6 +44,7 @@ from friendli_image._exceptions import (
 from friendli_image._gallery import GALLERY_NAME, write_gallery
 from friendli_image._store import MANIFEST_NAME, set_aside_previous_run
 
+from ._csv import CsvInput, is_csv
 from ._options import EXIT_FAILED, EXIT_OK, EXIT_UNREACHABLE, add_client_options, make_client
 from ._ray import add_ray_options, run_ray_batch
 from ._watch import RUN_NAME, JobWatch, fingerprint
@@ -62,7 +64,9 @@ object of generate arguments, e.g. {"prompt": "a red fox", "seed": 7}, makes it 
 (every line must then be such an object; with an "image" key on the first line the
 file is edits and every line needs one; image values may be local paths, URLs or
 data: URIs), plain text makes every line a prompt. Blank lines are skipped; '-' reads
-standard input.
+standard input. A file named *.csv is CSV: its header row names the columns, a
+'prompt' column is required and the others are request fields (seed, model,
+num_inference_steps, image, ...); an empty cell leaves its field out.
 
 Running the same command again resumes: an item is its request (and its occurrence
 among identical lines), not its line number, so items already made, with their file
@@ -86,7 +90,7 @@ def add_batch_command(commands: Any) -> None:
         description=_DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    batch.add_argument("input", metavar="INPUT", help="JSONL or text file, '-' for stdin")
+    batch.add_argument("input", metavar="INPUT", help="JSONL, CSV or text file, '-' for stdin")
     batch.add_argument("--out-dir", required=True, type=Path, metavar="DIR", help="where images go")
     batch.add_argument(
         "--concurrency", type=int, default=16, metavar="N", help="requests in flight (16)"
@@ -146,6 +150,11 @@ def add_batch_command(commands: Any) -> None:
 
 
 def _run(args: argparse.Namespace) -> Any:
+    if args.ray and is_csv(args.input):
+        raise FriendliUsageError(
+            "--ray reads text or JSONL INPUT, not CSV; write the rows as JSONL "
+            '({"prompt": ..., "seed": ...} per line), or run without --ray'
+        )
     if args.ray:
         return run_ray_batch(args, _Input)
     return _run_batch(args)
@@ -249,6 +258,10 @@ def _requests(stream: IO[str], rules: _Input) -> Iterator[dict[str, Any]]:
 
 def _scan(path: Path) -> tuple[int, bool]:
     """Count the requests of a file and check every line before anything is sent."""
+    if is_csv(path.name):
+        with _open_text(path) as stream:
+            table = CsvInput(stream, _local_images)
+            return sum(1 for _ in table), table.edits
     count = 0
     rules = _Input()
     with path.open(encoding="utf-8") as stream:
@@ -430,7 +443,11 @@ async def _run_batch(args: argparse.Namespace) -> int:
     finished = "interrupted"
     try:
         rules = _Input()
-        requests = _requests(stream, rules)
+        requests = (
+            iter(CsvInput(stream, _local_images))
+            if is_csv(args.input)
+            else _requests(stream, rules)
+        )
         if args.input == "-":
             first = next(requests, None)
             edits = rules.edits
@@ -485,7 +502,8 @@ async def _run_batch(args: argparse.Namespace) -> int:
 
 
 def _open_text(path: Path) -> IO[str]:
-    return path.open(encoding="utf-8")
+    # The csv module reads line breaks itself (a quoted cell may hold one).
+    return path.open(encoding="utf-8", newline="" if is_csv(path.name) else None)
 
 
 def _chain(first: dict[str, Any] | None, rest: Iterator[dict[str, Any]]) -> Iterator[Any]:

@@ -3,7 +3,7 @@
 The built-in ``positive_data_acceptance`` check fails on every 4xx to a body the schema
 allows. The file states some limits only in prose, which a JSON schema cannot carry
 (steps in [1, 50], weights in [0, 1] and one per control image, images "in a supported
-image format"), and the project documents two more (README: the seed range and a
+image format"), and the project documents two more (docs: the seed range and a
 non-empty edit list). ``positive_data_within_stated_limits`` is that check minus exactly
 those: a 422 passes only when every error it lists is one of them.
 """
@@ -21,7 +21,7 @@ from schemathesis.generation.case import Case
 
 
 def stated_limit(detail: Mapping[str, Any]) -> bool:
-    """Whether one 422 error names a limit the spec states in prose or the README documents."""
+    """Whether one 422 error names a limit the spec states in prose or the docs document."""
     loc: Sequence[object] = detail.get("loc", ())
     kind = detail.get("type")
     field = loc[1] if len(loc) > 1 and loc[0] == "body" else None
@@ -37,10 +37,10 @@ def stated_limit(detail: Mapping[str, Any]) -> bool:
         # format". Whether a string decodes to an image is beyond the schema.
         return kind == "value_error"
     if field == "image" and len(loc) == 2:
-        # README: an empty edit list is refused (there is nothing to edit).
+        # docs: an empty edit list is refused (there is nothing to edit).
         return kind == "value_error"
     if field == "seed":
-        # README: the seed is in [0, 2**32 - 1] (the spec gives no range).
+        # docs: the seed is in [0, 2**32 - 1] (the spec gives no range).
         return len(loc) == 2 and kind in {"greater_than_equal", "less_than_equal"}
     return False
 

@@ -16,7 +16,7 @@ A program states what it needs in header comments:
   ``# official-prints: <regex>`` and ``# ours-prints: <regex>``: a deliberate
   difference. Lines fully matching the regex are taken out of each run's output before
   comparing; each regex must match at least one line, so the written difference stays
-  true. The README section "Porting from `friendli`" lists every declared difference.
+  true. The porting guide (docs/guides/porting.md) lists every declared difference.
 - ``# pending: <reason>``: the program needs what is not built yet; it is expected to
   fail (not strictly).
 

@@ -88,7 +88,7 @@ _LAPTOP = textwrap.dedent(
     ray.data.DataContext.get_current().enable_progress_bars = False
     with LocalServer(ServerConfig(image_size=32)) as srv:
         endpoints = [srv.url] * 8
-        # The README's example: read_parquet, a map task, 16 actors, on 2 CPUs.
+        # The Ray guide's example (docs/guides/ray.md): read_parquet, a map task, 16 actors.
         prompts = ray.data.read_parquet(source).repartition(16)
         prompts = prompts.add_column(
             "endpoint",
@@ -120,7 +120,7 @@ _LAPTOP = textwrap.dedent(
 def test_the_readme_example_runs_on_2_cpus_and_an_unplaceable_pool_says_so(
     tmp_path: pathlib.Path,
 ) -> None:
-    """On a 2-CPU cluster the README's example (read_parquet, a map task, 16 actors)
+    """On a 2-CPU cluster the Ray guide's example (read_parquet, a map task, 16 actors)
     finishes; a pool the cluster cannot place (a GPU it lacks: at once; CPUs another job
     holds: after the placement timeout) is a FriendliUsageError, not a hang."""
     started = time.monotonic()
@@ -136,4 +136,4 @@ def test_the_readme_example_runs_on_2_cpus_and_an_unplaceable_pool_says_so(
     assert 4 <= float(busy_seconds) < 15, busy
     assert "within 5 s" in busy_message
     assert "CPU 2 in total, CPU 0.5 free" in busy_message
-    print(f"README example and two refusals: {time.monotonic() - started:.1f} s")
+    print(f"Ray guide example and two refusals: {time.monotonic() - started:.1f} s")
