@@ -96,6 +96,7 @@ __all__ = [
     "set_aside_previous_run",
     "valid_name",
     "valid_stored_name",
+    "variant_seeds",
 ]
 
 #: The manifest of the latest run, inside the location.
@@ -163,17 +164,49 @@ class Occurrences:
         return occurrence
 
 
-def item_key(digest: str, occurrence: int) -> str:
-    """A batch item's identity as a name: its digest's first 20 digits and its occurrence.
+def item_key(digest: str, occurrence: int, variant: int = 0) -> str:
+    """A batch item's identity as a name: its digest's first 20 digits, its occurrence
+    and, for variants after the first, the variant (``<digest20>-<occurrence>-<variant>``).
 
     The stem of its image file, its sample key in a WebDataset shard, its ``key`` column.
     """
-    return f"{digest[:20]}-{occurrence}"
+    return f"{digest[:20]}-{occurrence}" + (f"-{variant}" if variant else "")
 
 
-def image_name(digest: str, occurrence: int, fmt: str | None) -> str:
+def image_name(digest: str, occurrence: int, fmt: str | None, variant: int = 0) -> str:
     """The file name of a batch item's image: its identity and the format's extension."""
-    return item_key(digest, occurrence) + EXTENSIONS.get(fmt or "", ".bin")
+    return item_key(digest, occurrence, variant) + EXTENSIONS.get(fmt or "", ".bin")
+
+
+#: Derived seeds are in ``[0, 2**31 - 1]``: every server takes a non-negative int32.
+_SEED_MASK: Final = 2**31 - 1
+_VARIANT_SALT: Final = b"friendli-image/variant/"
+
+
+def variant_seeds(digest: str, occurrence: int, seed: int | None, n: int) -> list[int]:
+    """The seeds of a request's ``n`` variants, distinct: ``seed`` first when given, the
+    others derived from the item's identity.
+
+    Variant ``v``'s derived seed is the first 4 bytes (big-endian, top bit cleared) of
+    ``sha256(b"friendli-image/variant/<digest>-<occurrence>-<v>")``, rehashed with a
+    counter on the rare clash with an earlier variant's: the same item always gets the
+    same seed, on every machine and version.
+    """
+    seeds: list[int] = []
+    for variant in range(n):
+        if variant == 0 and seed is not None:
+            seeds.append(seed)
+            continue
+        text = f"{digest}-{occurrence}-{variant}".encode()
+        derived = int.from_bytes(hashlib.sha256(_VARIANT_SALT + text).digest()[:4], "big")
+        derived &= _SEED_MASK
+        clash = 0
+        while derived in seeds:
+            clash += 1
+            retry = hashlib.sha256(_VARIANT_SALT + text + b"/" + str(clash).encode()).digest()
+            derived = int.from_bytes(retry[:4], "big") & _SEED_MASK
+        seeds.append(derived)
+    return seeds
 
 
 def row_image_name(row_id: object, digest: str, response_format: object) -> str:
@@ -393,6 +426,7 @@ def manifest_record(
     fmt: str | None = None,
     size: int | None = None,
     sha256: str | None = None,
+    variant: int = 0,
     maybe_duplicated: bool = False,
     error: FriendliError | None = None,
     fields: Mapping[str, Any] | None = None,
@@ -406,6 +440,7 @@ def manifest_record(
         "index": index,
         "id": item_id,
         "occurrence": occurrence,
+        "variant": variant,
         "status": "ok" if error is None else "failed",
         "prompt": prompt if isinstance(prompt, str) else None,
         "seed": seed if isinstance(seed, int) and not isinstance(seed, bool) else None,
@@ -438,6 +473,7 @@ _ROW_FIELDS: Final = (
     "key",
     "id",
     "occurrence",
+    "variant",
     *_REQUEST_COLUMNS,
     "request",
     "format",
@@ -474,7 +510,8 @@ def dataset_fields(request: GenerateRequest | EditRequest) -> dict[str, Any]:
 
 def _dataset_row(record: Mapping[str, Any]) -> dict[str, Any]:
     row = {name: record.get(name) for name in _ROW_FIELDS}
-    row["key"] = item_key(record["id"], record.get("occurrence", 0))
+    row["variant"] = variant = record.get("variant", 0)
+    row["key"] = item_key(record["id"], record.get("occurrence", 0), variant)
     return row
 
 
@@ -503,14 +540,16 @@ def _valid_record(line: bytes) -> StoredRecord | None:
     return record
 
 
-def _identity(record: StoredRecord) -> tuple[str, int] | None:
+def _identity(record: StoredRecord) -> tuple[str, int, int] | None:
+    """(id, occurrence, variant) of a record, None unless all are valid."""
     item_id = record.get("id")
-    occurrence = record.get("occurrence", 0)
     if not isinstance(item_id, str) or not item_id:
         return None
-    if not isinstance(occurrence, int) or isinstance(occurrence, bool) or occurrence < 0:
-        return None
-    return item_id, occurrence
+    occurrence, variant = record.get("occurrence", 0), record.get("variant", 0)
+    for number in (occurrence, variant):
+        if not isinstance(number, int) or isinstance(number, bool) or number < 0:
+            return None
+    return item_id, occurrence, variant
 
 
 def read_records(handle: IO[bytes]) -> Iterator[tuple[int, bytes, StoredRecord | None]]:
@@ -530,6 +569,7 @@ def _parquet_schema() -> Any:
 
     types = {
         "occurrence": pa.int64(),
+        "variant": pa.int64(),
         "num_inference_steps": pa.int64(),
         "guidance_scale": pa.float64(),
         "seed": pa.int64(),
@@ -601,7 +641,7 @@ class Unmatched:
 
     __slots__ = ("count", "listing")
 
-    def __init__(self, count: int, listing: pathlib.Path) -> None:
+    def __init__(self, count: int, listing: pathlib.Path | str) -> None:
         self.count = count
         self.listing = listing
 
@@ -623,12 +663,27 @@ class BatchStore:
 
     def __init__(
         self,
-        directory: pathlib.Path,
+        directory: pathlib.Path | str,
         resume: bool,
         output_format: str = "files",
         shard_size: int = 1000,
+        *,
+        storage_options: Mapping[str, Any] | None = None,
     ) -> None:
+        # A URL: images and shards go to the location (`Location`: one PUT each on an
+        # object store), the manifests live in a private local folder during the run
+        # (`_pull`, `_push`). A local path: everything is in the directory.
+        self._remote: Location | None = None
+        if isinstance(directory, str):
+            location = Location(directory, storage_options or {})
+            if location.local:
+                directory = pathlib.Path(location.root)
+            else:
+                self._remote = location
+                directory = pathlib.Path()
         self.directory = directory
+        # Name -> size of each file in a URL location (listed once, then kept current).
+        self._remote_sizes: dict[str, int] = {}
         self.output_format = output_format
         self._shard_size = shard_size
         self._shard: Shard | None = None
@@ -660,6 +715,8 @@ class BatchStore:
 
     def open(self) -> None:
         try:
+            if self._remote is not None:
+                self._pull()
             self._dir = Directory(self.directory, create=True)
             self._acquire_lock()
             self._dir.remove_temporaries()
@@ -720,7 +777,7 @@ class BatchStore:
         """Move every earlier line (unmatched.jsonl, then the manifest) into unmatched.jsonl,
         the latest line of each identity, ok ones only."""
         assert self._dir is not None  # noqa: S101
-        latest: dict[tuple[str, int], bytes] = {}
+        latest: dict[tuple[str, int, int], bytes] = {}
         for name in (UNMATCHED_NAME, MANIFEST_NAME):
             try:
                 handle = self._dir.read(name)
@@ -753,11 +810,16 @@ class BatchStore:
         its whole input), keep in ``unmatched.jsonl`` only the stored images no item
         claimed and report them. A ``files`` location gets its ``metadata.jsonl``."""
         shard, self._shard = self._shard, None
+        opened = self._manifest is not None
         try:
             if shard is not None and self._manifest is not None:
                 self.publish(shard)
         finally:
             unmatched = self._close(complete=complete)
+            if self._remote is not None:
+                self._push(opened)
+        if unmatched is not None and self._remote is not None:
+            unmatched = Unmatched(unmatched.count, self.uri_of(UNMATCHED_NAME))
         return unmatched
 
     def _close(self, *, complete: bool) -> Unmatched | None:
@@ -796,7 +858,7 @@ class BatchStore:
                 if identity is None or hash(identity) in self._claimed:
                     continue
                 assert record is not None  # noqa: S101
-                if self._dir.size_and_mtime(record["file"]) is not None:
+                if self._stored_size(record["file"]) is not None:
                     kept.append(line)
         if not kept:
             self._dir.remove(UNMATCHED_NAME)
@@ -821,7 +883,7 @@ class BatchStore:
                         continue
                     # This run's lines name images it wrote or checked; earlier lines
                     # name images that may be gone (unless close settled them).
-                    if earlier and not settled and self._dir.size_and_mtime(record["file"]) is None:
+                    if earlier and not settled and self._stored_size(record["file"]) is None:
                         continue
                     row = {"file_name": record["file"], **_dataset_row(record)}
                     order = record["index"] if not earlier else 1 << 62
@@ -831,10 +893,10 @@ class BatchStore:
 
     # -- per item -------------------------------------------------------------------
 
-    def claim(self, item_id: str, occurrence: int) -> StoredRecord | None:
+    def claim(self, item_id: str, occurrence: int, variant: int = 0) -> StoredRecord | None:
         """Claim the identity for this run; return its earlier record if its image is
         intact (blocking: hashes the file), else None."""
-        key = hash((item_id, occurrence))
+        key = hash((item_id, occurrence, variant))
         self._claimed.add(key)
         packed = self._earlier.pop(key, None)
         if packed is None or self._reader is None or self._dir is None:
@@ -844,35 +906,123 @@ class BatchStore:
             self._reader.seek(offset)
             line = self._reader.read(length)
         record = _valid_record(line)
-        if record is None or _identity(record) != (item_id, occurrence):
+        if record is None or _identity(record) != (item_id, occurrence, variant):
             return None
         if _format_of(record["file"]) != "files":
             return record if self._shard_present(record) else None
+        if self._remote is not None:
+            # A PUT is whole or absent: the recorded size is enough, no download.
+            intact = self._remote_sizes.get(record["file"]) == record.get("bytes")
+            return record if intact else None
         return record if self._dir.sha256(record["file"]) == record["sha256"] else None
 
     def _shard_present(self, record: StoredRecord) -> bool:
         """True if the record's shard was published (present with its recorded size)."""
-        assert self._dir is not None  # noqa: S101
         name = record["file"]
         with self._reader_lock:
             if name not in self._shard_sizes:
-                found = self._dir.size_and_mtime(name)
-                self._shard_sizes[name] = None if found is None else found[0]
+                self._shard_sizes[name] = self._stored_size(name)
             size = self._shard_sizes[name]
         return size is not None and size == record.get("shard_bytes")
 
-    def has_earlier(self, item_id: str, occurrence: int) -> bool:
+    def _stored_size(self, name: str) -> int | None:
+        """The size of the stored image or shard ``name``, None if it is absent."""
+        if self._remote is not None:
+            return self._remote_sizes.get(name)
+        assert self._dir is not None  # noqa: S101
+        found = self._dir.size_and_mtime(name)
+        return None if found is None else found[0]
+
+    def path_of(self, name: str) -> pathlib.Path | None:
+        """The local path of the stored file ``name`` (None on a URL location)."""
+        return None if self._remote is not None else self.directory / name
+
+    def uri_of(self, name: str) -> str:
+        """Where the stored file ``name`` is: a local path, or the location's URL."""
+        if self._remote is not None:
+            return f"{self._remote.uri}/{name}"
+        return str(self.directory / name)
+
+    # -- a URL location (blocking) --------------------------------------------------
+
+    def _pull(self) -> None:
+        """Make a private local folder with the location's manifests, and add to its
+        ``unmatched.jsonl`` the items of every published shard no manifest names (a
+        killed run's): they are stored, and must not be made again."""
+        assert self._remote is not None  # noqa: S101
+        import tempfile  # noqa: PLC0415
+
+        self.directory = pathlib.Path(tempfile.mkdtemp(prefix="friendli-batch-"))
+        remote = self._remote
+        self._remote_sizes = remote.files()
+        known: set[str] = set()
+        with Directory(self.directory) as folder:
+            for name in (MANIFEST_NAME, UNMATCHED_NAME):
+                if name not in self._remote_sizes:
+                    continue
+                data = remote.read(name)
+                folder.write_atomic(name, data)
+                for line in data.splitlines():
+                    record = _valid_record(line)
+                    if record is not None and record.get("status") == "ok":
+                        known.add(record["file"])
+            found: list[bytes] = []
+            for name, size in sorted(self._remote_sizes.items()):
+                if name not in known and _format_of(name) != "files" and valid_stored_name(name):
+                    found.extend(
+                        orjson.dumps({**record, "shard_bytes": size}) + b"\n"
+                        for record in remote.shard_records(name)
+                    )
+            if found:
+                with contextlib.suppress(FileNotFoundError), folder.read(UNMATCHED_NAME) as old:
+                    found.insert(0, old.read())
+                folder.write_atomic(UNMATCHED_NAME, b"".join(found))
+
+    def _push(self, opened: bool) -> None:
+        """Write the run's manifests to the location (one PUT each) and remove the
+        local folder."""
+        assert self._remote is not None  # noqa: S101
+        import shutil  # noqa: PLC0415
+
+        folder = self.directory
+        try:
+            if opened:
+                for name in (MANIFEST_NAME, UNMATCHED_NAME, METADATA_NAME):
+                    try:
+                        data = (folder / name).read_bytes()
+                    except FileNotFoundError:
+                        if name == UNMATCHED_NAME and name in self._remote_sizes:
+                            self._remote.remove(name)
+                        continue
+                    self._remote.write(name, data)
+        except OSError as exc:
+            raise FriendliUsageError(
+                f"cannot write the manifest to {self._remote.uri!r}: {exc}; the published "
+                "shards and images are kept: rerun to resume (it finds them again)"
+            ) from exc
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+
+    def has_earlier(self, item_id: str, occurrence: int, variant: int = 0) -> bool:
         """True if an earlier run may have this item (so `claim` is worth a thread)."""
-        return hash((item_id, occurrence)) in self._earlier
+        return hash((item_id, occurrence, variant)) in self._earlier
 
     def write_image(self, name: str, image: bytes | memoryview) -> str:
         """Write the image atomically; return its sha256 (blocking)."""
-        assert self._dir is not None  # noqa: S101
         try:
-            self._dir.write_atomic(name, image)
+            self._write_stored(name, image)
         except OSError as exc:
             raise _usage(self.directory / name, exc, "write") from exc
         return hashlib.sha256(image).hexdigest()
+
+    def _write_stored(self, name: str, data: bytes | memoryview) -> None:
+        """Write an image or a shard atomically: into the directory, or one PUT."""
+        if self._remote is not None:
+            self._remote.write(name, bytes(data))
+            self._remote_sizes[name] = len(data)
+            return
+        assert self._dir is not None  # noqa: S101
+        self._dir.write_atomic(name, data)
 
     def add_to_shard(
         self, key: str, image: bytes | memoryview, extension: str, record: dict[str, Any]
@@ -899,14 +1049,13 @@ class BatchStore:
         """Write a shard (blocking): its manifest lines first, then the shard atomically,
         so a kill between the two leaves lines that name an absent shard, never a shard
         whose items the manifest does not know."""
-        assert self._dir is not None  # noqa: S101
         try:
             data = shard.build()
             size = len(data)
             self._write_lines(
                 b"".join(orjson.dumps({**r, "shard_bytes": size}) + b"\n" for r in shard.records)
             )
-            self._dir.write_atomic(shard.name, data)
+            self._write_stored(shard.name, data)
         except OSError as exc:
             raise _usage(self.directory / shard.name, exc, "write") from exc
 
@@ -1111,15 +1260,85 @@ class Location:
                 self.fs.rm_file(temp)
             raise
 
+    def files(self) -> dict[str, int]:
+        """Name -> size of every file directly in the location (blocking; one listing)."""
+        try:
+            listed = self.fs.ls(self.root, detail=True, refresh=True)
+        except FileNotFoundError:
+            return {}
+        except TypeError:  # a file system whose ls takes no refresh
+            listed = self.fs.ls(self.root, detail=True)
+        files = {}
+        for info in listed:
+            if info.get("type") == "file":
+                name = str(info.get("name", "")).rstrip("/").rsplit("/", 1)[-1]
+                files[name] = int(info.get("size") or 0)
+        return files
+
     def image_names(self) -> set[str]:
         """The image files directly in the location (blocking)."""
+        return {name for name in self.files() if valid_name(name) is not None}
+
+    def shard_names(self) -> dict[str, int]:
+        """Name -> size of the published shards directly in the location (blocking)."""
+        return {
+            name: size
+            for name, size in self.files().items()
+            if valid_stored_name(name) is not None and _format_of(name) != "files"
+        }
+
+    def read(self, name: str) -> bytes:
+        """The whole file ``name`` (blocking)."""
+        if self.local:
+            with Directory(pathlib.Path(self.root)) as folder, folder.read(name) as handle:
+                return handle.read()
+        data: bytes = self.fs.cat_file(f"{self.root}/{name}")
+        return data
+
+    def remove(self, name: str) -> None:
+        """Delete ``name`` if it is there (blocking)."""
+        with contextlib.suppress(FileNotFoundError):
+            self.fs.rm_file(f"{self.root}/{name}")
+
+    def shard_records(self, name: str) -> list[StoredRecord]:
+        """The manifest records of the items in the published shard ``name`` (blocking),
+        from the shard itself: a ``<key>.json`` per sample of a tar, or the columns
+        (not the images) of a Parquet file. Empty if it does not read to its end."""
         try:
-            listed = self.fs.ls(self.root, detail=True)
-        except FileNotFoundError:
-            return set()
-        names = set()
-        for info in listed:
-            name = valid_name(str(info.get("name", "")).rstrip("/").rsplit("/", 1)[-1])
-            if name is not None and info.get("type") == "file":
-                names.add(name)
-        return names
+            if name.endswith(_SHARD_SUFFIX["parquet"]):
+                rows = _parquet_rows(self.fs, f"{self.root}/{name}")
+            else:
+                rows = _tar_rows(self.read(name))
+        except (OSError, ValueError, EOFError, orjson.JSONDecodeError):
+            return []  # a PUT is whole or absent: only a file someone else wrote gets here
+        records = []
+        for row in rows:
+            record = {**row, "index": 0, "status": "ok", "file": name}
+            if _identity(record) is not None and isinstance(record.get("sha256"), str):
+                records.append(record)
+        return records
+
+
+def _parquet_rows(fs: Any, path: str) -> list[dict[str, Any]]:
+    import pyarrow.parquet as pq  # noqa: PLC0415  (only the parquet format needs it)
+
+    with fs.open(path, "rb") as handle:
+        parquet = pq.ParquetFile(handle)
+        columns = [name for name in _ROW_FIELDS if name in parquet.schema_arrow.names]
+        rows: list[dict[str, Any]] = parquet.read(columns=columns).to_pylist()
+    return rows
+
+
+def _tar_rows(data: bytes) -> list[dict[str, Any]]:
+    import tarfile  # noqa: PLC0415
+
+    rows = []
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+        for member in tar:
+            if member.isfile() and member.name.endswith(".json"):
+                handle = tar.extractfile(member)
+                if handle is not None:
+                    row = orjson.loads(handle.read())
+                    if isinstance(row, dict):
+                        rows.append(row)
+    return rows

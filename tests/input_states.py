@@ -11,7 +11,9 @@ add how they run and what they check.
 from __future__ import annotations
 
 import asyncio
+import io
 import shutil
+import tarfile
 import tempfile
 import time
 from collections import Counter
@@ -40,6 +42,25 @@ def small_server(step_latency_ms: float) -> Iterator[LocalServer]:
     config = ServerConfig(image_size=16, step_latency_ms=step_latency_ms, max_concurrency=8)
     with LocalServer(config) as local:
         yield local
+
+
+def shard_samples(name: str, data: bytes) -> list[tuple[str, bytes]]:
+    """(key, image) of every sample of a tar or Parquet shard; a shard that does not
+    read to its end fails here."""
+    if name.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        rows = pq.read_table(io.BytesIO(data)).to_pylist()
+        return [(row["key"], row["image"]["bytes"]) for row in rows]
+    samples = []
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        for member in tar.getmembers():
+            key, extension = member.name.split(".", 1)
+            if extension == "jpg":
+                handle = tar.extractfile(member)
+                assert handle is not None
+                samples.append((key, handle.read()))
+    return samples
 
 
 def digest(request: dict[str, Any]) -> str:
