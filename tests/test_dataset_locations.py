@@ -19,7 +19,7 @@ from typing import Any
 import fsspec
 import orjson
 import pytest
-from input_states import shard_samples, small_server
+from input_states import Killed, dies_at_put, shard_samples, small_server
 from test_datasets import REQUESTS, _expected
 
 from friendli_image import AsyncFriendli, FriendliValidationError
@@ -29,7 +29,6 @@ from friendli_image._resources import GENERATIONS_PATH
 from friendli_image._store import (
     MANIFEST_NAME,
     METADATA_NAME,
-    Location,
     item_key,
     request_digest,
     variant_seeds,
@@ -117,37 +116,20 @@ async def test_a_url_location_holds_every_format_and_resumes(
     assert await asyncio.to_thread(_stored, memory_url) == images
 
 
-class _Killed(BaseException):
-    """The process dying: nothing after it is written."""
-
-
 @pytest.mark.parametrize("output_format", ["webdataset", "parquet"])
 @pytest.mark.parametrize("writes", [0, 1, 2])
-async def test_a_run_killed_at_a_put_leaves_whole_shards_that_the_rerun_finds(  # noqa: PLR0917
+async def test_a_run_killed_at_a_put_leaves_whole_shards_that_the_rerun_finds(
     client: AsyncFriendli,
     server: LocalServer,
     memory_url: str,
-    monkeypatch: pytest.MonkeyPatch,
     output_format: str,
     writes: int,
 ) -> None:
     expected = await _expected(client, REQUESTS)
-    write = Location.write
-    done = 0
-
-    def dies_after(self: Location, name: str, data: bytes) -> None:
-        nonlocal done
-        if done >= writes:
-            raise _Killed
-        done += 1
-        write(self, name, data)
-
-    monkeypatch.setattr(Location, "write", dies_after)
-    with pytest.raises(_Killed):
+    with pytest.raises(Killed), dies_at_put(writes):
         await client.container.image.generate_batch(
             REQUESTS, out_dir=memory_url, output_format=output_format, shard_size=4
         )
-    monkeypatch.undo()
     fs, root = fsspec.core.url_to_fs(memory_url)
     listed = [path.rsplit("/", 1)[-1] for path in fs.ls(root, detail=False)] if writes else []
     assert fs.exists(root) == bool(writes)

@@ -35,20 +35,26 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from typing import Any, ClassVar
-from unittest import mock
 
 import fsspec
 import orjson
 import pytest
 from hypothesis import strategies as st
 from hypothesis.stateful import invariant, rule
-from input_states import InputStates, digest, run_machine, shard_samples, small_server
+from input_states import (
+    InputStates,
+    Killed,
+    dies_at_put,
+    digest,
+    run_machine,
+    shard_samples,
+    small_server,
+)
 
 from friendli_image import AsyncFriendli
 from friendli_image._store import (
     MANIFEST_NAME,
     UNMATCHED_NAME,
-    Location,
     item_key,
     valid_stored_name,
 )
@@ -257,10 +263,6 @@ class ParquetStates(ShardStates):
     output_format = "parquet"
 
 
-class _Killed(BaseException):
-    """The process dying: nothing after it is written."""
-
-
 class MemoryStates(ShardStates):
     """The shard machine over a ``memory://`` location (an object store's semantics: one
     PUT per shard, the manifest written when the run ends)."""
@@ -286,17 +288,7 @@ class MemoryStates(ShardStates):
     @rule(puts=st.integers(0, 4))
     def sigkill_a_subprocess(self, puts: int) -> None:
         """Here: the run dies at its ``puts + 1``-th PUT (nothing is written after)."""
-        write = Location.write
-        done = 0
-
-        def dies(location: Location, name: str, data: bytes) -> None:
-            nonlocal done
-            if done >= puts:
-                raise _Killed
-            done += 1
-            write(location, name, data)
-
-        with mock.patch.object(Location, "write", dies), contextlib.suppress(_Killed):
+        with dies_at_put(puts), contextlib.suppress(Killed):
             asyncio.run(self._batch(None))
             self.steps["finished before the kill"] += 1
             return
