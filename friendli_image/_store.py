@@ -93,7 +93,9 @@ __all__ = [
     "read_records",
     "request_digest",
     "row_image_name",
+    "row_key",
     "set_aside_previous_run",
+    "shard_run_name",
     "valid_name",
     "valid_stored_name",
     "variant_seeds",
@@ -217,6 +219,14 @@ def row_image_name(row_id: object, digest: str, response_format: object) -> str:
     stem = stem if not stem.startswith(".") else "%2E" + stem[1:]
     extension = ".png" if response_format == "raw" else ".jpg"
     return f"{stem}-{digest[:16]}{extension}"
+
+
+def row_key(row_id: object, digest: str) -> str:
+    """A Ray row's key in a shard: its id (quoted, no dot: WebDataset splits a sample's
+    key from its extension at the first dot) and its digest's first 16 digits."""
+    import urllib.parse  # noqa: PLC0415  (only the Ray stage names samples by row)
+
+    return f"{urllib.parse.quote(str(row_id), safe='-_')}-{digest[:16]}"
 
 
 def valid_name(name: object) -> str | None:
@@ -511,7 +521,8 @@ def dataset_fields(request: GenerateRequest | EditRequest) -> dict[str, Any]:
 def _dataset_row(record: Mapping[str, Any]) -> dict[str, Any]:
     row = {name: record.get(name) for name in _ROW_FIELDS}
     row["variant"] = variant = record.get("variant", 0)
-    row["key"] = item_key(record["id"], record.get("occurrence", 0), variant)
+    # A Ray row's key is its id with its digest (`row_key`); a batch item's, its identity.
+    row["key"] = record.get("key") or item_key(record["id"], record.get("occurrence", 0), variant)
     return row
 
 
@@ -589,6 +600,12 @@ def _parquet_schema() -> Any:
     return pa.schema(fields, metadata={b"huggingface": info})
 
 
+def shard_run_name() -> str:
+    """A prefix no other writer uses for its shards: ``train-<time>-<random>``, so shard
+    names sort by the time they were started (the order readers take them in)."""
+    return f"train-{time.strftime('%Y%m%dT%H%M%S')}-{secrets.token_hex(3)}"
+
+
 class Shard:
     """A shard being filled: its items' images and manifest records, as they finish."""
 
@@ -599,6 +616,11 @@ class Shard:
         self.output_format = output_format
         self.images: list[tuple[str, bytes]] = []
         self.records: list[dict[str, Any]] = []
+
+    @classmethod
+    def numbered(cls, run_name: str, number: int, output_format: str) -> Shard:
+        """The shard ``number`` of a writer whose `shard_run_name` is ``run_name``."""
+        return cls(f"{run_name}-{number:05d}{_SHARD_SUFFIX[output_format]}", output_format)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -722,7 +744,7 @@ class BatchStore:
             self._dir.remove_temporaries()
             self._gather_earlier()
             self._check_format()
-            self._run_name = f"train-{time.strftime('%Y%m%dT%H%M%S')}-{secrets.token_hex(3)}"
+            self._run_name = shard_run_name()
             self._dir.write_atomic(MANIFEST_NAME, b"", sync=True)
             appending = self._dir.open(MANIFEST_NAME, os.O_WRONLY | os.O_APPEND)
             self._manifest = os.fdopen(appending, "wb", 0)
@@ -1031,10 +1053,7 @@ class BatchStore:
         ``sha256``; returns them and, when the shard is now full, the shard to `publish`."""
         shard = self._shard
         if shard is None:
-            shard = self._shard = Shard(
-                f"{self._run_name}-{self._shards:05d}{_SHARD_SUFFIX[self.output_format]}",
-                self.output_format,
-            )
+            shard = self._shard = Shard.numbered(self._run_name, self._shards, self.output_format)
             self._shards += 1
         digest = hashlib.sha256(image).hexdigest()
         record["file"], record["sha256"] = shard.name, digest
