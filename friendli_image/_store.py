@@ -95,7 +95,9 @@ __all__ = [
     "row_image_name",
     "row_key",
     "set_aside_previous_run",
+    "shard_images",
     "shard_run_name",
+    "stored_key",
     "valid_name",
     "valid_stored_name",
     "variant_seeds",
@@ -1149,7 +1151,7 @@ def _ray_records(manifest: pathlib.Path) -> dict[int, StoredRecord]:
     try:
         data = pyarrow.dataset.dataset(str(manifest), format="parquet")
         names = set(data.schema.names)
-        wanted = ["status", "prompt", "seed", "uri", "attempts", "latency_s", "error"]
+        wanted = ["status", "prompt", "seed", "uri", "key", "attempts", "latency_s", "error"]
         columns = [name for name in (*wanted, "error_type", RAY_INDEX_COLUMN) if name in names]
         latest: dict[int, StoredRecord] = {}
         for position, row in enumerate(data.to_table(columns=columns).to_pylist()):
@@ -1161,7 +1163,8 @@ def _ray_records(manifest: pathlib.Path) -> dict[int, StoredRecord]:
                 "status": "ok" if status == "resumed" else status,
                 "prompt": row.get("prompt"),
                 "seed": row.get("seed"),
-                "file": valid_name(uri.rsplit("/", 1)[-1]) if isinstance(uri, str) else None,
+                "file": valid_stored_name(uri.rsplit("/", 1)[-1]) if isinstance(uri, str) else None,
+                "key": row.get("key"),
                 "attempts": row.get("attempts"),
                 "elapsed": row.get("latency_s"),
                 "error": row.get("error"),
@@ -1336,6 +1339,42 @@ class Location:
             if _identity(record) is not None and isinstance(record.get("sha256"), str):
                 records.append(record)
         return records
+
+
+def shard_images(name: str, handle: IO[bytes]) -> Iterator[tuple[str, str, bytes]]:
+    """(key, extension, image) of each sample of the shard ``name`` read from ``handle``
+    (a tar's ``<key>.<ext>`` image members; a Parquet file's ``key`` and ``image``)."""
+    if name.endswith(_SHARD_SUFFIX["parquet"]):
+        import pyarrow.parquet as pq  # noqa: PLC0415  (only the parquet format needs it)
+
+        table = pq.read_table(handle, columns=["key", "image"])
+        for row in table.to_pylist():
+            image = row["image"] or {}
+            path = str(image.get("path") or "")
+            yield (
+                row["key"],
+                pathlib.PurePosixPath(path).suffix or ".bin",
+                image.get("bytes") or b"",
+            )
+        return
+    import tarfile  # noqa: PLC0415
+
+    with tarfile.open(fileobj=handle, mode="r|") as tar:
+        for member in tar:
+            key, dot, extension = member.name.partition(".")
+            if member.isfile() and dot and extension != "json":
+                data = tar.extractfile(member)
+                if data is not None:
+                    yield key, "." + extension, data.read()
+
+
+def stored_key(record: StoredRecord) -> str | None:
+    """The key of a record's item (its sample in a shard), None if it has none."""
+    key = record.get("key")
+    if isinstance(key, str):
+        return key
+    identity = _identity(record)
+    return None if identity is None else item_key(*identity)
 
 
 def _parquet_rows(fs: Any, path: str) -> list[dict[str, Any]]:
