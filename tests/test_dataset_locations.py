@@ -14,6 +14,7 @@ import hashlib
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import fsspec
@@ -24,6 +25,7 @@ from test_datasets import REQUESTS, _expected
 
 from friendli_image import AsyncFriendli, FriendliValidationError
 from friendli_image._batch_models import BatchOptions
+from friendli_image._cli import main
 from friendli_image._requests import GenerateRequest
 from friendli_image._resources import GENERATIONS_PATH
 from friendli_image._store import (
@@ -269,3 +271,21 @@ async def test_invalid_requests_and_a_stopped_batch_account_for_every_variant(
         (2, "failed"),
         (3, "failed"),
     ]
+
+
+def test_the_cli_makes_variants_and_says_where_urls_are_written(
+    server: LocalServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    source = tmp_path / "prompts.txt"
+    source.write_text("a gull\na kite\n")
+    out = tmp_path / "out"
+    common = ["batch", str(source), "--server-url", server.url, "--no-progress"]
+    assert main([*common, "--out-dir", str(out), "--variants", "3"]) == 0
+    lines = [orjson.loads(line) for line in (out / MANIFEST_NAME).read_bytes().splitlines()]
+    assert sorted((line["prompt"], line["variant"]) for line in lines) == [
+        (prompt, variant) for prompt in ("a gull", "a kite") for variant in range(3)
+    ]
+    assert len({line["seed"] for line in lines}) == 6
+    capsys.readouterr()
+    assert main([*common, "--out-dir", "s3://bucket/x"]) == 2
+    assert "writes to URLs with --ray" in capsys.readouterr().err
