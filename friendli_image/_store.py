@@ -1223,6 +1223,8 @@ def set_aside_previous_run(directory: pathlib.Path) -> tuple[pathlib.Path, int] 
 
 # -- any fsspec location (the Ray stage) ------------------------------------------------------
 
+#: The hidden list of a shard's keys the Ray stage writes before it (`publish_shard`).
+_KEYS_SUFFIX: Final = ".keys"
 #: Protocols whose single PUT is atomic: an object is complete or absent.
 _ATOMIC_PUT: Final = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "memory"})
 
@@ -1301,13 +1303,36 @@ class Location:
         """The image files directly in the location (blocking)."""
         return {name for name in self.files() if valid_name(name) is not None}
 
-    def shard_names(self) -> dict[str, int]:
-        """Name -> size of the published shards directly in the location (blocking)."""
+    def shard_names(self, files: Mapping[str, int] | None = None) -> dict[str, int]:
+        """Name -> size of the published shards directly in the location (blocking),
+        from ``files`` when given (a `files` listing)."""
         return {
             name: size
-            for name, size in self.files().items()
+            for name, size in (self.files() if files is None else files).items()
             if valid_stored_name(name) is not None and _format_of(name) != "files"
         }
+
+    def publish_shard(self, shard: Shard) -> None:
+        """Write a shard whole (blocking), after a small hidden list of its keys
+        (``.<shard>.keys``, which readers of the dataset skip): whoever lists the shard
+        finds its keys without reading its images."""
+        keys = [str(record.get("key") or "") for record in shard.records]
+        self.write(f".{shard.name}{_KEYS_SUFFIX}", orjson.dumps(keys))
+        self.write(shard.name, bytes(shard.build()))
+
+    def shard_keys(self, name: str, files: Mapping[str, int]) -> list[str]:
+        """The keys of the published shard ``name`` (blocking): from its list of keys
+        when ``files`` (a `files` listing) has it, else from the shard itself."""
+        if f".{name}{_KEYS_SUFFIX}" in files:
+            with contextlib.suppress(OSError, orjson.JSONDecodeError):
+                keys = orjson.loads(self.read(f".{name}{_KEYS_SUFFIX}"))
+                if isinstance(keys, list):
+                    return [key for key in keys if isinstance(key, str)]
+        return [
+            record["key"]
+            for record in self.shard_records(name)
+            if isinstance(record.get("key"), str)
+        ]
 
     def read(self, name: str) -> bytes:
         """The whole file ``name`` (blocking)."""

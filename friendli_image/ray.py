@@ -365,11 +365,10 @@ class ImageStage:
     def _read_shards(self) -> None:
         """Learn the keys of the shards published since the last look (blocking)."""
         assert self._out is not None  # noqa: S101
-        for name in sorted(self._out.shard_names().keys() - self._shards_read):
-            for record in self._out.shard_records(name):
-                key = record.get("key")
-                if isinstance(key, str):
-                    self._in_shards.setdefault(key, name)
+        files = self._out.files()
+        for name in sorted(self._out.shard_names(files).keys() - self._shards_read):
+            for key in self._out.shard_keys(name, files):
+                self._in_shards.setdefault(key, name)
             self._shards_read.add(name)
 
     def _publish(self, outputs: list[dict[str, Any]]) -> None:
@@ -386,7 +385,7 @@ class ImageStage:
                 shard.images.append((record["key"] + _extension(out["format"]), out.pop(_IMAGE)))
                 shard.records.append(record)
             try:
-                self._out.write(shard.name, bytes(shard.build()))
+                self._out.publish_shard(shard)
             except OSError as exc:
                 for out in rows:
                     out.update(status="failed", error_type=type(exc).__name__, error=str(exc))

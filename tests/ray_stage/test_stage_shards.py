@@ -5,6 +5,7 @@ actor (stage instance) meets it."""
 from __future__ import annotations
 
 import asyncio
+import pathlib
 from collections import Counter
 
 import pytest
@@ -26,6 +27,8 @@ def _samples(url: str) -> dict[str, list[bytes]]:
     fs, root = fsspec.core.url_to_fs(url)
     samples: dict[str, list[bytes]] = {}
     for path in sorted(fs.ls(root, detail=False, refresh=True)):
+        if not path.endswith((".tar", ".parquet")):
+            continue
         for key, image in shard_samples(path, fs.cat_file(path)):
             samples.setdefault(key, []).append(image)
     return samples
@@ -60,6 +63,33 @@ def test_each_call_publishes_its_own_shards_and_reruns_find_the_rows_in_them(
     samples = _samples(url)
     assert len(samples) == 30
     assert all(len(images) == 1 for images in samples.values())
+    # Without the shards' hidden key lists, the keys are read from the shards themselves.
+    fs, root = fsspec.core.url_to_fs(url)
+    lists = [path for path in fs.ls(root, detail=False) if path.endswith(".keys")]
+    assert len(lists) == 5
+    for path in lists:
+        fs.rm_file(path)
+    server.reset_stats()
+    third = ImageStage(
+        server.url, out_dir=url, request=STEPS, output_format=output_format, shard_size=8
+    )
+    assert set(third.run(_table(30)).column("status").to_pylist()) == {"resumed"}
+    assert server.stats.total_requests == 0
+
+
+@pytest.mark.parametrize("output_format", ["webdataset", "parquet"])
+def test_datasets_loads_the_stages_shards_as_they_are(
+    server: LocalServer, tmp_path: pathlib.Path, output_format: str
+) -> None:
+    datasets = pytest.importorskip("datasets")
+    stage = ImageStage(
+        server.url, out_dir=str(tmp_path), request=STEPS, output_format=output_format, shard_size=4
+    )
+    out = stage.run(_table(10))
+    loaded = datasets.load_dataset(str(tmp_path), split="train")
+    assert len(loaded) == 10
+    keys = loaded["__key__"] if output_format == "webdataset" else loaded["key"]
+    assert sorted(keys) == sorted(out.column("key").to_pylist())
 
 
 def test_a_shard_format_needs_an_out_dir_and_a_known_name(server: LocalServer) -> None:
