@@ -731,6 +731,11 @@ class BatchStore:
         return self.directory / MANIFEST_NAME
 
     @property
+    def where(self) -> str:
+        """The location as the user gave it: a path or a URL."""
+        return str(self.directory) if self._remote is None else self._remote.uri
+
+    @property
     def sharded(self) -> bool:
         """True when images go into shards (`add_to_shard`), not files."""
         return self.output_format != "files"
@@ -755,7 +760,7 @@ class BatchStore:
         except OSError as exc:
             self.close(complete=False)
             raise FriendliUsageError(
-                f"cannot use out_dir {str(self.directory)!r}: {exc}; pass a writable directory"
+                f"cannot use out_dir {self.where!r}: {exc}; pass a writable location"
             ) from exc
         except BaseException:
             self.close(complete=False)
@@ -765,13 +770,13 @@ class BatchStore:
         others = self._earlier_formats - {self.output_format}
         if others:
             raise FriendliUsageError(
-                f"out_dir {str(self.directory)!r} holds a batch written as "
+                f"out_dir {self.where!r} holds a batch written as "
                 f"output_format={sorted(others)[0]!r}; rerun with that format to resume it, "
                 "or pass another out_dir"
             )
         if self.sharded and not self._resume and self._earlier:
             raise FriendliUsageError(
-                f"resume=False into {str(self.directory)!r} would put items that are already "
+                f"resume=False into {self.where!r} would put items that are already "
                 "in its shards into new shards too; move the earlier run aside "
                 "('friendli-image batch --no-resume' does) or pass another out_dir"
             )

@@ -23,7 +23,7 @@ import pytest
 from input_states import Killed, dies_at_put, shard_samples, small_server
 from test_datasets import REQUESTS, _expected
 
-from friendli_image import AsyncFriendli, FriendliValidationError
+from friendli_image import AsyncFriendli, FriendliUsageError, FriendliValidationError
 from friendli_image._batch_models import BatchOptions
 from friendli_image._cli import main
 from friendli_image._requests import GenerateRequest
@@ -289,3 +289,13 @@ def test_the_cli_makes_variants_and_says_where_urls_are_written(
     capsys.readouterr()
     assert main([*common, "--out-dir", "s3://bucket/x"]) == 2
     assert "writes to URLs with --ray" in capsys.readouterr().err
+
+
+async def test_a_url_location_keeps_one_format_and_says_which(
+    client: AsyncFriendli, memory_url: str
+) -> None:
+    await client.container.image.generate_batch(REQUESTS[:2], out_dir=memory_url)
+    with pytest.raises(FriendliUsageError, match=f"{memory_url}.*output_format='files'"):
+        await client.container.image.generate_batch(
+            REQUESTS[:2], out_dir=memory_url, output_format="parquet"
+        )
