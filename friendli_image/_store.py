@@ -699,7 +699,13 @@ class BatchStore:
         # (`_pull`, `_push`). A local path: everything is in the directory.
         self._remote: Location | None = None
         if isinstance(directory, str):
-            location = Location(directory, storage_options or {})
+            try:
+                location = Location(directory, storage_options or {})
+            except (ImportError, ValueError) as exc:
+                raise FriendliUsageError(
+                    f"cannot open out_dir {directory!r}: {exc}; a URL needs fsspec and the "
+                    "package of its file system (pip install fsspec s3fs, gcsfs, adlfs...)"
+                ) from None
             if location.local:
                 directory = pathlib.Path(location.root)
             else:
@@ -708,6 +714,8 @@ class BatchStore:
         self.directory = directory
         # Name -> size of each file in a URL location (listed once, then kept current).
         self._remote_sizes: dict[str, int] = {}
+        # The private local folder of a URL location's run (`_pull`), removed at close.
+        self._staging: pathlib.Path | None = None
         self.output_format = output_format
         self._shard_size = shard_size
         self._shard: Shard | None = None
@@ -981,7 +989,7 @@ class BatchStore:
         assert self._remote is not None  # noqa: S101
         import tempfile  # noqa: PLC0415
 
-        self.directory = pathlib.Path(tempfile.mkdtemp(prefix="friendli-batch-"))
+        self._staging = self.directory = pathlib.Path(tempfile.mkdtemp(prefix="friendli-batch-"))
         remote = self._remote
         self._remote_sizes = remote.files()
         known: set[str] = set()
@@ -1013,7 +1021,9 @@ class BatchStore:
         assert self._remote is not None  # noqa: S101
         import shutil  # noqa: PLC0415
 
-        folder = self.directory
+        folder, self._staging = self._staging, None
+        if folder is None:
+            return
         try:
             if opened:
                 for name in (MANIFEST_NAME, UNMATCHED_NAME, METADATA_NAME):
@@ -1027,7 +1037,7 @@ class BatchStore:
         except OSError as exc:
             raise FriendliUsageError(
                 f"cannot write the manifest to {self._remote.uri!r}: {exc}; the published "
-                "shards and images are kept: rerun to resume (it finds them again)"
+                "shards are kept and a rerun finds their items again"
             ) from exc
         finally:
             shutil.rmtree(folder, ignore_errors=True)

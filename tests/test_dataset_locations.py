@@ -299,3 +299,8 @@ async def test_a_url_location_keeps_one_format_and_says_which(
         await client.container.image.generate_batch(
             REQUESTS[:2], out_dir=memory_url, output_format="parquet"
         )
+
+
+async def test_an_unknown_protocol_is_a_usage_error(client: AsyncFriendli) -> None:
+    with pytest.raises(FriendliUsageError, match="package of its file system"):
+        await client.container.image.generate_batch(["a"], out_dir="nosuchfs://bucket/x")
