@@ -1,6 +1,7 @@
 """Client CPU, memory and resume time of each batch output format, with the server stubbed.
 
     python benchmarks/dataset_formats.py [--n 100000] [--size 256] [--formats ...]
+                                         [--location memory]
 
 Each format runs in a fresh process (so peak RSS is its own): ``generate_batch`` of N
 distinct tiny images through the batch engine and the output store, on a stub request
@@ -9,6 +10,8 @@ result after one loop iteration, so the CPU is the engine's and the store's alon
 HTTP's. ``none`` keeps no out_dir (items carry the bytes and are dropped as they come).
 Then the same batch again into the finished location: everything resumes, nothing is
 sent; its wall time is the resume time. Prints one JSON line per format.
+``--location memory`` writes to fsspec's ``memory://`` instead of a local directory: the
+object-store path (one PUT per image or shard, the manifest written at the end).
 """
 
 from __future__ import annotations
@@ -51,7 +54,7 @@ def _stub(size: int) -> Any:
     return SimpleNamespace(container=SimpleNamespace(image=image))
 
 
-async def _run(stub: Any, n: int, out: Path | None, output_format: str) -> dict[str, int]:
+async def _run(stub: Any, n: int, out: Path | str | None, output_format: str) -> dict[str, int]:
     specs = ({"prompt": "a lighthouse at dawn", "seed": i} for i in range(n))
     options: dict[str, Any] = {"concurrency": 64, "total": n}
     if out is not None:
@@ -62,9 +65,11 @@ async def _run(stub: Any, n: int, out: Path | None, output_format: str) -> dict[
     return counts
 
 
-def _child(output_format: str, n: int, size: int, out: Path) -> None:
+def _child(output_format: str, n: int, size: int, out: Path, location: str) -> None:
     stub = _stub(size)
-    target = None if output_format == "none" else out
+    target: Path | str | None = None if output_format == "none" else out
+    if target is not None and location == "memory":
+        target = f"memory://friendli-bench/{output_format}"
     cpu0, wall0 = _cpu(), time.perf_counter()
     counts = asyncio.run(_run(stub, n, target, output_format))
     cpu, wall = _cpu() - cpu0, time.perf_counter() - wall0
@@ -81,7 +86,13 @@ def _child(output_format: str, n: int, size: int, out: Path) -> None:
         figures["resumed"] = again["resumed"]
         figures["resume_wall_s"] = round(time.perf_counter() - wall0, 2)
         figures["resume_cpu_us_per_item"] = round((_cpu() - cpu0) / n * 1e6, 1)
-        figures["files_in_out_dir"] = sum(1 for _ in target.iterdir())
+        if isinstance(target, Path):
+            figures["files_in_out_dir"] = sum(1 for _ in target.iterdir())
+        else:
+            import fsspec  # only the memory location needs it
+
+            figures["files_in_out_dir"] = len(fsspec.filesystem("memory").ls(target))
+        figures["location"] = location
     figures["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     print(json.dumps(figures), flush=True)
 
@@ -97,18 +108,24 @@ def main() -> None:
         default=["none", "files", "webdataset", "parquet"],
         choices=["none", "files", "webdataset", "parquet"],
     )
+    parser.add_argument(
+        "--location",
+        choices=["local", "memory"],
+        default="local",
+        help="a local directory (default), or fsspec's memory:// (the object-store path)",
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        _child(args.child, args.n, args.size, Path(args.out))
+        _child(args.child, args.n, args.size, Path(args.out), args.location)
         return
     for output_format in args.formats:
         out = Path(tempfile.mkdtemp(prefix=f"friendli-{output_format}-"))
         try:
             subprocess.run(
                 [sys.executable, __file__, "--child", output_format, "--out", str(out / "out"),
-                 "--n", str(args.n), "--size", str(args.size)],
+                 "--n", str(args.n), "--size", str(args.size), "--location", args.location],
                 check=True,
             )  # fmt: skip
         finally:

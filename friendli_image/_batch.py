@@ -68,6 +68,7 @@ from ._store import (
     item_key,
     manifest_record,
     request_digest,
+    variant_seeds,
 )
 
 __all__ = ["Batch", "BatchOperation", "BatchStopped", "Gate"]
@@ -122,7 +123,7 @@ class _Prepared:
     """One valid request of a batch: what it was given as, its model, options and id."""
 
     # A plain slotted class: built once per item, and attrs' frozen __init__ costs more.
-    __slots__ = ("id", "model", "occurrence", "options", "request")
+    __slots__ = ("id", "model", "occurrence", "options", "request", "variant")
 
     def __init__(
         self, request: Mapping[str, Any], model: RequestModel, options: CallOptions, item_id: str
@@ -132,6 +133,11 @@ class _Prepared:
         self.options = options
         self.id = item_id
         self.occurrence = 0
+        self.variant = 0
+
+    def key(self) -> str:
+        """The item's name in the store (`item_key`)."""
+        return item_key(self.id, self.occurrence, self.variant)
 
 
 class _Crashed:
@@ -461,6 +467,27 @@ class Batch:
         prepared.occurrence = self._occurrences.next(prepared.id)
         return prepared
 
+    def _variants(
+        self, prepared: _Prepared | FriendliValidationError
+    ) -> list[_Prepared | FriendliValidationError]:
+        """The request's ``n`` items, each with its variant's seed (`variant_seeds`)."""
+        n = self._options.n
+        if n == 1 or isinstance(prepared, FriendliValidationError):
+            return [prepared] * n
+        seeds = variant_seeds(prepared.id, prepared.occurrence, prepared.model.seed, n)
+        items: list[_Prepared | FriendliValidationError] = []
+        for variant, seed in enumerate(seeds):
+            model = prepared.model
+            one = _Prepared(
+                prepared.request,
+                model if model.seed == seed else attrs.evolve(model, seed=seed),
+                prepared.options,
+                prepared.id,
+            )
+            one.occurrence, one.variant = prepared.occurrence, variant
+            items.append(one)
+        return items
+
     # -- running ----------------------------------------------------------------------
 
     async def _run(self, *, ordered: bool) -> AsyncIterator[BatchItem]:
@@ -471,7 +498,11 @@ class Batch:
         options = self._options
         if options.out_dir is not None:
             store = BatchStore(
-                options.out_dir, options.resume, options.output_format, options.shard_size
+                options.out_dir,
+                options.resume,
+                options.output_format,
+                options.shard_size,
+                storage_options=options.storage_options,
             )
             await loop.run_in_executor(None, store.open)
             self._store = store
@@ -482,6 +513,8 @@ class Batch:
         else:
             sync_source = iter(self._requests)
         finished: asyncio.Queue[BatchItem | _Crashed] = asyncio.Queue()
+        # The variants of the latest request still to dispatch (``n`` > 1).
+        variants: deque[tuple[object, _Prepared | FriendliValidationError]] = deque()
         pending: dict[int, asyncio.Task[None]] = {}
         parked: dict[int, BatchItem] = {}
         next_index = 0
@@ -496,17 +529,20 @@ class Batch:
                     and len(pending) < self._concurrency
                     and (not ordered or next_index - next_out < self._window)
                 ):
-                    try:
-                        if sync_source is not None:
-                            spec = next(sync_source)
-                        else:
-                            assert async_source is not None  # noqa: S101
-                            spec = await anext(async_source)
-                    except (StopIteration, StopAsyncIteration):
-                        exhausted = True
-                        break
+                    if variants:
+                        spec, prepared = variants.popleft()
+                    else:
+                        spec = await _next(sync_source, async_source)
+                        if spec is _END:
+                            exhausted = True
+                            break
+                        prepared = self._identify(spec)
+                        if self._options.n > 1:
+                            first, *rest = self._variants(prepared)
+                            prepared = first
+                            variants.extend((spec, one) for one in rest)
                     pending[next_index] = loop.create_task(
-                        self._deliver(next_index, spec, self._identify(spec), finished)
+                        self._deliver(next_index, spec, prepared, finished)
                     )
                     next_index += 1
                 if not pending:
@@ -531,18 +567,19 @@ class Batch:
                 self._report()
             # Stopped early: what is left of the input is reported, not attempted.
             while not exhausted and self._aborted is not None:
-                try:
-                    if sync_source is not None:
-                        spec = next(sync_source)
-                    else:
-                        assert async_source is not None  # noqa: S101
-                        spec = await anext(async_source)
-                except (StopIteration, StopAsyncIteration):
-                    break
-                item = self._skipped(next_index, spec, 0.0)
-                next_index += 1
-                self._count(item)
-                yield item
+                if variants:
+                    spec, _ = variants.popleft()
+                    copies = 1
+                else:
+                    spec = await _next(sync_source, async_source)
+                    if spec is _END:
+                        break
+                    copies = self._options.n
+                for _ in range(copies):
+                    item = self._skipped(next_index, spec, 0.0)
+                    next_index += 1
+                    self._count(item)
+                    yield item
             complete = self._aborted is None
             self._report(final=True)
         finally:
@@ -619,16 +656,13 @@ class Batch:
             )
         store = self._store
         if store is not None:
+            identity = (prepared.id, prepared.occurrence, prepared.variant)
             record = (
-                await asyncio.get_running_loop().run_in_executor(
-                    None, store.claim, prepared.id, prepared.occurrence
-                )
+                await asyncio.get_running_loop().run_in_executor(None, store.claim, *identity)
                 # A file's sha256 is checked on a thread; a shard's presence is one
                 # cached stat, cheaper than the hop to a thread.
-                if self._options.resume
-                and not store.sharded
-                and store.has_earlier(prepared.id, prepared.occurrence)
-                else store.claim(prepared.id, prepared.occurrence)
+                if self._options.resume and not store.sharded and store.has_earlier(*identity)
+                else store.claim(*identity)
             )
             if record is not None:
                 store.append({**record, "index": index})
@@ -636,9 +670,12 @@ class Batch:
                     index=index,
                     id=prepared.id,
                     occurrence=prepared.occurrence,
+                    variant=prepared.variant,
+                    key=prepared.key(),
                     request=prepared.request,
                     status="resumed",
-                    path=store.directory / record["file"],
+                    path=store.path_of(record["file"]),
+                    uri=store.uri_of(record["file"]),
                     format=record.get("format"),
                     sha256=record.get("sha256"),
                     attempts=0,
@@ -679,6 +716,7 @@ class Batch:
                 index=index,
                 id=prepared.id,
                 occurrence=prepared.occurrence,
+                variant=prepared.variant,
                 request=prepared.request,
                 status="ok",
                 result=result,
@@ -700,12 +738,14 @@ class Batch:
             request_id=result.request_id,
             fmt=result.format,
             size=len(result.data),
+            variant=prepared.variant,
             maybe_duplicated=result.maybe_duplicated,
             fields=dataset_fields(prepared.model),
         )
+        key = prepared.key()
         if store.sharded:
             name, digest, full = store.add_to_shard(
-                item_key(prepared.id, prepared.occurrence),
+                key,
                 result.data,
                 EXTENSIONS.get(result.format or "", ".bin"),
                 record,
@@ -713,7 +753,7 @@ class Batch:
             if full is not None:
                 await loop.run_in_executor(None, store.publish, full)
         else:
-            name = image_name(prepared.id, prepared.occurrence, result.format)
+            name = image_name(prepared.id, prepared.occurrence, result.format, prepared.variant)
             digest = await loop.run_in_executor(None, store.write_image, name, result.data)
             record["file"], record["sha256"] = name, digest
             store.append(record)
@@ -722,9 +762,12 @@ class Batch:
             index=index,
             id=prepared.id,
             occurrence=prepared.occurrence,
+            variant=prepared.variant,
+            key=key,
             request=prepared.request,
             status="ok",
-            path=store.directory / name,
+            path=store.path_of(name),
+            uri=store.uri_of(name),
             format=result.format,
             sha256=digest,
             attempts=attempts,
@@ -744,9 +787,10 @@ class Batch:
         item_id: str = "",
         request: Mapping[str, Any] | None = None,
     ) -> BatchItem:
-        occurrence = 0
+        occurrence = variant = 0
         if prepared is not None:
             item_id, request, occurrence = prepared.id, prepared.request, prepared.occurrence
+            variant = prepared.variant
         assert request is not None  # noqa: S101  (given when prepared is not)
         elapsed = time.monotonic() - started
         request_id = error.request_id if isinstance(error, FriendliAPIError) else None
@@ -761,6 +805,7 @@ class Batch:
                     attempts=attempts,
                     elapsed=elapsed,
                     request_id=request_id,
+                    variant=variant,
                     error=error,
                     fields=None if prepared is None else dataset_fields(prepared.model),
                 )
@@ -769,6 +814,7 @@ class Batch:
             index=index,
             id=item_id,
             occurrence=occurrence,
+            variant=variant,
             request=request,
             status="failed",
             error=error,
@@ -776,6 +822,21 @@ class Batch:
             elapsed=elapsed,
             request_id=request_id,
         )
+
+
+#: What `_next` returns when the input is exhausted.
+_END: Final = object()
+
+
+async def _next(sync_source: Iterator[Any] | None, async_source: AsyncIterator[Any] | None) -> Any:
+    """The next request of the input, `_END` when there is none."""
+    try:
+        if sync_source is not None:
+            return next(sync_source)
+        assert async_source is not None  # noqa: S101
+        return await anext(async_source)
+    except (StopIteration, StopAsyncIteration):
+        return _END
 
 
 def _index_of(item: BatchItem) -> int:

@@ -79,14 +79,32 @@ def _flag(value: bool) -> bool:
     return bool(value)
 
 
-def _path_or_none(value: str | os.PathLike[str] | None) -> pathlib.Path | None:
+def _location_or_none(value: str | os.PathLike[str] | None) -> pathlib.Path | str | None:
+    """A local path as a `pathlib.Path`; an fsspec URL (``s3://``, ``memory://``) as text."""
     if value is None:
         return None
     if not isinstance(value, str | os.PathLike):
         raise FriendliValidationError(
-            "out_dir", f"must be a path or None, got {type(value).__name__}"
+            "out_dir", f"must be a path, an fsspec URL or None, got {type(value).__name__}"
         )
+    if isinstance(value, str) and "://" in value:
+        protocol, _, rest = value.partition("://")
+        if protocol in ("file", "local"):
+            return pathlib.Path(rest)
+        if not rest.strip("/"):
+            raise FriendliValidationError("out_dir", f"names no location: {value!r}")
+        return value.rstrip("/")
     return pathlib.Path(value)
+
+
+def _storage_options(value: Mapping[str, Any] | None) -> Mapping[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise FriendliValidationError(
+            "storage_options", f"must be a mapping or None, got {type(value).__name__}"
+        )
+    return dict(value)
 
 
 #: What a batch can write into ``out_dir`` (``output_format``).
@@ -117,9 +135,16 @@ class BatchOptions(CallOverrides):
             ``reorder_window`` finished items then wait for a slower earlier one, and
             dispatch pauses while that window is full.
         reorder_window: see ``ordered`` (default ``max(4 * concurrency, 64)``).
-        out_dir: write each image to this directory as it arrives (the items then hold
-            the path, not the bytes) and record every finished item in its
-            ``manifest.jsonl``. One batch at a time per directory.
+        out_dir: write each image to this location as it arrives (the items then hold
+            where it is, not the bytes) and record every finished item in its
+            ``manifest.jsonl``: a local directory, or any fsspec URL (``s3://bucket/x``,
+            ``gs://...``, ``memory://...``; the file system's package must be installed).
+            One batch at a time per location: a local directory is locked; an object
+            store has no lock, so do not run two batches into one URL at once. On a URL
+            the manifest is written when the run ends (a killed run's published shards
+            are found again from the shards themselves).
+        storage_options: passed to fsspec for an ``out_dir`` URL (credentials,
+            ``endpoint_url``...); never shown in a repr.
         resume: with ``out_dir``, skip items an earlier run into it already finished:
             the same request (and the same occurrence among identical requests), its
             file present with the recorded sha256, wherever it sits in the input now;
@@ -137,6 +162,12 @@ class BatchOptions(CallOverrides):
             shard is written once full (and at the end), atomically: a kill loses at
             most the items of the open shard, which a rerun makes again.
         shard_size: items per shard (the shard formats); memory holds one open shard.
+        n: images per request, each its own item (``variant`` 0 to ``n - 1``, index
+            ``request position * n + variant``) with its own seed: the request's seed,
+            when it has one, for variant 0, and for the others (all of them, when the
+            request has none) a seed derived from the item's identity (`variant_seed`),
+            so a rerun makes the same pictures. With ``n=1`` the request is sent as it
+            is. The server makes one image per request: ``n`` images are ``n`` requests.
         on_progress: called with a `BatchProgress` at most ten times a second and once
             at the end, on the event loop: keep it quick.
         stop_on_fatal: after an error every remaining item would meet (401, 403, 404, a
@@ -153,10 +184,14 @@ class BatchOptions(CallOverrides):
     rps: float | None = attrs.field(default=None, validator=_rps)
     ordered: bool = attrs.field(default=False, converter=_flag)
     reorder_window: int | None = attrs.field(default=None, validator=_optional_positive_int)
-    out_dir: pathlib.Path | None = attrs.field(default=None, converter=_path_or_none)
+    out_dir: pathlib.Path | str | None = attrs.field(default=None, converter=_location_or_none)
+    storage_options: Mapping[str, Any] = attrs.field(
+        factory=dict, converter=_storage_options, repr=False
+    )
     resume: bool = attrs.field(default=True, converter=_flag)
     output_format: OutputFormat = attrs.field(default="files", validator=_output_format)
     shard_size: int = attrs.field(default=1000, validator=_positive_int)
+    n: int = attrs.field(default=1, validator=_positive_int)
     on_progress: Callable[[BatchProgress], object] | None = attrs.field(
         default=None, validator=_callable_or_none
     )
@@ -181,7 +216,8 @@ class BatchItem:
     """The outcome of one request of a batch."""
 
     index: int
-    """The position of the request in the input (0-based)."""
+    """The position of the request in the input (0-based); with ``n`` variants per
+    request, ``position * n + variant``."""
     id: str
     """sha256 of the route and the request's canonical JSON: equal requests have equal
     ids ("" if invalid). With ``occurrence`` it is the item's identity in ``out_dir``."""
@@ -194,7 +230,8 @@ class BatchItem:
     result: ImageResult | None = None
     """The image, when the batch keeps images in memory (no ``out_dir``)."""
     path: pathlib.Path | None = None
-    """Where the image was written, when the batch has an ``out_dir``."""
+    """Where the image was written (the file, or the shard holding it), when the batch
+    has a local ``out_dir``."""
     format: str | None = None
     """The image format (``jpeg``, ``png``, ...), for ``ok`` and ``resumed`` items."""
     sha256: str | None = None
@@ -212,6 +249,15 @@ class BatchItem:
     run (see ``ImageResult.maybe_duplicated``)."""
     occurrence: int = 0
     """How many identical requests (same ``id``) came before this one in the input."""
+    variant: int = 0
+    """Which of the request's ``n`` images this is (with ``id`` and ``occurrence``, the
+    item's identity)."""
+    uri: str | None = None
+    """Where the image is stored (the file, or the shard holding it) as a path or an
+    fsspec URL, when the batch has an ``out_dir``; ``key`` names it in a shard."""
+    key: str | None = None
+    """The item's name in ``out_dir``: its file's stem, its sample key in a WebDataset
+    shard, its ``key`` column in a Parquet shard."""
 
     @property
     def ok(self) -> bool:
@@ -227,6 +273,8 @@ class BatchItem:
         parts = [f"index={self.index}", f"status={self.status!r}"]
         if self.path is not None:
             parts.append(f"path={str(self.path)!r}")
+        elif self.uri is not None:
+            parts.append(f"uri={self.uri!r}")
         elif self.result is not None:
             parts.append(f"result={self.result!r}")
         if self.error is not None:
@@ -315,8 +363,9 @@ class BatchResult:
     unmatched: int = 0
     """Images of earlier runs in ``out_dir`` that match no item of this batch: kept,
     left out of this run's manifest, listed in ``unmatched_listing``."""
-    unmatched_listing: pathlib.Path | None = None
-    """``out_dir/unmatched.jsonl``, the manifest lines of those images (None: none)."""
+    unmatched_listing: pathlib.Path | str | None = None
+    """``out_dir/unmatched.jsonl``, the manifest lines of those images (None: none); a
+    URL when ``out_dir`` is one."""
 
     @property
     def ok(self) -> bool:

@@ -6,23 +6,35 @@ and skipped items shown with their message, and a filter box. It needs no networ
 server: open it from disk. It stays light for tens of thousands of images: thumbnails
 are files in ``.thumbs/`` (made once with Pillow, when it is installed), loaded lazily by
 the browser, never inlined; tiles off screen are not laid out (``content-visibility``).
+A run written as shards (``webdataset``, ``parquet``) is shown too: each shard is read
+once and its images go into ``.thumbs/`` (as thumbnails, or as they are without Pillow).
 """
 
 from __future__ import annotations
 
 import base64
 import concurrent.futures
+import contextlib
 import hashlib
 import io
 import os
 import pathlib
 import urllib.parse
 from collections.abc import Iterable, Mapping
-from typing import Any, Final
+from typing import IO, Any, Final
 
 from ._exceptions import FriendliUsageError
 from ._formats import image_dimensions, sniff_format
-from ._store import GALLERY_NAME, THUMBS_DIR, Directory, read_gallery_inputs, valid_name
+from ._store import (
+    GALLERY_NAME,
+    THUMBS_DIR,
+    Directory,
+    read_gallery_inputs,
+    shard_images,
+    stored_key,
+    valid_name,
+    valid_stored_name,
+)
 
 __all__ = ["GALLERY_NAME", "THUMBS_DIR", "write_gallery"]
 
@@ -141,6 +153,19 @@ def _file_name(record: Mapping[str, Any]) -> str | None:
     return valid_name(record.get("file"))
 
 
+def _shown_name(record: Mapping[str, Any]) -> str | None:
+    """What the page shows the record's image under: its file name, or for an item in
+    a shard, ``<shard>#<key>`` (the key as a plain name, else None)."""
+    name = _file_name(record)
+    if name is not None:
+        return name
+    shard = valid_stored_name(record.get("file"))
+    key = stored_key(dict(record))
+    if shard is None or key is None or valid_name(key + ".jpg") is None:
+        return None
+    return f"{shard}#{key}"
+
+
 # -- thumbnails ---------------------------------------------------------------------------
 
 
@@ -165,9 +190,16 @@ def _thumbnails(folder: Directory, records: Iterable[Mapping[str, Any]]) -> dict
     try:
         shown: dict[str, str] = {}
         to_make: list[str] = []
+        in_shards: dict[str, set[str]] = {}
         for record in records:
             name = _file_name(record)
-            if name is None or name in shown:
+            if name is None:
+                wanted = _shown_name(record)
+                if wanted is not None:
+                    shard, _, key = wanted.partition("#")
+                    in_shards.setdefault(shard, set()).add(key)
+                continue
+            if name in shown:
                 continue
             source = folder.size_and_mtime(name)
             if source is None:
@@ -188,9 +220,59 @@ def _thumbnails(folder: Directory, records: Iterable[Mapping[str, Any]]) -> dict
                 for name, made_one in zip(to_make, results, strict=True):
                     if made_one:
                         shown[name] = f"{THUMBS_DIR}/{name}.jpg"
+        if in_shards:
+            if thumbs is None:
+                with contextlib.suppress(OSError):
+                    thumbs = folder.subdirectory(THUMBS_DIR, create=True)
+            if thumbs is not None:
+                for shard, keys in in_shards.items():
+                    shown.update(_from_shard(folder, shard, keys, thumbs, have_pillow=have_pillow))
     finally:
         if thumbs is not None:
             thumbs.close()
+    return shown
+
+
+def _from_shard(
+    folder: Directory, shard: str, keys: set[str], thumbs: Directory, *, have_pillow: bool
+) -> dict[str, str]:
+    """``<shard>#<key>`` -> the path the page shows, for the wanted items of one shard:
+    their thumbnails (or, without Pillow, the images themselves) written into ``.thumbs/``
+    from one read of the shard, unless they are there already and newer than it."""
+    source = folder.size_and_mtime(shard)
+    if source is None:
+        return {}
+    shown: dict[str, str] = {}
+    missing = set()
+    for key in keys:
+        made = next(
+            (
+                f"{key}{ext}"
+                for ext in (".jpg", ".png", ".bin")
+                if (found := thumbs.size_and_mtime(f"{key}{ext}")) is not None
+                and found[1] >= source[1]
+            ),
+            None,
+        )
+        if made is None:
+            missing.add(key)
+        else:
+            shown[f"{shard}#{key}"] = f"{THUMBS_DIR}/{made}"
+    if not missing:
+        return shown
+    try:
+        with folder.read(shard) as handle:
+            for key, extension, image in shard_images(shard, handle):
+                if key not in missing or valid_name(key + extension) is None:
+                    continue
+                thumbnail = _thumbnail(io.BytesIO(image)) if have_pillow else None
+                name, data = (
+                    (f"{key}.jpg", thumbnail) if thumbnail is not None else (key + extension, image)
+                )
+                thumbs.write_atomic(name, data)
+                shown[f"{shard}#{key}"] = f"{THUMBS_DIR}/{name}"
+    except (OSError, ValueError, EOFError, FriendliUsageError):
+        pass  # a shard that does not read: its tiles say the image is not there
     return shown
 
 
@@ -210,11 +292,25 @@ def _needs_thumbnail(folder: Directory, name: str) -> bool:
 
 def _make_thumbnail(folder: Directory, name: str, thumbs: Directory) -> bool:
     """Write a JPEG thumbnail of the image ``name``; False if Pillow cannot read it."""
+
+    try:
+        with folder.read(name) as source:
+            thumbnail = _thumbnail(source)
+        if thumbnail is None:
+            return False
+        thumbs.write_atomic(f"{name}.jpg", thumbnail)
+    except (OSError, FriendliUsageError):
+        return False
+    return True
+
+
+def _thumbnail(source: IO[bytes]) -> bytes | None:
+    """A JPEG thumbnail of the image read from ``source``; None if Pillow cannot read it."""
     from PIL import Image  # noqa: PLC0415  (only called when Pillow is installed)
 
     out = io.BytesIO()
     try:
-        with folder.read(name) as source, Image.open(source) as opened:
+        with Image.open(source) as opened:
             opened.draft("RGB", (THUMB_SIZE, THUMB_SIZE))  # JPEG: decode at a reduced scale
             opened.thumbnail((THUMB_SIZE, THUMB_SIZE))
             picture = opened
@@ -223,10 +319,9 @@ def _make_thumbnail(folder: Directory, name: str, thumbs: Directory) -> bool:
                 picture = Image.new("RGB", rgba.size, (255, 255, 255))
                 picture.paste(rgba, mask=rgba.getchannel("A"))
             picture.save(out, "JPEG", quality=82)
-        thumbs.write_atomic(f"{name}.jpg", out.getbuffer())
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, FriendliUsageError):
-        return False
-    return True
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return None
+    return out.getvalue()
 
 
 # -- the page -------------------------------------------------------------------------------
@@ -252,6 +347,7 @@ def _tile(record: Mapping[str, Any], thumbs: Mapping[str, str]) -> str:
     prompt = prompt if isinstance(prompt, str) else ""
     short = prompt if len(prompt) <= _PROMPT_CHARS else prompt[: _PROMPT_CHARS - 1] + "…"
     name = _file_name(record)
+    in_shard = _shown_name(record) if name is None else None
     seed = record.get("seed")
     attempts = record.get("attempts")
     elapsed = _seconds(record.get("elapsed"))
@@ -268,10 +364,14 @@ def _tile(record: Mapping[str, Any], thumbs: Mapping[str, str]) -> str:
         facts.append(elapsed)
     if name is not None:
         facts.append(_text(name))
+    elif in_shard is not None:
+        facts.append(_text(in_shard))
 
-    shown = thumbs.get(name) if name is not None else None
-    if shown is not None and name is not None:
-        href = urllib.parse.quote(name)
+    shown = thumbs.get(name or in_shard or "")
+    if shown is not None:
+        # An image in a shard links to what was taken out of it (the tar or Parquet
+        # file is no page for a browser).
+        href = urllib.parse.quote(name) if name is not None else urllib.parse.quote(shown)
         picture = (
             f'<a href="{_text(href)}"><img loading="lazy" decoding="async" '
             f'src="{_text(urllib.parse.quote(shown))}" alt="{_text(short)}"></a>'
@@ -289,12 +389,16 @@ def _tile(record: Mapping[str, Any], thumbs: Mapping[str, str]) -> str:
     elif isinstance(error, str) and error:
         message = f"{error_type}: {error}" if isinstance(error_type, str) else error
     elif status == "ok" and shown is None:
-        message = "the image file is not in the directory"
+        message = (
+            "the image file is not in the directory"
+            if in_shard is None
+            else "its shard is not in the directory"
+        )
     error_html = f'<p class="error">{_text(message)}</p>' if message else ""
 
     search = " ".join(
         str(part)
-        for part in (index, status, prompt, seed, name, error_type, message)
+        for part in (index, status, prompt, seed, name or in_shard, error_type, message)
         if part is not None
     ).lower()
     return (

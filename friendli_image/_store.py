@@ -93,9 +93,14 @@ __all__ = [
     "read_records",
     "request_digest",
     "row_image_name",
+    "row_key",
     "set_aside_previous_run",
+    "shard_images",
+    "shard_run_name",
+    "stored_key",
     "valid_name",
     "valid_stored_name",
+    "variant_seeds",
 ]
 
 #: The manifest of the latest run, inside the location.
@@ -163,17 +168,49 @@ class Occurrences:
         return occurrence
 
 
-def item_key(digest: str, occurrence: int) -> str:
-    """A batch item's identity as a name: its digest's first 20 digits and its occurrence.
+def item_key(digest: str, occurrence: int, variant: int = 0) -> str:
+    """A batch item's identity as a name: its digest's first 20 digits, its occurrence
+    and, for variants after the first, the variant (``<digest20>-<occurrence>-<variant>``).
 
     The stem of its image file, its sample key in a WebDataset shard, its ``key`` column.
     """
-    return f"{digest[:20]}-{occurrence}"
+    return f"{digest[:20]}-{occurrence}" + (f"-{variant}" if variant else "")
 
 
-def image_name(digest: str, occurrence: int, fmt: str | None) -> str:
+def image_name(digest: str, occurrence: int, fmt: str | None, variant: int = 0) -> str:
     """The file name of a batch item's image: its identity and the format's extension."""
-    return item_key(digest, occurrence) + EXTENSIONS.get(fmt or "", ".bin")
+    return item_key(digest, occurrence, variant) + EXTENSIONS.get(fmt or "", ".bin")
+
+
+#: Derived seeds are in ``[0, 2**31 - 1]``: every server takes a non-negative int32.
+_SEED_MASK: Final = 2**31 - 1
+_VARIANT_SALT: Final = b"friendli-image/variant/"
+
+
+def variant_seeds(digest: str, occurrence: int, seed: int | None, n: int) -> list[int]:
+    """The seeds of a request's ``n`` variants, distinct: ``seed`` first when given, the
+    others derived from the item's identity.
+
+    Variant ``v``'s derived seed is the first 4 bytes (big-endian, top bit cleared) of
+    ``sha256(b"friendli-image/variant/<digest>-<occurrence>-<v>")``, rehashed with a
+    counter on the rare clash with an earlier variant's: the same item always gets the
+    same seed, on every machine and version.
+    """
+    seeds: list[int] = []
+    for variant in range(n):
+        if variant == 0 and seed is not None:
+            seeds.append(seed)
+            continue
+        text = f"{digest}-{occurrence}-{variant}".encode()
+        derived = int.from_bytes(hashlib.sha256(_VARIANT_SALT + text).digest()[:4], "big")
+        derived &= _SEED_MASK
+        clash = 0
+        while derived in seeds:
+            clash += 1
+            retry = hashlib.sha256(_VARIANT_SALT + text + b"/" + str(clash).encode()).digest()
+            derived = int.from_bytes(retry[:4], "big") & _SEED_MASK
+        seeds.append(derived)
+    return seeds
 
 
 def row_image_name(row_id: object, digest: str, response_format: object) -> str:
@@ -184,6 +221,14 @@ def row_image_name(row_id: object, digest: str, response_format: object) -> str:
     stem = stem if not stem.startswith(".") else "%2E" + stem[1:]
     extension = ".png" if response_format == "raw" else ".jpg"
     return f"{stem}-{digest[:16]}{extension}"
+
+
+def row_key(row_id: object, digest: str) -> str:
+    """A Ray row's key in a shard: its id (quoted, no dot: WebDataset splits a sample's
+    key from its extension at the first dot) and its digest's first 16 digits."""
+    import urllib.parse  # noqa: PLC0415  (only the Ray stage names samples by row)
+
+    return f"{urllib.parse.quote(str(row_id), safe='-_')}-{digest[:16]}"
 
 
 def valid_name(name: object) -> str | None:
@@ -393,6 +438,7 @@ def manifest_record(
     fmt: str | None = None,
     size: int | None = None,
     sha256: str | None = None,
+    variant: int = 0,
     maybe_duplicated: bool = False,
     error: FriendliError | None = None,
     fields: Mapping[str, Any] | None = None,
@@ -406,6 +452,7 @@ def manifest_record(
         "index": index,
         "id": item_id,
         "occurrence": occurrence,
+        "variant": variant,
         "status": "ok" if error is None else "failed",
         "prompt": prompt if isinstance(prompt, str) else None,
         "seed": seed if isinstance(seed, int) and not isinstance(seed, bool) else None,
@@ -438,6 +485,7 @@ _ROW_FIELDS: Final = (
     "key",
     "id",
     "occurrence",
+    "variant",
     *_REQUEST_COLUMNS,
     "request",
     "format",
@@ -474,7 +522,9 @@ def dataset_fields(request: GenerateRequest | EditRequest) -> dict[str, Any]:
 
 def _dataset_row(record: Mapping[str, Any]) -> dict[str, Any]:
     row = {name: record.get(name) for name in _ROW_FIELDS}
-    row["key"] = item_key(record["id"], record.get("occurrence", 0))
+    row["variant"] = variant = record.get("variant", 0)
+    # A Ray row's key is its id with its digest (`row_key`); a batch item's, its identity.
+    row["key"] = record.get("key") or item_key(record["id"], record.get("occurrence", 0), variant)
     return row
 
 
@@ -503,14 +553,16 @@ def _valid_record(line: bytes) -> StoredRecord | None:
     return record
 
 
-def _identity(record: StoredRecord) -> tuple[str, int] | None:
+def _identity(record: StoredRecord) -> tuple[str, int, int] | None:
+    """(id, occurrence, variant) of a record, None unless all are valid."""
     item_id = record.get("id")
-    occurrence = record.get("occurrence", 0)
     if not isinstance(item_id, str) or not item_id:
         return None
-    if not isinstance(occurrence, int) or isinstance(occurrence, bool) or occurrence < 0:
-        return None
-    return item_id, occurrence
+    occurrence, variant = record.get("occurrence", 0), record.get("variant", 0)
+    for number in (occurrence, variant):
+        if not isinstance(number, int) or isinstance(number, bool) or number < 0:
+            return None
+    return item_id, occurrence, variant
 
 
 def read_records(handle: IO[bytes]) -> Iterator[tuple[int, bytes, StoredRecord | None]]:
@@ -530,6 +582,7 @@ def _parquet_schema() -> Any:
 
     types = {
         "occurrence": pa.int64(),
+        "variant": pa.int64(),
         "num_inference_steps": pa.int64(),
         "guidance_scale": pa.float64(),
         "seed": pa.int64(),
@@ -549,6 +602,12 @@ def _parquet_schema() -> Any:
     return pa.schema(fields, metadata={b"huggingface": info})
 
 
+def shard_run_name() -> str:
+    """A prefix no other writer uses for its shards: ``train-<time>-<random>``, so shard
+    names sort by the time they were started (the order readers take them in)."""
+    return f"train-{time.strftime('%Y%m%dT%H%M%S')}-{secrets.token_hex(3)}"
+
+
 class Shard:
     """A shard being filled: its items' images and manifest records, as they finish."""
 
@@ -559,6 +618,11 @@ class Shard:
         self.output_format = output_format
         self.images: list[tuple[str, bytes]] = []
         self.records: list[dict[str, Any]] = []
+
+    @classmethod
+    def numbered(cls, run_name: str, number: int, output_format: str) -> Shard:
+        """The shard ``number`` of a writer whose `shard_run_name` is ``run_name``."""
+        return cls(f"{run_name}-{number:05d}{_SHARD_SUFFIX[output_format]}", output_format)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -601,7 +665,7 @@ class Unmatched:
 
     __slots__ = ("count", "listing")
 
-    def __init__(self, count: int, listing: pathlib.Path) -> None:
+    def __init__(self, count: int, listing: pathlib.Path | str) -> None:
         self.count = count
         self.listing = listing
 
@@ -623,12 +687,35 @@ class BatchStore:
 
     def __init__(
         self,
-        directory: pathlib.Path,
+        directory: pathlib.Path | str,
         resume: bool,
         output_format: str = "files",
         shard_size: int = 1000,
+        *,
+        storage_options: Mapping[str, Any] | None = None,
     ) -> None:
+        # A URL: images and shards go to the location (`Location`: one PUT each on an
+        # object store), the manifests live in a private local folder during the run
+        # (`_pull`, `_push`). A local path: everything is in the directory.
+        self._remote: Location | None = None
+        if isinstance(directory, str):
+            try:
+                location = Location(directory, storage_options or {})
+            except (ImportError, ValueError) as exc:
+                raise FriendliUsageError(
+                    f"cannot open out_dir {directory!r}: {exc}; a URL needs fsspec and the "
+                    "package of its file system (pip install fsspec s3fs, gcsfs, adlfs...)"
+                ) from None
+            if location.local:
+                directory = pathlib.Path(location.root)
+            else:
+                self._remote = location
+                directory = pathlib.Path()
         self.directory = directory
+        # Name -> size of each file in a URL location (listed once, then kept current).
+        self._remote_sizes: dict[str, int] = {}
+        # The private local folder of a URL location's run (`_pull`), removed at close.
+        self._staging: pathlib.Path | None = None
         self.output_format = output_format
         self._shard_size = shard_size
         self._shard: Shard | None = None
@@ -652,6 +739,11 @@ class BatchStore:
         return self.directory / MANIFEST_NAME
 
     @property
+    def where(self) -> str:
+        """The location as the user gave it: a path or a URL."""
+        return str(self.directory) if self._remote is None else self._remote.uri
+
+    @property
     def sharded(self) -> bool:
         """True when images go into shards (`add_to_shard`), not files."""
         return self.output_format != "files"
@@ -660,12 +752,14 @@ class BatchStore:
 
     def open(self) -> None:
         try:
+            if self._remote is not None:
+                self._pull()
             self._dir = Directory(self.directory, create=True)
             self._acquire_lock()
             self._dir.remove_temporaries()
             self._gather_earlier()
             self._check_format()
-            self._run_name = f"train-{time.strftime('%Y%m%dT%H%M%S')}-{secrets.token_hex(3)}"
+            self._run_name = shard_run_name()
             self._dir.write_atomic(MANIFEST_NAME, b"", sync=True)
             appending = self._dir.open(MANIFEST_NAME, os.O_WRONLY | os.O_APPEND)
             self._manifest = os.fdopen(appending, "wb", 0)
@@ -674,7 +768,7 @@ class BatchStore:
         except OSError as exc:
             self.close(complete=False)
             raise FriendliUsageError(
-                f"cannot use out_dir {str(self.directory)!r}: {exc}; pass a writable directory"
+                f"cannot use out_dir {self.where!r}: {exc}; pass a writable location"
             ) from exc
         except BaseException:
             self.close(complete=False)
@@ -684,13 +778,13 @@ class BatchStore:
         others = self._earlier_formats - {self.output_format}
         if others:
             raise FriendliUsageError(
-                f"out_dir {str(self.directory)!r} holds a batch written as "
+                f"out_dir {self.where!r} holds a batch written as "
                 f"output_format={sorted(others)[0]!r}; rerun with that format to resume it, "
                 "or pass another out_dir"
             )
         if self.sharded and not self._resume and self._earlier:
             raise FriendliUsageError(
-                f"resume=False into {str(self.directory)!r} would put items that are already "
+                f"resume=False into {self.where!r} would put items that are already "
                 "in its shards into new shards too; move the earlier run aside "
                 "('friendli-image batch --no-resume' does) or pass another out_dir"
             )
@@ -720,7 +814,7 @@ class BatchStore:
         """Move every earlier line (unmatched.jsonl, then the manifest) into unmatched.jsonl,
         the latest line of each identity, ok ones only."""
         assert self._dir is not None  # noqa: S101
-        latest: dict[tuple[str, int], bytes] = {}
+        latest: dict[tuple[str, int, int], bytes] = {}
         for name in (UNMATCHED_NAME, MANIFEST_NAME):
             try:
                 handle = self._dir.read(name)
@@ -753,11 +847,16 @@ class BatchStore:
         its whole input), keep in ``unmatched.jsonl`` only the stored images no item
         claimed and report them. A ``files`` location gets its ``metadata.jsonl``."""
         shard, self._shard = self._shard, None
+        opened = self._manifest is not None
         try:
             if shard is not None and self._manifest is not None:
                 self.publish(shard)
         finally:
             unmatched = self._close(complete=complete)
+            if self._remote is not None:
+                self._push(opened)
+        if unmatched is not None and self._remote is not None:
+            unmatched = Unmatched(unmatched.count, self.uri_of(UNMATCHED_NAME))
         return unmatched
 
     def _close(self, *, complete: bool) -> Unmatched | None:
@@ -796,7 +895,7 @@ class BatchStore:
                 if identity is None or hash(identity) in self._claimed:
                     continue
                 assert record is not None  # noqa: S101
-                if self._dir.size_and_mtime(record["file"]) is not None:
+                if self._stored_size(record["file"]) is not None:
                     kept.append(line)
         if not kept:
             self._dir.remove(UNMATCHED_NAME)
@@ -821,7 +920,7 @@ class BatchStore:
                         continue
                     # This run's lines name images it wrote or checked; earlier lines
                     # name images that may be gone (unless close settled them).
-                    if earlier and not settled and self._dir.size_and_mtime(record["file"]) is None:
+                    if earlier and not settled and self._stored_size(record["file"]) is None:
                         continue
                     row = {"file_name": record["file"], **_dataset_row(record)}
                     order = record["index"] if not earlier else 1 << 62
@@ -831,10 +930,10 @@ class BatchStore:
 
     # -- per item -------------------------------------------------------------------
 
-    def claim(self, item_id: str, occurrence: int) -> StoredRecord | None:
+    def claim(self, item_id: str, occurrence: int, variant: int = 0) -> StoredRecord | None:
         """Claim the identity for this run; return its earlier record if its image is
         intact (blocking: hashes the file), else None."""
-        key = hash((item_id, occurrence))
+        key = hash((item_id, occurrence, variant))
         self._claimed.add(key)
         packed = self._earlier.pop(key, None)
         if packed is None or self._reader is None or self._dir is None:
@@ -844,35 +943,125 @@ class BatchStore:
             self._reader.seek(offset)
             line = self._reader.read(length)
         record = _valid_record(line)
-        if record is None or _identity(record) != (item_id, occurrence):
+        if record is None or _identity(record) != (item_id, occurrence, variant):
             return None
         if _format_of(record["file"]) != "files":
             return record if self._shard_present(record) else None
+        if self._remote is not None:
+            # A PUT is whole or absent: the recorded size is enough, no download.
+            intact = self._remote_sizes.get(record["file"]) == record.get("bytes")
+            return record if intact else None
         return record if self._dir.sha256(record["file"]) == record["sha256"] else None
 
     def _shard_present(self, record: StoredRecord) -> bool:
         """True if the record's shard was published (present with its recorded size)."""
-        assert self._dir is not None  # noqa: S101
         name = record["file"]
         with self._reader_lock:
             if name not in self._shard_sizes:
-                found = self._dir.size_and_mtime(name)
-                self._shard_sizes[name] = None if found is None else found[0]
+                self._shard_sizes[name] = self._stored_size(name)
             size = self._shard_sizes[name]
         return size is not None and size == record.get("shard_bytes")
 
-    def has_earlier(self, item_id: str, occurrence: int) -> bool:
+    def _stored_size(self, name: str) -> int | None:
+        """The size of the stored image or shard ``name``, None if it is absent."""
+        if self._remote is not None:
+            return self._remote_sizes.get(name)
+        assert self._dir is not None  # noqa: S101
+        found = self._dir.size_and_mtime(name)
+        return None if found is None else found[0]
+
+    def path_of(self, name: str) -> pathlib.Path | None:
+        """The local path of the stored file ``name`` (None on a URL location)."""
+        return None if self._remote is not None else self.directory / name
+
+    def uri_of(self, name: str) -> str:
+        """Where the stored file ``name`` is: a local path, or the location's URL."""
+        if self._remote is not None:
+            return f"{self._remote.uri}/{name}"
+        return str(self.directory / name)
+
+    # -- a URL location (blocking) --------------------------------------------------
+
+    def _pull(self) -> None:
+        """Make a private local folder with the location's manifests, and add to its
+        ``unmatched.jsonl`` the items of every published shard no manifest names (a
+        killed run's): they are stored, and must not be made again."""
+        assert self._remote is not None  # noqa: S101
+        import tempfile  # noqa: PLC0415
+
+        self._staging = self.directory = pathlib.Path(tempfile.mkdtemp(prefix="friendli-batch-"))
+        remote = self._remote
+        self._remote_sizes = remote.files()
+        known: set[str] = set()
+        with Directory(self.directory) as folder:
+            for name in (MANIFEST_NAME, UNMATCHED_NAME):
+                if name not in self._remote_sizes:
+                    continue
+                data = remote.read(name)
+                folder.write_atomic(name, data)
+                for line in data.splitlines():
+                    record = _valid_record(line)
+                    if record is not None and record.get("status") == "ok":
+                        known.add(record["file"])
+            found: list[bytes] = []
+            for name, size in sorted(self._remote_sizes.items()):
+                if name not in known and _format_of(name) != "files" and valid_stored_name(name):
+                    found.extend(
+                        orjson.dumps({**record, "shard_bytes": size}) + b"\n"
+                        for record in remote.shard_records(name)
+                    )
+            if found:
+                with contextlib.suppress(FileNotFoundError), folder.read(UNMATCHED_NAME) as old:
+                    found.insert(0, old.read())
+                folder.write_atomic(UNMATCHED_NAME, b"".join(found))
+
+    def _push(self, opened: bool) -> None:
+        """Write the run's manifests to the location (one PUT each) and remove the
+        local folder."""
+        assert self._remote is not None  # noqa: S101
+        import shutil  # noqa: PLC0415
+
+        folder, self._staging = self._staging, None
+        if folder is None:
+            return
+        try:
+            if opened:
+                for name in (MANIFEST_NAME, UNMATCHED_NAME, METADATA_NAME):
+                    try:
+                        data = (folder / name).read_bytes()
+                    except FileNotFoundError:
+                        if name == UNMATCHED_NAME and name in self._remote_sizes:
+                            self._remote.remove(name)
+                        continue
+                    self._remote.write(name, data)
+        except OSError as exc:
+            raise FriendliUsageError(
+                f"cannot write the manifest to {self._remote.uri!r}: {exc}; the published "
+                "shards are kept and a rerun finds their items again"
+            ) from exc
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+
+    def has_earlier(self, item_id: str, occurrence: int, variant: int = 0) -> bool:
         """True if an earlier run may have this item (so `claim` is worth a thread)."""
-        return hash((item_id, occurrence)) in self._earlier
+        return hash((item_id, occurrence, variant)) in self._earlier
 
     def write_image(self, name: str, image: bytes | memoryview) -> str:
         """Write the image atomically; return its sha256 (blocking)."""
-        assert self._dir is not None  # noqa: S101
         try:
-            self._dir.write_atomic(name, image)
+            self._write_stored(name, image)
         except OSError as exc:
             raise _usage(self.directory / name, exc, "write") from exc
         return hashlib.sha256(image).hexdigest()
+
+    def _write_stored(self, name: str, data: bytes | memoryview) -> None:
+        """Write an image or a shard atomically: into the directory, or one PUT."""
+        if self._remote is not None:
+            self._remote.write(name, bytes(data))
+            self._remote_sizes[name] = len(data)
+            return
+        assert self._dir is not None  # noqa: S101
+        self._dir.write_atomic(name, data)
 
     def add_to_shard(
         self, key: str, image: bytes | memoryview, extension: str, record: dict[str, Any]
@@ -881,10 +1070,7 @@ class BatchStore:
         ``sha256``; returns them and, when the shard is now full, the shard to `publish`."""
         shard = self._shard
         if shard is None:
-            shard = self._shard = Shard(
-                f"{self._run_name}-{self._shards:05d}{_SHARD_SUFFIX[self.output_format]}",
-                self.output_format,
-            )
+            shard = self._shard = Shard.numbered(self._run_name, self._shards, self.output_format)
             self._shards += 1
         digest = hashlib.sha256(image).hexdigest()
         record["file"], record["sha256"] = shard.name, digest
@@ -899,14 +1085,13 @@ class BatchStore:
         """Write a shard (blocking): its manifest lines first, then the shard atomically,
         so a kill between the two leaves lines that name an absent shard, never a shard
         whose items the manifest does not know."""
-        assert self._dir is not None  # noqa: S101
         try:
             data = shard.build()
             size = len(data)
             self._write_lines(
                 b"".join(orjson.dumps({**r, "shard_bytes": size}) + b"\n" for r in shard.records)
             )
-            self._dir.write_atomic(shard.name, data)
+            self._write_stored(shard.name, data)
         except OSError as exc:
             raise _usage(self.directory / shard.name, exc, "write") from exc
 
@@ -981,7 +1166,7 @@ def _ray_records(manifest: pathlib.Path) -> dict[int, StoredRecord]:
     try:
         data = pyarrow.dataset.dataset(str(manifest), format="parquet")
         names = set(data.schema.names)
-        wanted = ["status", "prompt", "seed", "uri", "attempts", "latency_s", "error"]
+        wanted = ["status", "prompt", "seed", "uri", "key", "attempts", "latency_s", "error"]
         columns = [name for name in (*wanted, "error_type", RAY_INDEX_COLUMN) if name in names]
         latest: dict[int, StoredRecord] = {}
         for position, row in enumerate(data.to_table(columns=columns).to_pylist()):
@@ -993,7 +1178,8 @@ def _ray_records(manifest: pathlib.Path) -> dict[int, StoredRecord]:
                 "status": "ok" if status == "resumed" else status,
                 "prompt": row.get("prompt"),
                 "seed": row.get("seed"),
-                "file": valid_name(uri.rsplit("/", 1)[-1]) if isinstance(uri, str) else None,
+                "file": valid_stored_name(uri.rsplit("/", 1)[-1]) if isinstance(uri, str) else None,
+                "key": row.get("key"),
                 "attempts": row.get("attempts"),
                 "elapsed": row.get("latency_s"),
                 "error": row.get("error"),
@@ -1052,6 +1238,8 @@ def set_aside_previous_run(directory: pathlib.Path) -> tuple[pathlib.Path, int] 
 
 # -- any fsspec location (the Ray stage) ------------------------------------------------------
 
+#: The hidden list of a shard's keys the Ray stage writes before it (`publish_shard`).
+_KEYS_SUFFIX: Final = ".keys"
 #: Protocols whose single PUT is atomic: an object is complete or absent.
 _ATOMIC_PUT: Final = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "memory"})
 
@@ -1111,15 +1299,144 @@ class Location:
                 self.fs.rm_file(temp)
             raise
 
+    def files(self) -> dict[str, int]:
+        """Name -> size of every file directly in the location (blocking; one listing)."""
+        try:
+            listed = self.fs.ls(self.root, detail=True, refresh=True)
+        except FileNotFoundError:
+            return {}
+        except TypeError:  # a file system whose ls takes no refresh
+            listed = self.fs.ls(self.root, detail=True)
+        files = {}
+        for info in listed:
+            if info.get("type") == "file":
+                name = str(info.get("name", "")).rstrip("/").rsplit("/", 1)[-1]
+                files[name] = int(info.get("size") or 0)
+        return files
+
     def image_names(self) -> set[str]:
         """The image files directly in the location (blocking)."""
+        return {name for name in self.files() if valid_name(name) is not None}
+
+    def shard_names(self, files: Mapping[str, int] | None = None) -> dict[str, int]:
+        """Name -> size of the published shards directly in the location (blocking),
+        from ``files`` when given (a `files` listing)."""
+        return {
+            name: size
+            for name, size in (self.files() if files is None else files).items()
+            if valid_stored_name(name) is not None and _format_of(name) != "files"
+        }
+
+    def publish_shard(self, shard: Shard) -> None:
+        """Write a shard whole (blocking), after a small hidden list of its keys
+        (``.<shard>.keys``, which readers of the dataset skip): whoever lists the shard
+        finds its keys without reading its images."""
+        keys = [str(record.get("key") or "") for record in shard.records]
+        self.write(f".{shard.name}{_KEYS_SUFFIX}", orjson.dumps(keys))
+        self.write(shard.name, bytes(shard.build()))
+
+    def shard_keys(self, name: str, files: Mapping[str, int]) -> list[str]:
+        """The keys of the published shard ``name`` (blocking): from its list of keys
+        when ``files`` (a `files` listing) has it, else from the shard itself."""
+        if f".{name}{_KEYS_SUFFIX}" in files:
+            with contextlib.suppress(OSError, orjson.JSONDecodeError):
+                keys = orjson.loads(self.read(f".{name}{_KEYS_SUFFIX}"))
+                if isinstance(keys, list):
+                    return [key for key in keys if isinstance(key, str)]
+        return [
+            record["key"]
+            for record in self.shard_records(name)
+            if isinstance(record.get("key"), str)
+        ]
+
+    def read(self, name: str) -> bytes:
+        """The whole file ``name`` (blocking)."""
+        if self.local:
+            with Directory(pathlib.Path(self.root)) as folder, folder.read(name) as handle:
+                return handle.read()
+        data: bytes = self.fs.cat_file(f"{self.root}/{name}")
+        return data
+
+    def remove(self, name: str) -> None:
+        """Delete ``name`` if it is there (blocking)."""
+        with contextlib.suppress(FileNotFoundError):
+            self.fs.rm_file(f"{self.root}/{name}")
+
+    def shard_records(self, name: str) -> list[StoredRecord]:
+        """The manifest records of the items in the published shard ``name`` (blocking),
+        from the shard itself: a ``<key>.json`` per sample of a tar, or the columns
+        (not the images) of a Parquet file. Empty if it does not read to its end."""
         try:
-            listed = self.fs.ls(self.root, detail=True)
-        except FileNotFoundError:
-            return set()
-        names = set()
-        for info in listed:
-            name = valid_name(str(info.get("name", "")).rstrip("/").rsplit("/", 1)[-1])
-            if name is not None and info.get("type") == "file":
-                names.add(name)
-        return names
+            if name.endswith(_SHARD_SUFFIX["parquet"]):
+                rows = _parquet_rows(self.fs, f"{self.root}/{name}")
+            else:
+                rows = _tar_rows(self.read(name))
+        except (OSError, ValueError, EOFError, orjson.JSONDecodeError):
+            return []  # a PUT is whole or absent: only a file someone else wrote gets here
+        records = []
+        for row in rows:
+            record = {**row, "index": 0, "status": "ok", "file": name}
+            if _identity(record) is not None and isinstance(record.get("sha256"), str):
+                records.append(record)
+        return records
+
+
+def shard_images(name: str, handle: IO[bytes]) -> Iterator[tuple[str, str, bytes]]:
+    """(key, extension, image) of each sample of the shard ``name`` read from ``handle``
+    (a tar's ``<key>.<ext>`` image members; a Parquet file's ``key`` and ``image``)."""
+    if name.endswith(_SHARD_SUFFIX["parquet"]):
+        import pyarrow.parquet as pq  # noqa: PLC0415  (only the parquet format needs it)
+
+        table = pq.read_table(handle, columns=["key", "image"])
+        for row in table.to_pylist():
+            image = row["image"] or {}
+            path = str(image.get("path") or "")
+            yield (
+                row["key"],
+                pathlib.PurePosixPath(path).suffix or ".bin",
+                image.get("bytes") or b"",
+            )
+        return
+    import tarfile  # noqa: PLC0415
+
+    with tarfile.open(fileobj=handle, mode="r|") as tar:
+        for member in tar:
+            key, dot, extension = member.name.partition(".")
+            if member.isfile() and dot and extension != "json":
+                data = tar.extractfile(member)
+                if data is not None:
+                    yield key, "." + extension, data.read()
+
+
+def stored_key(record: StoredRecord) -> str | None:
+    """The key of a record's item (its sample in a shard), None if it has none."""
+    key = record.get("key")
+    if isinstance(key, str):
+        return key
+    identity = _identity(record)
+    return None if identity is None else item_key(*identity)
+
+
+def _parquet_rows(fs: Any, path: str) -> list[dict[str, Any]]:
+    import pyarrow.parquet as pq  # noqa: PLC0415  (only the parquet format needs it)
+
+    with fs.open(path, "rb") as handle:
+        parquet = pq.ParquetFile(handle)
+        columns = [name for name in _ROW_FIELDS if name in parquet.schema_arrow.names]
+        rows: list[dict[str, Any]] = parquet.read(columns=columns).to_pylist()
+    return rows
+
+
+def _tar_rows(data: bytes) -> list[dict[str, Any]]:
+    import tarfile  # noqa: PLC0415
+
+    rows = []
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+        for member in tar:
+            if member.isfile() and member.name.endswith(".json"):
+                handle = tar.extractfile(member)
+                if handle is not None:
+                    row = orjson.loads(handle.read())
+                    if isinstance(row, dict):
+                        rows.append(row)
+    return rows

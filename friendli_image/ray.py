@@ -23,6 +23,15 @@ parameters changed is generated again.
 When a row has no seed, the seed is derived from its id (`seed_for`), so a row that has
 to be generated again gives the same picture.
 
+With ``output_format="webdataset"`` or ``"parquet"`` each call writes the images of its
+batch as shards of its own (``train-<time>-<random>-<n>``, a name no other actor or
+retry uses), each published whole (one PUT, or a temporary file then a rename), with
+the same samples and columns as ``generate_batch`` writes and a row's key
+(`row_key`) for its identity. Before a batch is sent, the stage lists the published
+shards and reads the keys of those it has not seen yet, so a row already in a shard is
+``resumed``, never written into a second one; a retried block's rows are found in the
+shards its first attempt published.
+
 Only pyarrow and fsspec are needed to import this module; Ray itself is imported by
 `generate_images` and `actor_pool`, so the same core (`ImageStage.process` /
 `ImageStage.run`) also runs under Dask's ``map_partitions`` or Spark's ``mapInArrow``.
@@ -42,15 +51,26 @@ from typing import Any, Final
 import attrs
 import pyarrow as pa
 
+from ._batch_models import OUTPUT_FORMATS
 from ._client import AsyncFriendli
 from ._config import check_count
 from ._exceptions import FriendliUsageError, FriendliValidationError
 from ._fleet import Endpoint, parse_servers
+from ._formats import EXTENSIONS
 from ._requests import MAX_SEED, EditRequest, GenerateRequest
 from ._resources import EDITS_PATH, GENERATIONS_PATH
 from ._results import ImageResult
 from ._secrets import Secret, hide_credentials
-from ._store import Location, request_digest, row_image_name
+from ._store import (
+    Location,
+    Shard,
+    dataset_fields,
+    manifest_record,
+    request_digest,
+    row_image_name,
+    row_key,
+    shard_run_name,
+)
 
 __all__ = [
     "ACTOR_CPUS",
@@ -78,6 +98,7 @@ OUTPUT_SCHEMA: Final = pa.schema(
         ("format", pa.string()),
         ("request_id", pa.string()),
         ("maybe_duplicated", pa.bool_()),
+        ("key", pa.string()),
     ]
 )
 
@@ -191,11 +212,17 @@ class ImageStage:
             function).
         storage_options: passed to fsspec for ``out_dir`` (credentials, endpoint_url...).
         keep_columns: keep the input columns in the output (default), else only the id.
+        output_format: ``"files"`` (one image file per row, above), ``"webdataset"`` or
+            ``"parquet"``: each call's images go into shards of its own of at most
+            ``shard_size`` rows (see the module's notes), the ``uri`` column names the
+            shard and ``key`` the row's sample in it. Needs ``out_dir``.
+        shard_size: the most rows per shard.
 
     Output columns (`OUTPUT_SCHEMA`): ``status`` (``ok``, ``resumed`` or ``failed``),
     ``error_type`` and ``error``, ``attempts``, ``endpoint``, ``latency_s``, ``seed``
     (the one used), ``uri`` or ``image``, ``format``, ``request_id``,
-    ``maybe_duplicated``.
+    ``maybe_duplicated``, ``key`` (the row's name in ``out_dir``: its image file's stem, or
+    its sample in a shard).
     """
 
     def __init__(
@@ -213,8 +240,25 @@ class ImageStage:
         client_factory: Callable[[ClientSpec], AsyncFriendli] | None = None,
         storage_options: Mapping[str, Any] | None = None,
         keep_columns: bool = True,
+        output_format: str = "files",
+        shard_size: int = 1000,
     ) -> None:
         check_count("per_endpoint_limit", per_endpoint_limit)
+        check_count("shard_size", shard_size)
+        if output_format not in OUTPUT_FORMATS:
+            raise FriendliValidationError(
+                "output_format",
+                f"must be one of {', '.join(OUTPUT_FORMATS)}, got {output_format!r}",
+            )
+        if output_format != "files" and out_dir is None:
+            raise FriendliValidationError(
+                "output_format", f"{output_format!r} writes shards into out_dir: pass out_dir="
+            )
+        self._format = output_format
+        self._shard_size = shard_size
+        # Key -> the published shard holding it, and the shards already read for that.
+        self._in_shards: dict[str, str] = {}
+        self._shards_read: set[str] = set()
         check_count("num_actors", num_actors)
         options = dict(client_options or {})
         if server_url is not None:
@@ -307,8 +351,48 @@ class ImageStage:
         self._check_columns(table)
         client = self._ready_client()
         rows = table.to_pylist()
+        if self._sharded:
+            await asyncio.to_thread(self._read_shards)
         outputs = await asyncio.gather(*(self._row(client, row) for row in rows))
+        if self._sharded:
+            await asyncio.to_thread(self._publish, outputs)
         return self._assemble(table, outputs)
+
+    @property
+    def _sharded(self) -> bool:
+        return self._format != "files"
+
+    def _read_shards(self) -> None:
+        """Learn the keys of the shards published since the last look (blocking)."""
+        assert self._out is not None  # noqa: S101
+        files = self._out.files()
+        for name in sorted(self._out.shard_names(files).keys() - self._shards_read):
+            for key in self._out.shard_keys(name, files):
+                self._in_shards.setdefault(key, name)
+            self._shards_read.add(name)
+
+    def _publish(self, outputs: list[dict[str, Any]]) -> None:
+        """Write the batch's new images as shards of its own, each whole or not at all
+        (blocking); a row whose shard cannot be written fails."""
+        assert self._out is not None  # noqa: S101
+        made = [out for out in outputs if out.get(_IMAGE) is not None]
+        run = shard_run_name()
+        for number, start in enumerate(range(0, len(made), self._shard_size)):
+            rows = made[start : start + self._shard_size]
+            shard = Shard.numbered(run, number, self._format)
+            for out in rows:
+                record = out.pop(_RECORD)
+                shard.images.append((record["key"] + _extension(out["format"]), out.pop(_IMAGE)))
+                shard.records.append(record)
+            try:
+                self._out.publish_shard(shard)
+            except OSError as exc:
+                for out in rows:
+                    out.update(status="failed", error_type=type(exc).__name__, error=str(exc))
+                continue
+            for out in rows:
+                out["uri"] = f"{self._out.uri}/{shard.name}"
+                self._in_shards[out["key"]] = shard.name
 
     def run(self, batch: Any) -> pa.Table:
         """`process` for callers without an event loop (Dask, Spark, scripts): blocking."""
@@ -367,6 +451,8 @@ class ImageStage:
                 "is null or missing; with out_dir every row needs a unique id (pass id_column=)",
             )
         digest = request_digest(EDITS_PATH if edit else GENERATIONS_PATH, request)
+        if self._sharded:
+            return request, fields, row_key(row_id, digest)
         return request, fields, row_image_name(row_id, digest, request.response_format)
 
     async def _row(self, client: AsyncFriendli, row: Mapping[str, Any]) -> dict[str, Any]:
@@ -376,8 +462,15 @@ class ImageStage:
         try:
             request, fields, name = self._prepare(row)
             out["seed"] = request.seed
-            if self._out is not None and name is not None:
+            if self._sharded and self._out is not None and name is not None:
+                out["key"] = name
+                shard = self._in_shards.get(name)
+                if shard is not None:
+                    out.update(status="resumed", latency_s=0.0, uri=f"{self._out.uri}/{shard}")
+                    return out
+            elif self._out is not None and name is not None:
                 out["uri"] = f"{self._out.uri}/{name}"
+                out["key"] = name.rsplit(".", 1)[0]
                 if await asyncio.to_thread(self._out.complete, name):
                     out["status"] = "resumed"
                     out["latency_s"] = 0.0
@@ -405,7 +498,28 @@ class ImageStage:
             served = getattr(result, "endpoint", None)
             if served is not None:
                 out["endpoint"] = str(served)
-            if self._out is not None and name is not None:
+            if self._sharded and name is not None:
+                # Published with the rest of the batch's new images (`_publish`).
+                out[_IMAGE] = result.data
+                out[_RECORD] = manifest_record(
+                    index=0,
+                    item_id=request_digest(
+                        EDITS_PATH if isinstance(request, EditRequest) else GENERATIONS_PATH,
+                        request,
+                    ),
+                    occurrence=0,
+                    prompt=request.prompt,
+                    seed=request.seed,
+                    attempts=result.attempts,
+                    elapsed=out["latency_s"],
+                    request_id=result.request_id,
+                    fmt=result.format,
+                    size=len(result.data),
+                    sha256=hashlib.sha256(result.data).hexdigest(),
+                    maybe_duplicated=result.maybe_duplicated,
+                    fields=dataset_fields(request),
+                ) | {"key": name}
+            elif self._out is not None and name is not None:
                 await asyncio.to_thread(self._out.write, name, result.data)
             else:
                 out["image"] = result.data
@@ -419,6 +533,8 @@ class ImageStage:
                 latency_s=time.monotonic() - started,
                 image=None,
             )
+            out.pop(_IMAGE, None)
+            out.pop(_RECORD, None)
             failed_at = getattr(exc, "endpoint", None)
             if failed_at is not None:
                 out["endpoint"] = str(failed_at)
@@ -442,6 +558,13 @@ class ImageStage:
 
 
 _FLEET: Final = "<fleet>"
+#: Where a row's new image and its shard record wait for `ImageStage._publish`.
+_IMAGE: Final = "_image"
+_RECORD: Final = "_record"
+
+
+def _extension(fmt: object) -> str:
+    return EXTENSIONS.get(fmt if isinstance(fmt, str) else "", ".bin")
 
 
 def _as_table(batch: Any) -> pa.Table:

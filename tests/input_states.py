@@ -11,13 +11,17 @@ add how they run and what they check.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import io
 import shutil
+import tarfile
 import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar
+from unittest import mock
 
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
@@ -26,7 +30,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, ru
 from friendli_image import AsyncFriendli
 from friendli_image._requests import GenerateRequest
 from friendli_image._resources import GENERATIONS_PATH
-from friendli_image._store import request_digest
+from friendli_image._store import Location, request_digest
 from friendli_image.server import LocalServer, ServerConfig
 
 PROMPTS = st.sampled_from(["a fox", "an owl", "a heron", "a lake", "a pier", "dunes"])
@@ -40,6 +44,47 @@ def small_server(step_latency_ms: float) -> Iterator[LocalServer]:
     config = ServerConfig(image_size=16, step_latency_ms=step_latency_ms, max_concurrency=8)
     with LocalServer(config) as local:
         yield local
+
+
+class Killed(BaseException):
+    """The process dying: nothing after it is written."""
+
+
+@contextlib.contextmanager
+def dies_at_put(puts: int) -> Iterator[None]:
+    """Within: the run dies (`Killed`) at its ``puts + 1``-th write to a location, and
+    every write after that dies too, as a killed process writes nothing more."""
+    write = Location.write
+    done = 0
+
+    def dies(location: Location, name: str, data: bytes) -> None:
+        nonlocal done
+        if done >= puts:
+            raise Killed
+        done += 1
+        write(location, name, data)
+
+    with mock.patch.object(Location, "write", dies):
+        yield
+
+
+def shard_samples(name: str, data: bytes) -> list[tuple[str, bytes]]:
+    """(key, image) of every sample of a tar or Parquet shard; a shard that does not
+    read to its end fails here."""
+    if name.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        rows = pq.read_table(io.BytesIO(data)).to_pylist()
+        return [(row["key"], row["image"]["bytes"]) for row in rows]
+    samples = []
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        for member in tar.getmembers():
+            key, extension = member.name.split(".", 1)
+            if extension == "jpg":
+                handle = tar.extractfile(member)
+                assert handle is not None
+                samples.append((key, handle.read()))
+    return samples
 
 
 def digest(request: dict[str, Any]) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import html
@@ -355,3 +356,43 @@ def test_thumbnail_jpeg_of_an_rgba_png_has_a_white_background(
     with Image.open(tmp_path / ".thumbs" / "000000-x.png.jpg") as picture:
         red, green, blue = picture.convert("RGB").getpixel((10, 10))  # type: ignore[misc]
     assert min(red, green, blue) > 240
+
+
+@pytest.mark.parametrize("output_format", ["webdataset", "parquet"])
+@pytest.mark.parametrize("pillow", [True, False])
+def test_a_run_in_shards_shows_every_image_taken_out_of_its_shard(
+    tmp_path: Path, output_format: str, pillow: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    prompts = [f"a reef no. {i}" for i in range(7)]
+
+    async def run() -> Any:
+        with LocalServer(ServerConfig(image_size=16)) as server:
+            async with AsyncFriendli(server_url=server.url) as client:
+                return await client.container.image.generate_batch(
+                    prompts, out_dir=tmp_path, output_format=output_format, shard_size=3
+                )
+
+    result = asyncio.run(run())
+    if not pillow:
+        monkeypatch.setitem(sys.modules, "PIL", None)
+    page = write_gallery(tmp_path).read_text()
+    shown = re.findall(r'<img loading="lazy" decoding="async" src="([^"]+)"', page)
+    assert len(shown) == len(prompts)
+    for item, source in zip(result, shown, strict=True):
+        assert source.startswith(".thumbs/")
+        assert item.key is not None
+        assert item.key in source
+        picture = (tmp_path / source).read_bytes()
+        if not pillow:  # the image itself, taken out of its shard
+            assert hashlib.sha256(picture).hexdigest() == item.sha256
+        else:
+            assert picture[:2] == b"\xff\xd8"
+    assert "not in the directory" not in page
+    # Lost shards: their tiles say so; the page is still written.
+    for shard in tmp_path.glob("train-*"):
+        shard.unlink()
+    (tmp_path / ".thumbs").rename(tmp_path / "old-thumbs")
+    lost = '<p class="error">its shard is not in the directory</p>'
+    assert lost not in page
+    page = write_gallery(tmp_path).read_text()
+    assert page.count(lost) == len(prompts)

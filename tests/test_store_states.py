@@ -13,10 +13,12 @@ every step:
 and after a run to the end, each current item has exactly one ``ok`` manifest line whose
 image is right, and the run sent exactly one request per item not stored before it.
 
-The same machine runs over a ``webdataset`` location with shards of three items
-(`ShardStates`, a smaller budget): there, after every step, every published shard reads
-to its end and holds the server's answers, and no item is in two shards; after a run to
-the end, each current item is in exactly one published shard.
+The same machine runs over ``webdataset`` and ``parquet`` locations with shards of three
+items (`ShardStates`, `ParquetStates`, a smaller budget): there, after every step, every
+published shard reads to its end and holds the server's answers, and no item is in two
+shards; after a run to the end, each current item is in exactly one published shard.
+`MemoryStates` runs it over an fsspec ``memory://`` location, where a kill is the run
+dying at one of its PUTs (in process: a subprocess would have its own memory).
 
 The budget is fixed and derandomized for CI (``FRIENDLI_STATE_EXAMPLES`` raises it).
 """
@@ -24,24 +26,38 @@ The budget is fixed and derandomized for CI (``FRIENDLI_STATE_EXAMPLES`` raises 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
 import sys
-import tarfile
 import time
 from collections import Counter
 from collections.abc import Iterator
 from typing import Any, ClassVar
 
+import fsspec
 import orjson
 import pytest
 from hypothesis import strategies as st
 from hypothesis.stateful import invariant, rule
-from input_states import InputStates, digest, run_machine, small_server
+from input_states import (
+    InputStates,
+    Killed,
+    dies_at_put,
+    digest,
+    run_machine,
+    shard_samples,
+    small_server,
+)
 
 from friendli_image import AsyncFriendli
-from friendli_image._store import MANIFEST_NAME, UNMATCHED_NAME, item_key, valid_stored_name
+from friendli_image._store import (
+    MANIFEST_NAME,
+    UNMATCHED_NAME,
+    item_key,
+    valid_stored_name,
+)
 from friendli_image.server import LocalServer
 
 EXAMPLES = int(os.environ.get("FRIENDLI_STATE_EXAMPLES", "100"))
@@ -61,6 +77,28 @@ class BatchStates(InputStates):
     output_format: ClassVar[str] = "files"
     shard_size: ClassVar[int] = 1000
 
+    @property
+    def location(self) -> str:
+        """Where the batches write (a local path here)."""
+        return str(self.out)
+
+    def _files(self) -> dict[str, int]:
+        """Name -> size of every file in the location."""
+        fs, root = fsspec.core.url_to_fs(self.location)
+        if not fs.exists(root):
+            return {}
+        listed = fs.ls(root, detail=True, refresh=True)
+        return {
+            info["name"].rsplit("/", 1)[-1]: info["size"]
+            for info in listed
+            if info["type"] == "file"
+        }
+
+    def _read(self, name: str) -> bytes:
+        fs, root = fsspec.core.url_to_fs(self.location)
+        data: bytes = fs.cat_file(f"{root}/{name}")
+        return data
+
     def _identities(self) -> list[str]:
         """The current items as their image names' stems: digest prefix and occurrence."""
         seen: Counter[str] = Counter()
@@ -77,33 +115,28 @@ class BatchStates(InputStates):
         made again (atomic writes make that safe), so it does not count as stored.
         """
         lines = [*self._lines(UNMATCHED_NAME), *self._lines(MANIFEST_NAME)]
+        files = self._files()
         if self.output_format != "files":
             # A shard's lines precede it: they count once it is there, whole.
             return {
                 item_key(line["id"], line["occurrence"])
                 for line in lines
-                if line["status"] == "ok"
-                and (self.out / line["file"]).exists()
-                and (self.out / line["file"]).stat().st_size == line["shard_bytes"]
+                if line["status"] == "ok" and files.get(line["file"]) == line["shard_bytes"]
             }
         return {
             line["file"].rsplit(".", 1)[0]
             for line in lines
-            if line["status"] == "ok" and (self.out / line["file"]).exists()
+            if line["status"] == "ok" and line["file"] in files
         }
 
     def _shard_images(self) -> dict[str, list[bytes]]:
         """Every image in the published shards, by key (a tar that does not read to its
         end fails here)."""
         images: dict[str, list[bytes]] = {}
-        for shard in sorted(self.out.glob("train-*.tar")):
-            with tarfile.open(shard) as tar:
-                for member in tar.getmembers():
-                    key, extension = member.name.split(".", 1)
-                    if extension == "jpg":
-                        handle = tar.extractfile(member)
-                        assert handle is not None
-                        images.setdefault(key, []).append(handle.read())
+        for name in sorted(self._files()):
+            if name.startswith("train-"):
+                for key, image in shard_samples(name, self._read(name)):
+                    images.setdefault(key, []).append(image)
         return images
 
     # -- running ----------------------------------------------------------------------------------
@@ -112,7 +145,7 @@ class BatchStates(InputStates):
         async with AsyncFriendli(server_url=self.server.url) as client:
             batch = client.container.image.generate_batch(
                 list(self.items),
-                out_dir=self.out,
+                out_dir=self.location,
                 concurrency=3,
                 output_format=self.output_format,
                 shard_size=self.shard_size,
@@ -144,7 +177,7 @@ class BatchStates(InputStates):
             assert line["status"] == "ok"
             assert line["id"] == digest(request)
             if self.output_format == "files":
-                assert (self.out / line["file"]).read_bytes() == self.server_bytes(request)
+                assert self._read(line["file"]) == self.server_bytes(request)
             else:  # each current item in exactly one published shard
                 key = item_key(line["id"], line["occurrence"])
                 assert shards[key] == [self.server_bytes(request)], key
@@ -180,10 +213,9 @@ class BatchStates(InputStates):
     # -- after every step -----------------------------------------------------------------
 
     def _lines(self, name: str) -> list[dict[str, Any]]:
-        path = self.out / name
-        if not path.exists():
+        if name not in self._files():
             return []
-        return [orjson.loads(line) for line in path.read_bytes().splitlines()]
+        return [orjson.loads(line) for line in self._read(name).splitlines()]
 
     @invariant()
     def manifests_parse(self) -> None:
@@ -196,12 +228,10 @@ class BatchStates(InputStates):
 
     @invariant()
     def every_image_is_the_servers_answer_to_its_request(self) -> None:
-        if not self.out.exists():
-            return
         by_prefix = {digest[:20]: request for digest, request in self.requests_by_digest.items()}
-        for path in self.out.glob("*.jpg"):
-            request = by_prefix[path.name[:20]]
-            assert path.read_bytes() == self.server_bytes(request), path.name
+        for name in self._files():
+            if name.endswith(".jpg"):
+                assert self._read(name) == self.server_bytes(by_prefix[name[:20]]), name
         for key, images in self._shard_images().items():
             assert len(images) == 1, f"{key} is in {len(images)} shards"
             assert images[0] == self.server_bytes(by_prefix[key[:20]]), key
@@ -219,10 +249,50 @@ class ShardStates(BatchStates):
         """The state a kill between a shard's manifest lines and its publication leaves
         (lines naming an absent shard), made directly: that window is too short for a
         SIGKILL to hit often."""
-        shards = sorted(self.out.glob("train-*.tar"))
+        shards = sorted(name for name in self._files() if name.startswith("train-"))
         if shards:
             self.steps["lose a shard"] += 1
-            data.draw(st.sampled_from(shards)).unlink()
+            fs, root = fsspec.core.url_to_fs(self.location)
+            fs.rm_file(f"{root}/{data.draw(st.sampled_from(shards))}")
+
+
+class ParquetStates(ShardStates):
+    """The same machine over a ``parquet`` location with shards of three items."""
+
+    steps: ClassVar[Counter[str]] = Counter()
+    output_format = "parquet"
+
+
+class MemoryStates(ShardStates):
+    """The shard machine over a ``memory://`` location (an object store's semantics: one
+    PUT per shard, the manifest written when the run ends)."""
+
+    steps: ClassVar[Counter[str]] = Counter()
+    output_format = "parquet"
+
+    @property
+    def location(self) -> str:
+        return f"memory://friendli-states/{self.root.name}"
+
+    def _stored(self) -> set[str]:
+        """The items in published shards: a killed run wrote no manifest, and the rerun
+        finds its shards' items from the shards themselves."""
+        return set(self._shard_images())
+
+    def teardown(self) -> None:
+        fs = fsspec.filesystem("memory")
+        if fs.exists(self.location):
+            fs.rm(self.location, recursive=True)
+        super().teardown()
+
+    @rule(puts=st.integers(0, 4))
+    def sigkill_a_subprocess(self, puts: int) -> None:
+        """Here: the run dies at its ``puts + 1``-th PUT (nothing is written after)."""
+        with dies_at_put(puts), contextlib.suppress(Killed):
+            asyncio.run(self._batch(None))
+            self.steps["finished before the kill"] += 1
+            return
+        self.steps["killed at a PUT"] += 1
 
 
 def test_batches_killed_edited_and_rerun(server: LocalServer) -> None:
@@ -230,6 +300,9 @@ def test_batches_killed_edited_and_rerun(server: LocalServer) -> None:
     run_machine(BatchStates, EXAMPLES, steps=10)
 
 
-def test_shard_batches_killed_edited_and_rerun(server: LocalServer) -> None:
-    ShardStates.server = server
-    run_machine(ShardStates, SHARD_EXAMPLES, steps=10)
+@pytest.mark.parametrize("machine", [ShardStates, ParquetStates, MemoryStates])
+def test_shard_batches_killed_edited_and_rerun(
+    server: LocalServer, machine: type[BatchStates]
+) -> None:
+    machine.server = server
+    run_machine(machine, SHARD_EXAMPLES, steps=10)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import re
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -56,6 +57,8 @@ _PLAIN_INTERVAL: Final = 2.0
 #: Failures listed in the summary (all of them are in the manifest).
 _LISTED_FAILURES: Final = 10
 _IMAGE_KEYS: Final = ("image", "control_images")
+#: An --out-dir that is a URL (``Path`` collapses its ``//``).
+_URL: Final = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:/")
 _DESCRIPTION: Final = """\
 Run every request of INPUT, writing images and manifest.jsonl into --out-dir.
 
@@ -120,6 +123,15 @@ def add_batch_command(commands: Any) -> None:
         help="items per shard for webdataset and parquet (1000)",
     )
     batch.add_argument(
+        "--variants",
+        dest="n",
+        type=int,
+        default=1,
+        metavar="N",
+        help="images per request, each with its own seed derived from the request (the "
+        "request's seed first): generate_batch(n=N) (1)",
+    )
+    batch.add_argument(
         "--progress",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -156,7 +168,18 @@ def _run(args: argparse.Namespace) -> Any:
             '({"prompt": ..., "seed": ...} per line), or run without --ray'
         )
     if args.ray:
+        if args.n != 1:
+            raise FriendliUsageError(
+                "--variants is not supported with --ray yet; give each variant its own "
+                "line (and seed) in INPUT, or run without --ray"
+            )
         return run_ray_batch(args, _Input)
+    if _URL.match(str(args.out_dir)):
+        raise FriendliUsageError(
+            f"--out-dir {str(args.out_dir)!r} is a URL: the batch command writes to URLs "
+            "with --ray; from Python, generate_batch(out_dir='s3://...') writes to any "
+            "fsspec location"
+        )
     return _run_batch(args)
 
 
@@ -473,6 +496,7 @@ async def _run_batch(args: argparse.Namespace) -> int:
                 resume=args.resume,
                 output_format=args.output_format,
                 shard_size=args.shard_size,
+                n=args.n,
                 on_progress=watch.on_progress(progress),
                 total=total,
             )

@@ -490,6 +490,8 @@ def run_ray_batch(args: argparse.Namespace, rules: Callable[[], _Rules]) -> int:
             columns={key: key for key in keys},
             num_actors=args.actors,
             per_endpoint_limit=args.concurrency,
+            output_format=args.output_format,
+            shard_size=args.shard_size,
             client_options={
                 "timeout_ms": timeout_ms,
                 "retries": args.retries,
@@ -508,7 +510,13 @@ def run_ray_batch(args: argparse.Namespace, rules: Callable[[], _Rules]) -> int:
             )
     statuses, failed = _summary(manifest, fs) if total else (Counter(), [])
     done = statuses["ok"] + statuses["resumed"]
-    unmatched = max(0, len(Location(out_dir, {}).image_names()) - done)
+    location = Location(out_dir, {})
+    stored = (
+        len(location.image_names())
+        if args.output_format == "files"
+        else sum(len(location.shard_records(name)) for name in location.shard_names())
+    )
+    unmatched = max(0, stored - done)
     elapsed = time.monotonic() - started
     lines = [
         "batch summary:",

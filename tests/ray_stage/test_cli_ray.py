@@ -142,6 +142,40 @@ def test_cli_ray_reads_stdin_and_writes_a_gallery(tmp_path: pathlib.Path) -> Non
     assert (out / "index.html").read_text(encoding="utf-8") == page
 
 
+def test_cli_ray_writes_parquet_shards_resumes_from_them_and_shows_them(
+    tmp_path: pathlib.Path,
+) -> None:
+    """--output-format parquet on Ray: every row once in a published shard, a rerun sends
+    nothing, and the gallery shows each image taken out of its shard."""
+    pq = pytest.importorskip("pyarrow.parquet")
+    out = tmp_path / "out"
+    source = tmp_path / "prompts.txt"
+    source.write_text("".join(f"a reef no. {i}\n" for i in range(6)))
+    command = [*_batch("", source, out), "--output-format", "parquet", "--shard-size", "2"]
+    with LocalServer(ServerConfig(image_size=32, step_latency_ms=1.0)) as srv:
+        command[command.index("--server-url") + 1] = srv.url
+        for run in range(2):
+            done = subprocess.run(
+                [*command, "--gallery"],
+                env=_ENV,
+                capture_output=True,
+                text=True,
+                timeout=180,
+                check=False,
+            )
+            assert done.returncode == 0, done.stderr[-3000:]
+            assert f"ok        6 ({6 * run} from earlier runs)" in done.stdout, done.stdout
+        seen = prompts_seen(srv)
+    assert seen == {f"a reef no. {i}": 1 for i in range(6)}
+    table = pq.read_table(sorted(str(path) for path in out.glob("train-*.parquet")))
+    assert sorted(table.column("prompt").to_pylist()) == [f"a reef no. {i}" for i in range(6)]
+    assert len(set(table.column("key").to_pylist())) == 6
+    page = (out / "index.html").read_text(encoding="utf-8")
+    shown = re.findall(r'src="(\.thumbs/[^"]+)"', page)
+    assert len(shown) == 6
+    assert all((out / name).is_file() for name in shown)
+
+
 def test_cli_ray_refuses_zero_actors_before_starting_ray(
     capsys: pytest.CaptureFixture[str], tmp_path: pathlib.Path
 ) -> None:
