@@ -37,7 +37,7 @@ from friendli_image._results import ImageResult
 from friendli_image._secrets import AUTHORIZATION, Redactor
 from friendli_image._serde import dumps_request
 
-from ._decode import OFFLOOP_DECODE_BYTES, BodyBuffers, decode_image, read_body
+from ._decode import OFFLOOP_DECODE_BYTES, BodyBuffers, decode_image, read_body, settle_allocator
 from ._errors import status_error, transport_error
 from ._proxy import (
     MAX_REDIRECTS,
@@ -191,6 +191,7 @@ class Transport:
         self._plain_http_warned: set[str] = set()
         self._format_mismatch_logged = False
         self._buffers = BodyBuffers()
+        settle_allocator()
 
     def client_headers(self) -> tuple[dict[str, str], tuple[str, ...]]:
         """The client's own headers with its credentials, and the secrets among them."""
