@@ -4,11 +4,20 @@ Run as ``python benchmarks/client.py CLIENT --url URL --n N --c C --size BYTES``
 one JSON object: requests/s, p50/p99 latency, client CPU µs per request and peak RSS.
 The fleet clients take several comma-separated URLs.
 
-CPU is ``getrusage(RUSAGE_SELF)`` user + sys (all threads) over the timed part only,
-after imports and a warm-up of C requests that opens the connections. Every client
-decodes the image to bytes and the cell fails if any image has the wrong size, so each
-client does the same useful work. Latency is measured from when a request gets one of
-the C slots to when its decoded image is in hand (batch: the result's own ``elapsed``).
+Each client supplies only what its user would write: a function that makes one request
+and returns the decoded image (the expert's: post, ``orjson.loads(await resp.read())``,
+``pybase64.b64decode``, nothing else). The harness around it is the same for every
+client and stays out of what is measured:
+
+1. a warm-up of C requests (opens the connections), each image checked;
+2. **the measured pass**: N requests through C workers that take request numbers in
+   turn and drop each image; CPU is the process's user + sys time (``getrusage``, all
+   threads) and wall time around this pass alone: no per-request timing, no checks;
+3. a latency pass of N/3 requests at the same C, each timed and its image checked
+   against the expected size (the cell fails on any mismatch): p50/p99 come from here.
+
+C workers (not a task per request behind a semaphore) is the cheapest way asyncio has
+to keep C requests in flight, so the fan-out adds as little as it can to every client.
 """
 
 from __future__ import annotations
@@ -21,18 +30,25 @@ import json
 import resource
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 PATH = "/v1/images/generations"
 PROMPT = "a lighthouse at dawn, volumetric light, 35mm"
 
-Timed = Callable[[int], Awaitable[list[float]]]
+#: One request of an async client: request number -> the decoded image.
+One = Callable[[int], Awaitable[bytes]]
+#: One request of a sync client.
+OneSync = Callable[[int], bytes]
+#: A client that fans out by itself (generate_batch): (N, sink) where the sink gets each
+#: image and the latency the client reports for it, or is None in the measured pass.
+Sink = Callable[[bytes, float], None]
+Many = Callable[[int, Sink | None], Awaitable[None]]
 
 
 class Cell:
-    """What a client needs to know, and where it records what it saw."""
+    """What a client needs to know."""
 
     def __init__(self, url: str, n: int, c: int, size: int) -> None:
         self.url = url
@@ -40,60 +56,16 @@ class Cell:
         self.c = c
         self.size = size
 
-    def check(self, image: bytes | bytearray) -> None:
-        if len(image) != self.size:
-            raise RuntimeError(f"decoded {len(image)} bytes, expected {self.size}")
+
+# -- the clients: each returns its per-request function, and nothing else -----------------
 
 
-async def _fan_out(n: int, c: int, one: Callable[[int], Awaitable[float]]) -> list[float]:
-    """C at a time: a plain sequential loop at C=1, else gather over N behind a semaphore."""
-    if c == 1:
-        return [await one(i) for i in range(n)]
-    slots = asyncio.Semaphore(c)
-
-    async def guarded(i: int) -> float:
-        async with slots:
-            return await one(i)
-
-    return list(await asyncio.gather(*(guarded(i) for i in range(n))))
-
-
-def _threaded(n: int, c: int, one: Callable[[int], float]) -> list[float]:
-    """C at a time: a sequential loop at C=1, else a pool of C threads."""
-    if c == 1:
-        return [one(i) for i in range(n)]
-    with ThreadPoolExecutor(max_workers=c) as pool:
-        return list(pool.map(one, range(n)))
-
-
-# -- the clients ----------------------------------------------------------------------------
-
-
-async def run_raw(cell: Cell, timed: Callable[[Timed], Awaitable[None]]) -> None:
-    """Raw aiohttp as PERFORMANCE.md defines it: what a careful user writes by hand."""
-    import aiohttp
-
-    url = cell.url + PATH
-    connector = aiohttp.TCPConnector(limit=cell.c)
-    async with aiohttp.ClientSession(connector=connector) as session:
-
-        async def one(i: int) -> float:
-            started = time.perf_counter()
-            async with session.post(url, json={"prompt": PROMPT, "seed": i}) as resp:
-                resp.raise_for_status()
-                payload = await resp.json()
-            cell.check(base64.b64decode(payload["image"]))
-            return time.perf_counter() - started
-
-        await timed(lambda n: _fan_out(n, cell.c, one))
-
-
-async def run_expert(cell: Cell, timed: Callable[[Timed], Awaitable[None]]) -> None:
+@contextlib.asynccontextmanager
+async def expert(cell: Cell) -> Any:
     """What an expert writes by hand: one session, orjson on the raw body, pybase64.
 
-    No validation, no retries, no typed errors, no request ids: the floor an SDK on
-    aiohttp can approach. The status check is one integer compare (a client that skips
-    it would decode error bodies as images).
+    No checks at all (not even the status), no retries, no typed errors, no request ids:
+    the floor an SDK on aiohttp can approach.
     """
     import aiohttp
     import orjson
@@ -101,41 +73,50 @@ async def run_expert(cell: Cell, timed: Callable[[Timed], Awaitable[None]]) -> N
 
     url = cell.url + PATH
     headers = {"Content-Type": "application/json"}
-    connector = aiohttp.TCPConnector(limit=cell.c)
-    async with aiohttp.ClientSession(connector=connector) as session:
-        post = session.post
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=cell.c)) as session:
+        post, dumps, loads, b64decode = session.post, orjson.dumps, orjson.loads, pybase64.b64decode
 
-        async def one(i: int) -> float:
-            started = time.perf_counter()
-            body = orjson.dumps({"prompt": PROMPT, "seed": i})
-            async with post(url, data=body, headers=headers) as resp:
-                if resp.status != 200:
-                    raise RuntimeError(f"HTTP {resp.status}")
-                payload = orjson.loads(await resp.read())
-            cell.check(pybase64.b64decode(payload["image"]))
-            return time.perf_counter() - started
+        async def one(i: int) -> bytes:
+            async with post(url, data=dumps({"prompt": PROMPT, "seed": i}), headers=headers) as r:
+                return b64decode(loads(await r.read())["image"])
 
-        await timed(lambda n: _fan_out(n, cell.c, one))
+        yield one
 
 
-async def run_friendli(cell: Cell, timed: Callable[[Timed], Awaitable[None]]) -> None:
-    """AsyncFriendli: gather + semaphore over ``generate`` (pool size C)."""
+@contextlib.asynccontextmanager
+async def raw_aiohttp(cell: Cell) -> Any:
+    """Raw aiohttp as PERFORMANCE.md defines it: what a careful user writes by hand."""
+    import aiohttp
+
+    url = cell.url + PATH
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=cell.c)) as session:
+
+        async def one(i: int) -> bytes:
+            async with session.post(url, json={"prompt": PROMPT, "seed": i}) as resp:
+                resp.raise_for_status()
+                payload = await resp.json()
+            return base64.b64decode(payload["image"])
+
+        yield one
+
+
+@contextlib.asynccontextmanager
+async def friendli(cell: Cell) -> Any:
+    """AsyncFriendli: ``generate`` per request (pool size C)."""
     from friendli_image import AsyncFriendli
 
     async with AsyncFriendli(server_url=cell.url, token="", max_connections=cell.c) as client:
         generate = client.container.image.generate
 
-        async def one(i: int) -> float:
-            started = time.perf_counter()
-            result = await generate(prompt=PROMPT, seed=i)
-            cell.check(result.data)
-            return time.perf_counter() - started
+        async def one(i: int) -> bytes:
+            return (await generate(prompt=PROMPT, seed=i)).data
 
-        await timed(lambda n: _fan_out(n, cell.c, one))
+        yield one
 
 
-async def run_friendli_batch(cell: Cell, timed: Callable[[Timed], Awaitable[None]]) -> None:
-    """AsyncFriendli ``generate_batch`` over N prompts at concurrency C."""
+@contextlib.asynccontextmanager
+async def friendli_batch(cell: Cell) -> Any:
+    """AsyncFriendli ``generate_batch`` over N prompts at concurrency C (it fans out itself)."""
     from friendli_image import AsyncFriendli
 
     async with AsyncFriendli(server_url=cell.url, token="", max_connections=cell.c) as client:
@@ -143,43 +124,20 @@ async def run_friendli_batch(cell: Cell, timed: Callable[[Timed], Awaitable[None
         if not hasattr(image, "generate_batch"):
             raise SystemExit(3)  # not built yet: the harness skips this client
 
-        async def batch(n: int) -> list[float]:
+        async def many(n: int, sink: Sink | None) -> None:
             specs = [{"prompt": PROMPT, "seed": i} for i in range(n)]
-            latencies = []
-            # Items as they complete; each item's elapsed runs from dispatch to outcome.
             async for item in image.generate_batch(specs, concurrency=cell.c):
-                if item.result is None:
-                    raise RuntimeError(f"batch item failed: {item!r}")
-                cell.check(item.result.data)
-                latencies.append(item.elapsed)
-            return latencies
+                if sink is not None:
+                    if item.result is None:
+                        raise RuntimeError(f"batch item failed: {item!r}")
+                    sink(item.result.data, item.elapsed)
 
-        await timed(batch)
-
-
-def run_friendli_sync(
-    cell: Cell, timed_sync: Callable[[Callable[[int], list[float]]], None]
-) -> None:
-    """SyncFriendli: sequential at C=1, else one shared client used from C threads."""
-    try:
-        from friendli_image import SyncFriendli  # type: ignore[attr-defined]
-    except ImportError:
-        raise SystemExit(3) from None
-
-    with SyncFriendli(server_url=cell.url, token="", max_connections=cell.c) as client:
-        generate = client.container.image.generate
-
-        def one(i: int) -> float:
-            started = time.perf_counter()
-            result = generate(prompt=PROMPT, seed=i)
-            cell.check(result.data)
-            return time.perf_counter() - started
-
-        timed_sync(lambda n: _threaded(n, cell.c, one))
+        yield many
 
 
-async def run_official_async(cell: Cell, timed: Callable[[Timed], Awaitable[None]]) -> None:
-    """The official ``friendli`` SDK's AsyncFriendli (httpx + pydantic), gather + semaphore."""
+@contextlib.asynccontextmanager
+async def official_async(cell: Cell) -> Any:
+    """The official ``friendli`` SDK's AsyncFriendli (httpx + pydantic)."""
     try:
         from friendli import AsyncFriendli as OfficialAsync
     except ImportError:
@@ -190,34 +148,11 @@ async def run_official_async(cell: Cell, timed: Callable[[Timed], Awaitable[None
     async with OfficialAsync(token="x", server_url=cell.url) as client:  # noqa: S106
         generate = client.container.image.generate
 
-        async def one(i: int) -> float:
-            started = time.perf_counter()
+        async def one(i: int) -> bytes:
             result = await generate(prompt=PROMPT, seed=i, server_url=cell.url)
-            cell.check(base64.b64decode(result.image))
-            return time.perf_counter() - started
+            return base64.b64decode(result.image)
 
-        await timed(lambda n: _fan_out(n, cell.c, one))
-
-
-def run_official_sync(
-    cell: Cell, timed_sync: Callable[[Callable[[int], list[float]]], None]
-) -> None:
-    """The official SyncFriendli: sequential at C=1, else one client used from C threads."""
-    try:
-        from friendli import SyncFriendli as OfficialSync
-    except ImportError:
-        raise SystemExit(3) from None
-
-    with OfficialSync(token="x", server_url=cell.url) as client:  # noqa: S106
-        generate = client.container.image.generate
-
-        def one(i: int) -> float:
-            started = time.perf_counter()
-            result = generate(prompt=PROMPT, seed=i, server_url=cell.url)
-            cell.check(base64.b64decode(result.image))
-            return time.perf_counter() - started
-
-        timed_sync(lambda n: _threaded(n, cell.c, one))
+        yield one
 
 
 def _fleet_client(urls: list[str], c: int) -> Any:
@@ -230,21 +165,20 @@ def _fleet_client(urls: list[str], c: int) -> Any:
         raise SystemExit(3) from None
 
 
-async def run_fleet(cell: Cell, timed: Callable[[Timed], Awaitable[None]]) -> None:
+@contextlib.asynccontextmanager
+async def fleet(cell: Cell) -> Any:
     """One AsyncFriendli over every endpoint of ``--url`` (comma-separated): its own routing."""
     async with _fleet_client(cell.url.split(","), cell.c) as client:
         generate = client.container.image.generate
 
-        async def one(i: int) -> float:
-            started = time.perf_counter()
-            result = await generate(prompt=PROMPT, seed=i)
-            cell.check(result.data)
-            return time.perf_counter() - started
+        async def one(i: int) -> bytes:
+            return (await generate(prompt=PROMPT, seed=i)).data
 
-        await timed(lambda n: _fan_out(n, cell.c, one))
+        yield one
 
 
-async def run_fleet_round_robin(cell: Cell, timed: Callable[[Timed], Awaitable[None]]) -> None:
+@contextlib.asynccontextmanager
+async def fleet_round_robin(cell: Cell) -> Any:
     """The hand-split baseline: one AsyncFriendli per endpoint, request i to endpoint i mod k."""
     from friendli_image import AsyncFriendli
 
@@ -255,29 +189,120 @@ async def run_fleet_round_robin(cell: Cell, timed: Callable[[Timed], Awaitable[N
             await stack.enter_async_context(client)
             generates.append(client.container.image.generate)
 
-        async def one(i: int) -> float:
-            started = time.perf_counter()
-            result = await generates[i % len(generates)](prompt=PROMPT, seed=i)
-            cell.check(result.data)
-            return time.perf_counter() - started
+        async def one(i: int) -> bytes:
+            return (await generates[i % len(generates)](prompt=PROMPT, seed=i)).data
 
-        await timed(lambda n: _fan_out(n, cell.c, one))
+        yield one
 
 
-ASYNC_CLIENTS = {
-    "expert": run_expert,
-    "raw_aiohttp": run_raw,
-    "friendli": run_friendli,
-    "friendli_batch": run_friendli_batch,
-    "official_async": run_official_async,
-    "fleet": run_fleet,
-    "fleet_round_robin": run_fleet_round_robin,
+@contextlib.contextmanager
+def friendli_sync(cell: Cell) -> Iterator[OneSync]:
+    """SyncFriendli: one shared client (sequential at C=1, else used from C threads)."""
+    try:
+        from friendli_image import SyncFriendli  # type: ignore[attr-defined]
+    except ImportError:
+        raise SystemExit(3) from None
+
+    with SyncFriendli(server_url=cell.url, token="", max_connections=cell.c) as client:
+        generate = client.container.image.generate
+
+        def one(i: int) -> bytes:
+            return generate(prompt=PROMPT, seed=i).data
+
+        yield one
+
+
+@contextlib.contextmanager
+def official_sync(cell: Cell) -> Iterator[OneSync]:
+    """The official SyncFriendli (sequential at C=1, else one client used from C threads)."""
+    try:
+        from friendli import SyncFriendli as OfficialSync
+    except ImportError:
+        raise SystemExit(3) from None
+
+    with OfficialSync(token="x", server_url=cell.url) as client:  # noqa: S106
+        generate = client.container.image.generate
+
+        def one(i: int) -> bytes:
+            return base64.b64decode(generate(prompt=PROMPT, seed=i, server_url=cell.url).image)
+
+        yield one
+
+
+ASYNC_CLIENTS: dict[str, Callable[[Cell], Any]] = {
+    "expert": expert,
+    "raw_aiohttp": raw_aiohttp,
+    "friendli": friendli,
+    "official_async": official_async,
+    "fleet": fleet,
+    "fleet_round_robin": fleet_round_robin,
 }
-SYNC_CLIENTS = {"friendli_sync": run_friendli_sync, "official_sync": run_official_sync}
-CLIENTS = (*ASYNC_CLIENTS, *SYNC_CLIENTS)
+#: Clients that fan out by themselves.
+MANY_CLIENTS: dict[str, Callable[[Cell], Any]] = {"friendli_batch": friendli_batch}
+SYNC_CLIENTS: dict[str, Callable[[Cell], Any]] = {
+    "friendli_sync": friendli_sync,
+    "official_sync": official_sync,
+}
+CLIENTS = (*ASYNC_CLIENTS, *MANY_CLIENTS, *SYNC_CLIENTS)
 
 
-# -- measuring ------------------------------------------------------------------------------
+# -- the harness: the same for every client ---------------------------------------------
+
+
+async def _workers(n: int, c: int, one: One) -> None:
+    """N requests, C in flight: C workers taking request numbers in turn, images dropped."""
+    numbers = iter(range(n))
+
+    async def worker() -> None:
+        for i in numbers:
+            await one(i)
+
+    if c == 1:
+        await worker()
+    else:
+        await asyncio.gather(*(worker() for _ in range(c)))
+
+
+def _threads(n: int, c: int, one: OneSync) -> None:
+    """N requests, C in flight: a sequential loop at C=1, else a pool of C threads."""
+    if c == 1:
+        for i in range(n):
+            one(i)
+        return
+    with ThreadPoolExecutor(max_workers=c) as pool:
+        for _ in pool.map(one, range(n)):
+            pass
+
+
+class _Checked:
+    """The latency pass: times each request and checks its image (outside the measured pass)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.latencies: list[float] = []
+
+    def sink(self, image: bytes, elapsed: float) -> None:
+        if len(image) != self.size:
+            raise RuntimeError(f"decoded {len(image)} bytes, expected {self.size}")
+        self.latencies.append(elapsed)
+
+    def wrap(self, one: One) -> One:
+        async def timed(i: int) -> bytes:
+            started = time.perf_counter()
+            image = await one(i)
+            self.sink(image, time.perf_counter() - started)
+            return image
+
+        return timed
+
+    def wrap_sync(self, one: OneSync) -> OneSync:
+        def timed(i: int) -> bytes:
+            started = time.perf_counter()
+            image = one(i)
+            self.sink(image, time.perf_counter() - started)
+            return image
+
+        return timed
 
 
 def _cpu() -> float:
@@ -315,29 +340,47 @@ def _figures(n: int, wall: float, cpu: float, latencies: list[float]) -> dict[st
 
 
 def measure(name: str, cell: Cell) -> dict[str, float]:
-    """Warm up with C requests, then time N; return the cell's figures."""
-    figures: dict[str, float] = {}
-    warmup = max(cell.c, 8)
+    """Warm up (checked), the measured pass, then the latency pass; the cell's figures."""
+    warmup, n, c = max(cell.c, 8), cell.n, cell.c
+    latency_n = max(c, 8, n // 3)
+    checked, warm = _Checked(cell.size), _Checked(cell.size)
 
-    async def timed(run: Timed) -> None:
-        await run(warmup)
-        cpu, started = _cpu(), time.perf_counter()
-        latencies = await run(cell.n)
-        wall, cpu = time.perf_counter() - started, _cpu() - cpu
-        figures.update(_figures(cell.n, wall, cpu, latencies))
+    async def run_async() -> tuple[float, float]:
+        async with ASYNC_CLIENTS[name](cell) as one:
+            await _workers(warmup, c, warm.wrap(one))
+            cpu, started = _cpu(), time.perf_counter()
+            await _workers(n, c, one)
+            wall, cpu = time.perf_counter() - started, _cpu() - cpu
+            await _workers(latency_n, c, checked.wrap(one))
+        return wall, cpu
 
-    def timed_sync(run: Callable[[int], list[float]]) -> None:
-        run(warmup)
-        cpu, started = _cpu(), time.perf_counter()
-        latencies = run(cell.n)
-        wall, cpu = time.perf_counter() - started, _cpu() - cpu
-        figures.update(_figures(cell.n, wall, cpu, latencies))
+    async def run_many() -> tuple[float, float]:
+        async with MANY_CLIENTS[name](cell) as many:
+            await many(warmup, warm.sink)
+            cpu, started = _cpu(), time.perf_counter()
+            await many(n, None)
+            wall, cpu = time.perf_counter() - started, _cpu() - cpu
+            await many(latency_n, checked.sink)
+        return wall, cpu
+
+    def run_sync() -> tuple[float, float]:
+        with SYNC_CLIENTS[name](cell) as one:
+            _threads(warmup, c, warm.wrap_sync(one))
+            cpu, started = _cpu(), time.perf_counter()
+            _threads(n, c, one)
+            wall, cpu = time.perf_counter() - started, _cpu() - cpu
+            _threads(latency_n, c, checked.wrap_sync(one))
+        return wall, cpu
 
     if name in ASYNC_CLIENTS:
-        asyncio.run(ASYNC_CLIENTS[name](cell, timed))
+        wall, cpu = asyncio.run(run_async())
+    elif name in MANY_CLIENTS:
+        wall, cpu = asyncio.run(run_many())
     else:
-        SYNC_CLIENTS[name](cell, timed_sync)
-    return figures
+        wall, cpu = run_sync()
+    if len(checked.latencies) != latency_n:
+        raise RuntimeError(f"{len(checked.latencies)} checked images, expected {latency_n}")
+    return _figures(n, wall, cpu, checked.latencies)
 
 
 def main() -> None:

@@ -426,7 +426,7 @@ class Instrumentation:
     def _signals(self) -> tuple[Tracer | None, _Instruments | None]:
         """The tracer and instruments in use, None for each signal nobody collects."""
         tracer, instruments = self._tracer, self._instruments
-        if tracer is None or instruments is None:
+        if (tracer is None or instruments is None) and self._next_look != math.inf:
             now = time.monotonic()
             if now >= self._next_look:
                 # Asking OpenTelemetry costs microseconds (it reads the environment), a

@@ -12,8 +12,8 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
+import os
 import sys
-import uuid
 from collections.abc import Coroutine, Mapping
 from io import BytesIO
 from typing import TYPE_CHECKING, Any, Final, TypeVar
@@ -37,7 +37,7 @@ from friendli_image._results import ImageResult
 from friendli_image._secrets import AUTHORIZATION, Redactor
 from friendli_image._serde import dumps_request
 
-from ._decode import OFFLOOP_DECODE_BYTES, BodyBuffers, decode_image, read_body
+from ._decode import OFFLOOP_DECODE_BYTES, BodyBuffers, decode_image, read_body, settle_allocator
 from ._errors import status_error, transport_error
 from ._proxy import (
     MAX_REDIRECTS,
@@ -191,6 +191,7 @@ class Transport:
         self._plain_http_warned: set[str] = set()
         self._format_mismatch_logged = False
         self._buffers = BodyBuffers()
+        settle_allocator()
 
     def client_headers(self) -> tuple[dict[str, str], tuple[str, ...]]:
         """The client's own headers with its credentials, and the secrets among them."""
@@ -209,7 +210,9 @@ class Transport:
 
     def prepare(self, path: str, request: RequestModel, options: CallOptions) -> Call:
         """The parts of a call that stay the same across its attempts."""
-        request_id = uuid.uuid4().hex
+        # 128 random bits as 32 hex digits, as uuid4().hex was: 1 µs, against 2.4 for
+        # building the UUID object.
+        request_id = os.urandom(16).hex()
         headers, secrets = self.client_headers()
         if options.headers:
             headers.update(options.headers)
@@ -510,10 +513,17 @@ def _attempt_end(timeout: Timeout, deadline: float | None, now: float) -> float 
 
 
 _CLIENT_TIMEOUTS: dict[Timeout, aiohttp.ClientTimeout] = {}
+#: The last pair looked up: nearly every call of a client uses its one default `Timeout`,
+#: found by identity without hashing the attrs instance (~1 µs).
+_last_timeout: tuple[Timeout, aiohttp.ClientTimeout] | None = None
 
 
 def _client_timeout(timeout: Timeout) -> aiohttp.ClientTimeout:
     """aiohttp's socket timers only: the attempt and the deadline are `_run_until`'s."""
+    global _last_timeout  # noqa: PLW0603  (a one-entry cache in front of the dict)
+    last = _last_timeout
+    if last is not None and last[0] is timeout:
+        return last[1]
     found = _CLIENT_TIMEOUTS.get(timeout)
     if found is None:
         if len(_CLIENT_TIMEOUTS) > 256:
@@ -521,4 +531,5 @@ def _client_timeout(timeout: Timeout) -> aiohttp.ClientTimeout:
         found = _CLIENT_TIMEOUTS[timeout] = aiohttp.ClientTimeout(
             total=None, connect=None, sock_connect=timeout.connect, sock_read=timeout.read
         )
+    _last_timeout = (timeout, found)
     return found

@@ -26,6 +26,7 @@ __all__ = [
     "BodyBuffers",
     "decode_image",
     "read_body",
+    "settle_allocator",
 ]
 
 #: Bodies above this are joined, parsed and decoded on a worker thread (the loop stays free).
@@ -38,6 +39,34 @@ _SUFFIX: Final = re.compile(rb'"\s*\}\s*$')
 #: millions of small keys would cost gigabytes to parse.
 _MAX_JSON_MEMBERS: Final = 1024
 _SMALL_BODY_BYTES: Final = 64 * 1024
+
+
+#: One block this large, freed, lifts glibc's mmap threshold to it and its trim threshold
+#: to twice it (see `settle_allocator`): the bodies decoded on the loop then come from the
+#: heap, which keeps up to 8 MiB free for the next ones.
+_SETTLE_BYTES: Final = OFFLOOP_DECODE_BYTES
+_settled = False
+
+
+def settle_allocator() -> None:
+    """Free one 4 MiB block, once per process, so small bodies stop page-faulting.
+
+    glibc's malloc serves blocks over its mmap threshold (128 KiB at start) with a fresh
+    ``mmap`` each, and trims the heap top above twice that; both adapt upwards only when
+    a larger mmap'd block is freed. Until then asyncio's 256 KiB socket read buffer is
+    mapped and unmapped for every read, and the heap top holding bodies and images is
+    trimmed and faulted in again: at 64 KiB images 14-40 minor page faults per request
+    and up to a third of the client's CPU (23 per call on a `SyncFriendli` loop thread);
+    afterwards under one at C=64 (benchmarks/ANALYSIS.md). An image over 4 MiB does the
+    same by itself. Elsewhere (another allocator, or thresholds fixed by ``MALLOC_*``
+    variables) this is one allocation that changes nothing. ``bytes(n)`` is calloc'd, so
+    its pages are never touched.
+    """
+    global _settled  # noqa: PLW0603  (once per process: the allocator is the process's)
+    if not _settled:
+        _settled = True
+        block = bytes(_SETTLE_BYTES)
+        del block
 
 
 class BodyBuffers:
