@@ -45,6 +45,17 @@ _ENV_VARS = ("FRIENDLI_TOKEN", "FRIENDLI_SERVER_URL", "FRIENDLI_LOG")
 _CONTRACT = Path(__file__).parent / "contract"
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Children get Ctrl-C as a user's would, even when pytest runs in the background.
+
+    A shell starts a background job (`cmd &`, nohup) with SIGINT ignored; its children
+    inherit that, Python then installs no KeyboardInterrupt handler, and the tests that
+    interrupt a child (a batch, a blocking call) would see it run on.
+    """
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
     """tests/contract runs only when named (`nox -s contract`): it needs Node and Prism."""
     if collection_path != _CONTRACT:
@@ -58,25 +69,6 @@ def _isolated_env(monkeypatch: pytest.MonkeyPatch) -> None:
     """Tests never see the developer's FRIENDLI_* variables; a test sets what it needs."""
     for name in _ENV_VARS:
         monkeypatch.delenv(name, raising=False)
-
-
-@pytest.fixture(autouse=True)
-def _signal_dispositions_kept() -> Iterator[None]:
-    """A test leaves SIGINT and SIGTERM as it found them.
-
-    A child process inherits an ignored SIGINT, and Python then installs no
-    KeyboardInterrupt handler: the Ctrl-C tests of a later child would see it run on.
-    """
-    before = {signum: signal.getsignal(signum) for signum in _WATCHED_SIGNALS}
-    yield
-    after = {signum: signal.getsignal(signum) for signum in _WATCHED_SIGNALS}
-    changed = [signal.Signals(signum).name for signum in before if before[signum] != after[signum]]
-    for signum, handler in before.items():
-        signal.signal(signum, handler)
-    assert not changed, f"the test changed the disposition of {', '.join(changed)}"
-
-
-_WATCHED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 # Under -X dev, asyncio logs every loop step over 0.1 s. On a loaded machine a step of

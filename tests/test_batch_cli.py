@@ -222,7 +222,7 @@ def test_killed_run_resumes_with_every_item_done_once(
         finally:
             if first.poll() is None:
                 first.kill()
-                first.wait()
+                first.communicate()  # and closes its pipes
         if sig == signal.SIGINT:
             assert first.returncode == 130, err
         else:
