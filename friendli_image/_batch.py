@@ -77,6 +77,8 @@ _PROGRESS_INTERVAL: Final = 0.1
 #: Multiplicative decrease of the in-flight limit on a 429 (CUBIC's factor: halving
 #: starves a server whose 429s are sparse and not about load).
 _DECREASE: Final = 0.7
+#: Items an earlier run may have made are claimed this many at a time (one thread hop).
+_CLAIM_GROUP: Final = 256
 #: Per-call option keys a request mapping may carry besides the request fields.
 _OPTION_KEYS: Final = frozenset(field.name for field in attrs.fields(CallOverrides))
 
@@ -252,6 +254,59 @@ class Gate:
                 waiter.set_result(False)
 
 
+class _FileWriter:
+    """Writes finished items' images and manifest lines in groups: one thread hop for
+    the items that finished while the previous group was being written.
+
+    `BatchStore.write_files` writes a group's images, then their lines, so grouping
+    keeps the store's promise (no line without its image) and a kill loses at most the
+    group being written.
+    """
+
+    __slots__ = ("_loop", "_queue", "_store", "_task")
+
+    def __init__(self, store: BatchStore, loop: asyncio.AbstractEventLoop) -> None:
+        self._store = store
+        self._loop = loop
+        self._queue: list[tuple[str, bytes | memoryview, dict[str, Any], asyncio.Future[str]]] = []
+        self._task: asyncio.Task[None] | None = None
+
+    def write(
+        self, name: str, image: bytes | memoryview, record: dict[str, Any]
+    ) -> asyncio.Future[str]:
+        """Queue an image and its record; the future is its sha256 once both are written."""
+        future: asyncio.Future[str] = self._loop.create_future()
+        self._queue.append((name, image, record, future))
+        if self._task is None:
+            self._task = self._loop.create_task(self._drain())
+        return future
+
+    async def _drain(self) -> None:
+        try:
+            while self._queue:
+                group, self._queue = self._queue, []
+                try:
+                    digests = await self._loop.run_in_executor(
+                        None, self._store.write_files, [entry[:3] for entry in group]
+                    )
+                except Exception as exc:  # noqa: BLE001  (each waiting item gets it)
+                    for *_entry, future in group:
+                        if not future.done():
+                            future.set_exception(exc)
+                    continue
+                for (*_entry, future), digest in zip(group, digests, strict=True):
+                    if not future.done():
+                        future.set_result(digest)
+        finally:
+            self._task = None
+
+    async def wait(self) -> None:
+        """Until every queued image is written (the batch is ending: even when its items
+        were cancelled, what finished is kept)."""
+        while self._task is not None:
+            await asyncio.shield(self._task)
+
+
 class Batch:
     """A batch of requests, run when it is iterated or awaited (once).
 
@@ -304,6 +359,7 @@ class Batch:
         self._iterator: AsyncIterator[BatchItem] | None = None
         self._gate = Gate(self._concurrency, options.rps)
         self._store: BatchStore | None = None
+        self._writer: _FileWriter | None = None
         self._occurrences = Occurrences()
         self._unmatched: Unmatched | None = None
         self._aborted: FriendliBatchAborted | None = None
@@ -475,6 +531,8 @@ class Batch:
             )
             await loop.run_in_executor(None, store.open)
             self._store = store
+            if not store.sharded:
+                self._writer = _FileWriter(store, loop)
         sync_source: Iterator[Any] | None = None
         async_source: AsyncIterator[Any] | None = None
         if isinstance(self._requests, AsyncIterable):
@@ -484,6 +542,8 @@ class Batch:
         finished: asyncio.Queue[BatchItem | _Crashed] = asyncio.Queue()
         pending: dict[int, asyncio.Task[None]] = {}
         parked: dict[int, BatchItem] = {}
+        # Items an earlier run may have made: claimed in groups, without a task each.
+        earlier: list[tuple[int, object, _Prepared]] = []
         next_index = 0
         next_out = 0
         exhausted = False
@@ -505,10 +565,36 @@ class Batch:
                     except (StopIteration, StopAsyncIteration):
                         exhausted = True
                         break
-                    pending[next_index] = loop.create_task(
-                        self._deliver(next_index, spec, self._identify(spec), finished)
-                    )
-                    next_index += 1
+                    prepared = self._identify(spec)
+                    if (
+                        self._store is not None
+                        and isinstance(prepared, _Prepared)
+                        and self._store.has_earlier(prepared.id, prepared.occurrence)
+                    ):
+                        earlier.append((next_index, spec, prepared))
+                        next_index += 1
+                        if len(earlier) < _CLAIM_GROUP:
+                            continue
+                    else:
+                        pending[next_index] = loop.create_task(
+                            self._deliver(next_index, spec, prepared, finished)
+                        )
+                        next_index += 1
+                        continue
+                    break
+                if earlier:
+                    group, earlier = earlier, []
+                    for item in await self._claim(group, pending, finished):
+                        self._count(item)
+                        if ordered:
+                            parked[item.index] = item
+                        else:
+                            yield item
+                    while next_out in parked:
+                        yield parked.pop(next_out)
+                        next_out += 1
+                    self._report()
+                    continue
                 if not pending:
                     break
                 outcome = await finished.get()
@@ -550,12 +636,16 @@ class Batch:
                 task.cancel()
             if pending:
                 await asyncio.gather(*pending.values(), return_exceptions=True)
-            if self._store is not None:
-                # Only a run that saw every item knows which stored images match none.
-                # Blocking: it publishes the open shard, and must, even when cancelled.
-                self._unmatched = self._store.close(complete=complete)
-            if self._monitor is not None:
-                self._monitor.close()
+            try:
+                if self._writer is not None:
+                    await self._writer.wait()
+            finally:
+                if self._store is not None:
+                    # Only a run that saw every item knows which stored images match none.
+                    # Blocking: it publishes the open shard, and must, even when cancelled.
+                    self._unmatched = self._store.close(complete=complete)
+                if self._monitor is not None:
+                    self._monitor.close()
 
     def _count(self, item: BatchItem) -> None:
         self._counts[item.status] += 1
@@ -587,6 +677,48 @@ class Batch:
             elapsed=elapsed,
         )
 
+    async def _claim(
+        self,
+        group: list[tuple[int, object, _Prepared]],
+        pending: dict[int, asyncio.Task[None]],
+        finished: asyncio.Queue[BatchItem | _Crashed],
+    ) -> list[BatchItem]:
+        """Claim a group of items an earlier run may have made: those whose image is
+        intact are ``resumed`` (returned), the others are started like any item."""
+        store = self._store
+        assert store is not None  # noqa: S101
+        identities = [(prepared.id, prepared.occurrence) for _index, _spec, prepared in group]
+        # A file is checked on a thread (a stat, at worst its sha256); a shard's presence
+        # is one cached stat, cheaper than the hop to a thread.
+        records = (
+            store.claim_all(identities)
+            if store.sharded
+            else await asyncio.get_running_loop().run_in_executor(None, store.claim_all, identities)
+        )
+        resumed = []
+        loop = asyncio.get_running_loop()
+        for (index, spec, prepared), record in zip(group, records, strict=True):
+            if record is None:
+                pending[index] = loop.create_task(self._deliver(index, spec, prepared, finished))
+                continue
+            store.append({**record, "index": index})
+            resumed.append(
+                BatchItem(
+                    index=index,
+                    id=prepared.id,
+                    occurrence=prepared.occurrence,
+                    request=prepared.request,
+                    status="resumed",
+                    path=store.directory / record["file"],
+                    format=record.get("format"),
+                    sha256=record.get("sha256"),
+                    attempts=0,
+                    elapsed=0.0,
+                    request_id=record.get("request_id"),
+                )
+            )
+        return resumed
+
     async def _deliver(
         self,
         index: int,
@@ -617,34 +749,6 @@ class Batch:
             return self._failed(
                 index, item_id="", request=request, error=prepared, attempts=0, started=started
             )
-        store = self._store
-        if store is not None:
-            record = (
-                await asyncio.get_running_loop().run_in_executor(
-                    None, store.claim, prepared.id, prepared.occurrence
-                )
-                # A file's sha256 is checked on a thread; a shard's presence is one
-                # cached stat, cheaper than the hop to a thread.
-                if self._options.resume
-                and not store.sharded
-                and store.has_earlier(prepared.id, prepared.occurrence)
-                else store.claim(prepared.id, prepared.occurrence)
-            )
-            if record is not None:
-                store.append({**record, "index": index})
-                return BatchItem(
-                    index=index,
-                    id=prepared.id,
-                    occurrence=prepared.occurrence,
-                    request=prepared.request,
-                    status="resumed",
-                    path=store.directory / record["file"],
-                    format=record.get("format"),
-                    sha256=record.get("sha256"),
-                    attempts=0,
-                    elapsed=time.monotonic() - started,
-                    request_id=record.get("request_id"),
-                )
         try:
             result = await self._path.send(
                 self._operation.path, prepared.model, prepared.options, self._gate
@@ -713,10 +817,9 @@ class Batch:
             if full is not None:
                 await loop.run_in_executor(None, store.publish, full)
         else:
+            assert self._writer is not None  # noqa: S101
             name = image_name(prepared.id, prepared.occurrence, result.format)
-            digest = await loop.run_in_executor(None, store.write_image, name, result.data)
-            record["file"], record["sha256"] = name, digest
-            store.append(record)
+            digest = await self._writer.write(name, result.data, record)
         elapsed = record["elapsed"]
         return BatchItem(
             index=index,

@@ -42,6 +42,8 @@ lands in two shards. A kill loses at most the items of the open shard.
 
 from __future__ import annotations
 
+import array
+import bisect
 import contextlib
 import hashlib
 import io
@@ -52,7 +54,7 @@ import stat
 import sys
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import IO, TYPE_CHECKING, Any, Final
 
 import orjson
@@ -143,24 +145,46 @@ def request_digest(path: str, request: GenerateRequest | EditRequest) -> str:
 class Occurrences:
     """Numbers identical requests in input order: 0 for the first, 1 for the next, ...
 
-    Holds 8 bytes of each digest seen (and a count for repeated ones only).
+    Holds 8 bytes of each digest seen, in a flat open-addressing table (16 bytes an item,
+    not a Python object each: a million items cost 16 MiB), and a count for repeated
+    ones only.
     """
 
-    __slots__ = ("_repeats", "_seen")
+    __slots__ = ("_count", "_mask", "_repeats", "_table")
 
     def __init__(self) -> None:
-        self._seen: set[int] = set()
+        self._table = array.array("Q", bytes(8 * 1024))
+        self._mask = 1023
+        self._count = 0
         self._repeats: dict[str, int] = {}
 
     def next(self, digest: str) -> int:
         """The occurrence of this digest, counting it."""
-        short = int(digest[:16], 16)
-        if short not in self._seen:
-            self._seen.add(short)
-            return 0
+        short = int(digest[:16], 16) | 1  # 0 marks a free slot
+        table, mask = self._table, self._mask
+        slot = short & mask
+        while (held := table[slot]) != short:
+            if not held:
+                table[slot] = short
+                self._count += 1
+                if self._count * 2 > mask:
+                    self._grow()
+                return 0
+            slot = (slot + 1) & mask
         occurrence = self._repeats.get(digest, 0) + 1
         self._repeats[digest] = occurrence
         return occurrence
+
+    def _grow(self) -> None:
+        old = self._table
+        self._mask = mask = len(old) * 2 - 1
+        self._table = table = array.array("Q", bytes(8 * (mask + 1)))
+        for short in old:
+            if short:
+                slot = short & mask
+                while table[slot]:
+                    slot = (slot + 1) & mask
+                table[slot] = short
 
 
 def item_key(digest: str, occurrence: int) -> str:
@@ -197,8 +221,14 @@ def valid_name(name: object) -> str | None:
         return None
     if "/" in name or "\\" in name or "\0" in name or name.startswith("."):
         return None
-    suffix = pathlib.PurePosixPath(name).suffix.lower()
-    return name if suffix in _IMAGE_SUFFIXES else None
+    return name if _suffix(name).lower() in _IMAGE_SUFFIXES else None
+
+
+def _suffix(name: str) -> str:
+    """``PurePosixPath(name).suffix`` of a name without separators, at a tenth of its cost
+    (resume checks a name per stored item)."""
+    dot = name.rfind(".")
+    return name[dot:] if 0 < dot < len(name) - 1 else ""
 
 
 def valid_stored_name(name: object) -> str | None:
@@ -209,13 +239,12 @@ def valid_stored_name(name: object) -> str | None:
         return None
     if "/" in name or "\\" in name or "\0" in name:
         return None
-    return name if pathlib.PurePosixPath(name).suffix in _SHARD_SUFFIX.values() else None
+    return name if _suffix(name) in _SHARD_SUFFIX.values() else None
 
 
 def _format_of(name: str) -> str:
     """The output format that writes a stored file of this name."""
-    suffix = pathlib.PurePosixPath(name).suffix
-    return next((fmt for fmt, ext in _SHARD_SUFFIX.items() if ext == suffix), "files")
+    return next((fmt for fmt, ext in _SHARD_SUFFIX.items() if name.endswith(ext)), "files")
 
 
 # -- one directory, opened safely -------------------------------------------------------------
@@ -304,8 +333,13 @@ class Directory:
             return None
         return (info.st_size, info.st_mtime_ns) if stat.S_ISREG(info.st_mode) else None
 
-    def write_atomic(self, name: str, data: bytes | memoryview, *, sync: bool = False) -> None:
+    def write_atomic(
+        self, name: str, data: bytes | memoryview | Iterable[bytes], *, sync: bool = False
+    ) -> None:
         """Write ``name`` completely or not at all: a new temporary file, then a rename.
+
+        ``data`` is the content, or an iterable of its pieces (written as they come, so
+        a large listing is never whole in memory).
 
         The temporary file is created exclusively (``O_EXCL | O_NOFOLLOW``) with the mode
         the umask asks for; the rename replaces a link planted at ``name`` (it never
@@ -316,7 +350,10 @@ class Directory:
         temp_path, at = self._at(temp)
         try:
             with os.fdopen(fd, "wb") as handle:
-                handle.write(data)
+                if isinstance(data, bytes | memoryview):
+                    handle.write(data)
+                else:
+                    handle.writelines(data)
                 if sync:
                     handle.flush()
                     os.fsync(handle.fileno())
@@ -606,8 +643,71 @@ class Unmatched:
         self.listing = listing
 
 
-def _pack(offset: int, length: int) -> int:
-    return (offset << 24) | length
+#: Manifest writes never cross a page boundary that no line crosses: a SIGKILL can cut a
+#: write between two pages, and a cut line is only ever the last one.
+_PAGE: Final = 4096
+#: Buffered manifest lines (resumed and failed items) are written once they reach this.
+_FLUSH_BYTES: Final = 1 << 16
+#: An index key: the identity hash's top bits, then the line number in ``unmatched.jsonl``.
+_LINE_BITS: Final = 28
+_LINE_MASK: Final = (1 << _LINE_BITS) - 1
+_MASK64: Final = (1 << 64) - 1
+_GOLDEN: Final = 0x9E3779B97F4A7C15
+
+
+def _identity_hash(item_id: str, occurrence: int) -> int:
+    """64 bits of an identity (ValueError when ``item_id`` is not hexadecimal)."""
+    return (int(item_id[:16], 16) ^ (occurrence * _GOLDEN)) & _MASK64
+
+
+def _scan_line(line: bytes) -> tuple[int, int, str | None]:
+    """(state, identity hash, stored file) of an earlier manifest line: state 1 for a
+    valid ``ok`` line, 2 for another valid line of an identity, 0 for one to ignore."""
+    record = _valid_record(line)
+    identity = None if record is None else _identity(record)
+    if identity is None:
+        return 0, 0, None
+    assert record is not None  # noqa: S101
+    try:
+        identity_hash = _identity_hash(*identity)
+    except ValueError:
+        return 0, 0, None
+    if record.get("status") != "ok":
+        return 2, identity_hash, None
+    return 1, identity_hash, record["file"]
+
+
+class _Earlier:
+    """What `BatchStore.open` gathered of the earlier runs into ``unmatched.jsonl``.
+
+    ``keys`` holds, sorted, the identity hash's top bits and the line number of each
+    line (8 bytes a line, whatever the line's length), ``offsets`` where each line starts
+    (and where the last ends), and ``claimed`` marks the lines this run's items claimed.
+    """
+
+    __slots__ = ("claimed", "keys", "offsets")
+
+    def __init__(self, keys: array.array[int], offsets: array.array[int]) -> None:
+        self.keys = keys
+        self.offsets = offsets
+        self.claimed = bytearray(len(offsets) - 1)
+
+    def __len__(self) -> int:
+        return len(self.claimed)
+
+    def lines_of(self, item_id: str, occurrence: int) -> Iterator[int]:
+        """The lines that may hold this identity (a hash match: the caller checks)."""
+        keys = self.keys
+        top = _identity_hash(item_id, occurrence) >> _LINE_BITS
+        at = bisect.bisect_left(keys, top << _LINE_BITS)
+        while at < len(keys) and keys[at] >> _LINE_BITS == top:
+            yield keys[at] & _LINE_MASK
+            at += 1
+
+    def span(self, line: int) -> tuple[int, int]:
+        """(offset, length) of a line."""
+        start = self.offsets[line]
+        return start, self.offsets[line + 1] - start
 
 
 class BatchStore:
@@ -618,7 +718,11 @@ class BatchStore:
     run's lines to a fresh ``manifest.jsonl``; `close` releases the lock and, when the
     run saw its whole input, leaves in ``unmatched.jsonl`` only the images no item
     claimed. With a shard ``output_format``, images go to `add_to_shard` instead of
-    `write_image`, and `publish` writes each full shard.
+    `write_files`, and `publish` writes each full shard.
+
+    Memory does not grow with the earlier runs' items but by a few bytes each: the
+    lookups are a sorted array of 8-byte keys (`_Earlier`), and each line is read back
+    from ``unmatched.jsonl`` only when an item claims it.
     """
 
     def __init__(
@@ -643,9 +747,15 @@ class BatchStore:
         self._manifest: IO[bytes] | None = None
         self._reader: IO[bytes] | None = None
         self._reader_lock = threading.Lock()
-        # hash((id, occurrence)) -> (offset << 24 | length) of its earlier ok line.
-        self._earlier: dict[int, int] = {}
-        self._claimed: set[int] = set()
+        self._earlier: _Earlier | None = None
+        # The manifest: its size, lines waiting to be written, and where each ok line of
+        # this run is (offset << 24 | length, by index; 0: none), for metadata.jsonl.
+        self._write_lock = threading.Lock()
+        self._size = 0
+        self._pending: list[tuple[int, bytes]] = []
+        self._pending_bytes = 0
+        self._spans = array.array("Q")
+        self._settled = False
 
     @property
     def manifest_path(self) -> pathlib.Path:
@@ -669,7 +779,7 @@ class BatchStore:
             self._dir.write_atomic(MANIFEST_NAME, b"", sync=True)
             appending = self._dir.open(MANIFEST_NAME, os.O_WRONLY | os.O_APPEND)
             self._manifest = os.fdopen(appending, "wb", 0)
-            if self._resume and self._earlier:
+            if self._earlier is not None:
                 self._reader = self._dir.read(UNMATCHED_NAME)
         except OSError as exc:
             self.close(complete=False)
@@ -688,7 +798,7 @@ class BatchStore:
                 f"output_format={sorted(others)[0]!r}; rerun with that format to resume it, "
                 "or pass another out_dir"
             )
-        if self.sharded and not self._resume and self._earlier:
+        if self.sharded and not self._resume and self._earlier is not None:
             raise FriendliUsageError(
                 f"resume=False into {str(self.directory)!r} would put items that are already "
                 "in its shards into new shards too; move the earlier run aside "
@@ -718,35 +828,106 @@ class BatchStore:
 
     def _gather_earlier(self) -> None:
         """Move every earlier line (unmatched.jsonl, then the manifest) into unmatched.jsonl,
-        the latest line of each identity, ok ones only."""
+        the latest line of each identity, ok ones only; index them (`_Earlier`).
+
+        One pass reads each line once, keeping 17 bytes of it (where it starts, its
+        identity hash, whether it is ok); the latest line of each identity is then found by
+        sorting the keys. A finished run (one manifest, every line the latest of its
+        identity) is renamed, not copied.
+        """
         assert self._dir is not None  # noqa: S101
-        latest: dict[tuple[str, int], bytes] = {}
+        starts = array.array("Q")
+        hashes = array.array("Q")
+        states = bytearray()
+        keys = array.array("Q")
+        sources: list[tuple[str, int]] = []  # (name, end of its complete lines)
         for name in (UNMATCHED_NAME, MANIFEST_NAME):
             try:
                 handle = self._dir.read(name)
             except FileNotFoundError:
                 continue
+            offset = 0
             with handle:
-                for _offset, line, record in read_records(handle):
-                    identity = None if record is None else _identity(record)
-                    if identity is None:
-                        continue
-                    assert record is not None  # noqa: S101
-                    if record.get("status") == "ok":
-                        latest[identity] = line
-                        self._earlier_formats.add(_format_of(record["file"]))
-                    else:
-                        latest.pop(identity, None)
-        body = b"".join(latest.values())
-        offset = 0
-        for identity, line in latest.items():
-            if len(line) <= _MAX_LINE:
-                self._earlier[hash(identity)] = _pack(offset, len(line))
-            offset += len(line)
-        if body:
-            self._dir.write_atomic(UNMATCHED_NAME, body, sync=True)
-        else:
+                for line in handle:
+                    if not line.endswith(b"\n"):
+                        break  # cut short by a crash mid-append
+                    number = len(states)
+                    state, identity_hash, file = _scan_line(line)
+                    starts.append(offset)
+                    hashes.append(identity_hash)
+                    states.append(state)
+                    if state:
+                        keys.append(identity_hash >> _LINE_BITS << _LINE_BITS | number)
+                    if file is not None:
+                        self._earlier_formats.add(_format_of(file))
+                    offset += len(line)
+            sources.append((name, offset))
+        if len(states) > _LINE_MASK:
+            raise FriendliUsageError(
+                f"out_dir {str(self.directory)!r} holds more than {_LINE_MASK:,} manifest "
+                "lines; move the earlier runs aside ('friendli-image batch --no-resume')"
+            )
+        order = sorted(keys)
+        del keys
+        live = _latest_ok(order, hashes, states)
+        del hashes
+        count = sum(live)
+        if not count:
             self._dir.remove(UNMATCHED_NAME)
+            return
+        if len(sources) == 1 and count == len(states):
+            # One source whose every line is kept: it becomes unmatched.jsonl as it is.
+            name, end = sources[0]
+            self._rename_to_unmatched(name, end)
+            starts.append(end)
+            self._earlier = _Earlier(array.array("Q", order), starts)
+            return
+        renumbered = array.array("Q", bytes(8 * len(states)))
+        offsets = array.array("Q")
+
+        def kept() -> Iterator[bytes]:
+            assert self._dir is not None  # noqa: S101
+            number = written = 0
+            for name, end in sources:
+                with self._dir.read(name) as handle:
+                    for line in handle:
+                        if not line.endswith(b"\n"):
+                            break  # the line a crash cut short
+                        if live[number]:
+                            renumbered[number] = len(offsets)
+                            offsets.append(written)
+                            written += len(line)
+                            yield line
+                        number += 1
+            offsets.append(written)
+
+        self._dir.write_atomic(UNMATCHED_NAME, kept(), sync=True)
+        index = array.array(
+            "Q",
+            (
+                key & ~_LINE_MASK | renumbered[key & _LINE_MASK]
+                for key in order
+                if live[key & _LINE_MASK]
+            ),
+        )
+        self._earlier = _Earlier(index, offsets)
+
+    def _rename_to_unmatched(self, name: str, end: int) -> None:
+        assert self._dir is not None  # noqa: S101
+        found = self._dir.size_and_mtime(name)
+        if found is not None and found[0] != end:
+            fd = self._dir.open(name, os.O_WRONLY)
+            try:
+                os.ftruncate(fd, end)  # drop a line a crash cut short
+            finally:
+                os.close(fd)
+        if name != UNMATCHED_NAME:
+            source, at = self._dir._at(name)
+            target, _ = self._dir._at(UNMATCHED_NAME)
+            if at:
+                os.replace(source, target, src_dir_fd=at["dir_fd"], dst_dir_fd=at["dir_fd"])
+            else:
+                os.replace(source, target)
 
     def close(self, *, complete: bool) -> Unmatched | None:
         """Publish the open shard and release everything; with ``complete`` (the run saw
@@ -754,8 +935,10 @@ class BatchStore:
         claimed and report them. A ``files`` location gets its ``metadata.jsonl``."""
         shard, self._shard = self._shard, None
         try:
-            if shard is not None and self._manifest is not None:
-                self.publish(shard)
+            if self._manifest is not None:
+                self.flush()
+                if shard is not None:
+                    self.publish(shard)
         finally:
             unmatched = self._close(complete=complete)
         return unmatched
@@ -773,7 +956,7 @@ class BatchStore:
                     unmatched = self._settle()
             if opened and self._dir is not None and not self.sharded:
                 with contextlib.suppress(OSError, FriendliUsageError):
-                    self._write_metadata(settled=complete)
+                    self._write_metadata()
         finally:
             if self._lock is not None:
                 os.close(self._lock)  # closing the descriptor releases the lock
@@ -783,72 +966,105 @@ class BatchStore:
                 self._dir = None
         return unmatched
 
+    def _unclaimed(self, *, present: bool) -> Iterator[tuple[bytes, StoredRecord]]:
+        """The lines of ``unmatched.jsonl`` no item of this run claimed (with ``present``,
+        only those whose stored file is there)."""
+        assert self._dir is not None  # noqa: S101
+        earlier = self._earlier
+        if earlier is None:
+            return
+        with self._dir.read(UNMATCHED_NAME) as handle:
+            for number, line in enumerate(handle):
+                if not self._settled and (number >= len(earlier) or earlier.claimed[number]):
+                    continue
+                record = _valid_record(line)
+                if record is None or record.get("status") != "ok":
+                    continue
+                if present and self._dir.size_and_mtime(record["file"]) is None:
+                    continue
+                yield line, record
+
     def _settle(self) -> Unmatched | None:
         assert self._dir is not None  # noqa: S101
-        try:
-            handle = self._dir.read(UNMATCHED_NAME)
-        except FileNotFoundError:
+        if self._earlier is None:
             return None
-        kept: list[bytes] = []
-        with handle:
-            for _offset, line, record in read_records(handle):
-                identity = None if record is None else _identity(record)
-                if identity is None or hash(identity) in self._claimed:
-                    continue
-                assert record is not None  # noqa: S101
-                if self._dir.size_and_mtime(record["file"]) is not None:
-                    kept.append(line)
-        if not kept:
-            self._dir.remove(UNMATCHED_NAME)
-            return None
-        self._dir.write_atomic(UNMATCHED_NAME, b"".join(kept), sync=True)
-        return Unmatched(len(kept), self.directory / UNMATCHED_NAME)
+        count = 0
 
-    def _write_metadata(self, *, settled: bool) -> None:
+        def kept() -> Iterator[bytes]:
+            nonlocal count
+            for line, _record in self._unclaimed(present=True):
+                count += 1
+                yield line
+
+        self._dir.write_atomic(UNMATCHED_NAME, kept(), sync=True)
+        self._settled = True
+        if not count:
+            self._dir.remove(UNMATCHED_NAME)
+            self._earlier = None
+            return None
+        return Unmatched(count, self.directory / UNMATCHED_NAME)
+
+    def _write_metadata(self) -> None:
         """Rewrite ``metadata.jsonl``: one row per stored image (``file_name`` and every
         field), this run's items in input order first, then the kept earlier images."""
         assert self._dir is not None  # noqa: S101
-        rows: dict[str, tuple[int, bytes]] = {}
-        for name in (MANIFEST_NAME, UNMATCHED_NAME):
-            try:
-                handle = self._dir.read(name)
-            except FileNotFoundError:
-                continue
-            earlier = name == UNMATCHED_NAME
-            with handle:
-                for _offset, _line, record in read_records(handle):
-                    if record is None or record.get("status") != "ok" or record["file"] in rows:
-                        continue
-                    # This run's lines name images it wrote or checked; earlier lines
-                    # name images that may be gone (unless close settled them).
-                    if earlier and not settled and self._dir.size_and_mtime(record["file"]) is None:
-                        continue
-                    row = {"file_name": record["file"], **_dataset_row(record)}
-                    order = record["index"] if not earlier else 1 << 62
-                    rows[record["file"]] = (order, orjson.dumps(row) + b"\n")
-        body = b"".join(line for _order, line in sorted(rows.values(), key=_first))
-        self._dir.write_atomic(METADATA_NAME, body)
+
+        def rows() -> Iterator[bytes]:
+            assert self._dir is not None  # noqa: S101
+            with self._dir.read(MANIFEST_NAME) as manifest:
+                for span in self._spans:
+                    if span:
+                        line = os.pread(manifest.fileno(), span & _MAX_LINE, span >> 24)
+                        record = _valid_record(line)
+                        if record is not None and record.get("status") == "ok":
+                            yield _metadata_row(record)
+            # Earlier lines name images that may be gone (unless close settled them).
+            for _line, record in self._unclaimed(present=not self._settled):
+                yield _metadata_row(record)
+
+        self._dir.write_atomic(METADATA_NAME, rows())
 
     # -- per item -------------------------------------------------------------------
 
+    def has_earlier(self, item_id: str, occurrence: int) -> bool:
+        """True if an earlier run may have this item (so `claim` is worth calling)."""
+        earlier = self._earlier
+        return earlier is not None and next(earlier.lines_of(item_id, occurrence), None) is not None
+
     def claim(self, item_id: str, occurrence: int) -> StoredRecord | None:
-        """Claim the identity for this run; return its earlier record if its image is
-        intact (blocking: hashes the file), else None."""
-        key = hash((item_id, occurrence))
-        self._claimed.add(key)
-        packed = self._earlier.pop(key, None)
-        if packed is None or self._reader is None or self._dir is None:
+        """Claim the identity for this run; return its earlier record if resuming and its
+        image is intact (blocking: stats the file), else None."""
+        earlier = self._earlier
+        if earlier is None or self._reader is None or self._dir is None:
             return None
-        offset, length = packed >> 24, packed & _MAX_LINE
-        with self._reader_lock:
-            self._reader.seek(offset)
-            line = self._reader.read(length)
-        record = _valid_record(line)
-        if record is None or _identity(record) != (item_id, occurrence):
-            return None
-        if _format_of(record["file"]) != "files":
-            return record if self._shard_present(record) else None
-        return record if self._dir.sha256(record["file"]) == record["sha256"] else None
+        for number in earlier.lines_of(item_id, occurrence):
+            offset, length = earlier.span(number)
+            record = _valid_record(os.pread(self._reader.fileno(), length, offset))
+            if record is None or _identity(record) != (item_id, occurrence):
+                continue  # another identity with the same hash bits
+            earlier.claimed[number] = 1
+            if not self._resume:
+                return None
+            return record if self._intact(record) else None
+        return None
+
+    def claim_all(self, identities: Sequence[tuple[str, int]]) -> list[StoredRecord | None]:
+        """`claim` each identity (blocking): one thread hop for a group of items."""
+        return [self.claim(item_id, occurrence) for item_id, occurrence in identities]
+
+    def _intact(self, record: StoredRecord) -> bool:
+        """True if the record's image is as it was written: a shard published whole; a
+        file of its size and modification time, or else of its sha256."""
+        assert self._dir is not None  # noqa: S101
+        name = record["file"]
+        if _format_of(name) != "files":
+            return self._shard_present(record)
+        found = self._dir.size_and_mtime(name)
+        if found is None or found[0] != record.get("bytes", found[0]):
+            return False
+        if found[1] == record.get("mtime_ns"):
+            return True
+        return bool(self._dir.sha256(name) == record["sha256"])
 
     def _shard_present(self, record: StoredRecord) -> bool:
         """True if the record's shard was published (present with its recorded size)."""
@@ -859,20 +1075,38 @@ class BatchStore:
                 found = self._dir.size_and_mtime(name)
                 self._shard_sizes[name] = None if found is None else found[0]
             size = self._shard_sizes[name]
-        return size is not None and size == record.get("shard_bytes")
+        return size is not None and bool(size == record.get("shard_bytes"))
 
-    def has_earlier(self, item_id: str, occurrence: int) -> bool:
-        """True if an earlier run may have this item (so `claim` is worth a thread)."""
-        return hash((item_id, occurrence)) in self._earlier
+    def write_files(
+        self, group: Sequence[tuple[str, bytes | memoryview, dict[str, Any]]]
+    ) -> list[str]:
+        """Write each image of a group atomically, then their manifest lines in one append
+        (blocking); return their sha256s. Fills each record's ``file``, ``sha256`` and
+        ``mtime_ns`` (what resume checks first).
 
-    def write_image(self, name: str, image: bytes | memoryview) -> str:
-        """Write the image atomically; return its sha256 (blocking)."""
+        A line is written only once its image is complete under its name, so a kill
+        leaves at most images without lines (made again by a rerun), never a line
+        without its image.
+        """
         assert self._dir is not None  # noqa: S101
+        digests: list[str] = []
+        lines: list[tuple[int, bytes]] = []
         try:
-            self._dir.write_atomic(name, image)
-        except OSError as exc:
-            raise _usage(self.directory / name, exc, "write") from exc
-        return hashlib.sha256(image).hexdigest()
+            for name, image, record in group:
+                try:
+                    self._dir.write_atomic(name, image)
+                except OSError as exc:
+                    raise _usage(self.directory / name, exc, "write") from exc
+                found = self._dir.size_and_mtime(name)
+                digest = hashlib.sha256(image).hexdigest()
+                record["file"], record["sha256"] = name, digest
+                record["mtime_ns"] = None if found is None else found[1]
+                lines.append((record["index"], orjson.dumps(record) + b"\n"))
+                digests.append(digest)
+        finally:
+            if lines:
+                self._write_lines(lines)
+        return digests
 
     def add_to_shard(
         self, key: str, image: bytes | memoryview, extension: str, record: dict[str, Any]
@@ -904,29 +1138,94 @@ class BatchStore:
             data = shard.build()
             size = len(data)
             self._write_lines(
-                b"".join(orjson.dumps({**r, "shard_bytes": size}) + b"\n" for r in shard.records)
+                [(-1, orjson.dumps({**r, "shard_bytes": size}) + b"\n") for r in shard.records]
             )
             self._dir.write_atomic(shard.name, data)
         except OSError as exc:
             raise _usage(self.directory / shard.name, exc, "write") from exc
 
-    def _write_lines(self, lines: bytes) -> None:
-        assert self._manifest is not None  # noqa: S101
-        view = memoryview(lines)
-        while view:
-            view = view[self._manifest.write(view) or 0 :]
-
     def append(self, record: Mapping[str, Any]) -> None:
-        """Append one manifest line with a single write (unbuffered)."""
+        """Add a manifest line of an item that wrote nothing now (resumed or failed).
+
+        Such lines are written in groups (`flush`): a kill that loses one loses nothing
+        a rerun needs (a resumed item's earlier line is still in ``unmatched.jsonl``; a
+        failed item is tried again).
+        """
+        line = orjson.dumps(record) + b"\n"
+        self._pending.append((record["index"] if record.get("status") == "ok" else -1, line))
+        self._pending_bytes += len(line)
+        if self._pending_bytes >= _FLUSH_BYTES:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write the lines `append` holds (blocking, but short: one append of 64 KiB)."""
+        pending, self._pending, self._pending_bytes = self._pending, [], 0
+        if pending:
+            self._write_lines(pending)
+
+    def _write_lines(self, lines: Sequence[tuple[int, bytes]]) -> None:
+        """Append lines (with the index of each ok one, else -1), whole lines per write and
+        no write across a page boundary that no line crosses."""
         assert self._manifest is not None  # noqa: S101
-        try:
-            self._manifest.write(orjson.dumps(record) + b"\n")
-        except OSError as exc:
-            raise _usage(self.manifest_path, exc, "append to") from exc
+        with self._write_lock:
+            data = b"".join(line for _index, line in lines)
+            offset = self._size
+            for index, line in lines:
+                if index >= 0 and len(line) <= _MAX_LINE:
+                    self._note_span(index, offset, len(line))
+                offset += len(line)
+            try:
+                self._write_paged(data)
+            except OSError as exc:
+                raise _usage(self.manifest_path, exc, "append to") from exc
+
+    def _write_paged(self, data: bytes) -> None:
+        assert self._manifest is not None  # noqa: S101
+        start = 0
+        while start < len(data):
+            room = _PAGE - self._size % _PAGE
+            end = min(start + room, len(data))
+            if end < len(data):
+                cut = data.rfind(b"\n", start, end) + 1
+                end = cut if cut > start else data.index(b"\n", end - 1) + 1
+            view = memoryview(data)[start:end]
+            while view:
+                view = view[self._manifest.write(view) or 0 :]
+            self._size += end - start
+            start = end
+
+    def _note_span(self, index: int, offset: int, length: int) -> None:
+        spans = self._spans
+        if index >= len(spans):
+            spans.frombytes(bytes(8 * (max(index + 1, 2 * len(spans)) - len(spans))))
+        spans[index] = offset << 24 | length
 
 
-def _first(pair: tuple[int, bytes]) -> int:
-    return pair[0]
+def _latest_ok(order: list[int], hashes: array.array[int], states: bytearray) -> bytearray:
+    """Which lines to keep: of each identity (the keys sorted, so its lines are adjacent
+    and in file order), the last line, if it is ok."""
+    live = bytearray(len(states))
+    count = len(order)
+    at = 0
+    while at < count:
+        key = order[at]
+        top = key >> _LINE_BITS
+        after = at + 1
+        while after < count and order[after] >> _LINE_BITS == top:
+            after += 1
+        if after == at + 1:
+            number = key & _LINE_MASK
+            live[number] = states[number] == 1
+        else:  # several lines share these bits: the last of each full hash decides
+            last = {hashes[k & _LINE_MASK]: k & _LINE_MASK for k in order[at:after]}
+            for number in last.values():
+                live[number] = states[number] == 1
+        at = after
+    return live
+
+
+def _metadata_row(record: StoredRecord) -> bytes:
+    return orjson.dumps({"file_name": record["file"], **_dataset_row(record)}) + b"\n"
 
 
 # -- the gallery's inputs ---------------------------------------------------------------------
