@@ -120,6 +120,7 @@ THUMBS_DIR: Final = ".thumbs"
 _TEMP_SUFFIX: Final = ".part"
 #: The file extension of each shard format.
 _SHARD_SUFFIX: Final = {"webdataset": ".tar", "parquet": ".parquet"}
+_FORMAT_OF_SUFFIX: Final = {suffix: fmt for fmt, suffix in _SHARD_SUFFIX.items()}
 #: Extensions an image (or a thumbnail) written by this package may have.
 _IMAGE_SUFFIXES: Final = frozenset({*EXTENSIONS.values(), *FORMATS_BY_EXTENSION, ".bin"})
 _NOFOLLOW: Final = getattr(os, "O_NOFOLLOW", 0)
@@ -244,7 +245,7 @@ def valid_stored_name(name: object) -> str | None:
 
 def _format_of(name: str) -> str:
     """The output format that writes a stored file of this name."""
-    return next((fmt for fmt, ext in _SHARD_SUFFIX.items() if name.endswith(ext)), "files")
+    return _FORMAT_OF_SUFFIX.get(_suffix(name), "files")
 
 
 # -- one directory, opened safely -------------------------------------------------------------
@@ -888,7 +889,7 @@ class BatchStore:
         def kept() -> Iterator[bytes]:
             assert self._dir is not None  # noqa: S101
             number = written = 0
-            for name, end in sources:
+            for name, _end in sources:
                 with self._dir.read(name) as handle:
                     for line in handle:
                         if not line.endswith(b"\n"):
@@ -1014,10 +1015,10 @@ class BatchStore:
             with self._dir.read(MANIFEST_NAME) as manifest:
                 for span in self._spans:
                     if span:
-                        line = os.pread(manifest.fileno(), span & _MAX_LINE, span >> 24)
-                        record = _valid_record(line)
-                        if record is not None and record.get("status") == "ok":
-                            yield _metadata_row(record)
+                        # This run's own lines, each written whole: no need to check them.
+                        yield _metadata_row(
+                            orjson.loads(os.pread(manifest.fileno(), span & _MAX_LINE, span >> 24))
+                        )
             # Earlier lines name images that may be gone (unless close settled them).
             for _line, record in self._unclaimed(present=not self._settled):
                 yield _metadata_row(record)
@@ -1031,40 +1032,40 @@ class BatchStore:
         earlier = self._earlier
         return earlier is not None and next(earlier.lines_of(item_id, occurrence), None) is not None
 
-    def claim(self, item_id: str, occurrence: int) -> StoredRecord | None:
-        """Claim the identity for this run; return its earlier record if resuming and its
-        image is intact (blocking: stats the file), else None."""
+    def claim(self, item_id: str, occurrence: int) -> tuple[StoredRecord | None, bool]:
+        """Claim the identity for this run: (its earlier record, checked) when resuming
+        and its image is there, else (None, True).
+
+        Checked is False when only `verify` can tell (a file of the right size whose
+        modification time is not the one recorded: copied, touched, or rewritten).
+        Blocking, but short: a read of the line and a stat of its file (a shard's stat
+        is cached).
+        """
         earlier = self._earlier
         if earlier is None or self._reader is None or self._dir is None:
-            return None
+            return None, True
         for number in earlier.lines_of(item_id, occurrence):
             offset, length = earlier.span(number)
-            record = _valid_record(os.pread(self._reader.fileno(), length, offset))
-            if record is None or _identity(record) != (item_id, occurrence):
+            # open checked every line it kept (`_scan_line`): only the identity is left.
+            record = orjson.loads(os.pread(self._reader.fileno(), length, offset))
+            if _identity(record) != (item_id, occurrence):
                 continue  # another identity with the same hash bits
             earlier.claimed[number] = 1
             if not self._resume:
-                return None
-            return record if self._intact(record) else None
-        return None
+                return None, True
+            name = record["file"]
+            if _format_of(name) != "files":
+                return (record if self._shard_present(record) else None), True
+            found = self._dir.size_and_mtime(name)
+            if found is None or found[0] != record.get("bytes", found[0]):
+                return None, True
+            return record, found[1] == record.get("mtime_ns")
+        return None, True
 
-    def claim_all(self, identities: Sequence[tuple[str, int]]) -> list[StoredRecord | None]:
-        """`claim` each identity (blocking): one thread hop for a group of items."""
-        return [self.claim(item_id, occurrence) for item_id, occurrence in identities]
-
-    def _intact(self, record: StoredRecord) -> bool:
-        """True if the record's image is as it was written: a shard published whole; a
-        file of its size and modification time, or else of its sha256."""
+    def verify(self, record: StoredRecord) -> bool:
+        """True if the record's image file has its recorded sha256 (blocking: reads it)."""
         assert self._dir is not None  # noqa: S101
-        name = record["file"]
-        if _format_of(name) != "files":
-            return self._shard_present(record)
-        found = self._dir.size_and_mtime(name)
-        if found is None or found[0] != record.get("bytes", found[0]):
-            return False
-        if found[1] == record.get("mtime_ns"):
-            return True
-        return bool(self._dir.sha256(name) == record["sha256"])
+        return bool(self._dir.sha256(record["file"]) == record["sha256"])
 
     def _shard_present(self, record: StoredRecord) -> bool:
         """True if the record's shard was published (present with its recorded size)."""
