@@ -46,7 +46,6 @@ import array
 import bisect
 import contextlib
 import hashlib
-import io
 import os
 import pathlib
 import secrets
@@ -336,8 +335,9 @@ class Directory:
 
     def write_atomic(
         self, name: str, data: bytes | memoryview | Iterable[bytes], *, sync: bool = False
-    ) -> None:
+    ) -> int:
         """Write ``name`` completely or not at all: a new temporary file, then a rename.
+        Returns the file's modification time (ns), which the rename keeps.
 
         ``data`` is the content, or an iterable of its pieces (written as they come, so
         a large listing is never whole in memory).
@@ -350,14 +350,20 @@ class Directory:
         fd = self.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
         temp_path, at = self._at(temp)
         try:
-            with os.fdopen(fd, "wb") as handle:
+            try:
                 if isinstance(data, bytes | memoryview):
-                    handle.write(data)
+                    # Unbuffered: an image is one write, not a buffered file object's work.
+                    view = memoryview(data)
+                    while view:
+                        view = view[os.write(fd, view) :]
                 else:
-                    handle.writelines(data)
+                    with os.fdopen(os.dup(fd), "wb") as handle:
+                        handle.writelines(data)
                 if sync:
-                    handle.flush()
-                    os.fsync(handle.fileno())
+                    os.fsync(fd)
+                mtime = os.fstat(fd).st_mtime_ns
+            finally:
+                os.close(fd)
             target, _ = self._at(name)
             if at:
                 os.replace(temp_path, target, src_dir_fd=at["dir_fd"], dst_dir_fd=at["dir_fd"])
@@ -367,6 +373,7 @@ class Directory:
             with contextlib.suppress(OSError):
                 os.unlink(temp_path, **at)
             raise
+        return mtime
 
     def move(self, name: str, into: Directory) -> bool:
         """Move ``name`` into another directory (same name); False if it is not there."""
@@ -620,15 +627,23 @@ class Shard:
             return memoryview(sink.getvalue())
         import tarfile  # noqa: PLC0415
 
-        buffer = io.BytesIO()
-        now = time.time()
-        with tarfile.open(fileobj=buffer, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-            for (name, data), row in zip(self.images, rows, strict=True):
-                for member, body in ((name, data), (row["key"] + ".json", orjson.dumps(row))):
-                    info = tarfile.TarInfo(member)
-                    info.size, info.mtime, info.mode = len(body), now, 0o644
-                    tar.addfile(info, io.BytesIO(body))
-        return buffer.getbuffer()
+        # The bytes tarfile.open(mode="w").addfile would write (headers from TarInfo,
+        # bodies padded to blocks, two zero blocks, the record padded), without its
+        # file object copies, which cost a third of a shard.
+        parts: list[bytes] = []
+        now = int(time.time())
+        size = 0
+        for (name, data), row in zip(self.images, rows, strict=True):
+            for member, body in ((name, data), (row["key"] + ".json", orjson.dumps(row))):
+                info = tarfile.TarInfo(member)
+                info.size, info.mtime, info.mode = len(body), now, 0o644
+                header = info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape")
+                padding = bytes(-len(body) % tarfile.BLOCKSIZE)
+                parts += (header, body, padding)
+                size += len(header) + len(body) + len(padding)
+        size += 2 * tarfile.BLOCKSIZE
+        parts.append(bytes(2 * tarfile.BLOCKSIZE + -size % tarfile.RECORDSIZE))
+        return b"".join(parts)
 
 
 # -- the store of a batch ---------------------------------------------------------------------
@@ -1095,13 +1110,11 @@ class BatchStore:
         try:
             for name, image, record in group:
                 try:
-                    self._dir.write_atomic(name, image)
+                    mtime = self._dir.write_atomic(name, image)
                 except OSError as exc:
                     raise _usage(self.directory / name, exc, "write") from exc
-                found = self._dir.size_and_mtime(name)
                 digest = hashlib.sha256(image).hexdigest()
-                record["file"], record["sha256"] = name, digest
-                record["mtime_ns"] = None if found is None else found[1]
+                record["file"], record["sha256"], record["mtime_ns"] = name, digest, mtime
                 lines.append((record["index"], orjson.dumps(record) + b"\n"))
                 digests.append(digest)
         finally:
