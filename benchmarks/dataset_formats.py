@@ -39,6 +39,8 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+from memory import rss_peak_mib  # the benchmarks' own module (this script's folder)
+
 from friendli_image import AsyncFriendli, ImageResult
 
 FORMATS = ("none", "files", "webdataset", "parquet")
@@ -47,15 +49,6 @@ FORMATS = ("none", "files", "webdataset", "parquet")
 def _cpu() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
-
-
-def _peak_mib() -> float:
-    # VmHWM, not ru_maxrss: Linux carries a parent's peak RSS across exec into ru_maxrss.
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 class _Stub:
@@ -127,7 +120,7 @@ def _child(args: argparse.Namespace) -> None:
             wall_s=round(wall, 2),
             cpu_us_per_item=round((_cpu() - cpu0) / total * 1e6, 1),
         )
-    figures["peak_rss_mib"] = round(_peak_mib())
+    figures["peak_rss_mib"] = round(rss_peak_mib())
     print(json.dumps(figures), flush=True)
 
 
