@@ -19,7 +19,10 @@ typed errors as single calls; on top of it the batch adds:
   first, and a rerun retries the others (skipped items are not in the manifest).
 - **A store** (``out_dir``, see ``_store``): images and a ``manifest.jsonl``. An item
   is its request and its occurrence among identical requests, not its index, so a
-  rerun resumes every item already stored wherever it sits in the input now.
+  rerun resumes every item already stored wherever it sits in the input now. An item
+  an earlier run may have made is claimed in the dispatch loop, in groups, with no task
+  or thread hop of its own; images are written in groups, one thread hop for the items
+  that finished while the previous group was written (`_FileWriter`).
 """
 
 from __future__ import annotations

@@ -26,6 +26,21 @@ runs move to ``unmatched.jsonl``, where resume looks them up by identity; when t
 has seen its whole input, the lines no item claimed stay there, one per stored image
 that matches no item, and the run reports how many (`BatchStore.close`).
 
+Files are written in groups (`BatchStore.write_files`: the images a worker-thread hop
+takes, then their lines in one append), so a line is never written before its image is
+whole under its name: a kill loses at most the group being written, whose images a rerun
+makes again. Lines of resumed and failed items are appended in groups too; losing them
+loses nothing (the earlier line is still in ``unmatched.jsonl``; a failure is retried).
+Appends never cross a page boundary no line crosses, so a kill cuts at most the last
+line, which readers skip.
+
+**Resume** costs a few bytes per earlier item, not an object each: opening reads each
+earlier line once and keeps an 8-byte key (identity hash and line number) in a sorted
+array (a finished run's manifest is renamed to ``unmatched.jsonl``, not copied); an item
+reads its line back only when it claims it. An image counts as intact when its size and
+modification time are the ones recorded when it was written; otherwise its sha256
+decides (a copied or touched image is hashed once, a rewritten one is made again).
+
 **Formats** (``output_format``). ``files``: one image file per item, named by its
 identity, and a ``metadata.jsonl`` (``file_name`` and every field of each stored item)
 rewritten when a run ends, so ``datasets.load_dataset("imagefolder", data_dir=...)``
