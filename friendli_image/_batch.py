@@ -80,6 +80,8 @@ _PROGRESS_INTERVAL: Final = 0.1
 #: Multiplicative decrease of the in-flight limit on a 429 (CUBIC's factor: halving
 #: starves a server whose 429s are sparse and not about load).
 _DECREASE: Final = 0.7
+#: Full shards written at once (the next items wait): bounds the shards in memory.
+_SHARD_BACKLOG: Final = 2
 #: Items an earlier run may have made are claimed this many at a time (one thread hop).
 _CLAIM_GROUP: Final = 256
 #: Per-call option keys a request mapping may carry besides the request fields.
@@ -363,6 +365,9 @@ class Batch:
         self._gate = Gate(self._concurrency, options.rps)
         self._store: BatchStore | None = None
         self._writer: _FileWriter | None = None
+        # Full shards being written, and the condition their writers signal.
+        self._unpublished = 0
+        self._published = asyncio.Condition()
         self._occurrences = Occurrences()
         self._unmatched: Unmatched | None = None
         self._aborted: FriendliBatchAborted | None = None
@@ -652,6 +657,9 @@ class Batch:
                 if self._monitor is not None:
                     self._monitor.close()
 
+    def _shard_room(self) -> bool:
+        return self._unpublished < _SHARD_BACKLOG
+
     def _count(self, item: BatchItem) -> None:
         self._counts[item.status] += 1
         if self._monitor is not None:
@@ -816,6 +824,12 @@ class Batch:
             fields=dataset_fields(prepared.model),
         )
         if store.sharded:
+            # Items wait while two full shards are not written yet: a shard is built and
+            # written slower than tiny images arrive, and without this the shards in
+            # memory would grow with the batch.
+            if self._unpublished >= _SHARD_BACKLOG:
+                async with self._published:
+                    await self._published.wait_for(self._shard_room)
             name, digest, full = store.add_to_shard(
                 item_key(prepared.id, prepared.occurrence),
                 result.data,
@@ -823,7 +837,13 @@ class Batch:
                 record,
             )
             if full is not None:
-                await loop.run_in_executor(None, store.publish, full)
+                self._unpublished += 1
+                try:
+                    await loop.run_in_executor(None, store.publish, full)
+                finally:
+                    self._unpublished -= 1
+                    async with self._published:
+                        self._published.notify_all()
         else:
             assert self._writer is not None  # noqa: S101
             name = image_name(prepared.id, prepared.occurrence, result.format)
