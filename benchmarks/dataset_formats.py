@@ -1,17 +1,32 @@
-"""Client CPU, memory and resume time of each batch output format, with the server stubbed.
+"""Client CPU, memory and resume time of each batch output format.
 
-    python benchmarks/dataset_formats.py [--n 100000] [--size 256] [--formats ...]
+    python benchmarks/dataset_formats.py [--n 10000] [--size 256] [--formats ...] [--http]
                                          [--location memory]
 
-Each format runs in a fresh process (so peak RSS is its own): ``generate_batch`` of N
-distinct tiny images through the batch engine and the output store, on a stub request
-path (the package's private `RequestPath`) that answers every call with one prebuilt
-result after one loop iteration, so the CPU is the engine's and the store's alone, not
-HTTP's. ``none`` keeps no out_dir (items carry the bytes and are dropped as they come).
-Then the same batch again into the finished location: everything resumes, nothing is
-sent; its wall time is the resume time. Prints one JSON line per format.
+Each format runs in fresh processes (so peak RSS is each one's own):
+
+- **write**: ``generate_batch`` of N distinct tiny images through the batch engine and
+  the output store; client CPU (user + sys, every thread) per item, wall time, peak RSS
+  (``VmHWM``). ``none`` keeps no out_dir (items carry the bytes and are dropped as they
+  come).
+- **resume**: the same N requests and ``--new`` more after them, into the finished
+  location: everything resumes and only the new ones are sent. Its figures are the time
+  from the call to the first new request (what a user waits before new work starts),
+  the whole rerun's wall time, and the process's peak RSS.
+
+By default the request path is a stub (the package's private `RequestPath`) that answers
+every call with one prebuilt result after one loop iteration, so the CPU is the engine's
+and the store's alone, not HTTP's. With ``--http`` the write runs use a real
+`AsyncFriendli` against ``benchmarks/server.py`` (the static server, its own process),
+the measure of PERFORMANCE.md target 13 (files at most 1.5x the CPU per item of no
+out_dir); resume is measured on the stub either way (it sends nothing but the new items).
+
 ``--location memory`` writes to fsspec's ``memory://`` instead of a local directory: the
-object-store path (one PUT per image or shard, the manifest written at the end).
+object-store path (one PUT per image or shard, the manifest written at the end). A
+memory file system lives in its process only, so there the resume process first writes
+the N items itself (unmeasured, but in its peak RSS).
+
+Prints one JSON line per run and a table at the end.
 """
 
 from __future__ import annotations
@@ -19,6 +34,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import resource
 import shutil
 import subprocess
@@ -29,7 +45,11 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+from memory import rss_peak_mib  # the benchmarks' own module (this script's folder)
+
 from friendli_image import AsyncFriendli, ImageResult
+
+FORMATS = ("none", "files", "webdataset", "parquet")
 
 
 def _cpu() -> float:
@@ -37,99 +57,185 @@ def _cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def _stub(size: int) -> Any:
-    from friendli_image._request_path import RequestPath
-    from friendli_image._resources import Image
+class _Stub:
+    """A client whose request path answers at once, noting when it was first called."""
 
-    result = ImageResult(data=b"\xff\xd8\xff\xe0" + bytes(size - 4))
-    client = AsyncFriendli(server_url="http://127.0.0.1:9", token="")
+    def __init__(self, size: int) -> None:
+        from friendli_image._request_path import RequestPath
+        from friendli_image._resources import Image
 
-    async def send(path: str, model: object, options: object, gate: Any) -> ImageResult:
-        ticket = await gate.acquire()
-        await asyncio.sleep(0)
-        gate.release(ticket, "ok")
-        return result
+        result = ImageResult(data=b"\xff\xd8\xff\xe0" + bytes(size - 4))
+        self.first_send: float | None = None
+        self._client = AsyncFriendli(server_url="http://127.0.0.1:9", token="")
 
-    image = Image(RequestPath(send=send, resolve=client._resolve))  # type: ignore[arg-type]
-    return SimpleNamespace(container=SimpleNamespace(image=image))
+        async def send(path: str, model: object, options: object, gate: Any) -> ImageResult:
+            if self.first_send is None:
+                self.first_send = time.perf_counter()
+            ticket = await gate.acquire()
+            await asyncio.sleep(0)
+            gate.release(ticket, "ok")
+            return result
+
+        path = RequestPath(send=send, resolve=self._client._resolve)
+        self.container = SimpleNamespace(image=Image(path))
 
 
-async def _run(stub: Any, n: int, out: Path | str | None, output_format: str) -> dict[str, int]:
-    specs = ({"prompt": "a lighthouse at dawn", "seed": i} for i in range(n))
-    options: dict[str, Any] = {"concurrency": 64, "total": n}
+async def _run(
+    client: Any, n: int, start: int, out: Path | str | None, output_format: str
+) -> dict[str, int]:
+    specs = ({"prompt": "a lighthouse at dawn", "seed": i} for i in range(start, n))
+    options: dict[str, Any] = {"concurrency": 64, "total": n - start}
     if out is not None:
         options.update(out_dir=out, output_format=output_format)
     counts = {"ok": 0, "resumed": 0, "failed": 0, "skipped": 0}
-    async for item in stub.container.image.generate_batch(specs, **options):
+    async for item in client.container.image.generate_batch(specs, **options):
         counts[item.status] += 1
     return counts
 
 
-def _child(output_format: str, n: int, size: int, out: Path, location: str) -> None:
-    stub = _stub(size)
+def _child(args: argparse.Namespace) -> None:
+    output_format, out = args.format, Path(args.out)
     target: Path | str | None = None if output_format == "none" else out
-    if target is not None and location == "memory":
+    if target is not None and args.location == "memory":
         target = f"memory://friendli-bench/{output_format}"
-    cpu0, wall0 = _cpu(), time.perf_counter()
-    counts = asyncio.run(_run(stub, n, target, output_format))
-    cpu, wall = _cpu() - cpu0, time.perf_counter() - wall0
     figures: dict[str, Any] = {
+        "run": args.child,
         "format": output_format,
-        "n": n,
-        "ok": counts["ok"],
-        "cpu_us_per_item": round(cpu / n * 1e6, 1),
-        "wall_s": round(wall, 2),
+        "n": args.n,
+        "location": args.location,
     }
-    if target is not None:
-        cpu0, wall0 = _cpu(), time.perf_counter()
-        again = asyncio.run(_run(stub, n, target, output_format))
-        figures["resumed"] = again["resumed"]
-        figures["resume_wall_s"] = round(time.perf_counter() - wall0, 2)
-        figures["resume_cpu_us_per_item"] = round((_cpu() - cpu0) / n * 1e6, 1)
-        if isinstance(target, Path):
-            figures["files_in_out_dir"] = sum(1 for _ in target.iterdir())
+    if args.child == "write":
+        if args.url:
+            counts, cpu0, wall0 = asyncio.run(_timed_http(args.url, args.n, target, output_format))
         else:
-            import fsspec  # only the memory location needs it
-
-            figures["files_in_out_dir"] = len(fsspec.filesystem("memory").ls(target))
-        figures["location"] = location
-    figures["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+            stub = _Stub(args.size)
+            cpu0, wall0 = _cpu(), time.perf_counter()
+            counts = asyncio.run(_run(stub, args.n, 0, target, output_format))
+        cpu, wall = _cpu() - cpu0, time.perf_counter() - wall0
+        figures.update(
+            http=bool(args.url),
+            ok=counts["ok"],
+            cpu_us_per_item=round(cpu / args.n * 1e6, 1),
+            wall_s=round(wall, 2),
+        )
+    else:
+        stub = _Stub(args.size)
+        total = args.n + args.new
+        if isinstance(target, str):  # memory://: the write's process is gone with it
+            asyncio.run(_run(stub, args.n, 0, target, output_format))
+            stub.first_send = None
+        cpu0, wall0 = _cpu(), time.perf_counter()
+        counts = asyncio.run(_run(stub, total, 0, target, output_format))
+        wall = time.perf_counter() - wall0
+        first = None if stub.first_send is None else stub.first_send - wall0
+        figures.update(
+            new=args.new,
+            resumed=counts["resumed"],
+            sent=counts["ok"],
+            first_new_request_s=None if first is None else round(first, 2),
+            wall_s=round(wall, 2),
+            cpu_us_per_item=round((_cpu() - cpu0) / total * 1e6, 1),
+        )
+    figures["peak_rss_mib"] = round(rss_peak_mib())
     print(json.dumps(figures), flush=True)
 
 
+async def _timed_http(
+    url: str, n: int, out: Path | str | None, output_format: str
+) -> tuple[dict[str, int], float, float]:
+    """The write through HTTP: counts, and the CPU and wall clock after the warm-up."""
+    async with AsyncFriendli(server_url=url, token="", max_connections=64) as client:
+        await _run(client, 256, 0, None, "files")  # warm up: open the pool
+        cpu0, wall0 = _cpu(), time.perf_counter()
+        return await _run(client, n, 0, out, output_format), cpu0, wall0
+
+
+def _spawn(
+    kind: str, output_format: str, out: Path, args: argparse.Namespace, url: str | None
+) -> dict[str, Any]:
+    command = [
+        sys.executable, __file__, "--child", kind, "--format", output_format, "--out", str(out),
+        "--n", str(args.n), "--size", str(args.size), "--new", str(args.new),
+        "--location", args.location,
+    ]  # fmt: skip
+    if url:
+        command += ["--url", url]
+    done = subprocess.run(command, check=True, capture_output=True, text=True)
+    line = done.stdout.strip().splitlines()[-1]
+    print(line, flush=True)
+    figures: dict[str, Any] = json.loads(line)
+    return figures
+
+
+def _table(rows: list[dict[str, Any]], n: int) -> str:
+    lines = [
+        f"| format (N = {n:,}) | write CPU us/item | write peak RSS MiB | resume: first new "
+        "request s | resume wall s | resume peak RSS MiB |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        resume = row.get("resume") or {}
+        lines.append(
+            f"| {row['format']} | {row['write']['cpu_us_per_item']:,.1f} | "
+            f"{row['write']['peak_rss_mib']:,} | {resume.get('first_new_request_s', '-')} | "
+            f"{resume.get('wall_s', '-')} | {resume.get('peak_rss_mib', '-')} |"
+        )
+    return "\n".join(lines)
+
+
 def main() -> None:
-    """Run each format in its own process and print its figures."""
+    """Run each format's write and resume in processes of their own; print the figures."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n", type=int, default=100_000, help="items (default 100000)")
+    parser.add_argument("--n", type=int, default=10_000, help="items (default 10000)")
     parser.add_argument("--size", type=int, default=256, help="image bytes (default 256)")
-    parser.add_argument(
-        "--formats",
-        nargs="+",
-        default=["none", "files", "webdataset", "parquet"],
-        choices=["none", "files", "webdataset", "parquet"],
-    )
+    parser.add_argument("--new", type=int, default=100, help="new items on resume (100)")
+    parser.add_argument("--formats", nargs="+", default=list(FORMATS), choices=FORMATS)
+    parser.add_argument("--http", action="store_true", help="write through benchmarks/server.py")
+    parser.add_argument("--no-resume", action="store_true", help="measure the writes only")
+    parser.add_argument("--dir", help="where the locations go (default: a temporary folder)")
     parser.add_argument(
         "--location",
         choices=["local", "memory"],
         default="local",
         help="a local directory (default), or fsspec's memory:// (the object-store path)",
     )
-    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=("write", "resume"), help=argparse.SUPPRESS)
+    parser.add_argument("--format", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
+    parser.add_argument("--url", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        _child(args.child, args.n, args.size, Path(args.out), args.location)
+        _child(args)
         return
-    for output_format in args.formats:
-        out = Path(tempfile.mkdtemp(prefix=f"friendli-{output_format}-"))
-        try:
-            subprocess.run(
-                [sys.executable, __file__, "--child", output_format, "--out", str(out / "out"),
-                 "--n", str(args.n), "--size", str(args.size), "--location", args.location],
-                check=True,
-            )  # fmt: skip
-        finally:
-            shutil.rmtree(out, ignore_errors=True)
+    server = None
+    url = None
+    if args.http:
+        command = [sys.executable, str(Path(__file__).with_name("server.py")), "--size"]
+        server = subprocess.Popen(
+            [*command, str(args.size)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
+        assert server.stdout is not None
+        url = f"http://127.0.0.1:{int(server.stdout.readline().split()[1])}"
+    rows = []
+    try:
+        for output_format in args.formats:
+            base = Path(tempfile.mkdtemp(prefix=f"friendli-{output_format}-", dir=args.dir))
+            try:
+                row: dict[str, Any] = {"format": output_format}
+                row["write"] = _spawn("write", output_format, base / "out", args, url)
+                if output_format != "none" and not args.no_resume:
+                    row["resume"] = _spawn("resume", output_format, base / "out", args, None)
+                rows.append(row)
+            finally:
+                shutil.rmtree(base, ignore_errors=True)
+    finally:
+        if server is not None:
+            assert server.stdin is not None
+            server.stdin.close()
+            server.wait(timeout=10)
+    print(_table(rows, args.n))
+    if os.environ.get("FRIENDLI_BENCH_JSON"):
+        Path(os.environ["FRIENDLI_BENCH_JSON"]).write_text(json.dumps(rows))
 
 
 if __name__ == "__main__":

@@ -6,7 +6,14 @@ bytes in flight, and the worst lag of a 10 ms ticker on the event loop while the
 
 ``python benchmarks/memory.py disk --url URL --size BYTES --n 1000 --c 64 --out DIR``
 writes N images to DIR at concurrency C and reports the peak RSS of the process.
-Both print one JSON object.
+
+``python benchmarks/memory.py cli --n 1000000 --c 64 --size 256 --out DIR [--url URL]``
+runs ``friendli-image batch`` over a file of N distinct prompts into DIR (files, or
+``--output-format``) against URL (default: ``benchmarks/server.py`` started for it) and
+reports the command's peak RSS (its own rusage, from ``wait4``) and its RSS as it went,
+so a summary that keeps every item shows as growth.
+
+Each prints one JSON object.
 """
 
 from __future__ import annotations
@@ -14,9 +21,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import contextlib
 import json
 import os
 import resource
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -33,7 +42,8 @@ def _rss_now_mib() -> float:
     return pages * os.sysconf("SC_PAGE_SIZE") / MiB
 
 
-def _rss_peak_mib() -> float:
+def rss_peak_mib() -> float:
+    """This process's peak RSS in MiB."""
     # VmHWM, not ru_maxrss: Linux carries a parent's peak RSS across exec into ru_maxrss.
     with open("/proc/self/status") as status:
         for line in status:
@@ -97,7 +107,7 @@ async def big(client: str, url: str, size: int, c: int) -> dict[str, Any]:
         wall = time.perf_counter() - started
     if any(s != size for s in sizes):
         raise RuntimeError(f"wrong image sizes: {sizes}")
-    peak = _rss_peak_mib()
+    peak = rss_peak_mib()
     in_flight = c * size / MiB
     return {
         "scenario": "big",
@@ -139,24 +149,95 @@ async def disk(url: str, size: int, n: int, c: int, out: Path) -> dict[str, Any]
         "c": c,
         "size": size,
         "wall_s": wall,
-        "peak_mib": _rss_peak_mib(),
+        "peak_mib": rss_peak_mib(),
+    }
+
+
+def _rss_mib(pid: int) -> float | None:
+    with contextlib.suppress(OSError), open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return None
+
+
+def cli(args: argparse.Namespace) -> dict[str, Any]:
+    """``friendli-image batch`` over N prompts; its peak RSS and RSS samples as it ran."""
+    out: Path = args.out
+    prompts = out.with_name(out.name + "-prompts.txt")
+    with prompts.open("w") as handle:
+        handle.writelines(f"a lighthouse at dawn, take {i}\n" for i in range(args.n))
+    url, server = args.url, None
+    if url is None:
+        command = [sys.executable, str(Path(__file__).with_name("server.py")), "--size"]
+        server = subprocess.Popen(
+            [*command, str(args.size)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
+        assert server.stdout is not None
+        url = f"http://127.0.0.1:{int(server.stdout.readline().split()[1])}"
+    try:
+        command = [
+            sys.executable, "-m", "friendli_image", "batch", str(prompts), "--out-dir", str(out),
+            "--server-url", url, "--concurrency", str(args.c), "--no-progress",
+            "--output-format", args.output_format,
+        ]  # fmt: skip
+        started = time.perf_counter()
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL)
+        samples: list[tuple[float, float]] = []
+        while True:
+            # wait4: the command's own rusage (its peak RSS), not the children's maximum.
+            pid, status, usage = os.wait4(process.pid, os.WNOHANG)
+            if pid:
+                break
+            rss = _rss_mib(process.pid)
+            if rss is not None:
+                samples.append((time.perf_counter() - started, rss))
+            time.sleep(1.0)
+        process.returncode = os.waitstatus_to_exitcode(status)
+        wall = time.perf_counter() - started
+    finally:
+        if server is not None:
+            assert server.stdin is not None
+            server.stdin.close()
+            server.wait(timeout=10)
+        prompts.unlink()
+    if process.returncode != 0:
+        raise RuntimeError(f"friendli-image batch exited {process.returncode}")
+    picks = [samples[int(len(samples) * q)] for q in (0.1, 0.5, 0.9)] if samples else []
+    return {
+        "scenario": "cli",
+        "n": args.n,
+        "c": args.c,
+        "size": args.size,
+        "output_format": args.output_format,
+        "wall_s": round(wall, 1),
+        "items_per_s": round(args.n / wall),
+        "peak_mib": round(usage.ru_maxrss / 1024, 1),
+        "rss_mib_at": {f"{t:.0f}s": round(rss, 1) for t, rss in picks},
     }
 
 
 def main() -> None:
     """Parse the command line, run one scenario, print its figures as JSON."""
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("scenario", choices=["big", "disk"])
+    parser.add_argument("scenario", choices=["big", "disk", "cli"])
     parser.add_argument(
         "client", nargs="?", default="friendli", choices=["friendli", "raw_aiohttp"]
     )
-    parser.add_argument("--url", required=True)
+    parser.add_argument("--url", help="the server (cli: default, benchmarks/server.py)")
+    parser.add_argument("--output-format", default="files", help="cli: the batch's format")
     parser.add_argument("--size", type=int, required=True)
     parser.add_argument("--c", type=int, required=True)
     parser.add_argument("--n", type=int, default=1000)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
-    if args.scenario == "big":
+    if args.scenario != "cli" and args.url is None:
+        parser.error(f"{args.scenario} needs --url")
+    if args.scenario == "cli":
+        if args.out is None:
+            parser.error("cli needs --out")
+        figures = cli(args)
+    elif args.scenario == "big":
         figures = asyncio.run(big(args.client, args.url, args.size, args.c))
     else:
         if args.out is None:

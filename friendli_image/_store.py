@@ -26,6 +26,23 @@ runs move to ``unmatched.jsonl``, where resume looks them up by identity; when t
 has seen its whole input, the lines no item claimed stay there, one per stored image
 that matches no item, and the run reports how many (`BatchStore.close`).
 
+Files are written in groups (`BatchStore.write_files`: the images a worker-thread hop
+takes, then their lines in one append), so a line is never written before its image is
+whole under its name: a kill loses at most the group being written, whose images a rerun
+makes again. Lines of resumed and failed items are appended in groups too; losing them
+loses nothing (the earlier line is still in ``unmatched.jsonl``; a failure is retried).
+Appends never cross a page boundary no line crosses, so a kill cuts at most the last
+line, which readers skip.
+
+**Resume** costs a few bytes per earlier item, not an object each: opening reads each
+earlier line once and keeps an 8-byte key (the hash of the identity, id, occurrence and
+variant, and the line number) in a sorted array (a finished run's manifest is renamed to
+``unmatched.jsonl``, not copied); an item reads its line back only when it claims it. An
+image counts as intact when its size and modification time are the ones recorded when it
+was written; otherwise its sha256 decides (a copied or touched image is hashed once, a
+rewritten one is made again). On a URL location a PUT is whole or absent, so the size
+the location lists decides, without a download.
+
 **Formats** (``output_format``). ``files``: one image file per item, named by its
 identity, and a ``metadata.jsonl`` (``file_name`` and every field of each stored item)
 rewritten when a run ends, so ``datasets.load_dataset("imagefolder", data_dir=...)``
@@ -42,6 +59,8 @@ lands in two shards. A kill loses at most the items of the open shard.
 
 from __future__ import annotations
 
+import array
+import bisect
 import contextlib
 import hashlib
 import io
@@ -52,7 +71,7 @@ import stat
 import sys
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import IO, TYPE_CHECKING, Any, Final
 
 import orjson
@@ -123,6 +142,7 @@ THUMBS_DIR: Final = ".thumbs"
 _TEMP_SUFFIX: Final = ".part"
 #: The file extension of each shard format.
 _SHARD_SUFFIX: Final = {"webdataset": ".tar", "parquet": ".parquet"}
+_FORMAT_OF_SUFFIX: Final = {suffix: fmt for fmt, suffix in _SHARD_SUFFIX.items()}
 #: Extensions an image (or a thumbnail) written by this package may have.
 _IMAGE_SUFFIXES: Final = frozenset({*EXTENSIONS.values(), *FORMATS_BY_EXTENSION, ".bin"})
 _NOFOLLOW: Final = getattr(os, "O_NOFOLLOW", 0)
@@ -148,24 +168,46 @@ def request_digest(path: str, request: GenerateRequest | EditRequest) -> str:
 class Occurrences:
     """Numbers identical requests in input order: 0 for the first, 1 for the next, ...
 
-    Holds 8 bytes of each digest seen (and a count for repeated ones only).
+    Holds 8 bytes of each digest seen, in a flat open-addressing table (16 bytes an item,
+    not a Python object each: a million items cost 16 MiB), and a count for repeated
+    ones only.
     """
 
-    __slots__ = ("_repeats", "_seen")
+    __slots__ = ("_count", "_mask", "_repeats", "_table")
 
     def __init__(self) -> None:
-        self._seen: set[int] = set()
+        self._table = array.array("Q", bytes(8 * 1024))
+        self._mask = 1023
+        self._count = 0
         self._repeats: dict[str, int] = {}
 
     def next(self, digest: str) -> int:
         """The occurrence of this digest, counting it."""
-        short = int(digest[:16], 16)
-        if short not in self._seen:
-            self._seen.add(short)
-            return 0
+        short = int(digest[:16], 16) | 1  # 0 marks a free slot
+        table, mask = self._table, self._mask
+        slot = short & mask
+        while (held := table[slot]) != short:
+            if not held:
+                table[slot] = short
+                self._count += 1
+                if self._count * 2 > mask:
+                    self._grow()
+                return 0
+            slot = (slot + 1) & mask
         occurrence = self._repeats.get(digest, 0) + 1
         self._repeats[digest] = occurrence
         return occurrence
+
+    def _grow(self) -> None:
+        old = self._table
+        self._mask = mask = len(old) * 2 - 1
+        self._table = table = array.array("Q", bytes(8 * (mask + 1)))
+        for short in old:
+            if short:
+                slot = short & mask
+                while table[slot]:
+                    slot = (slot + 1) & mask
+                table[slot] = short
 
 
 def item_key(digest: str, occurrence: int, variant: int = 0) -> str:
@@ -242,8 +284,14 @@ def valid_name(name: object) -> str | None:
         return None
     if "/" in name or "\\" in name or "\0" in name or name.startswith("."):
         return None
-    suffix = pathlib.PurePosixPath(name).suffix.lower()
-    return name if suffix in _IMAGE_SUFFIXES else None
+    return name if _suffix(name).lower() in _IMAGE_SUFFIXES else None
+
+
+def _suffix(name: str) -> str:
+    """``PurePosixPath(name).suffix`` of a name without separators, at a tenth of its cost
+    (resume checks a name per stored item)."""
+    dot = name.rfind(".")
+    return name[dot:] if 0 < dot < len(name) - 1 else ""
 
 
 def valid_stored_name(name: object) -> str | None:
@@ -254,13 +302,12 @@ def valid_stored_name(name: object) -> str | None:
         return None
     if "/" in name or "\\" in name or "\0" in name:
         return None
-    return name if pathlib.PurePosixPath(name).suffix in _SHARD_SUFFIX.values() else None
+    return name if _suffix(name) in _SHARD_SUFFIX.values() else None
 
 
 def _format_of(name: str) -> str:
     """The output format that writes a stored file of this name."""
-    suffix = pathlib.PurePosixPath(name).suffix
-    return next((fmt for fmt, ext in _SHARD_SUFFIX.items() if ext == suffix), "files")
+    return _FORMAT_OF_SUFFIX.get(_suffix(name), "files")
 
 
 # -- one directory, opened safely -------------------------------------------------------------
@@ -285,6 +332,7 @@ class Directory:
 
     def __init__(self, path: pathlib.Path, *, create: bool = False, parent: int | None = None):
         self.path = path
+        self._prefix = os.path.join(path, "")
         if create and parent is None:
             path.mkdir(parents=True, exist_ok=True)
         self._fd: int | None = None
@@ -310,7 +358,8 @@ class Directory:
 
     def _at(self, name: str) -> tuple[str, dict[str, int]]:
         if self._fd is None:
-            return str(self.path / name), {}
+            # A string join: a pathlib join per stored item costs more than its stat.
+            return self._prefix + name, {}
         return name, {"dir_fd": self._fd}
 
     def subdirectory(self, name: str, *, create: bool = False) -> Directory:
@@ -349,8 +398,14 @@ class Directory:
             return None
         return (info.st_size, info.st_mtime_ns) if stat.S_ISREG(info.st_mode) else None
 
-    def write_atomic(self, name: str, data: bytes | memoryview, *, sync: bool = False) -> None:
+    def write_atomic(
+        self, name: str, data: bytes | memoryview | Iterable[bytes], *, sync: bool = False
+    ) -> int:
         """Write ``name`` completely or not at all: a new temporary file, then a rename.
+        Returns the file's modification time (ns), which the rename keeps.
+
+        ``data`` is the content, or an iterable of its pieces (written as they come, so
+        a large listing is never whole in memory).
 
         The temporary file is created exclusively (``O_EXCL | O_NOFOLLOW``) with the mode
         the umask asks for; the rename replaces a link planted at ``name`` (it never
@@ -360,11 +415,20 @@ class Directory:
         fd = self.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
         temp_path, at = self._at(temp)
         try:
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(data)
+            try:
+                if isinstance(data, bytes | memoryview):
+                    # Unbuffered: an image is one write, not a buffered file object's work.
+                    view = memoryview(data)
+                    while view:
+                        view = view[os.write(fd, view) :]
+                else:
+                    with os.fdopen(os.dup(fd), "wb") as handle:
+                        handle.writelines(data)
                 if sync:
-                    handle.flush()
-                    os.fsync(handle.fileno())
+                    os.fsync(fd)
+                mtime = os.fstat(fd).st_mtime_ns
+            finally:
+                os.close(fd)
             target, _ = self._at(name)
             if at:
                 os.replace(temp_path, target, src_dir_fd=at["dir_fd"], dst_dir_fd=at["dir_fd"])
@@ -374,6 +438,7 @@ class Directory:
             with contextlib.suppress(OSError):
                 os.unlink(temp_path, **at)
             raise
+        return mtime
 
     def move(self, name: str, into: Directory) -> bool:
         """Move ``name`` into another directory (same name); False if it is not there."""
@@ -414,7 +479,7 @@ class Directory:
             return None
 
 
-def _usage(where: pathlib.Path, exc: OSError, what: str) -> FriendliUsageError:
+def _usage(where: pathlib.Path | str, exc: OSError, what: str) -> FriendliUsageError:
     return FriendliUsageError(
         f"cannot {what} {str(where)!r}: {exc}; check that the directory is writable and "
         "has space, then rerun (finished items are kept)"
@@ -646,15 +711,23 @@ class Shard:
             return memoryview(sink.getvalue())
         import tarfile  # noqa: PLC0415
 
-        buffer = io.BytesIO()
-        now = time.time()
-        with tarfile.open(fileobj=buffer, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-            for (name, data), row in zip(self.images, rows, strict=True):
-                for member, body in ((name, data), (row["key"] + ".json", orjson.dumps(row))):
-                    info = tarfile.TarInfo(member)
-                    info.size, info.mtime, info.mode = len(body), now, 0o644
-                    tar.addfile(info, io.BytesIO(body))
-        return buffer.getbuffer()
+        # The bytes tarfile.open(mode="w").addfile would write (headers from TarInfo,
+        # bodies padded to blocks, two zero blocks, the record padded), without its
+        # file object copies, which cost a third of a shard.
+        parts: list[bytes] = []
+        now = int(time.time())
+        size = 0
+        for (name, data), row in zip(self.images, rows, strict=True):
+            for member, body in ((name, data), (row["key"] + ".json", orjson.dumps(row))):
+                info = tarfile.TarInfo(member)
+                info.size, info.mtime, info.mode = len(body), now, 0o644
+                header = info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape")
+                padding = bytes(-len(body) % tarfile.BLOCKSIZE)
+                parts += (header, body, padding)
+                size += len(header) + len(body) + len(padding)
+        size += 2 * tarfile.BLOCKSIZE
+        parts.append(bytes(2 * tarfile.BLOCKSIZE + -size % tarfile.RECORDSIZE))
+        return b"".join(parts)
 
 
 # -- the store of a batch ---------------------------------------------------------------------
@@ -670,8 +743,73 @@ class Unmatched:
         self.listing = listing
 
 
-def _pack(offset: int, length: int) -> int:
-    return (offset << 24) | length
+#: Manifest writes never cross a page boundary that no line crosses: a SIGKILL can cut a
+#: write between two pages, and a cut line is only ever the last one.
+_PAGE: Final = 4096
+#: Buffered manifest lines (resumed and failed items) are written once they reach this.
+_FLUSH_BYTES: Final = 1 << 16
+#: An index key: the identity hash's top bits, then the line number in ``unmatched.jsonl``.
+_LINE_BITS: Final = 28
+_LINE_MASK: Final = (1 << _LINE_BITS) - 1
+_MASK64: Final = (1 << 64) - 1
+_GOLDEN: Final = 0x9E3779B97F4A7C15
+#: Another odd constant for the variant, so (occurrence 1, variant 0) and (0, 1) differ.
+_VARIANT_MIX: Final = 0xC2B2AE3D27D4EB4F
+
+
+def _identity_hash(item_id: str, occurrence: int, variant: int) -> int:
+    """64 bits of an identity (ValueError when ``item_id`` is not hexadecimal)."""
+    return (int(item_id[:16], 16) ^ (occurrence * _GOLDEN) ^ (variant * _VARIANT_MIX)) & _MASK64
+
+
+def _scan_line(line: bytes) -> tuple[int, int, str | None]:
+    """(state, identity hash, stored file) of an earlier manifest line: state 1 for a
+    valid ``ok`` line, 2 for another valid line of an identity, 0 for one to ignore."""
+    record = _valid_record(line)
+    identity = None if record is None else _identity(record)
+    if identity is None:
+        return 0, 0, None
+    assert record is not None  # noqa: S101
+    try:
+        identity_hash = _identity_hash(*identity)
+    except ValueError:
+        return 0, 0, None
+    if record.get("status") != "ok":
+        return 2, identity_hash, None
+    return 1, identity_hash, record["file"]
+
+
+class _Earlier:
+    """What `BatchStore.open` gathered of the earlier runs into ``unmatched.jsonl``.
+
+    ``keys`` holds, sorted, the identity hash's top bits and the line number of each
+    line (8 bytes a line, whatever the line's length), ``offsets`` where each line starts
+    (and where the last ends), and ``claimed`` marks the lines this run's items claimed.
+    """
+
+    __slots__ = ("claimed", "keys", "offsets")
+
+    def __init__(self, keys: array.array[int], offsets: array.array[int]) -> None:
+        self.keys = keys
+        self.offsets = offsets
+        self.claimed = bytearray(len(offsets) - 1)
+
+    def __len__(self) -> int:
+        return len(self.claimed)
+
+    def lines_of(self, item_id: str, occurrence: int, variant: int) -> Iterator[int]:
+        """The lines that may hold this identity (a hash match: the caller checks)."""
+        keys = self.keys
+        top = _identity_hash(item_id, occurrence, variant) >> _LINE_BITS
+        at = bisect.bisect_left(keys, top << _LINE_BITS)
+        while at < len(keys) and keys[at] >> _LINE_BITS == top:
+            yield keys[at] & _LINE_MASK
+            at += 1
+
+    def span(self, line: int) -> tuple[int, int]:
+        """(offset, length) of a line."""
+        start = self.offsets[line]
+        return start, self.offsets[line + 1] - start
 
 
 class BatchStore:
@@ -682,7 +820,11 @@ class BatchStore:
     run's lines to a fresh ``manifest.jsonl``; `close` releases the lock and, when the
     run saw its whole input, leaves in ``unmatched.jsonl`` only the images no item
     claimed. With a shard ``output_format``, images go to `add_to_shard` instead of
-    `write_image`, and `publish` writes each full shard.
+    `write_files`, and `publish` writes each full shard.
+
+    Memory does not grow with the earlier runs' items but by a few bytes each: the
+    lookups are a sorted array of 8-byte keys (`_Earlier`), and each line is read back
+    from ``unmatched.jsonl`` only when an item claims it.
     """
 
     def __init__(
@@ -730,9 +872,15 @@ class BatchStore:
         self._manifest: IO[bytes] | None = None
         self._reader: IO[bytes] | None = None
         self._reader_lock = threading.Lock()
-        # hash((id, occurrence)) -> (offset << 24 | length) of its earlier ok line.
-        self._earlier: dict[int, int] = {}
-        self._claimed: set[int] = set()
+        self._earlier: _Earlier | None = None
+        # The manifest: its size, lines waiting to be written, and where each ok line of
+        # this run is (offset << 24 | length, by index; 0: none), for metadata.jsonl.
+        self._write_lock = threading.Lock()
+        self._size = 0
+        self._pending: list[tuple[int, bytes]] = []
+        self._pending_bytes = 0
+        self._spans = array.array("Q")
+        self._settled = False
 
     @property
     def manifest_path(self) -> pathlib.Path:
@@ -763,7 +911,7 @@ class BatchStore:
             self._dir.write_atomic(MANIFEST_NAME, b"", sync=True)
             appending = self._dir.open(MANIFEST_NAME, os.O_WRONLY | os.O_APPEND)
             self._manifest = os.fdopen(appending, "wb", 0)
-            if self._resume and self._earlier:
+            if self._earlier is not None:
                 self._reader = self._dir.read(UNMATCHED_NAME)
         except OSError as exc:
             self.close(complete=False)
@@ -782,7 +930,7 @@ class BatchStore:
                 f"output_format={sorted(others)[0]!r}; rerun with that format to resume it, "
                 "or pass another out_dir"
             )
-        if self.sharded and not self._resume and self._earlier:
+        if self.sharded and not self._resume and self._earlier is not None:
             raise FriendliUsageError(
                 f"resume=False into {self.where!r} would put items that are already "
                 "in its shards into new shards too; move the earlier run aside "
@@ -812,35 +960,106 @@ class BatchStore:
 
     def _gather_earlier(self) -> None:
         """Move every earlier line (unmatched.jsonl, then the manifest) into unmatched.jsonl,
-        the latest line of each identity, ok ones only."""
+        the latest line of each identity, ok ones only; index them (`_Earlier`).
+
+        One pass reads each line once, keeping 17 bytes of it (where it starts, its
+        identity hash, whether it is ok); the latest line of each identity is then found by
+        sorting the keys. A finished run (one manifest, every line the latest of its
+        identity) is renamed, not copied.
+        """
         assert self._dir is not None  # noqa: S101
-        latest: dict[tuple[str, int, int], bytes] = {}
+        starts = array.array("Q")
+        hashes = array.array("Q")
+        states = bytearray()
+        keys = array.array("Q")
+        sources: list[tuple[str, int]] = []  # (name, end of its complete lines)
         for name in (UNMATCHED_NAME, MANIFEST_NAME):
             try:
                 handle = self._dir.read(name)
             except FileNotFoundError:
                 continue
+            offset = 0
             with handle:
-                for _offset, line, record in read_records(handle):
-                    identity = None if record is None else _identity(record)
-                    if identity is None:
-                        continue
-                    assert record is not None  # noqa: S101
-                    if record.get("status") == "ok":
-                        latest[identity] = line
-                        self._earlier_formats.add(_format_of(record["file"]))
-                    else:
-                        latest.pop(identity, None)
-        body = b"".join(latest.values())
-        offset = 0
-        for identity, line in latest.items():
-            if len(line) <= _MAX_LINE:
-                self._earlier[hash(identity)] = _pack(offset, len(line))
-            offset += len(line)
-        if body:
-            self._dir.write_atomic(UNMATCHED_NAME, body, sync=True)
-        else:
+                for line in handle:
+                    if not line.endswith(b"\n"):
+                        break  # cut short by a crash mid-append
+                    number = len(states)
+                    state, identity_hash, file = _scan_line(line)
+                    starts.append(offset)
+                    hashes.append(identity_hash)
+                    states.append(state)
+                    if state:
+                        keys.append(identity_hash >> _LINE_BITS << _LINE_BITS | number)
+                    if file is not None:
+                        self._earlier_formats.add(_format_of(file))
+                    offset += len(line)
+            sources.append((name, offset))
+        if len(states) > _LINE_MASK:
+            raise FriendliUsageError(
+                f"out_dir {str(self.directory)!r} holds more than {_LINE_MASK:,} manifest "
+                "lines; move the earlier runs aside ('friendli-image batch --no-resume')"
+            )
+        order = sorted(keys)
+        del keys
+        live = _latest_ok(order, hashes, states)
+        del hashes
+        count = sum(live)
+        if not count:
             self._dir.remove(UNMATCHED_NAME)
+            return
+        if len(sources) == 1 and count == len(states):
+            # One source whose every line is kept: it becomes unmatched.jsonl as it is.
+            name, end = sources[0]
+            self._rename_to_unmatched(name, end)
+            starts.append(end)
+            self._earlier = _Earlier(array.array("Q", order), starts)
+            return
+        renumbered = array.array("Q", bytes(8 * len(states)))
+        offsets = array.array("Q")
+
+        def kept() -> Iterator[bytes]:
+            assert self._dir is not None  # noqa: S101
+            number = written = 0
+            for name, _end in sources:
+                with self._dir.read(name) as handle:
+                    for line in handle:
+                        if not line.endswith(b"\n"):
+                            break  # the line a crash cut short
+                        if live[number]:
+                            renumbered[number] = len(offsets)
+                            offsets.append(written)
+                            written += len(line)
+                            yield line
+                        number += 1
+            offsets.append(written)
+
+        self._dir.write_atomic(UNMATCHED_NAME, kept(), sync=True)
+        index = array.array(
+            "Q",
+            (
+                key & ~_LINE_MASK | renumbered[key & _LINE_MASK]
+                for key in order
+                if live[key & _LINE_MASK]
+            ),
+        )
+        self._earlier = _Earlier(index, offsets)
+
+    def _rename_to_unmatched(self, name: str, end: int) -> None:
+        assert self._dir is not None  # noqa: S101
+        found = self._dir.size_and_mtime(name)
+        if found is not None and found[0] != end:
+            fd = self._dir.open(name, os.O_WRONLY)
+            try:
+                os.ftruncate(fd, end)  # drop a line a crash cut short
+            finally:
+                os.close(fd)
+        if name != UNMATCHED_NAME:
+            source, at = self._dir._at(name)
+            target, _ = self._dir._at(UNMATCHED_NAME)
+            if at:
+                os.replace(source, target, src_dir_fd=at["dir_fd"], dst_dir_fd=at["dir_fd"])
+            else:
+                os.replace(source, target)
 
     def close(self, *, complete: bool) -> Unmatched | None:
         """Publish the open shard and release everything; with ``complete`` (the run saw
@@ -849,8 +1068,10 @@ class BatchStore:
         shard, self._shard = self._shard, None
         opened = self._manifest is not None
         try:
-            if shard is not None and self._manifest is not None:
-                self.publish(shard)
+            if self._manifest is not None:
+                self.flush()
+                if shard is not None:
+                    self.publish(shard)
         finally:
             unmatched = self._close(complete=complete)
             if self._remote is not None:
@@ -872,7 +1093,7 @@ class BatchStore:
                     unmatched = self._settle()
             if opened and self._dir is not None and not self.sharded:
                 with contextlib.suppress(OSError, FriendliUsageError):
-                    self._write_metadata(settled=complete)
+                    self._write_metadata()
         finally:
             if self._lock is not None:
                 os.close(self._lock)  # closing the descriptor releases the lock
@@ -882,76 +1103,112 @@ class BatchStore:
                 self._dir = None
         return unmatched
 
+    def _unclaimed(self, *, present: bool) -> Iterator[tuple[bytes, StoredRecord]]:
+        """The lines of ``unmatched.jsonl`` no item of this run claimed (with ``present``,
+        only those whose stored file is there)."""
+        assert self._dir is not None  # noqa: S101
+        earlier = self._earlier
+        if earlier is None:
+            return
+        with self._dir.read(UNMATCHED_NAME) as handle:
+            for number, line in enumerate(handle):
+                if not self._settled and (number >= len(earlier) or earlier.claimed[number]):
+                    continue
+                record = _valid_record(line)
+                if record is None or record.get("status") != "ok":
+                    continue
+                if present and self._stored_size(record["file"]) is None:
+                    continue
+                yield line, record
+
     def _settle(self) -> Unmatched | None:
         assert self._dir is not None  # noqa: S101
-        try:
-            handle = self._dir.read(UNMATCHED_NAME)
-        except FileNotFoundError:
+        if self._earlier is None:
             return None
-        kept: list[bytes] = []
-        with handle:
-            for _offset, line, record in read_records(handle):
-                identity = None if record is None else _identity(record)
-                if identity is None or hash(identity) in self._claimed:
-                    continue
-                assert record is not None  # noqa: S101
-                if self._stored_size(record["file"]) is not None:
-                    kept.append(line)
-        if not kept:
-            self._dir.remove(UNMATCHED_NAME)
-            return None
-        self._dir.write_atomic(UNMATCHED_NAME, b"".join(kept), sync=True)
-        return Unmatched(len(kept), self.directory / UNMATCHED_NAME)
+        count = 0
 
-    def _write_metadata(self, *, settled: bool) -> None:
+        def kept() -> Iterator[bytes]:
+            nonlocal count
+            for line, _record in self._unclaimed(present=True):
+                count += 1
+                yield line
+
+        self._dir.write_atomic(UNMATCHED_NAME, kept(), sync=True)
+        self._settled = True
+        if not count:
+            self._dir.remove(UNMATCHED_NAME)
+            self._earlier = None
+            return None
+        return Unmatched(count, self.directory / UNMATCHED_NAME)
+
+    def _write_metadata(self) -> None:
         """Rewrite ``metadata.jsonl``: one row per stored image (``file_name`` and every
         field), this run's items in input order first, then the kept earlier images."""
         assert self._dir is not None  # noqa: S101
-        rows: dict[str, tuple[int, bytes]] = {}
-        for name in (MANIFEST_NAME, UNMATCHED_NAME):
-            try:
-                handle = self._dir.read(name)
-            except FileNotFoundError:
-                continue
-            earlier = name == UNMATCHED_NAME
-            with handle:
-                for _offset, _line, record in read_records(handle):
-                    if record is None or record.get("status") != "ok" or record["file"] in rows:
-                        continue
-                    # This run's lines name images it wrote or checked; earlier lines
-                    # name images that may be gone (unless close settled them).
-                    if earlier and not settled and self._stored_size(record["file"]) is None:
-                        continue
-                    row = {"file_name": record["file"], **_dataset_row(record)}
-                    order = record["index"] if not earlier else 1 << 62
-                    rows[record["file"]] = (order, orjson.dumps(row) + b"\n")
-        body = b"".join(line for _order, line in sorted(rows.values(), key=_first))
-        self._dir.write_atomic(METADATA_NAME, body)
+
+        def rows() -> Iterator[bytes]:
+            assert self._dir is not None  # noqa: S101
+            with self._dir.read(MANIFEST_NAME) as manifest:
+                for span in self._spans:
+                    if span:
+                        # This run's own lines, each written whole: no need to check them.
+                        yield _metadata_row(
+                            orjson.loads(os.pread(manifest.fileno(), span & _MAX_LINE, span >> 24))
+                        )
+            # Earlier lines name images that may be gone (unless close settled them).
+            for _line, record in self._unclaimed(present=not self._settled):
+                yield _metadata_row(record)
+
+        self._dir.write_atomic(METADATA_NAME, rows())
 
     # -- per item -------------------------------------------------------------------
 
-    def claim(self, item_id: str, occurrence: int, variant: int = 0) -> StoredRecord | None:
-        """Claim the identity for this run; return its earlier record if its image is
-        intact (blocking: hashes the file), else None."""
-        key = hash((item_id, occurrence, variant))
-        self._claimed.add(key)
-        packed = self._earlier.pop(key, None)
-        if packed is None or self._reader is None or self._dir is None:
-            return None
-        offset, length = packed >> 24, packed & _MAX_LINE
-        with self._reader_lock:
-            self._reader.seek(offset)
-            line = self._reader.read(length)
-        record = _valid_record(line)
-        if record is None or _identity(record) != (item_id, occurrence, variant):
-            return None
-        if _format_of(record["file"]) != "files":
-            return record if self._shard_present(record) else None
-        if self._remote is not None:
-            # A PUT is whole or absent: the recorded size is enough, no download.
-            intact = self._remote_sizes.get(record["file"]) == record.get("bytes")
-            return record if intact else None
-        return record if self._dir.sha256(record["file"]) == record["sha256"] else None
+    def has_earlier(self, item_id: str, occurrence: int, variant: int = 0) -> bool:
+        """True if an earlier run may have this item (so `claim` is worth calling)."""
+        earlier = self._earlier
+        lines = None if earlier is None else earlier.lines_of(item_id, occurrence, variant)
+        return lines is not None and next(lines, None) is not None
+
+    def claim(
+        self, item_id: str, occurrence: int, variant: int = 0
+    ) -> tuple[StoredRecord | None, bool]:
+        """Claim the identity for this run: (its earlier record, checked) when resuming
+        and its image is there, else (None, True).
+
+        Checked is False when only `verify` can tell (a file of the right size whose
+        modification time is not the one recorded: copied, touched, or rewritten).
+        Blocking, but short: a read of the line and a stat of its file (a shard's stat
+        is cached).
+        """
+        earlier = self._earlier
+        if earlier is None or self._reader is None or self._dir is None:
+            return None, True
+        for number in earlier.lines_of(item_id, occurrence, variant):
+            offset, length = earlier.span(number)
+            # open checked every line it kept (`_scan_line`): only the identity is left.
+            record = orjson.loads(os.pread(self._reader.fileno(), length, offset))
+            if _identity(record) != (item_id, occurrence, variant):
+                continue  # another identity with the same hash bits
+            earlier.claimed[number] = 1
+            if not self._resume:
+                return None, True
+            name = record["file"]
+            if _format_of(name) != "files":
+                return (record if self._shard_present(record) else None), True
+            if self._remote is not None:
+                # A PUT is whole or absent: the recorded size is enough, no download.
+                intact = self._remote_sizes.get(name) == record.get("bytes")
+                return (record if intact else None), True
+            found = self._dir.size_and_mtime(name)
+            if found is None or found[0] != record.get("bytes", found[0]):
+                return None, True
+            return record, found[1] == record.get("mtime_ns")
+        return None, True
+
+    def verify(self, record: StoredRecord) -> bool:
+        """True if the record's image file has its recorded sha256 (blocking: reads it)."""
+        assert self._dir is not None  # noqa: S101
+        return bool(self._dir.sha256(record["file"]) == record["sha256"])
 
     def _shard_present(self, record: StoredRecord) -> bool:
         """True if the record's shard was published (present with its recorded size)."""
@@ -960,7 +1217,7 @@ class BatchStore:
             if name not in self._shard_sizes:
                 self._shard_sizes[name] = self._stored_size(name)
             size = self._shard_sizes[name]
-        return size is not None and size == record.get("shard_bytes")
+        return size is not None and bool(size == record.get("shard_bytes"))
 
     def _stored_size(self, name: str) -> int | None:
         """The size of the stored image or shard ``name``, None if it is absent."""
@@ -1042,26 +1299,64 @@ class BatchStore:
         finally:
             shutil.rmtree(folder, ignore_errors=True)
 
-    def has_earlier(self, item_id: str, occurrence: int, variant: int = 0) -> bool:
-        """True if an earlier run may have this item (so `claim` is worth a thread)."""
-        return hash((item_id, occurrence, variant)) in self._earlier
+    def write_files(
+        self, group: Sequence[tuple[str, bytes | memoryview, dict[str, Any]]]
+    ) -> list[str]:
+        """Write each image of a group atomically, then their manifest lines in one append
+        (blocking); return their sha256s. Fills each record's ``file``, ``sha256`` and
+        ``mtime_ns`` (what resume checks first).
 
-    def write_image(self, name: str, image: bytes | memoryview) -> str:
-        """Write the image atomically; return its sha256 (blocking)."""
+        A line is written only once its image is complete under its name, so a kill
+        leaves at most images without lines (made again by a rerun), never a line
+        without its image.
+        """
+        digests: list[str] = []
+        lines: list[tuple[int, bytes]] = []
         try:
-            self._write_stored(name, image)
-        except OSError as exc:
-            raise _usage(self.directory / name, exc, "write") from exc
-        return hashlib.sha256(image).hexdigest()
+            for (name, image, record), mtime in zip(group, self._write_group(group), strict=True):
+                digest = hashlib.sha256(image).hexdigest()
+                record["file"], record["sha256"] = name, digest
+                if mtime is not None:
+                    record["mtime_ns"] = mtime
+                lines.append((record["index"], orjson.dumps(record) + b"\n"))
+                digests.append(digest)
+        finally:
+            if lines:
+                self._write_lines(lines)
+        return digests
 
-    def _write_stored(self, name: str, data: bytes | memoryview) -> None:
-        """Write an image or a shard atomically: into the directory, or one PUT."""
+    def _write_group(
+        self, group: Sequence[tuple[str, bytes | memoryview, dict[str, Any]]]
+    ) -> Iterator[int | None]:
+        """Write a group's images, yielding each one's modification time (None on a URL)
+        once it is complete. On a URL location the PUTs run at once (`Location.write_many`),
+        and yield after the last: a PUT costs a round trip, one after the other would
+        bound the batch by its latency."""
+        if self._remote is not None and len(group) > 1:
+            files = {name: bytes(image) for name, image, _record in group}
+            try:
+                self._remote.write_many(files)
+            except OSError as exc:
+                raise _usage(self.where, exc, "write to") from exc
+            self._remote_sizes.update((name, len(data)) for name, data in files.items())
+            yield from (None for _name in files)
+            return
+        name = ""
+        try:
+            for name, image, _record in group:
+                yield self._write_stored(name, image)
+        except OSError as exc:
+            raise _usage(self.uri_of(name), exc, "write") from exc
+
+    def _write_stored(self, name: str, data: bytes | memoryview) -> int | None:
+        """Write an image or a shard atomically: into the directory (returns its
+        modification time, ns), or one PUT (returns None)."""
         if self._remote is not None:
             self._remote.write(name, bytes(data))
             self._remote_sizes[name] = len(data)
-            return
+            return None
         assert self._dir is not None  # noqa: S101
-        self._dir.write_atomic(name, data)
+        return self._dir.write_atomic(name, data)
 
     def add_to_shard(
         self, key: str, image: bytes | memoryview, extension: str, record: dict[str, Any]
@@ -1089,29 +1384,94 @@ class BatchStore:
             data = shard.build()
             size = len(data)
             self._write_lines(
-                b"".join(orjson.dumps({**r, "shard_bytes": size}) + b"\n" for r in shard.records)
+                [(-1, orjson.dumps({**r, "shard_bytes": size}) + b"\n") for r in shard.records]
             )
             self._write_stored(shard.name, data)
         except OSError as exc:
             raise _usage(self.directory / shard.name, exc, "write") from exc
 
-    def _write_lines(self, lines: bytes) -> None:
-        assert self._manifest is not None  # noqa: S101
-        view = memoryview(lines)
-        while view:
-            view = view[self._manifest.write(view) or 0 :]
-
     def append(self, record: Mapping[str, Any]) -> None:
-        """Append one manifest line with a single write (unbuffered)."""
+        """Add a manifest line of an item that wrote nothing now (resumed or failed).
+
+        Such lines are written in groups (`flush`): a kill that loses one loses nothing
+        a rerun needs (a resumed item's earlier line is still in ``unmatched.jsonl``; a
+        failed item is tried again).
+        """
+        line = orjson.dumps(record) + b"\n"
+        self._pending.append((record["index"] if record.get("status") == "ok" else -1, line))
+        self._pending_bytes += len(line)
+        if self._pending_bytes >= _FLUSH_BYTES:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write the lines `append` holds (blocking, but short: one append of 64 KiB)."""
+        pending, self._pending, self._pending_bytes = self._pending, [], 0
+        if pending:
+            self._write_lines(pending)
+
+    def _write_lines(self, lines: Sequence[tuple[int, bytes]]) -> None:
+        """Append lines (with the index of each ok one, else -1), whole lines per write and
+        no write across a page boundary that no line crosses."""
         assert self._manifest is not None  # noqa: S101
-        try:
-            self._manifest.write(orjson.dumps(record) + b"\n")
-        except OSError as exc:
-            raise _usage(self.manifest_path, exc, "append to") from exc
+        with self._write_lock:
+            data = b"".join(line for _index, line in lines)
+            offset = self._size
+            for index, line in lines:
+                if index >= 0 and len(line) <= _MAX_LINE:
+                    self._note_span(index, offset, len(line))
+                offset += len(line)
+            try:
+                self._write_paged(data)
+            except OSError as exc:
+                raise _usage(self.manifest_path, exc, "append to") from exc
+
+    def _write_paged(self, data: bytes) -> None:
+        assert self._manifest is not None  # noqa: S101
+        start = 0
+        while start < len(data):
+            room = _PAGE - self._size % _PAGE
+            end = min(start + room, len(data))
+            if end < len(data):
+                cut = data.rfind(b"\n", start, end) + 1
+                end = cut if cut > start else data.index(b"\n", end - 1) + 1
+            view = memoryview(data)[start:end]
+            while view:
+                view = view[self._manifest.write(view) or 0 :]
+            self._size += end - start
+            start = end
+
+    def _note_span(self, index: int, offset: int, length: int) -> None:
+        spans = self._spans
+        if index >= len(spans):
+            spans.frombytes(bytes(8 * (max(index + 1, 2 * len(spans)) - len(spans))))
+        spans[index] = offset << 24 | length
 
 
-def _first(pair: tuple[int, bytes]) -> int:
-    return pair[0]
+def _latest_ok(order: list[int], hashes: array.array[int], states: bytearray) -> bytearray:
+    """Which lines to keep: of each identity (the keys sorted, so its lines are adjacent
+    and in file order), the last line, if it is ok."""
+    live = bytearray(len(states))
+    count = len(order)
+    at = 0
+    while at < count:
+        key = order[at]
+        top = key >> _LINE_BITS
+        after = at + 1
+        while after < count and order[after] >> _LINE_BITS == top:
+            after += 1
+        if after == at + 1:
+            number = key & _LINE_MASK
+            live[number] = states[number] == 1
+        else:  # several lines share these bits: the last of each full hash decides
+            last = {hashes[k & _LINE_MASK]: k & _LINE_MASK for k in order[at:after]}
+            for number in last.values():
+                live[number] = states[number] == 1
+        at = after
+    return live
+
+
+def _metadata_row(record: StoredRecord) -> bytes:
+    return orjson.dumps({"file_name": record["file"], **_dataset_row(record)}) + b"\n"
 
 
 # -- the gallery's inputs ---------------------------------------------------------------------
@@ -1283,9 +1643,7 @@ class Location:
             with Directory(pathlib.Path(self.root), create=True) as folder:
                 folder.write_atomic(name, data)
             return
-        if not self._made:
-            self.fs.makedirs(self.root, exist_ok=True)
-            self._made = True
+        self._make_root()
         target = f"{self.root}/{name}"
         if self.atomic_put:
             self.fs.pipe_file(target, data)
@@ -1298,6 +1656,21 @@ class Location:
             with contextlib.suppress(OSError):
                 self.fs.rm_file(temp)
             raise
+
+    def write_many(self, files: Mapping[str, bytes]) -> None:
+        """Write each file atomically (blocking). On an object store the PUTs run
+        concurrently (fsspec's bulk ``pipe``); after an error, some may be written."""
+        if self.local or not self.atomic_put:
+            for name, data in files.items():
+                self.write(name, data)
+            return
+        self._make_root()
+        self.fs.pipe({f"{self.root}/{name}": data for name, data in files.items()})
+
+    def _make_root(self) -> None:
+        if not self._made:
+            self.fs.makedirs(self.root, exist_ok=True)
+            self._made = True
 
     def files(self) -> dict[str, int]:
         """Name -> size of every file directly in the location (blocking; one listing)."""

@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+import tracemalloc
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -467,3 +468,48 @@ def test_gallery_flag_writes_the_page(
     assert _batch(str(source), "--out-dir", str(out), "--server-url", server.url, "--gallery") == 0
     assert f"gallery   {out / 'index.html'}" in capsys.readouterr().out
     assert "a fox" in (out / "index.html").read_text(encoding="utf-8")
+
+
+def _invalid_lines(tmp_path: Path, count: int) -> Path:
+    """A JSONL INPUT whose every line fails on its own (steps 0 is refused before sending)."""
+    source = tmp_path / f"invalid-{count}.jsonl"
+    source.write_bytes(
+        b"".join(b'{"prompt": "p%d", "num_inference_steps": 0}\n' % i for i in range(count))
+    )
+    return source
+
+
+def test_the_summary_lists_the_first_failures_and_counts_the_rest(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Thousands of failures: the summary names the first ten in input order and counts
+    the others, which the manifest lists."""
+    source = _invalid_lines(tmp_path, 3000)
+    out = tmp_path / "out"
+    assert _batch(str(source), "--out-dir", str(out), "--server-url", "http://127.0.0.1:9") == 1
+    summary = capsys.readouterr().out
+    listed = [line.split(":")[0].strip() for line in summary.splitlines() if "failed #" in line]
+    assert listed == [f"failed #{index}" for index in range(10)]
+    assert "... and 2,990 more (see the manifest)" in summary
+    assert "failed    3,000" in summary
+    assert len(_manifest(out)) == 3000
+
+
+def test_memory_does_not_grow_with_the_number_of_items(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The command counts items as they arrive: ten times the items, the same peak (it
+    kept every item for its summary: 1.16 KiB each)."""
+    peaks = {}
+    for count in (500, 5000):
+        source = _invalid_lines(tmp_path, count)
+        tracemalloc.start()
+        try:
+            _batch(str(source), "--out-dir", str(tmp_path / f"out-{count}"), "--server-url",
+                   "http://127.0.0.1:9")  # fmt: skip
+            peaks[count] = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        capsys.readouterr()
+    grown = peaks[5000] - peaks[500]
+    assert grown < 4500 * 200, f"peak grew {grown:,} bytes for 4,500 more items"

@@ -103,3 +103,37 @@ def test_fleet_benchmark_runs(tmp_path: Path) -> None:
     assert schedulers["ideal"]["share_of_ideal"] == 1
     assert all(row["images_per_s"] > 0 and row["failed"] == 0 for row in table["rows"])
     assert "| steady | round-robin | 8 |" in done.stderr
+
+
+def _run_script(*args: str, cwd: Path) -> list[dict[str, object]]:
+    done = subprocess.run(
+        [sys.executable, *args], capture_output=True, text=True, timeout=240, check=False, cwd=cwd
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    return [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+
+
+@pytest.mark.slow
+@pytest.mark.subprocess
+def test_dataset_formats_and_cli_memory_benchmarks_run(tmp_path: Path) -> None:
+    """`benchmarks/dataset_formats.py` writes and resumes each format on a tiny N (only
+    the new items are sent again); `benchmarks/memory.py cli` reports the command's peak."""
+    runs = _run_script(
+        str(ROOT / "benchmarks" / "dataset_formats.py"),
+        *("--n", "300", "--new", "7", "--formats", "none", "files", "webdataset"),
+        cwd=tmp_path,
+    )
+    writes = {run["format"]: run for run in runs if run["run"] == "write"}
+    assert {run["ok"] for run in writes.values()} == {300}
+    resumes = [run for run in runs if run["run"] == "resume"]
+    assert [(run["format"], run["resumed"], run["sent"]) for run in resumes] == [
+        ("files", 300, 7),
+        ("webdataset", 300, 7),
+    ]
+    (cli,) = _run_script(
+        str(ROOT / "benchmarks" / "memory.py"),
+        *("cli", "--n", "300", "--c", "16", "--size", "256", "--out", str(tmp_path / "cli")),
+        cwd=tmp_path,
+    )
+    assert cli["peak_mib"] > 0
+    assert len(list((tmp_path / "cli").glob("*.jpg"))) == 300

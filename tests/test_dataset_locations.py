@@ -16,10 +16,12 @@ from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import fsspec
 import orjson
 import pytest
+from fsspec.implementations.memory import MemoryFileSystem
 from input_states import Killed, dies_at_put, shard_samples, small_server
 from test_datasets import REQUESTS, _expected
 
@@ -31,7 +33,10 @@ from friendli_image._resources import GENERATIONS_PATH
 from friendli_image._store import (
     MANIFEST_NAME,
     METADATA_NAME,
+    BatchStore,
+    image_name,
     item_key,
+    manifest_record,
     request_digest,
     variant_seeds,
 )
@@ -304,3 +309,63 @@ async def test_a_url_location_keeps_one_format_and_says_which(
 async def test_an_unknown_protocol_is_a_usage_error(client: AsyncFriendli) -> None:
     with pytest.raises(FriendliUsageError, match="package of its file system"):
         await client.container.image.generate_batch(["a"], out_dir="nosuchfs://bucket/x")
+
+
+def _group(start: int, count: int) -> list[tuple[str, bytes, dict[str, Any]]]:
+    """Images and their records as the batch hands them to `BatchStore.write_files`."""
+    group = []
+    for index in range(start, start + count):
+        digest = hashlib.sha256(str(index).encode()).hexdigest()
+        record = manifest_record(
+            index=index,
+            item_id=digest,
+            occurrence=0,
+            prompt=str(index),
+            seed=None,
+            attempts=1,
+            elapsed=0.0,
+            request_id=None,
+            fmt="jpeg",
+            size=4,
+        )
+        group.append((image_name(digest, 0, "jpeg"), b"\xff\xd8" + bytes([index, 0]), record))
+    return group
+
+
+def test_a_url_group_is_one_bulk_put_and_a_failed_one_leaves_no_line_without_its_image(
+    memory_url: str,
+) -> None:
+    """A group of images goes to a URL location in one bulk write (its PUTs at once, not
+    one round trip after the other); when it fails part way, the images that made it
+    have no line (made again, never named without their bytes), and the other groups'
+    items resume."""
+    pipe = MemoryFileSystem.pipe
+    bulk: list[int] = []
+
+    def half_then_fails(fs: MemoryFileSystem, path: dict[str, bytes]) -> None:
+        bulk.append(len(path))
+        if len(bulk) == 2:
+            first = dict(list(path.items())[:1])
+            pipe(fs, first)
+            raise OSError("the connection was reset")
+        pipe(fs, path)
+
+    groups = [_group(0, 3), _group(3, 3), _group(6, 1)]
+    store = BatchStore(memory_url, resume=True)
+    store.open()
+    with mock.patch.object(MemoryFileSystem, "pipe", half_then_fails):
+        store.write_files(groups[0])
+        with pytest.raises(FriendliUsageError, match="connection was reset"):
+            store.write_files(groups[1])
+        store.write_files(groups[2])
+    store.close(complete=False)
+    assert bulk == [3, 3]  # the group of one is a single PUT
+    fs, root = fsspec.core.url_to_fs(memory_url)
+    lines = [orjson.loads(line) for line in fs.cat_file(f"{root}/{MANIFEST_NAME}").splitlines()]
+    assert sorted(line["index"] for line in lines) == [0, 1, 2, 6]
+    assert fs.exists(f"{root}/{groups[1][0][0]}")  # written, but without its line
+    rerun = BatchStore(memory_url, resume=True)
+    rerun.open()
+    claimed = [rerun.claim(record["id"], 0)[0] for group in groups for _n, _i, record in group]
+    rerun.close(complete=False)
+    assert [record is not None for record in claimed] == [True] * 3 + [False] * 3 + [True]

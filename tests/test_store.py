@@ -4,8 +4,13 @@ holds planted links, hostile manifests and huge indices without touching anythin
 from __future__ import annotations
 
 import hashlib
+import io
 import os
+import signal
 import stat
+import subprocess
+import sys
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -299,3 +304,105 @@ async def test_a_resumed_image_is_hashed_again_and_a_link_is_not_read(
     assert not path.is_symlink()
     assert hashlib.sha256(path.read_bytes()).hexdigest() == digest
     _untouched(outside)
+
+
+async def test_an_image_of_its_size_but_another_time_is_checked_by_its_sha256(
+    client: AsyncFriendli, server: LocalServer, tmp_path: Path
+) -> None:
+    """Resume trusts an image's recorded size and modification time; an image whose time
+    differs (copied, touched or rewritten) is hashed: kept if its bytes are the same,
+    made again if not."""
+    out = tmp_path / "out"
+    first = await client.container.image.generate_batch(["a", "b", "c"], out_dir=out)
+    touched, rewritten = first[0].path, first[1].path
+    assert touched is not None
+    assert rewritten is not None
+    data = rewritten.read_bytes()
+    rewritten.write_bytes(bytes(len(data)))  # same size, other bytes
+    for path in (touched, rewritten):
+        info = path.stat()
+        os.utime(path, ns=(info.st_atime_ns, info.st_mtime_ns + 10**9))
+    server.reset_stats()
+    again = await client.container.image.generate_batch(["a", "b", "c"], out_dir=out)
+    assert [item.status for item in again] == ["resumed", "ok", "resumed"]
+    assert server.stats.total_requests == 1
+    assert rewritten.read_bytes() == data
+
+
+# -- a kill while images and lines are written in groups ---------------------------------------
+
+
+def _complete_lines(path: Path) -> list[dict[str, Any]]:
+    """The lines a reader takes from a manifest: complete ones (a kill may cut the last)."""
+    if not path.exists():
+        return []
+    body = path.read_bytes()
+    return [orjson.loads(line) for line in body[: body.rfind(b"\n") + 1].splitlines()]
+
+
+def _stored(out: Path) -> dict[str, dict[str, Any]]:
+    """The ok lines (earlier runs', then this one's) by file, each checked against its image:
+    no line may name an image that is missing or not the one it recorded."""
+    stored = {}
+    for line in [*_complete_lines(out / UNMATCHED_NAME), *_complete_lines(out / MANIFEST_NAME)]:
+        if line["status"] == "ok":
+            image = out / line["file"]
+            assert image.exists(), f"{line['file']} is in the manifest but not in out_dir"
+            assert hashlib.sha256(image.read_bytes()).hexdigest() == line["sha256"]
+            stored[line["file"]] = line
+    return stored
+
+
+def _noise_jpeg(side: int) -> bytes:
+    """A JPEG of random pixels: large enough that writing a group of them takes a while."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.frombytes("RGB", (side, side), os.urandom(side * side * 3)).save(buffer, "JPEG")
+    return buffer.getvalue()
+
+
+def test_a_kill_mid_group_leaves_no_line_without_its_image_and_a_rerun_completes_exactly(
+    tmp_path: Path,
+) -> None:
+    """SIGKILL a ``batch`` process at several points while it writes images (~200 KB each,
+    64 in flight) and their lines in groups: after each kill every complete manifest line
+    names its image, whole; the run to the end then sends exactly the items not stored,
+    and leaves one ok line per item with its image."""
+    count = 500
+    source = tmp_path / "prompts.txt"
+    source.write_text("".join(f"a harbour no. {i}\n" for i in range(count)), encoding="utf-8")
+    out = tmp_path / "out"
+    config = ServerConfig(static_image=_noise_jpeg(256), max_concurrency=64)
+    with LocalServer(config) as server:
+        command = [
+            sys.executable, "-m", "friendli_image", "batch", str(source), "--out-dir", str(out),
+            "--server-url", server.url, "--concurrency", "64", "--no-progress",
+        ]  # fmt: skip
+        kills = 0
+        for lines_before_the_kill in (1, 60, 150, 250):
+            process = subprocess.Popen(
+                command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            )
+            manifest = out / MANIFEST_NAME
+            deadline = time.monotonic() + 60
+            while process.poll() is None and time.monotonic() < deadline:
+                if manifest.exists() and manifest.stat().st_size > lines_before_the_kill * 400:
+                    break
+                time.sleep(0.001)
+            kills += process.poll() is None
+            process.send_signal(signal.SIGKILL)
+            process.wait(30)
+            _stored(out)
+        assert kills >= 3, "the batch finished before it could be killed mid-run"
+        stored = _stored(out)
+        assert 0 < len(stored) < count
+        server.reset_stats()
+        finished = subprocess.run(command, capture_output=True, timeout=120, check=False)
+        assert finished.returncode == 0, finished.stderr
+        assert server.stats.total_requests == count - len(stored)
+    lines = _complete_lines(out / MANIFEST_NAME)
+    assert sorted(line["index"] for line in lines) == list(range(count))
+    assert {line["status"] for line in lines} == {"ok"}
+    assert len(_stored(out)) == count
+    assert not (out / UNMATCHED_NAME).exists()

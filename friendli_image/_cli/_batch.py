@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import bisect
 import contextlib
 import re
 import sys
@@ -30,11 +31,11 @@ from typing import IO, Any, Final
 
 import orjson
 
+from friendli_image._batch import Batch
 from friendli_image._batch_models import (
     OUTPUT_FORMATS,
     BatchItem,
     BatchProgress,
-    BatchResult,
     EndpointStats,
 )
 from friendli_image._exceptions import (
@@ -367,18 +368,46 @@ class _Progress:
 # -- running ------------------------------------------------------------------------------
 
 
-def _summary(result: BatchResult, out_dir: Path, final: BatchProgress | None) -> str:
-    counts = {"ok": 0, "resumed": 0, "failed": 0, "skipped": 0}
-    for item in result:
-        counts[item.status] += 1
+class _Tally:
+    """What the summary needs of a batch, counted as its items arrive: the counts and
+    the first failures in input order (every failure is in the manifest), never the
+    items themselves, so memory stays flat however long INPUT is."""
+
+    def __init__(self) -> None:
+        self.counts = {"ok": 0, "resumed": 0, "failed": 0, "skipped": 0}
+        self.failures: list[BatchItem] = []
+
+    def add(self, item: BatchItem) -> None:
+        self.counts[item.status] += 1
+        if item.status == "failed":
+            failures = self.failures
+            if len(failures) < _LISTED_FAILURES or item.index < failures[-1].index:
+                bisect.insort(failures, item, key=_index_of)
+                del failures[_LISTED_FAILURES:]
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    @property
+    def ok(self) -> bool:
+        return self.counts["failed"] == self.counts["skipped"] == 0
+
+
+def _index_of(item: BatchItem) -> int:
+    return item.index
+
+
+def _summary(tally: _Tally, batch: Batch, out_dir: Path, final: BatchProgress | None) -> str:
+    counts = tally.counts
     if final is not None:
         # The very numbers the progress bar ended on.
         elapsed, rate = final.elapsed, final.rate
     else:  # pragma: no cover - the batch always reports once at the end
-        elapsed = result.elapsed
+        elapsed = batch.progress().elapsed
         rate = (counts["ok"] + counts["failed"]) / elapsed if elapsed > 0 else 0.0
     rows = [
-        ("items", f"{len(result):,}"),
+        ("items", f"{tally.total:,}"),
         ("ok", f"{counts['ok']:,}"),
         ("resumed", f"{counts['resumed']:,} from earlier runs (not counted in the rate)"),
         ("failed", f"{counts['failed']:,}"),
@@ -386,21 +415,21 @@ def _summary(result: BatchResult, out_dir: Path, final: BatchProgress | None) ->
         ("elapsed", f"{elapsed:.1f}s ({rate:.1f} img/s)"),
         ("manifest", str(out_dir / MANIFEST_NAME)),
     ]
-    if result.unmatched:
+    unmatched = batch.unmatched
+    if unmatched is not None and unmatched.count:
         rows.append(
             (
                 "unmatched",
-                f"{result.unmatched:,} image(s) of earlier runs match no item of this input: "
-                f"kept in {out_dir}, listed in {result.unmatched_listing}",
+                f"{unmatched.count:,} image(s) of earlier runs match no item of this input: "
+                f"kept in {out_dir}, listed in {unmatched.listing}",
             )
         )
     lines = ["batch summary:"] + [f"  {name:<9} {value}" for name, value in rows]
-    failed: list[BatchItem] = result.failed
-    listed = failed[:_LISTED_FAILURES]
+    listed = tally.failures
     lines.extend(f"  failed #{item.index}: {item.error}" for item in listed)
-    if len(failed) > _LISTED_FAILURES:
-        lines.append(f"  ... and {len(failed) - _LISTED_FAILURES:,} more (see the manifest)")
-    aborted = result.aborted
+    if counts["failed"] > len(listed):
+        lines.append(f"  ... and {counts['failed'] - len(listed):,} more (see the manifest)")
+    aborted = batch.aborted
     if aborted is not None:
         if any(item.index == aborted.index for item in listed):
             lines.append(
@@ -409,7 +438,7 @@ def _summary(result: BatchResult, out_dir: Path, final: BatchProgress | None) ->
             )
         else:
             lines.append(f"  stopped: {aborted.cause}")
-    if not result.ok:
+    if not tally.ok:
         lines.append("  rerun the same command to retry what did not finish")
     return "\n".join(lines)
 
@@ -463,6 +492,7 @@ async def _run_batch(args: argparse.Namespace) -> int:
             raise
         print(f"friendli-image: metrics at {metrics_page}", file=sys.stderr)
     progress = _Progress(total, enabled=enabled)
+    tally = _Tally()
     finished = "interrupted"
     try:
         rules = _Input()
@@ -488,7 +518,7 @@ async def _run_batch(args: argparse.Namespace) -> int:
         async with make_client(args, watch.hooks) as client:
             image = client.container.image
             start: Callable[..., Any] = image.edit_batch if edits else image.generate_batch
-            result: BatchResult = await start(
+            batch: Batch = start(
                 requests,
                 concurrency=args.concurrency,
                 rps=args.rps,
@@ -500,6 +530,10 @@ async def _run_batch(args: argparse.Namespace) -> int:
                 on_progress=watch.on_progress(progress),
                 total=total,
             )
+            # Counted as they arrive: a summary of a million items holds none of them.
+            async with batch:
+                async for item in batch:
+                    tally.add(item)
             endpoints = client.endpoints
         finished = "completed"
     except Exception:
@@ -511,16 +545,16 @@ async def _run_batch(args: argparse.Namespace) -> int:
         await asyncio.get_running_loop().run_in_executor(None, watch.finish, finished)
         if stream is not sys.stdin:
             stream.close()
-    print(_summary(result, args.out_dir, progress.last))
+    print(_summary(tally, batch, args.out_dir, progress.last))
     print(f"  run       {args.out_dir / RUN_NAME}")
     if endpoints:
         print(_endpoint_table(endpoints))
     if args.gallery:
         page = await asyncio.get_running_loop().run_in_executor(None, write_gallery, args.out_dir)
         print(f"  gallery   {page}")
-    if result.ok:
+    if tally.ok:
         return EXIT_OK
-    if result.aborted is not None and isinstance(result.aborted.cause, FriendliConnectionError):
+    if batch.aborted is not None and isinstance(batch.aborted.cause, FriendliConnectionError):
         return EXIT_UNREACHABLE
     return EXIT_FAILED
 
