@@ -128,8 +128,8 @@ def _check(done: subprocess.CompletedProcess[str], what: str) -> None:
 
 def _arrow_aborted_at_exit(done: subprocess.CompletedProcess[str]) -> bool:
     """Arrow's known abort at interpreter exit, after the work is done (apache/arrow#34314,
-    #39862: a native thread pool torn down while a worker is alive; about 1 run in 20
-    on a loaded 2-core machine, with pyarrow alone). Such a block gets one more run."""
+    #39862: a native thread pool torn down while a worker is alive; 3 runs in 90 of a
+    pyarrow-only script on a loaded 2-core machine). Such a block gets one more run."""
     return (
         done.returncode == -signal.SIGABRT
         and "terminate called without an active exception" in done.stderr
