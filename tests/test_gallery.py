@@ -6,6 +6,7 @@ import asyncio
 import base64
 import hashlib
 import html
+import importlib.util
 import io
 import json
 import os
@@ -358,7 +359,19 @@ def test_thumbnail_jpeg_of_an_rgba_png_has_a_white_background(
     assert min(red, green, blue) > 240
 
 
-@pytest.mark.parametrize("output_format", ["webdataset", "parquet"])
+@pytest.mark.parametrize(
+    "output_format",
+    [
+        "webdataset",
+        pytest.param(
+            "parquet",
+            marks=pytest.mark.skipif(
+                importlib.util.find_spec("pyarrow") is None,
+                reason="parquet shards need pyarrow: pip install 'friendli-image[datasets]'",
+            ),
+        ),
+    ],
+)
 @pytest.mark.parametrize("pillow", [True, False])
 def test_a_run_in_shards_shows_every_image_taken_out_of_its_shard(
     tmp_path: Path, output_format: str, pillow: bool, monkeypatch: pytest.MonkeyPatch

@@ -13,14 +13,14 @@ import pytest
 from friendli_image import FriendliValidationError
 from friendli_image.server import LocalServer
 
-from .test_stage import STEPS, _direct, _table
-
 pa = pytest.importorskip("pyarrow")
 fsspec = pytest.importorskip("fsspec")
 
 from input_states import shard_samples  # noqa: E402
 
 from friendli_image.ray import ImageStage, seed_for  # noqa: E402
+
+from .test_stage import STEPS, _direct, _table  # noqa: E402
 
 
 def _samples(url: str) -> dict[str, list[bytes]]:
