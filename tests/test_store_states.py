@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import os
 import signal
 import subprocess
@@ -300,7 +301,20 @@ def test_batches_killed_edited_and_rerun(server: LocalServer) -> None:
     run_machine(BatchStates, EXAMPLES, steps=10)
 
 
-@pytest.mark.parametrize("machine", [ShardStates, ParquetStates, MemoryStates])
+_NEEDS_PYARROW = pytest.mark.skipif(
+    importlib.util.find_spec("pyarrow") is None,
+    reason="parquet shards need pyarrow: pip install 'friendli-image[datasets]'",
+)
+
+
+@pytest.mark.parametrize(
+    "machine",
+    [
+        ShardStates,
+        pytest.param(ParquetStates, marks=_NEEDS_PYARROW),
+        pytest.param(MemoryStates, marks=_NEEDS_PYARROW),
+    ],
+)
 def test_shard_batches_killed_edited_and_rerun(
     server: LocalServer, machine: type[BatchStates]
 ) -> None:
