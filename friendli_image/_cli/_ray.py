@@ -445,7 +445,17 @@ def _summary(manifest: str, fs: Any) -> tuple[Counter[str], list[dict[str, Any]]
     statuses: Counter[str] = Counter()
     failed: list[tuple[int, str, str]] = []
     columns = ["status", LINE_COLUMN, "error_type", "error"]
-    for batch in data.to_batches(columns=columns):
+    # Read in this thread, with no read-ahead: batches and buffers pyarrow's I/O threads
+    # still held at exit are freed during interpreter shutdown, where Arrow aborts the
+    # process (apache/arrow#34314) after the summary has been printed.
+    batches = data.to_batches(
+        columns=columns,
+        use_threads=False,
+        batch_readahead=0,
+        fragment_readahead=0,
+        fragment_scan_options=pyarrow.dataset.ParquetFragmentScanOptions(pre_buffer=False),
+    )
+    for batch in batches:
         statuses.update(batch.column(0).to_pylist())
         for row in batch.filter(pyarrow.compute.equal(batch.column(0), "failed")).to_pylist():
             entry = (-row[LINE_COLUMN], row["error_type"], row["error"])
