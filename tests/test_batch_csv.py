@@ -9,6 +9,8 @@ from typing import Any
 
 import orjson
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from friendli_image._cli import main
 from friendli_image._store import MANIFEST_NAME
@@ -99,3 +101,36 @@ def test_ray_refuses_csv_input(tmp_path: Path, capsys: pytest.CaptureFixture[str
     source.write_text("prompt\na fox\n", encoding="utf-8")
     assert main(["batch", str(source), "--out-dir", str(tmp_path / "out"), "--ray"]) == 2
     assert "--ray reads text or JSONL INPUT, not CSV" in capsys.readouterr().err
+
+
+_CELL = st.text(alphabet=st.sampled_from("ab yz,\"\n;'é"), min_size=1, max_size=24).filter(
+    lambda text: text.strip() == text
+)
+
+
+@settings(
+    max_examples=25,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(
+    rows=st.lists(
+        st.tuples(_CELL, st.one_of(st.none(), st.integers(0, 2**31 - 1))), min_size=1, max_size=6
+    )
+)
+def test_generated_csv_rows_reach_the_server_as_written(
+    server: LocalServer, tmp_path_factory: pytest.TempPathFactory, rows: list[tuple[str, Any]]
+) -> None:
+    """Whatever csv.writer writes (commas, quotes, line breaks in prompts; a seed or an
+    empty cell), the server receives each row's prompt and seed once, as written."""
+    directory = tmp_path_factory.mktemp("csv")
+    source = directory / "prompts.csv"
+    with source.open("w", encoding="utf-8", newline="") as stream:
+        writer = csv.writer(stream)
+        writer.writerow(["prompt", "seed"])
+        writer.writerows((prompt, "" if seed is None else str(seed)) for prompt, seed in rows)
+    server.reset_stats()
+    assert _batch(source, directory / "out", server) == 0
+    sent = [(str(r.body["prompt"]), r.body.get("seed")) for r in server.records if r.body]
+    assert sorted(sent, key=repr) == sorted(rows, key=repr)
