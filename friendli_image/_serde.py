@@ -12,7 +12,7 @@ the package: cattrs costs several milliseconds of import time.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -23,7 +23,13 @@ from ._requests import EditRequest, GenerateRequest
 if TYPE_CHECKING:
     import cattrs
 
-__all__ = ["canonical_request", "converter", "dumps_request", "unstructure_request"]
+__all__ = [
+    "canonical_request",
+    "canonical_wire",
+    "converter",
+    "dumps_request",
+    "unstructure_request",
+]
 
 _Unstructure = Callable[[Any], dict[str, Any]]
 
@@ -73,4 +79,9 @@ def dumps_request(request: GenerateRequest | EditRequest) -> bytes:
 def canonical_request(request: GenerateRequest | EditRequest) -> bytes:
     """The request's canonical JSON (its wire fields, keys sorted): equal requests, equal
     bytes."""
-    return orjson.dumps(unstructure_request(request), option=orjson.OPT_SORT_KEYS)
+    return canonical_wire(unstructure_request(request))
+
+
+def canonical_wire(wire: Mapping[str, Any]) -> bytes:
+    """The canonical JSON of a request's wire dict: keys sorted."""
+    return orjson.dumps(wire, option=orjson.OPT_SORT_KEYS)

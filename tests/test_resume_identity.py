@@ -1,0 +1,329 @@
+"""The resume's fast paths agree with the slow ones they replace.
+
+A resume identifies every finished item from its arguments (`plain_request_digest`)
+instead of building its model, scans each earlier manifest line with inline checks
+(`_scan_line`), and writes a resumed item's line by rewriting only its index
+(`append_resumed`). Each is checked here against the full pipeline over generated inputs:
+generate and edit requests, values the models convert (text numbers, ints for floats,
+bools, local images, data URIs, URLs with spaces) and values they refuse.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+
+from friendli_image import AsyncFriendli
+from friendli_image._requests import EditRequest, GenerateRequest, RequestModel
+from friendli_image._store import (
+    MANIFEST_NAME,
+    BatchStore,
+    _scan_line,
+    _scan_record,
+    manifest_record,
+    plain_request_digest,
+    request_digest,
+)
+from friendli_image.server import LocalServer, ServerConfig
+
+GENERATE = "/v1/images/generations"
+EDIT = "/v1/images/edits"
+
+# A 1x1 PNG: a valid image for the local-image and data: URI inputs.
+_PNG = base64.b64decode(
+    "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg=="
+)
+_LOCAL_IMAGE = Path(__file__).with_name("_resume_identity_image.png")
+
+_text = st.one_of(st.text(max_size=12), st.sampled_from(["", " x ", "\ud800", "é"]))
+_numbers = st.one_of(
+    st.integers(-3, 60),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.sampled_from([20.0, 7.5, 0.0, -0.0, 2**70, True, False, "7", " 3 ", "3.5", b"4"]),
+)
+_images = st.one_of(
+    st.sampled_from(
+        [
+            "https://example.com/a.png",
+            "HTTP://example.com/b.png",
+            " https://example.com/c.png",
+            "https://example.com/d.png\n",
+            "ftp://example.com/e.png",
+            "data:image/png;base64," + base64.b64encode(_PNG).decode(),
+            base64.b64encode(_PNG).decode(),
+            str(_LOCAL_IMAGE),
+            "not an image",
+        ]
+    ),
+    st.just(_PNG),
+    st.just({"image": "https://example.com/f.png"}),
+    st.lists(st.just("https://example.com/g.png"), max_size=2),
+)
+
+
+def _values(name: str) -> st.SearchStrategy[Any]:
+    plain = {
+        "prompt": _text,
+        "model": st.one_of(_text, st.none()),
+        "num_inference_steps": st.one_of(_numbers, st.none()),
+        "guidance_scale": st.one_of(_numbers, st.none()),
+        "seed": st.one_of(_numbers, st.integers(), st.none()),
+        "response_format": st.sampled_from(["raw", "jpeg", "png", None, 1]),
+        "image": st.one_of(_images, st.none()),
+        "control_images": st.one_of(st.none(), st.lists(_images, max_size=2)),
+        "controlnet_weights": st.one_of(st.none(), st.lists(_numbers, max_size=2)),
+        "retries": st.just(1),  # a per-call option, not an argument
+        "colour": st.just("red"),  # no argument at all
+    }
+    return plain[name]
+
+
+_GENERATE_KEYS = [
+    "prompt",
+    "model",
+    "num_inference_steps",
+    "guidance_scale",
+    "seed",
+    "response_format",
+    "control_images",
+    "controlnet_weights",
+    "retries",
+    "colour",
+]
+_EDIT_KEYS = ["image", *_GENERATE_KEYS[:6], "retries", "colour"]
+
+
+@st.composite
+def _requests(draw: st.DrawFn) -> tuple[str, type[RequestModel], dict[str, Any]]:
+    edit = draw(st.booleans())
+    keys = _EDIT_KEYS if edit else _GENERATE_KEYS
+    # Mostly the required arguments (so most requests are valid), some of the others.
+    chosen = [
+        key for key in keys if draw(st.integers(0, 9)) < (8 if key in {"prompt", "image"} else 3)
+    ]
+    spec = {key: draw(_values(key)) for key in chosen}
+    return (EDIT, EditRequest, spec) if edit else (GENERATE, GenerateRequest, spec)
+
+
+def _full_digest(path: str, model: type[RequestModel], spec: dict[str, Any]) -> str | None:
+    """The id the batch gives the request through its model; None when it is invalid."""
+    try:
+        return request_digest(path, model(**spec))
+    except (ValueError, TypeError):  # FriendliValidationError is a ValueError
+        return None
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _local_image() -> Any:
+    _LOCAL_IMAGE.write_bytes(_PNG)
+    yield
+    _LOCAL_IMAGE.unlink(missing_ok=True)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_requests())
+@example((GENERATE, GenerateRequest, {"prompt": "a lighthouse at dawn", "seed": 3}))
+@example((EDIT, EditRequest, {"prompt": "a", "image": "https://example.com/x.png"}))
+@example((GENERATE, GenerateRequest, {"prompt": "a", "guidance_scale": 3}))
+@example((GENERATE, GenerateRequest, {"prompt": "a", "num_inference_steps": None}))
+@example((GENERATE, GenerateRequest, {"prompt": "a", "seed": True}))
+@example((GENERATE, GenerateRequest, {"prompt": "\ud800"}))
+@example((EDIT, EditRequest, {"prompt": "a", "image": str(_LOCAL_IMAGE)}))
+def test_plain_digest_is_the_models_or_none(
+    request_: tuple[str, type[RequestModel], dict[str, Any]],
+) -> None:
+    """Whenever the fast identity answers, the request is valid and it is the model's."""
+    path, model, spec = request_
+    fast = plain_request_digest(path, model, spec)
+    if fast is not None:
+        assert fast == _full_digest(path, model, spec)
+
+
+@pytest.mark.parametrize(
+    ("path", "model", "spec"),
+    [
+        (GENERATE, GenerateRequest, {"prompt": "a lighthouse", "seed": 3}),
+        (
+            GENERATE,
+            GenerateRequest,
+            {
+                "prompt": "",
+                "model": "m",
+                "num_inference_steps": 50,
+                "guidance_scale": 7.5,
+                "seed": -1,
+                "response_format": "raw",
+                "control_images": None,
+            },
+        ),
+        (EDIT, EditRequest, {"prompt": "add a car", "image": "https://example.com/x.png"}),
+    ],
+)
+def test_plain_digest_answers_the_common_requests(
+    path: str, model: type[RequestModel], spec: dict[str, Any]
+) -> None:
+    """The fast identity is taken for what resumes mostly meet (else it would be unused)."""
+    assert plain_request_digest(path, model, spec) == _full_digest(path, model, spec) is not None
+
+
+_names = st.sampled_from(
+    [
+        "ab12-0.jpg",
+        "ab12-0.JPG",
+        "train-20261202T000000-abcdef-00000.tar",
+        "train-x.parquet",
+        "train-x.zip",
+        ".hidden.jpg",
+        "dir/a.jpg",
+        "",
+        "a.html",
+    ]
+)
+_field_values = st.one_of(
+    st.integers(-2, 3),
+    st.booleans(),
+    st.none(),
+    st.sampled_from(["", "ok", "failed", "a" * 64, "zz", "0x1f", 1.5]),
+    _names,
+)
+
+
+@st.composite
+def _lines(draw: st.DrawFn) -> bytes:
+    record = manifest_record(
+        index=draw(st.integers(0, 5)),
+        item_id=draw(st.sampled_from(["ab" * 32, "0f" * 32])),
+        occurrence=draw(st.integers(0, 2)),
+        prompt="p",
+        seed=1,
+        attempts=1,
+        elapsed=0.0,
+        request_id=None,
+        variant=draw(st.integers(0, 2)),
+        file=draw(_names),
+        sha256="cd" * 32,
+    )
+    for key in draw(st.lists(st.sampled_from(sorted(record)), max_size=3)):
+        if draw(st.booleans()):
+            record.pop(key, None)
+        else:
+            record[key] = draw(_field_values)
+    line = orjson.dumps(record)
+    if draw(st.integers(0, 9)) == 0:
+        line = draw(st.sampled_from([b"[1]", b"not json", b"{}", b'{"index": -1}', line[:-3]]))
+    return line + b"\n"
+
+
+@settings(max_examples=500, deadline=None)
+@given(_lines(), st.sampled_from(["", "train-x.parquet", "ab12-0.jpg", "train-x.zip"]))
+def test_scan_line_agrees_with_the_record_checks(line: bytes, previous: str) -> None:
+    """The inline scan of an earlier line keeps exactly what `_valid_record` and
+    `_identity` keep (``previous`` stands for an earlier line's file, already checked)."""
+    slow = _scan_record(line)
+    if previous and previous != "train-x.zip" and previous.endswith((".parquet", ".jpg")):
+        assert _scan_line(line, previous) == slow
+    assert _scan_line(line) == slow
+
+
+@st.composite
+def _earlier_lines(draw: st.DrawFn) -> bytes:
+    prompt = draw(_text)
+    if any(0xD800 <= ord(c) <= 0xDFFF for c in prompt):
+        prompt = draw(st.sampled_from(['"index":1', "p"]))
+    record = manifest_record(
+        index=draw(st.integers(0, 10**12)),
+        item_id="ab" * 32,
+        occurrence=draw(st.integers(0, 3)),
+        prompt=prompt,
+        seed=draw(st.one_of(st.integers(-(2**63), 2**63 - 1), st.none())),
+        attempts=1,
+        elapsed=draw(st.floats(0, 1e9)),
+        request_id=None,
+        file="ab-0.jpg",
+        sha256="cd" * 32,
+    )
+    if draw(st.booleans()):  # a line written by another tool: other order, spaces
+        record = {"id": record.pop("id"), **record}
+        return orjson.dumps(record).replace(b'":', b'": ') + b"\n"
+    return orjson.dumps(record) + b"\n"
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(st.integers(0, 10**9), _earlier_lines()), min_size=1, max_size=20))
+def test_a_resumed_line_is_its_record_with_the_new_index(
+    tmp_path_factory: pytest.TempPathFactory, resumed: list[tuple[int, bytes]]
+) -> None:
+    """`append_resumed` writes what ``{**record, "index": index}`` serializes to."""
+    directory = tmp_path_factory.mktemp("resumed")
+    store = BatchStore(directory, resume=True)
+    store.open()
+    try:
+        for index, line in resumed:
+            store.append_resumed(index, orjson.loads(line), line)
+        store.flush()
+        written = (directory / MANIFEST_NAME).read_bytes()
+    finally:
+        store.close(complete=False)
+    expected = [orjson.loads(line) for _index, line in resumed]
+    assert [orjson.loads(line) for line in written.splitlines()] == [
+        {**record, "index": index} for (index, _line), record in zip(resumed, expected, strict=True)
+    ]
+    ours = b"".join(
+        orjson.dumps({**record, "index": index}) + b"\n"
+        for (index, _line), record in zip(resumed, expected, strict=True)
+    )
+    if all(line.startswith(b'{"index":') for _index, line in resumed):
+        assert written == ours  # byte for byte, where the line was this package's
+
+
+# -- through a batch -------------------------------------------------------------------------
+
+
+@pytest.fixture
+def server() -> Any:
+    with LocalServer(ServerConfig(image_size=16, max_concurrency=8)) as local:
+        yield local
+
+
+async def test_a_known_item_whose_image_is_gone_is_made_again(
+    server: LocalServer, tmp_path: Path
+) -> None:
+    """An item identified from its arguments whose image was deleted gets its model built
+    and is sent again; prompt strings, mappings and models resume alike."""
+    requests: list[Any] = [
+        "a lighthouse",
+        {"prompt": "a harbour", "seed": 1, "num_inference_steps": 2},
+        GenerateRequest(prompt="a ship", seed=2, num_inference_steps=2),
+        {"prompt": "a harbour", "seed": 1, "num_inference_steps": 2},  # occurrence 1
+        {"prompt": "a mill", "seed": "3", "num_inference_steps": 2},  # converted: not plain
+    ]
+    async with AsyncFriendli(server_url=server.url) as client:
+        first = await client.container.image.generate_batch(requests, out_dir=tmp_path)
+        assert [item.status for item in first.items] == ["ok"] * 5
+        gone = first.items[3]
+        assert gone.path is not None
+        assert gone.occurrence == 1
+        os.remove(gone.path)
+        server.reset_stats()
+        again = await client.container.image.generate_batch(requests, out_dir=tmp_path)
+    assert [item.status for item in again.items] == [
+        "resumed",
+        "resumed",
+        "resumed",
+        "ok",
+        "resumed",
+    ]
+    assert server.stats.total_requests == 1
+    assert [(item.id, item.occurrence, item.key, item.sha256) for item in again.items[:3]] == [
+        (item.id, item.occurrence, item.key, item.sha256) for item in first.items[:3]
+    ]
+    assert (again.items[3].id, again.items[3].occurrence) == (gone.id, 1)
+    lines = [orjson.loads(line) for line in (tmp_path / MANIFEST_NAME).read_bytes().splitlines()]
+    assert sorted(line["index"] for line in lines) == [0, 1, 2, 3, 4]
