@@ -666,6 +666,9 @@ class Batch:
                             spec = await _next(None, async_source)
                         if spec is _END:
                             exhausted = True
+                            # Every item has its occurrence: free the table (16 MB a
+                            # million items) before the last shard is built.
+                            self._occurrences = Occurrences()
                             break
                         prepared = self._identify(spec)
                         if self._options.n > 1 and not isinstance(prepared, _Known):

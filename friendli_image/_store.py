@@ -863,6 +863,11 @@ class _Earlier:
     def __len__(self) -> int:
         return len(self.claimed)
 
+    def forget_lookups(self) -> None:
+        """Free the keys (16 bytes an earlier line) once no item will be looked up."""
+        self.keys = self.offsets = array.array("Q")
+        self._starts, self._shift = array.array("Q", [0, 0]), 64
+
     def find(self, item_id: str, occurrence: int, variant: int) -> int:
         """Where the keys of this identity's hash start (`lines_of`), -1 if it has none."""
         keys = self.keys
@@ -1155,6 +1160,8 @@ class BatchStore:
         claimed and report them. A ``files`` location gets its ``metadata.jsonl``."""
         shard, self._shard = self._shard, None
         opened = self._manifest is not None
+        if self._earlier is not None:
+            self._earlier.forget_lookups()  # no claim follows: only what was claimed counts
         try:
             if self._manifest is not None:
                 self.flush()
