@@ -26,6 +26,17 @@ object-store path (one PUT per image or shard, the manifest written at the end).
 memory file system lives in its process only, so there the resume process first writes
 the N items itself (unmeasured, but in its peak RSS).
 
+``--repeats R`` runs the formats R times, the order reversed every other round, and
+prints each round's CPU per item of each format against ``none`` with the median and
+range of those ratios (PERFORMANCE.md target 13 is read from them).
+
+Each location is removed when its runs end, then the page cache is flushed (``sync``) and
+the next run waits 6 s. On ext4 without a journal (this project's benchmark machine) the
+inode allocator skips every inode freed in the last 5 s, or 5 min while its table block
+is dirty, one by one: right after 100,000 images were deleted, creating a file cost
+255 µs of system time against 89 µs once they were flushed and 6 s old, which the next
+``files`` run would be charged for.
+
 Prints one JSON line per run and a table at the end.
 """
 
@@ -37,6 +48,7 @@ import json
 import os
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -50,6 +62,8 @@ from memory import rss_peak_mib  # the benchmarks' own module (this script's fol
 from friendli_image import AsyncFriendli, ImageResult
 
 FORMATS = ("none", "files", "webdataset", "parquet")
+#: Seconds a run waits after the previous location was deleted and flushed (see above).
+_SETTLE_S = 6.0
 
 
 def _cpu() -> float:
@@ -192,6 +206,9 @@ def main() -> None:
     parser.add_argument("--formats", nargs="+", default=list(FORMATS), choices=FORMATS)
     parser.add_argument("--http", action="store_true", help="write through benchmarks/server.py")
     parser.add_argument("--no-resume", action="store_true", help="measure the writes only")
+    parser.add_argument(
+        "--repeats", type=int, default=1, help="rounds of every format, interleaved (default 1)"
+    )
     parser.add_argument("--dir", help="where the locations go (default: a temporary folder)")
     parser.add_argument(
         "--location",
@@ -217,23 +234,47 @@ def main() -> None:
         assert server.stdout is not None
         url = f"http://127.0.0.1:{int(server.stdout.readline().split()[1])}"
     rows = []
+    ratios: dict[str, list[float]] = {}
     try:
-        for output_format in args.formats:
-            base = Path(tempfile.mkdtemp(prefix=f"friendli-{output_format}-", dir=args.dir))
-            try:
-                row: dict[str, Any] = {"format": output_format}
-                row["write"] = _spawn("write", output_format, base / "out", args, url)
-                if output_format != "none" and not args.no_resume:
-                    row["resume"] = _spawn("resume", output_format, base / "out", args, None)
-                rows.append(row)
-            finally:
-                shutil.rmtree(base, ignore_errors=True)
+        for round_number in range(args.repeats):
+            order = args.formats if round_number % 2 == 0 else args.formats[::-1]
+            cpu: dict[str, float] = {}
+            for position, output_format in enumerate(order):
+                last = round_number == args.repeats - 1 and position == len(order) - 1
+                base = Path(tempfile.mkdtemp(prefix=f"friendli-{output_format}-", dir=args.dir))
+                try:
+                    row: dict[str, Any] = {"format": output_format, "round": round_number}
+                    row["write"] = _spawn("write", output_format, base / "out", args, url)
+                    cpu[output_format] = row["write"]["cpu_us_per_item"]
+                    if output_format != "none" and not args.no_resume:
+                        row["resume"] = _spawn("resume", output_format, base / "out", args, None)
+                    rows.append(row)
+                finally:
+                    shutil.rmtree(base, ignore_errors=True)
+                    if output_format != "none" and not last:
+                        os.sync()
+                        time.sleep(_SETTLE_S)
+            if "none" in cpu:
+                for output_format, figure in cpu.items():
+                    if output_format != "none":
+                        ratios.setdefault(output_format, []).append(figure / cpu["none"])
+                print(
+                    f"round {round_number}: CPU per item / none: "
+                    + ", ".join(f"{f} {r[-1]:.3f}" for f, r in ratios.items()),
+                    flush=True,
+                )
     finally:
         if server is not None:
             assert server.stdin is not None
             server.stdin.close()
             server.wait(timeout=10)
     print(_table(rows, args.n))
+    for output_format, values in ratios.items():
+        values.sort()
+        print(
+            f"{output_format} / none, CPU per item: median {statistics.median(values):.3f} "
+            f"(range {values[0]:.3f}-{values[-1]:.3f}, {len(values)} rounds)"
+        )
     if os.environ.get("FRIENDLI_BENCH_JSON"):
         Path(os.environ["FRIENDLI_BENCH_JSON"]).write_text(json.dumps(rows))
 
