@@ -30,12 +30,13 @@ the N items itself (unmeasured, but in its peak RSS).
 prints each round's CPU per item of each format against ``none`` with the median and
 range of those ratios (PERFORMANCE.md target 13 is read from them).
 
-Each location is removed when its runs end, then the page cache is flushed (``sync``) and
-the next run waits 6 s. On ext4 without a journal (this project's benchmark machine) the
-inode allocator skips every inode freed in the last 5 s, or 5 min while its table block
-is dirty, one by one: right after 100,000 images were deleted, creating a file cost
-255 µs of system time against 89 µs once they were flushed and 6 s old, which the next
-``files`` run would be charged for.
+Every location is kept until the last run ends, then removed. On ext4 without a journal
+(this project's benchmark machine) the inode allocator steps, one by one, over every inode
+of the group freed in the last 5 s, or in the last 5 minutes once the inode table block
+holding it is dirty, which creating files next to it makes it: a ``files`` run writing
+10,000 images after the previous run's were deleted paid 340-450 µs of system time per
+image, against 70-120 µs with nothing deleted nearby. Deleting between runs would charge
+each run for the one before.
 
 Prints one JSON line per run and a table at the end.
 """
@@ -62,8 +63,6 @@ from memory import rss_peak_mib  # the benchmarks' own module (this script's fol
 from friendli_image import AsyncFriendli, ImageResult
 
 FORMATS = ("none", "files", "webdataset", "parquet")
-#: Seconds a run waits after the previous location was deleted and flushed (see above).
-_SETTLE_S = 6.0
 
 
 def _cpu() -> float:
@@ -244,25 +243,20 @@ def main() -> None:
         url = f"http://127.0.0.1:{int(server.stdout.readline().split()[1])}"
     rows = []
     ratios: dict[str, list[float]] = {}
+    locations: list[Path] = []
     try:
         for round_number in range(args.repeats):
             order = args.formats if round_number % 2 == 0 else args.formats[::-1]
             cpu: dict[str, float] = {}
-            for position, output_format in enumerate(order):
-                last = round_number == args.repeats - 1 and position == len(order) - 1
+            for output_format in order:
                 base = Path(tempfile.mkdtemp(prefix=f"friendli-{output_format}-", dir=args.dir))
-                try:
-                    row: dict[str, Any] = {"format": output_format, "round": round_number}
-                    row["write"] = _spawn("write", output_format, base / "out", args, url)
-                    cpu[output_format] = row["write"]["cpu_us_per_item"]
-                    if output_format != "none" and not args.no_resume:
-                        row["resume"] = _spawn("resume", output_format, base / "out", args, None)
-                    rows.append(row)
-                finally:
-                    shutil.rmtree(base, ignore_errors=True)
-                    if output_format != "none" and not last:
-                        os.sync()
-                        time.sleep(_SETTLE_S)
+                locations.append(base)
+                row: dict[str, Any] = {"format": output_format, "round": round_number}
+                row["write"] = _spawn("write", output_format, base / "out", args, url)
+                cpu[output_format] = row["write"]["cpu_us_per_item"]
+                if output_format != "none" and not args.no_resume:
+                    row["resume"] = _spawn("resume", output_format, base / "out", args, None)
+                rows.append(row)
             if "none" in cpu:
                 for output_format, figure in cpu.items():
                     if output_format != "none":
@@ -273,6 +267,8 @@ def main() -> None:
                     flush=True,
                 )
     finally:
+        for base in locations:
+            shutil.rmtree(base, ignore_errors=True)
         if server is not None:
             assert server.stdin is not None
             server.stdin.close()
