@@ -13,6 +13,13 @@ engines alone, without a server: both run on a stub request path (the package's 
 `RequestPath`) that answers every call with one prebuilt result after one loop iteration,
 so CPU per item is the fan-out machinery only (gather's semaphore and tasks against the
 batch's dispatch, request ids, gate and items).
+
+``--files DIR`` compares ``generate_batch`` without ``out_dir`` against the same batch
+writing each round to a fresh ``output_format="files"`` location under DIR (PERFORMANCE.md
+target 13), in this one process: rounds alternate as above, and each round also prints
+the system time per item (mostly the kernel creating image files). The locations are
+removed only when every round is done: on ext4 without a journal, images deleted in the
+last 5 minutes slow every file created next to them (see ``dataset_formats.py``).
 """
 
 from __future__ import annotations
@@ -20,9 +27,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -36,6 +45,10 @@ PROMPT = "a lighthouse at dawn, volumetric light, 35mm"
 def _cpu() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
+
+
+def _sys() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_stime
 
 
 async def _gather(client: AsyncFriendli, n: int, c: int, size: int) -> None:
@@ -58,6 +71,46 @@ async def _batch(client: AsyncFriendli, n: int, c: int, size: int) -> None:
             raise RuntimeError(f"batch item failed: {item!r}")
 
 
+async def _files(client: AsyncFriendli, n: int, c: int, out: Path, start: int) -> None:
+    specs = [{"prompt": PROMPT, "seed": start + i} for i in range(n)]
+    batch = client.container.image.generate_batch(specs, concurrency=c, out_dir=out)
+    async for item in batch:
+        if item.status != "ok":
+            raise RuntimeError(f"batch item failed: {item!r}")
+
+
+async def _files_main(client: AsyncFriendli, args: argparse.Namespace) -> None:
+    """Rounds of batch without out_dir against batch to a fresh files location."""
+    root = Path(tempfile.mkdtemp(prefix="friendli-files-", dir=args.files))
+    try:
+        pairs: list[tuple[float, float]] = []
+        for r in range(args.rounds):
+            figures: dict[str, tuple[float, float]] = {}
+            for kind in ("batch", "files") if r % 2 == 0 else ("files", "batch"):
+                cpu0, sys0 = _cpu(), _sys()
+                if kind == "files":
+                    await _files(client, args.n, args.c, root / str(r), r * args.n)
+                else:
+                    await _batch(client, args.n, args.c, args.size)
+                figures[kind] = ((_cpu() - cpu0) / args.n * 1e6, (_sys() - sys0) / args.n * 1e6)
+            b, f = figures["batch"], figures["files"]
+            pairs.append((b[0], f[0]))
+            print(
+                f"round {r}: batch {b[0]:6.0f} us/item (sys {b[1]:4.0f}) | files {f[0]:6.0f} "
+                f"us/item (sys {f[1]:4.0f}) | cpu {f[0] / b[0]:.3f}x",
+                flush=True,
+            )
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    ratios = sorted(f / b for b, f in pairs)
+    print(
+        f"files/no out_dir: CPU per item median {statistics.median(ratios):.3f}x "
+        f"(range {ratios[0]:.3f}-{ratios[-1]:.3f}); no out_dir "
+        f"{statistics.median(b for b, _ in pairs):.0f} us/item, files "
+        f"{statistics.median(f for _, f in pairs):.0f} us/item"
+    )
+
+
 async def _round(
     kind: str, client: AsyncFriendli, n: int, c: int, size: int
 ) -> tuple[float, float]:
@@ -71,6 +124,9 @@ async def _round(
 async def _main(url: str, args: argparse.Namespace) -> None:
     async with AsyncFriendli(server_url=url, token="", max_connections=args.c) as client:
         await _gather(client, args.c * 4, args.c, args.size)  # warm up: open the pool
+        if args.files:
+            await _files_main(client, args)
+            return
         if args.profile:
             import cProfile
 
@@ -166,6 +222,9 @@ def main() -> None:
         "--only", choices=("batch", "gather"), help="run one of them alone (e.g. under py-spy)"
     )
     parser.add_argument("--stub", action="store_true", help="the engines alone, no server")
+    parser.add_argument(
+        "--files", metavar="DIR", help="batch without out_dir against batch to files under DIR"
+    )
     args = parser.parse_args()
     if args.stub:
         asyncio.run(_stub_main(args))

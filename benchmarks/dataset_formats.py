@@ -26,6 +26,18 @@ object-store path (one PUT per image or shard, the manifest written at the end).
 memory file system lives in its process only, so there the resume process first writes
 the N items itself (unmeasured, but in its peak RSS).
 
+``--repeats R`` runs the formats R times, the order reversed every other round, and
+prints each round's CPU per item of each format against ``none`` with the median and
+range of those ratios (PERFORMANCE.md target 13 is read from them).
+
+Every location is kept until the last run ends, then removed. On ext4 without a journal
+(this project's benchmark machine) the inode allocator steps, one by one, over every inode
+of the group freed in the last 5 s, or in the last 5 minutes once the inode table block
+holding it is dirty, which creating files next to it makes it: a ``files`` run writing
+10,000 images after the previous run's were deleted paid 340-450 µs of system time per
+image, against 70-120 µs with nothing deleted nearby. Deleting between runs would charge
+each run for the one before.
+
 Prints one JSON line per run and a table at the end.
 """
 
@@ -37,6 +49,7 @@ import json
 import os
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -55,6 +68,11 @@ FORMATS = ("none", "files", "webdataset", "parquet")
 def _cpu() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
+
+
+def _sys() -> float:
+    """The process's system time: the kernel's share, e.g. creating each image file."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_stime
 
 
 class _Stub:
@@ -106,16 +124,19 @@ def _child(args: argparse.Namespace) -> None:
     }
     if args.child == "write":
         if args.url:
-            counts, cpu0, wall0 = asyncio.run(_timed_http(args.url, args.n, target, output_format))
+            counts, cpu0, sys0, wall0 = asyncio.run(
+                _timed_http(args.url, args.n, target, output_format)
+            )
         else:
             stub = _Stub(args.size)
-            cpu0, wall0 = _cpu(), time.perf_counter()
+            cpu0, sys0, wall0 = _cpu(), _sys(), time.perf_counter()
             counts = asyncio.run(_run(stub, args.n, 0, target, output_format))
         cpu, wall = _cpu() - cpu0, time.perf_counter() - wall0
         figures.update(
             http=bool(args.url),
             ok=counts["ok"],
             cpu_us_per_item=round(cpu / args.n * 1e6, 1),
+            sys_us_per_item=round((_sys() - sys0) / args.n * 1e6, 1),
             wall_s=round(wall, 2),
         )
     else:
@@ -142,12 +163,13 @@ def _child(args: argparse.Namespace) -> None:
 
 async def _timed_http(
     url: str, n: int, out: Path | str | None, output_format: str
-) -> tuple[dict[str, int], float, float]:
-    """The write through HTTP: counts, and the CPU and wall clock after the warm-up."""
+) -> tuple[dict[str, int], float, float, float]:
+    """The write through HTTP: counts, and the CPU, system time and wall clock after the
+    warm-up."""
     async with AsyncFriendli(server_url=url, token="", max_connections=64) as client:
         await _run(client, 256, 0, None, "files")  # warm up: open the pool
-        cpu0, wall0 = _cpu(), time.perf_counter()
-        return await _run(client, n, 0, out, output_format), cpu0, wall0
+        cpu0, sys0, wall0 = _cpu(), _sys(), time.perf_counter()
+        return await _run(client, n, 0, out, output_format), cpu0, sys0, wall0
 
 
 def _spawn(
@@ -192,6 +214,9 @@ def main() -> None:
     parser.add_argument("--formats", nargs="+", default=list(FORMATS), choices=FORMATS)
     parser.add_argument("--http", action="store_true", help="write through benchmarks/server.py")
     parser.add_argument("--no-resume", action="store_true", help="measure the writes only")
+    parser.add_argument(
+        "--repeats", type=int, default=1, help="rounds of every format, interleaved (default 1)"
+    )
     parser.add_argument("--dir", help="where the locations go (default: a temporary folder)")
     parser.add_argument(
         "--location",
@@ -217,23 +242,44 @@ def main() -> None:
         assert server.stdout is not None
         url = f"http://127.0.0.1:{int(server.stdout.readline().split()[1])}"
     rows = []
+    ratios: dict[str, list[float]] = {}
+    locations: list[Path] = []
     try:
-        for output_format in args.formats:
-            base = Path(tempfile.mkdtemp(prefix=f"friendli-{output_format}-", dir=args.dir))
-            try:
-                row: dict[str, Any] = {"format": output_format}
+        for round_number in range(args.repeats):
+            order = args.formats if round_number % 2 == 0 else args.formats[::-1]
+            cpu: dict[str, float] = {}
+            for output_format in order:
+                base = Path(tempfile.mkdtemp(prefix=f"friendli-{output_format}-", dir=args.dir))
+                locations.append(base)
+                row: dict[str, Any] = {"format": output_format, "round": round_number}
                 row["write"] = _spawn("write", output_format, base / "out", args, url)
+                cpu[output_format] = row["write"]["cpu_us_per_item"]
                 if output_format != "none" and not args.no_resume:
                     row["resume"] = _spawn("resume", output_format, base / "out", args, None)
                 rows.append(row)
-            finally:
-                shutil.rmtree(base, ignore_errors=True)
+            if "none" in cpu:
+                for output_format, figure in cpu.items():
+                    if output_format != "none":
+                        ratios.setdefault(output_format, []).append(figure / cpu["none"])
+                print(
+                    f"round {round_number}: CPU per item / none: "
+                    + ", ".join(f"{f} {r[-1]:.3f}" for f, r in ratios.items()),
+                    flush=True,
+                )
     finally:
+        for base in locations:
+            shutil.rmtree(base, ignore_errors=True)
         if server is not None:
             assert server.stdin is not None
             server.stdin.close()
             server.wait(timeout=10)
     print(_table(rows, args.n))
+    for output_format, values in ratios.items():
+        values.sort()
+        print(
+            f"{output_format} / none, CPU per item: median {statistics.median(values):.3f} "
+            f"(range {values[0]:.3f}-{values[-1]:.3f}, {len(values)} rounds)"
+        )
     if os.environ.get("FRIENDLI_BENCH_JSON"):
         Path(os.environ["FRIENDLI_BENCH_JSON"]).write_text(json.dumps(rows))
 

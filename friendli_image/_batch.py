@@ -930,7 +930,6 @@ class Batch:
                 request_id=result.request_id,
                 maybe_duplicated=result.maybe_duplicated,
             )
-        loop = asyncio.get_running_loop()
         record = manifest_record(
             index=index,
             item_id=prepared.id,
@@ -963,7 +962,7 @@ class Batch:
             if full is not None:
                 self._unpublished += 1
                 try:
-                    await loop.run_in_executor(None, store.publish, full)
+                    await asyncio.get_running_loop().run_in_executor(None, store.publish, full)
                 finally:
                     self._unpublished -= 1
                     async with self._published:
@@ -973,6 +972,8 @@ class Batch:
             name = image_name(prepared.id, prepared.occurrence, result.format, prepared.variant)
             digest = await self._writer.write(name, result.data, record)
         elapsed = record["elapsed"]
+        # A local path's text is its URI: one path join per item, not two.
+        path = store.path_of(name)
         return BatchItem(
             index=index,
             id=prepared.id,
@@ -981,8 +982,8 @@ class Batch:
             key=key,
             request=prepared.request,
             status="ok",
-            path=store.path_of(name),
-            uri=store.uri_of(name),
+            path=path,
+            uri=store.uri_of(name) if path is None else str(path),
             format=result.format,
             sha256=digest,
             attempts=attempts,

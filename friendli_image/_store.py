@@ -64,6 +64,7 @@ import bisect
 import contextlib
 import hashlib
 import io
+import itertools
 import os
 import pathlib
 import secrets
@@ -142,6 +143,8 @@ GALLERY_NAME: Final = "index.html"
 THUMBS_DIR: Final = ".thumbs"
 
 _TEMP_SUFFIX: Final = ".part"
+#: Random prefixes a temporary file's name is tried with before its write fails.
+_TEMP_TRIES: Final = 4
 #: The file extension of each shard format.
 _SHARD_SUFFIX: Final = {"webdataset": ".tar", "parquet": ".parquet"}
 _FORMAT_OF_SUFFIX: Final = {suffix: fmt for fmt, suffix in _SHARD_SUFFIX.items()}
@@ -152,8 +155,11 @@ _SHARD_ENDINGS: Final = tuple(_SHARD_SUFFIX.values())
 _NOFOLLOW: Final = getattr(os, "O_NOFOLLOW", 0)
 _CLOEXEC: Final = getattr(os, "O_CLOEXEC", 0)
 _DIRECTORY: Final = getattr(os, "O_DIRECTORY", 0)
+_CREATE_NEW: Final = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _CLOEXEC
 #: Relative opens through a directory descriptor (POSIX); elsewhere, joined paths.
-_AT: Final = os.open in os.supports_dir_fd and os.replace in os.supports_dir_fd
+#: ``os.replace`` takes ``src_dir_fd`` / ``dst_dir_fd`` as ``os.rename`` does, but only
+#: ``os.rename`` is listed in ``supports_dir_fd``.
+_AT: Final = os.open in os.supports_dir_fd and os.rename in os.supports_dir_fd
 #: Manifest lines longer than this are not remembered for resuming (packing limit).
 _MAX_LINE: Final = (1 << 24) - 1
 
@@ -355,6 +361,10 @@ class Directory:
         if create and parent is None:
             path.mkdir(parents=True, exist_ok=True)
         self._fd: int | None = None
+        # Temporary names: this directory's random prefix and a counter, so writing a
+        # file asks the kernel for no random bytes (one file per image).
+        self._temp_prefix = secrets.token_hex(6)
+        self._temps = itertools.count()
         if _AT:
             flags = os.O_RDONLY | _DIRECTORY | _CLOEXEC
             if parent is None:
@@ -430,9 +440,7 @@ class Directory:
         the umask asks for; the rename replaces a link planted at ``name`` (it never
         writes through it).
         """
-        temp = f".{name}.{secrets.token_hex(6)}{_TEMP_SUFFIX}"
-        fd = self.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
-        temp_path, at = self._at(temp)
+        temp_path, at, fd = self._create_temporary(name)
         try:
             try:
                 if isinstance(data, bytes | memoryview):
@@ -458,6 +466,24 @@ class Directory:
                 os.unlink(temp_path, **at)
             raise
         return mtime
+
+    def _create_temporary(self, name: str) -> tuple[str, dict[str, int], int]:
+        """A new temporary file for ``name``: its path, the open's keywords, a descriptor.
+
+        O_EXCL with O_CREAT never opens what exists (a link included), so the file is the
+        new regular file this call made, with no fstat to check it. A name already taken
+        (planted, or left by a killed writer) draws a new random prefix.
+        """
+        for _ in range(_TEMP_TRIES - 1):
+            temp_path, at = self._at(
+                f".{name}.{self._temp_prefix}{next(self._temps):x}{_TEMP_SUFFIX}"
+            )
+            try:
+                return temp_path, at, os.open(temp_path, _CREATE_NEW, 0o666, **at)
+            except FileExistsError:
+                self._temp_prefix = secrets.token_hex(6)
+        temp_path, at = self._at(f".{name}.{self._temp_prefix}{next(self._temps):x}{_TEMP_SUFFIX}")
+        return temp_path, at, os.open(temp_path, _CREATE_NEW, 0o666, **at)
 
     def move(self, name: str, into: Directory) -> bool:
         """Move ``name`` into another directory (same name); False if it is not there."""
@@ -599,8 +625,13 @@ def dataset_fields(request: GenerateRequest | EditRequest) -> dict[str, Any]:
     and the whole request (wire fields, keys sorted) as JSON text in ``request``, where
     a local image (a ``data:`` URI) is replaced by ``sha256:<hex>`` of its text."""
     fields: dict[str, Any] = {name: getattr(request, name) for name in _REQUEST_COLUMNS}
-    wire = _digest_local_images(unstructure_request(request))
-    fields["request"] = orjson.dumps(wire, option=orjson.OPT_SORT_KEYS).decode()
+    wire = unstructure_request(request)
+    text = orjson.dumps(wire, option=orjson.OPT_SORT_KEYS)
+    # Only a string value can start a data: URI, and orjson writes it as '"data:': the
+    # walk over every field is for the requests that carry one.
+    if b'"data:' in text:
+        text = orjson.dumps(_digest_local_images(wire), option=orjson.OPT_SORT_KEYS)
+    fields["request"] = text.decode()
     return fields
 
 

@@ -20,12 +20,16 @@ import pytest
 
 from friendli_image import AsyncFriendli, FriendliUsageError, write_gallery
 from friendli_image._cli import main
+from friendli_image._requests import EditRequest, GenerateRequest
+from friendli_image._serde import canonical_request, unstructure_request
 from friendli_image._store import (
     GALLERY_NAME,
     LOCK_NAME,
     MANIFEST_NAME,
     THUMBS_DIR,
     UNMATCHED_NAME,
+    Directory,
+    dataset_fields,
     read_gallery_inputs,
 )
 from friendli_image.server import LocalServer, ServerConfig
@@ -406,3 +410,78 @@ def test_a_kill_mid_group_leaves_no_line_without_its_image_and_a_rerun_completes
     assert {line["status"] for line in lines} == {"ok"}
     assert len(_stored(out)) == count
     assert not (out / UNMATCHED_NAME).exists()
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="directory descriptors are POSIX")
+def test_a_location_is_written_through_its_directory_descriptor(tmp_path: Path) -> None:
+    """Names resolve against the directory opened at the start, not its path: a location
+    moved away mid-run keeps getting its files, and none land at the old path."""
+    with Directory(tmp_path / "out", create=True) as folder:
+        (tmp_path / "out").rename(tmp_path / "moved")
+        folder.write_atomic("a.jpg", b"image")
+    assert (tmp_path / "moved" / "a.jpg").read_bytes() == b"image"
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_taken_temporary_name_is_not_written_through(
+    tmp_path: Path, outside: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Temporary names are a random prefix and a counter: one planted at the next name
+    (a link here) is left alone, and the write takes another prefix."""
+    prefixes = iter(["aaaaaaaaaaaa", "bbbbbbbbbbbb"])
+    monkeypatch.setattr("friendli_image._store.secrets.token_hex", lambda _n: next(prefixes))
+    out = tmp_path / "out"
+    out.mkdir()
+    planted = out / ".a.jpg.aaaaaaaaaaaa0.part"
+    planted.symlink_to(outside)
+    with Directory(out) as folder:
+        folder.write_atomic("a.jpg", b"image")
+        folder.write_atomic("b.jpg", b"other")
+    assert (out / "a.jpg").read_bytes() == b"image"
+    assert (out / "b.jpg").read_bytes() == b"other"
+    assert planted.is_symlink()
+    _untouched(outside)
+    assert sorted(p.name for p in out.iterdir()) == [planted.name, "a.jpg", "b.jpg"]
+
+
+@pytest.mark.parametrize(
+    ("request_model", "digested"),
+    [
+        (GenerateRequest(prompt="a lighthouse", seed=3), False),
+        (GenerateRequest(prompt='say "data: x"', seed=3), False),
+        (GenerateRequest(prompt="data:text/plain,hello"), True),
+        (EditRequest(image="data:image/png;base64,iVBORw0KGgo=", prompt="p"), True),
+        (EditRequest(image="https://example.com/a.png", prompt="data:, a prompt"), True),
+    ],
+)
+def test_a_dataset_row_holds_the_request_with_local_images_digested(
+    request_model: GenerateRequest | EditRequest, digested: bool
+) -> None:
+    """``request`` is the canonical JSON, where each string starting with ``data:`` is
+    ``sha256:`` of its text (a local image is not copied into every row)."""
+    text = dataset_fields(request_model)["request"]
+    wire = unstructure_request(request_model)
+    if digested:
+        data_uris = [
+            v
+            for v in _strings(orjson.loads(canonical_request(request_model)))
+            if v.startswith("data:")
+        ]
+        assert data_uris
+        for uri in data_uris:
+            assert uri not in text
+            assert "sha256:" + hashlib.sha256(uri.encode()).hexdigest() in text
+    else:
+        assert text == orjson.dumps(wire, option=orjson.OPT_SORT_KEYS).decode()
+    assert orjson.loads(text).keys() == wire.keys()
+
+
+def _strings(value: Any) -> Iterator[str]:
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, list):
+        for item in value:
+            yield from _strings(item)
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _strings(item)
