@@ -73,6 +73,11 @@ def _install_for_tests(session: nox.Session) -> None:
 #: The mypy checks of tests/typing: run once, by the typecheck session.
 TYPING_TESTS = "tests/test_typing.py"
 
+#: The store's state machines run their full derandomized budget (100 examples, a minute
+#: of CPU) on the default Python; the other Pythons and the floors run a fifth of it,
+#: derandomized too: what they check is that the same code holds on another interpreter.
+QUICK_STATES = {"FRIENDLI_STATE_EXAMPLES": "20"}
+
 
 @nox.session(python=PYTHONS)
 def tests(session: nox.Session) -> None:
@@ -80,7 +85,8 @@ def tests(session: nox.Session) -> None:
 
     The fast tests run in parallel over the machine's cores (pytest-xdist); the slow
     scenarios (long fault runs, memory ceilings, the benchmark smoke run) run on the
-    default Python only, one at a time, since they measure what the machine does. The
+    default Python only, one at a time, since they measure what the machine does; the
+    store's state machines run their full budget there too (a fifth elsewhere). The
     mypy checks of tests/typing are the typecheck session's. Arguments after ``--`` go
     to pytest instead (one plain run).
     """
@@ -88,9 +94,14 @@ def tests(session: nox.Session) -> None:
     if session.posargs:
         session.run("pytest", *session.posargs)
         return
-    session.run("pytest", "-n", "auto", "-m", "not slow", f"--ignore={TYPING_TESTS}")
     if session.python == DEFAULT_PYTHON:
+        session.run("pytest", "-n", "auto", "-m", "not slow", f"--ignore={TYPING_TESTS}")
         session.run("pytest", "-m", "slow", f"--ignore={TYPING_TESTS}")
+    else:
+        session.run(
+            "pytest", "-n", "auto", "-m", "not slow", f"--ignore={TYPING_TESTS}",
+            env=QUICK_STATES,
+        )  # fmt: skip
 
 
 @nox.session(python=DEFAULT_PYTHON)
@@ -343,4 +354,4 @@ def tests_lowest(session: nox.Session) -> None:
     if off:
         session.error(f"pip installed above the floor: {', '.join(off)}")
     default = ["-n", "auto", "-m", "not slow", f"--ignore={TYPING_TESTS}"]
-    session.run("pytest", *(session.posargs or default), "-p", "no:cacheprovider")
+    session.run("pytest", *(session.posargs or default), "-p", "no:cacheprovider", env=QUICK_STATES)

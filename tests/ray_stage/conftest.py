@@ -51,6 +51,17 @@ def ray_local() -> Iterator[Any]:
     ray.shutdown()
 
 
+@pytest.fixture
+def joined_env(ray_local: Any) -> dict[str, str]:
+    """The environment of a ``batch --ray`` command that joins the session's cluster
+    (``$RAY_ADDRESS``) instead of starting a local one of its own: a cluster start is
+    about 10 s of CPU on a 2-core machine, and only the command's own local cluster
+    test needs one."""
+    address = ray_local.get_runtime_context().gcs_address
+    return {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONWARNINGS": "ignore",
+            "RAY_ADDRESS": address}  # fmt: skip
+
+
 def prompts_seen(*servers: LocalServer) -> dict[str, int]:
     """How many image requests each prompt got, over the servers' own records."""
     counts: dict[str, int] = {}

@@ -26,7 +26,11 @@ from friendli_image.server import LocalServer, ServerConfig
 
 from .conftest import prompts_seen
 
-pytestmark = pytest.mark.subprocess
+pytestmark = [
+    pytest.mark.subprocess,
+    # Ray Data warns about its own deprecated settings when the joined cluster starts.
+    pytest.mark.filterwarnings("ignore::DeprecationWarning:ray"),
+]
 
 _ENV = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONWARNINGS": "ignore"}
 
@@ -48,10 +52,10 @@ def _prompt_of_image(prompts: list[str], **fields: object) -> dict[str, str]:
     return named
 
 
-def test_cli_ray_resumes_after_sigkill(tmp_path: pathlib.Path) -> None:
+def test_cli_ray_resumes_after_sigkill(tmp_path: pathlib.Path, joined_env: dict[str, str]) -> None:
     """SIGKILL of the driver alone mid-run leaves no process of its local cluster behind
-    and keeps the images written; the rerun requests only the rest, and writes the
-    manifest and a summary."""
+    and keeps the images written; the rerun (on a joined cluster: resuming is the same
+    there) requests only the rest, and writes the manifest and a summary."""
     psutil = pytest.importorskip("psutil", reason="Ray ships psutil")
     source = tmp_path / "prompts.jsonl"
     lines = [f'{{"prompt": "a castle no. {i}", "num_inference_steps": 10}}' for i in range(150)]
@@ -91,7 +95,7 @@ def test_cli_ray_resumes_after_sigkill(tmp_path: pathlib.Path) -> None:
         assert 30 <= len(kept) < 150
         second = subprocess.run(
             _batch(srv.url, source, out),
-            env=_ENV,
+            env=joined_env,
             capture_output=True,
             text=True,
             timeout=180,
@@ -112,7 +116,9 @@ def test_cli_ray_resumes_after_sigkill(tmp_path: pathlib.Path) -> None:
     assert list((out / "manifest").glob("*.parquet"))
 
 
-def test_cli_ray_reads_stdin_and_writes_a_gallery(tmp_path: pathlib.Path) -> None:
+def test_cli_ray_reads_stdin_and_writes_a_gallery(
+    tmp_path: pathlib.Path, joined_env: dict[str, str]
+) -> None:
     """INPUT '-' reads the requests from stdin, as the local batch does; --gallery
     writes the page of the Ray output, and the gallery command reads it too."""
     out = tmp_path / "out"
@@ -121,7 +127,7 @@ def test_cli_ray_reads_stdin_and_writes_a_gallery(tmp_path: pathlib.Path) -> Non
         done = subprocess.run(
             [*_batch(srv.url, pathlib.Path("-"), out), "--gallery"],
             input=prompts,
-            env=_ENV,
+            env=joined_env,
             capture_output=True,
             text=True,
             timeout=180,
@@ -145,7 +151,7 @@ def test_cli_ray_reads_stdin_and_writes_a_gallery(tmp_path: pathlib.Path) -> Non
 
 
 def test_cli_ray_writes_parquet_shards_resumes_from_them_and_shows_them(
-    tmp_path: pathlib.Path,
+    tmp_path: pathlib.Path, joined_env: dict[str, str]
 ) -> None:
     """--output-format parquet on Ray: every row once in a published shard, a rerun sends
     nothing, and the gallery shows each image taken out of its shard."""
@@ -159,7 +165,7 @@ def test_cli_ray_writes_parquet_shards_resumes_from_them_and_shows_them(
         for run in range(2):
             done = subprocess.run(
                 [*command, "--gallery"],
-                env=_ENV,
+                env=joined_env,
                 capture_output=True,
                 text=True,
                 timeout=180,
