@@ -77,6 +77,10 @@ TYPING_TESTS = "tests/test_typing.py"
 #: of CPU) on the default Python; the other Pythons and the floors run a fifth of it,
 #: derandomized too: what they check is that the same code holds on another interpreter.
 QUICK_STATES = {"FRIENDLI_STATE_EXAMPLES": "20"}
+#: What the other Pythons and the floors leave to the default Python's sessions: the
+#: documentation site's code blocks (`nox -s docs` runs them; the README's blocks still
+#: run everywhere) and the examples under mypy --strict (a type check, not a run).
+ONCE = "not docs/ and not test_the_examples_pass_mypy_strict"
 
 
 @nox.session(python=PYTHONS)
@@ -86,7 +90,8 @@ def tests(session: nox.Session) -> None:
     The fast tests run in parallel over the machine's cores (pytest-xdist); the slow
     scenarios (long fault runs, memory ceilings, the benchmark smoke run) run on the
     default Python only, one at a time, since they measure what the machine does; the
-    store's state machines run their full budget there too (a fifth elsewhere). The
+    store's state machines run their full budget there too (a fifth elsewhere), and
+    the documentation site's blocks and the examples' mypy check run there only. The
     mypy checks of tests/typing are the typecheck session's. Arguments after ``--`` go
     to pytest instead (one plain run).
     """
@@ -99,7 +104,7 @@ def tests(session: nox.Session) -> None:
         session.run("pytest", "-m", "slow", f"--ignore={TYPING_TESTS}")
     else:
         session.run(
-            "pytest", "-n", "auto", "-m", "not slow", f"--ignore={TYPING_TESTS}",
+            "pytest", "-n", "auto", "-m", "not slow", f"--ignore={TYPING_TESTS}", "-k", ONCE,
             env=QUICK_STATES,
         )  # fmt: skip
 
@@ -353,5 +358,5 @@ def tests_lowest(session: nox.Session) -> None:
     ]
     if off:
         session.error(f"pip installed above the floor: {', '.join(off)}")
-    default = ["-n", "auto", "-m", "not slow", f"--ignore={TYPING_TESTS}"]
+    default = ["-n", "auto", "-m", "not slow", f"--ignore={TYPING_TESTS}", "-k", ONCE]
     session.run("pytest", *(session.posargs or default), "-p", "no:cacheprovider", env=QUICK_STATES)
