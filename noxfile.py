@@ -79,8 +79,10 @@ TYPING_TESTS = "tests/test_typing.py"
 QUICK_STATES = {"FRIENDLI_STATE_EXAMPLES": "20"}
 #: What the other Pythons and the floors leave to the default Python's sessions: the
 #: documentation site's code blocks (`nox -s docs` runs them; the README's blocks still
-#: run everywhere) and the examples under mypy --strict (a type check, not a run).
-ONCE = "not docs/ and not test_the_examples_pass_mypy_strict"
+#: run everywhere), the examples under mypy --strict (a type check, not a run) and the
+#: gallery's page in headless Chromium (the browser runs the same page whatever Python
+#: wrote it; the page's contents are checked on every Python).
+ONCE = "not docs/ and not test_the_examples_pass_mypy_strict and not headless_chromium"
 
 
 @nox.session(python=PYTHONS)
@@ -282,13 +284,15 @@ def official(session: nox.Session) -> None:
     """
     _install_for_tests(session)
     session.install("friendli==0.16.3")
+    # Over the machine's cores: each differential program runs both SDKs in processes of
+    # their own, so one worker mostly waits on them while the generative harness runs.
     session.run(
         "pytest",
         "tests/server/test_official_sdk.py",
         "tests/official",
         "-p",
         "no:cacheprovider",
-        *session.posargs,
+        *(session.posargs or ["-n", "auto"]),
     )
 
 

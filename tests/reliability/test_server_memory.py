@@ -73,6 +73,7 @@ async def _flood(url: str, count: int) -> dict[int, int]:
     return statuses
 
 
+@pytest.mark.slow  # a memory ceiling over 20,000 requests: once, on the default Python
 @pytest.mark.scenario(51)
 def test_refused_flood_with_large_headers_keeps_server_memory_flat(
     served: tuple[subprocess.Popen[str], str], figures: Figures
