@@ -21,6 +21,12 @@ import pytest
 
 from friendli_image.server import LocalServer, ServerConfig
 
+# Ray starts its workers at nice 15 (a head node's own daemons at 0). On a machine that
+# also runs other work (CI runs the test sessions beside this one) the actors under test
+# then get a sliver of the CPU and the clusters' tests crawl; the clusters these tests
+# start (in this process and in the scripts they run) schedule their workers as equals.
+os.environ.setdefault("RAY_worker_niceness", "0")
+
 #: Small pictures and a short simulated GPU time: many rows in little CPU.
 SMALL = ServerConfig(image_size=64, step_latency_ms=2.0, max_concurrency=8)
 
