@@ -28,6 +28,12 @@ SUPPORTED = ("3.10", "3.11", "3.12", "3.13")
 # below, never one of its own downloads; `nox -db virtualenv` goes back to pip.
 nox.options.default_venv_backend = "uv|virtualenv"
 os.environ.setdefault("UV_PYTHON_DOWNLOADS", "never")
+# The sessions start hundreds of Python processes (pytest's workers, servers, the CLI,
+# scripts, Ray's workers). uv installs no bytecode, and with PYTHONDONTWRITEBYTECODE set
+# none is ever cached, so each process compiled every module it imported again: pytest's
+# collection alone took 18 s of CPU instead of 4. The bytecode goes to __pycache__ folders
+# under .nox and the checkout, which git and the package builds ignore.
+os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
 nox.options.sessions = ["lint", "typecheck", "tests"]
 nox.options.reuse_venv = "yes"
 
