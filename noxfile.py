@@ -83,12 +83,14 @@ TYPING_TESTS = "tests/test_typing.py"
 #: of CPU) on the default Python; the other Pythons and the floors run a fifth of it,
 #: derandomized too: what they check is that the same code holds on another interpreter.
 QUICK_STATES = {"FRIENDLI_STATE_EXAMPLES": "20"}
-#: What the other Pythons and the floors leave to the default Python's sessions: the
-#: documentation site's code blocks (`nox -s docs` runs them; the README's blocks still
-#: run everywhere), the examples under mypy --strict (a type check, not a run) and the
-#: gallery's page in headless Chromium (the browser runs the same page whatever Python
-#: wrote it; the page's contents are checked on every Python).
-ONCE = "not docs/ and not test_the_examples_pass_mypy_strict and not headless_chromium"
+#: The documentation site's code blocks are `nox -s docs`'s (it builds the site and runs
+#: them); the README's blocks run in every test session.
+SITE_BLOCKS = "not docs/"
+#: What the other Pythons and the floors leave to the default Python's tests session:
+#: the examples under mypy --strict (a type check, not a run) and the gallery's page in
+#: headless Chromium (the browser runs the same page whatever Python wrote it; the
+#: page's contents are checked on every Python).
+ONCE = f"{SITE_BLOCKS} and not test_the_examples_pass_mypy_strict and not headless_chromium"
 
 
 @nox.session(python=PYTHONS)
@@ -99,16 +101,18 @@ def tests(session: nox.Session) -> None:
     scenarios (long fault runs, memory ceilings, the benchmark smoke run) run on the
     default Python only, one at a time, since they measure what the machine does; the
     store's state machines run their full budget there too (a fifth elsewhere), and
-    the documentation site's blocks and the examples' mypy check run there only. The
-    mypy checks of tests/typing are the typecheck session's. Arguments after ``--`` go
-    to pytest instead (one plain run).
+    the examples' mypy check and the browser test run there only. The documentation
+    site's blocks are the docs session's and the mypy checks of tests/typing the
+    typecheck session's. Arguments after ``--`` go to pytest instead (one plain run).
     """
     _install_for_tests(session)
     if session.posargs:
         session.run("pytest", *session.posargs)
         return
     if session.python == DEFAULT_PYTHON:
-        session.run("pytest", "-n", "auto", "-m", "not slow", f"--ignore={TYPING_TESTS}")
+        session.run(
+            "pytest", "-n", "auto", "-m", "not slow", f"--ignore={TYPING_TESTS}", "-k", SITE_BLOCKS
+        )  # fmt: skip
         session.run("pytest", "-m", "slow", f"--ignore={TYPING_TESTS}")
     else:
         session.run(

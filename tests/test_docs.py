@@ -518,6 +518,7 @@ ignore_missing_imports = True
 """
 
 
+@pytest.mark.long
 @pytest.mark.subprocess
 def test_the_examples_pass_mypy_strict(tmp_path: Path) -> None:
     """Every README and docs block that the tests run, and the recipes, pass mypy --strict."""

@@ -297,6 +297,7 @@ def batch_gallery(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.mark.long
 @pytest.mark.skipif(
     _chromium() is None, reason="no Chromium binary (apt-get install chromium) on PATH"
 )

@@ -115,6 +115,7 @@ friendli.container.image.generate_batch(
 ]
 
 
+@pytest.mark.long
 def test_a_real_kernel_shows_images_and_a_batch_table(tmp_path: Path) -> None:
     """ipykernel + nbclient run a notebook: JPEG and PNG results, then a batch as text/html."""
     nbformat = pytest.importorskip("nbformat", reason="nbformat is not installed")

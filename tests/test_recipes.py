@@ -145,6 +145,7 @@ def test_the_flask_view_shares_one_sync_client(bundled: LocalServer) -> None:
     assert refused.status_code == 422
 
 
+@pytest.mark.long
 @pytest.mark.subprocess
 def test_the_users_own_pytest_suite_passes() -> None:
     """examples/recipes/my_project, a project of its own, passes its tests with the

@@ -366,6 +366,7 @@ def _noise_jpeg(side: int) -> bytes:
     return buffer.getvalue()
 
 
+@pytest.mark.long
 def test_a_kill_mid_group_leaves_no_line_without_its_image_and_a_rerun_completes_exactly(
     tmp_path: Path,
 ) -> None:

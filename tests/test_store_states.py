@@ -296,6 +296,7 @@ class MemoryStates(ShardStates):
         self.steps["killed at a PUT"] += 1
 
 
+@pytest.mark.long
 def test_batches_killed_edited_and_rerun(server: LocalServer) -> None:
     BatchStates.server = server
     run_machine(BatchStates, EXAMPLES, steps=10)
@@ -307,6 +308,7 @@ _NEEDS_PYARROW = pytest.mark.skipif(
 )
 
 
+@pytest.mark.long
 @pytest.mark.parametrize(
     "machine",
     [

@@ -209,6 +209,7 @@ def stuck_stderr() -> Iterator[int]:
         os.close(read_end)
 
 
+@pytest.mark.long
 @pytest.mark.scenario(48)
 @pytest.mark.subprocess
 async def test_flood_beyond_the_fd_limit_with_stuck_stderr(stuck_stderr: int, late: Late) -> None:
