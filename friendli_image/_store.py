@@ -31,13 +31,22 @@ takes, then their lines in one append), so a line is never written before its im
 whole under its name: a kill loses at most the group being written, whose images a rerun
 makes again. Lines of resumed and failed items are appended in groups too; losing them
 loses nothing (the earlier line is still in ``unmatched.jsonl``; a failure is retried).
-Appends never cross a page boundary no line crosses, so a kill cuts at most the last
-line, which readers skip.
+A resumed item at the index it had keeps its earlier line as it is, written by no one
+until the run closes (`BatchStore.carry`): when every earlier line was kept so, the
+earlier manifest takes this run's lines after its own and replaces the manifest (a kill
+between the two leaves both files, whose lines a rerun reads as before); otherwise the
+kept lines are appended. Appends never cross a page boundary no line crosses, so a kill
+cuts at most the last line, which readers skip.
 
 **Resume** costs a few bytes per earlier item, not an object each: opening reads each
 earlier line once and keeps an 8-byte key (the hash of the identity, id, occurrence and
 variant, and the line number) in a sorted array (a finished run's manifest is renamed to
-``unmatched.jsonl``, not copied); an item reads its line back only when it claims it. An
+``unmatched.jsonl``, not copied); an item reads its line back only when it claims it.
+A run that closes with its manifest as the only record leaves those keys and where each
+line starts in ``.manifest.index`` (`_write_index`), named by the manifest's size,
+modification time, inode and device and checked by a sha256: the next run opens from
+it without reading a line, unless the manifest is not that file any more (then it reads
+every line as before); a line read from such a manifest is checked when claimed. An
 image counts as intact when its size and modification time are the ones recorded when it
 was written; otherwise its sha256 decides (a copied or touched image is hashed once, a
 rewritten one is made again). On a URL location a PUT is whole or absent, so the size
@@ -1181,8 +1190,14 @@ class BatchStore:
         # pathlib's join parses and normalises the name (3 µs an item); a stored name is
         # plain (`valid_stored_name`), which needs none of it.
         self._child = _child_path(directory)
-        # The latest stored name `_valid_ok` accepted (the shard of the next item, often).
+        # The latest stored name `_valid_ok` accepted (the shard of the next item, often),
+        # and the latest shard (name, size) `_shard_present` found.
         self._valid_file: object = None
+        self._present_shard: tuple[object, object] = (None, None)
+        # What the index said of the earlier metadata.jsonl (`_write_index`), and this
+        # run's (its identity, its last index), for the next index.
+        self._earlier_metadata: Any = None
+        self._metadata: tuple[tuple[int, int, int, int], int] | None = None
 
     @property
     def manifest_path(self) -> pathlib.Path:
@@ -1282,7 +1297,7 @@ class BatchStore:
         # move: the index goes first, so no later state of the location pairs with it.
         self._dir.remove(INDEX_NAME)
         if found is not None:
-            order, starts, formats = found
+            order, starts, formats, self._earlier_metadata = found
             self._earlier_formats.update(formats)
             end = starts.pop()
             live = None  # every line of the index is the latest ok line of its identity
@@ -1529,7 +1544,7 @@ class BatchStore:
         self._starts.append(self._size)
         keys = self._keys if self._moved else _sorted(self._keys)
         formats = {self.output_format} if keys else set()
-        _write_index(self._dir, manifest, keys, self._starts, formats)
+        _write_index(self._dir, manifest, keys, self._starts, formats, metadata=self._metadata)
 
     def _unclaimed(self, *, present: bool) -> Iterator[tuple[bytes, StoredRecord]]:
         """The lines of ``unmatched.jsonl`` no item of this run claimed (with ``present``,
@@ -1574,15 +1589,22 @@ class BatchStore:
         field), this run's items in input order first, then the kept earlier images."""
         assert self._dir is not None  # noqa: S101
 
+        reused = self._reusable_metadata()
+
         def rows() -> Iterator[bytes]:
             assert self._dir is not None  # noqa: S101
+            if reused:
+                # The earlier rows, as the earlier run wrote them: the same lines.
+                with self._dir.read(METADATA_NAME) as earlier:
+                    while chunk := earlier.read(1 << 20):
+                        yield chunk
             with self._dir.read(MANIFEST_NAME) as manifest:
                 for span in self._spans:
                     if span:
                         offset = span >> 24
                         if offset & _EARLIER_SPAN:  # a carried line, at the front (`carry`)
-                            if not self._moved:
-                                continue  # not carried after all: an earlier line below
+                            if reused or not self._moved:
+                                continue  # its row is above; or an earlier line below
                             offset ^= _EARLIER_SPAN
                         else:
                             offset += self._moved
@@ -1595,6 +1617,33 @@ class BatchStore:
                 yield _metadata_row(record)
 
         self._dir.write_atomic(METADATA_NAME, rows())
+        last = len(self._spans) - 1
+        while last >= 0 and not self._spans[last]:
+            last -= 1
+        identity = self._dir.identity(METADATA_NAME)
+        if identity is not None and not self._unclaimed_rows():
+            self._metadata = identity, last
+
+    def _unclaimed_rows(self) -> bool:
+        """True if metadata.jsonl may hold rows of earlier lines no item claimed."""
+        return self._earlier is not None
+
+    def _reusable_metadata(self) -> bool:
+        """True when metadata.jsonl is the earlier run's, unchanged, and this run's rows
+        are those rows followed by rows of higher indices: every earlier line was kept at
+        its index (`carry` adopted them all) and the earlier index vouches for the file."""
+        assert self._dir is not None  # noqa: S101
+        known = self._earlier_metadata
+        if not self._moved or not isinstance(known, list) or len(known) != 2:
+            return False
+        identity, last = known
+        found = self._dir.identity(METADATA_NAME)
+        if found is None or list(found) != identity or not isinstance(last, int):
+            return False
+        for index, span in enumerate(self._spans):
+            if span and not (span >> 24) & _EARLIER_SPAN and index <= last:
+                return False  # a new row among the earlier ones
+        return True
 
     # -- per item -------------------------------------------------------------------
 
@@ -1694,8 +1743,12 @@ class BatchStore:
             return None, True, b"", -1
         name = record["file"]
         if name.endswith(_SHARD_ENDINGS):
-            if not self._shard_present(record):
-                return None, True, b"", -1
+            # The items of a shard follow one another: its answer is kept.
+            shard = (name, record.get("shard_bytes"))
+            if shard != self._present_shard:
+                if not self._shard_present(record):
+                    return None, True, b"", -1
+                self._present_shard = shard
             return record, True, line, number
         if self._remote is not None:
             # A PUT is whole or absent: the recorded size is enough, no download.
@@ -1936,7 +1989,7 @@ class BatchStore:
             earlier.carried += 1
             start = earlier.offsets[number]
             length = earlier.offsets[number + 1] - start
-            if length <= _MAX_LINE:
+            if length <= _MAX_LINE and not self.sharded:
                 self._note_span(index, start | _EARLIER_SPAN, length)
             return
         line = bytes(line)
@@ -1979,8 +2032,9 @@ class BatchStore:
             data = b"".join(line for _index, line, _key in lines)
             offset = self._size
             keys, starts = self._keys, self._starts
+            spans = not self.sharded  # for metadata.jsonl
             for index, line, key in lines:
-                if index >= 0 and len(line) <= _MAX_LINE:
+                if spans and index >= 0 and len(line) <= _MAX_LINE:
                     self._note_span(index, offset, len(line))
                 if key >= 0:
                     keys.append(key | len(starts))
@@ -2076,10 +2130,14 @@ def _write_index(
     keys: array.array[int],
     offsets: array.array[int],
     formats: Iterable[str],
+    *,
+    metadata: tuple[tuple[int, int, int, int], int] | None,
 ) -> None:
     """Write the resume index of the manifest whose `Directory.identity` is ``manifest``:
     its keys (sorted, as `_Earlier` holds them) and where each line starts (and the last
-    ends), after a header that names the manifest and a sha256 of the arrays."""
+    ends), after a header that names the manifest and a sha256 of the arrays, and
+    ``metadata``: the identity of the ``metadata.jsonl`` that holds a row for each ok
+    line in index order and nothing else, with the last index it has a row for."""
     body = hashlib.sha256(memoryview(keys).cast("B"))
     body.update(memoryview(offsets).cast("B"))
     header = {
@@ -2089,6 +2147,7 @@ def _write_index(
         "byteorder": sys.byteorder,
         "formats": sorted(formats),
         "sha256": body.hexdigest(),
+        "metadata": None if metadata is None else [list(metadata[0]), metadata[1]],
     }
     folder.write_atomic(
         INDEX_NAME, [_INDEX_MAGIC, orjson.dumps(header) + b"\n", keys.tobytes(), offsets.tobytes()]
@@ -2097,7 +2156,7 @@ def _write_index(
 
 def _read_index(
     folder: Directory,
-) -> tuple[array.array[int], array.array[int], list[str]] | None:
+) -> tuple[array.array[int], array.array[int], list[str], Any] | None:
     """The keys, line starts (and end) and formats of ``manifest.jsonl`` from the index
     its run left (`_write_index`), None unless the index is whole and the manifest is
     still the file it was made from (size, modification time, inode and device), with
@@ -2136,7 +2195,7 @@ def _read_index(
     if len(offsets) - 1 > _LINE_MASK or len(keys) > len(offsets) - 1:
         return None
     formats = [name for name in header["formats"] if name in OUTPUT_FORMATS]
-    return keys, offsets, formats
+    return keys, offsets, formats, header.get("metadata")
 
 
 def _metadata_row(record: StoredRecord) -> bytes:

@@ -518,6 +518,7 @@ async def test_a_rerun_opens_from_the_index_and_keeps_the_manifest_as_it_is(
     grows by the new items' lines only), sends only the new items, and leaves an index
     again. Each run's manifest has one ok line per item, and every resumed item is what
     the first run made."""
+    from friendli_image import _store
     from friendli_image._store import INDEX_NAME
 
     requests = _requests(12)
@@ -527,10 +528,20 @@ async def test_a_rerun_opens_from_the_index_and_keeps_the_manifest_as_it_is(
     assert (tmp_path / INDEX_NAME).exists()
     written = (tmp_path / MANIFEST_NAME).read_bytes()
     scans = _scans(monkeypatch)
+    made_rows: list[int] = []
+    row_of = _store._metadata_row
+
+    def counted_row(record: dict[str, Any]) -> bytes:
+        made_rows.append(1)
+        return row_of(record)
+
+    monkeypatch.setattr(_store, "_metadata_row", counted_row)
     server.reset_stats()
     more = [*requests, *_requests(15)[12:]]
     again = await client.container.image.generate_batch(more, **options)
     assert scans == []
+    # files: the earlier metadata rows are copied; only the new items' rows are made.
+    assert len(made_rows) == (3 if output_format == "files" else 0)
     assert server.stats.total_requests == 3
     assert [item.status for item in again] == ["resumed"] * 12 + ["ok"] * 3
     for before, after in zip(first, again, strict=False):
@@ -546,16 +557,29 @@ async def test_a_rerun_opens_from_the_index_and_keeps_the_manifest_as_it_is(
     assert sorted(line["index"] for line in _manifest(tmp_path)) == list(range(15))
     assert not (tmp_path / UNMATCHED_NAME).exists()
     assert (tmp_path / INDEX_NAME).exists()
+    metadata = tmp_path / "metadata.jsonl"
+    if output_format == "files":
+        # The earlier rows reused, the new ones after them: what a full rewrite makes.
+        assert metadata.read_bytes() == _rows_of_the_manifest(tmp_path)
+        metadata.write_bytes(b"a row the batch did not write\n")  # not reused then
     server.reset_stats()
     third = await client.container.image.generate_batch(more, **options)
     assert scans == []
     assert server.stats.total_requests == 0
     assert [item.status for item in third] == ["resumed"] * 15
     if output_format == "files":
-        rows = [
-            orjson.loads(row) for row in (tmp_path / "metadata.jsonl").read_bytes().splitlines()
-        ]
+        assert metadata.read_bytes() == _rows_of_the_manifest(tmp_path)
+        rows = [orjson.loads(row) for row in metadata.read_bytes().splitlines()]
         assert [row["file_name"] for row in rows] == [Path(item.uri or "").name for item in third]
+
+
+def _rows_of_the_manifest(directory: Path) -> bytes:
+    """metadata.jsonl as `_write_metadata` makes it of the manifest: a row per line, in
+    index order."""
+    from friendli_image._store import _metadata_row
+
+    lines = sorted(_manifest(directory), key=lambda line: line["index"])
+    return b"".join(_metadata_row(line) for line in lines)
 
 
 @pytest.mark.parametrize(
