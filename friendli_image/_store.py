@@ -467,7 +467,11 @@ class Directory:
         return info.st_size, info.st_mtime_ns, info.st_ino, info.st_dev
 
     def write_atomic(
-        self, name: str, data: bytes | memoryview | Iterable[bytes], *, sync: bool = False
+        self,
+        name: str,
+        data: bytes | memoryview | Iterable[bytes | memoryview],
+        *,
+        sync: bool = False,
     ) -> int:
         """Write ``name`` completely or not at all: a new temporary file, then a rename.
         Returns the file's modification time (ns), which the rename keeps.
@@ -1542,7 +1546,9 @@ class BatchStore:
         if manifest is None or manifest[0] != self._size or len(self._starts) > _LINE_MASK:
             return
         self._starts.append(self._size)
-        keys = self._keys if self._moved else _sorted(self._keys)
+        keys, self._keys = self._keys, array.array("Q")
+        if not self._moved:
+            keys = _sorted(keys)
         formats = {self.output_format} if keys else set()
         _write_index(self._dir, manifest, keys, self._starts, formats, metadata=self._metadata)
 
@@ -2080,11 +2086,14 @@ _BUCKET_BITS: Final = 10
 
 def _sorted(keys: array.array[int]) -> array.array[int]:
     """``keys`` sorted, into an array, by buckets of their top bits: never more than a
-    bucket's keys as Python ints (sorting a million keys at once would hold 44 MB of them)."""
+    bucket's keys as Python ints (sorting a million keys at once would hold 44 MB of them).
+    ``keys`` is emptied once they are in their buckets (never twice in memory at once
+    beside the result)."""
     shift = 64 - _BUCKET_BITS
     buckets = [array.array("Q") for _ in range(1 << _BUCKET_BITS)]
     for key in keys:
         buckets[key >> shift].append(key)
+    del keys[:]
     ordered = array.array("Q")
     for bucket in buckets:
         ordered.extend(sorted(bucket))
@@ -2149,9 +2158,10 @@ def _write_index(
         "sha256": body.hexdigest(),
         "metadata": None if metadata is None else [list(metadata[0]), metadata[1]],
     }
-    folder.write_atomic(
-        INDEX_NAME, [_INDEX_MAGIC, orjson.dumps(header) + b"\n", keys.tobytes(), offsets.tobytes()]
-    )
+    header_line = orjson.dumps(header) + b"\n"
+    # The arrays as they are in memory, not copies (16 bytes a line).
+    arrays = [memoryview(keys).cast("B"), memoryview(offsets).cast("B")]
+    folder.write_atomic(INDEX_NAME, [_INDEX_MAGIC, header_line, *arrays])
 
 
 def _read_index(
