@@ -1996,7 +1996,8 @@ class BatchStore:
             start = earlier.offsets[number]
             length = earlier.offsets[number + 1] - start
             if length <= _MAX_LINE and not self.sharded:
-                self._note_span(index, start | _EARLIER_SPAN, length)
+                with self._write_lock:  # the file writer's thread notes spans too
+                    self._note_span(index, start | _EARLIER_SPAN, length)
             return
         line = bytes(line)
         if line.startswith(b'{"index":') and line.find(b'"index":', 9) < 0:
