@@ -1181,6 +1181,7 @@ class BatchStore:
         self._pending: list[tuple[int, bytes, int]] = []
         self._pending_bytes = 0
         self._spans = array.array("Q")
+        self._last_span = -1  # the highest index with a span
         self._settled = False
         # The resume index of this run's manifest (`_write_index`), kept as lines are
         # written: the key of each ok line, where each line starts. False once a line
@@ -1623,12 +1624,9 @@ class BatchStore:
                 yield _metadata_row(record)
 
         self._dir.write_atomic(METADATA_NAME, rows())
-        last = len(self._spans) - 1
-        while last >= 0 and not self._spans[last]:
-            last -= 1
         identity = self._dir.identity(METADATA_NAME)
         if identity is not None and not self._unclaimed_rows():
-            self._metadata = identity, last
+            self._metadata = identity, self._last_span
 
     def _unclaimed_rows(self) -> bool:
         """True if metadata.jsonl may hold rows of earlier lines no item claimed."""
@@ -2060,6 +2058,7 @@ class BatchStore:
         if index >= len(spans):
             spans.frombytes(bytes(8 * (max(index + 1, 2 * len(spans)) - len(spans))))
         spans[index] = offset << 24 | length
+        self._last_span = max(self._last_span, index)
 
 
 def _write_paged(handle: IO[bytes], size: int, data: bytes) -> int:
