@@ -43,7 +43,7 @@ from typing import Any, Final
 
 import attrs
 
-from ._batch_models import BatchItem, BatchOptions, BatchProgress, BatchResult
+from ._batch_models import BatchItem, BatchOptions, BatchProgress, BatchResult, resumed_item
 from ._clock import monotonic, pause
 from ._config import CallOptions, CallOverrides
 from ._exceptions import (
@@ -65,7 +65,6 @@ from ._results import ImageResult
 from ._store import (
     BatchStore,
     Occurrences,
-    StoredRecord,
     Unmatched,
     dataset_fields,
     image_name,
@@ -804,26 +803,25 @@ class Batch:
         intact are ``resumed`` (returned), the others are started like any item."""
         store = self._store
         assert store is not None  # noqa: S101
-        claims = [
-            store.claim_line(prepared.id, prepared.occurrence, prepared.variant, at)
-            for _i, _s, prepared, at in group
-        ]
-        unsure = [record for record, checked, _l in claims if record is not None and not checked]
-        records: list[tuple[StoredRecord | None, bool, bytes]] = claims
+        claims = store.claim_group(
+            [
+                (prepared.id, prepared.occurrence, prepared.variant, at)
+                for _i, _s, prepared, at in group
+            ]
+        )
+        unsure = [claim[0] for claim in claims if claim[0] is not None and not claim[1]]
         if unsure:
             # An image whose size and time do not tell: its sha256, on a thread.
             verified = await asyncio.get_running_loop().run_in_executor(
                 None, _verify_all, store, unsure
             )
             bad = {id(record) for record, ok in zip(unsure, verified, strict=True) if not ok}
-            records = [
-                (None, True, b"") if id(record) in bad else (record, True, line)
-                for record, _checked, line in claims
-            ]
+            claims = [(None, True, b"", -1) if id(claim[0]) in bad else claim for claim in claims]
         resumed = []
         loop = asyncio.get_running_loop()
-        for (index, spec, prepared, _at), (record, _checked, line) in zip(
-            group, records, strict=True
+        located = store.located
+        for (index, spec, prepared, _at), (record, _checked, line, number) in zip(
+            group, claims, strict=True
         ):
             if record is None:
                 # To be made again: a known request gets its model now.
@@ -834,23 +832,20 @@ class Batch:
                 )
                 pending[index] = loop.create_task(self._deliver(index, spec, made, finished))
                 continue
-            store.append_resumed(index, record, line)
-            path, uri = store.located(record["file"])
+            store.append_resumed(index, record, line, number)
+            path, uri = located(record["file"])
             resumed.append(
-                BatchItem(
+                resumed_item(
                     index=index,
-                    id=prepared.id,
+                    item_id=prepared.id,
                     occurrence=prepared.occurrence,
                     variant=prepared.variant,
                     key=prepared.key(),
                     request=prepared.request,
-                    status="resumed",
                     path=path,
                     uri=uri,
-                    format=record.get("format"),
+                    fmt=record.get("format"),
                     sha256=record.get("sha256"),
-                    attempts=0,
-                    elapsed=0.0,
                     request_id=record.get("request_id"),
                 )
             )

@@ -34,6 +34,7 @@ __all__ = [
     "BatchResult",
     "BatchStatus",
     "OutputFormat",
+    "resumed_item",
 ]
 
 
@@ -282,6 +283,57 @@ class BatchItem:
         parts.append(f"attempts={self.attempts}")
         parts.append(f"elapsed={self.elapsed:.2f}s")
         return f"BatchItem({', '.join(parts)})"
+
+
+#: Each field's slot setter, in `attrs.fields` order: `resumed_item` fills them directly.
+_SLOT_SETTERS: Final = tuple(
+    getattr(BatchItem, field.name).__set__ for field in attrs.fields(BatchItem)
+)
+
+
+def resumed_item(
+    *,
+    index: int,
+    item_id: str,
+    occurrence: int,
+    variant: int,
+    key: str,
+    request: Mapping[str, Any],
+    path: pathlib.Path | None,
+    uri: str,
+    fmt: str | None,
+    sha256: str | None,
+    request_id: str | None,
+) -> BatchItem:
+    """``BatchItem(status="resumed", ...)``, the same item at half the cost: a frozen
+    class's ``__init__`` sets each of its 17 fields through ``object.__setattr__`` (a
+    resume makes one item per finished request; a million of them took 4 s)."""
+    if type(request) is not dict or "http_headers" in request:
+        request = _request_as_kept(request)
+    item: BatchItem = object.__new__(BatchItem)
+    (
+        set_index, set_id, set_request, set_status, set_result, set_path, set_format,
+        set_sha256, set_error, set_attempts, set_elapsed, set_request_id,
+        set_maybe_duplicated, set_occurrence, set_variant, set_uri, set_key,
+    ) = _SLOT_SETTERS  # fmt: skip
+    set_index(item, index)
+    set_id(item, item_id)
+    set_request(item, request)
+    set_status(item, "resumed")
+    set_result(item, None)
+    set_path(item, path)
+    set_format(item, fmt)
+    set_sha256(item, sha256)
+    set_error(item, None)
+    set_attempts(item, 0)
+    set_elapsed(item, 0.0)
+    set_request_id(item, request_id)
+    set_maybe_duplicated(item, False)
+    set_occurrence(item, occurrence)
+    set_variant(item, variant)
+    set_uri(item, uri)
+    set_key(item, key)
+    return item
 
 
 @attrs.frozen(kw_only=True)

@@ -31,13 +31,22 @@ takes, then their lines in one append), so a line is never written before its im
 whole under its name: a kill loses at most the group being written, whose images a rerun
 makes again. Lines of resumed and failed items are appended in groups too; losing them
 loses nothing (the earlier line is still in ``unmatched.jsonl``; a failure is retried).
-Appends never cross a page boundary no line crosses, so a kill cuts at most the last
-line, which readers skip.
+A resumed item at the index it had keeps its earlier line as it is, written by no one
+until the run closes (`BatchStore.carry`): when every earlier line was kept so, the
+earlier manifest takes this run's lines after its own and replaces the manifest (a kill
+between the two leaves both files, whose lines a rerun reads as before); otherwise the
+kept lines are appended. Appends never cross a page boundary no line crosses, so a kill
+cuts at most the last line, which readers skip.
 
 **Resume** costs a few bytes per earlier item, not an object each: opening reads each
 earlier line once and keeps an 8-byte key (the hash of the identity, id, occurrence and
 variant, and the line number) in a sorted array (a finished run's manifest is renamed to
-``unmatched.jsonl``, not copied); an item reads its line back only when it claims it. An
+``unmatched.jsonl``, not copied); an item reads its line back only when it claims it.
+A run that closes with its manifest as the only record leaves those keys and where each
+line starts in ``.manifest.index`` (`_write_index`), named by the manifest's size,
+modification time, inode and device and checked by a sha256: the next run opens from
+it without reading a line, unless the manifest is not that file any more (then it reads
+every line as before); a line read from such a manifest is checked when claimed. An
 image counts as intact when its size and modification time are the ones recorded when it
 was written; otherwise its sha256 decides (a copied or touched image is hashed once, a
 rewritten one is made again). On a URL location a PUT is whole or absent, so the size
@@ -72,7 +81,7 @@ import stat
 import sys
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import IO, TYPE_CHECKING, Any, Final
 
 import orjson
@@ -91,6 +100,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "GALLERY_NAME",
+    "INDEX_NAME",
     "LOCK_NAME",
     "MANIFEST_NAME",
     "METADATA_NAME",
@@ -129,6 +139,8 @@ __all__ = [
 MANIFEST_NAME: Final = "manifest.jsonl"
 #: Records of stored images that match no item of the latest complete run.
 UNMATCHED_NAME: Final = "unmatched.jsonl"
+#: The resume index of ``manifest.jsonl`` a run leaves when it closes (`_ManifestIndex`).
+INDEX_NAME: Final = ".manifest.index"
 #: The folder of parquet files ``batch --ray`` writes its manifest to, inside the location.
 RAY_MANIFEST_DIR: Final = "manifest"
 #: The column of that manifest with each request's index in INPUT.
@@ -338,6 +350,21 @@ def _format_of(name: str) -> str:
 # -- one directory, opened safely -------------------------------------------------------------
 
 
+def _child_path(directory: pathlib.Path) -> Callable[[str], pathlib.Path]:
+    """``directory / name`` for a plain name: pathlib's own joining of an already parsed
+    name where this Python has it (a fifth of the cost: resume makes one per item), after
+    checking that it gives what ``/`` gives."""
+    join: Callable[[str], pathlib.Path] = directory.__truediv__
+    child = getattr(directory, "_make_child_relpath", None)
+    if callable(child):
+        with contextlib.suppress(Exception):
+            if child("a-0.jpg") == join("a-0.jpg") and str(child("a-0.jpg")) == str(
+                join("a-0.jpg")
+            ):
+                return child  # type: ignore[no-any-return]
+    return join
+
+
 def _check_regular(fd: int, where: str) -> None:
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
@@ -427,8 +454,24 @@ class Directory:
             return None
         return (info.st_size, info.st_mtime_ns) if stat.S_ISREG(info.st_mode) else None
 
+    def identity(self, name: str) -> tuple[int, int, int, int] | None:
+        """(size, mtime ns, inode, device) of the regular file ``name``, None if it is
+        not one: what tells whether a file is still the one something was computed from."""
+        target, at = self._at(name)
+        try:
+            info = os.stat(target, follow_symlinks=False, **at)
+        except OSError:
+            return None
+        if not stat.S_ISREG(info.st_mode):
+            return None
+        return info.st_size, info.st_mtime_ns, info.st_ino, info.st_dev
+
     def write_atomic(
-        self, name: str, data: bytes | memoryview | Iterable[bytes], *, sync: bool = False
+        self,
+        name: str,
+        data: bytes | memoryview | Iterable[bytes | memoryview],
+        *,
+        sync: bool = False,
     ) -> int:
         """Write ``name`` completely or not at all: a new temporary file, then a rename.
         Returns the file's modification time (ns), which the rename keeps.
@@ -484,6 +527,15 @@ class Directory:
                 self._temp_prefix = secrets.token_hex(6)
         temp_path, at = self._at(f".{name}.{self._temp_prefix}{next(self._temps):x}{_TEMP_SUFFIX}")
         return temp_path, at, os.open(temp_path, _CREATE_NEW, 0o666, **at)
+
+    def rename(self, name: str, to: str) -> None:
+        """Rename ``name`` to ``to`` in this directory, replacing what ``to`` is."""
+        source, at = self._at(name)
+        target, _ = self._at(to)
+        if at:
+            os.replace(source, target, src_dir_fd=at["dir_fd"], dst_dir_fd=at["dir_fd"])
+        else:
+            os.replace(source, target)
 
     def move(self, name: str, into: Directory) -> bool:
         """Move ``name`` into another directory (same name); False if it is not there."""
@@ -644,6 +696,9 @@ def _dataset_row(record: Mapping[str, Any]) -> dict[str, Any]:
 
 
 StoredRecord = dict[str, Any]
+#: What `BatchStore.claim_group` answers per item: (its earlier record, checked, the
+#: record's line, the line's number in ``unmatched.jsonl``), (None, True, b"", -1) if none.
+Claim = tuple[StoredRecord | None, bool, "bytes | memoryview", int]
 
 
 def _valid_record(line: bytes) -> StoredRecord | None:
@@ -717,6 +772,99 @@ def _parquet_schema() -> Any:
     return pa.schema(fields, metadata={b"huggingface": info})
 
 
+class _NotPlain(Exception):
+    """A value `_parquet_table` leaves to ``pyarrow.table`` (and its conversions)."""
+
+
+#: What each Arrow type of a shard's columns is packed as (`_parquet_column`).
+_PACKED: Final = {"int64": "q", "double": "d"}
+
+
+def _parquet_table(
+    schema: Any, images: Sequence[tuple[str, bytes]], rows: list[dict[str, Any]]
+) -> Any:
+    """The shard's table built from Arrow buffers, for rows of plain values (ints of
+    64 bits, floats, bools, text; None anywhere); `_NotPlain` for any other value.
+
+    ``pyarrow.table`` (``pyarrow.array``) of Python lists asks whether each is a pandas
+    object, which imports pandas when it is installed (``datasets`` installs it): 45 MiB
+    of a resume's peak for a shard of a hundred rows. Buffers ask nothing.
+    """
+    import pyarrow as pa  # noqa: PLC0415  (only the parquet format needs it)
+
+    image_type = schema.field("image").type
+    image = pa.StructArray.from_arrays(
+        [
+            _parquet_column(pa, image_type.field("bytes").type, [data for _n, data in images]),
+            _parquet_column(pa, image_type.field("path").type, [name for name, _d in images]),
+        ],
+        fields=list(image_type),
+    )
+    arrays = [image]
+    arrays += [
+        _parquet_column(pa, schema.field(name).type, [row[name] for row in rows])
+        for name in _ROW_FIELDS
+    ]
+    return pa.Table.from_arrays(arrays, schema=schema)
+
+
+def _parquet_column(pa: Any, arrow_type: Any, values: list[Any]) -> Any:
+    """One column of `_parquet_table` (`_NotPlain` unless every value is plain)."""
+    count = len(values)
+    valid = bytearray((count + 7) // 8)
+    nulls = 0
+    name = str(arrow_type)
+    if name in ("string", "binary"):
+        text = str if name == "string" else bytes
+        offsets = array.array("i", [0])
+        data = bytearray()
+        for number, value in enumerate(values):
+            if value is None:
+                nulls += 1
+            elif type(value) is text:
+                data += value.encode() if isinstance(value, str) else value
+                valid[number >> 3] |= 1 << (number & 7)
+            else:
+                raise _NotPlain
+            offsets.append(len(data))
+        if len(data) >= 1 << 31:
+            raise _NotPlain  # large for 32-bit offsets: pyarrow chunks it
+        buffers = [offsets.tobytes(), bytes(data)]
+    elif name == "bool":
+        bits = bytearray((count + 7) // 8)
+        for number, value in enumerate(values):
+            if value is None:
+                nulls += 1
+                continue
+            if type(value) is not bool:
+                raise _NotPlain
+            valid[number >> 3] |= 1 << (number & 7)
+            if value:
+                bits[number >> 3] |= 1 << (number & 7)
+        buffers = [bytes(bits)]
+    else:
+        code = _PACKED[name]
+        number_type = int if code == "q" else float
+        packed: array.array[Any] = array.array(code)
+        for number, value in enumerate(values):
+            if value is None:
+                nulls += 1
+                packed.append(0)
+            elif type(value) is number_type:
+                valid[number >> 3] |= 1 << (number & 7)
+                try:
+                    packed.append(value)
+                except OverflowError:
+                    raise _NotPlain from None
+            else:
+                raise _NotPlain
+        buffers = [packed.tobytes()]
+    validity = pa.py_buffer(bytes(valid)) if nulls else None
+    return pa.Array.from_buffers(
+        arrow_type, count, [validity, *map(pa.py_buffer, buffers)], null_count=nulls
+    )
+
+
 def shard_run_name() -> str:
     """A prefix no other writer uses for its shards: ``train-<time>-<random>``, so shard
     names sort by the time they were started (the order readers take them in)."""
@@ -751,13 +899,17 @@ class Shard:
             import pyarrow.parquet as pq  # noqa: PLC0415
 
             schema = _parquet_schema()
-            columns: dict[str, list[Any]] = {
-                "image": [{"bytes": data, "path": name} for name, data in self.images]
-            }
-            for name in _ROW_FIELDS:
-                columns[name] = [row[name] for row in rows]
+            try:
+                table = _parquet_table(schema, self.images, rows)
+            except _NotPlain:
+                columns: dict[str, list[Any]] = {
+                    "image": [{"bytes": data, "path": name} for name, data in self.images]
+                }
+                for name in _ROW_FIELDS:
+                    columns[name] = [row[name] for row in rows]
+                table = pa.table(columns, schema=schema)
             sink = pa.BufferOutputStream()
-            pq.write_table(pa.table(columns, schema=schema), sink, row_group_size=256)
+            pq.write_table(table, sink, row_group_size=256)
             return memoryview(sink.getvalue())
         import tarfile  # noqa: PLC0415
 
@@ -798,6 +950,8 @@ class Unmatched:
 _PAGE: Final = 4096
 #: Buffered manifest lines (resumed and failed items) are written once they reach this.
 _FLUSH_BYTES: Final = 1 << 16
+#: A claimed group's lines are read at once when they span at most this many bytes.
+_GROUP_READ: Final = 1 << 23
 #: An index key: the identity hash's top bits, then the line number in ``unmatched.jsonl``.
 _LINE_BITS: Final = 28
 _LINE_MASK: Final = (1 << _LINE_BITS) - 1
@@ -805,11 +959,33 @@ _MASK64: Final = (1 << 64) - 1
 _GOLDEN: Final = 0x9E3779B97F4A7C15
 #: Another odd constant for the variant, so (occurrence 1, variant 0) and (0, 1) differ.
 _VARIANT_MIX: Final = 0xC2B2AE3D27D4EB4F
+#: `_Earlier.claimed` of a line claimed by the item of its own index: kept as it is.
+_CARRIED: Final = 2
+#: A span (`BatchStore._note_span`) of a line carried from ``unmatched.jsonl``.
+_EARLIER_SPAN: Final = 1 << 39
+#: `_record_key` of a line that has no identity: the manifest gets no index.
+_UNKEYED: Final = -2
+#: The first line of an index file (`_write_index`).
+_INDEX_MAGIC: Final = b"friendli-image manifest index 1\n"
 
 
 def _identity_hash(item_id: str, occurrence: int, variant: int) -> int:
     """64 bits of an identity (ValueError when ``item_id`` is not hexadecimal)."""
     return (int(item_id[:16], 16) ^ (occurrence * _GOLDEN) ^ (variant * _VARIANT_MIX)) & _MASK64
+
+
+def _record_key(record: Mapping[str, Any]) -> int:
+    """A written line's key (the top bits of its identity hash, `_Earlier`) if it is an
+    ``ok`` one, -1 for a line of another status, `_UNKEYED` for one without an identity."""
+    if record.get("status") != "ok":
+        return -1
+    identity = _identity(record)  # type: ignore[arg-type]
+    if identity is None:
+        return _UNKEYED
+    try:
+        return _identity_hash(*identity) >> _LINE_BITS << _LINE_BITS
+    except ValueError:
+        return _UNKEYED
 
 
 def _scan_line(line: bytes, known: str = "") -> tuple[int, int, str | None]:
@@ -873,15 +1049,22 @@ class _Earlier:
 
     ``keys`` holds, sorted, the identity hash's top bits and the line number of each
     line (8 bytes a line, whatever the line's length), ``offsets`` where each line starts
-    (and where the last ends), and ``claimed`` marks the lines this run's items claimed.
+    (and where the last ends), and ``claimed`` marks the lines this run's items claimed
+    (`_CARRIED`: claimed by the item of the same index, so the line stays as it is).
+    ``checked``: open checked every line (`_scan_line`); else the lines come from an
+    index (`_read_index`), and a claim checks the line it reads.
     """
 
-    __slots__ = ("_shift", "_starts", "claimed", "keys", "offsets")
+    __slots__ = ("_shift", "_starts", "carried", "checked", "claimed", "keys", "offsets")
 
-    def __init__(self, keys: array.array[int], offsets: array.array[int]) -> None:
+    def __init__(
+        self, keys: array.array[int], offsets: array.array[int], *, checked: bool = True
+    ) -> None:
         self.keys = keys
         self.offsets = offsets
+        self.checked = checked
         self.claimed = bytearray(len(offsets) - 1)
+        self.carried = 0
         # Where the keys of each value of their top bits start (a bucket of some 16
         # keys): a lookup bisects one bucket, not the whole array.
         bits = max(1, min(20, len(keys).bit_length() - 4))
@@ -895,8 +1078,10 @@ class _Earlier:
         return len(self.claimed)
 
     def forget_lookups(self) -> None:
-        """Free the keys (16 bytes an earlier line) once no item will be looked up."""
-        self.keys = self.offsets = array.array("Q")
+        """Free the lookups once no item will be looked up, and the keys (16 bytes an
+        earlier line) unless lines were carried (`BatchStore.carry` needs them)."""
+        if not self.carried:
+            self.keys = self.offsets = array.array("Q")
         self._starts, self._shift = array.array("Q", [0, 0]), 64
 
     def find(self, item_id: str, occurrence: int, variant: int) -> int:
@@ -993,10 +1178,31 @@ class BatchStore:
         # this run is (offset << 24 | length, by index; 0: none), for metadata.jsonl.
         self._write_lock = threading.Lock()
         self._size = 0
-        self._pending: list[tuple[int, bytes]] = []
+        self._pending: list[tuple[int, bytes, int]] = []
         self._pending_bytes = 0
         self._spans = array.array("Q")
+        self._last_span = -1  # the highest index with a span
         self._settled = False
+        # The resume index of this run's manifest (`_write_index`), kept as lines are
+        # written: the key of each ok line, where each line starts. False once a line
+        # cannot be keyed; never on a URL location (its manifest is copied in and out).
+        self._keys = array.array("Q")
+        self._starts = array.array("Q")
+        self._indexed = self._remote is None
+        # Where this run's own lines are in the manifest once an earlier one was adopted
+        # in front of them (`carry`): how far they moved.
+        self._moved = 0
+        # pathlib's join parses and normalises the name (3 µs an item); a stored name is
+        # plain (`valid_stored_name`), which needs none of it.
+        self._child = _child_path(directory)
+        # The latest stored name `_valid_ok` accepted (the shard of the next item, often),
+        # and the latest shard (name, size) `_shard_present` found.
+        self._valid_file: object = None
+        self._present_shard: tuple[object, object] = (None, None)
+        # What the index said of the earlier metadata.jsonl (`_write_index`), and this
+        # run's (its identity, its last index), for the next index.
+        self._earlier_metadata: Any = None
+        self._metadata: tuple[tuple[int, int, int, int], int] | None = None
 
     @property
     def manifest_path(self) -> pathlib.Path:
@@ -1083,12 +1289,29 @@ class BatchStore:
         """Move every earlier line (unmatched.jsonl, then the manifest) into unmatched.jsonl,
         the latest line of each identity, ok ones only; index them (`_Earlier`).
 
-        One pass reads each line once, keeping 17 bytes of it (where it starts, its
-        identity hash, whether it is ok); the latest line of each identity is then found by
-        sorting the keys. A finished run (one manifest, every line the latest of its
-        identity) is renamed, not copied.
+        A finished run left the index of its manifest (`_read_index`): when it is still
+        the manifest's, nothing is read but the index. Otherwise one pass reads each line
+        once, keeping 17 bytes of it (where it starts, its identity hash, whether it is
+        ok); the latest line of each identity is then found by sorting the keys. A
+        finished run (one manifest, every line the latest of its identity) is renamed,
+        not copied.
         """
         assert self._dir is not None  # noqa: S101
+        found = _read_index(self._dir)
+        # The index describes the manifest as it is now, and the manifest is about to
+        # move: the index goes first, so no later state of the location pairs with it.
+        self._dir.remove(INDEX_NAME)
+        if found is not None:
+            order, starts, formats, self._earlier_metadata = found
+            self._earlier_formats.update(formats)
+            end = starts.pop()
+            live = None  # every line of the index is the latest ok line of its identity
+            if len(order) < len(starts):  # and the others are failed lines
+                live = bytearray(len(starts))
+                for key in order:
+                    live[key & _LINE_MASK] = 1
+            self._keep_earlier([(MANIFEST_NAME, end)], starts, order, live, checked=False)
+            return
         starts = array.array("Q")
         hashes = array.array("Q")
         states = bytearray()
@@ -1126,19 +1349,36 @@ class BatchStore:
         order = _sorted(keys)
         del keys
         live = _latest_ok(order, hashes, states)
-        del hashes
-        count = sum(live)
+        del hashes, states
+        self._keep_earlier(sources, starts, order, live, checked=True)
+
+    def _keep_earlier(
+        self,
+        sources: list[tuple[str, int]],
+        starts: array.array[int],
+        order: array.array[int],
+        live: bytearray | None,
+        *,
+        checked: bool,
+    ) -> None:
+        """Make ``unmatched.jsonl`` of the ``live`` lines of ``sources`` (``starts``: where
+        each line starts; ``order``: the sorted keys of the lines that may be live) and
+        index it. ``live`` None: every line is live."""
+        assert self._dir is not None  # noqa: S101
+        count = len(starts) if live is None else sum(live)
         if not count:
             self._dir.remove(UNMATCHED_NAME)
             return
-        if len(sources) == 1 and count == len(states):
+        if len(sources) == 1 and count == len(starts):
             # One source whose every line is kept: it becomes unmatched.jsonl as it is.
             name, end = sources[0]
             self._rename_to_unmatched(name, end)
             starts.append(end)
-            self._earlier = _Earlier(order, starts)
+            self._earlier = _Earlier(order, starts, checked=checked)
             return
-        renumbered = array.array("Q", bytes(8 * len(states)))
+        if live is None:
+            live = bytearray(b"\x01") * len(starts)
+        renumbered = array.array("Q", bytes(8 * len(starts)))
         offsets = array.array("Q")
 
         def kept() -> Iterator[bytes]:
@@ -1166,7 +1406,7 @@ class BatchStore:
                 if live[key & _LINE_MASK]
             ),
         )
-        self._earlier = _Earlier(index, offsets)
+        self._earlier = _Earlier(index, offsets, checked=checked)
 
     def _rename_to_unmatched(self, name: str, end: int) -> None:
         assert self._dir is not None  # noqa: S101
@@ -1178,12 +1418,7 @@ class BatchStore:
             finally:
                 os.close(fd)
         if name != UNMATCHED_NAME:
-            source, at = self._dir._at(name)
-            target, _ = self._dir._at(UNMATCHED_NAME)
-            if at:
-                os.replace(source, target, src_dir_fd=at["dir_fd"], dst_dir_fd=at["dir_fd"])
-            else:
-                os.replace(source, target)
+            self._dir.rename(name, UNMATCHED_NAME)
 
     def close(self, *, complete: bool) -> Unmatched | None:
         """Publish the open shard and release everything; with ``complete`` (the run saw
@@ -1198,6 +1433,7 @@ class BatchStore:
                 self.flush()
                 if shard is not None:
                     self.publish(shard)
+                self.carry()
         finally:
             unmatched = self._close(complete=complete)
             if self._remote is not None:
@@ -1220,6 +1456,9 @@ class BatchStore:
             if opened and self._dir is not None and not self.sharded:
                 with contextlib.suppress(OSError, FriendliUsageError):
                     self._write_metadata()
+            if opened and self._dir is not None:
+                with contextlib.suppress(OSError, FriendliUsageError):
+                    self._leave_index()
         finally:
             if self._lock is not None:
                 os.close(self._lock)  # closing the descriptor releases the lock
@@ -1228,6 +1467,91 @@ class BatchStore:
                 self._dir.close()
                 self._dir = None
         return unmatched
+
+    def carry(self) -> None:
+        """Put the carried lines (`append_resumed`) into the manifest (blocking).
+
+        When every earlier line was carried (a rerun of the same input, with or without
+        items after it), ``unmatched.jsonl`` is the front of the manifest as it is: this
+        run's lines are appended to it, and it replaces the manifest; nothing else is
+        written. A kill before the replace leaves both files, whose lines a rerun reads
+        (the same line twice is one item). Otherwise the carried lines are appended to
+        the manifest like any resumed item's.
+        """
+        earlier = self._earlier
+        if earlier is None or not earlier.carried or self._manifest is None:
+            return
+        try:
+            self.flush()
+            if earlier.carried == len(earlier) and len(earlier) + len(self._starts) <= _LINE_MASK:
+                self._adopt(earlier)
+            else:
+                self._copy_carried(earlier)
+        except BaseException:
+            # Not in the manifest: they stay earlier lines (unclaimed), which close keeps.
+            for number, claimed in enumerate(earlier.claimed):
+                if claimed == _CARRIED:
+                    earlier.claimed[number] = 0
+            earlier.carried = 0
+            self._indexed = False
+            raise
+
+    def _adopt(self, earlier: _Earlier) -> None:
+        assert self._dir is not None  # noqa: S101
+        front = earlier.offsets[-1]
+        appending = self._dir.open(UNMATCHED_NAME, os.O_WRONLY | os.O_APPEND)
+        with os.fdopen(appending, "wb", 0) as out, self._dir.read(MANIFEST_NAME) as own:
+            size, rest = front, b""
+            while chunk := own.read(1 << 20):
+                chunk = rest + chunk
+                cut = chunk.rfind(b"\n") + 1
+                size, rest = _write_paged(out, size, chunk[:cut]), chunk[cut:]
+        self._dir.rename(UNMATCHED_NAME, MANIFEST_NAME)
+        # The manifest is now the earlier lines, then this run's: keys and starts follow.
+        moved = len(earlier)
+        self._keys = _merged(earlier.keys, array.array("Q", (key + moved for key in self._keys)))
+        starts = earlier.offsets
+        starts.pop()
+        starts.extend(start + front for start in self._starts)
+        self._starts = starts
+        self._size += front
+        self._moved = front
+        self._earlier = None  # no unmatched.jsonl: every earlier line is this run's
+
+    def _copy_carried(self, earlier: _Earlier) -> None:
+        assert self._dir is not None  # noqa: S101
+        tops = array.array("Q", bytes(8 * len(earlier)))
+        for key in earlier.keys:
+            tops[key & _LINE_MASK] = key & ~_LINE_MASK
+        claimed = earlier.claimed
+        with self._dir.read(UNMATCHED_NAME) as handle:
+            for number, line in enumerate(handle):
+                if number >= len(claimed):
+                    break
+                if claimed[number] == _CARRIED:
+                    index = orjson.loads(line)["index"]
+                    self._pending.append((index, line, tops[number]))
+                    self._pending_bytes += len(line)
+                    if self._pending_bytes >= _FLUSH_BYTES:
+                        self.flush()
+        self.flush()
+        earlier.carried = 0
+
+    def _leave_index(self) -> None:
+        """Write the resume index of the manifest (`_write_index`) for the next run, when
+        every line of it is keyed and the manifest is all there is to resume from."""
+        assert self._dir is not None  # noqa: S101
+        if not self._indexed or self._dir.identity(UNMATCHED_NAME) is not None:
+            return
+        manifest = self._dir.identity(MANIFEST_NAME)
+        if manifest is None or manifest[0] != self._size or len(self._starts) > _LINE_MASK:
+            return
+        self._starts.append(self._size)
+        keys, self._keys = self._keys, array.array("Q")
+        if not self._moved:
+            keys = _sorted(keys)
+        formats = {self.output_format} if keys else set()
+        _write_index(self._dir, manifest, keys, self._starts, formats, metadata=self._metadata)
 
     def _unclaimed(self, *, present: bool) -> Iterator[tuple[bytes, StoredRecord]]:
         """The lines of ``unmatched.jsonl`` no item of this run claimed (with ``present``,
@@ -1272,20 +1596,58 @@ class BatchStore:
         field), this run's items in input order first, then the kept earlier images."""
         assert self._dir is not None  # noqa: S101
 
+        reused = self._reusable_metadata()
+
         def rows() -> Iterator[bytes]:
             assert self._dir is not None  # noqa: S101
+            if reused:
+                # The earlier rows, as the earlier run wrote them: the same lines.
+                with self._dir.read(METADATA_NAME) as earlier:
+                    while chunk := earlier.read(1 << 20):
+                        yield chunk
             with self._dir.read(MANIFEST_NAME) as manifest:
                 for span in self._spans:
                     if span:
+                        offset = span >> 24
+                        if offset & _EARLIER_SPAN:  # a carried line, at the front (`carry`)
+                            if reused or not self._moved:
+                                continue  # its row is above; or an earlier line below
+                            offset ^= _EARLIER_SPAN
+                        else:
+                            offset += self._moved
                         # This run's own lines, each written whole: no need to check them.
                         yield _metadata_row(
-                            orjson.loads(os.pread(manifest.fileno(), span & _MAX_LINE, span >> 24))
+                            orjson.loads(os.pread(manifest.fileno(), span & _MAX_LINE, offset))
                         )
             # Earlier lines name images that may be gone (unless close settled them).
             for _line, record in self._unclaimed(present=not self._settled):
                 yield _metadata_row(record)
 
         self._dir.write_atomic(METADATA_NAME, rows())
+        identity = self._dir.identity(METADATA_NAME)
+        if identity is not None and not self._unclaimed_rows():
+            self._metadata = identity, self._last_span
+
+    def _unclaimed_rows(self) -> bool:
+        """True if metadata.jsonl may hold rows of earlier lines no item claimed."""
+        return self._earlier is not None
+
+    def _reusable_metadata(self) -> bool:
+        """True when metadata.jsonl is the earlier run's, unchanged, and this run's rows
+        are those rows followed by rows of higher indices: every earlier line was kept at
+        its index (`carry` adopted them all) and the earlier index vouches for the file."""
+        assert self._dir is not None  # noqa: S101
+        known = self._earlier_metadata
+        if not self._moved or not isinstance(known, list) or len(known) != 2:
+            return False
+        identity, last = known
+        found = self._dir.identity(METADATA_NAME)
+        if found is None or list(found) != identity or not isinstance(last, int):
+            return False
+        for index, span in enumerate(self._spans):
+            if span and not (span >> 24) & _EARLIER_SPAN and index <= last:
+                return False  # a new row among the earlier ones
+        return True
 
     # -- per item -------------------------------------------------------------------
 
@@ -1320,35 +1682,101 @@ class BatchStore:
     ) -> tuple[StoredRecord | None, bool, bytes]:
         """`claim`, given where `earlier_at` found the item, with the line of the record
         it returns (for `append_resumed`)."""
+        record, checked, line, _number = self.claim_group([(item_id, occurrence, variant, at)])[0]
+        return record, checked, bytes(line)
+
+    def claim_group(self, items: Sequence[tuple[str, int, int, int]]) -> list[Claim]:
+        """`claim_line` of each (id, occurrence, variant, `earlier_at`) of a group, with
+        the number of the earlier line its record is (for `append_resumed`; -1: none).
+
+        The group's lines are read with one ``pread`` when they lie together in
+        ``unmatched.jsonl``, as the items of a rerun of the same input do.
+        """
         earlier = self._earlier
         if earlier is None or self._reader is None or self._dir is None:
-            return None, True, b""
-        for number in earlier.lines_of(at):
-            offset, length = earlier.span(number)
-            line = os.pread(self._reader.fileno(), length, offset)
-            # open checked every line it kept (`_scan_line`): only the identity is left.
-            record = orjson.loads(line)
+            return [(None, True, b"", -1)] * len(items)
+        keys, offsets = earlier.keys, earlier.offsets
+        low, high, total = 1 << 62, 0, 0
+        for _id, _occurrence, _variant, at in items:
+            if at >= 0:
+                number = keys[at] & _LINE_MASK
+                start, end = offsets[number], offsets[number + 1]
+                low, high, total = min(low, start), max(high, end), total + end - start
+        block = memoryview(b"")
+        if total and high - low <= min(2 * total + _PAGE, _GROUP_READ):
+            block = memoryview(os.pread(self._reader.fileno(), high - low, low))
+        return [self._claim_one(item, block, low) for item in items]
+
+    def _claim_one(self, item: tuple[str, int, int, int], block: memoryview, low: int) -> Claim:
+        """`claim_group` of one item; ``block`` holds the lines from offset ``low`` on."""
+        item_id, occurrence, variant, at = item
+        earlier = self._earlier
+        assert earlier is not None  # noqa: S101
+        assert self._reader is not None  # noqa: S101
+        assert self._dir is not None  # noqa: S101
+        keys, offsets = earlier.keys, earlier.offsets
+        if at < 0:
+            return None, True, b"", -1
+        top = keys[at] >> _LINE_BITS
+        while True:
+            number = keys[at] & _LINE_MASK
+            start = offsets[number]
+            end = offsets[number + 1]
+            if low <= start and end - low <= len(block):
+                line: bytes | memoryview = block[start - low : end - low]
+            else:
+                line = os.pread(self._reader.fileno(), end - start, start)
+            try:
+                record = orjson.loads(line)
+            except orjson.JSONDecodeError:
+                record = None  # only a line of an index's manifest is not checked yet
             if (
-                record.get("id") != item_id
-                or record.get("occurrence", 0) != occurrence
-                or record.get("variant", 0) != variant
+                type(record) is dict
+                and record.get("id") == item_id
+                and record.get("occurrence", 0) == occurrence
+                and record.get("variant", 0) == variant
             ):
-                continue  # another identity with the same hash bits
-            earlier.claimed[number] = 1
-            if not self._resume:
-                return None, True, b""
-            name = record["file"]
-            if name.endswith(_SHARD_ENDINGS):
-                return (record if self._shard_present(record) else None), True, line
-            if self._remote is not None:
-                # A PUT is whole or absent: the recorded size is enough, no download.
-                intact = self._remote_sizes.get(name) == record.get("bytes")
-                return (record if intact else None), True, line
-            found = self._dir.size_and_mtime(name)
-            if found is None or found[0] != record.get("bytes", found[0]):
-                return None, True, b""
-            return record, found[1] == record.get("mtime_ns"), line
-        return None, True, b""
+                break
+            at += 1  # another identity with the same hash bits
+            if at >= len(keys) or keys[at] >> _LINE_BITS != top:
+                return None, True, b"", -1
+        earlier.claimed[number] = 1
+        if not earlier.checked and not self._valid_ok(record):
+            return None, True, b"", -1
+        if not self._resume:
+            return None, True, b"", -1
+        name = record["file"]
+        if name.endswith(_SHARD_ENDINGS):
+            # The items of a shard follow one another: its answer is kept.
+            shard = (name, record.get("shard_bytes"))
+            if shard != self._present_shard:
+                if not self._shard_present(record):
+                    return None, True, b"", -1
+                self._present_shard = shard
+            return record, True, line, number
+        if self._remote is not None:
+            # A PUT is whole or absent: the recorded size is enough, no download.
+            if self._remote_sizes.get(name) != record.get("bytes"):
+                return None, True, b"", -1
+            return record, True, line, number
+        found = self._dir.size_and_mtime(name)
+        if found is None or found[0] != record.get("bytes", found[0]):
+            return None, True, b"", -1
+        return record, found[1] == record.get("mtime_ns"), line, number
+
+    def _valid_ok(self, record: StoredRecord) -> bool:
+        """True if a record read from an index's manifest is an ``ok`` one `_scan_line`
+        would have kept (the index was made from lines this package wrote, but the
+        manifest may have been edited since without changing its size or time)."""
+        file = record.get("file")
+        if record.get("status") != "ok" or type(record.get("sha256")) is not str:
+            return False
+        if file == self._valid_file:
+            return True
+        if valid_stored_name(file) is None:
+            return False
+        self._valid_file = file
+        return True
 
     def verify(self, record: StoredRecord) -> bool:
         """True if the record's image file has its recorded sha256 (blocking: reads it)."""
@@ -1374,7 +1802,7 @@ class BatchStore:
 
     def path_of(self, name: str) -> pathlib.Path | None:
         """The local path of the stored file ``name`` (None on a URL location)."""
-        return None if self._remote is not None else self.directory / name
+        return None if self._remote is not None else self._child(name)
 
     def uri_of(self, name: str) -> str:
         """Where the stored file ``name`` is: a local path, or the location's URL."""
@@ -1464,14 +1892,14 @@ class BatchStore:
         without its image.
         """
         digests: list[str] = []
-        lines: list[tuple[int, bytes]] = []
+        lines: list[tuple[int, bytes, int]] = []
         try:
             for (name, image, record), mtime in zip(group, self._write_group(group), strict=True):
                 digest = hashlib.sha256(image).hexdigest()
                 record["file"], record["sha256"] = name, digest
                 if mtime is not None:
                     record["mtime_ns"] = mtime
-                lines.append((record["index"], orjson.dumps(record) + b"\n"))
+                lines.append((record["index"], orjson.dumps(record) + b"\n", _record_key(record)))
                 digests.append(digest)
         finally:
             if lines:
@@ -1537,24 +1965,44 @@ class BatchStore:
             data = shard.build()
             size = len(data)
             self._write_lines(
-                [(-1, orjson.dumps({**r, "shard_bytes": size}) + b"\n") for r in shard.records]
+                [
+                    (-1, orjson.dumps({**r, "shard_bytes": size}) + b"\n", _record_key(r))
+                    for r in shard.records
+                ]
             )
             self._write_stored(shard.name, data)
         except OSError as exc:
             raise _usage(self.directory / shard.name, exc, "write") from exc
 
-    def append_resumed(self, index: int, record: StoredRecord, line: bytes) -> None:
-        """`append` the line of a resumed item: its earlier ``line`` (from `claim_line`)
-        with its ``index`` in this run, ``{**record, "index": index}``.
+    def append_resumed(
+        self, index: int, record: StoredRecord, line: bytes | memoryview, number: int = -1
+    ) -> None:
+        """`append` the line of a resumed item: its earlier ``line`` (from `claim_group`,
+        line ``number`` of ``unmatched.jsonl``) with its ``index`` in this run,
+        ``{**record, "index": index}``.
 
-        A line this package wrote starts with its index: only that is rewritten, instead
-        of the whole record serialized again.
+        When the index is the earlier one, the line is that line as it is: nothing is
+        written now; `carry` keeps it when the run closes (a kill before loses nothing,
+        the line is still in ``unmatched.jsonl``). Otherwise, a line this package wrote
+        starts with its index: only that is rewritten, instead of the whole record
+        serialized again.
         """
+        earlier = self._earlier
+        if number >= 0 and earlier is not None and record.get("index") == index:
+            earlier.claimed[number] = _CARRIED
+            earlier.carried += 1
+            start = earlier.offsets[number]
+            length = earlier.offsets[number + 1] - start
+            if length <= _MAX_LINE and not self.sharded:
+                with self._write_lock:  # the file writer's thread notes spans too
+                    self._note_span(index, start | _EARLIER_SPAN, length)
+            return
+        line = bytes(line)
         if line.startswith(b'{"index":') and line.find(b'"index":', 9) < 0:
             comma = line.find(b",", 9)
             if comma > 0 and line[9:comma].isdigit():
                 line = b'{"index":%d%s' % (index, line[comma:])
-                self._pending.append((index, line))
+                self._pending.append((index, line, _record_key(record)))
                 self._pending_bytes += len(line)
                 if self._pending_bytes >= _FLUSH_BYTES:
                     self.flush()
@@ -1569,7 +2017,8 @@ class BatchStore:
         failed item is tried again).
         """
         line = orjson.dumps(record) + b"\n"
-        self._pending.append((record["index"] if record.get("status") == "ok" else -1, line))
+        ok = record.get("status") == "ok"
+        self._pending.append((record["index"] if ok else -1, line, _record_key(record)))
         self._pending_bytes += len(line)
         if self._pending_bytes >= _FLUSH_BYTES:
             self.flush()
@@ -1580,42 +2029,55 @@ class BatchStore:
         if pending:
             self._write_lines(pending)
 
-    def _write_lines(self, lines: Sequence[tuple[int, bytes]]) -> None:
-        """Append lines (with the index of each ok one, else -1), whole lines per write and
-        no write across a page boundary that no line crosses."""
+    def _write_lines(self, lines: Sequence[tuple[int, bytes, int]]) -> None:
+        """Append lines (with the index of each ok one, else -1, and its key, `_record_key`),
+        whole lines per write and no write across a page boundary that no line crosses."""
         assert self._manifest is not None  # noqa: S101
         with self._write_lock:
-            data = b"".join(line for _index, line in lines)
+            data = b"".join(line for _index, line, _key in lines)
             offset = self._size
-            for index, line in lines:
-                if index >= 0 and len(line) <= _MAX_LINE:
+            keys, starts = self._keys, self._starts
+            spans = not self.sharded  # for metadata.jsonl
+            for index, line, key in lines:
+                if spans and index >= 0 and len(line) <= _MAX_LINE:
                     self._note_span(index, offset, len(line))
+                if key >= 0:
+                    keys.append(key | len(starts))
+                elif key == _UNKEYED:
+                    self._indexed = False
+                starts.append(offset)
                 offset += len(line)
             try:
-                self._write_paged(data)
+                self._size = _write_paged(self._manifest, self._size, data)
             except OSError as exc:
+                self._indexed = False
                 raise _usage(self.manifest_path, exc, "append to") from exc
-
-    def _write_paged(self, data: bytes) -> None:
-        assert self._manifest is not None  # noqa: S101
-        start = 0
-        while start < len(data):
-            room = _PAGE - self._size % _PAGE
-            end = min(start + room, len(data))
-            if end < len(data):
-                cut = data.rfind(b"\n", start, end) + 1
-                end = cut if cut > start else data.index(b"\n", end - 1) + 1
-            view = memoryview(data)[start:end]
-            while view:
-                view = view[self._manifest.write(view) or 0 :]
-            self._size += end - start
-            start = end
 
     def _note_span(self, index: int, offset: int, length: int) -> None:
         spans = self._spans
         if index >= len(spans):
             spans.frombytes(bytes(8 * (max(index + 1, 2 * len(spans)) - len(spans))))
         spans[index] = offset << 24 | length
+        self._last_span = max(self._last_span, index)
+
+
+def _write_paged(handle: IO[bytes], size: int, data: bytes) -> int:
+    """Append whole lines to ``handle`` (a file of ``size`` bytes), no write across a page
+    boundary that no line crosses; return the new size."""
+    start = 0
+    view = memoryview(data)
+    while start < len(view):
+        room = _PAGE - size % _PAGE
+        end = min(start + room, len(view))
+        if end < len(view):
+            cut = data.rfind(b"\n", start, end) + 1
+            end = cut if cut > start else data.index(b"\n", end - 1) + 1
+        part = view[start:end]
+        while part:
+            part = part[handle.write(part) or 0 :]
+        size += end - start
+        start = end
+    return size
 
 
 #: `_sorted` sorts keys in this many buckets of their top bits, one at a time.
@@ -1624,16 +2086,28 @@ _BUCKET_BITS: Final = 10
 
 def _sorted(keys: array.array[int]) -> array.array[int]:
     """``keys`` sorted, into an array, by buckets of their top bits: never more than a
-    bucket's keys as Python ints (sorting a million keys at once would hold 44 MB of them)."""
+    bucket's keys as Python ints (sorting a million keys at once would hold 44 MB of them).
+    ``keys`` is emptied once they are in their buckets (never twice in memory at once
+    beside the result)."""
     shift = 64 - _BUCKET_BITS
     buckets = [array.array("Q") for _ in range(1 << _BUCKET_BITS)]
     for key in keys:
         buckets[key >> shift].append(key)
+    del keys[:]
     ordered = array.array("Q")
     for bucket in buckets:
         ordered.extend(sorted(bucket))
         del bucket[:]
     return ordered
+
+
+def _merged(keys: array.array[int], more: array.array[int]) -> array.array[int]:
+    """Sorted ``keys`` with ``more`` (unsorted) among them."""
+    if len(more) > 4096:
+        return _sorted(keys + more)
+    for key in more:
+        keys.insert(bisect.bisect(keys, key), key)
+    return keys
 
 
 def _latest_ok(order: array.array[int], hashes: array.array[int], states: bytearray) -> bytearray:
@@ -1657,6 +2131,81 @@ def _latest_ok(order: array.array[int], hashes: array.array[int], states: bytear
                 live[number] = states[number] == 1
         at = after
     return live
+
+
+def _write_index(
+    folder: Directory,
+    manifest: tuple[int, int, int, int],
+    keys: array.array[int],
+    offsets: array.array[int],
+    formats: Iterable[str],
+    *,
+    metadata: tuple[tuple[int, int, int, int], int] | None,
+) -> None:
+    """Write the resume index of the manifest whose `Directory.identity` is ``manifest``:
+    its keys (sorted, as `_Earlier` holds them) and where each line starts (and the last
+    ends), after a header that names the manifest and a sha256 of the arrays, and
+    ``metadata``: the identity of the ``metadata.jsonl`` that holds a row for each ok
+    line in index order and nothing else, with the last index it has a row for."""
+    body = hashlib.sha256(memoryview(keys).cast("B"))
+    body.update(memoryview(offsets).cast("B"))
+    header = {
+        "manifest": list(manifest),
+        "keys": len(keys),
+        "lines": len(offsets) - 1,
+        "byteorder": sys.byteorder,
+        "formats": sorted(formats),
+        "sha256": body.hexdigest(),
+        "metadata": None if metadata is None else [list(metadata[0]), metadata[1]],
+    }
+    header_line = orjson.dumps(header) + b"\n"
+    # The arrays as they are in memory, not copies (16 bytes a line).
+    arrays = [memoryview(keys).cast("B"), memoryview(offsets).cast("B")]
+    folder.write_atomic(INDEX_NAME, [_INDEX_MAGIC, header_line, *arrays])
+
+
+def _read_index(
+    folder: Directory,
+) -> tuple[array.array[int], array.array[int], list[str], Any] | None:
+    """The keys, line starts (and end) and formats of ``manifest.jsonl`` from the index
+    its run left (`_write_index`), None unless the index is whole and the manifest is
+    still the file it was made from (size, modification time, inode and device), with
+    no ``unmatched.jsonl`` beside it (the index covers the manifest only)."""
+    if folder.identity(UNMATCHED_NAME) is not None:
+        return None
+    manifest = folder.identity(MANIFEST_NAME)
+    try:
+        handle = folder.read(INDEX_NAME)
+    except (OSError, FriendliUsageError):
+        return None
+    with handle:
+        try:
+            if handle.readline(len(_INDEX_MAGIC)) != _INDEX_MAGIC:
+                return None
+            header = orjson.loads(handle.readline(1 << 16))
+            if (
+                not isinstance(header, dict)
+                or manifest is None
+                or header.get("manifest") != list(manifest)
+                or header.get("byteorder") != sys.byteorder
+                or not isinstance(header.get("formats"), list)
+            ):
+                return None
+            keys, offsets = array.array("Q"), array.array("Q")
+            keys.fromfile(handle, header["keys"])
+            offsets.fromfile(handle, header["lines"] + 1)
+            if handle.read(1):
+                return None
+        except (OSError, EOFError, ValueError, TypeError, KeyError, OverflowError):
+            return None  # orjson.JSONDecodeError is a ValueError
+    body = hashlib.sha256(memoryview(keys).cast("B"))
+    body.update(memoryview(offsets).cast("B"))
+    if body.hexdigest() != header.get("sha256") or offsets[0] != 0 or offsets[-1] != manifest[0]:
+        return None
+    if len(offsets) - 1 > _LINE_MASK or len(keys) > len(offsets) - 1:
+        return None
+    formats = [name for name in header["formats"] if name in OUTPUT_FORMATS]
+    return keys, offsets, formats, header.get("metadata")
 
 
 def _metadata_row(record: StoredRecord) -> bytes:
@@ -1775,7 +2324,7 @@ def set_aside_previous_run(directory: pathlib.Path) -> tuple[pathlib.Path, int] 
                 target = f"previous-run-{stamp}-{suffix}"
             with folder.subdirectory(target, create=True) as aside:
                 moved = sum(folder.move(name, aside) for name in sorted(names))
-                for extra in (GALLERY_NAME, THUMBS_DIR, METADATA_NAME, *listings):
+                for extra in (GALLERY_NAME, THUMBS_DIR, METADATA_NAME, INDEX_NAME, *listings):
                     folder.move(extra, aside)
     except OSError as exc:
         raise FriendliUsageError(

@@ -266,3 +266,87 @@ def test_the_cli_writes_a_dataset(server: LocalServer, tmp_path: Path) -> None:
     assert code == 0
     table = pq.read_table(_shards(out))
     assert sorted(table.column("prompt").to_pylist()) == ["a gull", "a kite", "a tern"]
+
+
+pyarrow = pytest.importorskip("pyarrow")
+
+
+def _parquet_shard(fields: dict[str, Any], count: int) -> tuple[Any, Any]:
+    """A parquet shard of ``count`` items with ``fields``: (its table read back, and the
+    table ``pyarrow.table`` makes of the same rows)."""
+    from friendli_image._store import (
+        _ROW_FIELDS,
+        Shard,
+        _dataset_row,
+        _parquet_schema,
+        manifest_record,
+    )
+
+    shard = Shard("train-x-00000.parquet", "parquet")
+    for number in range(count):
+        given = dict(fields)
+        record = manifest_record(
+            index=number,
+            item_id=f"{number:064x}",
+            occurrence=number % 2,
+            prompt=given.pop("prompt", "a dune"),
+            seed=given.pop("seed", None),
+            attempts=1,
+            elapsed=0.25,
+            request_id=None if number % 2 else f"req-{number}",
+            file=shard.name,
+            fmt="jpeg",
+            size=number,
+            sha256="0" * 64,
+            maybe_duplicated=number % 3 == 0,
+            fields={"num_inference_steps": 20, "guidance_scale": 7.5, **given},
+        )
+        shard.records.append(record)
+        shard.images.append((f"{number}.jpg", bytes([number]) * number))
+    built = pq.read_table(pyarrow.BufferReader(bytes(shard.build())))
+    rows = [_dataset_row(record) for record in shard.records]
+    columns = {"image": [{"bytes": data, "path": name} for name, data in shard.images]}
+    columns.update({name: [row[name] for row in rows] for name in _ROW_FIELDS})
+    return built, pyarrow.table(columns, schema=_parquet_schema())
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"prompt": "é and ü", "seed": 7},  # built from buffers
+        {"prompt": None, "seed": None, "guidance_scale": None},  # nulls, from buffers
+        {"seed": -(2**63)},  # the int64 bound, from buffers
+        {"guidance_scale": 7},  # an int in a float column: pyarrow converts it
+    ],
+)
+def test_a_parquet_shard_holds_what_pyarrow_table_makes_of_its_rows(fields: dict[str, Any]) -> None:
+    table, expected = _parquet_shard(fields, 5)
+    assert table.equals(expected, check_metadata=True)
+    assert table.to_pylist() == expected.to_pylist()
+
+
+def test_a_value_parquet_cannot_hold_is_refused_as_pyarrow_refuses_it() -> None:
+    with pytest.raises(pyarrow.ArrowTypeError):
+        pyarrow.array([5], pyarrow.string())
+    with pytest.raises(pyarrow.ArrowTypeError):
+        _parquet_shard({"model": 5}, 3)
+
+
+def test_writing_a_parquet_shard_does_not_import_pandas() -> None:
+    """pyarrow.array of a list imports pandas to ask if it is a pandas object: 45 MiB."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from friendli_image._store import Shard, manifest_record\n"
+        "shard = Shard('train-x-00000.parquet', 'parquet')\n"
+        "record = manifest_record(index=0, item_id='0' * 64, occurrence=0, prompt='p', seed=1,"
+        " attempts=1, elapsed=0.0, request_id=None, file=shard.name, fmt='jpeg', size=1,"
+        " sha256='0' * 64, fields={'num_inference_steps': 20, 'guidance_scale': 7.5})\n"
+        "shard.records.append(record); shard.images.append(('k.jpg', b'x'))\n"
+        "assert len(shard.build()) > 0\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'pandas'))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"

@@ -329,3 +329,40 @@ async def test_a_known_item_whose_image_is_gone_is_made_again(
     assert (again.items[3].id, again.items[3].occurrence) == (gone.id, 1)
     lines = [orjson.loads(line) for line in (tmp_path / MANIFEST_NAME).read_bytes().splitlines()]
     assert sorted(line["index"] for line in lines) == [0, 1, 2, 3, 4]
+
+
+@pytest.mark.parametrize(
+    "request_",
+    [
+        {"prompt": "a lighthouse", "seed": 3},
+        {"prompt": "a lighthouse", "http_headers": {"Authorization": "Bearer hidden"}},
+    ],
+)
+def test_a_resumed_item_is_the_item_batchitem_makes(request_: dict[str, Any]) -> None:
+    """`resumed_item` sets the slots directly: every field as ``BatchItem(...)`` has it
+    (a field added to BatchItem and not to it fails here), the credential hidden alike."""
+    import attrs
+
+    from friendli_image._batch_models import BatchItem, resumed_item
+
+    given: dict[str, Any] = {
+        "index": 7,
+        "occurrence": 1,
+        "variant": 2,
+        "key": "abc-1-2",
+        "path": Path("/x/abc-1-2.jpg"),
+        "uri": "/x/abc-1-2.jpg",
+        "sha256": "0" * 64,
+        "request_id": "req-1",
+    }
+    fast = resumed_item(item_id="ab" * 32, request=request_, fmt="jpeg", **given)
+    made = BatchItem(
+        id="ab" * 32, request=request_, format="jpeg", status="resumed", attempts=0, **given
+    )
+    for field in attrs.fields(BatchItem):
+        # A hidden credential is a new secret each time: equal as it is shown.
+        assert repr(getattr(fast, field.name)) == repr(getattr(made, field.name)), field.name
+    assert repr(fast) == repr(made)
+    assert "hidden" not in repr(fast.request)
+    with pytest.raises(attrs.exceptions.FrozenInstanceError):
+        fast.index = 8  # type: ignore[misc]

@@ -486,3 +486,220 @@ def _strings(value: Any) -> Iterator[str]:
     elif isinstance(value, dict):
         for item in value.values():
             yield from _strings(item)
+
+
+# -- the resume index a run leaves --------------------------------------------------------------
+
+
+def _scans(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Count the earlier lines opening parses (`_scan_line`): none when it uses an index."""
+    from friendli_image import _store
+
+    calls: list[int] = []
+    scan = _store._scan_line
+
+    def counted(line: bytes, known: str = "") -> tuple[int, int, str | None]:
+        calls.append(1)
+        return scan(line, known)
+
+    monkeypatch.setattr(_store, "_scan_line", counted)
+    return calls
+
+
+@pytest.mark.parametrize("output_format", ["files", "webdataset"])
+async def test_a_rerun_opens_from_the_index_and_keeps_the_manifest_as_it_is(
+    client: AsyncFriendli,
+    server: LocalServer,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    output_format: str,
+) -> None:
+    """A finished run leaves the index of its manifest; a rerun of the same requests with
+    more after them parses no earlier line to open, rewrites none of them (the manifest
+    grows by the new items' lines only), sends only the new items, and leaves an index
+    again. Each run's manifest has one ok line per item, and every resumed item is what
+    the first run made."""
+    from friendli_image import _store
+    from friendli_image._store import INDEX_NAME
+
+    requests = _requests(12)
+    options: dict[str, Any] = {"out_dir": tmp_path, "output_format": output_format}
+    options["shard_size"] = 5
+    first = await client.container.image.generate_batch(requests, **options)
+    assert (tmp_path / INDEX_NAME).exists()
+    written = (tmp_path / MANIFEST_NAME).read_bytes()
+    scans = _scans(monkeypatch)
+    made_rows: list[int] = []
+    row_of = _store._metadata_row
+
+    def counted_row(record: dict[str, Any]) -> bytes:
+        made_rows.append(1)
+        return row_of(record)
+
+    monkeypatch.setattr(_store, "_metadata_row", counted_row)
+    server.reset_stats()
+    more = [*requests, *_requests(15)[12:]]
+    again = await client.container.image.generate_batch(more, **options)
+    assert scans == []
+    # files: the earlier metadata rows are copied; only the new items' rows are made.
+    assert len(made_rows) == (3 if output_format == "files" else 0)
+    assert server.stats.total_requests == 3
+    assert [item.status for item in again] == ["resumed"] * 12 + ["ok"] * 3
+    for before, after in zip(first, again, strict=False):
+        assert (after.id, after.key, after.sha256, after.uri) == (
+            before.id,
+            before.key,
+            before.sha256,
+            before.uri,
+        )
+        assert after.path == before.path
+    manifest = (tmp_path / MANIFEST_NAME).read_bytes()
+    assert manifest.startswith(written)  # the earlier lines as they were, not rewritten
+    assert sorted(line["index"] for line in _manifest(tmp_path)) == list(range(15))
+    assert not (tmp_path / UNMATCHED_NAME).exists()
+    assert (tmp_path / INDEX_NAME).exists()
+    metadata = tmp_path / "metadata.jsonl"
+    if output_format == "files":
+        # The earlier rows reused, the new ones after them: what a full rewrite makes.
+        assert metadata.read_bytes() == _rows_of_the_manifest(tmp_path)
+        metadata.write_bytes(b"a row the batch did not write\n")  # not reused then
+    server.reset_stats()
+    third = await client.container.image.generate_batch(more, **options)
+    assert scans == []
+    assert server.stats.total_requests == 0
+    assert [item.status for item in third] == ["resumed"] * 15
+    if output_format == "files":
+        assert metadata.read_bytes() == _rows_of_the_manifest(tmp_path)
+        rows = [orjson.loads(row) for row in metadata.read_bytes().splitlines()]
+        assert [row["file_name"] for row in rows] == [Path(item.uri or "").name for item in third]
+
+
+def _rows_of_the_manifest(directory: Path) -> bytes:
+    """metadata.jsonl as `_write_metadata` makes it of the manifest: a row per line, in
+    index order."""
+    from friendli_image._store import _metadata_row
+
+    lines = sorted(_manifest(directory), key=lambda line: line["index"])
+    return b"".join(_metadata_row(line) for line in lines)
+
+
+@pytest.mark.parametrize(
+    "change",
+    ["missing", "manifest appended", "manifest replaced", "index cut", "index flipped"],
+)
+async def test_a_stale_or_damaged_index_is_not_used(
+    client: AsyncFriendli,
+    server: LocalServer,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    change: str,
+) -> None:
+    """An index that is gone, that another manifest now stands beside (appended to, or
+    replaced by a copy), or whose bytes are cut or changed, is not used: opening scans
+    the manifest as before, and the rerun resumes exactly what is stored."""
+    from friendli_image._store import INDEX_NAME
+
+    requests = _requests(8)
+    await client.container.image.generate_batch(requests, out_dir=tmp_path)
+    manifest, index = tmp_path / MANIFEST_NAME, tmp_path / INDEX_NAME
+    lines = manifest.read_bytes().splitlines(keepends=True)
+    if change == "missing":
+        index.unlink()
+    elif change == "manifest appended":  # a line of another run: its item is resumed too
+        with manifest.open("ab") as handle:
+            handle.write(lines[0])
+    elif change == "manifest replaced":  # same bytes, another file; the first line dropped
+        copy = tmp_path / "copy"
+        copy.write_bytes(b"".join(lines[1:]))
+        os.replace(copy, manifest)
+    elif change == "index cut":
+        index.write_bytes(index.read_bytes()[:-8])
+    else:
+        data = bytearray(index.read_bytes())
+        data[-3] ^= 1
+        index.write_bytes(bytes(data))
+    scans = _scans(monkeypatch)
+    server.reset_stats()
+    again = await client.container.image.generate_batch(requests, out_dir=tmp_path)
+    assert len(scans) == len(lines) - (change == "manifest replaced") + (
+        change == "manifest appended"
+    )
+    # The line the replaced manifest dropped: its item is made again, over its own image.
+    assert server.stats.total_requests == (change == "manifest replaced")
+    assert sorted(line["index"] for line in _manifest(tmp_path)) == list(range(8))
+    await _check_images(client, again, requests)
+
+
+async def test_a_manifest_edited_to_its_size_and_time_is_checked_line_by_line(
+    client: AsyncFriendli, server: LocalServer, tmp_path: Path
+) -> None:
+    """The index trusts the manifest's size, time and inode; a line edited in place to
+    the same length with the time put back (naming a file outside, or another status)
+    is still checked when it is read: its item is made again, nothing outside is read,
+    and the rest resume."""
+    requests = _requests(6)
+    await client.container.image.generate_batch(requests, out_dir=tmp_path)
+    manifest = tmp_path / MANIFEST_NAME
+    info = manifest.stat()
+    data = manifest.read_bytes()
+    lines = data.splitlines(keepends=True)
+    first = orjson.loads(lines[0])
+    outside = "../" + first["file"][3:]  # same length
+    (tmp_path.parent / first["file"][3:]).write_bytes(b"not an image of this batch")
+    edited = lines[0].replace(first["file"].encode(), outside.encode())
+    failed = lines[1].replace(b'"status":"ok"', b'"status":"no"')
+    assert len(edited) == len(lines[0])
+    assert len(failed) == len(lines[1])
+    with manifest.open("r+b") as handle:  # in place: the same inode
+        handle.write(edited + failed)
+    os.utime(manifest, ns=(info.st_atime_ns, info.st_mtime_ns))
+    assert manifest.stat().st_size == info.st_size
+    server.reset_stats()
+    again = await client.container.image.generate_batch(requests, out_dir=tmp_path)
+    assert server.stats.total_requests == 2
+    edited_indices = {orjson.loads(line)["index"] for line in lines[:2]}
+    assert [item.status for item in again] == [
+        "ok" if index in edited_indices else "resumed" for index in range(6)
+    ]
+    assert all(Path(item.uri or "").parent == tmp_path for item in again)
+    await _check_images(client, again, requests)
+
+
+def test_a_kill_while_the_earlier_manifest_is_adopted_loses_nothing(
+    server: LocalServer, tmp_path: Path
+) -> None:
+    """The rerun of a finished run appends its new lines to the earlier manifest
+    (``unmatched.jsonl`` by then) and puts it in place of its own: SIGKILLed between the
+    two (both files hold the new lines), the next run resumes every item, sends nothing,
+    and leaves one line per item."""
+    requests = _requests(10)
+    script = (
+        "import asyncio, os, signal, sys\n"
+        "from friendli_image import AsyncFriendli\n"
+        "real = os.replace\n"
+        "def replace(src, dst, **kw):\n"
+        "    if str(src).endswith('unmatched.jsonl') and str(dst).endswith('manifest.jsonl'):\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)\n"
+        "    return real(src, dst, **kw)\n"
+        "if sys.argv[4:] == ['kill']:\n"
+        "    os.replace = replace\n"
+        "async def run(url, out, count):\n"
+        "    async with AsyncFriendli(server_url=url) as client:\n"
+        "        requests = [{'prompt': f'a harbour no. {i}', 'seed': i,"
+        " 'num_inference_steps': 2} for i in range(count)]\n"
+        "        await client.container.image.generate_batch(requests, out_dir=out)\n"
+        "asyncio.run(run(sys.argv[1], sys.argv[2], int(sys.argv[3])))\n"
+    )
+    command = [sys.executable, "-c", script, server.url, str(tmp_path)]
+    subprocess.run([*command, "8"], check=True, timeout=60)
+    killed = subprocess.run([*command, "10", "kill"], check=False, timeout=60)
+    assert killed.returncode == -signal.SIGKILL
+    earlier = [orjson.loads(line) for line in (tmp_path / UNMATCHED_NAME).read_bytes().splitlines()]
+    assert sorted(line["index"] for line in earlier) == list(range(10))  # 8 and the 2 new
+    assert sorted(line["index"] for line in _manifest(tmp_path)) == [8, 9]
+    server.reset_stats()
+    subprocess.run([*command, "10"], check=True, timeout=60)
+    assert server.stats.total_requests == 0
+    assert sorted(line["index"] for line in _manifest(tmp_path)) == list(range(10))
+    assert not (tmp_path / UNMATCHED_NAME).exists()
+    assert len(_images(tmp_path)) == len(requests)
