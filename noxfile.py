@@ -113,7 +113,7 @@ def tests(session: nox.Session) -> None:
         session.run(
             "pytest", "-n", "auto", "-m", "not slow", f"--ignore={TYPING_TESTS}", "-k", SITE_BLOCKS
         )  # fmt: skip
-        session.run("pytest", "-m", "slow", f"--ignore={TYPING_TESTS}")
+        session.run("pytest", "-m", "slow", f"--ignore={TYPING_TESTS}", "--durations=10")
     else:
         session.run(
             "pytest", "-n", "auto", "-m", "not slow", f"--ignore={TYPING_TESTS}", "-k", ONCE,
@@ -161,7 +161,9 @@ def ray(session: nox.Session) -> None:
         session.install("-e", ".[all,ray]", "s3fs", "moto[server]", "dask[dataframe]", silent=True)
     except nox.command.CommandFailed:
         session.warn("could not install Ray (friendli-image[ray]); its tests will skip")
-    session.run("pytest", "tests/ray_stage", "-p", "no:cacheprovider", *session.posargs)
+    session.run(
+        "pytest", "tests/ray_stage", "-p", "no:cacheprovider", "--durations=10", *session.posargs
+    )  # fmt: skip
 
 
 @nox.session(python=DEFAULT_PYTHON)

@@ -81,7 +81,7 @@ import stat
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import IO, TYPE_CHECKING, Any, Final
 
 import orjson
@@ -348,21 +348,6 @@ def _format_of(name: str) -> str:
 
 
 # -- one directory, opened safely -------------------------------------------------------------
-
-
-def _child_path(directory: pathlib.Path) -> Callable[[str], pathlib.Path]:
-    """``directory / name`` for a plain name: pathlib's own joining of an already parsed
-    name where this Python has it (a fifth of the cost: resume makes one per item), after
-    checking that it gives what ``/`` gives."""
-    join: Callable[[str], pathlib.Path] = directory.__truediv__
-    child = getattr(directory, "_make_child_relpath", None)
-    if callable(child):
-        with contextlib.suppress(Exception):
-            if child("a-0.jpg") == join("a-0.jpg") and str(child("a-0.jpg")) == str(
-                join("a-0.jpg")
-            ):
-                return child  # type: ignore[no-any-return]
-    return join
 
 
 def _check_regular(fd: int, where: str) -> None:
@@ -1194,7 +1179,7 @@ class BatchStore:
         self._moved = 0
         # pathlib's join parses and normalises the name (3 µs an item); a stored name is
         # plain (`valid_stored_name`), which needs none of it.
-        self._child = _child_path(directory)
+        self._child = directory.__truediv__
         # The latest stored name `_valid_ok` accepted (the shard of the next item, often),
         # and the latest shard (name, size) `_shard_present` found.
         self._valid_file: object = None
