@@ -38,6 +38,7 @@ from friendli_image._store import (
     item_key,
     manifest_record,
     request_digest,
+    stored_key,
     variant_seeds,
 )
 from friendli_image.server import LocalServer
@@ -278,7 +279,7 @@ async def test_invalid_requests_and_a_stopped_batch_account_for_every_variant(
     ]
 
 
-def test_the_cli_makes_variants_and_says_where_urls_are_written(
+def test_the_cli_makes_variants(
     server: LocalServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     source = tmp_path / "prompts.txt"
@@ -291,9 +292,62 @@ def test_the_cli_makes_variants_and_says_where_urls_are_written(
         (prompt, variant) for prompt in ("a gull", "a kite") for variant in range(3)
     ]
     assert len({line["seed"] for line in lines}) == 6
-    capsys.readouterr()
-    assert main([*common, "--out-dir", "s3://bucket/x"]) == 2
-    assert "writes to URLs with --ray" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("output_format", ["files", "webdataset"])
+def test_the_cli_writes_to_a_url_and_resumes_there(
+    server: LocalServer,
+    tmp_path: Path,
+    memory_url: str,
+    output_format: str,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    source = tmp_path / "prompts.txt"
+    source.write_text("".join(f"a gull over wave {i}\n" for i in range(7)))
+    command = [
+        "batch", str(source), "--server-url", server.url, "--no-progress", "--gallery",
+        "--out-dir", memory_url, "--output-format", output_format, "--shard-size", "3",
+    ]  # fmt: skip
+    server.reset_stats()
+    assert main(command) == 0
+    first = capsys.readouterr().out
+    assert server.stats.total_requests == 7
+    assert f"manifest  {memory_url}/{MANIFEST_NAME}" in first
+    assert "gallery   not written: the gallery needs a local --out-dir" in first
+    fs, root = fsspec.core.url_to_fs(memory_url)
+    manifest = [orjson.loads(line) for line in fs.cat_file(f"{root}/{MANIFEST_NAME}").splitlines()]
+    assert sorted(line["index"] for line in manifest) == list(range(7))
+    images = _stored(memory_url)
+    _check_stored(images, {stored_key(line): line for line in manifest})
+    assert orjson.loads(fs.cat_file(f"{root}/run.json"))["status"] == "completed"
+    assert not (tmp_path / "memory:").exists()  # nothing went to a local folder by that name
+
+    server.reset_stats()
+    assert main(command) == 0
+    assert "resumed   7 from earlier runs" in capsys.readouterr().out
+    assert server.stats.total_requests == 0
+    assert _stored(memory_url) == images
+
+
+def test_the_cli_takes_a_file_url_as_its_folder(server: LocalServer, tmp_path: Path) -> None:
+    source = tmp_path / "prompts.txt"
+    source.write_text("a gull\na kite\n")
+    out = tmp_path / "out"
+    assert main(["batch", str(source), "--server-url", server.url, "--no-progress",
+                 "--out-dir", out.as_uri()]) == 0  # fmt: skip
+    assert len((out / MANIFEST_NAME).read_bytes().splitlines()) == 2
+    assert (out / "run.json").is_file()
+
+
+def test_the_cli_says_what_a_url_without_its_file_system_needs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    source = tmp_path / "prompts.txt"
+    source.write_text("a gull\n")
+    assert main(["batch", str(source), "--out-dir", "nosuchfs://bucket/x"]) == 2
+    assert "package of its file system" in capsys.readouterr().err
+    assert main(["batch", str(source), "--out-dir", "memory://b/x", "--no-resume"]) == 2
+    assert "pass a new --out-dir" in capsys.readouterr().err
 
 
 async def test_a_url_location_keeps_one_format_and_says_which(

@@ -22,7 +22,6 @@ import argparse
 import asyncio
 import bisect
 import contextlib
-import re
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -47,7 +46,14 @@ from friendli_image._gallery import GALLERY_NAME, write_gallery
 from friendli_image._store import MANIFEST_NAME, set_aside_previous_run
 
 from ._csv import CsvInput, is_csv
-from ._options import EXIT_FAILED, EXIT_OK, EXIT_UNREACHABLE, add_client_options, make_client
+from ._options import (
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_UNREACHABLE,
+    add_client_options,
+    make_client,
+    out_location,
+)
 from ._ray import add_ray_options, run_ray_batch
 from ._watch import RUN_NAME, JobWatch, fingerprint
 
@@ -58,8 +64,6 @@ _PLAIN_INTERVAL: Final = 2.0
 #: Failures listed in the summary (all of them are in the manifest).
 _LISTED_FAILURES: Final = 10
 _IMAGE_KEYS: Final = ("image", "control_images")
-#: An --out-dir that is a URL (``Path`` collapses its ``//``).
-_URL: Final = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:/")
 _DESCRIPTION: Final = """\
 Run every request of INPUT, writing images and manifest.jsonl into --out-dir.
 
@@ -78,6 +82,9 @@ intact, are skipped wherever they sit in INPUT now, and counted apart from the r
 Images of earlier runs that match no line of INPUT (say, after --steps changed) are
 kept, listed in DIR/unmatched.jsonl and counted in the summary. --no-resume moves the
 earlier run's manifests and images into DIR/previous-run-<time>/ and starts over.
+--out-dir may be a URL of any fsspec file system (s3://bucket/run, needs fsspec and
+its file system's package): images and shards are written there, the manifests when
+the run ends (--no-resume and --gallery need a local --out-dir).
 When the server is unreachable, the first item to exhaust its retries fails, the
 batch stops, and the rest (those in flight included) are skipped.
 
@@ -95,7 +102,13 @@ def add_batch_command(commands: Any) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     batch.add_argument("input", metavar="INPUT", help="JSONL, CSV or text file, '-' for stdin")
-    batch.add_argument("--out-dir", required=True, type=Path, metavar="DIR", help="where images go")
+    batch.add_argument(
+        "--out-dir",
+        required=True,
+        type=str,  # a Path would turn file:///x into file:/x
+        metavar="DIR",
+        help="where images go: a folder, or a URL (s3://bucket/run)",
+    )
     batch.add_argument(
         "--concurrency", type=int, default=16, metavar="N", help="requests in flight (16)"
     )
@@ -175,11 +188,11 @@ def _run(args: argparse.Namespace) -> Any:
                 "line (and seed) in INPUT, or run without --ray"
             )
         return run_ray_batch(args, _Input)
-    if _URL.match(str(args.out_dir)):
+    args.out_dir = out_location(args.out_dir)
+    if not args.resume and not isinstance(args.out_dir, Path):
         raise FriendliUsageError(
-            f"--out-dir {str(args.out_dir)!r} is a URL: the batch command writes to URLs "
-            "with --ray; from Python, generate_batch(out_dir='s3://...') writes to any "
-            "fsspec location"
+            f"--no-resume moves an earlier run aside in a local --out-dir; for the URL "
+            f"{args.out_dir!r}, pass a new --out-dir (or delete the earlier run there)"
         )
     return _run_batch(args)
 
@@ -398,7 +411,12 @@ def _index_of(item: BatchItem) -> int:
     return item.index
 
 
-def _summary(tally: _Tally, batch: Batch, out_dir: Path, final: BatchProgress | None) -> str:
+def _within(out_dir: Path | str, name: str) -> str:
+    """Where the file ``name`` of an output location is: a path, or a URL."""
+    return str(out_dir / name) if isinstance(out_dir, Path) else f"{out_dir.rstrip('/')}/{name}"
+
+
+def _summary(tally: _Tally, batch: Batch, out_dir: Path | str, final: BatchProgress | None) -> str:
     counts = tally.counts
     if final is not None:
         # The very numbers the progress bar ended on.
@@ -413,7 +431,7 @@ def _summary(tally: _Tally, batch: Batch, out_dir: Path, final: BatchProgress | 
         ("failed", f"{counts['failed']:,}"),
         ("skipped", f"{counts['skipped']:,}"),
         ("elapsed", f"{elapsed:.1f}s ({rate:.1f} img/s)"),
-        ("manifest", str(out_dir / MANIFEST_NAME)),
+        ("manifest", _within(out_dir, MANIFEST_NAME)),
     ]
     unmatched = batch.unmatched
     if unmatched is not None and unmatched.count:
@@ -546,12 +564,14 @@ async def _run_batch(args: argparse.Namespace) -> int:
         if stream is not sys.stdin:
             stream.close()
     print(_summary(tally, batch, args.out_dir, progress.last))
-    print(f"  run       {args.out_dir / RUN_NAME}")
+    print(f"  run       {_within(args.out_dir, RUN_NAME)}")
     if endpoints:
         print(_endpoint_table(endpoints))
-    if args.gallery:
+    if args.gallery and isinstance(args.out_dir, Path):
         page = await asyncio.get_running_loop().run_in_executor(None, write_gallery, args.out_dir)
         print(f"  gallery   {page}")
+    elif args.gallery:
+        print("  gallery   not written: the gallery needs a local --out-dir")
     if tally.ok:
         return EXIT_OK
     if batch.aborted is not None and isinstance(batch.aborted.cause, FriendliConnectionError):

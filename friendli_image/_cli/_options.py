@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
+from typing import Final
 
 from friendli_image._client import AsyncFriendli
 from friendli_image._config import ENV_SERVER_URL, ENV_TOKEN
 from friendli_image._exceptions import FriendliUsageError
+from friendli_image._store import Location
 from friendli_image._telemetry import Hooks
 
 __all__ = [
@@ -18,6 +21,8 @@ __all__ = [
     "EXIT_USAGE",
     "add_client_options",
     "make_client",
+    "out_location",
+    "out_uri",
     "token_from_args",
 ]
 
@@ -26,6 +31,31 @@ EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_UNREACHABLE = 3
 EXIT_INTERRUPTED = 130
+
+#: argparse's Path turns "s3://b/x" into "s3:/b/x"; the URI is put back together.
+_COLLAPSED_URI: Final = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):/(?!/)")
+_URL: Final = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:/")
+
+
+def out_uri(value: object) -> str:
+    """A path or URL argument as given (``s3://b/x``, not the ``s3:/b/x`` of a Path)."""
+    return _COLLAPSED_URI.sub(r"\1://", str(value))
+
+
+def out_location(value: str) -> Path | str:
+    """``--out-dir`` as a batch takes it: a local path (``file://`` URLs included), or
+    the URL of another fsspec file system (``s3://bucket/run``)."""
+    if not _URL.match(value):
+        return Path(value)
+    uri = out_uri(value)
+    try:
+        location = Location(uri, {})
+    except (ImportError, ValueError) as exc:
+        raise FriendliUsageError(
+            f"cannot open --out-dir {uri!r}: {exc}; a URL needs fsspec and the package of "
+            "its file system (pip install fsspec s3fs, gcsfs, adlfs...)"
+        ) from None
+    return Path(location.root) if location.local else uri
 
 
 def add_client_options(parser: argparse.ArgumentParser) -> None:

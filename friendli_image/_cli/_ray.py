@@ -27,7 +27,6 @@ import importlib
 import inspect
 import math
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -42,7 +41,7 @@ from friendli_image._exceptions import FriendliUsageError, FriendliValidationErr
 from friendli_image._gallery import write_gallery
 from friendli_image._store import RAY_INDEX_COLUMN, RAY_MANIFEST_DIR, Location
 
-from ._options import EXIT_FAILED, EXIT_OK, token_from_args
+from ._options import EXIT_FAILED, EXIT_OK, out_uri, token_from_args
 
 __all__ = ["add_ray_options", "run_ray_batch"]
 
@@ -52,8 +51,6 @@ LINE_COLUMN: Final = RAY_INDEX_COLUMN
 ID_COLUMN: Final = "_item"
 MANIFEST_DIR: Final = RAY_MANIFEST_DIR
 _LISTED_FAILURES: Final = 10
-#: argparse's Path turns "s3://b/x" into "s3:/b/x"; the URI is put back together.
-_COLLAPSED_URI: Final = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):/(?!/)")
 #: INPUT is cut into ranges of this many bytes at most (and at least), about four per
 #: actor: enough blocks for every actor, few enough tasks.
 _RANGE_BYTES: Final = (1024, 4 * 1024 * 1024)
@@ -83,10 +80,6 @@ def add_ray_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--actors", type=int, default=2, metavar="N", help="actors making requests (2)"
     )
-
-
-def _out_uri(value: object) -> str:
-    return _COLLAPSED_URI.sub(r"\1://", str(value))
 
 
 # -- reading INPUT, in Ray tasks ------------------------------------------------------------
@@ -424,7 +417,7 @@ def _input_uri(value: str, spool: Path) -> tuple[str, bool]:
         with spool.open("wb") as target:
             shutil.copyfileobj(sys.stdin.buffer, target, 1 << 20)
         return str(spool), True
-    uri = _out_uri(value)
+    uri = out_uri(value)
     if "://" in uri and not uri.startswith("file://"):
         return uri, False
     path = Path(uri.removeprefix("file://")).resolve()
@@ -475,7 +468,7 @@ def run_ray_batch(args: argparse.Namespace, rules: Callable[[], _Rules]) -> int:
 
     from friendli_image.ray import generate_images  # noqa: PLC0415
 
-    out_dir = _out_uri(args.out_dir)
+    out_dir = out_uri(args.out_dir)
     started = time.monotonic()
     with (
         tempfile.TemporaryDirectory(prefix="friendli-ray-") as spool,

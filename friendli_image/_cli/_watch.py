@@ -23,7 +23,7 @@ import orjson
 
 from friendli_image._batch_models import BatchProgress
 from friendli_image._exceptions import FriendliUsageError
-from friendli_image._store import Directory
+from friendli_image._store import Directory, Location
 from friendli_image._telemetry import ErrorEvent, Hooks, ResponseEvent, RetryEvent
 from friendli_image._version import __version__
 
@@ -45,7 +45,7 @@ def fingerprint(path: Path) -> str:
 class JobWatch:
     """The counts of one CLI batch job, served to Prometheus and written to ``run.json``."""
 
-    def __init__(self, out_dir: Path, input_name: str, input_fingerprint: str | None) -> None:
+    def __init__(self, out_dir: Path | str, input_name: str, input_fingerprint: str | None) -> None:
         self._out_dir = out_dir
         self._input = {"path": input_name, "fingerprint": input_fingerprint}
         self._started_at = datetime.datetime.now(datetime.timezone.utc)
@@ -153,7 +153,7 @@ class JobWatch:
 
     # -- the end ------------------------------------------------------------------------------
 
-    def finish(self, status: str) -> Path:
+    def finish(self, status: str) -> Path | str:
         """Stop serving and write ``run.json`` (``status``: completed, interrupted, failed)."""
         if self._server is not None:
             self._server.shutdown()
@@ -216,14 +216,16 @@ class JobWatch:
             "endpoints": dict(sorted(endpoints.items())),
         }
 
-    def _write(self, report: dict[str, Any]) -> Path:
+    def _write(self, report: dict[str, Any]) -> Path | str:
         # Through the store, like every file in an output location: atomic, never through
-        # a link, with the umask's mode.
+        # a link, with the umask's mode; on a URL location, one PUT.
+        data = orjson.dumps(report, option=orjson.OPT_INDENT_2) + b"\n"
+        if isinstance(self._out_dir, str):
+            Location(self._out_dir, {}).write(RUN_NAME, data)
+            return f"{self._out_dir.rstrip('/')}/{RUN_NAME}"
         location = Directory(self._out_dir, create=True)
         try:
-            location.write_atomic(
-                RUN_NAME, orjson.dumps(report, option=orjson.OPT_INDENT_2) + b"\n"
-            )
+            location.write_atomic(RUN_NAME, data)
         finally:
             location.close()
         return self._out_dir / RUN_NAME
