@@ -182,11 +182,6 @@ def _run(args: argparse.Namespace) -> Any:
             '({"prompt": ..., "seed": ...} per line), or run without --ray'
         )
     if args.ray:
-        if args.n != 1:
-            raise FriendliUsageError(
-                "--variants is not supported with --ray yet; give each variant its own "
-                "line (and seed) in INPUT, or run without --ray"
-            )
         return run_ray_batch(args, _Input)
     args.out_dir = out_location(args.out_dir)
     if not args.resume and not isinstance(args.out_dir, Path):

@@ -39,7 +39,15 @@ from typing import Any, Final, Protocol
 
 from friendli_image._exceptions import FriendliUsageError, FriendliValidationError
 from friendli_image._gallery import write_gallery
-from friendli_image._store import RAY_INDEX_COLUMN, RAY_MANIFEST_DIR, Location
+from friendli_image._requests import EditRequest, GenerateRequest
+from friendli_image._resources import EDITS_PATH, GENERATIONS_PATH
+from friendli_image._store import (
+    RAY_INDEX_COLUMN,
+    RAY_MANIFEST_DIR,
+    Location,
+    request_digest,
+    variant_seeds,
+)
 
 from ._options import EXIT_FAILED, EXIT_OK, out_uri, token_from_args
 
@@ -119,6 +127,22 @@ def _row(request: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _variants(
+    request: dict[str, Any], row: dict[str, Any], occurrence: int, n: int
+) -> list[dict[str, Any]]:
+    """The rows of a line's ``n`` variants, each with the seed the local batch gives
+    that variant (`variant_seeds`: the request's own seed first)."""
+    if n == 1:
+        return [row]
+    edit = "image" in request
+    try:
+        model = (EditRequest if edit else GenerateRequest)(**request)
+    except (FriendliValidationError, TypeError, ValueError):
+        return [row] * n  # each fails in the stage, as the local batch fails them
+    digest = request_digest(EDITS_PATH if edit else GENERATIONS_PATH, model)
+    return [{**row, "seed": seed} for seed in variant_seeds(digest, occurrence, model.seed, n)]
+
+
 def _same(row: dict[str, Any]) -> bytes:
     """Equal for identical requests: what occurrences count."""
     return hashlib.sha256(repr(sorted(row.items())).encode()).digest()[:8]
@@ -169,7 +193,8 @@ def _scan_range(spec: dict[str, Any]) -> dict[str, Any]:
 def _parse_ranges(
     batch: dict[str, Any], parts: list[dict[str, Any]], rules: Callable[[], _Rules]
 ) -> dict[str, list[Any]]:
-    """Pass 2: the rows of each range, with their index in INPUT and their id."""
+    """Pass 2: the rows of each range (``n`` per line: its variants), with their index
+    and their id."""
     columns: dict[str, list[Any]] = {}
     for part in batch["part"]:
         spec = parts[int(part)]
@@ -187,14 +212,17 @@ def _parse_ranges(
                 line = raw.decode("utf-8")
                 if not line.strip():
                     continue
-                row = _row(parser.parse(line, number))
+                request = parser.parse(line, number)
+                row = _row(request)
                 same = _same(row)
-                for key in keys:
-                    columns[key].append(row.get(key))
-                columns[ID_COLUMN].append(earlier.get(_hash_int(same), 0) + seen[same])
-                columns[LINE_COLUMN].append(index)
+                occurrence = earlier.get(_hash_int(same), 0) + seen[same]
+                for variant in _variants(request, row, occurrence, spec["n"]):
+                    for key in keys:
+                        columns[key].append(variant.get(key))
+                    columns[ID_COLUMN].append(occurrence)
+                    columns[LINE_COLUMN].append(index)
+                    index += 1
                 seen[same] += 1
-                index += 1
     return columns
 
 
@@ -268,9 +296,10 @@ def _on_node(map_batches: Any, node_id: str) -> dict[str, Any]:
 
 
 def _dataset(
-    ray: Any, uri: str, local: bool, rules: Callable[[], _Rules], actors: int
+    ray: Any, uri: str, local: bool, rules: Callable[[], _Rules], *, actors: int, n: int
 ) -> tuple[Any, list[str], int]:
-    """The rows of INPUT as a lazy Dataset, its request columns and its number of rows."""
+    """The rows of INPUT (``n`` variants per line) as a lazy Dataset, its request columns
+    and its number of rows."""
     node = ray.get_runtime_context().get_node_id()
     common = {"uri": uri, "cwd": os.getcwd(), "rules": rules}
     specs = [{**common, "start": s, "end": e} for s, e in _ranges(uri, actors)]
@@ -283,7 +312,7 @@ def _dataset(
         scan = scan.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False))
     scans = ray.get([scan.remote(spec) for spec in specs])
     first_line, first_number = _check_rules(scans, rules)
-    keys = sorted({key for scan in scans for key in scan["keys"]})
+    keys = sorted({key for scan in scans for key in scan["keys"]} | ({"seed"} if n > 1 else set()))
     line = index = 0
     parts = []
     for spec, result, earlier in zip(specs, scans, _occurrences_before(scans), strict=True):
@@ -292,7 +321,8 @@ def _dataset(
                 {
                     **spec,
                     "line": line + 1,
-                    "index": index,
+                    "index": index * n,
+                    "n": n,
                     "earlier": earlier,
                     "keys": keys,
                     "first_line": first_line,
@@ -310,7 +340,7 @@ def _dataset(
         fn_kwargs={"parts": parts, "rules": rules},
         **(_on_node(rows.map_batches, node) if local else {}),
     )
-    return rows, keys, index
+    return rows, keys, index * n
 
 
 # -- the cluster ----------------------------------------------------------------------------
@@ -479,7 +509,7 @@ def run_ray_batch(args: argparse.Namespace, rules: Callable[[], _Rules]) -> int:
             sys.stderr.isatty() if args.progress is None else args.progress
         )
         try:
-            rows, keys, total = _dataset(ray, uri, local, rules, args.actors)
+            rows, keys, total = _dataset(ray, uri, local, rules, actors=args.actors, n=args.n)
         except OSError as exc:
             raise FriendliUsageError(
                 f"cannot read INPUT {args.input!r}: {exc}; pass a UTF-8 text or JSONL file"

@@ -198,15 +198,64 @@ def test_cli_ray_refuses_zero_actors_before_starting_ray(
 
 def test_an_object_store_out_dir_survives_argparse() -> None:
     """--out-dir s3://bucket/x reaches Ray as the URI (argparse's Path collapses '//')."""
-    from friendli_image._cli._ray import _out_uri
+    from friendli_image._cli._options import out_uri
 
-    assert _out_uri(pathlib.Path("s3://bucket/images")) == "s3://bucket/images"
-    assert _out_uri(pathlib.Path("gs://b/x/y")) == "gs://b/x/y"
-    assert _out_uri(pathlib.Path("/data/images")) == "/data/images"
-    assert _out_uri(pathlib.Path("out")) == "out"
+    assert out_uri(pathlib.Path("s3://bucket/images")) == "s3://bucket/images"
+    assert out_uri(pathlib.Path("gs://b/x/y")) == "gs://b/x/y"
+    assert out_uri("s3://bucket/images") == "s3://bucket/images"
+    assert out_uri(pathlib.Path("/data/images")) == "/data/images"
+    assert out_uri(pathlib.Path("out")) == "out"
 
 
-def _read_as_ray_does(source: pathlib.Path) -> tuple[list[str], dict[str, list[object]]]:
+def test_cli_ray_makes_variants_and_resumes_them(
+    tmp_path: pathlib.Path, joined_env: dict[str, str]
+) -> None:
+    """--variants on Ray: n images per line, each its own seed, and the rerun sends
+    nothing (a line's variants are the same items on every run)."""
+    source = tmp_path / "prompts.txt"
+    source.write_text("a kite\na gull\na kite\n")
+    out = tmp_path / "out"
+    with LocalServer(ServerConfig(image_size=32, step_latency_ms=1.0)) as srv:
+        command = [*_batch(srv.url, source, out), "--variants", "2"]
+        for run in range(2):
+            done = subprocess.run(
+                command, env=joined_env, capture_output=True, text=True, timeout=180, check=False
+            )
+            assert done.returncode == 0, done.stderr[-3000:]
+            assert "items     6" in done.stdout, done.stdout
+            assert f"ok        6 ({6 * run} from earlier runs)" in done.stdout, done.stdout
+        seeds = [record.body["seed"] for record in srv.records if isinstance(record.body, dict)]
+    assert len(seeds) == len(set(seeds)) == 6
+    assert len(list(out.glob("*.jpg"))) == 6
+
+
+def test_ray_variants_have_the_seeds_of_the_local_batch(
+    tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The rows --variants makes on Ray carry the seeds the local batch sends for the
+    same INPUT (its own code path: `generate_batch(n=)`), in the same item order."""
+    from friendli_image._cli import main
+
+    source = tmp_path / "in.jsonl"
+    requests = [{"prompt": "a kite"}, {"prompt": "a gull", "seed": 7}, {"prompt": "a kite"}]
+    source.write_text("".join(orjson.dumps(r).decode() + "\n" for r in requests))
+    keys, rows = _read_as_ray_does(source, n=3)
+    assert "seed" in keys
+    assert rows["_line"] == list(range(9))
+    with LocalServer(ServerConfig(image_size=16, step_latency_ms=0.0)) as srv:
+        command = ["batch", str(source), "--server-url", srv.url, "--no-progress"]
+        assert main([*command, "--out-dir", str(tmp_path / "local"), "--variants", "3"]) == 0
+    capsys.readouterr()
+    manifest = (tmp_path / "local" / "manifest.jsonl").read_bytes().splitlines()
+    local = {line["index"]: line for line in map(orjson.loads, manifest)}
+    assert [local[index]["seed"] for index in range(9)] == rows["seed"]
+    assert [local[index]["prompt"] for index in range(9)] == rows["prompt"]
+    assert rows["seed"][3] == 7  # the request's own seed is its first variant's
+
+
+def _read_as_ray_does(
+    source: pathlib.Path, n: int = 1
+) -> tuple[list[str], dict[str, list[object]]]:
     """Both passes of batch --ray over INPUT, range by range, without a cluster."""
     from friendli_image._cli._batch import _Input
     from friendli_image._cli._ray import (
@@ -221,12 +270,12 @@ def _read_as_ray_does(source: pathlib.Path) -> tuple[list[str], dict[str, list[o
     specs = [{**common, "start": s, "end": e} for s, e in _ranges(str(source), actors=8)]
     scans = [_scan_range(spec) for spec in specs]
     first_line, first_number = _check_rules(scans, _Input)
-    keys = sorted({key for scan in scans for key in scan["keys"]})
+    keys = sorted({key for scan in scans for key in scan["keys"]} | ({"seed"} if n > 1 else set()))
     parts, line, index = [], 0, 0
     for spec, scan, earlier in zip(specs, scans, _occurrences_before(scans), strict=True):
         parts.append(
-            {**spec, "line": line + 1, "index": index, "earlier": earlier, "keys": keys,
-             "first_line": first_line, "first_number": first_number}
+            {**spec, "line": line + 1, "index": index * n, "n": n, "earlier": earlier,
+             "keys": keys, "first_line": first_line, "first_number": first_number}
         )  # fmt: skip
         line += scan["lines"]
         index += scan["requests"]

@@ -75,7 +75,7 @@ class RayStates(InputStates):
 
     def _output(self) -> Any:
         self.source.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in self.items))
-        rows, keys, _total = _dataset(self.ray, str(self.source), True, _Input, 1)
+        rows, keys, _total = _dataset(self.ray, str(self.source), True, _Input, actors=1, n=1)
         return generate_images(
             rows,
             self.server.url,
