@@ -10,6 +10,8 @@ with their requests in flight. After every step:
 - every image in out_dir has the bytes the bundled server returns for its request;
 - the parquet manifest parses, and each of its ``ok``/``resumed`` rows names an image;
 - nothing outside out_dir changed;
+- (`RayShardStates`, WebDataset shards) every published shard reads to its end, and no
+  item is in two shards;
 
 and after a run to the end, each current item has exactly one image, named for its
 occurrence and request, and the run sent exactly one request per item not stored
@@ -35,11 +37,11 @@ pytest.importorskip("pyarrow", reason="the stage needs pyarrow: pip install 'fri
 pytest.importorskip("ray", reason="Ray is not installed: pip install 'friendli-image[ray]'")
 
 import pyarrow.parquet as pq
-from input_states import InputStates, digest, run_machine, small_server
+from input_states import InputStates, digest, run_machine, shard_samples, small_server
 
 from friendli_image._cli._batch import _Input
 from friendli_image._cli._ray import _dataset
-from friendli_image._store import row_image_name
+from friendli_image._store import row_image_name, row_key
 from friendli_image.ray import generate_images
 from friendli_image.server import LocalServer
 
@@ -60,6 +62,7 @@ class RayStates(InputStates):
     ray: Any
     #: How often each kind of step ran (printed with the timing).
     steps: ClassVar[Counter[str]] = Counter()
+    output_format: ClassVar[str] = "files"
 
     def _names(self) -> list[str]:
         """The current items' image names: occurrence and request digest."""
@@ -85,6 +88,8 @@ class RayStates(InputStates):
             num_actors=1,  # a few lines are one block: one actor gets them all
             per_endpoint_limit=4,
             batch_size=4,
+            output_format=self.output_format,
+            shard_size=2,
         )
 
     @rule()
@@ -136,7 +141,63 @@ class RayStates(InputStates):
             assert path.read_bytes() == self.server_bytes(request), path.name
 
 
+class RayShardStates(RayStates):
+    """The same runs writing WebDataset shards of two: a stop loses at most the open
+    shard, a published shard reads to its end, and an item is in one shard only."""
+
+    output_format: ClassVar[str] = "webdataset"
+
+    def _samples(self) -> dict[str, list[bytes]]:
+        """Every sample of every published shard, by key (a shard that does not read
+        to its end fails here)."""
+        samples: dict[str, list[bytes]] = {}
+        if self.out.exists():
+            for path in sorted(self.out.glob("*.tar")):
+                for key, image in shard_samples(path.name, path.read_bytes()):
+                    samples.setdefault(key, []).append(image)
+        return samples
+
+    def _keys(self) -> list[str]:
+        seen: Counter[str] = Counter()
+        keys = []
+        for request in self.items:
+            key = digest(request)
+            keys.append(row_key(seen[key], key))
+            seen[key] += 1
+        return keys
+
+    @rule()
+    def run_to_the_end(self) -> None:
+        self.steps["run"] += 1
+        stored_before = set(self._samples())
+        self.server.reset_stats()
+        self._output().write_parquet(str(self.out / "manifest"), mode="overwrite")
+        keys = self._keys()
+        assert self.server.stats.total_requests == sum(k not in stored_before for k in keys)
+        samples = self._samples()
+        rows = pq.read_table(self.out / "manifest").to_pylist()
+        assert sorted(row["_line"] for row in rows) == list(range(len(self.items)))
+        for row in rows:
+            assert row["status"] in ("ok", "resumed"), row
+            assert row["key"] == keys[row["_line"]]
+            assert (self.out / row["uri"].rsplit("/", 1)[-1]).is_file()
+            assert samples[row["key"]] == [self.server_bytes(self.items[row["_line"]])]
+
+    @invariant()
+    def every_image_is_the_servers_answer_to_its_request(self) -> None:
+        by_prefix = {digest[:16]: request for digest, request in self.requests_by_digest.items()}
+        for key, images in self._samples().items():
+            assert len(images) == 1, f"{key} is in {len(images)} shards"
+            assert images[0] == self.server_bytes(by_prefix[key.rsplit("-", 1)[1]]), key
+
+
 def test_ray_batches_stopped_edited_and_rerun(ray_local: Any, server: LocalServer) -> None:
     RayStates.server = server
     RayStates.ray = ray_local
     run_machine(RayStates, EXAMPLES, steps=6)
+
+
+def test_ray_shard_batches_stopped_edited_and_rerun(ray_local: Any, server: LocalServer) -> None:
+    RayShardStates.server = server
+    RayShardStates.ray = ray_local
+    run_machine(RayShardStates, max(2, EXAMPLES // 2), steps=6)
