@@ -1162,6 +1162,13 @@ class BatchStore:
         # The manifest: its size, lines waiting to be written, and where each ok line of
         # this run is (offset << 24 | length, by index; 0: none), for metadata.jsonl.
         self._write_lock = threading.Lock()
+        # Writes on worker threads (`write_files`, `publish`): close waits for those
+        # under way, publishes the full shards whose turn never came, and refuses
+        # later ones. A stopped batch cancels its items, not the threads writing them.
+        self._writes = threading.Condition()
+        self._writing = 0
+        self._closing = False
+        self._full: list[Shard] = []
         self._size = 0
         self._pending: list[tuple[int, bytes, int]] = []
         self._pending_bytes = 0
@@ -1409,15 +1416,21 @@ class BatchStore:
         """Publish the open shard and release everything; with ``complete`` (the run saw
         its whole input), keep in ``unmatched.jsonl`` only the stored images no item
         claimed and report them. A ``files`` location gets its ``metadata.jsonl``."""
+        with self._writes:
+            self._closing = True
+            self._writes.wait_for(lambda: not self._writing)
+            shards, self._full = self._full, []
         shard, self._shard = self._shard, None
+        if shard is not None:
+            shards.append(shard)
         opened = self._manifest is not None
         if self._earlier is not None:
             self._earlier.forget_lookups()  # no claim follows: only what was claimed counts
         try:
             if self._manifest is not None:
                 self.flush()
-                if shard is not None:
-                    self.publish(shard)
+                for shard in shards:
+                    self._publish(shard)
                 self.carry()
         finally:
             unmatched = self._close(complete=complete)
@@ -1876,6 +1889,12 @@ class BatchStore:
         leaves at most images without lines (made again by a rerun), never a line
         without its image.
         """
+        with self._write_turn():
+            return self._write_files(group)
+
+    def _write_files(
+        self, group: Sequence[tuple[str, bytes | memoryview, dict[str, Any]]]
+    ) -> list[str]:
         digests: list[str] = []
         lines: list[tuple[int, bytes, int]] = []
         try:
@@ -1940,12 +1959,46 @@ class BatchStore:
         if len(shard) < self._shard_size:
             return shard.name, digest, None
         self._shard = None
+        with self._writes:
+            self._full.append(shard)
         return shard.name, digest, shard
 
     def publish(self, shard: Shard) -> None:
-        """Write a shard (blocking): its manifest lines first, then the shard atomically,
-        so a kill between the two leaves lines that name an absent shard, never a shard
-        whose items the manifest does not know."""
+        """Write a full shard from `add_to_shard` (blocking): its manifest lines first,
+        then the shard atomically, so a kill between the two leaves lines that name an
+        absent shard, never a shard whose items the manifest does not know. Once the
+        store is closing, `close` publishes it instead."""
+        with self._writes:
+            if self._closing or shard not in self._full:
+                return
+            self._full.remove(shard)
+            self._writing += 1
+        try:
+            self._publish(shard)
+        finally:
+            self._end_write()
+
+    @contextlib.contextmanager
+    def _write_turn(self) -> Iterator[None]:
+        """Count a write on a worker thread, which `close` waits for."""
+        with self._writes:
+            if self._closing:
+                raise FriendliUsageError(
+                    f"out_dir {self.where!r} was closed while this write waited: the batch "
+                    "stopped; rerun it to make what is missing"
+                )
+            self._writing += 1
+        try:
+            yield
+        finally:
+            self._end_write()
+
+    def _end_write(self) -> None:
+        with self._writes:
+            self._writing -= 1
+            self._writes.notify_all()
+
+    def _publish(self, shard: Shard) -> None:
         try:
             data = shard.build()
             size = len(data)

@@ -9,11 +9,14 @@ import asyncio
 import gc
 import hashlib
 import tarfile
+import threading
+import time
 import warnings
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import orjson
 import pytest
@@ -22,7 +25,13 @@ from friendli_image import AsyncFriendli, FriendliUsageError, FriendliValidation
 from friendli_image._cli import main
 from friendli_image._requests import GenerateRequest
 from friendli_image._resources import GENERATIONS_PATH
-from friendli_image._store import MANIFEST_NAME, METADATA_NAME, item_key, request_digest
+from friendli_image._store import (
+    MANIFEST_NAME,
+    METADATA_NAME,
+    BatchStore,
+    item_key,
+    request_digest,
+)
 from friendli_image.server import LocalServer, ServerConfig
 
 datasets = pytest.importorskip("datasets")
@@ -204,6 +213,73 @@ async def test_a_rerun_resumes_from_the_shards_and_a_cancel_publishes_the_open_s
     keys = [row["json"]["key"] if "json" in row else row["key"] for row in loaded]
     assert sorted(keys) == sorted(Counter(keys))  # every item once
     assert len(keys) == len(REQUESTS)
+
+
+def _contents(folder: Path) -> dict[str, bytes]:
+    return {path.name: path.read_bytes() for path in folder.iterdir()}
+
+
+@pytest.mark.parametrize("output_format", ["files", "webdataset"])
+async def test_a_stopped_batch_keeps_every_image_it_was_writing(
+    client: AsyncFriendli, server: LocalServer, tmp_path: Path, output_format: str
+) -> None:
+    """Stopping a batch while a full shard or a group of images waits for its worker
+    thread (the items' tasks are cancelled, the threads are not) keeps every image the
+    store was given, with its line, and nothing is written after the store closed; the
+    rerun resumes them all."""
+    given: list[str] = []
+    errors: list[BaseException] = []
+    started, finished = threading.Event(), threading.Event()
+    real_add, real_publish = BatchStore.add_to_shard, BatchStore.publish
+    real_write = BatchStore.write_files
+
+    def add(store: BatchStore, key: str, *args: Any) -> Any:
+        given.append(key)
+        return real_add(store, key, *args)
+
+    def slow(real: Any) -> Any:
+        def write(store: BatchStore, work: Any) -> Any:
+            if isinstance(work, list):
+                given.extend(Path(name).stem for name, _image, _record in work)
+            started.set()
+            time.sleep(0.3)  # the stop falls into this wait
+            try:
+                return real(store, work)
+            except BaseException as exc:
+                errors.append(exc)
+                raise
+            finally:
+                finished.set()
+
+        return write
+
+    with (
+        mock.patch.object(BatchStore, "add_to_shard", add),
+        mock.patch.object(BatchStore, "publish", slow(real_publish)),
+        mock.patch.object(BatchStore, "write_files", slow(real_write)),
+    ):
+        batch = client.container.image.generate_batch(
+            REQUESTS, out_dir=tmp_path, output_format=output_format, shard_size=2, concurrency=4
+        )
+        async with batch:
+            async for _item in batch:
+                break
+            # The other items' tasks go on meanwhile: a shard fills, a group is written.
+            assert await asyncio.to_thread(started.wait, 30)
+        written = await asyncio.to_thread(_contents, tmp_path)
+        assert await asyncio.to_thread(finished.wait, 30)
+    assert await asyncio.to_thread(_contents, tmp_path) == written
+    assert [type(exc) for exc in errors] in ([], [FriendliUsageError])
+    lines = [orjson.loads(line) for line in (tmp_path / MANIFEST_NAME).read_bytes().splitlines()]
+    assert sorted(item_key(line["id"], line["occurrence"]) for line in lines) == sorted(given)
+    for line in lines:
+        assert (tmp_path / line["file"]).is_file(), line
+    server.reset_stats()
+    result = await client.container.image.generate_batch(
+        REQUESTS, out_dir=tmp_path, output_format=output_format, shard_size=2
+    )
+    assert sum(item.status == "resumed" for item in result) == len(given)
+    assert server.stats.total_requests == len(REQUESTS) - len(given)
 
 
 async def test_a_lost_shard_is_made_again_and_a_truncated_manifest_is_survived(
