@@ -222,9 +222,10 @@ _fork_holds = False
 _FORK_WAIT_S: Final = 10.0
 #: Modules the SDK imports lazily, on a facade's loop thread among others: at its start,
 #: a request's serialization, the first retry, an error's excerpt, a host name's lookup,
-#: telemetry's first call (when OpenTelemetry is installed). A fork imports them all first:
-#: after that no thread can be halfway through one (checking which are loaded would leave
-#: a window between the check and the fork in which a thread starts one).
+#: telemetry's first call (when OpenTelemetry is installed), a URL location's staging
+#: folder. A fork imports them all first: after that no thread can be halfway through one
+#: (checking which are loaded would leave a window between the check and the fork in which
+#: a thread starts one). tests/test_layers.py holds this list to the imports in the code.
 _LAZY_MODULES: Final = (
     "anyio",
     "anyio.from_thread",
@@ -234,6 +235,8 @@ _LAZY_MODULES: Final = (
     "encodings.idna",
     "urllib.parse",
     "tarfile",
+    "shutil",
+    "tempfile",
     "opentelemetry.trace",
     "opentelemetry.metrics",
     "opentelemetry.propagate",

@@ -177,3 +177,48 @@ def test_retry_flags_are_declared_on_the_error_class(module: str, name: str) -> 
     error = cls("x")
     assert error.permanent is False
     assert error.stale_connection is False
+
+
+#: Lazy imports (inside functions) that `_sync._before_fork` need not finish, and why.
+_NOT_IN_A_FACADE_THREAD = {
+    "cattrs": "imported by `converter()`, which the fork hook calls",
+    "cattrs.gen": "imported by `converter()`, which the fork hook calls",
+    "pydantic_core": "only pydantic calls `ImageResult.__get_pydantic_core_schema__`",
+}
+#: Modules whose lazy imports run in the command line, the Ray stage or the server only.
+_OUTSIDE_THE_FACADE = ("_cli", "ray", "server")
+
+
+def _lazy_imports() -> Iterator[tuple[str, str]]:
+    """(module file, imported module) of each import inside a function of the SDK."""
+    for path in sorted(PACKAGE.rglob("*.py")):
+        relative = path.relative_to(PACKAGE)
+        if relative.parts[0].removesuffix(".py") in _OUTSIDE_THE_FACADE:
+            continue
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for function in ast.walk(tree):
+            if not isinstance(function, ast.FunctionDef | ast.AsyncFunctionDef):
+                continue
+            for node in ast.walk(function):
+                if isinstance(node, ast.Import):
+                    yield from ((str(relative), alias.name) for alias in node.names)
+                elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                    yield str(relative), node.module
+
+
+def test_every_lazy_import_is_finished_before_a_fork() -> None:
+    """A fork while a facade thread imports a module leaves the child that module's import
+    lock, and its first import of it hangs: `_before_fork` finishes the SDK's lazy
+    imports first. Its list is checked against the code here, so a new lazy import
+    cannot be left out of it."""
+    from friendli_image._sync import _HEAVY_LAZY_MODULES, _LAZY_MODULES
+
+    heavy = {name.partition(".")[0] for name in _HEAVY_LAZY_MODULES}
+    missing = [
+        f"{where}: {name}"
+        for where, name in _lazy_imports()
+        if name not in _LAZY_MODULES
+        and name.partition(".")[0] not in heavy
+        and name not in _NOT_IN_A_FACADE_THREAD
+    ]
+    assert not missing, f"add to _sync._LAZY_MODULES (or say why not): {missing}"
