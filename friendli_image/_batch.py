@@ -337,6 +337,23 @@ class _FileWriter:
         while self._task is not None:
             await asyncio.shield(self._task)
 
+    def write_queued(self) -> None:
+        """Write the queued images now, blocking (the batch is ending and cannot wait:
+        `wait` was cancelled). A group already on its thread is the store's to finish."""
+        group, self._queue = self._queue, []
+        if not group:
+            return
+        try:
+            digests = self._store.write_files([entry[:3] for entry in group])
+        except Exception as exc:  # noqa: BLE001  (each waiting item gets it)
+            for *_entry, future in group:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        for (*_entry, future), digest in zip(group, digests, strict=True):
+            if not future.done():
+                future.set_result(digest)
+
 
 class Batch:
     """A batch of requests, run when it is iterated or awaited (once).
@@ -747,12 +764,17 @@ class Batch:
         finally:
             for task in pending.values():
                 task.cancel()
-            if pending:
-                await asyncio.gather(*pending.values(), return_exceptions=True)
             try:
+                if pending:
+                    await asyncio.gather(*pending.values(), return_exceptions=True)
                 if self._writer is not None:
                     await self._writer.wait()
             finally:
+                # Cancelled again while cleaning up (an anyio cancel scope cancels every
+                # await in it): the store is closed all the same, and the images that
+                # finished are written first, here, blocking.
+                if self._writer is not None:
+                    self._writer.write_queued()
                 if self._store is not None:
                     # Only a run that saw every item knows which stored images match none.
                     # Blocking: it publishes the open shard, and must, even when cancelled.
