@@ -321,13 +321,9 @@ class _FileWriter:
                         None, self._store.write_files, [entry[:3] for entry in group]
                     )
                 except Exception as exc:  # noqa: BLE001  (each waiting item gets it)
-                    for *_entry, future in group:
-                        if not future.done():
-                            future.set_exception(exc)
-                    continue
-                for (*_entry, future), digest in zip(group, digests, strict=True):
-                    if not future.done():
-                        future.set_result(digest)
+                    _answer(group, exc)
+                else:
+                    _answer(group, digests)
         finally:
             self._task = None
 
@@ -346,13 +342,23 @@ class _FileWriter:
         try:
             digests = self._store.write_files([entry[:3] for entry in group])
         except Exception as exc:  # noqa: BLE001  (each waiting item gets it)
-            for *_entry, future in group:
-                if not future.done():
-                    future.set_exception(exc)
-            return
-        for (*_entry, future), digest in zip(group, digests, strict=True):
-            if not future.done():
-                future.set_result(digest)
+            _answer(group, exc)
+        else:
+            _answer(group, digests)
+
+
+def _answer(
+    group: list[tuple[str, bytes | memoryview, dict[str, Any], asyncio.Future[str]]],
+    outcome: list[str] | Exception,
+) -> None:
+    """Give each waiting item of a written group its sha256, or the group's error."""
+    for index, (*_entry, future) in enumerate(group):
+        if future.done():
+            continue
+        if isinstance(outcome, Exception):
+            future.set_exception(outcome)
+        else:
+            future.set_result(outcome[index])
 
 
 class Batch:
