@@ -772,7 +772,10 @@ class Batch:
                 task.cancel()
             try:
                 if pending:
-                    await asyncio.gather(*pending.values(), return_exceptions=True)
+                    # Not gather: cancelled while waiting, it raises one of the tasks'
+                    # CancelledErrors, whose message is not the canceller's, and anyio
+                    # would not recognise its own cancel scope's cancellation.
+                    await asyncio.wait(pending.values())
                 if self._writer is not None:
                     await self._writer.wait()
             finally:

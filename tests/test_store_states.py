@@ -1,8 +1,10 @@
 """Batches into one out_dir as a state machine: random inputs, edits, kills and reruns.
 
 Hypothesis drives a `RuleBasedStateMachine` over an input of requests. Rules edit the
-input (insert, delete, reorder, change a parameter), run the batch to the end, cancel
-it in process after some items, or SIGKILL a ``friendli-image batch`` subprocess. After
+input (insert, delete, reorder, change a parameter), run the batch to the end, stop
+it in process after some items (a ``break``, a cancelled task, or an anyio cancel scope,
+which cancels the batch's cleanup too), or SIGKILL a ``friendli-image batch``
+subprocess. After
 every step:
 
 - every image in out_dir has the bytes the bundled server returns for its request
@@ -37,6 +39,7 @@ from collections import Counter
 from collections.abc import Iterator
 from typing import Any, ClassVar
 
+import anyio
 import fsspec
 import orjson
 import pytest
@@ -142,7 +145,7 @@ class BatchStates(InputStates):
 
     # -- running ----------------------------------------------------------------------------------
 
-    async def _batch(self, stop_after: int | None) -> Any:
+    async def _batch(self, stop_after: int | None, stop: str = "break") -> Any:
         async with AsyncFriendli(server_url=self.server.url) as client:
             batch = client.container.image.generate_batch(
                 list(self.items),
@@ -153,13 +156,39 @@ class BatchStates(InputStates):
             )
             if stop_after is None:
                 return await batch
-            seen = 0
-            async with batch:
-                async for _item in batch:
-                    seen += 1
-                    if seen >= stop_after:
-                        break  # leaving `async with` cancels the requests in flight
+            with anyio.CancelScope() as scope:
+                await self._stopped(batch, stop_after, stop, scope)
             return None
+
+    @staticmethod
+    async def _stopped(batch: Any, stop_after: int, stop: str, scope: anyio.CancelScope) -> None:
+        """Iterate the batch until ``stop_after`` items, then stop it: leave the loop
+        (``break``: leaving `async with` cancels the requests in flight), cancel the task
+        iterating it once (``cancel``), or cancel every await from then on, the batch's
+        cleanup included (``scope``, as anyio does)."""
+        seen = 0
+        if stop == "cancel":
+
+            async def iterate() -> None:
+                nonlocal seen
+                async with batch:
+                    async for _item in batch:
+                        seen += 1
+                        if seen >= stop_after:
+                            task.cancel()
+                            await asyncio.sleep(0)
+
+            task = asyncio.ensure_future(iterate())
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            return
+        async with batch:
+            async for _item in batch:
+                seen += 1
+                if seen >= stop_after:
+                    if stop == "scope":
+                        scope.cancel()
+                    break
 
     @rule()
     def run_to_the_end(self) -> None:
@@ -185,10 +214,10 @@ class BatchStates(InputStates):
         keys = {(line["id"], line["occurrence"]) for line in lines}
         assert len(keys) == len(lines)
 
-    @rule(data=st.data())
-    def cancel_in_process(self, data: st.DataObject) -> None:
-        self.steps["cancel"] += 1
-        asyncio.run(self._batch(data.draw(st.integers(0, len(self.items)))))
+    @rule(data=st.data(), stop=st.sampled_from(["break", "cancel", "scope"]))
+    def cancel_in_process(self, data: st.DataObject, stop: str) -> None:
+        self.steps[f"stop ({stop})"] += 1
+        asyncio.run(self._batch(data.draw(st.integers(0, len(self.items))), stop))
 
     @rule(wait=st.sampled_from([0.0, 0.05, 0.2]))
     def sigkill_a_subprocess(self, wait: float) -> None:
