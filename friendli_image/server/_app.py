@@ -170,6 +170,12 @@ async def _outer_middleware(request: web.Request, handler: Handler) -> web.Strea
         except asyncio.CancelledError:
             record.disconnected = True
             raise
+        except ConnectionResetError:
+            # The client went away while its body was being read (a stopped batch
+            # does): nobody is left to answer, and nothing went wrong here.
+            record.disconnected = True
+            logger.debug("client gone mid-request: %s %s", request.method, request.path)
+            response = _detail(400, "the client closed the connection")
         except Exception:
             logger.exception("Unhandled error while serving %s %s", request.method, request.path)
             response = _detail(500, "Internal Server Error")

@@ -84,6 +84,38 @@ async def test_client_disconnect_is_recorded(session: aiohttp.ClientSession) -> 
             assert resp.status == 200
 
 
+async def test_a_client_gone_mid_body_is_a_disconnect_not_an_error(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A client that sends part of its body and resets the connection (a stopped batch
+    does this) is recorded as disconnected; the server logs no error and serves on."""
+    async with LocalServer(ServerConfig(image_size=8)) as srv:
+        host, port = srv.url.removeprefix("http://").split(":")
+
+        def cut_short() -> None:
+            with socket.create_connection((host, int(port)), timeout=5) as sock:
+                sock.sendall(
+                    f"POST {GENERATE} HTTP/1.1\r\nHost: {host}\r\nContent-Type: "
+                    'application/json\r\nContent-Length: 1000\r\n\r\n{"prompt"'.encode()
+                )
+                time.sleep(0.2)  # the server is reading the body
+                # RST instead of FIN: SO_LINGER with a zero timeout.
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00" * 2)
+
+        with caplog.at_level("DEBUG", logger="friendli_image.server"):
+            await asyncio.to_thread(cut_short)
+            await _until(lambda: bool(srv.records) and srv.stats.in_flight == 0)
+        assert srv.records[0].disconnected is True
+        assert not [r for r in caplog.records if r.levelname in ("ERROR", "WARNING")]
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(
+                srv.url + GENERATE, json={"prompt": "p", "num_inference_steps": 1}
+            ) as resp,
+        ):
+            assert resp.status == 200
+
+
 async def test_restart_keeps_port_and_refuses_meanwhile(session: aiohttp.ClientSession) -> None:
     """restart() drops connections, refuses new ones while down, then serves on the same port."""
     async with LocalServer(ServerConfig(image_size=8)) as srv:
