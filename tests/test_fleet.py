@@ -321,6 +321,11 @@ async def test_a_freed_slot_goes_to_the_request_that_waited_not_to_a_newcomer() 
 # -- against real sockets ---------------------------------------------------------------------
 
 
+# With the slow scenarios: once, on the default Python. It measures how a loaded client
+# shares 800 requests between four real servers; under the load of five sessions at once
+# the shares can follow the client's CPU more than the servers' latencies (a CI run saw
+# the 200 ms server serve 117 and the 400 ms one 222, both measured near 0.7-0.8 s).
+@pytest.mark.slow
 async def test_load_follows_capacity_and_no_endpoint_exceeds_its_limit() -> None:
     """4 servers of different latency at C=64: faster ones serve more; caps always hold."""
     # Only the first cap binds at C=64; elsewhere the routing alone decides the shares.
