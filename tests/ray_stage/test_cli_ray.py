@@ -43,6 +43,19 @@ def _batch(url: str, source: pathlib.Path, out: pathlib.Path) -> list[str]:
     ]  # fmt: skip
 
 
+def _finished(done: subprocess.CompletedProcess[str]) -> bool:
+    """The command succeeded: exit 0, or Arrow's known abort at interpreter exit after a
+    complete summary (apache/arrow#34314, documented in the datasets guide; seen in CI
+    after a Parquet run). Any other exit, or a traceback, fails."""
+    if done.returncode == 0:
+        return True
+    return (
+        done.returncode == -signal.SIGABRT
+        and "batch summary:" in done.stdout
+        and "Traceback" not in done.stderr
+    )
+
+
 def _prompt_of_image(prompts: list[str], **fields: object) -> dict[str, str]:
     """Image name -> prompt, for distinct prompts without seeds (each row id 0)."""
     named = {}
@@ -134,7 +147,7 @@ def test_cli_ray_reads_stdin_and_writes_a_gallery(
             check=False,
         )
         seen = prompts_seen(srv)
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert _finished(done), done.stderr[-3000:]
     assert "items     6" in done.stdout, done.stdout
     prompt_of = _prompt_of_image([f"a lighthouse no. {i}" for i in range(6)])
     assert sorted(prompt_of[p.name] for p in out.glob("*.jpg")) == sorted(prompt_of.values())
@@ -171,7 +184,7 @@ def test_cli_ray_writes_parquet_shards_resumes_from_them_and_shows_them(
                 timeout=180,
                 check=False,
             )
-            assert done.returncode == 0, done.stderr[-3000:]
+            assert _finished(done), done.stderr[-3000:]
             assert f"ok        6 ({6 * run} from earlier runs)" in done.stdout, done.stdout
         seen = prompts_seen(srv)
     assert seen == {f"a reef no. {i}": 1 for i in range(6)}
@@ -221,7 +234,7 @@ def test_cli_ray_makes_variants_and_resumes_them(
             done = subprocess.run(
                 command, env=joined_env, capture_output=True, text=True, timeout=180, check=False
             )
-            assert done.returncode == 0, done.stderr[-3000:]
+            assert _finished(done), done.stderr[-3000:]
             assert "items     6" in done.stdout, done.stdout
             assert f"ok        6 ({6 * run} from earlier runs)" in done.stdout, done.stdout
         seeds = [record.body["seed"] for record in srv.records if isinstance(record.body, dict)]
