@@ -53,6 +53,7 @@ from ._options import (
     add_client_options,
     make_client,
     out_location,
+    within,
 )
 from ._ray import add_ray_options, run_ray_batch
 from ._watch import RUN_NAME, JobWatch, fingerprint
@@ -406,11 +407,6 @@ def _index_of(item: BatchItem) -> int:
     return item.index
 
 
-def _within(out_dir: Path | str, name: str) -> str:
-    """Where the file ``name`` of an output location is: a path, or a URL."""
-    return str(out_dir / name) if isinstance(out_dir, Path) else f"{out_dir.rstrip('/')}/{name}"
-
-
 def _summary(tally: _Tally, batch: Batch, out_dir: Path | str, final: BatchProgress | None) -> str:
     counts = tally.counts
     if final is not None:
@@ -426,7 +422,7 @@ def _summary(tally: _Tally, batch: Batch, out_dir: Path | str, final: BatchProgr
         ("failed", f"{counts['failed']:,}"),
         ("skipped", f"{counts['skipped']:,}"),
         ("elapsed", f"{elapsed:.1f}s ({rate:.1f} img/s)"),
-        ("manifest", _within(out_dir, MANIFEST_NAME)),
+        ("manifest", within(out_dir, MANIFEST_NAME)),
     ]
     unmatched = batch.unmatched
     if unmatched is not None and unmatched.count:
@@ -559,7 +555,7 @@ async def _run_batch(args: argparse.Namespace) -> int:
         if stream is not sys.stdin:
             stream.close()
     print(_summary(tally, batch, args.out_dir, progress.last))
-    print(f"  run       {_within(args.out_dir, RUN_NAME)}")
+    print(f"  run       {within(args.out_dir, RUN_NAME)}")
     if endpoints:
         print(_endpoint_table(endpoints))
     if args.gallery and isinstance(args.out_dir, Path):

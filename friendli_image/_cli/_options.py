@@ -24,6 +24,7 @@ __all__ = [
     "out_location",
     "out_uri",
     "token_from_args",
+    "within",
 ]
 
 EXIT_OK = 0
@@ -56,6 +57,11 @@ def out_location(value: str) -> Path | str:
             "its file system (pip install fsspec s3fs, gcsfs, adlfs...)"
         ) from None
     return Path(location.root) if location.local else uri
+
+
+def within(out_dir: Path | str, name: str) -> str:
+    """Where the file ``name`` of an output location is: a path, or a URL."""
+    return str(out_dir / name) if isinstance(out_dir, Path) else f"{out_dir.rstrip('/')}/{name}"
 
 
 def add_client_options(parser: argparse.ArgumentParser) -> None:

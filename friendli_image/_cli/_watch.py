@@ -27,6 +27,8 @@ from friendli_image._store import Directory, Location
 from friendli_image._telemetry import ErrorEvent, Hooks, ResponseEvent, RetryEvent
 from friendli_image._version import __version__
 
+from ._options import within
+
 __all__ = ["RUN_NAME", "JobWatch", "fingerprint"]
 
 RUN_NAME: Final = "run.json"
@@ -222,7 +224,7 @@ class JobWatch:
         data = orjson.dumps(report, option=orjson.OPT_INDENT_2) + b"\n"
         if isinstance(self._out_dir, str):
             Location(self._out_dir, {}).write(RUN_NAME, data)
-            return f"{self._out_dir.rstrip('/')}/{RUN_NAME}"
+            return within(self._out_dir, RUN_NAME)
         location = Directory(self._out_dir, create=True)
         try:
             location.write_atomic(RUN_NAME, data)
