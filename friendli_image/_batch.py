@@ -162,10 +162,6 @@ class _Known:
         self.variant = 0
         self.at = at  # where `BatchStore.earlier_at` found it
 
-    def key(self) -> str:
-        """The item's name in the store (`item_key`)."""
-        return item_key(self.id, self.occurrence)
-
 
 class _Crashed:
     """An item task that raised instead of producing its item (a defect, not a failure)."""
@@ -719,8 +715,11 @@ class Batch:
                     break
                 if earlier:
                     group, earlier = earlier, []
-                    for item in await self._claim(group, pending, finished):
-                        self._count(item)
+                    resumed = await self._claim(group, pending, finished)
+                    self._counts["resumed"] += len(resumed)
+                    if self._monitor is not None:
+                        self._monitor.item("resumed", len(resumed))
+                    for item in resumed:
                         if ordered:
                             parked[item.index] = item
                         else:
@@ -850,7 +849,7 @@ class Batch:
             claims = [(None, True, b"", -1) if id(claim[0]) in bad else claim for claim in claims]
         resumed = []
         loop = asyncio.get_running_loop()
-        located = store.located
+        located, append_resumed = store.located, store.append_resumed
         for (index, spec, prepared, _at), (record, _checked, line, number) in zip(
             group, claims, strict=True
         ):
@@ -863,15 +862,16 @@ class Batch:
                 )
                 pending[index] = loop.create_task(self._deliver(index, spec, made, finished))
                 continue
-            store.append_resumed(index, record, line, number)
+            append_resumed(index, record, line, number)
             path, uri = located(record["file"])
+            item_id, occurrence, variant = prepared.id, prepared.occurrence, prepared.variant
             resumed.append(
                 resumed_item(
                     index=index,
-                    item_id=prepared.id,
-                    occurrence=prepared.occurrence,
-                    variant=prepared.variant,
-                    key=prepared.key(),
+                    item_id=item_id,
+                    occurrence=occurrence,
+                    variant=variant,
+                    key=item_key(item_id, occurrence, variant),
                     request=prepared.request,
                     path=path,
                     uri=uri,

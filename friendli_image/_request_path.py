@@ -49,8 +49,8 @@ class AttemptGate(Protocol):
 class BatchMonitor(Protocol):
     """What a batch tells the client's telemetry: each finished item, and that it ended."""
 
-    def item(self, status: str) -> None:
-        """One item finished with ``status`` (a `BatchItem.status`)."""
+    def item(self, status: str, count: int = 1) -> None:
+        """Items finished with ``status`` (a `BatchItem.status`): one, or ``count``."""
         ...
 
     def close(self) -> None:

@@ -184,7 +184,20 @@ def request_digest(path: str, request: GenerateRequest | EditRequest) -> str:
 
     Stable across runs, machines and versions (resume matches it against manifests).
     """
-    return hashlib.sha256(path.encode() + b"\n" + canonical_request(request)).hexdigest()
+    return _canonical_digest(path, canonical_request(request))
+
+
+#: sha256 of each route and its newline, copied for each request of the route.
+_ROUTE_HASHES: dict[str, Any] = {}
+
+
+def _canonical_digest(path: str, canonical: bytes) -> str:
+    route = _ROUTE_HASHES.get(path)
+    if route is None:
+        route = _ROUTE_HASHES[path] = hashlib.sha256(path.encode() + b"\n")
+    digest = route.copy()
+    digest.update(canonical)
+    return str(digest.hexdigest())
 
 
 def plain_request_digest(
@@ -199,7 +212,7 @@ def plain_request_digest(
         canonical = canonical_wire(wire)
     except orjson.JSONEncodeError:  # text that is not UTF-8, an int beyond 64 bits
         return None
-    return hashlib.sha256(path.encode() + b"\n" + canonical).hexdigest()
+    return _canonical_digest(path, canonical)
 
 
 class Occurrences:
@@ -684,6 +697,8 @@ StoredRecord = dict[str, Any]
 #: What `BatchStore.claim_group` answers per item: (its earlier record, checked, the
 #: record's line, the line's number in ``unmatched.jsonl``), (None, True, b"", -1) if none.
 Claim = tuple[StoredRecord | None, bool, "bytes | memoryview", int]
+#: The claim of an item no earlier run holds (or whose image is gone).
+_NO_CLAIM: Final[Claim] = (None, True, b"", -1)
 
 
 def _valid_record(line: bytes) -> StoredRecord | None:
@@ -1072,7 +1087,10 @@ class _Earlier:
     def find(self, item_id: str, occurrence: int, variant: int) -> int:
         """Where the keys of this identity's hash start (`lines_of`), -1 if it has none."""
         keys = self.keys
-        identity_hash = _identity_hash(item_id, occurrence, variant)
+        # `_identity_hash`, inline: a resume looks up every finished item.
+        identity_hash = (
+            int(item_id[:16], 16) ^ (occurrence * _GOLDEN) ^ (variant * _VARIANT_MIX)
+        ) & _MASK64
         top = identity_hash >> _LINE_BITS
         bucket = identity_hash >> self._shift
         starts = self._starts
@@ -1698,12 +1716,68 @@ class BatchStore:
         for _id, _occurrence, _variant, at in items:
             if at >= 0:
                 number = keys[at] & _LINE_MASK
-                start, end = offsets[number], offsets[number + 1]
-                low, high, total = min(low, start), max(high, end), total + end - start
+                start = offsets[number]
+                end = offsets[number + 1]
+                total += end - start
+                # Not min() and max(): two calls a line cost more than the comparisons.
+                if start < low:  # noqa: PLR1730
+                    low = start
+                if end > high:  # noqa: PLR1730
+                    high = end
         block = memoryview(b"")
         if total and high - low <= min(2 * total + _PAGE, _GROUP_READ):
             block = memoryview(os.pread(self._reader.fileno(), high - low, low))
-        return [self._claim_one(item, block, low) for item in items]
+        if not self._resume or self._remote is not None:
+            return [self._claim_one(item, block, low) for item in items]
+        # The common case inline (a resume claims every finished item; the calls and
+        # lookups of `_claim_one` cost more than the parse): the item's first line holds
+        # its identity, in the block, of a shard or a file the checks below accept.
+        # Anything else goes through `_claim_one`, which decides the same way.
+        claims: list[Claim] = []
+        loads, decode_error = orjson.loads, orjson.JSONDecodeError
+        claimed, checked, directory = earlier.claimed, earlier.checked, self._dir
+        high = low + len(block)
+        for item in items:
+            item_id, occurrence, variant, at = item
+            if at < 0:
+                claims.append(_NO_CLAIM)
+                continue
+            number = keys[at] & _LINE_MASK
+            start = offsets[number]
+            end = offsets[number + 1]
+            record = None
+            if low <= start and end <= high:
+                line = block[start - low : end - low]
+                try:
+                    record = loads(line)
+                except decode_error:
+                    record = None
+            if (
+                type(record) is not dict
+                or record.get("id") != item_id
+                or record.get("occurrence", 0) != occurrence
+                or record.get("variant", 0) != variant
+                or not (checked or self._valid_ok(record))
+            ):
+                claims.append(self._claim_one(item, block, low))
+                continue
+            claimed[number] = 1
+            name = record["file"]
+            if name.endswith(_SHARD_ENDINGS):
+                shard = (name, record.get("shard_bytes"))
+                if shard != self._present_shard:
+                    if not self._shard_present(record):
+                        claims.append(_NO_CLAIM)
+                        continue
+                    self._present_shard = shard
+                claims.append((record, True, line, number))
+                continue
+            found = directory.size_and_mtime(name)
+            if found is None or found[0] != record.get("bytes", found[0]):
+                claims.append(_NO_CLAIM)
+            else:
+                claims.append((record, found[1] == record.get("mtime_ns"), line, number))
+        return claims
 
     def _claim_one(self, item: tuple[str, int, int, int], block: memoryview, low: int) -> Claim:
         """`claim_group` of one item; ``block`` holds the lines from offset ``low`` on."""

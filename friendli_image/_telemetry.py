@@ -501,9 +501,11 @@ class BatchMeter:
         self.progress = progress
         instruments.batches.add(self)
 
-    def item(self, status: str) -> None:
-        """One item finished with ``status`` (``ok``, ``failed``, ``skipped``, ``resumed``)."""
-        self._instruments.batch_items.add(1, {"friendli_image.batch.status": status})
+    def item(self, status: str, count: int = 1) -> None:
+        """Items finished with ``status`` (``ok``, ``failed``, ``skipped``, ``resumed``):
+        one, or ``count`` of them at once (a resume's claimed group)."""
+        if count:
+            self._instruments.batch_items.add(count, {"friendli_image.batch.status": status})
 
     def close(self) -> None:
         """The batch ended: its rate is no longer reported."""

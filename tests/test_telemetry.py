@@ -10,6 +10,7 @@ import string
 import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -489,6 +490,22 @@ async def test_a_batch_counts_its_items_and_reports_its_rate_while_it_runs(
     assert all(list(rate) == [""] for rate in rates)
     assert "friendli_image.batch.rate" not in exported.metrics()  # reported only while running
     assert len(exported.call_spans()) == 6
+
+
+async def test_a_rerun_counts_the_items_it_resumed_and_the_ones_it_sent(
+    server: LocalServer, exported: Exported, tmp_path: Path
+) -> None:
+    async with AsyncFriendli(server_url=server.url, telemetry=exported.telemetry()) as client:
+        generate_batch = client.container.image.generate_batch
+        first = await generate_batch([f"prompt {index}" for index in range(300)], out_dir=tmp_path)
+        assert len(first.succeeded) == 300
+        rerun = await generate_batch([f"prompt {index}" for index in range(303)], out_dir=tmp_path)
+    assert [item.status for item in rerun.items].count("resumed") == 300
+    # 300 resumed items are more than one claimed group: each group is counted whole.
+    assert _points(exported.metrics(), "friendli_image.batch.items") == {
+        "friendli_image.batch.status=ok": 303,
+        "friendli_image.batch.status=resumed": 300,
+    }
 
 
 #: Tokens as servers issue them. Letters, then a digit: a token of digits alone could
