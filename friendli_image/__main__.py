@@ -1,7 +1,5 @@
 """``python -m friendli_image``: the same as the ``friendli-image`` command."""
 
-import sys
+from ._cli import run
 
-from ._cli import main
-
-sys.exit(main())
+run()

@@ -513,3 +513,39 @@ def test_memory_does_not_grow_with_the_number_of_items(
         capsys.readouterr()
     grown = peaks[5000] - peaks[500]
     assert grown < 4500 * 200, f"peak grew {grown:,} bytes for 4,500 more items"
+
+
+#: Runs the command as its entry point does, with a teardown hook that says it ran.
+_ENTRY_WITH_TEARDOWN_PROBE = """
+import atexit, sys
+atexit.register(print, "teardown ran")
+from friendli_image._cli import run
+run()
+"""
+
+
+@pytest.mark.subprocess
+@pytest.mark.parametrize("output_format", ["parquet", "files"])
+def test_a_run_that_loaded_pyarrow_exits_with_its_status_before_the_teardown(
+    server: LocalServer, tmp_path: Path, output_format: str
+) -> None:
+    """Arrow can abort a finished process in the interpreter's teardown (apache/arrow#34314,
+    exit 134 after a complete run): once pyarrow is loaded, the command exits with its
+    status, its output flushed and its files complete, without that teardown. A run
+    without pyarrow exits as any program does."""
+    source = tmp_path / "prompts.txt"
+    source.write_text("a red fox\na lighthouse\n", encoding="utf-8")
+    out = tmp_path / "out"
+    command = [sys.executable, "-c", _ENTRY_WITH_TEARDOWN_PROBE, "batch", str(source)]
+    command += ["--out-dir", str(out), "--output-format", output_format]
+    command += ["--server-url", server.url, "--no-progress"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    assert "ok        2" in done.stdout
+    assert ("teardown ran" in done.stdout) is (output_format == "files")
+    if output_format == "parquet":
+        import pyarrow.parquet as pq
+
+        (shard,) = out.glob("*.parquet")
+        assert pq.read_table(shard).num_rows == 2
+    assert len(_manifest(out)) == 2

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from friendli_image._client import AsyncFriendli
 from friendli_image._exceptions import (
@@ -38,7 +39,7 @@ from ._options import (
     make_client,
 )
 
-__all__ = ["SERVER_TOKEN_ENV", "build_parser", "main"]
+__all__ = ["SERVER_TOKEN_ENV", "build_parser", "main", "run"]
 
 #: The environment variable ``serve`` reads the token to require from, when it is set.
 SERVER_TOKEN_ENV = "FRIENDLI_SERVER_TOKEN"  # noqa: S105  (a variable name, not a secret)
@@ -341,5 +342,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_FAILED
 
 
+def run() -> NoReturn:
+    """The ``friendli-image`` command as a process: `main`, then exit with its status.
+
+    A run that loaded pyarrow (a Parquet output, ``batch --ray``) exits without the
+    interpreter's teardown, once its output is flushed and its files are closed: there
+    Arrow can abort a finished process (apache/arrow#34314, a native thread pool torn
+    down with a worker alive), and a job runner would read a complete run's exit status
+    as 134.
+    """
+    status = main()
+    if "pyarrow" in sys.modules:
+        logging.shutdown()
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        os._exit(status)
+    sys.exit(status)
+
+
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    run()
