@@ -976,15 +976,19 @@ class Batch:
             # Items wait while two full shards are not written yet: a shard is built and
             # written slower than tiny images arrive, and without this the shards in
             # memory would grow with the batch.
+            extension = EXTENSIONS.get(result.format or "", ".bin")
             if self._unpublished >= _SHARD_BACKLOG:
-                async with self._published:
-                    await self._published.wait_for(self._shard_room)
-            name, digest, full = store.add_to_shard(
-                key,
-                result.data,
-                EXTENSIONS.get(result.format or "", ".bin"),
-                record,
-            )
+                try:
+                    async with self._published:
+                        await self._published.wait_for(self._shard_room)
+                except asyncio.CancelledError:
+                    # Stopped while held back: the image is here, so it goes into the
+                    # open shard all the same (the store's close publishes it) instead
+                    # of being made again by the rerun.
+                    if not store.closed:
+                        store.add_to_shard(key, result.data, extension, record)
+                    raise
+            name, digest, full = store.add_to_shard(key, result.data, extension, record)
             if full is not None:
                 self._unpublished += 1
                 try:

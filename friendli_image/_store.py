@@ -1229,6 +1229,11 @@ class BatchStore:
         return self._resume and self._earlier is not None
 
     @property
+    def closed(self) -> bool:
+        """True once `close` has begun: nothing more is added."""
+        return self._closing
+
+    @property
     def sharded(self) -> bool:
         """True when images go into shards (`add_to_shard`), not files."""
         return self.output_format != "files"

@@ -284,6 +284,46 @@ async def test_a_stopped_batch_keeps_every_image_it_was_writing(
     assert sum(item.status == "ok" for item in result) == len(REQUESTS) - len(given)
 
 
+async def test_a_stopped_batch_keeps_the_images_held_back_by_unwritten_shards(
+    client: AsyncFriendli, tmp_path: Path
+) -> None:
+    """Items whose images arrived while two full shards were still being written wait
+    for room; a stop in that wait keeps their images (in the shard the close publishes),
+    so the rerun makes none of them again."""
+    from friendli_image import _batch
+
+    arrived: list[str] = []
+    real_record, real_publish = _batch.manifest_record, BatchStore.publish
+
+    def record(**fields: Any) -> dict[str, Any]:
+        arrived.append(item_key(fields["item_id"], fields["occurrence"]))
+        return real_record(**fields)
+
+    def slow_publish(store: BatchStore, shard: Any) -> None:
+        time.sleep(0.3)  # two shards in writing hold every later image back
+        real_publish(store, shard)
+
+    with (
+        mock.patch.object(_batch, "manifest_record", record),
+        mock.patch.object(BatchStore, "publish", slow_publish),
+    ):
+        batch = client.container.image.generate_batch(
+            REQUESTS, out_dir=tmp_path, output_format="webdataset", shard_size=1, concurrency=8
+        )
+        async with batch:
+            async for _item in batch:
+                break
+    assert len(arrived) > 3  # some were held back: two shards were being written
+    lines = [orjson.loads(line) for line in (tmp_path / MANIFEST_NAME).read_bytes().splitlines()]
+    assert sorted(item_key(line["id"], line["occurrence"]) for line in lines) == sorted(arrived)
+    for line in lines:
+        assert (tmp_path / line["file"]).is_file(), line
+    result = await client.container.image.generate_batch(
+        REQUESTS, out_dir=tmp_path, output_format="webdataset", shard_size=1
+    )
+    assert sum(item.status == "resumed" for item in result) == len(arrived)
+
+
 @pytest.mark.parametrize("leave", ["at the next await", "by break"])
 @pytest.mark.parametrize("output_format", ["files", "webdataset"])
 async def test_a_batch_stopped_by_a_cancel_scope_still_closes_its_store(
