@@ -533,6 +533,8 @@ def test_a_run_that_loaded_pyarrow_exits_with_its_status_before_the_teardown(
     exit 134 after a complete run): once pyarrow is loaded, the command exits with its
     status, its output flushed and its files complete, without that teardown. A run
     without pyarrow exits as any program does."""
+    if output_format == "parquet":
+        pytest.importorskip("pyarrow", reason="Parquet needs the datasets extra")
     source = tmp_path / "prompts.txt"
     source.write_text("a red fox\na lighthouse\n", encoding="utf-8")
     out = tmp_path / "out"
