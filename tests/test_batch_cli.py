@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import io
 import os
@@ -551,3 +552,50 @@ def test_a_run_that_loaded_pyarrow_exits_with_its_status_before_the_teardown(
         (shard,) = out.glob("*.parquet")
         assert pq.read_table(shard).num_rows == 2
     assert len(_manifest(out)) == 2
+
+
+@pytest.mark.parametrize("presses", [1, 2])
+def test_ctrl_c_cancels_the_command_at_an_await_and_lets_its_cleanup_run(
+    monkeypatch: pytest.MonkeyPatch, presses: int
+) -> None:
+    """Ctrl-C during a command cancels its task at its next await, never in the middle of
+    other code (asyncio's own included): the cleanup (a batch closing its store) runs,
+    then KeyboardInterrupt; a second Ctrl-C, during a long cleanup, raises it at once.
+    Python 3.11's asyncio.run does this; on 3.10 the command does it itself (the default
+    handler raises inside whatever runs, which could hang the exit)."""
+    import threading
+
+    from friendli_image import _cli
+
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("signal handlers are set from the main thread only")
+    monkeypatch.setattr(_cli, "_RUN_CANCELS_ON_SIGINT", False)  # 3.10's path, on any version
+    steps: list[str] = []
+
+    async def command() -> int:
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            busy_until = time.monotonic() + 0.2
+            while time.monotonic() < busy_until:  # code between awaits: not interrupted
+                pass
+            steps.append("reached its await")
+            await asyncio.sleep(30)
+        finally:
+            steps.append("cleanup started")
+            if presses == 2:
+                os.kill(os.getpid(), signal.SIGINT)
+            await asyncio.sleep(30 if presses == 2 else 0)
+            steps.append("cleanup finished")
+        return 0
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    started = time.monotonic()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            _cli._run_async(command())
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert time.monotonic() - started < 20
+    expected = ["reached its await", "cleanup started", "cleanup finished"]
+    assert steps == (expected if presses == 1 else expected[:2])

@@ -437,6 +437,13 @@ async def test_a_killed_server_fails_over_and_gets_load_again_after_it_returns()
 
             async def chaos() -> None:
                 await asyncio.sleep(0.8)
+                # Killed while it serves: on a loaded machine the victim could be between
+                # answers at 0.8 s, and a kill then drops nothing to resend (CI saw that).
+                # Polled: the server has no event for its in-flight count.
+                deadline = time.monotonic() + 10
+                while victim.stats.in_flight < 2 and time.monotonic() < deadline:  # noqa: ASYNC110
+                    await asyncio.sleep(0.005)
+                marks["serving_at_kill"] = victim.stats.in_flight
                 marks["killed"] = time.monotonic()
                 restart = asyncio.ensure_future(victim.restart(down_for_s=1.5))
                 await asyncio.sleep(1.0)
@@ -465,7 +472,7 @@ async def test_a_killed_server_fails_over_and_gets_load_again_after_it_returns()
     flagged = {item.request_id for item in result.items if item.maybe_duplicated}
     seen = Counter(request_id for server in servers for request_id in _ids(server))
     twice = {request_id for request_id, count in seen.items() if count > 1}
-    assert 0 < len(flagged) <= 16
+    assert 0 < len(flagged) <= 16, (marks, final, twice)
     assert twice <= flagged
     assert twice <= set(_ids(victim))
     # Each flagged item lost a request on the victim (sent, maybe not yet read by it).
