@@ -1087,10 +1087,7 @@ class _Earlier:
     def find(self, item_id: str, occurrence: int, variant: int) -> int:
         """Where the keys of this identity's hash start (`lines_of`), -1 if it has none."""
         keys = self.keys
-        # `_identity_hash`, inline: a resume looks up every finished item.
-        identity_hash = (
-            int(item_id[:16], 16) ^ (occurrence * _GOLDEN) ^ (variant * _VARIANT_MIX)
-        ) & _MASK64
+        identity_hash = _identity_hash(item_id, occurrence, variant)
         top = identity_hash >> _LINE_BITS
         bucket = identity_hash >> self._shift
         starts = self._starts
@@ -1732,15 +1729,12 @@ class BatchStore:
         block = memoryview(b"")
         if total and high - low <= min(2 * total + _PAGE, _GROUP_READ):
             block = memoryview(os.pread(self._reader.fileno(), high - low, low))
-        if not self._resume or self._remote is not None:
-            return [self._claim_one(item, block, low) for item in items]
-        # The common case inline (a resume claims every finished item; the calls and
-        # lookups of `_claim_one` cost more than the parse): the item's first line holds
-        # its identity, in the block, of a shard or a file the checks below accept.
-        # Anything else goes through `_claim_one`, which decides the same way.
+        # The common case inline (a resume claims every finished item, and the calls of
+        # `_claim_one` cost more than the parse): the item's first line is in the block
+        # and holds its identity. Anything else goes through `_claim_one`'s search.
         claims: list[Claim] = []
         loads, decode_error = orjson.loads, orjson.JSONDecodeError
-        claimed, checked, directory = earlier.claimed, earlier.checked, self._dir
+        claim_found, claim_one = self._claim_found, self._claim_one
         high = low + len(block)
         for item in items:
             item_id, occurrence, variant, at = item
@@ -1758,30 +1752,14 @@ class BatchStore:
                 except decode_error:
                     record = None
             if (
-                type(record) is not dict
-                or record.get("id") != item_id
-                or record.get("occurrence", 0) != occurrence
-                or record.get("variant", 0) != variant
-                or not (checked or self._valid_ok(record))
+                type(record) is dict
+                and record.get("id") == item_id
+                and record.get("occurrence", 0) == occurrence
+                and record.get("variant", 0) == variant
             ):
-                claims.append(self._claim_one(item, block, low))
-                continue
-            claimed[number] = 1
-            name = record["file"]
-            if name.endswith(_SHARD_ENDINGS):
-                shard = (name, record.get("shard_bytes"))
-                if shard != self._present_shard:
-                    if not self._shard_present(record):
-                        claims.append(_NO_CLAIM)
-                        continue
-                    self._present_shard = shard
-                claims.append((record, True, line, number))
-                continue
-            found = directory.size_and_mtime(name)
-            if found is None or found[0] != record.get("bytes", found[0]):
-                claims.append(_NO_CLAIM)
+                claims.append(claim_found(record, line, number))
             else:
-                claims.append((record, found[1] == record.get("mtime_ns"), line, number))
+                claims.append(claim_one(item, block, low))
         return claims
 
     def _claim_one(self, item: tuple[str, int, int, int], block: memoryview, low: int) -> Claim:
@@ -1817,6 +1795,14 @@ class BatchStore:
             at += 1  # another identity with the same hash bits
             if at >= len(keys) or keys[at] >> _LINE_BITS != top:
                 return None, True, b"", -1
+        return self._claim_found(record, line, number)
+
+    def _claim_found(self, record: StoredRecord, line: bytes | memoryview, number: int) -> Claim:
+        """Claim earlier line ``number``, found to hold the item's identity: its record
+        when the line is a valid ``ok`` one and its image is there."""
+        earlier = self._earlier
+        assert earlier is not None  # noqa: S101
+        assert self._dir is not None  # noqa: S101
         earlier.claimed[number] = 1
         if not earlier.checked and not self._valid_ok(record):
             return None, True, b"", -1
