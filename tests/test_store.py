@@ -424,8 +424,48 @@ def test_a_location_is_written_through_its_directory_descriptor(tmp_path: Path) 
     assert not (tmp_path / "out").exists()
 
 
+@pytest.fixture(params=["unnamed", "temporary"])
+def write_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Each way a written file takes its name: an unnamed file linked in (Linux), or a
+    temporary file renamed (elsewhere, and where a file system has no unnamed files)."""
+    if request.param == "unnamed":
+        if sys.platform != "linux" or not hasattr(os, "O_TMPFILE"):
+            pytest.skip("unnamed files (O_TMPFILE) are Linux's")
+    else:
+        monkeypatch.setattr("friendli_image._store._TMPFILE", 0)
+    return str(request.param)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="links and modes are POSIX")
+def test_a_written_file_takes_its_name_whole(
+    tmp_path: Path, outside: Path, write_path: str
+) -> None:
+    """A free name, a name holding an older file and a name holding a planted link all end
+    up a regular file with the new bytes and the umask's mode; the link's target is never
+    written; the returned time is the file's; nothing temporary is left."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.jpg").write_bytes(b"an older image")
+    (out / "link.jpg").symlink_to(outside)
+    previous = os.umask(0o027)
+    try:
+        with Directory(out) as folder:
+            times = {name: folder.write_atomic(name, name.encode()) for name in
+                     ("free.jpg", "old.jpg", "link.jpg")}  # fmt: skip
+    finally:
+        os.umask(previous)
+    for name, mtime in times.items():
+        info = (out / name).lstat()
+        assert stat.S_ISREG(info.st_mode), name
+        assert stat.S_IMODE(info.st_mode) == 0o640, name
+        assert info.st_mtime_ns == mtime, name
+        assert (out / name).read_bytes() == name.encode()
+    _untouched(outside)
+    assert sorted(p.name for p in out.iterdir()) == ["free.jpg", "link.jpg", "old.jpg"]
+
+
 def test_a_taken_temporary_name_is_not_written_through(
-    tmp_path: Path, outside: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, outside: Path, monkeypatch: pytest.MonkeyPatch, write_path: str
 ) -> None:
     """Temporary names are a random prefix and a counter: one planted at the next name
     (a link here) is left alone, and the write takes another prefix."""
@@ -433,6 +473,7 @@ def test_a_taken_temporary_name_is_not_written_through(
     monkeypatch.setattr("friendli_image._store.secrets.token_hex", lambda _n: next(prefixes))
     out = tmp_path / "out"
     out.mkdir()
+    (out / "a.jpg").write_bytes(b"older")  # taken: the write goes through a temporary name
     planted = out / ".a.jpg.aaaaaaaaaaaa0.part"
     planted.symlink_to(outside)
     with Directory(out) as folder:
@@ -443,6 +484,56 @@ def test_a_taken_temporary_name_is_not_written_through(
     assert planted.is_symlink()
     _untouched(outside)
     assert sorted(p.name for p in out.iterdir()) == [planted.name, "a.jpg", "b.jpg"]
+
+
+@pytest.mark.skipif(
+    sys.platform != "linux" or not hasattr(os, "O_TMPFILE"), reason="O_TMPFILE is Linux's"
+)
+def test_a_file_being_written_has_no_name_in_the_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On Linux an image being written is an unnamed file: someone listing the folder (a
+    watcher, a sync tool) sees only complete images, and a killed writer leaves nothing."""
+    out = tmp_path / "out"
+    out.mkdir()
+    seen: list[list[str]] = []
+    real_write = os.write
+
+    def write(fd: int, data: Any) -> int:
+        seen.append(sorted(p.name for p in out.iterdir()))
+        return real_write(fd, data)
+
+    monkeypatch.setattr("friendli_image._store.os.write", write)
+    with Directory(out) as folder:
+        folder.write_atomic("a.jpg", b"image")
+        folder.write_atomic("b.jpg", b"other")
+    assert seen == [[], ["a.jpg"]]
+
+
+@pytest.mark.skipif(
+    sys.platform != "linux" or not hasattr(os, "O_TMPFILE"), reason="O_TMPFILE is Linux's"
+)
+def test_without_proc_a_file_is_written_through_a_temporary_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Linking an unnamed file in goes through ``/proc``; where it is not mounted, the
+    write still lands (a temporary file renamed), and later writes do not try again."""
+    links: list[str] = []
+
+    def no_proc(source: str, *_args: Any, **_kwargs: Any) -> None:
+        links.append(source)
+        raise FileNotFoundError(2, "No such file or directory", source)
+
+    monkeypatch.setattr("friendli_image._store.os.link", no_proc)
+    out = tmp_path / "out"
+    out.mkdir()
+    with Directory(out) as folder:
+        folder.write_atomic("a.jpg", b"image")
+        folder.write_atomic("b.jpg", b"other")
+    assert (out / "a.jpg").read_bytes() == b"image"
+    assert (out / "b.jpg").read_bytes() == b"other"
+    assert len(links) == 1
+    assert sorted(p.name for p in out.iterdir()) == ["a.jpg", "b.jpg"]
 
 
 @pytest.mark.parametrize(
