@@ -647,6 +647,8 @@ class Batch:
             await loop.run_in_executor(None, store.open)
             self._store = store
             self._plain_resume = store.resuming and options.n == 1
+            if store.resuming:
+                self._occurrences = Occurrences(store.earlier_items)
             if not store.sharded:
                 self._writer = _FileWriter(store, loop)
         sync_source: Iterator[Any] | None = None

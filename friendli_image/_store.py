@@ -225,14 +225,17 @@ class Occurrences:
 
     Holds 8 bytes of each digest seen, in a flat open-addressing table (16 bytes an item,
     not a Python object each: a million items cost 16 MiB), and a count for repeated
-    ones only.
+    ones only. ``expected``: how many distinct digests are likely (the earlier run's items,
+    on a resume), so the table is made at its size once instead of grown through every
+    power of two (each growth re-inserts every digest: a second a million items).
     """
 
     __slots__ = ("_count", "_mask", "_repeats", "_table")
 
-    def __init__(self) -> None:
-        self._table = array.array("Q", bytes(8 * 1024))
-        self._mask = 1023
+    def __init__(self, expected: int = 0) -> None:
+        size = max(1024, 1 << (2 * expected).bit_length())  # at most half full
+        self._table = array.array("Q", bytes(8 * size))
+        self._mask = size - 1
         self._count = 0
         self._repeats: dict[str, int] = {}
 
@@ -1292,6 +1295,11 @@ class BatchStore:
     def resuming(self) -> bool:
         """True when an earlier run's items may be resumed (open found some)."""
         return self._resume and self._earlier is not None
+
+    @property
+    def earlier_items(self) -> int:
+        """How many lines of earlier runs a resume may claim (0 when not resuming)."""
+        return len(self._earlier) if self.resuming and self._earlier is not None else 0
 
     @property
     def closed(self) -> bool:

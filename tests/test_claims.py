@@ -6,8 +6,10 @@ size and time put back, identities that no earlier run made)."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import tempfile
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,7 +21,7 @@ from hypothesis import strategies as st
 
 from friendli_image import AsyncFriendli
 from friendli_image._batch_models import OutputFormat
-from friendli_image._store import MANIFEST_NAME, BatchStore
+from friendli_image._store import MANIFEST_NAME, BatchStore, Occurrences
 from friendli_image.server import LocalServer, ServerConfig
 
 #: Requests of the earlier run: some identical, so items differ by occurrence only.
@@ -148,3 +150,20 @@ def test_a_group_claim_decides_each_item_as_a_one_line_claim_does(
                 )
         finally:
             store.close(complete=False)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    picks=st.lists(st.integers(0, 3000), max_size=3000),
+    expected=st.integers(0, 6000),
+)
+def test_occurrences_number_requests_as_a_counter_does(picks: list[int], expected: int) -> None:
+    """A resume sizes the occurrence table from the earlier run (`Occurrences(expected)`):
+    whatever it expected, fewer or more, each request's occurrence is how many identical
+    ones came before it (the table grows past its size, and is never wrong under it)."""
+    digests = [hashlib.sha256(str(pick).encode()).hexdigest() for pick in picks]
+    occurrences = Occurrences(expected)
+    seen: Counter[str] = Counter()
+    for digest in digests:
+        assert occurrences.next(digest) == seen[digest]
+        seen[digest] += 1
