@@ -16,6 +16,10 @@ a client nobody closed is closed when it is garbage collected or at interpreter 
 thread does not exist there) and builds its own on the next call. A fork waits for a
 loop thread that is starting and finishes the imports the facade makes lazily, so no
 child inherits an import lock held by a thread it does not have (see `_before_fork`).
+Where Python refuses new threads but still runs code (its ``atexit`` hooks, on 3.12), a
+client's calls run on its private loop in the calling thread instead (`_InlineRuntime`);
+once the interpreter is finalizing (a ``__del__`` run at exit), a call fails typed, as
+no thread could run it.
 """
 
 from __future__ import annotations
@@ -108,6 +112,34 @@ class _Runtime:
             self.portal.call(self.portal.stop, True)
         self.thread.join()
         logger.debug("SyncFriendli closed: session closed, loop thread stopped")
+
+
+class _InlineRuntime:
+    """The loop of a client that could not start its thread because Python is shutting
+    down (``atexit`` hooks refuse new threads on 3.12): each call runs to its end on this
+    private loop, in the calling thread, one at a time."""
+
+    __slots__ = ("_lock", "client", "loop", "loop_thread_id", "pid")
+
+    def __init__(self, client: AsyncFriendli) -> None:
+        self.client = client
+        self.loop = asyncio.new_event_loop()
+        self.loop_thread_id = -1  # no thread is the loop's own
+        self.pid = os.getpid()
+        self._lock = threading.Lock()
+
+    def run(self, coroutine: Coroutine[Any, Any, _T]) -> _T:
+        """Run one call on the loop, blocking the calling thread."""
+        with self._lock:
+            return self.loop.run_until_complete(coroutine)
+
+    def shutdown(self) -> None:
+        """Close the client and the loop (not in a forked child, nor once finalizing)."""
+        if self.pid != os.getpid() or sys.is_finalizing():
+            return
+        with self._lock:
+            self.loop.run_until_complete(self.client.close())
+            self.loop.close()
 
 
 class _Hop(Generic[_T]):
@@ -209,7 +241,7 @@ _live: weakref.WeakSet[SyncFriendli] = weakref.WeakSet()
 #: Runtimes inherited through fork. Kept alive on purpose: their objects belong to the
 #: parent (sockets, a loop whose thread is gone), and letting the child collect them
 #: would warn about unclosed resources the child must not close.
-_inherited: list[_Runtime] = []
+_inherited: list[_Runtime | _InlineRuntime] = []
 
 
 #: Held while a loop thread starts; a fork waits for it (see `_before_fork`).
@@ -350,7 +382,7 @@ class SyncFriendli:
         self._template = AsyncFriendli(*args, **kwargs)
         self._next_client: AsyncFriendli | None = self._template
         self._lock = threading.Lock()
-        self._runtime: _Runtime | None = None
+        self._runtime: _Runtime | _InlineRuntime | None = None
         self._finalizer: weakref.finalize[[], SyncFriendli] | None = None
         self._closed = False
         self._warned_in_loop = False
@@ -434,7 +466,17 @@ class SyncFriendli:
         wait (Ctrl-C) cancels the task and re-raises; the result or error of ``call``
         is returned or raised as is.
         """
+        if sys.is_finalizing():
+            # Past the atexit hooks, threads no longer run: a loop thread would never
+            # answer (or, on 3.10 and 3.11, never start), and the call would hang the exit.
+            raise FriendliUsageError(
+                "a SyncFriendli call was made while Python is finalizing (from a __del__ or "
+                "a finalizer run at exit), when no thread can run it; make the call before "
+                "the program ends, or from an atexit hook (atexit.register)"
+            )
         runtime = self._runtime or self._start()
+        if isinstance(runtime, _InlineRuntime):
+            return runtime.run(call(runtime.client))
         if threading.get_ident() == runtime.loop_thread_id:
             raise FriendliUsageError(
                 "a SyncFriendli call was made on the client's own event loop thread (from "
@@ -478,20 +520,30 @@ class SyncFriendli:
             raise
 
     def _inner_client(self) -> AsyncFriendli:
-        """The AsyncFriendli living on the loop thread (started if need be)."""
+        """The AsyncFriendli living on the loop (its thread started if need be)."""
         return (self._runtime or self._start()).client
 
-    def _start(self) -> _Runtime:
+    def _start(self) -> _Runtime | _InlineRuntime:
         with self._lock:
             if self._closed:
                 raise self._closed_error()
             runtime = self._runtime
             if runtime is None:
                 client, self._next_client = self._next_client or self._template.copy(), None
-                runtime = _Runtime(client)
+                try:
+                    runtime = _Runtime(client)
+                except RuntimeError as exc:
+                    # No exception type of its own before 3.13's PythonFinalizationError.
+                    if "interpreter shutdown" not in str(exc):
+                        raise
+                    runtime = _InlineRuntime(client)
                 self._finalizer = weakref.finalize(self, runtime.shutdown)
                 self._runtime = runtime
             return runtime
+
+    def _runs_inline(self) -> bool:
+        """True when this client's calls run in the calling thread (`_InlineRuntime`)."""
+        return isinstance(self._runtime, _InlineRuntime)
 
     def _closed_error(self, when: str = "") -> FriendliUsageError:
         return FriendliUsageError(
@@ -702,6 +754,11 @@ class SyncBatch:
         return self._client._run(run)
 
     def __iter__(self) -> Iterator[BatchItem]:
+        if self._client._runs_inline():
+            # No loop runs between calls to fill a pump: the batch runs to its end, and
+            # its items come in input order (an order it could have finished in).
+            yield from self.collect().items
+            return
         batch = self._claim()
 
         async def start(_client: AsyncFriendli) -> _Pump:

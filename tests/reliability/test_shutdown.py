@@ -1,0 +1,133 @@
+"""Scenario 58: a client whose first call happens in an ``atexit`` hook, or at interpreter
+shutdown: the call completes or fails typed, and the process exits.
+
+Each case is a program of its own, run by this interpreter (each CI lane runs its own
+Python), against the bundled server. What Python allows at exit differs by version:
+3.12 refuses new threads in ``atexit`` hooks, where the blocking client then runs its
+calls in the calling thread; once Python is finalizing (a ``__del__`` run at exit) no
+thread runs at all, and before the fix a call there hung the exit for good on 3.10 and
+3.11 (its loop thread never started, or never answered) and raised an untyped
+``RuntimeError`` on 3.12 and 3.13.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import textwrap
+from collections.abc import Iterator
+
+import pytest
+
+from friendli_image.server import LocalServer, ServerConfig
+
+from .harness import TINY_PNG, Figures, python_flags
+
+pytestmark = [pytest.mark.subprocess, pytest.mark.scenario(58)]
+
+# A hung exit never ends; a normal one takes under a second, several under load.
+EXIT_TIMEOUT_S = 60.0
+
+_PRELUDE = """
+import asyncio, atexit, sys
+from friendli_image import AsyncFriendli, FriendliError, SyncFriendli
+URL = sys.argv[1]
+"""
+
+PROGRAMS = {
+    "a first blocking call in an atexit hook": (
+        """
+        client = SyncFriendli(server_url=URL)
+        def at_exit():
+            print("image", len(client.container.image.generate(prompt="a kite").data))
+        atexit.register(at_exit)
+        """,
+        "completes",
+    ),
+    "a blocking batch iterated, collected and closed in an atexit hook": (
+        """
+        client = SyncFriendli(server_url=URL)
+        def at_exit():
+            items = list(client.container.image.generate_batch(["a", "b", "c"]))
+            result = client.container.image.generate_batch(["d", "e"]).collect()
+            client.close()
+            print("image", sum(item.ok for item in items) + len(result.succeeded))
+        atexit.register(at_exit)
+        """,
+        "completes",
+    ),
+    "a first async call in an atexit hook": (
+        """
+        async def call():
+            async with AsyncFriendli(server_url=URL) as client:
+                return await client.container.image.generate(prompt="a kite")
+        atexit.register(lambda: print("image", len(asyncio.run(call()).data)))
+        """,
+        "completes",
+    ),
+    "a first blocking call in a __del__ run at exit": (
+        """
+        class Late:
+            def __del__(self):
+                try:
+                    with SyncFriendli(server_url=URL) as client:
+                        print("image", len(client.container.image.generate(prompt="k").data))
+                except FriendliError as exc:
+                    print("typed", type(exc).__name__, exc)
+        late = Late()
+        """,
+        "fails typed",
+    ),
+    "a running blocking client called again in a __del__ run at exit": (
+        """
+        client = SyncFriendli(server_url=URL)
+        client.container.image.generate(prompt="before exit")
+        class Late:
+            def __del__(self):
+                try:
+                    print("image", len(client.container.image.generate(prompt="k").data))
+                except FriendliError as exc:
+                    print("typed", type(exc).__name__, exc)
+        late = Late()
+        """,
+        "fails typed",
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[LocalServer]:
+    with LocalServer(ServerConfig(static_image=TINY_PNG, max_concurrency=16)) as srv:
+        yield srv
+
+
+@pytest.mark.parametrize("case", sorted(PROGRAMS))
+def test_a_call_at_exit_completes_or_fails_typed_and_the_process_exits(
+    case: str, server: LocalServer, figures: Figures
+) -> None:
+    body, expected = PROGRAMS[case]
+    program = _PRELUDE + textwrap.dedent(body) + 'print("main done", flush=True)\n'
+    try:
+        done = subprocess.run(
+            [*python_flags(), "-c", program, server.url],
+            capture_output=True,
+            text=True,
+            timeout=EXIT_TIMEOUT_S,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"{case}: the process did not exit within {EXIT_TIMEOUT_S:.0f} s")
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    assert lines[0] == "main done", done.stdout
+    assert len(lines) == 2, (done.stdout, done.stderr[-3000:])
+    if expected == "completes":
+        word, count = lines[1].split()
+        assert word == "image"
+        assert int(count) > 0
+    else:
+        assert lines[1].startswith("typed FriendliUsageError"), lines[1]
+        assert "finalizing" in lines[1]
+        assert "atexit" in lines[1]  # says what to do instead
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
+    figures.add("exit.cases")
+    figures.add(f"exit.{expected.replace(' ', '_')}")
