@@ -134,6 +134,13 @@ def reliability(session: nox.Session) -> None:
         # Scenarios 19-24: the blocking facade's lifecycle.
         "tests/test_sync.py",
         "tests/test_sync_lifecycle.py",
+        # Scenarios 49-50: a location planted with links and hostile manifests; crashes
+        # and reruns of an edited input (state machines).
+        "tests/test_store.py",
+        "tests/test_store_states.py",
+        "tests/test_directory_states.py",
+        # Scenario 5's retry spacing, computed.
+        "tests/test_retry.py",
         # The bundled server's own figures (slowloris, the fd limit, a 20 M-item body).
         "tests/server/test_server_connections.py",
         "tests/server/test_server_hardening.py::test_20m_integer_body_is_refused_without_a_memory_spike",

@@ -171,11 +171,13 @@ class TemporaryWrites(DirectoryWrites):
 @pytest.mark.skipif(
     sys.platform != "linux" or not hasattr(os, "O_TMPFILE"), reason="O_TMPFILE is Linux's"
 )
+@pytest.mark.scenario(49)
 def test_unnamed_writes_keep_the_location_whole() -> None:
     UnnamedWrites.TestCase.settings = _SETTINGS
     UnnamedWrites.TestCase().runTest()
 
 
+@pytest.mark.scenario(49)
 def test_temporary_writes_keep_the_location_whole() -> None:
     TemporaryWrites.TestCase.settings = _SETTINGS
     TemporaryWrites.TestCase().runTest()

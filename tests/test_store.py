@@ -76,6 +76,7 @@ async def _check_images(client: AsyncFriendli, result: Any, requests: list[Any])
 # -- identity ---------------------------------------------------------------------------------
 
 
+@pytest.mark.scenario(50)
 async def test_inserting_one_line_in_twenty_sends_one_request(
     client: AsyncFriendli, server: LocalServer, tmp_path: Path
 ) -> None:
@@ -93,6 +94,7 @@ async def test_inserting_one_line_in_twenty_sends_one_request(
     await _check_images(client, again, inserted)
 
 
+@pytest.mark.scenario(50)
 async def test_reordering_the_input_sends_nothing(
     client: AsyncFriendli, server: LocalServer, tmp_path: Path
 ) -> None:
@@ -108,6 +110,7 @@ async def test_reordering_the_input_sends_nothing(
     await _check_images(client, again, shuffled)
 
 
+@pytest.mark.scenario(50)
 async def test_changing_the_steps_regenerates_all_and_keeps_the_old_images_counted(
     client: AsyncFriendli, server: LocalServer, tmp_path: Path
 ) -> None:
@@ -185,6 +188,7 @@ def _untouched(target: Path) -> None:
 
 @pytest.mark.parametrize("name", [LOCK_NAME, MANIFEST_NAME])
 @pytest.mark.parametrize("resume", [True, False])
+@pytest.mark.scenario(49)
 async def test_a_symlinked_lock_or_manifest_is_refused(
     client: AsyncFriendli, tmp_path: Path, outside: Path, name: str, resume: bool
 ) -> None:
@@ -196,6 +200,7 @@ async def test_a_symlinked_lock_or_manifest_is_refused(
     _untouched(outside)
 
 
+@pytest.mark.scenario(49)
 async def test_symlinked_thumbs_are_not_used(
     client: AsyncFriendli, tmp_path: Path, make_image: Any
 ) -> None:
@@ -227,6 +232,7 @@ def _ok(index: int, name: str, item_id: str = "0" * 64) -> dict[str, Any]:
 @pytest.mark.parametrize(
     "name", ["../outside.txt", "/etc/passwd", "a/b.jpg", "x\u0000.jpg", "evil.html", ".hidden.jpg"]
 )
+@pytest.mark.scenario(49)
 def test_a_manifest_naming_files_outside_or_not_images_is_ignored(
     tmp_path: Path, outside: Path, name: str
 ) -> None:
@@ -258,12 +264,14 @@ def test_a_manifest_naming_files_outside_or_not_images_is_ignored(
     assert (tmp_path / "evil.html").exists()
 
 
+@pytest.mark.scenario(49)
 def test_a_nul_byte_in_a_manifest_line_is_ignored(tmp_path: Path) -> None:
     out = tmp_path / "out"
     _plant(out, b'{"index": 0, "status": "ok", "file": "a\\u0000b.jpg", "sha256": "x"}')
     assert write_gallery(out).stat().st_size < 20_000
 
 
+@pytest.mark.scenario(49)
 def test_a_huge_index_makes_a_small_page(tmp_path: Path) -> None:
     """One 50-byte line with index 1,000,000 once made a 407 MiB page."""
     out = tmp_path / "out"
@@ -274,6 +282,7 @@ def test_a_huge_index_makes_a_small_page(tmp_path: Path) -> None:
     assert write_gallery(out).stat().st_size < 20_000
 
 
+@pytest.mark.scenario(50)
 async def test_images_manifest_and_gallery_follow_the_umask(
     client: AsyncFriendli, tmp_path: Path
 ) -> None:
@@ -292,6 +301,7 @@ async def test_images_manifest_and_gallery_follow_the_umask(
     assert not [p for p in out.iterdir() if p.name.endswith(".part")]
 
 
+@pytest.mark.scenario(49)
 async def test_a_resumed_image_is_hashed_again_and_a_link_is_not_read(
     client: AsyncFriendli, server: LocalServer, tmp_path: Path, outside: Path
 ) -> None:
@@ -367,6 +377,7 @@ def _noise_jpeg(side: int) -> bytes:
 
 
 @pytest.mark.long
+@pytest.mark.scenario(50)
 def test_a_kill_mid_group_leaves_no_line_without_its_image_and_a_rerun_completes_exactly(
     tmp_path: Path,
 ) -> None:
@@ -437,6 +448,7 @@ def write_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) 
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="links and modes are POSIX")
+@pytest.mark.scenario(49)
 def test_a_written_file_takes_its_name_whole(
     tmp_path: Path, outside: Path, write_path: str
 ) -> None:
@@ -464,6 +476,7 @@ def test_a_written_file_takes_its_name_whole(
     assert sorted(p.name for p in out.iterdir()) == ["free.jpg", "link.jpg", "old.jpg"]
 
 
+@pytest.mark.scenario(49)
 def test_a_taken_temporary_name_is_not_written_through(
     tmp_path: Path, outside: Path, monkeypatch: pytest.MonkeyPatch, write_path: str
 ) -> None:

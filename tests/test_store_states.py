@@ -326,6 +326,7 @@ class MemoryStates(ShardStates):
 
 
 @pytest.mark.long
+@pytest.mark.scenario(50)
 def test_batches_killed_edited_and_rerun(server: LocalServer) -> None:
     BatchStates.server = server
     run_machine(BatchStates, EXAMPLES, steps=10)
@@ -346,6 +347,7 @@ _NEEDS_PYARROW = pytest.mark.skipif(
         pytest.param(MemoryStates, marks=_NEEDS_PYARROW),
     ],
 )
+@pytest.mark.scenario(50)
 def test_shard_batches_killed_edited_and_rerun(
     server: LocalServer, machine: type[BatchStates]
 ) -> None:

@@ -52,6 +52,7 @@ def _prompt_of_image(prompts: list[str], **fields: object) -> dict[str, str]:
     return named
 
 
+@pytest.mark.scenario(56)
 def test_cli_ray_resumes_after_sigkill(tmp_path: pathlib.Path, joined_env: dict[str, str]) -> None:
     """SIGKILL of the driver alone mid-run leaves no process of its local cluster behind
     and keeps the images written; the rerun (on a joined cluster: resuming is the same

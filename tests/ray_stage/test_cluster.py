@@ -117,6 +117,7 @@ _LAPTOP = textwrap.dedent(
 )
 
 
+@pytest.mark.scenario(56)
 def test_the_readme_example_runs_on_2_cpus_and_an_unplaceable_pool_says_so(
     tmp_path: pathlib.Path,
 ) -> None:

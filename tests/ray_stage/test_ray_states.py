@@ -191,12 +191,14 @@ class RayShardStates(RayStates):
             assert images[0] == self.server_bytes(by_prefix[key.rsplit("-", 1)[1]]), key
 
 
+@pytest.mark.scenario(57)
 def test_ray_batches_stopped_edited_and_rerun(ray_local: Any, server: LocalServer) -> None:
     RayStates.server = server
     RayStates.ray = ray_local
     run_machine(RayStates, EXAMPLES, steps=6)
 
 
+@pytest.mark.scenario(57)
 def test_ray_shard_batches_stopped_edited_and_rerun(ray_local: Any, server: LocalServer) -> None:
     RayShardStates.server = server
     RayShardStates.ray = ray_local

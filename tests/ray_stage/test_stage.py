@@ -293,6 +293,7 @@ def test_s3_out_dir_on_a_local_object_store(server: LocalServer, s3_endpoint: st
     assert prompts_seen(server)["a lake no. 0"] == 1
 
 
+@pytest.mark.scenario(57)
 def test_changed_parameters_are_regenerated(server: LocalServer) -> None:
     """A row is its id with its request: other steps make other images, sent again."""
     out_dir = "memory://stage-params/out"
@@ -306,6 +307,7 @@ def test_changed_parameters_are_regenerated(server: LocalServer) -> None:
     assert len(fs.ls("/stage-params/out")) == 16
 
 
+@pytest.mark.scenario(57)
 def test_two_rows_with_one_id_and_two_prompts_get_two_correct_images(
     server: LocalServer, tmp_path: pathlib.Path
 ) -> None:

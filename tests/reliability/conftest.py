@@ -35,6 +35,7 @@ from .harness import (
     RawServer,
     SecretProbe,
     _RecordAll,
+    carry_hand_kept,
     render_report,
 )
 
@@ -119,8 +120,10 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     target = os.environ.get(REPORT_ENV)
     _server_figures()
     if target and FIGURES.scenarios:
-        Path(target).parent.mkdir(parents=True, exist_ok=True)
-        Path(target).write_text(render_report(FIGURES), encoding="utf-8")
+        report = Path(target)
+        kept = report.read_text(encoding="utf-8") if report.exists() else ""
+        report.parent.mkdir(parents=True, exist_ok=True)
+        report.write_text(carry_hand_kept(kept, render_report(FIGURES)), encoding="utf-8")
 
 
 @pytest.fixture(autouse=True)

@@ -16,7 +16,7 @@ import sys
 import time
 import traceback
 from collections.abc import Awaitable, Callable, Iterator
-from typing import Any
+from typing import Any, Final
 
 import pybase64
 from PIL import Image
@@ -84,6 +84,30 @@ def _fmt(value: float | None, unit: str = "", digits: int = 3) -> str:
     return f"{value:.{digits}f}{unit}" if isinstance(value, float) else f"{value}{unit}"
 
 
+#: Scenarios whose tests need what this session does not install: where they run.
+RUN_ELSEWHERE: Final = {
+    56: "in `nox -s ray` (tests/ray_stage)",
+    57: "in `nox -s ray` (tests/ray_stage)",
+}
+
+
+#: A section of the report measured outside this session says so; it is carried over.
+HAND_KEPT: Final = "this section is kept by hand"
+_RULES_HEADING: Final = "## The rules these tests hold the SDK to"
+
+
+def carry_hand_kept(previous: str, report: str) -> str:
+    """``report`` with the sections of the ``previous`` report that are kept by hand
+    (figures from sessions that do not write the report, e.g. Ray's) put back before the
+    rules, so regenerating the report never drops them."""
+    sections = ["## " + part for part in previous.split("\n## ")[1:]]
+    kept = "".join(section.rstrip() + "\n\n" for section in sections if HAND_KEPT in section)
+    if not kept:
+        return report
+    head, rules, tail = report.partition(_RULES_HEADING)
+    return head + kept + rules + tail
+
+
 def render_report(f: Figures) -> str:
     c, hi, lo, v = f.counters, f.maxima, f.minima, f.values
     lines = [
@@ -106,7 +130,7 @@ def render_report(f: Figures) -> str:
     for number in range(1, LAST_SCENARIO + 1):
         outcomes = f.scenarios.get(number, [])
         if not outcomes:
-            state = "not run"
+            state = RUN_ELSEWHERE.get(number, "not run")
         elif "failed" in outcomes:
             state = "**FAILED**"
         elif all(o == "skipped" for o in outcomes):
@@ -306,7 +330,7 @@ def _third_pass(f: Figures) -> list[str]:
 
 
 _RULES = [
-    "## The rules these tests hold the SDK to",
+    _RULES_HEADING,
     "",
     "- **Retried**: failures where nothing reached the server (refused, DNS, connect "
     "timeout) always and free of the budget; 429, 502, 503, 504. Not 500: on an "
