@@ -115,8 +115,8 @@ class _Runtime:
 
 
 class _InlineRuntime:
-    """The loop of a client that could not start its thread because Python is shutting
-    down (``atexit`` hooks refuse new threads on 3.12): each call runs to its end on this
+    """The loop of a client that could not start its thread because Python is exiting
+    (``atexit`` hooks refuse new threads on 3.12): each call runs to its end on this
     private loop, in the calling thread, one at a time."""
 
     __slots__ = ("_lock", "client", "loop", "loop_thread_id", "pid")
@@ -532,9 +532,12 @@ class SyncFriendli:
                 client, self._next_client = self._next_client or self._template.copy(), None
                 try:
                     runtime = _Runtime(client)
-                except RuntimeError as exc:
-                    # No exception type of its own before 3.13's PythonFinalizationError.
-                    if "interpreter shutdown" not in str(exc):
+                except RuntimeError:
+                    # Python is exiting (the atexit hooks run once the main thread is
+                    # done) and its loop thread could not start: 3.12 refuses new
+                    # threads, and 3.10 refuses the atexit registration of an import the
+                    # thread makes (concurrent.futures.thread, for older anyio).
+                    if threading.main_thread().is_alive():
                         raise
                     runtime = _InlineRuntime(client)
                 self._finalizer = weakref.finalize(self, runtime.shutdown)
