@@ -27,6 +27,7 @@ import importlib
 import inspect
 import math
 import os
+import secrets
 import shutil
 import subprocess
 import sys
@@ -363,17 +364,28 @@ def _cluster(address: str | None) -> Iterator[Any]:
         finally:
             ray.shutdown()
         return
-    # More logical CPUs than cores: the actors wait on the network, not the CPU.
-    ray.init(num_cpus=max(8, 2 * (os.cpu_count() or 1)), include_dashboard=False)
-    with _watchdog():
-        try:
-            yield ray
-        finally:
-            ray.shutdown()
+    # Every process of the local cluster started from here on carries this mark in its
+    # environment (Ray's agents excepted), so the watchdog also finds the workers Ray
+    # starts later, which no list taken at the start holds.
+    os.environ[_RUN_MARK] = secrets.token_hex(8)
+    try:
+        # More logical CPUs than cores: the actors wait on the network, not the CPU.
+        ray.init(num_cpus=max(8, 2 * (os.cpu_count() or 1)), include_dashboard=False)
+        with _watchdog(os.environ[_RUN_MARK]):
+            try:
+                yield ray
+            finally:
+                ray.shutdown()
+    finally:
+        os.environ.pop(_RUN_MARK, None)
 
+
+#: The environment variable marking the processes of a command's local cluster.
+_RUN_MARK: Final = "FRIENDLI_IMAGE_RAY_RUN"
 
 #: The watchdog: reads "pid create_time" lines while the command runs; at end of input
-#: (the command ended, however: even kill -9 closes the pipe) it stops those processes.
+#: (the command ended, however: even kill -9 closes the pipe) it stops those processes
+#: and every process whose environment carries the run's mark (argv[2], under argv[3]).
 _WATCHDOG: Final = """
 import os, signal, sys, time
 sys.path.insert(0, sys.argv[1])
@@ -384,6 +396,13 @@ for line in sys.stdin:
     try:
         process = psutil.Process(int(pid))
         if abs(process.create_time() - float(created)) < 0.01:
+            processes.append(process)
+    except psutil.Error:
+        pass
+listed = {process.pid for process in processes}
+for process in psutil.process_iter():
+    try:
+        if process.pid not in listed and process.environ().get(sys.argv[3]) == sys.argv[2]:
             processes.append(process)
     except psutil.Error:
         pass
@@ -402,12 +421,15 @@ for process in alive:
 
 
 @contextlib.contextmanager
-def _watchdog() -> Iterator[None]:
+def _watchdog(mark: str) -> Iterator[None]:
     """Stop the local cluster's processes when the command ends, even by ``kill -9``.
 
-    Ray stops its core processes with the driver, but not its agents: a process of its
-    own, in a session of its own, is told their ids and stops them when the command's
-    end closes its pipe. (psutil, which Ray ships, finds them; without it, no watchdog.)
+    Ray stops its core processes with the driver, but not its agents, nor a worker it
+    was still starting: a process of its own, in a session of its own, is told the ids
+    of the processes started so far (the agents among them) and the run's ``mark``
+    (which every later one carries in ``_RUN_MARK``), and stops them all when the
+    command's end closes its pipe. (psutil, which Ray ships, finds them; without it, no
+    watchdog.)
     """
     try:
         psutil = importlib.import_module("psutil")
@@ -416,7 +438,8 @@ def _watchdog() -> Iterator[None]:
         return
     where = str(Path(str(psutil.__file__)).parent.parent)
     watchdog = subprocess.Popen(  # noqa: S603  (this Python, a fixed script)
-        [sys.executable, "-c", _WATCHDOG, where],
+        [sys.executable, "-c", _WATCHDOG, where, mark, _RUN_MARK],
+        env={name: value for name, value in os.environ.items() if name != _RUN_MARK},
         stdin=subprocess.PIPE,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from typing import Any
 
 import orjson
 import pytest
@@ -52,6 +53,61 @@ def _prompt_of_image(prompts: list[str], **fields: object) -> dict[str, str]:
     return named
 
 
+_LATE_WORKER = """
+import os, signal, subprocess, sys, time
+from friendli_image._cli._ray import _RUN_MARK, _watchdog
+
+sleeper = [sys.executable, "-c", "import time; time.sleep(300)"]
+quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+with _watchdog("this-run"):
+    # Started after the watchdog's list was taken, as a worker Ray starts late.
+    late = subprocess.Popen(sleeper, env={**os.environ, _RUN_MARK: "this-run"}, **quiet)
+    other = subprocess.Popen(sleeper, env={**os.environ, _RUN_MARK: "another-run"}, **quiet)
+    time.sleep(1.0)  # both are running Python by now
+    print(late.pid, other.pid, flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_the_watchdog_stops_a_process_of_the_run_started_after_its_list() -> None:
+    """``kill -9`` of the command: the watchdog stops a process that carries the run's
+    mark though it started after the list of processes was taken (a worker Ray was still
+    starting, which CI once saw left behind), and leaves another run's alone."""
+    psutil = pytest.importorskip("psutil", reason="Ray ships psutil")
+    done = subprocess.run(
+        [sys.executable, "-c", _LATE_WORKER],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == -signal.SIGKILL, done.stderr
+    late, other = (int(pid) for pid in done.stdout.split())
+    try:
+        deadline = time.monotonic() + 30
+        while psutil.pid_exists(late) and time.monotonic() < deadline:
+            with contextlib.suppress(psutil.Error):
+                if psutil.Process(late).status() == psutil.STATUS_ZOMBIE:
+                    break
+            time.sleep(0.1)
+        assert not psutil.pid_exists(late) or psutil.Process(late).status() == "zombie"
+        assert psutil.Process(other).is_running()
+    finally:
+        for pid in (late, other):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def _marked(psutil: Any) -> list[str]:
+    """The command lines of the processes that carry a ``batch --ray`` run's mark."""
+    found = []
+    for process in psutil.process_iter():
+        with contextlib.suppress(psutil.Error):
+            if "FRIENDLI_IMAGE_RAY_RUN" in process.environ():
+                found.append(" ".join(process.cmdline()))
+    return found
+
+
 @pytest.mark.scenario(56)
 def test_cli_ray_resumes_after_sigkill(tmp_path: pathlib.Path, joined_env: dict[str, str]) -> None:
     """SIGKILL of the driver alone mid-run leaves no process of its local cluster behind
@@ -85,6 +141,12 @@ def test_cli_ray_resumes_after_sigkill(tmp_path: pathlib.Path, joined_env: dict[
             first.wait(30)
             _, alive = psutil.wait_procs(started, timeout=30)
             assert alive == [], [" ".join(p.cmdline()) for p in alive]
+            # Nor any process of its cluster started after that list (a worker Ray was
+            # still starting): each carries the run's mark in its environment.
+            deadline = time.monotonic() + 30
+            while (marked := _marked(psutil)) and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert marked == [], marked
         finally:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(first.pid, signal.SIGKILL)
