@@ -33,14 +33,31 @@ from friendli_image import AsyncFriendli, FriendliError, SyncFriendli
 URL = sys.argv[1]
 """
 
+
+def _first_call_at_exit(url: str, *, opened: bool = False) -> str:
+    """A blocking client to ``url`` (an expression) whose first request is made in an
+    atexit hook; ``opened``: its loop thread was started before exit."""
+    return (
+        f"client = SyncFriendli(server_url={url})\n"
+        + ("client.__enter__()\n" if opened else "")
+        + "def at_exit():\n"
+        + '    print("image", len(client.container.image.generate(prompt="a kite").data))\n'
+        + "atexit.register(at_exit)\n"
+    )
+
+
+# A host name is resolved on a thread of the loop's executor, whose pool Python closes to
+# new work at exit: the lookup then runs in the thread that asked.
+_HOST_NAME = 'URL.replace("127.0.0.1", "localhost")'
+
 PROGRAMS = {
-    "a first blocking call in an atexit hook": (
-        """
-        client = SyncFriendli(server_url=URL)
-        def at_exit():
-            print("image", len(client.container.image.generate(prompt="a kite").data))
-        atexit.register(at_exit)
-        """,
+    "a first blocking call in an atexit hook": (_first_call_at_exit("URL"), "completes"),
+    "a first blocking call to a host name in an atexit hook": (
+        _first_call_at_exit(_HOST_NAME),
+        "completes",
+    ),
+    "a running blocking client's first host-name lookup in an atexit hook": (
+        _first_call_at_exit(_HOST_NAME, opened=True),
         "completes",
     ),
     "a blocking batch iterated, collected and closed in an atexit hook": (
