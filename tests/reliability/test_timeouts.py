@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import random
 import socket
+import statistics
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -329,8 +330,10 @@ async def test_a_cancel_at_the_attempt_deadline_stays_a_cancel(
     timings = [await timed() for _ in range(20)]
     late = max(t for t, _ in timings)
     # A loaded machine delays every timer; the SDK's own share is the excess over a
-    # plain sleep started at the same moment.
-    excess = max(t - control for t, control in timings)
+    # plain sleep started at the same moment. A timeout that fires late does so every
+    # time, so the median is held to the bound: the largest of 20 excesses also holds one
+    # scheduling stall of the busy machine (CI's floors lane once saw 157 ms).
+    excesses = sorted(t - control for t, control in timings)
     figures.high("timeout.attempt (30 ms)", late)
-    figures.high("timeout.attempt (30 ms), beyond a plain sleep", excess)
-    assert excess < 0.1
+    figures.high("timeout.attempt (30 ms), beyond a plain sleep", excesses[-1])
+    assert statistics.median(excesses) < 0.05, excesses
