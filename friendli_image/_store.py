@@ -81,8 +81,8 @@ import stat
 import sys
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from typing import IO, TYPE_CHECKING, Any, Final
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import IO, TYPE_CHECKING, Any, Final, TypeVar
 
 import orjson
 
@@ -153,6 +153,8 @@ METADATA_NAME: Final = "metadata.jsonl"
 GALLERY_NAME: Final = "index.html"
 #: The gallery's thumbnails live in this folder of the location.
 THUMBS_DIR: Final = ".thumbs"
+
+_T = TypeVar("_T")
 
 _TEMP_SUFFIX: Final = ".part"
 #: Random prefixes a temporary file's name is tried with before its write fails.
@@ -519,21 +521,21 @@ class Directory:
                         return mtime
                 finally:
                     os.close(fd)
-        temp_path, at, fd = self._create_temporary(name)
+        # O_EXCL with O_CREAT never opens what exists (a link included), so the file is
+        # the new regular file this call made, with no fstat to check it.
+        temp, temp_fd = self._new_temporary(
+            name, lambda path, at: os.open(path, _CREATE_NEW, 0o666, **at)
+        )
         try:
             try:
-                mtime = _write_all(fd, data, sync=sync)
+                mtime = _write_all(temp_fd, data, sync=sync)
             finally:
-                os.close(fd)
-            target, _ = self._at(name)
-            if at:
-                os.replace(temp_path, target, src_dir_fd=at["dir_fd"], dst_dir_fd=at["dir_fd"])
-            else:
-                os.replace(temp_path, target)
+                os.close(temp_fd)
         except BaseException:
             with contextlib.suppress(OSError):
-                os.unlink(temp_path, **at)
+                self.remove(temp)
             raise
+        self._replace_with(temp, name)
         return mtime
 
     def _open_unnamed(self) -> int | None:
@@ -560,42 +562,41 @@ class Directory:
             return False
         else:
             return True
-        for _ in range(_TEMP_TRIES):
-            temp = self._temporary_name(name)
-            try:
-                os.link(source, temp, dst_dir_fd=self._fd, follow_symlinks=True)
-                break
-            except FileExistsError:
-                self._temp_prefix = secrets.token_hex(6)
-        else:
-            raise FileExistsError(f"no free temporary name for {name!r} in {self.path}")
-        try:
-            os.replace(temp, name, src_dir_fd=self._fd, dst_dir_fd=self._fd)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(temp, dir_fd=self._fd)
-            raise
+        temp, _ = self._new_temporary(
+            name, lambda path, _at: os.link(source, path, dst_dir_fd=self._fd, follow_symlinks=True)
+        )
+        self._replace_with(temp, name)
         return True
 
     def _temporary_name(self, name: str) -> str:
         """A new hidden name for ``name`` while it is written (``remove_temporaries``)."""
         return f".{name}.{self._temp_prefix}{next(self._temps):x}{_TEMP_SUFFIX}"
 
-    def _create_temporary(self, name: str) -> tuple[str, dict[str, int], int]:
-        """A new temporary file for ``name``: its path, the open's keywords, a descriptor.
-
-        O_EXCL with O_CREAT never opens what exists (a link included), so the file is the
-        new regular file this call made, with no fstat to check it. A name already taken
-        (planted, or left by a killed writer) draws a new random prefix.
-        """
+    def _new_temporary(
+        self, name: str, create: Callable[[str, dict[str, int]], _T]
+    ) -> tuple[str, _T]:
+        """A new temporary file for ``name``, made by ``create(path, open keywords)``,
+        which must fail with FileExistsError on a name already taken (``O_EXCL``, a
+        link): its name and what ``create`` returned. A taken name (planted, or left by a
+        killed writer) draws a new random prefix."""
         for _ in range(_TEMP_TRIES - 1):
-            temp_path, at = self._at(self._temporary_name(name))
+            temp = self._temporary_name(name)
             try:
-                return temp_path, at, os.open(temp_path, _CREATE_NEW, 0o666, **at)
+                return temp, create(*self._at(temp))
             except FileExistsError:
                 self._temp_prefix = secrets.token_hex(6)
-        temp_path, at = self._at(self._temporary_name(name))
-        return temp_path, at, os.open(temp_path, _CREATE_NEW, 0o666, **at)
+        temp = self._temporary_name(name)
+        return temp, create(*self._at(temp))
+
+    def _replace_with(self, temp: str, name: str) -> None:
+        """Rename the complete temporary file ``temp`` over ``name`` (a link planted
+        there is replaced, never written through); ``temp`` is removed if that fails."""
+        try:
+            self.rename(temp, name)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                self.remove(temp)
+            raise
 
     def rename(self, name: str, to: str) -> None:
         """Rename ``name`` to ``to`` in this directory, replacing what ``to`` is."""
