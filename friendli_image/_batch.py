@@ -44,6 +44,7 @@ from typing import Any, Final
 import attrs
 
 from ._batch_models import BatchItem, BatchOptions, BatchProgress, BatchResult, resumed_item
+from ._blocking import run_blocking
 from ._clock import monotonic, pause
 from ._config import CallOptions, CallOverrides
 from ._exceptions import (
@@ -313,8 +314,8 @@ class _FileWriter:
             while self._queue:
                 group, self._queue = self._queue, []
                 try:
-                    digests = await self._loop.run_in_executor(
-                        None, self._store.write_files, [entry[:3] for entry in group]
+                    digests = await run_blocking(
+                        self._store.write_files, [entry[:3] for entry in group]
                     )
                 except Exception as exc:  # noqa: BLE001  (each waiting item gets it)
                     _answer(group, exc)
@@ -644,7 +645,7 @@ class Batch:
                 options.shard_size,
                 storage_options=options.storage_options,
             )
-            await loop.run_in_executor(None, store.open)
+            await run_blocking(store.open)
             self._store = store
             self._plain_resume = store.resuming and options.n == 1
             if store.resuming:
@@ -844,9 +845,7 @@ class Batch:
         unsure = [claim[0] for claim in claims if claim[0] is not None and not claim[1]]
         if unsure:
             # An image whose size and time do not tell: its sha256, on a thread.
-            verified = await asyncio.get_running_loop().run_in_executor(
-                None, _verify_all, store, unsure
-            )
+            verified = await run_blocking(_verify_all, store, unsure)
             bad = {id(record) for record, ok in zip(unsure, verified, strict=True) if not ok}
             claims = [(None, True, b"", -1) if id(claim[0]) in bad else claim for claim in claims]
         resumed = []
@@ -994,7 +993,7 @@ class Batch:
             if full is not None:
                 self._unpublished += 1
                 try:
-                    await asyncio.get_running_loop().run_in_executor(None, store.publish, full)
+                    await run_blocking(store.publish, full)
                 finally:
                     self._unpublished -= 1
                     async with self._published:

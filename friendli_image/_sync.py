@@ -37,10 +37,6 @@ import warnings
 import weakref
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
-
-# Imported with the package, not when a loop first needs it: at exit (in an atexit hook)
-# this module's import registers an exit hook of its own, which Python then refuses.
-from concurrent.futures import ThreadPoolExecutor
 from functools import cached_property, wraps
 from typing import TYPE_CHECKING, Any, Concatenate, Final, Generic, ParamSpec, TypeVar
 
@@ -118,30 +114,6 @@ class _Runtime:
         logger.debug("SyncFriendli closed: session closed, loop thread stopped")
 
 
-class _ExitSafeExecutor(ThreadPoolExecutor):
-    """The default executor of a facade's loop: a thread pool, until Python is exiting.
-
-    Once the main thread is done (the atexit hooks run), the standard pool refuses new
-    work and Python may refuse new threads, so what the loop hands to a thread (resolving
-    a host name such as ``localhost``) runs in the thread that asked instead.
-    """
-
-    def submit(
-        self, fn: Callable[..., _T], /, *args: Any, **kwargs: Any
-    ) -> concurrent.futures.Future[_T]:
-        try:
-            return super().submit(fn, *args, **kwargs)
-        except RuntimeError:
-            if threading.main_thread().is_alive():
-                raise
-        future: concurrent.futures.Future[_T] = concurrent.futures.Future()
-        try:
-            future.set_result(fn(*args, **kwargs))
-        except BaseException as exc:  # noqa: BLE001  (the future carries it to the loop)
-            future.set_exception(exc)
-        return future
-
-
 class _InlineRuntime:
     """The loop of a client that could not start its thread because Python is exiting
     (``atexit`` hooks refuse new threads on 3.12): each call runs to its end on this
@@ -152,7 +124,6 @@ class _InlineRuntime:
     def __init__(self, client: AsyncFriendli) -> None:
         self.client = client
         self.loop = asyncio.new_event_loop()
-        self.loop.set_default_executor(_ExitSafeExecutor())
         self.loop_thread_id = -1  # no thread is the loop's own
         self.pid = os.getpid()
         self._lock = threading.Lock()
@@ -243,7 +214,6 @@ def _serve(
         try:
             async with BlockingPortal() as portal:
                 loop = asyncio.get_running_loop()
-                loop.set_default_executor(_ExitSafeExecutor())
                 ready.set_result((portal, loop, client, threading.get_ident()))
                 await portal.sleep_until_stopped()
         finally:

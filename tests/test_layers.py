@@ -16,7 +16,7 @@ PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "friendli_image"
 
 #: Bottom to top. A module may import modules of its own layer or of lower layers only.
 LAYERS: tuple[frozenset[str], ...] = (
-    frozenset({"_version", "_clock", "_exceptions", "_formats"}),
+    frozenset({"_version", "_blocking", "_clock", "_exceptions", "_formats"}),
     frozenset({"_secrets"}),
     frozenset({"_config"}),
     frozenset({"_images"}),

@@ -16,12 +16,13 @@ import os
 import sys
 from collections.abc import Coroutine, Mapping
 from io import BytesIO
-from typing import TYPE_CHECKING, Any, Final, TypeVar
+from typing import TYPE_CHECKING, Any, Final, TypeVar, cast
 
 import aiohttp
 import attrs
 from yarl import URL
 
+from friendli_image._blocking import Lookups, run_blocking
 from friendli_image._clock import monotonic
 from friendli_image._config import CallOptions, ClientSettings, Timeout
 from friendli_image._exceptions import (
@@ -103,7 +104,18 @@ class Connector(aiohttp.TCPConnector):
     lookup. The price is overriding ``_create_connection``, aiohttp's private step that
     makes a new connection: the same ``(req, traces, timeout)`` from 3.10 (our floor) to
     3.14, and tests/reliability/test_connections.py fails if it stops being called.
+
+    When aiohttp resolves host names on threads (its default without aiodns), its
+    resolver asks the loop through `Lookups`, so a host name resolves at interpreter
+    exit too (`run_blocking`).
     """
+
+    def __init__(self, **options: Any) -> None:
+        if "resolver" not in options and aiohttp.DefaultResolver is aiohttp.ThreadedResolver:
+            # ThreadedResolver only calls the loop's getaddrinfo and getnameinfo.
+            lookups = cast("asyncio.AbstractEventLoop", Lookups(asyncio.get_running_loop()))
+            options["resolver"] = aiohttp.ThreadedResolver(loop=lookups)
+        super().__init__(**options)
 
     async def connect(
         self, req: aiohttp.ClientRequest, traces: list[Trace], timeout: aiohttp.ClientTimeout
@@ -326,8 +338,8 @@ class Transport:
                 )
             try:
                 if len(data) > OFFLOOP_DECODE_BYTES:
-                    image = await asyncio.get_running_loop().run_in_executor(
-                        None, decode_image, data, status, request_id, redactor, answer_headers
+                    image = await run_blocking(
+                        decode_image, data, status, request_id, redactor, answer_headers
                     )
                 else:
                     image = decode_image(data, status, request_id, redactor, answer_headers)

@@ -6,7 +6,6 @@ is parsed only when small or shallow. Large bodies are joined and decoded off th
 
 from __future__ import annotations
 
-import asyncio
 import binascii
 import re
 from collections.abc import Mapping
@@ -16,6 +15,7 @@ import aiohttp
 import orjson
 import pybase64
 
+from friendli_image._blocking import run_blocking
 from friendli_image._exceptions import FriendliResponseError, FriendliResponseTooLarge
 from friendli_image._secrets import Redactor
 
@@ -94,7 +94,7 @@ class BodyBuffers:
             self._free.remove(buffer)
             return buffer
         try:
-            return await asyncio.get_running_loop().run_in_executor(None, bytearray, size)
+            return await run_blocking(bytearray, size)
         except BaseException:
             self._busy -= 1
             raise
@@ -155,7 +155,7 @@ async def read_body(
         chunks.append(chunk)
     if size <= OFFLOOP_DECODE_BYTES:
         return b"".join(chunks), None
-    return await asyncio.get_running_loop().run_in_executor(None, b"".join, chunks), None
+    return await run_blocking(b"".join, chunks), None
 
 
 def decode_image(

@@ -12,12 +12,16 @@ thread runs at all, and before the fix a call there hung the exit for good on 3.
 
 from __future__ import annotations
 
+import io
+import random
 import subprocess
 import textwrap
 from collections.abc import Iterator
 
 import pytest
+from PIL import Image
 
+from friendli_image._transport._decode import OFFLOOP_DECODE_BYTES
 from friendli_image.server import LocalServer, ServerConfig
 
 from .harness import TINY_PNG, Figures, python_flags
@@ -43,6 +47,17 @@ def _first_call_at_exit(url: str, *, opened: bool = False) -> str:
         + "def at_exit():\n"
         + '    print("image", len(client.container.image.generate(prompt="a kite").data))\n'
         + "atexit.register(at_exit)\n"
+    )
+
+
+def _first_async_call_at_exit(url: str) -> str:
+    """An async client to ``url`` (an expression) first used under ``asyncio.run`` in an
+    atexit hook."""
+    return (
+        "async def call():\n"
+        f"    async with AsyncFriendli(server_url={url}) as client:\n"
+        '        return await client.container.image.generate(prompt="a kite")\n'
+        'atexit.register(lambda: print("image", len(asyncio.run(call()).data)))\n'
     )
 
 
@@ -72,13 +87,26 @@ PROGRAMS = {
         """,
         "completes",
     ),
-    "a first async call in an atexit hook": (
+    "a first async call in an atexit hook": (_first_async_call_at_exit("URL"), "completes"),
+    "a first async call to a host name in an atexit hook": (
+        _first_async_call_at_exit(_HOST_NAME),
+        "completes",
+    ),
+    "an async batch into a folder in an atexit hook": (
         """
-        async def call():
+        import tempfile
+        async def run():
             async with AsyncFriendli(server_url=URL) as client:
-                return await client.container.image.generate(prompt="a kite")
-        atexit.register(lambda: print("image", len(asyncio.run(call()).data)))
+                batch = client.container.image.generate_batch(
+                    ["a", "b", "c"], out_dir=tempfile.mkdtemp()
+                )
+                return sum([item.ok async for item in batch])
+        atexit.register(lambda: print("image", asyncio.run(run())))
         """,
+        "completes",
+    ),
+    "a first async call in an atexit hook answered with a large image": (
+        _first_async_call_at_exit("sys.argv[2]"),
         "completes",
     ),
     "a first blocking call in a __del__ run at exit": (
@@ -117,15 +145,26 @@ def server() -> Iterator[LocalServer]:
         yield srv
 
 
+@pytest.fixture(scope="module")
+def large_image_server() -> Iterator[LocalServer]:
+    """A server whose image is larger than what the client decodes on the event loop."""
+    noise = Image.frombytes("RGB", (1400, 1400), random.Random(58).randbytes(1400 * 1400 * 3))
+    png = io.BytesIO()
+    noise.save(png, format="PNG", compress_level=1)
+    assert png.tell() > OFFLOOP_DECODE_BYTES
+    with LocalServer(ServerConfig(static_image=png.getvalue(), max_concurrency=4)) as srv:
+        yield srv
+
+
 @pytest.mark.parametrize("case", sorted(PROGRAMS))
 def test_a_call_at_exit_completes_or_fails_typed_and_the_process_exits(
-    case: str, server: LocalServer, figures: Figures
+    case: str, server: LocalServer, large_image_server: LocalServer, figures: Figures
 ) -> None:
     body, expected = PROGRAMS[case]
     program = _PRELUDE + textwrap.dedent(body) + 'print("main done", flush=True)\n'
     try:
         done = subprocess.run(
-            [*python_flags(), "-c", program, server.url],
+            [*python_flags(), "-c", program, server.url, large_image_server.url],
             capture_output=True,
             text=True,
             timeout=EXIT_TIMEOUT_S,
