@@ -15,10 +15,13 @@ from __future__ import annotations
 import io
 import random
 import subprocess
+import sys
 import textwrap
 from collections.abc import Iterator
 
 import pytest
+from hypothesis import HealthCheck, given, note, seed, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from friendli_image._transport._decode import OFFLOOP_DECODE_BYTES
@@ -156,11 +159,12 @@ def large_image_server() -> Iterator[LocalServer]:
         yield srv
 
 
-@pytest.mark.parametrize("case", sorted(PROGRAMS))
-def test_a_call_at_exit_completes_or_fails_typed_and_the_process_exits(
-    case: str, server: LocalServer, large_image_server: LocalServer, figures: Figures
+def _run_at_exit(
+    body: str, server: LocalServer, large_image_server: LocalServer, expected: str
 ) -> None:
-    body, expected = PROGRAMS[case]
+    """Run ``body`` after the prelude as a program of its own; it must print "main done",
+    then the outcome of its call at exit: ``completes`` (``image <n>``, n > 0) or ``fails
+    typed`` (a `FriendliUsageError` that says why and what to do), and exit cleanly."""
     program = _PRELUDE + textwrap.dedent(body) + 'print("main done", flush=True)\n'
     try:
         done = subprocess.run(
@@ -171,19 +175,133 @@ def test_a_call_at_exit_completes_or_fails_typed_and_the_process_exits(
             check=False,
         )
     except subprocess.TimeoutExpired:
-        pytest.fail(f"{case}: the process did not exit within {EXIT_TIMEOUT_S:.0f} s")
-    assert done.returncode == 0, done.stderr[-3000:]
+        pytest.fail(f"the process did not exit within {EXIT_TIMEOUT_S:.0f} s:\n{program}")
+    assert done.returncode == 0, (program, done.stderr[-3000:])
     lines = done.stdout.splitlines()
-    assert lines[0] == "main done", done.stdout
-    assert len(lines) == 2, (done.stdout, done.stderr[-3000:])
+    assert lines[0] == "main done", (program, done.stdout)
+    assert len(lines) == 2, (program, done.stdout, done.stderr[-3000:])
     if expected == "completes":
         word, count = lines[1].split()
-        assert word == "image"
+        assert word == "image", (program, lines[1])
         assert int(count) > 0
     else:
-        assert lines[1].startswith("typed FriendliUsageError"), lines[1]
+        assert lines[1].startswith("typed FriendliUsageError"), (program, lines[1])
         assert "finalizing" in lines[1]
         assert "atexit" in lines[1]  # says what to do instead
-    assert "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr, (program, done.stderr[-3000:])
+    assert "Exception ignored" not in done.stderr, (program, done.stderr[-3000:])
+
+
+@pytest.mark.parametrize("case", sorted(PROGRAMS))
+def test_a_call_at_exit_completes_or_fails_typed_and_the_process_exits(
+    case: str, server: LocalServer, large_image_server: LocalServer, figures: Figures
+) -> None:
+    body, expected = PROGRAMS[case]
+    _run_at_exit(body, server, large_image_server, expected)
     figures.add("exit.cases")
     figures.add(f"exit.{expected.replace(' ', '_')}")
+
+
+# The generated programs: a client (blocking or async; made at exit, or used before it),
+# a moment (an atexit hook; a non-daemon thread still running once the main thread is
+# done; a __del__ run while Python is finalizing), a server address (an IP, a host name),
+# and a call (one image, a large one, an edit, a batch in memory or into a folder).
+_CLIENTS = {
+    "a blocking client made then": (
+        "def work():\n    with SyncFriendli(server_url=URL) as c:\n        return {sync}\n"
+    ),
+    "a blocking client used before": (
+        "client = SyncFriendli(server_url=URL)\n"
+        'client.container.image.generate(prompt="before exit")\n'
+        "def work():\n    c = client\n    return {sync}\n"
+    ),
+    "an async client made then": (
+        "async def call():\n"
+        "    async with AsyncFriendli(server_url=URL) as c:\n"
+        "        return {awaited}\n"
+        "def work():\n    return asyncio.run(call())\n"
+    ),
+    "an async client used before on another loop": (
+        "client = AsyncFriendli(server_url=URL)\n"
+        "async def call():\n    c = client\n    return {awaited}\n"
+        "asyncio.run(call())\n"
+        "def work():\n    return asyncio.run(call())\n"
+    ),
+}
+_MOMENTS = {
+    "in an atexit hook": "atexit.register(report)\n",
+    "in a thread still running after the main thread": (
+        "def late():\n    threading.main_thread().join()\n    report()\n"
+        "threading.Thread(target=late).start()\n"
+    ),
+    "in a __del__ while Python is finalizing": (
+        "class Late:\n    def __del__(self):\n        report()\nlate = Late()\n"
+    ),
+}
+_CALLS = {  # (blocking, awaited), each the number of images
+    "one image": (
+        'len(c.container.image.generate(prompt="k").data)',
+        'len((await c.container.image.generate(prompt="k")).data)',
+    ),
+    "one large image": (
+        'len(c.container.image.generate(prompt="k").data)',
+        'len((await c.container.image.generate(prompt="k")).data)',
+    ),
+    "an edit": (
+        'len(c.container.image.edit(prompt="k", image=IMAGE).data)',
+        'len((await c.container.image.edit(prompt="k", image=IMAGE)).data)',
+    ),
+    "a batch": (
+        'sum(i.ok for i in c.container.image.generate_batch(["a", "b", "c"]))',
+        'sum([i.ok async for i in c.container.image.generate_batch(["a", "b", "c"])])',
+    ),
+    "a batch into a folder": (
+        "sum(i.ok for i in c.container.image.generate_batch("
+        '["a", "b", "c"], out_dir=tempfile.mkdtemp()))',
+        "sum([i.ok async for i in c.container.image.generate_batch("
+        '["a", "b", "c"], out_dir=tempfile.mkdtemp())])',
+    ),
+}
+
+
+@st.composite
+def exit_programs(draw: st.DrawFn) -> tuple[str, str, str]:
+    """(description, program body, expected outcome) of one generated program."""
+    client = draw(st.sampled_from(sorted(_CLIENTS)))
+    moments = sorted(_MOMENTS)
+    if client.startswith("an async"):
+        # asyncio itself cannot start a loop once Python is finalizing (its import of the
+        # event loop policy fails), before any code of this package runs.
+        moments.remove("in a __del__ while Python is finalizing")
+    moment = draw(st.sampled_from(moments))
+    address = draw(st.sampled_from(["an IP address", "a host name"]))
+    call = draw(st.sampled_from(sorted(_CALLS)))
+    sync, awaited = _CALLS[call]
+    url = "sys.argv[2]" if call == "one large image" else "sys.argv[1]"
+    if address == "a host name":
+        url += '.replace("127.0.0.1", "localhost")'
+    body = (
+        f"import tempfile, threading\nURL = {url}\nIMAGE = {TINY_PNG!r}\n"
+        + _CLIENTS[client].format(sync=sync, awaited=awaited)
+        + "def report():\n"
+        + "    try:\n"
+        + '        print("image", work(), flush=True)\n'
+        + "    except FriendliError as exc:\n"
+        + '        print("typed", type(exc).__name__, exc, flush=True)\n'
+        + _MOMENTS[moment]
+    )
+    expected = "fails typed" if "finalizing" in moment else "completes"
+    return f"{client}, {call} to {address}, {moment}", body, expected
+
+
+# A few programs per run, a different few on each Python (the seed is its version), so
+# the CI lanes cover the space between them (4 x 3 x 2 x 5 less the impossible ones).
+@settings(max_examples=8, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+@seed(sys.version_info.minor)
+@given(case=exit_programs())
+def test_generated_programs_at_exit_complete_or_fail_typed(
+    case: tuple[str, str, str], server: LocalServer, large_image_server: LocalServer
+) -> None:
+    description, body, expected = case
+    note(description)
+    _run_at_exit(body, server, large_image_server, expected)
