@@ -18,6 +18,7 @@ from typing import Any, NamedTuple
 import aiohttp
 import pytest
 from aiohttp.client_reqrep import ConnectionKey
+from aiohttp.http_exceptions import ContentEncodingError, ContentLengthError, HttpProcessingError
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
@@ -74,11 +75,34 @@ def _payload_cut() -> aiohttp.ClientPayloadError:
     return aiohttp.ClientPayloadError("Response payload is not completed")
 
 
+def _payload_reset() -> aiohttp.ClientPayloadError:
+    """aiohttp's text for a body cut by a reset, quoting its parser's error."""
+    cut = ContentLengthError("Not enough data to satisfy content length header")
+    return aiohttp.ClientPayloadError(f"Response payload is not completed: {cut!r}")
+
+
 def _malformed_answer() -> aiohttp.ClientResponseError:
     info = aiohttp.RequestInfo(URL_, "POST", CIMultiDictProxy(CIMultiDict()), URL_)
     return aiohttp.ClientResponseError(
         info, (), status=400, message=f"Bad status line 'Bearer {SECRET}'"
     )
+
+
+def _undecodable_answer() -> aiohttp.ClientResponseError:
+    """What aiohttp raises when a body arriving with its head fails its content coding."""
+    error = _malformed_answer()
+    parsed = HttpProcessingError(code=400, message="deflate")
+    parsed.__cause__ = ContentEncodingError("deflate")
+    error.__cause__ = parsed
+    return error
+
+
+def _undecodable_body() -> aiohttp.ClientPayloadError:
+    """What aiohttp raises when a body arriving after its head fails its content coding."""
+    cause = ContentEncodingError("Can not decode content-encoding: gzip")
+    error = aiohttp.ClientPayloadError(str(cause))
+    error.__cause__ = cause
+    return error
 
 
 class Mapped(NamedTuple):
@@ -136,11 +160,31 @@ _ROWS: list[tuple[Callable[[], BaseException], dict[str, Any], Mapped]] = [
     (_reset, UNSENT, Mapped(C, "ClientOSError")),
     (_payload_cut, REUSED_SENT, Mapped(C, "payload is not completed", processed=True)),
     (
+        _payload_reset,
+        FRESH_SENT,
+        Mapped(C, "completed: ContentLengthError: Not enough data to satisfy", processed=True),
+    ),
+    (
         lambda: ConnectionResetError(errno.ECONNRESET, "reset"),
         FRESH_SENT,
         Mapped(C, "ConnectionResetError", processed=True),
     ),
     (_malformed_answer, FRESH_SENT, Mapped(C, "Bearer ***", processed=True)),
+    (
+        _malformed_answer,
+        FRESH_SENT,
+        Mapped(C, "is not valid HTTP (Bad status line", processed=True),
+    ),
+    (
+        _undecodable_answer,
+        FRESH_SENT,
+        Mapped(C, "does not decode under its Content-Encoding", processed=True),
+    ),
+    (
+        _undecodable_body,
+        FRESH_SENT,
+        Mapped(C, "does not decode under its Content-Encoding", processed=True),
+    ),
 ]
 
 

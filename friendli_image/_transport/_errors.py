@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 from typing import Any, Final
 
 import aiohttp
@@ -193,8 +194,23 @@ def transport_error(  # noqa: PLR0917
         )
     if isinstance(exc, aiohttp.InvalidURL):
         return FriendliConnectionError(f"invalid URL {url}", request_id=request_id, permanent=True)
+    undecodable = _caused_by(exc, "ContentEncodingError")
+    if undecodable or isinstance(exc, aiohttp.ClientResponseError):
+        # aiohttp's HTTP parser refused the answer. The status it reports (400) is its
+        # own, not the server's: whatever status the server sent is lost with the answer.
+        what = (
+            "its body does not decode under its Content-Encoding"
+            if undecodable
+            else redactor.text(" ".join(getattr(exc, "message", "").split()))[:300]
+        )
+        return FriendliConnectionError(
+            f"the answer from {target} is not valid HTTP ({what}); the server or a proxy "
+            "before it sent a malformed response",
+            request_id=request_id,
+            maybe_processed=processed,
+        )
     # aiohttp's text about a malformed answer quotes it (a status line, a header).
-    said = redactor.text(str(exc))
+    said = redactor.text(_PARSER_CODE.sub(r"\1: \3", str(exc)))
     reason = f"{type(exc).__name__}: {said}" if said else type(exc).__name__
     return FriendliConnectionError(
         f"the connection to {target} broke before a complete answer ({reason})",
@@ -203,6 +219,28 @@ def transport_error(  # noqa: PLR0917
         stale_connection=trace.reused
         and isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientOSError),
     )
+
+
+#: How aiohttp shows an error of its HTTP parser inside another one's text
+#: (``<ContentLengthError: 400, message='Not enough data ...'>``): the code is the
+#: parser's, not a status the server sent, so only the name and the message are kept.
+_PARSER_CODE: Final = re.compile(r"<(\w+): \d{3}, message=(['\"])(.*?)\2>", re.DOTALL)
+
+
+def _caused_by(exc: BaseException, name: str) -> bool:
+    """True if an exception of class ``name`` is in the chain of causes of ``exc``.
+
+    By name: aiohttp's parser errors (``aiohttp.http_exceptions``) are not among its
+    public names, and it wraps them twice before they reach us.
+    """
+    seen: BaseException | None = exc.__cause__
+    for _ in range(4):
+        if seen is None:
+            return False
+        if type(seen).__name__ == name:
+            return True
+        seen = seen.__cause__
+    return False
 
 
 #: Error bodies are read up to this size, for the excerpt and the 422 details.
