@@ -186,8 +186,10 @@ class RetryConfig:
     One exception, the keep-alive race: when a *reused* pooled connection breaks before
     any byte of the answer, the server may simply have closed it while it sat idle, and
     nothing on the client can tell that apart from "read the request, then dropped it".
-    Such a failure gets one immediate reconnect (outside ``max_attempts`` and the budget),
-    and a result obtained that way has ``maybe_duplicated=True``; ``reconnect_reused=False``
+    Such a failure gets one immediate reconnect per attempt (outside ``max_attempts`` and
+    the budget: the connection that carried a 429 the call retries may be the one the
+    server closed since), and a result obtained that way has ``maybe_duplicated=True``;
+    ``reconnect_reused=False``
     turns it off, for strict at-most-once sending (the drop then raises with
     ``maybe_processed=True``, like any other). A *fresh* connection
     that breaks after sending is never resent by default: the error has

@@ -238,8 +238,9 @@ class FriendliAPIError(FriendliError):
         request_id: the ``X-Request-ID`` of the call (the same on every attempt).
         attempts: how many HTTP attempts were made before giving up.
         maybe_processed: True when the server may have read and acted on the request
-            (the connection broke or timed out after the request was sent), so the
-            generation may have run even though no image came back.
+            (the connection broke or timed out after the request was sent, or it answered
+            2xx without a usable image), so the generation may have run even though no
+            image came back.
         endpoint: the endpoint of the last attempt, when the client has several
             (None: the client's or the call's ``server_url``).
     """
@@ -507,7 +508,8 @@ class FriendliResponseError(FriendliAPIError, FriendliStatusCodeError):
         request_id: str | None = None,
         attempts: int = 1,
     ) -> None:
-        super().__init__(message, request_id=request_id, attempts=attempts)
+        # The server answered 2xx: it read the request and made something of it.
+        super().__init__(message, request_id=request_id, attempts=attempts, maybe_processed=True)
         self.status = status
         self.body = body
         self.headers = CIMultiDict(headers or {})

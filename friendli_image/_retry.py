@@ -226,12 +226,13 @@ class RetryState:
         "_decision",
         "_failures",
         "_logger",
+        "_reconnecting",
+        "_reconnects",
         "_rng",
         "_spent",
         "deadline",
         "on_retry",
         "resent_ambiguous",
-        "stale_reconnect_used",
         "started",
     )
 
@@ -257,7 +258,9 @@ class RetryState:
         self.started = monotonic()
         self.deadline = None if total is None else self.started + total
         self.resent_ambiguous = False
-        self.stale_reconnect_used = False
+        #: Free reconnects made (`_is_free_reconnect`), and whether the latest attempt was one.
+        self._reconnects = 0
+        self._reconnecting = False
         #: Told of each retry as it is decided, before its wait: (the failure, the delay).
         self.on_retry: Callable[[FriendliAPIError, float], None] | None = None
 
@@ -283,7 +286,7 @@ class RetryState:
     @property
     def counted_attempts(self) -> int:
         """Attempts made so far that count against ``max_attempts``."""
-        return self._failures - (1 if self.stale_reconnect_used else 0)
+        return self._failures - self._reconnects
 
     def _start(self) -> _t.AsyncRetrying:
         # Imported here: only a failed attempt gets this far, and tenacity is a tenth of
@@ -301,20 +304,25 @@ class RetryState:
         return self._attempts
 
     def _is_free_reconnect(self, error: BaseException) -> bool:
+        """A reused connection broke before any answer, and the attempt was not itself a
+        reconnect: one per attempt, since a connection that carried an answer (a 429 the
+        call retries, say) may be the one the server has closed meanwhile."""
         return (
             self._config.reconnect_reused
             and isinstance(error, FriendliConnectionError)
             and error.stale_connection
-            and not self.stale_reconnect_used
+            and not self._reconnecting
         )
 
     def _decide(self, error: BaseException) -> float | None:
         """The wait before the next attempt after ``error``, or None: stop."""
         if self._is_free_reconnect(error):
-            # One reconnect for the keep-alive race, outside attempts and budget, as
-            # the request most likely never reached a live server.
-            self.stale_reconnect_used = True
+            # A reconnect for the keep-alive race, outside attempts and budget, as the
+            # request most likely never reached a live server.
+            self._reconnects += 1
+            self._reconnecting = True
             return 0.0
+        self._reconnecting = False
         delay = retry_wait(error, self.counted_attempts, self._config, self._rng)
         reason = stop_reason(
             error,

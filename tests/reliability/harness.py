@@ -352,8 +352,9 @@ _RULES = [
     "- **Ambiguous POSTs**: a fresh connection that breaks after the request was sent, a "
     "read or attempt timeout: not resent by default; the error has "
     "`maybe_processed=True`. A *reused* keep-alive connection that breaks before any "
-    "answer gets one immediate reconnect, because the benign race (the server closed it "
-    "while idle) looks the same from the client; a result obtained so has "
+    "answer gets one immediate reconnect per attempt, because the benign race (the "
+    "server closed it while idle, or after the answer the call retries) looks the same "
+    "from the client; a result obtained so has "
     "`maybe_duplicated=True` (`RetryConfig(reconnect_reused=False)` turns that off). "
     "`RetryConfig(retry_ambiguous=True)` resends both, under the "
     "same `X-Request-ID` (each attempt carries `X-Friendli-Attempt`).",
