@@ -172,8 +172,9 @@ DIFFERENCES: Final[tuple[Difference, ...]] = (
     Difference(
         "stale-reconnect",
         "A reused keep-alive connection that breaks before any byte of the answer is "
-        "reopened once, even with `retries=None` (the server most likely closed it while "
-        "idle); a result obtained so has `maybe_duplicated=True`. "
+        "reopened once per attempt, even with `retries=None` (the server most likely "
+        "closed it while idle, or after the answer a retry follows); a result obtained so "
+        "has `maybe_duplicated=True`. "
         "`RetryConfig(reconnect_reused=False)` turns it off.",
     ),
     Difference(
