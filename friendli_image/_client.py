@@ -53,6 +53,7 @@ from ._config import (
 from ._exceptions import (
     FriendliAPIError,
     FriendliRateLimitError,
+    FriendliResponseError,
     FriendliUsageError,
     FriendliUsageWarning,
     FriendliValidationError,
@@ -586,7 +587,7 @@ class AsyncFriendli:
                         observed.retrying(error, 0.0, failover=True)
                     continue
                 try:
-                    await retry.after_failure(error)
+                    await retry.after_failure(error, elsewhere=route.retries_elsewhere(error))
                 except FriendliAPIError as final:
                     final.attempts = attempt_number
                     if observed is not None:
@@ -637,6 +638,10 @@ class _Route(Protocol):
     ) -> bool:
         """Send the call again at once, elsewhere? (False: the retry policy decides.)"""
 
+    def retries_elsewhere(self, error: FriendliAPIError) -> bool:
+        """May the policy retry ``error``, which the same server would repeat, because
+        another server takes the next attempt?"""
+
     def new_round(self) -> None:
         """The retry policy waited: every endpoint may be tried again."""
 
@@ -670,6 +675,9 @@ class _OneUrl:
     ) -> bool:
         return False
 
+    def retries_elsewhere(self, error: FriendliAPIError) -> bool:
+        return False
+
     def new_round(self) -> None:
         return
 
@@ -689,6 +697,7 @@ class _FleetRoute:
     """The route of one call through a fleet: an endpoint per attempt, fail-over between."""
 
     __slots__ = (
+        "_answered_badly",
         "_began",
         "_build",
         "_endpoint",
@@ -712,9 +721,18 @@ class _FleetRoute:
         self._tried: list[EndpointState] = []
         self._moving = False  # failing over: the next attempt must go to an untried endpoint
         self._resent_elsewhere = False
+        #: Endpoints that answered this call with something that is not an image: the
+        #: call does not go back to them.
+        self._answered_badly: list[EndpointState] = []
 
     async def pick(self, call: Call) -> None:
-        endpoint = await self._fleet.acquire(self._tried, strict=self._moving)
+        fleet, bad = self._fleet, self._answered_badly
+        if self._moving:
+            endpoint = await fleet.acquire(self._tried, strict=True)
+        elif bad and fleet.has_other(bad):
+            endpoint = await fleet.acquire(bad, strict=True)
+        else:
+            endpoint = await fleet.acquire(self._tried)
         self._endpoint = endpoint
         self._epoch, self._level = endpoint.epoch, endpoint.in_flight
         call.url = endpoint.url_for(self._path, self._build)
@@ -730,6 +748,8 @@ class _FleetRoute:
         error.endpoint = endpoint.url
         self._fleet.failed(endpoint, self._epoch, error)
         self._tried.append(endpoint)
+        if isinstance(error, FriendliResponseError):
+            self._answered_badly.append(endpoint)
         if outcome == "rate_limited" and self._fleet.has_unheld(self._tried):
             # One endpoint's 429 is that endpoint's limit (lowered above),
             # not a reason to slow the whole batch down.
@@ -782,6 +802,13 @@ class _FleetRoute:
         connect = options.timeout.connect
         dead = await fleet.is_dead(endpoint, min(1.0, connect) if connect else 1.0)
         return True if dead else None
+
+    def retries_elsewhere(self, error: FriendliAPIError) -> bool:
+        # Every endpoint was tried this round, but one that has not answered this call
+        # badly may serve it (a 503 a moment ago): the policy's next attempt goes there.
+        return isinstance(error, FriendliResponseError) and self._fleet.has_other(
+            self._answered_badly
+        )
 
     def new_round(self) -> None:
         # Every endpoint may be tried again, the last one last.

@@ -253,8 +253,10 @@ def failover_kind(error: FriendliAPIError, config: RetryConfig) -> Failover | No
     - ``"bad_answer"``: the endpoint answered 2xx with a body that is not an image (not
       JSON, no ``image``, bad base64, over the size cap). It finished the request and
       holds nothing back, so another endpoint takes it at once (the result is flagged
-      ``maybe_duplicated``: the work ran where the answer broke). Resending it to the
-      same server would get the same answer, so a single server does not.
+      ``maybe_duplicated``: the work ran where the answer broke). When every endpoint
+      was tried in the round (one was full a moment ago), the policy's next attempt goes
+      to one that has not answered the call so. Resending it to the same server would
+      get the same answer, so a single server does not.
     - None: the retry policy decides (other 5xx, timeouts after sending, 4xx).
     """
     if isinstance(error, FriendliResponseError):

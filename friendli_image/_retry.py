@@ -224,6 +224,7 @@ class RetryState:
         "_budget",
         "_config",
         "_decision",
+        "_elsewhere",
         "_failures",
         "_logger",
         "_reconnecting",
@@ -253,6 +254,8 @@ class RetryState:
         #: The decision on the latest failure: the wait before the next attempt, or None
         #: to stop. Made once, in the ``retry`` hook, which tenacity consults first.
         self._decision: float | None = None
+        #: The latest failure may be retried because the next attempt goes elsewhere.
+        self._elsewhere = False
         self._failures = 0
         self._spent = 0
         self.started = monotonic()
@@ -264,9 +267,15 @@ class RetryState:
         #: Told of each retry as it is decided, before its wait: (the failure, the delay).
         self.on_retry: Callable[[FriendliAPIError, float], None] | None = None
 
-    async def after_failure(self, error: FriendliAPIError) -> None:
-        """Wait for the next attempt, or raise ``error`` when the policy says stop."""
+    async def after_failure(self, error: FriendliAPIError, *, elsewhere: bool = False) -> None:
+        """Wait for the next attempt, or raise ``error`` when the policy says stop.
+
+        ``elsewhere``: the next attempt goes to another server, which may not fail as
+        this one did, so a failure the same server would repeat is retried too (within
+        the attempts, the budget and the deadline).
+        """
         self.resent_ambiguous = self.resent_ambiguous or error.maybe_processed
+        self._elsewhere = elsewhere
         self._failures += 1
         attempts = self._attempts
         if attempts is None:
@@ -340,7 +349,7 @@ class RetryState:
 
     def _retry(self, retry_state: _t.RetryCallState) -> bool:
         error = _failure(retry_state)
-        if not is_retryable(error, self._config):
+        if not (self._elsewhere or is_retryable(error, self._config)):
             return False
         self._decision = self._decide(error)
         return True

@@ -390,7 +390,9 @@ _RULES = [
     "- **Fleet**: endpoints are judged by outcomes: connection failures, resets, "
     "timeouts, 5xx and 2xx bodies that are not an image count toward ejection. A call "
     "whose answer from one endpoint is not an image goes at once to another (the result "
-    "flagged `maybe_duplicated`); a single server's such answer is not resent.",
+    "flagged `maybe_duplicated`), and when every endpoint was tried in the round, the "
+    "policy's next attempt goes to one that has not answered the call so; a single "
+    "server's such answer is not resent.",
     "- **Fork**: a fork waits for a starting facade loop thread and finishes the "
     "facade's lazy imports first, so no child inherits a held import lock.",
     "- **Bundled server**: records only requests past the token check, at most "
