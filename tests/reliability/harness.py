@@ -324,6 +324,7 @@ def _third_pass(f: Figures) -> list[str]:
         f"- 52, fork at random points: {v.get('fork.random', missing)}",
         f"- 53, fleet with a garbage-200 endpoint: {v.get('fleet.garbage', missing)}",
         f"- 54, generated fleets and schedules: {v.get('fleet.generated', missing)}",
+        f"- 54, a fleet whose endpoints change (state machine): {v.get('fleet.states', missing)}",
         f"- 55, secrets in every public class: {v.get('secrets.walk', missing)}",
         "",
     ]

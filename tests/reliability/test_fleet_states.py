@@ -4,8 +4,9 @@ Hypothesis drives a `RuleBasedStateMachine` over two to four loopback endpoints
 (`fleet_endpoints`) and one `AsyncFriendli` over them. Rules turn an endpoint healthy,
 garbage (200 without an image), flapping (503 in runs), rate-limited (429 with a hint),
 dying (half an answer, then the connection closes) or down (not listening: its
-connections are refused); let time pass; and send a burst of calls. So an endpoint is
-ejected, revived, ejected again for another reason, or dies while its ejection runs.
+connections are refused), send a burst of calls (after a pause or at once), or heal every
+endpoint. So an endpoint is ejected, revived, ejected again for another reason, or dies
+while its ejection runs.
 
 The oracle, after each burst (the behaviours do not change during one):
 
@@ -26,6 +27,7 @@ import asyncio
 import contextlib
 import threading
 import time
+from collections import Counter
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
@@ -33,11 +35,18 @@ import attrs
 import pytest
 from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+)
 
 from friendli_image import AsyncFriendli, Endpoint, FleetConfig, ImageResult, RetryConfig
 
 from .fleet_endpoints import Behaviour, Endpoints, Kind, check_outcomes, run_calls, running
+from .harness import Figures
 
 T = TypeVar("T")
 
@@ -49,6 +58,8 @@ FLEET = FleetConfig(base_ejection=0.1, max_ejection=0.4, start_limit=SLOTS)
 POLICY = RetryConfig(max_attempts=3, initial_delay=0.01, max_delay=0.05, jitter=0.01)
 TIMEOUT_MS = 2_000
 KINDS: tuple[Kind, ...] = ("healthy", "garbage", "flapping", "rate_limited", "dying", "down")
+#: What the machine did, over every example of the run, for the report.
+SEEN: Counter[str] = Counter()
 
 
 class FleetStates(RuleBasedStateMachine):
@@ -63,7 +74,7 @@ class FleetStates(RuleBasedStateMachine):
         self.endpoints: Endpoints
         self.client: AsyncFriendli
         self.retry_ambiguous = False
-        self.calls = 0
+        self.bursts = 0  # since the last heal
 
     def run(self, coroutine: Coroutine[Any, Any, T]) -> T:
         return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout=120)
@@ -88,18 +99,24 @@ class FleetStates(RuleBasedStateMachine):
             )
 
         self.run(enter())
+        SEEN["examples"] += 1
+        SEEN["endpoints"] += count
 
     @rule(data=st.data(), kind=st.sampled_from(KINDS), period=st.integers(1, 3))
     def change(self, data: st.DataObject, kind: Kind, period: int) -> None:
         index = data.draw(st.integers(0, len(self.endpoints.urls) - 1), label="endpoint")
         self.run(self.endpoints.change(index, Behaviour(kind, period=period)))
+        SEEN[f"kind.{kind}"] += 1
 
-    @rule(seconds=st.sampled_from((0.05, 0.15, 0.45)))
-    def wait(self, seconds: float) -> None:
-        time.sleep(seconds)
-
-    @rule(calls=st.integers(1, 24), concurrency=st.integers(1, 8))
-    def burst(self, calls: int, concurrency: int) -> None:
+    @rule(
+        pause=st.sampled_from((0.0, 0.0, 0.05, 0.15, 0.45)),
+        calls=st.integers(1, 24),
+        concurrency=st.integers(1, 8),
+    )
+    def burst(self, pause: float, calls: int, concurrency: int) -> None:
+        """After a pause (an ejection may run out meanwhile), a burst of calls."""
+        time.sleep(pause)
+        self.bursts += 1
         now = time.monotonic()
         served = any(
             behaviour.kind == "healthy" and (stats.ejected_until or 0.0) <= now
@@ -108,11 +125,15 @@ class FleetStates(RuleBasedStateMachine):
             )
         )
         outcomes = self.run(run_calls(self.client, [0.0] * calls, concurrency))
-        self.calls += calls
         check_outcomes(
             self.endpoints, outcomes, retry_ambiguous=self.retry_ambiguous, served=served
         )
+        SEEN["bursts"] += 1
+        SEEN["calls"] += calls
+        SEEN["failed"] += sum(1 for o in outcomes if not isinstance(o, ImageResult))
+        SEEN["served"] += served
 
+    @precondition(lambda self: self.bursts >= 2)
     @rule()
     def heal(self) -> None:
         """Every endpoint healthy: once the longest ejection has run out, a burst that
@@ -123,7 +144,9 @@ class FleetStates(RuleBasedStateMachine):
         before = [stats.successes for stats in self.client.endpoints]
         count = len(before)
         outcomes = self.run(run_calls(self.client, [0.0] * 16 * count, SLOTS * count))
-        self.calls += 16 * count
+        self.bursts = 0
+        SEEN["heals"] += 1
+        SEEN["calls"] += 16 * count
         failed = [o for o in outcomes if not isinstance(o, ImageResult)]
         assert not failed, failed
         check_outcomes(self.endpoints, outcomes, retry_ambiguous=self.retry_ambiguous)
@@ -157,7 +180,9 @@ class FleetStates(RuleBasedStateMachine):
 # Slow: run once, alone, in CI (each example starts endpoints and sleeps out ejections).
 @pytest.mark.slow
 @pytest.mark.scenario(54)
-def test_a_fleet_whose_endpoints_change_fails_only_what_the_policy_forbids() -> None:
+def test_a_fleet_whose_endpoints_change_fails_only_what_the_policy_forbids(
+    figures: Figures,
+) -> None:
     FleetStates.TestCase.settings = settings(
         max_examples=10,
         stateful_step_count=12,
@@ -169,3 +194,13 @@ def test_a_fleet_whose_endpoints_change_fails_only_what_the_policy_forbids() -> 
         suppress_health_check=[HealthCheck.too_slow],
     )
     FleetStates.TestCase().runTest()
+    changes = ", ".join(
+        f"{k.removeprefix('kind.')} {n}" for k, n in sorted(SEEN.items()) if k.startswith("kind.")
+    )
+    figures.set(
+        "fleet.states",
+        f"{SEEN['examples']} runs over {SEEN['endpoints']} endpoints; changes: {changes}; "
+        f"{SEEN['bursts']} bursts ({SEEN['served']} with a healthy endpoint in rotation) "
+        f"and {SEEN['heals']} heals, {SEEN['calls']} calls: {SEEN['failed']} failed, each "
+        "where the oracle allows; every healed fleet served a full burst on every endpoint",
+    )
