@@ -25,6 +25,7 @@ from .harness import GENERATE, image_body
 
 __all__ = [
     "AMBIGUOUS",
+    "HEALTH",
     "PROCESSED",
     "Behaviour",
     "Endpoints",
@@ -44,6 +45,8 @@ PROCESSED = frozenset({"image", "garbage", "black_hole", "dying", "abandoned"})
 #: The server read the request and gave no usable answer: a resend may duplicate work.
 #: ``abandoned``: the client went away (its attempt timed out) before the server answered.
 AMBIGUOUS = frozenset({"black_hole", "dying", "abandoned"})
+#: The health route every endpoint serves while it listens (200, whatever else it does).
+HEALTH = "/health"
 GARBAGE_BODIES = (
     (b"<html><body>502 upstream</body></html>", "text/html"),
     (b'{"image": null}', "application/json"),
@@ -177,8 +180,14 @@ def _app(index: int, endpoints: Endpoints) -> web.Application:
         transport.close()
         return web.Response()  # aiohttp finds the transport closing and sends nothing
 
+    async def health(_request: web.Request) -> web.Response:
+        # As a container's process check answers: up while it listens, whatever its
+        # image route does.
+        return web.Response(text="ok")
+
     app = web.Application()
     app.router.add_post(GENERATE, handle)
+    app.router.add_get(HEALTH, health)
     return app
 
 

@@ -6,7 +6,8 @@ garbage (200 without an image), flapping (503 in runs), rate-limited (429 with a
 dying (half an answer, then the connection closes) or down (not listening: its
 connections are refused), send a burst of calls (after a pause or at once), or heal every
 endpoint. So an endpoint is ejected, revived, ejected again for another reason, or dies
-while its ejection runs.
+while its ejection runs. In half the runs the fleet's active health probe runs as well,
+and restores an ejected endpoint whose health route answers.
 
 The oracle, after each burst (the behaviours do not change during one):
 
@@ -45,7 +46,15 @@ from hypothesis.stateful import (
 
 from friendli_image import AsyncFriendli, Endpoint, FleetConfig, ImageResult, RetryConfig
 
-from .fleet_endpoints import Behaviour, Endpoints, Kind, check_outcomes, run_calls, running
+from .fleet_endpoints import (
+    HEALTH,
+    Behaviour,
+    Endpoints,
+    Kind,
+    check_outcomes,
+    run_calls,
+    running,
+)
 from .harness import Figures
 
 T = TypeVar("T")
@@ -79,9 +88,16 @@ class FleetStates(RuleBasedStateMachine):
     def run(self, coroutine: Coroutine[Any, Any, T]) -> T:
         return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout=120)
 
-    @initialize(count=st.integers(2, 4), retry_ambiguous=st.booleans())
-    def start(self, count: int, retry_ambiguous: bool) -> None:
+    @initialize(count=st.integers(2, 4), retry_ambiguous=st.booleans(), probed=st.booleans())
+    def start(self, count: int, retry_ambiguous: bool, probed: bool) -> None:
+        """``probed``: the fleet's active health probe runs too (every 50 ms; a 200 ends an
+        ejection early, whatever the endpoint's image route does)."""
         self.retry_ambiguous = retry_ambiguous
+        fleet = FLEET
+        if probed:
+            fleet = attrs.evolve(
+                FLEET, health_path=HEALTH, health_interval=0.05, health_timeout=0.5
+            )
 
         async def enter() -> None:
             self.endpoints = await self.stack.enter_async_context(
@@ -94,13 +110,14 @@ class FleetStates(RuleBasedStateMachine):
                     ],
                     retries=attrs.evolve(POLICY, retry_ambiguous=retry_ambiguous),
                     timeout_ms=TIMEOUT_MS,
-                    fleet=FLEET,
+                    fleet=fleet,
                 )
             )
 
         self.run(enter())
         SEEN["examples"] += 1
         SEEN["endpoints"] += count
+        SEEN["probed"] += probed
 
     @rule(data=st.data(), kind=st.sampled_from(KINDS), period=st.integers(1, 3))
     def change(self, data: st.DataObject, kind: Kind, period: int) -> None:
@@ -199,7 +216,8 @@ def test_a_fleet_whose_endpoints_change_fails_only_what_the_policy_forbids(
     )
     figures.set(
         "fleet.states",
-        f"{SEEN['examples']} runs over {SEEN['endpoints']} endpoints; changes: {changes}; "
+        f"{SEEN['examples']} runs over {SEEN['endpoints']} endpoints ({SEEN['probed']} runs "
+        f"with the active health probe); changes: {changes}; "
         f"{SEEN['bursts']} bursts ({SEEN['served']} with a healthy endpoint in rotation) "
         f"and {SEEN['heals']} heals, {SEEN['calls']} calls: {SEEN['failed']} failed, each "
         "where the oracle allows; every healed fleet served a full burst on every endpoint",
