@@ -99,7 +99,7 @@ class Endpoints:
         runner = self.runners[index]
         if behaviour.kind == "down" and runner is not None:
             self.runners[index] = None
-            await runner.cleanup()
+            await _close(runner)
         elif behaviour.kind != "down" and runner is None:
             await self._listen(index, int(self.urls[index].rsplit(":", 1)[1]))
         self.behaviours[index] = behaviour
@@ -130,10 +130,22 @@ class Endpoints:
     async def _stop(self) -> None:
         for runner in self.runners:
             if runner is not None:
-                await runner.cleanup()
+                await _close(runner)
 
     async def _on_their_loop(self, step: Coroutine[Any, Any, None]) -> None:
         await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(step, self.loop))
+
+
+async def _close(runner: web.AppRunner) -> None:
+    """Stop listening, then close every connection. A connection accepted just before
+    the listener closed is only registered with the server a few loop turns later; closed
+    at once, the shutdown would miss it and leave its socket open (a loaded machine
+    widens that window)."""
+    for site in list(runner.sites):
+        await site.stop()
+    for _ in range(3):
+        await asyncio.sleep(0.01)
+    await runner.cleanup()
 
 
 def _app(index: int, endpoints: Endpoints) -> web.Application:
