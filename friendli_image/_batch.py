@@ -21,13 +21,15 @@ typed errors as single calls; on top of it the batch adds:
   is its request and its occurrence among identical requests, not its index, so a
   rerun resumes every item already stored wherever it sits in the input now. An item
   an earlier run may have made is claimed in the dispatch loop, in groups, with no task
-  or thread hop of its own; images are written in groups, one thread hop for the items
-  that finished while the previous group was written (`_FileWriter`).
+  or thread hop of its own; unordered, a plain request's claim waits until the new
+  requests are sent (`_Deferred`). Images are written in groups, one thread hop for the
+  items that finished while the previous group was written (`_FileWriter`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import tempfile
 import time
 from collections import deque
 from collections.abc import (
@@ -42,6 +44,7 @@ from collections.abc import (
 from typing import Any, Final
 
 import attrs
+import orjson
 
 from ._batch_models import BatchItem, BatchOptions, BatchProgress, BatchResult, resumed_item
 from ._blocking import run_blocking
@@ -87,6 +90,9 @@ _DECREASE: Final = 0.7
 _SHARD_BACKLOG: Final = 2
 #: Items an earlier run may have made are claimed this many at a time (one thread hop).
 _CLAIM_GROUP: Final = 256
+#: A resume's finished items waiting to be claimed (`_Deferred`) are held in memory up to
+#: this many bytes, then in a temporary file.
+_DEFERRED_IN_MEMORY: Final = 8 << 20
 #: Per-call option keys a request mapping may carry besides the request fields.
 _OPTION_KEYS: Final = frozenset(field.name for field in attrs.fields(CallOverrides))
 
@@ -162,6 +168,84 @@ class _Known:
         self.occurrence = occurrence
         self.variant = 0
         self.at = at  # where `BatchStore.earlier_at` found it
+
+
+class _Deferred:
+    """The items a resume identified as made by an earlier run, not claimed yet.
+
+    Unordered, a resume reads its input at full speed: each item is identified from its
+    arguments (`Batch._identify`), the new ones are sent at once, and the finished ones
+    wait here to be claimed (a read of their manifest line, a look at their image, an
+    item to yield) while requests are in flight or once the input is read. So the first
+    new request of a rerun does not wait for a million claims before it.
+
+    They wait serialized, in groups of `_CLAIM_GROUP`, first in, first out, in a spooled
+    temporary file: in memory up to `_DEFERRED_IN_MEMORY` bytes, then on disk (about
+    130 bytes an item), not as objects. Only plain requests are deferred: JSON values
+    whose orjson round trip gives an equal mapping back.
+    """
+
+    __slots__ = ("_file", "_group", "_read", "_write", "count")
+
+    def __init__(self) -> None:
+        # Closed by `close`, from the batch's finally: it outlives any one block.
+        self._file = tempfile.SpooledTemporaryFile(max_size=_DEFERRED_IN_MEMORY)  # noqa: SIM115
+        self._group: list[tuple[int, int, int, str, Mapping[str, Any]]] = []
+        self._read = self._write = 0  # where the oldest group and the file's end are
+        self.count = 0
+
+    def __bool__(self) -> bool:
+        return self.count > 0
+
+    def add(self, index: int, known: _Known) -> bool:
+        """Hold the item at ``index``; True when that completed a group (now serialized)."""
+        group = self._group
+        group.append((index, known.at, known.occurrence, known.id, known.request))
+        self.count += 1
+        if len(group) < _CLAIM_GROUP:
+            return False
+        data = orjson.dumps(group)
+        try:
+            self._file.seek(self._write)
+            self._file.write(len(data).to_bytes(4, "little") + data)
+        except OSError as exc:
+            raise _spill_error(exc) from exc
+        self._write += 4 + len(data)
+        self._group = []
+        return True
+
+    def take(self) -> list[tuple[int, object, _Prepared | _Known, int]]:
+        """The oldest group, as `Batch._claim` takes it."""
+        if self._read < self._write:
+            try:
+                self._file.seek(self._read)
+                size = int.from_bytes(self._file.read(4), "little")
+                group = orjson.loads(self._file.read(size))
+                if self._read + 4 + size == self._write:  # all read: the file starts over
+                    self._file.truncate(0)
+            except OSError as exc:
+                raise _spill_error(exc) from exc
+            self._read += 4 + size
+            if self._read == self._write:
+                self._read = self._write = 0
+        else:
+            group, self._group = self._group, []
+        self.count -= len(group)
+        return [
+            (index, request, _Known(request, item_id, occurrence, at), at)
+            for index, at, occurrence, item_id, request in group
+        ]
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def _spill_error(exc: OSError) -> FriendliUsageError:
+    return FriendliUsageError(
+        f"cannot keep the finished items of this resume in a temporary file ({exc}); free "
+        f"space in {tempfile.gettempdir()!r} or point TMPDIR at a folder with room (about "
+        "130 bytes an item), then run the batch again: nothing stored is lost"
+    )
 
 
 class _Crashed:
@@ -665,6 +749,9 @@ class Batch:
         parked: dict[int, BatchItem] = {}
         # Items an earlier run may have made: claimed in groups, without a task each.
         earlier: list[tuple[int, object, _Prepared | _Known, int]] = []
+        # Unordered, those a plain request identified are claimed after the new requests
+        # are sent (`_Deferred`).
+        deferred = _Deferred() if self._plain_resume and not ordered else None
         next_index = 0
         next_out = 0
         exhausted = False
@@ -698,6 +785,11 @@ class Batch:
                             variants.extend((spec, one) for one in rest)
                     at = -1
                     if isinstance(prepared, _Known):
+                        if deferred is not None:
+                            if deferred.add(next_index, prepared) and pending:
+                                await asyncio.sleep(0)  # the requests in flight go on
+                            next_index += 1
+                            continue
                         at = prepared.at
                     elif self._store is not None and isinstance(prepared, _Prepared):
                         at = self._store.earlier_at(
@@ -716,6 +808,11 @@ class Batch:
                         next_index += 1
                         continue
                     break
+                # Deferred claims when nothing more can be sent and no item is waiting.
+                if not earlier and deferred and finished.empty():
+                    earlier = deferred.take()
+                    if pending:
+                        await asyncio.sleep(0)  # the requests in flight go on
                 if earlier:
                     group, earlier = earlier, []
                     resumed = await self._claim(group, pending, finished)
@@ -770,6 +867,8 @@ class Batch:
             complete = self._aborted is None
             self._report(final=True)
         finally:
+            if deferred is not None:
+                deferred.close()
             for task in pending.values():
                 task.cancel()
             try:

@@ -149,8 +149,11 @@ class BatchOptions(CallOverrides):
         resume: with ``out_dir``, skip items an earlier run into it already finished:
             the same request (and the same occurrence among identical requests), its
             file present with the recorded sha256, wherever it sits in the input now;
-            False sends every request again. Either way, images of earlier runs that
-            match no item are kept and listed in ``unmatched.jsonl`` (see
+            False sends every request again. Unordered, a rerun sends its new requests
+            first: the finished items are yielded as ``resumed`` while those are in
+            flight and after the input is read (their requests meanwhile wait in a
+            temporary file, about 130 bytes an item). Either way, images of earlier
+            runs that match no item are kept and listed in ``unmatched.jsonl`` (see
             `BatchResult.unmatched`). With a shard format, False is refused when
             ``out_dir`` holds an earlier run (its items would land in two shards).
         output_format: how ``out_dir`` holds the images. ``"files"``: one file per

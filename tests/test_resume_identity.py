@@ -10,8 +10,11 @@ bools, local images, data URIs, URLs with spaces) and values they refuse.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import os
+import tempfile
+from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +22,12 @@ import orjson
 import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from friendli_image import AsyncFriendli
+from friendli_image import AsyncFriendli, FriendliUsageError, ImageResult, _batch
+from friendli_image._batch import Batch, BatchOperation, _Deferred, _Known
+from friendli_image._batch_models import BatchItem, BatchOptions
+from friendli_image._request_path import RequestPath
 from friendli_image._requests import EditRequest, GenerateRequest, RequestModel
 from friendli_image._store import (
     MANIFEST_NAME,
@@ -366,3 +373,202 @@ def test_a_resumed_item_is_the_item_batchitem_makes(request_: dict[str, Any]) ->
     assert "hidden" not in repr(fast.request)
     with pytest.raises(attrs.exceptions.FrozenInstanceError):
         fast.index = 8  # type: ignore[misc]
+
+
+# -- the claims a resume defers -----------------------------------------------------------
+
+
+@st.composite
+def _plain_requests(draw: st.DrawFn) -> tuple[str, type[RequestModel], dict[str, Any]]:
+    """Requests `plain_request_digest` mostly answers: text of any code point, floats
+    of every size and sign, the full int range, None for optional fields, in any order."""
+    values: dict[str, st.SearchStrategy[Any]] = {
+        "prompt": st.text(),
+        "model": st.one_of(st.text(max_size=8), st.none()),
+        "num_inference_steps": st.one_of(st.integers(1, 50), st.none()),
+        "guidance_scale": st.one_of(st.floats(allow_nan=False, allow_infinity=False), st.none()),
+        "seed": st.one_of(st.integers(-(2**63), 2**64), st.none()),
+        "response_format": st.sampled_from(["raw", "jpeg", None]),
+    }
+    edit = draw(st.booleans())
+    if edit:
+        values["image"] = st.sampled_from(["https://example.com/a.png", "http://h/b c.jpg"])
+    keys = draw(st.permutations(list(values)))
+    chosen = [key for key in keys if key in {"prompt", "image"} or draw(st.booleans())]
+    spec = {key: draw(values[key]) for key in chosen}
+    return (EDIT, EditRequest, spec) if edit else (GENERATE, GenerateRequest, spec)
+
+
+class DeferredQueue(RuleBasedStateMachine):
+    """`_Deferred` against a deque: first in, first out, and each plain request comes back
+    equal, with the same types and key order (``repr``), from memory and from disk."""
+
+    rolled_over = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.queue = _Deferred()
+        self.model: deque[tuple[int, dict[str, Any], str, int, int]] = deque()
+        self.index = 0
+
+    @rule(
+        requests=st.lists(st.one_of(_plain_requests(), _requests()), max_size=8),
+        occurrence=st.integers(0, 3),
+        at=st.integers(0, 2**40),
+    )
+    def add(
+        self,
+        requests: list[tuple[str, type[RequestModel], dict[str, Any]]],
+        occurrence: int,
+        at: int,
+    ) -> None:
+        for path, model, spec in requests:
+            digest = plain_request_digest(path, model, spec)
+            if digest is None:
+                continue  # only plain requests are deferred
+            completed = self.queue.add(self.index, _Known(spec, digest, occurrence, at))
+            self.model.append((self.index, spec, digest, occurrence, at))
+            self.index += 1
+            assert completed == (len(self.model) % _batch._CLAIM_GROUP == 0) or not completed
+
+    @rule()
+    def take(self) -> None:
+        if not self.queue:
+            assert not self.model
+            return
+        group = self.queue.take()
+        assert group
+        DeferredQueue.rolled_over |= bool(self.queue._file._rolled)  # type: ignore[attr-defined]
+        for index, request, known, at in group:
+            expected_index, spec, digest, occurrence, expected_at = self.model.popleft()
+            assert (index, at, known.at) == (expected_index, expected_at, expected_at)
+            assert (known.id, known.occurrence, known.variant) == (digest, occurrence, 0)
+            assert request is known.request
+            assert repr(request) == repr(spec)
+
+    @invariant()
+    def holds_what_was_added_and_not_taken(self) -> None:
+        assert self.queue.count == len(self.model)
+        assert bool(self.queue) == bool(self.model)
+
+    def teardown(self) -> None:
+        self.queue.close()
+
+
+def test_deferred_claims_come_back_in_order_and_equal(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Groups of three, and a disk file past 300 bytes: both paths in a few steps.
+    monkeypatch.setattr(_batch, "_CLAIM_GROUP", 3)
+    monkeypatch.setattr(_batch, "_DEFERRED_IN_MEMORY", 300)
+    DeferredQueue.rolled_over = False
+    run = DeferredQueue.TestCase
+    run.settings = settings(
+        max_examples=60, stateful_step_count=20, deadline=None, derandomize=True, database=None
+    )
+    run("runTest").runTest()
+    assert DeferredQueue.rolled_over  # the disk file was read, not only memory
+
+
+class _Sent:
+    """A request path that answers at once and notes, at each send, how many items the
+    consumer had seen by then."""
+
+    def __init__(self) -> None:
+        self.seen = 0
+        self.sends: list[tuple[int, int | None]] = []  # (items seen, seed)
+        client = AsyncFriendli(server_url="http://127.0.0.1:9", token="")
+        self.resolve = client._resolve
+
+    async def send(self, path: str, model: Any, options: Any, gate: Any) -> ImageResult:
+        self.sends.append((self.seen, model.seed))
+        ticket = await gate.acquire()
+        await asyncio.sleep(0)
+        gate.release(ticket, "ok")
+        return ImageResult(data=b"\xff\xd8\xff\xe0" + bytes(16))
+
+    async def run(self, requests: list[Any], out_dir: Path, **options: Any) -> list[BatchItem]:
+        batch = Batch(
+            RequestPath(send=self.send, resolve=self.resolve),
+            BatchOperation(GENERATE, GenerateRequest, accepts_prompt=True),
+            requests,
+            BatchOptions(out_dir=out_dir, concurrency=8, **options),
+        )
+        items = []
+        async for item in batch:
+            self.seen += 1
+            items.append(item)
+        return items
+
+
+async def test_a_resume_sends_its_new_requests_before_it_reports_the_finished_ones(
+    tmp_path: Path,
+) -> None:
+    """Unordered, a rerun's first new request goes out before any finished item is claimed
+    and yielded (a million claims would delay it by seconds); every finished item is then
+    resumed with its request as given, and a third run finds all of them stored."""
+    finished: list[Any] = [{"prompt": "a lighthouse", "seed": seed} for seed in range(700)]
+    finished += ["a harbour", "a harbour", {"prompt": "a lighthouse", "seed": 0}]  # repeats
+    new: list[Any] = [{"prompt": "a mill", "seed": seed} for seed in range(5)]
+    first = _Sent()
+    assert {item.status for item in await first.run(finished, tmp_path)} == {"ok"}
+
+    again = _Sent()
+    items = await again.run(finished + new, tmp_path)
+    assert again.sends[0][0] == 0  # nothing was yielded before the first new request
+    assert sorted(seed for _seen, seed in again.sends) == list(range(5))
+    by_index = {item.index: item for item in items}
+    assert sorted(by_index) == list(range(len(finished) + len(new)))
+    for index, spec in enumerate(finished + new):
+        item = by_index[index]
+        assert item.status == ("resumed" if index < len(finished) else "ok")
+        given = {"prompt": spec} if isinstance(spec, str) else spec
+        assert repr(item.request) == repr(given)
+    assert [by_index[i].occurrence for i in (700, 701, 702)] == [0, 1, 1]
+
+    third = _Sent()
+    items = await third.run(finished + new, tmp_path)
+    assert {item.status for item in items} == {"resumed"}
+    assert third.sends == []
+    lines = [orjson.loads(line) for line in (tmp_path / MANIFEST_NAME).read_bytes().splitlines()]
+    assert sorted(line["index"] for line in lines) == list(range(len(finished) + len(new)))
+
+
+async def test_requests_in_flight_finish_while_a_resume_claims(tmp_path: Path) -> None:
+    """New requests sent before a long run of finished items are answered and yielded
+    while those are identified and claimed, not after the last claim."""
+    finished = [{"prompt": "a lighthouse", "seed": seed} for seed in range(2000)]
+    await _Sent().run(finished, tmp_path)
+    new = [{"prompt": "a mill", "seed": seed} for seed in range(3)]
+    items = await _Sent().run(new + finished, tmp_path)
+    statuses = [item.status for item in items]
+    assert sorted(statuses) == ["ok"] * 3 + ["resumed"] * 2000
+    last_resumed = len(statuses) - 1 - statuses[::-1].index("resumed")
+    assert statuses.index("ok") < last_resumed
+
+
+async def test_an_ordered_resume_yields_in_input_order(tmp_path: Path) -> None:
+    """Ordered iteration claims as it goes: the window keeps its order."""
+    finished = [{"prompt": "a lighthouse", "seed": seed} for seed in range(600)]
+    await _Sent().run(finished, tmp_path)
+    specs = [*finished[:300], {"prompt": "a mill"}, *finished[300:]]
+    items = await _Sent().run(specs, tmp_path, ordered=True)
+    assert [item.index for item in items] == list(range(601))
+    assert [item.status for item in items] == ["resumed"] * 300 + ["ok"] + ["resumed"] * 300
+
+
+async def test_no_room_for_the_deferred_claims_is_a_usage_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A temporary folder that cannot take the deferred claims stops the resume with a
+    `FriendliUsageError` that says what to do; a rerun with room resumes every item."""
+    out = tmp_path / "out"
+    finished = [{"prompt": "a lighthouse", "seed": seed} for seed in range(600)]
+    await _Sent().run(finished, out)
+    monkeypatch.setattr(_batch, "_DEFERRED_IN_MEMORY", 1000)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "missing"))
+    with pytest.raises(FriendliUsageError, match="TMPDIR"):
+        await _Sent().run(finished, out)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    again = _Sent()
+    items = await again.run(finished, out)
+    assert again.sends == []
+    assert sorted(item.index for item in items if item.status == "resumed") == list(range(600))

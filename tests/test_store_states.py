@@ -55,7 +55,7 @@ from input_states import (
     small_server,
 )
 
-from friendli_image import AsyncFriendli
+from friendli_image import AsyncFriendli, _batch
 from friendli_image._store import (
     MANIFEST_NAME,
     UNMATCHED_NAME,
@@ -325,9 +325,20 @@ class MemoryStates(ShardStates):
         self.steps["killed at a PUT"] += 1
 
 
+def _small_groups(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Claims in groups of two, and a resume's deferred claims on disk past 200 bytes: the
+    machine's short inputs then cross group boundaries and the spill to disk, where
+    a stop or a kill may fall between two groups."""
+    monkeypatch.setattr(_batch, "_CLAIM_GROUP", 2)
+    monkeypatch.setattr(_batch, "_DEFERRED_IN_MEMORY", 200)
+
+
 @pytest.mark.long
 @pytest.mark.scenario(50)
-def test_batches_killed_edited_and_rerun(server: LocalServer) -> None:
+def test_batches_killed_edited_and_rerun(
+    server: LocalServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _small_groups(monkeypatch)
     BatchStates.server = server
     run_machine(BatchStates, EXAMPLES, steps=10)
 
@@ -349,7 +360,8 @@ _NEEDS_PYARROW = pytest.mark.skipif(
 )
 @pytest.mark.scenario(50)
 def test_shard_batches_killed_edited_and_rerun(
-    server: LocalServer, machine: type[BatchStates]
+    server: LocalServer, machine: type[BatchStates], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    _small_groups(monkeypatch)
     machine.server = server
     run_machine(machine, SHARD_EXAMPLES, steps=10)
