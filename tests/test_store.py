@@ -477,6 +477,22 @@ def test_a_written_file_takes_its_name_whole(
 
 
 @pytest.mark.scenario(49)
+async def test_a_run_removes_the_temporary_files_a_killed_writer_left(
+    client: AsyncFriendli, tmp_path: Path, outside: Path
+) -> None:
+    """A temporary file left by a killed writer is gone once the next run into the folder
+    ends (it is removed when the run closes, so a folder of a million images is not listed
+    before the first request); a link under such a name is removed, not followed."""
+    out = tmp_path / "out"
+    await client.container.image.generate_batch(["a"], out_dir=out)
+    (out / ".a.jpg.0123456789ab0.part").write_bytes(b"half an image")
+    (out / ".b.jpg.0123456789ab1.part").symlink_to(outside)
+    result = await client.container.image.generate_batch(["a", "b"], out_dir=out)
+    assert [item.status for item in result.items] == ["resumed", "ok"]
+    assert not [p for p in out.iterdir() if p.name.endswith(".part")]
+    _untouched(outside)
+
+
 def test_a_taken_temporary_name_is_not_written_through(
     tmp_path: Path, outside: Path, monkeypatch: pytest.MonkeyPatch, write_path: str
 ) -> None:
