@@ -24,7 +24,14 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from friendli_image import AsyncFriendli, FriendliUsageError, ImageResult, _batch
+from friendli_image import (
+    AsyncFriendli,
+    FriendliAuthenticationError,
+    FriendliBatchAborted,
+    FriendliUsageError,
+    ImageResult,
+    _batch,
+)
 from friendli_image._batch import Batch, BatchOperation, _Deferred, _Known
 from friendli_image._batch_models import BatchItem, BatchOptions
 from friendli_image._request_path import RequestPath
@@ -469,10 +476,11 @@ def test_deferred_claims_come_back_in_order_and_equal(monkeypatch: pytest.Monkey
 
 
 class _Sent:
-    """A request path that answers at once and notes, at each send, how many items the
-    consumer had seen by then."""
+    """A request path that answers at once (or, ``refused``, 401s every request) and
+    notes, at each send, how many items the consumer had seen by then."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, refused: bool = False) -> None:
+        self.refused = refused
         self.seen = 0
         self.sends: list[tuple[int, int | None]] = []  # (items seen, seed)
         client = AsyncFriendli(server_url="http://127.0.0.1:9", token="")
@@ -480,6 +488,8 @@ class _Sent:
 
     async def send(self, path: str, model: Any, options: Any, gate: Any) -> ImageResult:
         self.sends.append((self.seen, model.seed))
+        if self.refused:
+            raise FriendliAuthenticationError("the token was refused", status=401)
         ticket = await gate.acquire()
         await asyncio.sleep(0)
         gate.release(ticket, "ok")
@@ -572,3 +582,38 @@ async def test_no_room_for_the_deferred_claims_is_a_usage_error(
     items = await again.run(finished, out)
     assert again.sends == []
     assert sorted(item.index for item in items if item.status == "resumed") == list(range(600))
+
+
+async def test_a_resume_stopped_by_a_fatal_error_reports_every_item_once(tmp_path: Path) -> None:
+    """A rerun whose new request meets an error every request would meet stops: the
+    finished items it identified by then are still reported ``resumed``, the rest
+    ``skipped``, each item once; nothing stored is lost, and a rerun that works makes
+    only the new ones."""
+    finished = [{"prompt": "a lighthouse", "seed": seed} for seed in range(600)]
+    await _Sent().run(finished, tmp_path)
+    specs = [
+        *finished[:300],
+        {"prompt": "a mill"},
+        *finished[300:],
+        {"prompt": "a mill", "seed": 1},
+    ]
+    refused = _Sent(refused=True)
+    items = await refused.run(specs, tmp_path)
+    assert sorted(item.index for item in items) == list(range(len(specs)))
+    by_index = {item.index: item for item in items}
+    assert by_index[300].status == "failed"
+    assert isinstance(by_index[300].error, FriendliAuthenticationError)
+    for index, item in by_index.items():
+        if index != 300:
+            assert item.status in {"resumed", "skipped"}, (index, item.status)
+        if item.status == "skipped":
+            assert isinstance(item.error, FriendliBatchAborted)
+        if item.status == "resumed":
+            assert item.request == specs[index]
+    assert len(refused.sends) == 1
+    again = _Sent()
+    items = await again.run(specs, tmp_path)
+    assert len(again.sends) == 2
+    assert {seed for _seen, seed in again.sends} == {None, 1}
+    assert [item.index for item in items if item.status == "ok"] in ([300, 601], [601, 300])
+    assert sum(item.status == "resumed" for item in items) == 600

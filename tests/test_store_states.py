@@ -213,6 +213,18 @@ class BatchStates(InputStates):
                 assert shards[key] == [self.server_bytes(request)], key
         keys = {(line["id"], line["occurrence"]) for line in lines}
         assert len(keys) == len(lines)
+        # What the user iterated: one item per input position, the request as given,
+        # resumed exactly when its image was stored before (whatever order the claims
+        # took: a rerun sends its new requests first), and its image the server's.
+        assert sorted(item.index for item in result.items) == list(range(len(self.items)))
+        stems = self._identities()
+        for item in result.items:
+            request = self.items[item.index]
+            assert item.request == request
+            assert (item.id, item.key) == (digest(request), stems[item.index])
+            assert item.status == ("resumed" if item.key in stored_before else "ok")
+            if self.output_format == "files":
+                assert self._read(item.uri.rsplit("/", 1)[-1]) == self.server_bytes(request)
 
     @rule(data=st.data(), stop=st.sampled_from(["break", "cancel", "scope"]))
     def cancel_in_process(self, data: st.DataObject, stop: str) -> None:
