@@ -197,10 +197,13 @@ class _Deferred:
     def __bool__(self) -> bool:
         return self.count > 0
 
-    def add(self, index: int, known: _Known) -> bool:
-        """Hold the item at ``index``; True when that completed a group (now serialized)."""
+    def add(
+        self, index: int, request: Mapping[str, Any], item_id: str, occurrence: int, at: int
+    ) -> bool:
+        """Hold the item at ``index`` (found at ``at`` by `BatchStore.earlier_at`); True
+        when that completed a group (now serialized)."""
         group = self._group
-        group.append((index, known.at, known.occurrence, known.id, known.request))
+        group.append((index, at, occurrence, item_id, request))
         self.count += 1
         if len(group) < _CLAIM_GROUP:
             return False
@@ -653,7 +656,8 @@ class Batch:
         When resuming (one item per request), a plain mapping's identity comes first, from
         its arguments (`plain_request_digest`): an item an earlier run may have made is
         then claimed without building its model (`_Known`), which is most of what a
-        finished item costs.
+        finished item costs. (Unordered over a sync input, `_defer_finished` does this
+        first case for a run of such items, in one loop.)
         """
         if self._plain_resume:
             if type(spec) is str and self._operation.accepts_prompt:
@@ -669,6 +673,40 @@ class Batch:
                         return _Known(spec, digest, occurrence, at)
                     return self._prepared(spec, occurrence, digest)
         return self._prepared(spec)
+
+    def _defer_finished(
+        self, source: Iterator[Any], deferred: _Deferred, index: int
+    ) -> tuple[int, object, _Prepared | FriendliValidationError | None]:
+        """Read the input while its requests are plain ones an earlier run may have made,
+        deferring each (`_Deferred`) with nothing built but its identity: `_identify`'s
+        first case, for a resume's run of finished items, without a call per item.
+
+        Returns the index after them and what stopped it: `_GROUP` once a group is
+        deferred (the caller lets requests in flight go on), `_END`, or the next other
+        request with what `_identify` makes of it when its occurrence was counted here
+        (else None: `_identify` makes it).
+        """
+        operation = self._operation
+        path, model, prompts = operation.path, operation.model, operation.accepts_prompt
+        occurrence_of = self._occurrences.next
+        assert self._store is not None  # noqa: S101  (resuming has a store)
+        earlier_at = self._store.earlier_at
+        defer = deferred.add
+        for spec in source:
+            request = {"prompt": spec} if prompts and type(spec) is str else spec
+            if type(request) is not dict:
+                return index, spec, None
+            digest = plain_request_digest(path, model, request)
+            if digest is None:
+                return index, spec, None
+            occurrence = occurrence_of(digest)
+            at = earlier_at(digest, occurrence)
+            if at < 0:
+                return index, spec, self._prepared(request, occurrence, digest)
+            index += 1
+            if defer(index - 1, request, digest, occurrence, at):
+                return index, _GROUP, None
+        return index, _END, None
 
     def _prepared(
         self, spec: object, occurrence: int | None = None, digest: str | None = None
@@ -764,11 +802,22 @@ class Batch:
                     and len(pending) < self._concurrency
                     and (not ordered or next_index - next_out < self._window)
                 ):
-                    prepared: _Prepared | _Known | FriendliValidationError
+                    prepared: _Prepared | _Known | FriendliValidationError | None
                     if variants:
                         spec, prepared = variants.popleft()
                     else:
-                        if sync_source is not None:
+                        prepared = None
+                        if deferred is not None and sync_source is not None:
+                            # The finished items of a resume, read and deferred in one
+                            # tight loop (`_defer_finished`) up to the next other one.
+                            next_index, spec, prepared = self._defer_finished(
+                                sync_source, deferred, next_index
+                            )
+                            if spec is _GROUP:
+                                if pending:
+                                    await asyncio.sleep(0)  # the requests in flight go on
+                                continue
+                        elif sync_source is not None:
                             spec = next(sync_source, _END)  # no coroutine per item
                         else:
                             spec = await _next(None, async_source)
@@ -778,7 +827,8 @@ class Batch:
                             # million items) before the last shard is built.
                             self._occurrences = Occurrences()
                             break
-                        prepared = self._identify(spec)
+                        if prepared is None:
+                            prepared = self._identify(spec)
                         if self._options.n > 1 and not isinstance(prepared, _Known):
                             first, *rest = self._variants(prepared)
                             prepared = first
@@ -786,7 +836,16 @@ class Batch:
                     at = -1
                     if isinstance(prepared, _Known):
                         if deferred is not None:
-                            if deferred.add(next_index, prepared) and pending:
+                            if (
+                                deferred.add(
+                                    next_index,
+                                    prepared.request,
+                                    prepared.id,
+                                    prepared.occurrence,
+                                    prepared.at,
+                                )
+                                and pending
+                            ):
                                 await asyncio.sleep(0)  # the requests in flight go on
                             next_index += 1
                             continue
@@ -1176,6 +1235,8 @@ def _verify_all(store: BatchStore, records: list[dict[str, Any]]) -> list[bool]:
 
 #: What `_next` returns when the input is exhausted.
 _END: Final = object()
+#: `Batch._defer_finished` deferred a whole group.
+_GROUP: Final = object()
 
 
 async def _next(sync_source: Iterator[Any] | None, async_source: AsyncIterator[Any] | None) -> Any:

@@ -15,6 +15,7 @@ import base64
 import os
 import tempfile
 from collections import deque
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,7 @@ from friendli_image import (
     ImageResult,
     _batch,
 )
-from friendli_image._batch import Batch, BatchOperation, _Deferred, _Known
+from friendli_image._batch import Batch, BatchOperation, _Deferred
 from friendli_image._batch_models import BatchItem, BatchOptions
 from friendli_image._request_path import RequestPath
 from friendli_image._requests import EditRequest, GenerateRequest, RequestModel
@@ -433,7 +434,7 @@ class DeferredQueue(RuleBasedStateMachine):
             digest = plain_request_digest(path, model, spec)
             if digest is None:
                 continue  # only plain requests are deferred
-            completed = self.queue.add(self.index, _Known(spec, digest, occurrence, at))
+            completed = self.queue.add(self.index, spec, digest, occurrence, at)
             self.model.append((self.index, spec, digest, occurrence, at))
             self.index += 1
             assert completed == (len(self.model) % _batch._CLAIM_GROUP == 0) or not completed
@@ -495,11 +496,20 @@ class _Sent:
         gate.release(ticket, "ok")
         return ImageResult(data=b"\xff\xd8\xff\xe0" + bytes(16))
 
-    async def run(self, requests: list[Any], out_dir: Path, **options: Any) -> list[BatchItem]:
+    async def run(
+        self, requests: list[Any], out_dir: Path, *, source: str = "list", **options: Any
+    ) -> list[BatchItem]:
+        """Run the requests as a batch, given as a list or an async generator (``source``:
+        the two ways a batch reads its input)."""
+
+        async def generated() -> AsyncIterator[Any]:
+            for request in requests:
+                yield request
+
         batch = Batch(
             RequestPath(send=self.send, resolve=self.resolve),
             BatchOperation(GENERATE, GenerateRequest, accepts_prompt=True),
-            requests,
+            requests if source == "list" else generated(),
             BatchOptions(out_dir=out_dir, concurrency=8, **options),
         )
         items = []
@@ -509,8 +519,9 @@ class _Sent:
         return items
 
 
+@pytest.mark.parametrize("source", ["list", "async generator"])
 async def test_a_resume_sends_its_new_requests_before_it_reports_the_finished_ones(
-    tmp_path: Path,
+    tmp_path: Path, source: str
 ) -> None:
     """Unordered, a rerun's first new request goes out before any finished item is claimed
     and yielded (a million claims would delay it by seconds); every finished item is then
@@ -522,7 +533,7 @@ async def test_a_resume_sends_its_new_requests_before_it_reports_the_finished_on
     assert {item.status for item in await first.run(finished, tmp_path)} == {"ok"}
 
     again = _Sent()
-    items = await again.run(finished + new, tmp_path)
+    items = await again.run(finished + new, tmp_path, source=source)
     assert again.sends[0][0] == 0  # nothing was yielded before the first new request
     assert sorted(seed for _seen, seed in again.sends) == list(range(5))
     by_index = {item.index: item for item in items}
