@@ -629,8 +629,8 @@ class Directory:
     def remove_temporaries(self) -> None:
         """Delete temporary files a killed writer left behind.
 
-        Reads the listing as it goes (a folder of a million images is a million names:
-        70 MB as a list)."""
+        Reads the listing as it goes: a folder of a million images is a million names,
+        which a list would hold at once."""
         with os.scandir(self._fd if self._fd is not None else self.path) as entries:
             for entry in entries:
                 name = entry.name
