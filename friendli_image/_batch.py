@@ -92,7 +92,7 @@ _SHARD_BACKLOG: Final = 2
 _CLAIM_GROUP: Final = 256
 #: A resume's finished items waiting to be claimed (`_Deferred`) are held in memory up to
 #: this many bytes, then in a temporary file.
-_DEFERRED_IN_MEMORY: Final = 8 << 20
+_DEFERRED_IN_MEMORY: Final = 1 << 20
 #: Per-call option keys a request mapping may carry besides the request fields.
 _OPTION_KEYS: Final = frozenset(field.name for field in attrs.fields(CallOverrides))
 
