@@ -814,3 +814,43 @@ def test_cli_takes_server_url_more_than_once(
     table = out[out.index("endpoints:") :]
     for server, count in zip(thread_servers, served, strict=True):
         assert f"{server.url:<32} {count:>7,} " in table
+
+
+async def test_a_connect_check_cancelled_at_any_moment_leaves_no_connection_open() -> None:
+    """The check of an endpoint ejected for refusing connections is cancelled when the
+    client closes: at whatever loop turn that lands, a connection it opened is closed
+    (`asyncio.wait_for` around the connect dropped one completed as it was cancelled)."""
+    from yarl import URL
+
+    from friendli_image._fleet import _connects
+
+    accepted = 0
+    ended = 0
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal accepted, ended
+        accepted += 1
+        await reader.read()  # until the check closes its side
+        ended += 1
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        for turns in range(8):
+            check = asyncio.ensure_future(_connects(URL(f"http://127.0.0.1:{port}"), 5.0))
+            for _ in range(turns):
+                await asyncio.sleep(0)
+            check.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await check
+        assert await _connects(URL(f"http://127.0.0.1:{port}"), 5.0) is True
+        for _ in range(200):
+            if ended == accepted:
+                break
+            await asyncio.sleep(0.01)
+        assert accepted >= 1
+        assert ended == accepted
+    finally:
+        server.close()
+        await server.wait_closed()
