@@ -85,6 +85,9 @@ class Endpoints:
     urls: list[str] = attrs.field(factory=list)
     log: list[Event] = attrs.field(factory=list)
     runners: list[web.AppRunner | None] = attrs.field(factory=list)
+    #: Each endpoint's listener and the protocol of every connection it accepted.
+    listeners: list[asyncio.Server | None] = attrs.field(factory=list)
+    accepted: list[list[asyncio.BaseProtocol]] = attrs.field(factory=list)
 
     def calls_to(self, index: int) -> int:
         return sum(1 for event in self.log if event.where == index)
@@ -99,7 +102,7 @@ class Endpoints:
         runner = self.runners[index]
         if behaviour.kind == "down" and runner is not None:
             self.runners[index] = None
-            await _close(runner)
+            await self._close(index, runner)
         elif behaviour.kind != "down" and runner is None:
             await self._listen(index, int(self.urls[index].rsplit(":", 1)[1]))
         self.behaviours[index] = behaviour
@@ -110,14 +113,24 @@ class Endpoints:
         )
         await runner.setup()
         self.runners[index] = runner
-        site = web.TCPSite(runner, "127.0.0.1", port)
-        await site.start()
-        bound: int = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        server, accepted = runner.server, self.accepted[index]
+        assert server is not None
+
+        def connection() -> asyncio.BaseProtocol:
+            protocol = server()
+            accepted.append(protocol)
+            return protocol
+
+        listener = await self.loop.create_server(connection, "127.0.0.1", port)
+        self.listeners[index] = listener
+        bound: int = listener.sockets[0].getsockname()[1]
         return bound
 
     async def _start(self) -> None:
         for index, behaviour in enumerate(self.behaviours):
             self.runners.append(None)
+            self.listeners.append(None)
+            self.accepted.append([])
             self.urls.append("")
             if behaviour.kind != "down":
                 port = await self._listen(index, 0)
@@ -128,24 +141,45 @@ class Endpoints:
             self.urls[index] = f"http://127.0.0.1:{port}"
 
     async def _stop(self) -> None:
-        for runner in self.runners:
+        for index, runner in enumerate(self.runners):
             if runner is not None:
-                await _close(runner)
+                await self._close(index, runner)
+        # A connection the kernel handed over just before its listener closed may still
+        # be on its way to its protocol (an accept task of this loop): let those finish,
+        # then close whatever they opened.
+        others = asyncio.all_tasks() - {asyncio.current_task()}
+        if others:
+            await asyncio.wait(others, timeout=1.0)
+        for accepted in self.accepted:
+            _close_all(accepted)
+
+    async def _close(self, index: int, runner: web.AppRunner) -> None:
+        """Stop listening, then close every connection: the server's shutdown closes
+        those it knows, and every protocol the listener made is closed after it (one
+        accepted just before the listener closed may not be registered yet; a loaded
+        machine widens that window)."""
+        listener, self.listeners[index] = self.listeners[index], None
+        if listener is not None:
+            listener.close()
+        await asyncio.sleep(0.01)
+        await runner.cleanup()
+        _close_all(self.accepted[index])
 
     async def _on_their_loop(self, step: Coroutine[Any, Any, None]) -> None:
         await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(step, self.loop))
 
 
-async def _close(runner: web.AppRunner) -> None:
-    """Stop listening, then close every connection. A connection accepted just before
-    the listener closed is only registered with the server a few loop turns later; closed
-    at once, the shutdown would miss it and leave its socket open (a loaded machine
-    widens that window)."""
-    for site in list(runner.sites):
-        await site.stop()
-    for _ in range(3):
-        await asyncio.sleep(0.01)
-    await runner.cleanup()
+def _close_all(accepted: list[asyncio.BaseProtocol]) -> None:
+    """Close the transport of every accepted connection still open. Those without one yet
+    (accepted, not connected) are kept for the final stop, which waits for them."""
+    waiting = []
+    for protocol in accepted:
+        transport = getattr(protocol, "transport", None)
+        if transport is None:
+            waiting.append(protocol)
+        elif not transport.is_closing():
+            transport.close()
+    accepted[:] = waiting
 
 
 def _app(index: int, endpoints: Endpoints) -> web.Application:
