@@ -899,33 +899,15 @@ async def _connects(url: URL, timeout: float) -> bool | None:
     host, port = url.host, url.port
     if host is None or port is None:
         return None
-    # Not wait_for: cancelled (the client closing) or timed out just as the connection
-    # completes, it drops the connection unclosed. The connection closes itself instead,
-    # whoever is still waiting for it.
-    connecting = asyncio.ensure_future(asyncio.open_connection(host.strip("[]"), port))
-    connecting.add_done_callback(_close_opened)
     try:
-        await asyncio.wait({connecting}, timeout=timeout)
-    except BaseException:
-        connecting.cancel()
-        raise
-    if not connecting.done() or connecting.cancelled():
-        connecting.cancel()  # timed out
-        return None
-    error = connecting.exception()
-    if isinstance(error, ConnectionRefusedError | ConnectionResetError):
+        _reader, writer = await asyncio.wait_for(
+            asyncio.open_connection(host.strip("[]"), port), timeout
+        )
+    except (ConnectionRefusedError, ConnectionResetError):
         return False
-    if error is not None:
-        if isinstance(error, OSError):
-            return None
-        raise error
+    except (OSError, asyncio.TimeoutError):
+        return None
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
     return True
-
-
-def _close_opened(
-    connecting: asyncio.Future[tuple[asyncio.StreamReader, asyncio.StreamWriter]],
-) -> None:
-    """Close the connection a connect check opened, as soon as it is open."""
-    if not connecting.cancelled() and connecting.exception() is None:
-        _reader, writer = connecting.result()
-        writer.close()
