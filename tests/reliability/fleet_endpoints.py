@@ -160,10 +160,32 @@ class Endpoints:
         machine widens that window)."""
         listener, self.listeners[index] = self.listeners[index], None
         if listener is not None:
+            # A Server.close() between an accept and its transport's setup leaves that
+            # connection half-built, its socket open until collected (CPython
+            # gh-109564). So stop accepting first, let the accepts under way set up
+            # their transports (one loop turn), then close.
+            for sock in listener.sockets:
+                self.loop.remove_reader(sock.fileno())
+            await asyncio.sleep(0)
             listener.close()
         await asyncio.sleep(0.01)
         await runner.cleanup()
         _close_all(self.accepted[index])
+
+    async def connect_then_change(self, index: int, behaviour: Behaviour, turns: int) -> None:
+        """Open a raw connection to endpoint ``index``, let ``turns`` turns of their loop
+        pass, then `change` it: a connection arriving as an endpoint goes down, at each
+        step of its accept."""
+
+        async def step() -> None:
+            with socket.socket() as raw:
+                raw.setblocking(False)
+                raw.connect_ex(("127.0.0.1", int(self.urls[index].rsplit(":", 1)[1])))
+                for _ in range(turns):
+                    await asyncio.sleep(0)
+                await self._change(index, behaviour)
+
+        await self._on_their_loop(step())
 
     async def _on_their_loop(self, step: Coroutine[Any, Any, None]) -> None:
         await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(step, self.loop))

@@ -9,8 +9,10 @@ closes). Their log of what they did with each request id is the oracle's view of
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import random
+import warnings
 from collections import Counter
 from collections.abc import Sequence
 
@@ -154,6 +156,21 @@ GENERATED: Counter[str] = Counter()
 
 
 # Slow: run once, alone, in CI; its 0.3 s attempt timeouts are wall-clock behaviour.
+@pytest.mark.parametrize("turns", range(5))
+async def test_an_endpoint_going_down_as_a_connection_arrives_leaves_no_socket_open(
+    turns: int,
+) -> None:
+    """The endpoints' own check: turned down at any step of an accept under way (CPython
+    closes a listener between an accept and its transport's setup badly, gh-109564),
+    every socket the endpoint accepted is closed, none left to the collector."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
+        async with running([Behaviour("healthy")]) as endpoints:
+            await endpoints.connect_then_change(0, Behaviour("down"), turns)
+        gc.collect()
+    assert [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)] == []
+
+
 @pytest.mark.slow
 @pytest.mark.scenario(54)
 @settings(
