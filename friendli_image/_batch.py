@@ -22,13 +22,16 @@ typed errors as single calls; on top of it the batch adds:
   rerun resumes every item already stored wherever it sits in the input now. An item
   an earlier run may have made is claimed in the dispatch loop, in groups, with no task
   or thread hop of its own; unordered, a plain request's claim waits until the new
-  requests are sent (`_Deferred`). Images are written in groups, one thread hop for the
-  items that finished while the previous group was written (`_FileWriter`).
+  requests are sent (`_Deferred`). Images are written in groups: small ones for a local
+  directory on the loop, others with one thread hop for the items that finished while
+  the previous group was written (`_FileWriter`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
+import sys
 import tempfile
 import time
 from collections import deque
@@ -42,6 +45,9 @@ from collections.abc import (
     Sized,
 )
 from typing import Any, Final
+
+if sys.platform == "linux":
+    import resource
 
 import attrs
 import orjson
@@ -88,6 +94,16 @@ _PROGRESS_INTERVAL: Final = 0.1
 _DECREASE: Final = 0.7
 #: Full shards written at once (the next items wait): bounds the shards in memory.
 _SHARD_BACKLOG: Final = 2
+#: A group of images this small, for a local ``out_dir``, is written on the event loop:
+#: for tiny images the hop to a worker thread (and the GIL passed back and forth at each
+#: system call there) costs several times the write itself.
+_INLINE_BYTES: Final = 256 * 1024
+#: An inline group that took longer than this per image, or in all, while its thread
+#: slept in the kernel (or right after another slow one) met a slow disk: the next groups
+#: go to a worker thread for `_THREADED_FOR` seconds, so it never holds the loop for long.
+_INLINE_SLOW_PER_IMAGE: Final = 0.0005
+_INLINE_SLOW: Final = 0.005
+_THREADED_FOR: Final = 10.0
 #: Items an earlier run may have made are claimed this many at a time (one thread hop).
 _CLAIM_GROUP: Final = 256
 #: A resume's finished items waiting to be claimed (`_Deferred`) are held in memory up to
@@ -369,22 +385,36 @@ class Gate:
                 waiter.set_result(False)
 
 
+#: An image to write: its name, its bytes and its manifest record.
+_Entry = tuple[str, bytes | memoryview, dict[str, Any]]
+
+
 class _FileWriter:
-    """Writes finished items' images and manifest lines in groups: one thread hop for
-    the items that finished while the previous group was being written.
+    """Writes finished items' images and manifest lines in groups: the items that
+    finished in one turn of the loop, or while the previous group was being written.
+
+    A small group for a local directory is written on the loop itself: tiny images on a
+    local disk take microseconds each, less than the hop to a worker thread. A group over
+    `_INLINE_BYTES`, a URL location, and every group for a while after the disk was slow
+    (`_INLINE_SLOW`) go to a worker thread, so a large image or a slow disk never holds
+    the loop for long.
 
     `BatchStore.write_files` writes a group's images, then their lines, so grouping
     keeps the store's promise (no line without its image) and a kill loses at most the
     group being written.
     """
 
-    __slots__ = ("_loop", "_queue", "_store", "_task")
+    __slots__ = ("_local", "_loop", "_queue", "_slow_before", "_store", "_task", "_threaded_until")
 
     def __init__(self, store: BatchStore, loop: asyncio.AbstractEventLoop) -> None:
         self._store = store
         self._loop = loop
         self._queue: list[tuple[str, bytes | memoryview, dict[str, Any], asyncio.Future[str]]] = []
         self._task: asyncio.Task[None] | None = None
+        self._local = store.local
+        # Real time, not the testing clock (`_clock`): how fast the disk is.
+        self._threaded_until = 0.0
+        self._slow_before = False
 
     def write(
         self, name: str, image: bytes | memoryview, record: dict[str, Any]
@@ -400,16 +430,37 @@ class _FileWriter:
         try:
             while self._queue:
                 group, self._queue = self._queue, []
+                entries = [entry[:3] for entry in group]
                 try:
-                    digests = await run_blocking(
-                        self._store.write_files, [entry[:3] for entry in group]
-                    )
+                    if self._inline(entries):
+                        digests = self._write_here(entries)
+                    else:
+                        digests = await run_blocking(self._store.write_files, entries)
                 except Exception as exc:  # noqa: BLE001  (each waiting item gets it)
                     _answer(group, exc)
                 else:
                     _answer(group, digests)
         finally:
             self._task = None
+
+    def _inline(self, entries: list[_Entry]) -> bool:
+        """True when this group is written on the loop (see the class docstring)."""
+        if not self._local or time.monotonic() < self._threaded_until:
+            return False
+        return sum(len(image) for _name, image, _record in entries) <= _INLINE_BYTES
+
+    def _write_here(self, entries: list[_Entry]) -> list[str]:
+        """Write a group on the loop; a slow disk sends the next groups to a thread."""
+        started, sleeps = time.perf_counter(), _sleeps()
+        digests = self._store.write_files(entries)
+        took = time.perf_counter() - started
+        slow = took > _INLINE_SLOW or took > _INLINE_SLOW_PER_IMAGE * len(entries)
+        # A slow disk makes the thread sleep in the kernel, or every group slow; a
+        # preemption or a garbage collection, one group.
+        if slow and (self._slow_before or _sleeps() > sleeps):
+            self._threaded_until = time.monotonic() + _THREADED_FOR
+        self._slow_before = slow
+        return digests
 
     async def wait(self) -> None:
         """Until every queued image is written (the batch is ending: even when its items
@@ -429,6 +480,16 @@ class _FileWriter:
             _answer(group, exc)
         else:
             _answer(group, digests)
+
+
+if sys.platform == "linux":
+
+    def _sleeps() -> int:
+        """How often this thread has slept in the kernel (voluntary context switches)."""
+        return resource.getrusage(resource.RUSAGE_THREAD).ru_nvcsw
+
+else:  # Not counted here: every slow write counts as one that slept.
+    _sleeps = itertools.count().__next__
 
 
 def _answer(

@@ -1298,6 +1298,11 @@ class BatchStore:
         return str(self.directory) if self._remote is None else self._remote.uri
 
     @property
+    def local(self) -> bool:
+        """True for a directory of this machine, False for a URL location (fsspec)."""
+        return self._remote is None
+
+    @property
     def resuming(self) -> bool:
         """True when an earlier run's items may be resumed (open found some)."""
         return self._resume and self._earlier is not None

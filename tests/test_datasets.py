@@ -254,10 +254,14 @@ async def test_a_stopped_batch_keeps_every_image_it_was_writing(
 
         return write
 
+    from friendli_image import _batch
+
     with (
         mock.patch.object(BatchStore, "add_to_shard", add),
         mock.patch.object(BatchStore, "publish", slow(real_publish)),
         mock.patch.object(BatchStore, "write_files", slow(real_write)),
+        # Every group of images on a worker thread (tiny ones are written on the loop).
+        mock.patch.object(_batch, "_INLINE_BYTES", 0),
     ):
         batch = client.container.image.generate_batch(
             REQUESTS, out_dir=tmp_path, output_format=output_format, shard_size=2, concurrency=4

@@ -10,6 +10,7 @@ import signal
 import stat
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -422,6 +423,84 @@ def test_a_kill_mid_group_leaves_no_line_without_its_image_and_a_rerun_completes
     assert {line["status"] for line in lines} == {"ok"}
     assert len(_stored(out)) == count
     assert not (out / UNMATCHED_NAME).exists()
+
+
+def _image_writes(
+    monkeypatch: pytest.MonkeyPatch, delay: float = 0.0, *, busy: bool = False
+) -> list[bool]:
+    """Note, for each image the store writes, whether it was written on the calling
+    (the event loop's) thread; each write first takes ``delay`` seconds (a slow disk),
+    asleep, or ``busy`` computing (a file system that costs CPU)."""
+    loop_thread = threading.get_ident()
+    on_loop: list[bool] = []
+    real = Directory.write_atomic
+
+    def write(directory: Directory, name: str, *args: Any, **kwargs: Any) -> int:
+        if name.endswith((".jpg", ".png")):
+            on_loop.append(threading.get_ident() == loop_thread)
+            if busy:
+                until = time.perf_counter() + delay
+                while time.perf_counter() < until:
+                    pass
+            else:
+                time.sleep(delay)
+        return real(directory, name, *args, **kwargs)
+
+    monkeypatch.setattr(Directory, "write_atomic", write)
+    return on_loop
+
+
+async def test_tiny_images_are_written_on_the_loop_and_a_slow_disk_moves_them_off_it(
+    client: AsyncFriendli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Tiny images for a local directory are written on the event loop (a thread hop
+    costs more than the write); once the disk was slow (30 ms an image asleep, or 2 ms
+    computing, here), every later one goes to a worker thread, so the loop is not held
+    again."""
+    from friendli_image import _batch
+
+    requests = _requests(40)
+    on_loop = _image_writes(monkeypatch)
+    with monkeypatch.context() as patched:  # a loaded machine's stall is not a slow disk
+        patched.setattr(_batch, "_INLINE_SLOW", 60.0)
+        patched.setattr(_batch, "_INLINE_SLOW_PER_IMAGE", 60.0)
+        result = await client.container.image.generate_batch(requests, out_dir=tmp_path / "fast")
+    await _check_images(client, result, requests)
+    assert on_loop == [True] * 40
+
+    on_loop = _image_writes(monkeypatch, delay=0.03)
+    result = await client.container.image.generate_batch(
+        requests, out_dir=tmp_path / "slow", concurrency=8
+    )
+    await _check_images(client, result, requests)
+    first_group = on_loop.index(False)
+    assert 1 <= first_group <= 8, on_loop
+    assert on_loop[first_group:] == [False] * (40 - first_group), on_loop
+
+    # A file system slow in CPU, not asleep: once two groups in a row were slow (one
+    # could be a preemption), the rest go to a thread.
+    on_loop = _image_writes(monkeypatch, delay=0.002, busy=True)
+    result = await client.container.image.generate_batch(
+        requests, out_dir=tmp_path / "busy", concurrency=8
+    )
+    await _check_images(client, result, requests)
+    first_threaded = on_loop.index(False)
+    assert 1 <= first_threaded <= 16, on_loop
+    assert on_loop[first_threaded:] == [False] * (40 - first_threaded), on_loop
+
+
+async def test_large_images_are_written_on_a_worker_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A group of images larger than 256 KiB in all never blocks the loop."""
+    image = _noise_jpeg(700)
+    assert len(image) > 256 * 1024
+    on_loop = _image_writes(monkeypatch)
+    with LocalServer(ServerConfig(static_image=image)) as server:
+        async with AsyncFriendli(server_url=server.url) as client:
+            result = await client.container.image.generate_batch(_requests(6), out_dir=tmp_path)
+    assert [item.path.read_bytes() == image for item in result] == [True] * 6
+    assert on_loop == [False] * 6
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="directory descriptors are POSIX")
