@@ -468,25 +468,17 @@ async def test_tiny_images_are_written_on_the_loop_and_a_slow_disk_moves_them_of
     await _check_images(client, result, requests)
     assert on_loop == [True] * 40
 
-    on_loop = _image_writes(monkeypatch, delay=0.03)
-    result = await client.container.image.generate_batch(
-        requests, out_dir=tmp_path / "slow", concurrency=8
-    )
-    await _check_images(client, result, requests)
-    first_group = on_loop.index(False)
-    assert 1 <= first_group <= 8, on_loop
-    assert on_loop[first_group:] == [False] * (40 - first_group), on_loop
-
-    # A file system slow in CPU, not asleep: once two groups in a row were slow (one
-    # could be a preemption), the rest go to a thread.
-    on_loop = _image_writes(monkeypatch, delay=0.002, busy=True)
-    result = await client.container.image.generate_batch(
-        requests, out_dir=tmp_path / "busy", concurrency=8
-    )
-    await _check_images(client, result, requests)
-    first_threaded = on_loop.index(False)
-    assert 1 <= first_threaded <= 16, on_loop
-    assert on_loop[first_threaded:] == [False] * (40 - first_threaded), on_loop
+    # Asleep, the first group tells; computing, two groups in a row (one could be a
+    # preemption). At most 8 images finish together here.
+    for disk, delay, busy, inline_at_most in (("slow", 0.03, False, 8), ("busy", 0.002, True, 16)):
+        on_loop = _image_writes(monkeypatch, delay, busy=busy)
+        result = await client.container.image.generate_batch(
+            requests, out_dir=tmp_path / disk, concurrency=8
+        )
+        await _check_images(client, result, requests)
+        first_threaded = on_loop.index(False)
+        assert 1 <= first_threaded <= inline_at_most, (disk, on_loop)
+        assert on_loop[first_threaded:] == [False] * (40 - first_threaded), (disk, on_loop)
 
 
 async def test_large_images_are_written_on_a_worker_thread(
