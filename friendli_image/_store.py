@@ -26,17 +26,18 @@ runs move to ``unmatched.jsonl``, where resume looks them up by identity; when t
 has seen its whole input, the lines no item claimed stay there, one per stored image
 that matches no item, and the run reports how many (`BatchStore.close`).
 
-Files are written in groups (`BatchStore.write_files`: the images a worker-thread hop
-takes, then their lines in one append), so a line is never written before its image is
-whole under its name: a kill loses at most the group being written, whose images a rerun
-makes again. Lines of resumed and failed items are appended in groups too; losing them
-loses nothing (the earlier line is still in ``unmatched.jsonl``; a failure is retried).
-A resumed item at the index it had keeps its earlier line as it is, written by no one
-until the run closes (`BatchStore.carry`): when every earlier line was kept so, the
-earlier manifest takes this run's lines after its own and replaces the manifest (a kill
-between the two leaves both files, whose lines a rerun reads as before); otherwise the
-kept lines are appended. Appends never cross a page boundary no line crosses, so a kill
-cuts at most the last line, which readers skip.
+Files are written in groups (`BatchStore.write_files`: a group's images, then their
+lines in one append; the batch writes small groups on its event loop, others from a
+worker thread), so a line is never written before its image is whole under its name: a
+kill loses at most the group being written, whose images a rerun makes again. Lines of
+resumed and failed items are appended in groups too; losing them loses nothing (the
+earlier line is still in ``unmatched.jsonl``; a failure is retried). A resumed item at
+the index it had keeps its earlier line as it is, written by no one until the run closes
+(`BatchStore.carry`): when every earlier line was kept so, the earlier manifest takes
+this run's lines after its own and replaces the manifest (a kill between the two leaves
+both files, whose lines a rerun reads as before); otherwise the kept lines are appended.
+Appends never cross a page boundary no line crosses, so a kill cuts at most the last
+line, which readers skip.
 
 **Resume** costs a few bytes per earlier item, not an object each: opening reads each
 earlier line once and keeps an 8-byte key (the hash of the identity, id, occurrence and
@@ -1254,7 +1255,7 @@ class BatchStore:
         # The manifest: its size, lines waiting to be written, and where each ok line of
         # this run is (offset << 24 | length, by index; 0: none), for metadata.jsonl.
         self._write_lock = threading.Lock()
-        # Writes on worker threads (`write_files`, `publish`): close waits for those
+        # Writes under way (`write_files`, `publish`): close waits for those
         # under way, publishes the full shards whose turn never came, and refuses
         # later ones. A stopped batch cancels its items, not the threads writing them.
         self._writes = threading.Condition()
@@ -2135,7 +2136,8 @@ class BatchStore:
 
     @contextlib.contextmanager
     def _write_turn(self) -> Iterator[None]:
-        """Count a write on a worker thread, which `close` waits for."""
+        """Count a write under way (a worker thread's, or the loop's), which `close`
+        waits for."""
         with self._writes:
             if self._closing:
                 raise FriendliUsageError(
