@@ -178,8 +178,10 @@ class FleetConfig:
         health_path: a path to ``GET`` on every endpoint every ``health_interval``
             seconds (e.g. ``"/health"``); any status but 200, or no answer within
             ``health_timeout``, ejects the endpoint, and a 200 returns an ejected one
-            to rotation. None (the default): no active probe; the container's API has
-            no documented health route.
+            to rotation, unless it was ejected for answers that were no image (its
+            health route says nothing of those: that ejection runs its time). None
+            (the default): no active probe; the container's API has no documented
+            health route.
         health_interval: seconds between two active probes of an endpoint.
         health_timeout: seconds an active probe may take.
     """
@@ -362,6 +364,7 @@ class EndpointState:
         "successes",
         "url",
         "weight",
+        "wrong_answers",
     )
 
     def __init__(
@@ -394,6 +397,7 @@ class EndpointState:
         self.healthy_since = 0.0
         self.probing = False
         self.refused = False  # ejected for refusing connections: checked for revival
+        self.wrong_answers = False  # ejected for answers with no image: no probe ends it
         self.hold_until = 0.0
         self.dead_check: asyncio.Future[bool] | None = None
         self.dead_checked_at = 0.0
@@ -708,6 +712,7 @@ class Fleet:
         endpoint.consecutive = 0
         endpoint.probing = False
         endpoint.refused = False
+        endpoint.wrong_answers = False
         if endpoint.learn:
             endpoint.learn_from(level, latency)
         else:
@@ -736,7 +741,7 @@ class Fleet:
         if _ejects(kind):
             endpoint.consecutive += 1
             if endpoint.probing or endpoint.consecutive >= self.config.failures_to_eject:
-                self.eject(endpoint, now, refused=kind == "connect")
+                self.eject(endpoint, now, refused=kind == "connect", wrong=kind == "response")
         else:
             endpoint.consecutive = 0
         self._hand_over()
@@ -747,11 +752,18 @@ class Fleet:
         self._hand_over()
 
     def eject(
-        self, endpoint: EndpointState, now: float | None = None, *, refused: bool = False
+        self,
+        endpoint: EndpointState,
+        now: float | None = None,
+        *,
+        refused: bool = False,
+        wrong: bool = False,
     ) -> bool:
         """Take ``endpoint`` out of rotation (unless the ejected share is full).
 
         ``refused``: it refuses connections; it is checked for revival meanwhile.
+        ``wrong``: it answered with no image; the health probe does not end this
+        ejection.
         """
         now = self._clock() if now is None else now
         if endpoint.ejected(now):
@@ -768,6 +780,7 @@ class Fleet:
         endpoint.probing = True
         endpoint.consecutive = 0
         endpoint.refused = refused
+        endpoint.wrong_answers = wrong
         if refused:
             self._watch_revival()
         return True
@@ -887,7 +900,9 @@ class Fleet:
                 healthy = response.status == 200
         key = "health"
         if healthy:
-            self.restore(endpoint)
+            # A 200 says the process is up, which its wrong answers showed already.
+            if not endpoint.wrong_answers:
+                self.restore(endpoint)
         else:
             endpoint.failures[key] = endpoint.failures.get(key, 0) + 1
             self.eject(endpoint)

@@ -26,6 +26,7 @@ from friendli_image import (
     BatchProgress,
     Endpoint,
     FleetConfig,
+    FriendliAPIError,
     FriendliBadRequestError,
     FriendliConnectionError,
     FriendliRateLimitError,
@@ -676,6 +677,7 @@ class _HealthApp:
         self.health_hits = 0
         self.health_authorization: str | None = None
         self.image_hits = 0
+        self.garbage = False  # the image route answers 200 with no image
         self.url = ""
         self._runner: web.AppRunner | None = None
 
@@ -687,6 +689,8 @@ class _HealthApp:
     async def _image(self, request: web.Request) -> web.Response:
         await request.read()
         self.image_hits += 1
+        if self.garbage:
+            return web.json_response({"image": None})
         return web.json_response({"image": base64.b64encode(PNG).decode()})
 
     async def start(self) -> None:
@@ -744,6 +748,37 @@ async def test_the_active_health_probe_is_off_by_default_and_ejects_and_restores
             )
             assert {r.endpoint for r in results} == {apps[0].url, apps[1].url}
         assert client.endpoints[1].failures.get("health", 0) >= 1
+    finally:
+        for app in apps:
+            await app.stop()
+
+
+async def test_the_health_probe_does_not_restore_an_endpoint_ejected_for_wrong_answers() -> None:
+    """An endpoint whose image route answers 200 with no image is ejected. Its /health
+    answering 200 says nothing of that route, so the probe leaves the ejection to run
+    its time: the endpoint gets one probing request per ejection, not one per probe."""
+    apps = [_HealthApp(), _HealthApp()]
+    apps[1].garbage = True
+    for app in apps:
+        await app.start()
+    try:
+        config = FleetConfig(
+            health_path="/health",
+            health_interval=0.02,
+            failures_to_eject=2,
+            base_ejection=0.5,
+            max_ejection=0.5,
+        )
+        async with AsyncFriendli(server_url=[a.url for a in apps], fleet=config) as client:
+            deadline = time.monotonic() + 1.2
+            while time.monotonic() < deadline:
+                with contextlib.suppress(FriendliAPIError):
+                    await client.container.image.generate(prompt="a fox")
+            assert client.endpoints[1].failures.get("response", 0) >= 2
+        # Probed every 20 ms (many times while ejected); within 1.2 s at most two
+        # ejections of 0.5 s ran out: the failures that ejected it and a probe after each.
+        assert apps[1].health_hits >= 10
+        assert apps[1].image_hits <= 2 + 2, apps[1].image_hits
     finally:
         for app in apps:
             await app.stop()

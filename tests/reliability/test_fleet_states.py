@@ -7,7 +7,8 @@ dying (half an answer, then the connection closes) or down (not listening: its
 connections are refused), send a burst of calls (after a pause or at once), or heal every
 endpoint. So an endpoint is ejected, revived, ejected again for another reason, or dies
 while its ejection runs. In half the runs the fleet's active health probe runs as well,
-and restores an ejected endpoint whose health route answers.
+and restores an ejected endpoint whose health route answers (unless it was ejected for
+garbage: that ejection runs its time).
 
 The oracle, after each burst (the behaviours do not change during one):
 
